@@ -1,0 +1,248 @@
+"""What the ledger stores and returns: accounts, transactions, statement entries, events, results.
+
+Each record knows how to present itself as JSON-ready data (``to_json``) in the shape of the HTTP API.
+Amounts and balances are Python ints throughout; they are never floats.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codes import MESSAGES, ResultCode
+from .commands import AccountFlag, Direction, flags_to_names
+
+STATUS_PENDING = "pending"
+STATUS_POSTED = "posted"
+STATUS_VOIDED = "voided"
+STATUS_EXPIRED = "expired"
+STATUS_REJECTED = "rejected"
+
+
+@dataclass(frozen=True, slots=True)
+class Account:
+    id: str
+    currency: str
+    normal: Direction
+    flags: int
+    metadata: dict[str, Any]
+    num: int
+    debits_posted: int = 0
+    credits_posted: int = 0
+    debits_pending: int = 0
+    credits_pending: int = 0
+    seq: int = 0
+    head: bytes = b""
+    timestamp: int = 0
+
+    @property
+    def balance(self) -> int:
+        if self.normal is Direction.credit:
+            return self.credits_posted - self.debits_posted
+        return self.debits_posted - self.credits_posted
+
+    @property
+    def available(self) -> int:
+        if self.normal is Direction.credit:
+            return self.balance - self.debits_pending
+        return self.balance - self.credits_pending
+
+    def has(self, flag: AccountFlag) -> bool:
+        return bool(self.flags & flag)
+
+    def to_json(self, shard: int) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "currency": self.currency,
+            "normal": self.normal.value,
+            "flags": flags_to_names(self.flags),
+            "metadata": self.metadata,
+            "debits_posted": self.debits_posted,
+            "credits_posted": self.credits_posted,
+            "debits_pending": self.debits_pending,
+            "credits_pending": self.credits_pending,
+            "balance": self.balance,
+            "available": self.available,
+            "seq": self.seq,
+            "head": self.head.hex(),
+            "shard": shard,
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Balance:
+    account_id: str
+    currency: str
+    normal: Direction
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    seq: int
+    timestamp: int
+
+    def to_json(self) -> dict[str, Any]:
+        acct = Account(self.account_id, self.currency, self.normal, 0, {}, 0, self.debits_posted,
+                       self.credits_posted, self.debits_pending, self.credits_pending)
+        return {
+            "account_id": self.account_id,
+            "currency": self.currency,
+            "balance": acct.balance,
+            "available": acct.available,
+            "debits_posted": self.debits_posted,
+            "credits_posted": self.credits_posted,
+            "debits_pending": self.debits_pending,
+            "credits_pending": self.credits_pending,
+            "seq": self.seq,
+            "timestamp": self.timestamp,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One line of an account's statement. ``released`` is the hold amount a post gives back."""
+
+    account_id: str
+    seq: int
+    transaction_id: str
+    direction: Direction
+    amount: int
+    currency: str
+    status: str
+    balance_after: int
+    timestamp: int
+    released: int
+    hash: bytes
+    prev_hash: bytes
+    # Totals after this entry; kept only for accounts with the ``history`` flag.
+    totals: tuple[int, int, int, int] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "seq": self.seq,
+            "transaction_id": self.transaction_id,
+            "direction": self.direction.value,
+            "amount": self.amount,
+            "currency": self.currency,
+            "balance_after": self.balance_after,
+            "status": self.status,
+            "timestamp": self.timestamp,
+            "hash": self.hash.hex(),
+            "prev_hash": self.prev_hash.hex(),
+        }
+        if self.released:
+            out["released"] = self.released
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class TxEntry:
+    account_id: str
+    direction: Direction
+    amount: int
+    currency: str
+    seq: int
+    hash: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "account_id": self.account_id,
+            "direction": self.direction.value,
+            "amount": self.amount,
+            "currency": self.currency,
+            "seq": self.seq,
+            "hash": self.hash.hex(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Transaction:
+    id: str
+    status: str
+    entries: tuple[TxEntry, ...]
+    code: str
+    metadata: dict[str, Any]
+    timestamp: int
+    pending: bool = False
+    timeout_seconds: int = 0
+    pending_id: str | None = None
+    reverses: str | None = None
+    reversed_by: str | None = None
+    resolved_by: str | None = None
+
+    @property
+    def initial_status(self) -> str:
+        return STATUS_PENDING if self.pending else STATUS_POSTED
+
+    @property
+    def expires_at(self) -> int | None:
+        if not (self.pending and self.timeout_seconds):
+            return None
+        return self.timestamp + self.timeout_seconds * 1_000_000_000
+
+    def to_json(self, shard: int) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "status": self.status,
+            "entries": [e.to_json() for e in self.entries],
+            "code": self.code,
+            "metadata": self.metadata,
+            "timestamp": self.timestamp,
+            "pending": self.pending,
+            "timeout_seconds": self.timeout_seconds,
+            "expires_at": self.expires_at,
+            "pending_id": self.pending_id,
+            "reverses": self.reverses,
+            "reversed_by": self.reversed_by,
+            "resolved_by": self.resolved_by,
+            "shards": [shard],
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A stored rejection: the first outcome of a transaction id that did not apply."""
+
+    id: str
+    code: ResultCode
+    timestamp: int
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self, shard: int) -> dict[str, Any]:
+        return {"id": self.id, "status": STATUS_REJECTED, "code": self.code.name,
+                "timestamp": self.timestamp, "details": self.details, "shards": [shard]}
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    offset: int
+    type: str
+    timestamp: int
+    data: dict[str, Any]
+
+    def to_json(self, shard: int) -> dict[str, Any]:
+        return {"id": f"{shard}:{self.offset}", "shard": shard, "offset": self.offset,
+                "type": self.type, "timestamp": self.timestamp, "data": self.data}
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """The outcome of one command. ``replayed`` marks an idempotent repeat of a stored outcome."""
+
+    code: ResultCode
+    id: str
+    record: Account | Transaction | None = None
+    replayed: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.code is ResultCode.ok
+
+    @property
+    def message(self) -> str:
+        return MESSAGES[self.code]
+
+
+Outcome = Result | list[Result]
