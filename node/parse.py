@@ -1,0 +1,492 @@
+"""Strict decoding of request bodies and query strings into typed ledger commands.
+
+The edge refuses bad input before it reaches a shard, with a stable code and the offending field:
+money is never a float (JSON numbers with a fraction or exponent are kept as text by the decoder's
+hooks, so no float is ever built, and refused as ``invalid_amount``), unknown fields are reported,
+objects may not repeat a key, and nesting and sizes are bounded. The ledger validates again on
+apply; the edge only makes the common mistakes cheap and precise.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+from raftledger.statemachine.commands import (
+    AccountFlag,
+    CreateAccount,
+    CreateTransaction,
+    Direction,
+    EntrySpec,
+    PostPending,
+    ReverseTransaction,
+    VoidPending,
+    amount_max,
+    batch_commands_max,
+    entries_per_transaction_max,
+    timeout_seconds_max,
+)
+
+from .errors import ApiError
+
+body_depth_max = 32
+metadata_bytes_max = 8192
+code_length_max = 128
+metadata_int_min = -(2**63)
+metadata_int_max = 2**64 - 1
+statement_page_limit_default = 100
+statement_page_limit_max = 1000
+consistency_wait_ms_max = 30_000
+
+ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
+CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
+DIGITS_RE = re.compile(r"[0-9]{1,20}")
+TOKEN_PART_RE = re.compile(r"([0-9]{1,6}):([0-9]{1,20})")
+
+JSON_TYPES = ("application/json", "")
+MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
+
+ACCOUNT_FIELDS = frozenset({"id", "currency", "normal", "flags", "metadata"})
+TRANSACTION_FIELDS = frozenset({"id", "entries", "pending", "timeout_seconds", "code", "metadata"})
+SHORTHAND_FIELDS = frozenset({"id", "debit_account_id", "credit_account_id", "amount", "currency",
+                              "pending", "timeout_seconds", "code", "metadata"})
+ENTRY_FIELDS = frozenset({"account_id", "direction", "amount", "currency"})
+BATCH_FIELDS = frozenset({"transactions", "atomic"})
+POST_FIELDS = frozenset({"id", "amount"})
+ID_ONLY_FIELDS = frozenset({"id"})
+
+
+class Fraction(str):
+    """A JSON number with a fraction or exponent, kept as its text: never a float."""
+
+
+# --- bodies ---------------------------------------------------------------------------------------
+
+
+def media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def decode_body(raw: bytes, content_type: str | None, *, empty: Any = None) -> Any:
+    """Decode a JSON or msgpack body; ``empty`` is returned for an empty body when given."""
+    if not raw.strip():
+        if empty is not None:
+            return empty
+        raise ApiError("malformed_json", "the body is empty")
+    kind = media_type(content_type)
+    if kind in MSGPACK_TYPES:
+        value = _decode_msgpack(raw)
+    elif kind in JSON_TYPES or kind.endswith("+json"):
+        value = _decode_json(raw)
+    else:
+        raise ApiError("unsupported_media_type", details={"content_type": kind})
+    check_depth(value)
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not allowed")
+
+
+def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        counts = Counter(k for k, _ in pairs)
+        raise ApiError("duplicate_field", details={"fields": sorted(k for k, n in counts.items()
+                                                                    if n > 1)})
+    return obj
+
+
+def _decode_json(raw: bytes) -> Any:
+    try:
+        text = raw.decode("utf-8")
+        return json.loads(text, parse_float=Fraction, parse_constant=_reject_constant,
+                          object_pairs_hook=_object_without_duplicates)
+    except RecursionError as exc:
+        raise ApiError("too_deep", details={"depth_max": body_depth_max}) from exc
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ApiError("malformed_json", details={"reason": str(exc)[:200]}) from exc
+
+
+def _decode_msgpack(raw: bytes) -> Any:
+    try:
+        return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
+    except RecursionError as exc:
+        raise ApiError("too_deep", details={"depth_max": body_depth_max}) from exc
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise ApiError("malformed_body", details={"reason": str(exc)[:200]}) from exc
+
+
+def check_depth(value: Any) -> None:
+    """Refuse nesting deeper than ``body_depth_max``; iterative, so hostile input cannot recurse."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > body_depth_max:
+            raise ApiError("too_deep", details={"depth_max": body_depth_max})
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+# --- fields ---------------------------------------------------------------------------------------
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ApiError("invalid_field", f"{where or 'the body'} must be an object",
+                       details={"field": where})
+    return value
+
+
+def _check_fields(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    unknown = sorted(str(k) for k in obj if k not in allowed)
+    if unknown:
+        raise ApiError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
+    if name not in obj or obj[name] is None:
+        raise ApiError("missing_field", details={"field": _join(where, name)})
+    return obj[name]
+
+
+def parse_id(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not ID_RE.fullmatch(value):
+        raise ApiError("invalid_id", details={"field": field})
+    return value
+
+
+def parse_currency(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
+        raise ApiError("invalid_currency", details={"field": field})
+    return value
+
+
+def parse_amount(value: Any, field: str) -> int:
+    """0 < amount <= amount_max, as a JSON integer or a string of digits; never a float."""
+    amount: int | None = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = value
+    elif isinstance(value, str) and not isinstance(value, Fraction) and DIGITS_RE.fullmatch(value):
+        amount = int(value)
+    if amount is None or not 0 < amount <= amount_max:
+        raise ApiError("invalid_amount", details={"field": field})
+    return amount
+
+
+def parse_direction(value: Any, field: str) -> Direction:
+    if value not in ("debit", "credit"):
+        raise ApiError("invalid_field", "direction is debit or credit", details={"field": field})
+    return Direction(value)
+
+
+def parse_bool(value: Any, field: str) -> bool:
+    if not isinstance(value, bool):
+        raise ApiError("invalid_field", f"{field} must be true or false", details={"field": field})
+    return value
+
+
+def parse_int_field(value: Any, field: str, low: int, high: int,
+                    code: str = "invalid_field") -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ApiError(code, f"{field} must be an integer in [{low}, {high}]",
+                       details={"field": field})
+    return value
+
+
+def parse_short_text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or len(value) > code_length_max:
+        raise ApiError("invalid_field", f"{field} is a string of at most {code_length_max} chars",
+                       details={"field": field})
+    return value
+
+
+def parse_metadata(value: Any, field: str) -> dict[str, Any]:
+    """A bounded JSON object of strings, integers, booleans, null, lists and objects."""
+    if not isinstance(value, dict):
+        raise ApiError("invalid_metadata", details={"field": field})
+    _check_metadata_values(value, field)
+    size = len(json.dumps(value, separators=(",", ":")))
+    if size > metadata_bytes_max:
+        raise ApiError("invalid_metadata", f"metadata is at most {metadata_bytes_max} bytes",
+                       details={"field": field, "bytes": size})
+    return value
+
+
+def _check_metadata_values(value: dict[str, Any], field: str) -> None:
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, Fraction | float):
+            raise ApiError("invalid_metadata", "numbers in metadata are integers; send decimals "
+                           "as strings", details={"field": field})
+        elif isinstance(item, int) and not isinstance(item, bool):
+            if not metadata_int_min <= item <= metadata_int_max:
+                raise ApiError("invalid_metadata", "metadata integers fit in 64 bits",
+                               details={"field": field})
+        elif not (item is None or isinstance(item, str | bool)):
+            raise ApiError("invalid_metadata", details={"field": field})
+
+
+def parse_flags(value: Any, field: str) -> int:
+    if not isinstance(value, list):
+        raise ApiError("invalid_field", "flags is a list of names", details={"field": field})
+    flags = 0
+    for name in value:
+        if not isinstance(name, str) or name not in AccountFlag.__members__:
+            raise ApiError("invalid_flag", details={"field": field, "flag": str(name)[:64],
+                                                    "allowed": list(AccountFlag.__members__)})
+        flags |= AccountFlag[name]
+    return flags
+
+
+# --- commands -------------------------------------------------------------------------------------
+
+
+def parse_account(value: Any, where: str = "") -> CreateAccount:
+    obj = _object(value, where)
+    _check_fields(obj, ACCOUNT_FIELDS, where)
+    normal = obj.get("normal", "debit")
+    return CreateAccount(
+        id=parse_id(_required(obj, "id", where), _join(where, "id")),
+        currency=parse_currency(_required(obj, "currency", where), _join(where, "currency")),
+        normal=parse_direction(normal, _join(where, "normal")),
+        flags=parse_flags(obj.get("flags", []), _join(where, "flags")),
+        metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
+    )
+
+
+def parse_accounts(value: Any) -> tuple[list[CreateAccount], bool]:
+    """One account, or ``{"accounts": [...]}``; returns the commands and whether it was a list."""
+    obj = _object(value, "")
+    if "accounts" not in obj:
+        return [parse_account(obj)], False
+    _check_fields(obj, frozenset({"accounts"}), "")
+    items = _list_of_commands(obj["accounts"], "accounts")
+    return [parse_account(item, f"accounts[{i}]") for i, item in enumerate(items)], True
+
+
+def _list_of_commands(value: Any, field: str) -> list[Any]:
+    if not isinstance(value, list) or not value:
+        raise ApiError("invalid_field", f"{field} is a non-empty list", details={"field": field})
+    if len(value) > batch_commands_max:
+        raise ApiError("too_many_commands", details={"field": field, "max": batch_commands_max,
+                                                     "count": len(value)})
+    return value
+
+
+def resolve_id(body_id: Any, header_key: str | None, where: str, default: str | None = None) -> str:
+    """The id IS the idempotency key: body ``id`` and/or ``Idempotency-Key``, equal if both."""
+    field = _join(where, "id")
+    if body_id is not None:
+        ident = parse_id(body_id, field)
+        if header_key is not None and header_key != ident:
+            raise ApiError("id_mismatch", details={"field": field})
+        return ident
+    if header_key is not None:
+        return parse_id(header_key, "Idempotency-Key")
+    if default is not None:
+        return parse_id(default, field)
+    raise ApiError("missing_id", details={"field": field})
+
+
+def parse_entry(value: Any, where: str) -> EntrySpec:
+    obj = _object(value, where)
+    _check_fields(obj, ENTRY_FIELDS, where)
+    return EntrySpec(
+        account_id=parse_id(_required(obj, "account_id", where), _join(where, "account_id")),
+        direction=parse_direction(_required(obj, "direction", where), _join(where, "direction")),
+        amount=parse_amount(_required(obj, "amount", where), _join(where, "amount")),
+        currency=parse_currency(_required(obj, "currency", where), _join(where, "currency")),
+    )
+
+
+def _parse_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
+    raw = _required(obj, "entries", where)
+    field = _join(where, "entries")
+    if not isinstance(raw, list):
+        raise ApiError("invalid_field", "entries is a list", details={"field": field})
+    if len(raw) > entries_per_transaction_max:
+        raise ApiError("too_many_entries", details={"field": field, "count": len(raw)})
+    return tuple(parse_entry(e, f"{field}[{i}]") for i, e in enumerate(raw))
+
+
+def _shorthand_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
+    amount = parse_amount(_required(obj, "amount", where), _join(where, "amount"))
+    currency = parse_currency(_required(obj, "currency", where), _join(where, "currency"))
+    debit = parse_id(_required(obj, "debit_account_id", where), _join(where, "debit_account_id"))
+    credit = parse_id(_required(obj, "credit_account_id", where),
+                      _join(where, "credit_account_id"))
+    return (EntrySpec(debit, Direction.debit, amount, currency),
+            EntrySpec(credit, Direction.credit, amount, currency))
+
+
+def parse_transaction(value: Any, header_key: str | None = None,
+                      where: str = "") -> CreateTransaction:
+    """A full transaction, or the shorthand transfer ``{id, debit_account_id, ...}``."""
+    obj = _object(value, where)
+    shorthand = "entries" not in obj and "debit_account_id" in obj
+    _check_fields(obj, SHORTHAND_FIELDS if shorthand else TRANSACTION_FIELDS, where)
+    ident = resolve_id(obj.get("id"), header_key, where)
+    entries = _shorthand_entries(obj, where) if shorthand else _parse_entries(obj, where)
+    return CreateTransaction(
+        id=ident,
+        entries=entries,
+        pending=parse_bool(obj.get("pending", False), _join(where, "pending")),
+        timeout_seconds=parse_int_field(obj.get("timeout_seconds", 0),
+                                        _join(where, "timeout_seconds"), 0, timeout_seconds_max,
+                                        code="invalid_timeout"),
+        code=parse_short_text(obj.get("code", ""), _join(where, "code")),
+        metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
+    )
+
+
+def parse_batch(value: Any) -> tuple[list[CreateTransaction], bool]:
+    obj = _object(value, "")
+    _check_fields(obj, BATCH_FIELDS, "")
+    items = _list_of_commands(_required(obj, "transactions", ""), "transactions")
+    atomic = parse_bool(obj.get("atomic", False), "atomic")
+    commands = [parse_transaction(item, None, f"transactions[{i}]") for i, item in enumerate(items)]
+    return commands, atomic
+
+
+def parse_post(value: Any, pending_id: str, header_key: str | None) -> PostPending:
+    obj = _object(value, "")
+    _check_fields(obj, POST_FIELDS, "")
+    pending_id = parse_id(pending_id, "pending_id")
+    amount = obj.get("amount")
+    return PostPending(
+        id=resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:post"),
+        pending_id=pending_id,
+        amount=None if amount is None else parse_amount(amount, "amount"),
+    )
+
+
+def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPending:
+    obj = _object(value, "")
+    _check_fields(obj, ID_ONLY_FIELDS, "")
+    pending_id = parse_id(pending_id, "pending_id")
+    ident = resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:void")
+    return VoidPending(id=ident, pending_id=pending_id)
+
+
+def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> ReverseTransaction:
+    obj = _object(value, "")
+    _check_fields(obj, ID_ONLY_FIELDS, "")
+    transaction_id = parse_id(transaction_id, "transaction_id")
+    ident = resolve_id(obj.get("id"), header_key, "", default=f"{transaction_id}:reverse")
+    return ReverseTransaction(id=ident, transaction_id=transaction_id)
+
+
+# --- query strings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReadParams:
+    """The consistency a read asks for (API.md, "Read consistency")."""
+
+    linearizable: bool = False
+    min_token: Mapping[int, int] | None = None
+    max_staleness_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EntriesQuery:
+    after_seq: int | None
+    before_seq: int | None
+    limit: int
+    order: str
+    from_ns: int | None
+    to_ns: int | None
+
+
+READ_PARAMS = frozenset({"consistency", "min_token", "max_staleness_ms"})
+ENTRIES_PARAMS = READ_PARAMS | {"after_seq", "before_seq", "limit", "order", "from", "to"}
+BALANCE_PARAMS = READ_PARAMS | {"at_seq", "at"}
+
+
+def check_query(query: Mapping[str, str], allowed: frozenset[str]) -> None:
+    unknown = sorted(k for k in query if k not in allowed)
+    if unknown:
+        raise ApiError("invalid_query", "unknown query parameters", details={"params": unknown})
+
+
+def query_int(query: Mapping[str, str], name: str, low: int = 0, high: int = 2**63 - 1,
+              default: int | None = None) -> int | None:
+    raw = query.get(name)
+    if raw is None or raw == "":
+        return default
+    if not DIGITS_RE.fullmatch(raw) or not low <= int(raw) <= high:
+        raise ApiError("invalid_query", f"{name} is an integer in [{low}, {high}]",
+                       details={"param": name})
+    return int(raw)
+
+
+def parse_token(raw: str) -> dict[int, int]:
+    """``<shard>:<index>[,<shard>:<index>...]``; for a repeated shard the highest index counts."""
+    out: dict[int, int] = {}
+    for part in raw.split(","):
+        match = TOKEN_PART_RE.fullmatch(part.strip())
+        if match is None:
+            raise ApiError("invalid_token", details={"min_token": raw[:200]})
+        shard, index = int(match.group(1)), int(match.group(2))
+        out[shard] = max(index, out.get(shard, 0))
+    return out
+
+
+def format_token(parts: Mapping[int, int]) -> str:
+    return ",".join(f"{shard}:{index}" for shard, index in sorted(parts.items()))
+
+
+def parse_read_params(query: Mapping[str, str]) -> ReadParams:
+    consistency = query.get("consistency", "local")
+    if consistency not in ("local", "linearizable"):
+        raise ApiError("invalid_query", "consistency is local or linearizable",
+                       details={"param": "consistency"})
+    token = query.get("min_token")
+    return ReadParams(
+        linearizable=consistency == "linearizable",
+        min_token=parse_token(token) if token else None,
+        max_staleness_ms=query_int(query, "max_staleness_ms"),
+    )
+
+
+def parse_entries_query(query: Mapping[str, str]) -> EntriesQuery:
+    check_query(query, ENTRIES_PARAMS)
+    order = query.get("order", "asc")
+    if order not in ("asc", "desc"):
+        raise ApiError("invalid_query", "order is asc or desc", details={"param": "order"})
+    limit = query_int(query, "limit", 1, statement_page_limit_max, statement_page_limit_default)
+    assert limit is not None
+    return EntriesQuery(
+        after_seq=query_int(query, "after_seq"),
+        before_seq=query_int(query, "before_seq"),
+        limit=limit,
+        order=order,
+        from_ns=query_int(query, "from"),
+        to_ns=query_int(query, "to"),
+    )
+
+
+def parse_balance_query(query: Mapping[str, str]) -> tuple[int | None, int | None]:
+    check_query(query, BALANCE_PARAMS)
+    at_seq, at_ns = query_int(query, "at_seq"), query_int(query, "at")
+    if at_seq is not None and at_ns is not None:
+        raise ApiError("invalid_query", "give at_seq or at, not both", details={"param": "at"})
+    return at_seq, at_ns
+
