@@ -74,7 +74,7 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.flags_conflict: "debit and credit limits are mutually exclusive",
     ResultCode.transaction_not_pending: "the transaction is not a pending transaction",
     ResultCode.transaction_not_posted: "only posted transactions can be reversed",
-    ResultCode.partial_amount_not_allowed: "a partial amount needs every entry of the hold to share one amount",
+    ResultCode.partial_amount_not_allowed: "a partial amount needs all hold entries to share one amount",
     ResultCode.transaction_not_found: "the transaction does not exist",
     ResultCode.invalid_timeout: "timeout_seconds needs pending=true and 0 <= timeout < 2**31",
     ResultCode.invalid_metadata: "metadata must be a JSON object of bounded size",

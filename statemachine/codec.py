@@ -1,0 +1,194 @@
+"""The wire form of commands: versioned msgpack, and the canonical payload hash behind idempotency.
+
+A Raft entry payload is ``VERSION byte + msgpack([[timestamp_ns, command], ...])``. Each command is a
+list whose first element is its type tag. Decoding is strict: a command of the wrong shape decodes to
+``Invalid`` (and applies as ``invalid_command``) instead of raising, so one bad command cannot stop a
+replica from applying the rest of the log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .commands import (
+    AnyCommand,
+    Batch,
+    Command,
+    CreateAccount,
+    CreateTransaction,
+    Direction,
+    EntrySpec,
+    PostPending,
+    Request,
+    ReverseTransaction,
+    VoidPending,
+)
+
+VERSION = 1
+
+TAG_CREATE_ACCOUNT = 1
+TAG_CREATE_TRANSACTION = 2
+TAG_POST_PENDING = 3
+TAG_VOID_PENDING = 4
+TAG_REVERSE = 5
+TAG_BATCH = 6
+
+DIRECTIONS = (Direction.debit, Direction.credit)
+DIRECTION_BYTE = {Direction.debit: 0, Direction.credit: 1}
+
+
+class CodecError(ValueError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Invalid:
+    """A command that did not decode; kept in place so results line up with requests."""
+
+    reason: str
+
+
+def _dir_byte(direction: Direction) -> int:
+    return DIRECTION_BYTE[direction]
+
+
+def command_to_wire(command: AnyCommand) -> list[Any]:
+    if isinstance(command, CreateTransaction):
+        entries = [[e.account_id, _dir_byte(e.direction), e.amount, e.currency]
+                   for e in command.entries]
+        return [TAG_CREATE_TRANSACTION, command.id, entries, command.pending,
+                command.timeout_seconds, command.code, command.metadata]
+    if isinstance(command, CreateAccount):
+        return [TAG_CREATE_ACCOUNT, command.id, command.currency, _dir_byte(command.normal),
+                command.flags, command.metadata]
+    if isinstance(command, PostPending):
+        return [TAG_POST_PENDING, command.id, command.pending_id, command.amount]
+    if isinstance(command, VoidPending):
+        return [TAG_VOID_PENDING, command.id, command.pending_id]
+    if isinstance(command, ReverseTransaction):
+        return [TAG_REVERSE, command.id, command.transaction_id]
+    if isinstance(command, Batch):
+        return [TAG_BATCH, command.atomic, [command_to_wire(c) for c in command.commands]]
+    raise CodecError(f"not a command: {type(command).__name__}")
+
+
+def _want(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise CodecError(f"{what}: wrong type")
+    return value
+
+
+def _int(value: Any, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise CodecError(f"{what}: not an integer")
+    return value
+
+
+def _direction(value: Any) -> Direction:
+    if value not in (0, 1) or isinstance(value, bool):
+        raise CodecError("direction must be 0 or 1")
+    return DIRECTIONS[value]
+
+
+def _entry(raw: Any) -> EntrySpec:
+    if not isinstance(raw, list) or len(raw) != 4:
+        raise CodecError("entry: wrong shape")
+    return EntrySpec(_want(raw[0], str, "account_id"), _direction(raw[1]),
+                     _int(raw[2], "amount"), _want(raw[3], str, "currency"))
+
+
+def _decode_create_transaction(w: list[Any]) -> CreateTransaction:
+    entries = tuple(_entry(e) for e in _want(w[2], list, "entries"))
+    return CreateTransaction(_want(w[1], str, "id"), entries, _want(w[3], bool, "pending"),
+                             _int(w[4], "timeout_seconds"), _want(w[5], str, "code"),
+                             _want(w[6], dict, "metadata"))
+
+
+def _decode_one(w: Any) -> Command:
+    if not isinstance(w, list) or not w:
+        raise CodecError("command: wrong shape")
+    tag = w[0]
+    if tag == TAG_CREATE_TRANSACTION and len(w) == 7:
+        return _decode_create_transaction(w)
+    if tag == TAG_CREATE_ACCOUNT and len(w) == 6:
+        return CreateAccount(_want(w[1], str, "id"), _want(w[2], str, "currency"),
+                             _direction(w[3]), _int(w[4], "flags"), _want(w[5], dict, "metadata"))
+    if tag == TAG_POST_PENDING and len(w) == 4:
+        amount = None if w[3] is None else _int(w[3], "amount")
+        return PostPending(_want(w[1], str, "id"), _want(w[2], str, "pending_id"), amount)
+    if tag == TAG_VOID_PENDING and len(w) == 3:
+        return VoidPending(_want(w[1], str, "id"), _want(w[2], str, "pending_id"))
+    if tag == TAG_REVERSE and len(w) == 3:
+        return ReverseTransaction(_want(w[1], str, "id"), _want(w[2], str, "transaction_id"))
+    raise CodecError(f"unknown command tag {tag!r}")
+
+
+def command_from_wire(w: Any) -> AnyCommand | Invalid:
+    try:
+        if isinstance(w, list) and w and w[0] == TAG_BATCH and len(w) == 3:
+            inner = tuple(_decode_one(c) for c in _want(w[2], list, "commands"))
+            return Batch(inner, _want(w[1], bool, "atomic"))
+        return _decode_one(w)
+    except CodecError as exc:
+        return Invalid(str(exc))
+
+
+def encode_command(command: AnyCommand) -> bytes:
+    packed: bytes = msgpack.packb(command_to_wire(command))
+    return bytes([VERSION]) + packed
+
+
+def decode_command(data: bytes) -> AnyCommand | Invalid:
+    if not data or data[0] != VERSION:
+        return Invalid("unknown codec version")
+    try:
+        wire = msgpack.unpackb(data[1:], strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        return Invalid(f"undecodable: {exc}")
+    return command_from_wire(wire)
+
+
+def encode_requests(requests: list[Request]) -> bytes:
+    """One Raft entry: the requests a leader grouped together, each with its timestamp."""
+    wire = [[r.timestamp_ns, command_to_wire(r.command)] for r in requests]
+    packed: bytes = msgpack.packb(wire)
+    return bytes([VERSION]) + packed
+
+
+def decode_requests(data: bytes) -> list[tuple[int, AnyCommand | Invalid]]:
+    """Decode an entry; raises CodecError only if the entry as a whole is unreadable."""
+    if not data or data[0] != VERSION:
+        raise CodecError("unknown codec version")
+    try:
+        wire = msgpack.unpackb(data[1:], strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise CodecError(f"undecodable entry: {exc}") from exc
+    if not isinstance(wire, list):
+        raise CodecError("entry: not a list")
+    out: list[tuple[int, AnyCommand | Invalid]] = []
+    for item in wire:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[0], int)):
+            raise CodecError("entry: bad request")
+        out.append((item[0], command_from_wire(item[1])))
+    return out
+
+
+def canonical(value: Any) -> Any:
+    """The same value with every map's keys sorted, so equal payloads encode to equal bytes."""
+    if isinstance(value, dict):
+        return {k: canonical(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [canonical(v) for v in value]
+    return value
+
+
+def payload_hash(command: Command) -> bytes:
+    """Identity of a command's payload for idempotency: SHA-256 of its canonical wire form."""
+    wire = command_to_wire(command)
+    if isinstance(command, CreateTransaction | CreateAccount):
+        wire[-1] = canonical(wire[-1])
+    return hashlib.sha256(msgpack.packb(wire)).digest()

@@ -1,0 +1,207 @@
+"""The LMDB layout: named sub-databases, big-endian keys, and the byte form of stored records.
+
+Sub-databases:
+  accounts     account id (utf-8)                -> account record
+  entries      account num (u64) + seq (u64)     -> entry record
+  transactions transaction id (utf-8)            -> transaction record (msgpack)
+  idempotency  transaction id (utf-8)            -> [payload hash, result code, timestamp, details]
+  outbox       offset (u64)                      -> [type, timestamp, kind, record bytes]
+  expiries     deadline ns (u64) + transaction id -> b""
+  meta         b"state"                          -> shard state (applied index, chain, counters)
+
+Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
+unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from .codec import DIRECTION_BYTE, DIRECTIONS
+from .commands import Direction
+from .records import Account, Transaction, TxEntry
+
+DB_NAMES = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta")
+STATE_KEY = b"state"
+
+Raw = bytes | memoryview  # what LMDB hands back
+
+U64 = struct.Struct(">Q")
+ENTRY_KEY = struct.Struct(">QQ")
+STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
+
+# num, seq, timestamp, flags, normal, currency, debits_posted, credits_posted, debits_pending,
+# credits_pending, head; the tail is msgpack(metadata).
+ACCOUNT = struct.Struct(">QQQIB12s16s16s16s16s32s")
+# timestamp, amount, released, direction, status, has_totals, balance_after, hash; then optional
+# totals (4 x 16 bytes) and the transaction id (utf-8).
+ENTRY = struct.Struct(">QQQBBB16s32s")
+TOTALS = struct.Struct(">16s16s16s16s")
+
+ENTRY_STATUSES = ("pending", "posted", "voided", "expired")
+ENTRY_STATUS_BYTE = {s: i for i, s in enumerate(ENTRY_STATUSES)}
+
+
+def u128(value: int) -> bytes:
+    return value.to_bytes(16, "big")
+
+
+def from_u128(data: bytes) -> int:
+    return int.from_bytes(data, "big")
+
+
+def i128(value: int) -> bytes:
+    return value.to_bytes(16, "big", signed=True)
+
+
+def from_i128(data: bytes) -> int:
+    return int.from_bytes(data, "big", signed=True)
+
+
+def entry_key(num: int, seq: int) -> bytes:
+    return ENTRY_KEY.pack(num, seq)
+
+
+@dataclass(slots=True)
+class AccountRow:
+    """An account as the apply path handles it: mutable, metadata kept as encoded bytes."""
+
+    id: str
+    num: int
+    seq: int
+    timestamp: int
+    flags: int
+    normal: Direction
+    currency: str
+    debits_posted: int
+    credits_posted: int
+    debits_pending: int
+    credits_pending: int
+    head: bytes
+    metadata_bytes: bytes
+
+    def pack(self) -> bytes:
+        return ACCOUNT.pack(
+            self.num, self.seq, self.timestamp, self.flags, DIRECTION_BYTE[self.normal],
+            self.currency.encode(), u128(self.debits_posted), u128(self.credits_posted),
+            u128(self.debits_pending), u128(self.credits_pending), self.head,
+        ) + self.metadata_bytes
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        value: dict[str, Any] = msgpack.unpackb(self.metadata_bytes)
+        return value
+
+    def to_account(self) -> Account:
+        return Account(self.id, self.currency, self.normal, self.flags, self.metadata, self.num,
+                       self.debits_posted, self.credits_posted, self.debits_pending,
+                       self.credits_pending, self.seq, self.head, self.timestamp)
+
+    @property
+    def balance(self) -> int:
+        if self.normal is Direction.credit:
+            return self.credits_posted - self.debits_posted
+        return self.debits_posted - self.credits_posted
+
+
+def unpack_account(account_id: str, data: Raw) -> AccountRow:
+    (num, seq, ts, flags, normal, currency, dp, cp, dpe, cpe, head) = ACCOUNT.unpack_from(data)
+    return AccountRow(
+        account_id, num, seq, ts, flags, DIRECTIONS[normal], currency.rstrip(b"\0").decode(),
+        from_u128(dp), from_u128(cp), from_u128(dpe), from_u128(cpe), head,
+        bytes(data[ACCOUNT.size:]),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class EntryRow:
+    timestamp: int
+    amount: int
+    released: int
+    direction: Direction
+    status: str
+    balance_after: int
+    hash: bytes
+    transaction_id: str
+    totals: tuple[int, int, int, int] | None
+
+
+def pack_entry(row: EntryRow) -> bytes:
+    head = ENTRY.pack(row.timestamp, row.amount, row.released, DIRECTION_BYTE[row.direction],
+                      ENTRY_STATUS_BYTE[row.status], row.totals is not None,
+                      i128(row.balance_after), row.hash)
+    if row.totals is not None:
+        head += TOTALS.pack(*(u128(t) for t in row.totals))
+    return head + row.transaction_id.encode()
+
+
+def unpack_entry(data: Raw) -> EntryRow:
+    ts, amount, released, direction, status, has_totals, bal, digest = ENTRY.unpack_from(data)
+    pos = ENTRY.size
+    totals = None
+    if has_totals:
+        dp, cp, dpe, cpe = TOTALS.unpack_from(data, pos)
+        totals = (from_u128(dp), from_u128(cp), from_u128(dpe), from_u128(cpe))
+        pos += TOTALS.size
+    return EntryRow(ts, amount, released, DIRECTIONS[direction], ENTRY_STATUSES[status],
+                    from_i128(bal), digest, bytes(data[pos:]).decode(), totals)
+
+
+def entry_hash_of(data: Raw) -> bytes:
+    """The stored hash of an entry record, without unpacking the rest."""
+    return bytes(data[ENTRY.size - 32:ENTRY.size])
+
+
+def entry_timestamp_of(data: Raw) -> int:
+    value: int = U64.unpack_from(data)[0]
+    return value
+
+
+@dataclass(slots=True)
+class ShardState:
+    applied_index: int = 0
+    last_timestamp: int = 0
+    next_account_num: int = 1
+    next_offset: int = 1
+    chain: bytes = b"\0" * 32
+
+    def pack(self) -> bytes:
+        return STATE.pack(self.applied_index, self.last_timestamp, self.next_account_num,
+                          self.next_offset, self.chain)
+
+    @classmethod
+    def unpack(cls, data: Raw | None) -> ShardState:
+        if data is None:
+            return cls()
+        return cls(*STATE.unpack(data))
+
+    def copy(self) -> ShardState:
+        return ShardState(self.applied_index, self.last_timestamp, self.next_account_num,
+                          self.next_offset, self.chain)
+
+
+def pack_transaction(tx: Transaction) -> bytes:
+    entries = [[e.account_id, DIRECTION_BYTE[e.direction], e.amount, e.currency, e.seq, e.hash]
+               for e in tx.entries]
+    packed: bytes = msgpack.packb([tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending,
+                          tx.timeout_seconds, tx.pending_id, tx.reverses, tx.reversed_by,
+                          tx.resolved_by, entries])
+    return packed
+
+
+def unpack_transaction(data: Raw) -> Transaction:
+    (txid, status, code, metadata, ts, pending, timeout, pending_id, reverses, reversed_by,
+     resolved_by, entries) = msgpack.unpackb(data)
+    return Transaction(
+        txid, status,
+        tuple(TxEntry(a, DIRECTIONS[d], amt, cur, seq, h) for a, d, amt, cur, seq, h in entries),
+        code, metadata, ts, pending, timeout, pending_id, reverses, reversed_by, resolved_by,
+    )
+
+
+def expiry_key(deadline_ns: int, transaction_id: str) -> bytes:
+    return U64.pack(deadline_ns) + transaction_id.encode()

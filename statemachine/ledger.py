@@ -1,0 +1,446 @@
+"""The ledger rules: applying commands to an LMDB write transaction.
+
+Pure and deterministic: everything it needs — the transaction, the command, the log index and the
+timestamp — is passed in. It reads no clock, draws no random numbers and performs no I/O besides the
+LMDB transaction it was handed, so every replica applying the same log reaches byte-identical state.
+
+Every change to an account is a *move*: an entry appended to the account's sequence, chained to the one
+before. Holds, posts, voids, expiries and reversals only ever append moves; nothing is rewritten except
+a transaction's status fields. A command either writes all its moves or none: rows are computed in
+memory, checked, and only then written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, NamedTuple
+
+import lmdb
+import msgpack
+
+from . import hashing
+from .codec import DIRECTION_BYTE, Invalid, canonical, payload_hash
+from .codes import ResultCode
+from .commands import (
+    AccountFlag,
+    AnyCommand,
+    Batch,
+    Command,
+    CreateAccount,
+    CreateTransaction,
+    Direction,
+    PostPending,
+    ReverseTransaction,
+    VoidPending,
+)
+from .layout import (
+    ENTRY_STATUS_BYTE,
+    U64,
+    AccountRow,
+    EntryRow,
+    ShardState,
+    entry_key,
+    expiry_key,
+    pack_entry,
+    pack_transaction,
+    unpack_account,
+    unpack_transaction,
+)
+from .records import (
+    STATUS_EXPIRED,
+    STATUS_PENDING,
+    STATUS_POSTED,
+    STATUS_VOIDED,
+    Outcome,
+    Result,
+    Transaction,
+    TxEntry,
+)
+from .validate import Problem, account_problem, follow_up_problem, transaction_problem
+
+balance_limit = 2**127
+EVENT_ACCOUNT = 0
+EVENT_TRANSACTION = 1
+
+
+class InvariantViolation(Exception):
+    """A ledger invariant failed: a bug, never a client error. Aborts the whole LMDB transaction."""
+
+
+def ensure(condition: bool, message: str) -> None:
+    """An assertion that survives ``python -O``."""
+    if not condition:
+        raise InvariantViolation(message)
+
+
+class Dbs(NamedTuple):
+    accounts: Any
+    entries: Any
+    transactions: Any
+    idempotency: Any
+    outbox: Any
+    expiries: Any
+    meta: Any
+
+
+@dataclass(frozen=True, slots=True)
+class Move:
+    """One entry to append: ``released`` is the part of a hold that a post gives back."""
+
+    account_id: str
+    direction: Direction
+    amount: int
+    currency: str
+    status: str
+    released: int = 0
+
+
+class Rejected(Exception):
+    def __init__(self, code: ResultCode, details: dict[str, Any] | None = None) -> None:
+        super().__init__(code.name)
+        self.code = code
+        self.details = details or {}
+
+
+def _apply_totals(row: AccountRow, move: Move) -> None:
+    debit = move.direction is Direction.debit
+    if move.status == STATUS_PENDING:
+        if debit:
+            row.debits_pending += move.amount
+        else:
+            row.credits_pending += move.amount
+    elif move.status == STATUS_POSTED:
+        if debit:
+            row.debits_posted += move.amount
+            row.debits_pending -= move.released
+        else:
+            row.credits_posted += move.amount
+            row.credits_pending -= move.released
+    elif debit:
+        row.debits_pending -= move.amount
+    else:
+        row.credits_pending -= move.amount
+
+
+def _limits_problem(row: AccountRow) -> Problem | None:
+    totals = (row.debits_posted, row.credits_posted, row.debits_pending, row.credits_pending)
+    ensure(min(totals) >= 0, f"negative total on {row.id}")
+    if max(totals) >= balance_limit:
+        return ResultCode.overflow, {"account_id": row.id}
+    flags = row.flags
+    if (flags & AccountFlag.debits_must_not_exceed_credits
+            and row.debits_posted + row.debits_pending > row.credits_posted):
+        return ResultCode.exceeds_credits, {"account_id": row.id}
+    if (flags & AccountFlag.credits_must_not_exceed_debits
+            and row.credits_posted + row.credits_pending > row.debits_posted):
+        return ResultCode.exceeds_debits, {"account_id": row.id}
+    return None
+
+
+def _check_balanced(moves: list[Move]) -> None:
+    """Per currency, debits equal credits (ARCHITECTURE invariant 1)."""
+    net: dict[str, int] = {}
+    for m in moves:
+        delta = m.amount if m.direction is Direction.debit else -m.amount
+        net[m.currency] = net.get(m.currency, 0) + delta
+    for currency, value in net.items():
+        if value:
+            raise Rejected(ResultCode.unbalanced, {"currency": currency})
+
+
+class Applier:
+    """Applies the requests of one Raft entry inside one LMDB write transaction."""
+
+    def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, dbs: Dbs,
+                 state: ShardState) -> None:
+        self.env = env
+        self.txn = txn
+        self.dbs = dbs
+        self.state = state
+
+    # ---- entry points -------------------------------------------------------------------------
+
+    def apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
+        ts = max(timestamp_ns, self.state.last_timestamp + 1)
+        self.state.last_timestamp = ts
+        self._expire_due(ts)
+        if isinstance(command, Invalid):
+            return Result(ResultCode.invalid_command, "", details={"reason": command.reason})
+        if isinstance(command, Batch):
+            if command.atomic:
+                return self._apply_atomic(command.commands, ts)
+            return [self._apply_command(c, ts) for c in command.commands]
+        return self._apply_command(command, ts)
+
+    def _apply_command(self, command: Command, ts: int) -> Result:
+        if isinstance(command, CreateTransaction):
+            return self._create_transaction(command, ts)
+        if isinstance(command, CreateAccount):
+            return self._create_account(command, ts)
+        return self._follow_up(command, ts)
+
+    def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
+        """All or none: a child LMDB transaction that is dropped when any command fails."""
+        parent, saved = self.txn, self.state.copy()
+        self.txn = self.env.begin(write=True, parent=parent)
+        results: list[Result] = []
+        try:
+            for command in commands:
+                result = self._apply_command(command, ts)
+                results.append(result)
+                if not result.ok:
+                    break
+        except BaseException:
+            self.txn.abort()
+            raise
+        finally:
+            child, self.txn = self.txn, parent
+        if len(results) == len(commands) and all(r.ok for r in results):
+            child.commit()
+            return results
+        child.abort()
+        self.state = saved
+        failed = results[-1]
+        return [failed if i == len(results) - 1 else
+                Result(ResultCode.linked_event_failed, c.id, details={"failed_index": len(results) - 1})
+                for i, c in enumerate(commands)]
+
+    # ---- accounts -----------------------------------------------------------------------------
+
+    def _create_account(self, cmd: CreateAccount, ts: int) -> Result:
+        problem = account_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        key = cmd.id.encode()
+        raw = self.txn.get(key, db=self.dbs.accounts)
+        metadata_bytes = msgpack.packb(canonical(cmd.metadata))
+        if raw is not None:
+            row = unpack_account(cmd.id, raw)
+            same = (row.currency, row.normal, row.flags, row.metadata_bytes) == (
+                cmd.currency, cmd.normal, cmd.flags, metadata_bytes)
+            code = ResultCode.ok if same else ResultCode.exists_with_different_fields
+            return Result(code, cmd.id, record=row.to_account(), replayed=same)
+        row = AccountRow(cmd.id, self.state.next_account_num, 0, ts, cmd.flags, cmd.normal,
+                         cmd.currency, 0, 0, 0, 0, hashing.genesis(cmd.id), metadata_bytes)
+        self.state.next_account_num += 1
+        packed = row.pack()
+        self.txn.put(key, packed, db=self.dbs.accounts)
+        self._emit("account.created", ts, EVENT_ACCOUNT, msgpack.packb([cmd.id, packed]))
+        return Result(ResultCode.ok, cmd.id, record=row.to_account())
+
+    def _load_row(self, account_id: str) -> AccountRow:
+        raw = self.txn.get(account_id.encode(), db=self.dbs.accounts)
+        if raw is None:
+            raise Rejected(ResultCode.account_not_found, {"account_id": account_id})
+        return unpack_account(account_id, raw)
+
+    # ---- moves --------------------------------------------------------------------------------
+
+    def _move(self, moves: list[Move], txid: str, ts: int, new_entries: bool) -> list[TxEntry]:
+        """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits."""
+        rows: dict[str, AccountRow] = {}
+        staged: list[tuple[int, int, EntryRow]] = []
+        out: list[TxEntry] = []
+        for m in moves:
+            row = rows.get(m.account_id)
+            if row is None:
+                row = rows[m.account_id] = self._load_row(m.account_id)
+                if new_entries and row.flags & AccountFlag.closed:
+                    raise Rejected(ResultCode.account_closed, {"account_id": row.id})
+            if row.currency != m.currency:
+                raise Rejected(ResultCode.currency_mismatch,
+                               {"account_id": row.id, "currency": row.currency})
+            _apply_totals(row, m)
+            entry = self._chain_entry(row, m, txid, ts)
+            staged.append((row.num, row.seq, entry))
+            out.append(TxEntry(row.id, m.direction, m.amount, m.currency, row.seq, entry.hash))
+        for row in rows.values():
+            problem = _limits_problem(row)
+            if problem and (new_entries or problem[0] is ResultCode.overflow):
+                raise Rejected(*problem)
+        self._write_moves(rows, staged)
+        return out
+
+    def _chain_entry(self, row: AccountRow, m: Move, txid: str, ts: int) -> EntryRow:
+        row.seq += 1
+        status = ENTRY_STATUS_BYTE[m.status]
+        balance = row.balance
+        data = hashing.entry_bytes(row.id, row.seq, txid, DIRECTION_BYTE[m.direction], m.amount,
+                                   m.currency, status, balance, ts, m.released)
+        row.head = hashing.chain(row.head, data)
+        totals = None
+        if row.flags & AccountFlag.history:
+            totals = (row.debits_posted, row.credits_posted, row.debits_pending,
+                      row.credits_pending)
+        return EntryRow(ts, m.amount, m.released, m.direction, m.status, balance, row.head, txid,
+                        totals)
+
+    def _write_moves(self, rows: dict[str, AccountRow],
+                     staged: list[tuple[int, int, EntryRow]]) -> None:
+        put, entries_db = self.txn.put, self.dbs.entries
+        for num, seq, entry in staged:
+            put(entry_key(num, seq), pack_entry(entry), db=entries_db)
+        accounts_db = self.dbs.accounts
+        for row in rows.values():
+            put(row.id.encode(), row.pack(), db=accounts_db)
+
+    # ---- transactions -------------------------------------------------------------------------
+
+    def _create_transaction(self, cmd: CreateTransaction, ts: int) -> Result:
+        problem = transaction_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        digest = payload_hash(cmd)
+        replay = self._replay(cmd.id, digest)
+        if replay is not None:
+            return replay
+        status = STATUS_PENDING if cmd.pending else STATUS_POSTED
+        moves = [Move(e.account_id, e.direction, e.amount, e.currency, status) for e in cmd.entries]
+        try:
+            _check_balanced(moves)
+            entries = self._move(moves, cmd.id, ts, new_entries=True)
+        except Rejected as exc:
+            return self._reject(cmd.id, digest, exc, ts)
+        tx = Transaction(cmd.id, status, tuple(entries), cmd.code, cmd.metadata, ts, cmd.pending,
+                         cmd.timeout_seconds)
+        if tx.expires_at is not None:
+            self.txn.put(expiry_key(tx.expires_at, tx.id), b"", db=self.dbs.expiries)
+        self._record(tx, digest, "transaction.pending" if cmd.pending else "transaction.posted")
+        return Result(ResultCode.ok, tx.id, record=tx)
+
+    def _follow_up(self, cmd: PostPending | VoidPending | ReverseTransaction, ts: int) -> Result:
+        problem = follow_up_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        digest = payload_hash(cmd)
+        replay = self._replay(cmd.id, digest)
+        if replay is not None:
+            return replay
+        try:
+            tx = self._reverse(cmd, ts) if isinstance(cmd, ReverseTransaction) else self._resolve(cmd, ts)
+        except Rejected as exc:
+            return self._reject(cmd.id, digest, exc, ts)
+        event = {STATUS_VOIDED: "transaction.voided"}.get(tx.status, "transaction.posted")
+        self._record(tx, digest, "transaction.reversed" if tx.reverses else event)
+        return Result(ResultCode.ok, tx.id, record=tx)
+
+    def _resolve(self, cmd: PostPending | VoidPending, ts: int) -> Transaction:
+        """Post (fully or partly) or void a hold: new entries release it; the hold is marked."""
+        hold = self._pending_hold(cmd.pending_id)
+        post = isinstance(cmd, PostPending)
+        amount = cmd.amount if isinstance(cmd, PostPending) else None
+        if amount is not None:
+            amounts = {e.amount for e in hold.entries}
+            if len(amounts) != 1:
+                raise Rejected(ResultCode.partial_amount_not_allowed)
+            if amount > amounts.pop():
+                raise Rejected(ResultCode.amount_exceeds_pending)
+        if post:
+            moves = [Move(e.account_id, e.direction, amount or e.amount, e.currency,
+                          STATUS_POSTED, released=e.amount) for e in hold.entries]
+        else:
+            moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_VOIDED)
+                     for e in hold.entries]
+        entries = self._move(moves, cmd.id, ts, new_entries=post)
+        status = STATUS_POSTED if post else STATUS_VOIDED
+        self._update(replace(hold, status=status, resolved_by=cmd.id))
+        self._drop_expiry(hold)
+        return Transaction(cmd.id, status, tuple(entries), hold.code, hold.metadata, ts,
+                           pending_id=hold.id)
+
+    def _pending_hold(self, pending_id: str) -> Transaction:
+        hold = self._load_tx(pending_id)
+        if hold is None:
+            raise Rejected(ResultCode.pending_not_found, {"pending_id": pending_id})
+        if not hold.pending:
+            raise Rejected(ResultCode.transaction_not_pending, {"pending_id": pending_id})
+        code = {STATUS_POSTED: ResultCode.pending_already_posted,
+                STATUS_VOIDED: ResultCode.pending_already_voided,
+                STATUS_EXPIRED: ResultCode.pending_expired}.get(hold.status)
+        if code is not None:
+            raise Rejected(code, {"pending_id": pending_id, "resolved_by": hold.resolved_by})
+        return hold
+
+    def _reverse(self, cmd: ReverseTransaction, ts: int) -> Transaction:
+        orig = self._load_tx(cmd.transaction_id)
+        if orig is None:
+            raise Rejected(ResultCode.transaction_not_found, {"transaction_id": cmd.transaction_id})
+        if orig.pending or orig.status != STATUS_POSTED:
+            raise Rejected(ResultCode.transaction_not_posted,
+                           {"transaction_id": orig.id, "status": orig.status})
+        if orig.reversed_by is not None:
+            raise Rejected(ResultCode.already_reversed, {"reversed_by": orig.reversed_by})
+        flip = {Direction.debit: Direction.credit, Direction.credit: Direction.debit}
+        moves = [Move(e.account_id, flip[e.direction], e.amount, e.currency, STATUS_POSTED)
+                 for e in orig.entries]
+        entries = self._move(moves, cmd.id, ts, new_entries=True)
+        self._update(replace(orig, reversed_by=cmd.id))
+        return Transaction(cmd.id, STATUS_POSTED, tuple(entries), orig.code, orig.metadata, ts,
+                           reverses=orig.id)
+
+    # ---- expiry -------------------------------------------------------------------------------
+
+    def _expire_due(self, ts: int) -> None:
+        """Release every hold whose deadline is at or before ``ts``, in deadline order."""
+        cursor = self.txn.cursor(db=self.dbs.expiries)
+        while cursor.first():
+            key = cursor.key()
+            if U64.unpack_from(key)[0] > ts:
+                return
+            cursor.delete()
+            hold = self._load_tx(bytes(key[8:]).decode())
+            ensure(hold is not None and hold.status == STATUS_PENDING, "expiry of a non-hold")
+            assert hold is not None
+            moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
+                     for e in hold.entries]
+            self._move(moves, hold.id, ts, new_entries=False)
+            expired = replace(hold, status=STATUS_EXPIRED)
+            self._update(expired)
+            self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired))
+
+    def _drop_expiry(self, hold: Transaction) -> None:
+        if hold.expires_at is not None:
+            self.txn.delete(expiry_key(hold.expires_at, hold.id), db=self.dbs.expiries)
+
+    # ---- storage helpers ----------------------------------------------------------------------
+
+    def _load_tx(self, txid: str) -> Transaction | None:
+        raw = self.txn.get(txid.encode(), db=self.dbs.transactions)
+        return None if raw is None else unpack_transaction(raw)
+
+    def _update(self, tx: Transaction) -> None:
+        self.txn.put(tx.id.encode(), pack_transaction(tx), db=self.dbs.transactions)
+
+    def _record(self, tx: Transaction, digest: bytes, event: str) -> None:
+        packed = pack_transaction(tx)
+        key = tx.id.encode()
+        self.txn.put(key, packed, db=self.dbs.transactions)
+        self.txn.put(key, msgpack.packb([digest, 0, tx.timestamp, {}]), db=self.dbs.idempotency)
+        self._emit(event, tx.timestamp, EVENT_TRANSACTION, packed)
+
+    def _reject(self, txid: str, digest: bytes, exc: Rejected, ts: int) -> Result:
+        """Store the rejection so that a retry of the same payload gets it again, forever."""
+        record = msgpack.packb([digest, int(exc.code), ts, exc.details])
+        self.txn.put(txid.encode(), record, db=self.dbs.idempotency)
+        return Result(exc.code, txid, details=exc.details)
+
+    def _replay(self, txid: str, digest: bytes) -> Result | None:
+        raw = self.txn.get(txid.encode(), db=self.dbs.idempotency)
+        if raw is None:
+            return None
+        stored, code, _ts, details = msgpack.unpackb(raw)
+        if stored != digest:
+            return Result(ResultCode.idempotency_key_reused, txid)
+        if code:
+            return Result(ResultCode(code), txid, replayed=True, details=details)
+        tx = self._load_tx(txid)
+        ensure(tx is not None, f"idempotency record without transaction {txid}")
+        assert tx is not None
+        as_created = replace(tx, status=tx.initial_status, reversed_by=None, resolved_by=None)
+        return Result(ResultCode.ok, txid, record=as_created, replayed=True)
+
+    def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:
+        offset = self.state.next_offset
+        self.state.next_offset += 1
+        self.txn.put(U64.pack(offset), msgpack.packb([event_type, ts, kind, record]),
+                     db=self.dbs.outbox, append=True)

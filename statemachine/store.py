@@ -1,0 +1,296 @@
+"""One shard replica's ledger on disk: an LMDB file, the apply entry point, and read queries.
+
+``apply_entry`` applies one Raft log entry in one LMDB write transaction that also records the entry's
+index, so an entry at or below the stored index is skipped: apply is exactly-once across restarts and
+journal replays. Readers use read-only LMDB transactions and never block the writer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import lmdb
+import msgpack
+
+from . import hashing
+from .codec import CodecError, decode_requests
+from .codes import ResultCode
+from .layout import (
+    DB_NAMES,
+    STATE_KEY,
+    U64,
+    Raw,
+    ShardState,
+    entry_hash_of,
+    entry_key,
+    entry_timestamp_of,
+    unpack_account,
+    unpack_entry,
+    unpack_transaction,
+)
+from .ledger import EVENT_ACCOUNT, Applier, Dbs, InvariantViolation
+from .records import (
+    Account,
+    Balance,
+    Entry,
+    Event,
+    Outcome,
+    Rejection,
+    Result,
+    Transaction,
+)
+
+map_size_bytes_default = 64 * 2**30
+readers_max = 1024
+statement_page_limit_default = 100
+statement_page_limit_max = 1000
+events_page_limit_max = 10_000
+
+
+class QueryError(Exception):
+    """A read that cannot be answered as asked; ``code`` is stable (e.g. ``account_not_found``)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _codes(outcomes: list[Outcome]) -> bytes:
+    flat: list[int] = []
+    for o in outcomes:
+        flat.extend(int(r.code) for r in (o if isinstance(o, list) else [o]))
+    return bytes(c & 0xFF for c in flat)
+
+
+class LedgerStore:
+    def __init__(self, path: str, shard: int = 0, *, sync: bool = True,
+                 map_size: int = map_size_bytes_default) -> None:
+        self.path = path
+        self.shard = shard
+        self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=len(DB_NAMES),
+                             sync=sync, metasync=sync, max_readers=readers_max, readahead=False)
+        with self.env.begin(write=True) as txn:
+            self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
+        self._state = self._read_state()
+
+    def _read_state(self) -> ShardState:
+        with self.env.begin() as txn:
+            return ShardState.unpack(txn.get(STATE_KEY, db=self.dbs.meta))
+
+    def applied_index(self) -> int:
+        return self._state.applied_index
+
+    def last_timestamp(self) -> int:
+        return self._state.last_timestamp
+
+    def fingerprint(self) -> tuple[int, str]:
+        return self._state.applied_index, self._state.chain.hex()
+
+    def apply_entry(self, index: int, payload: bytes) -> list[Outcome] | None:
+        """Apply one Raft entry; None (and nothing changes) if ``index`` was applied already."""
+        if index <= self._state.applied_index:
+            return None
+        try:
+            requests = decode_requests(payload)
+        except CodecError:
+            requests = []
+        state = self._state.copy()
+        with self.env.begin(write=True) as txn:
+            applier = Applier(self.env, txn, self.dbs, state)
+            outcomes = [applier.apply_request(ts, cmd) for ts, cmd in requests]
+            state = applier.state
+            state.applied_index = index
+            state.chain = hashing.shard_chain(state.chain, index, payload, _codes(outcomes))
+            txn.put(STATE_KEY, state.pack(), db=self.dbs.meta)
+        self._state = state
+        return outcomes
+
+    def copy_to_fd(self, fd: int) -> int:
+        """A consistent, compacted copy of the whole store; returns the applied index inside it.
+
+        Safe from any thread: the copy and the index come from one read transaction.
+        """
+        with self.env.begin() as txn:
+            index = ShardState.unpack(txn.get(STATE_KEY, db=self.dbs.meta)).applied_index
+            self.env.copyfd(fd, compact=True, txn=txn)
+        return index
+
+    def close(self) -> None:
+        self.env.close()
+
+    @contextmanager
+    def reader(self) -> Iterator[Reader]:
+        with self.env.begin(buffers=False) as txn:
+            yield Reader(txn, self.dbs, self.shard)
+
+
+def applied_index_of(path: str) -> int:
+    """The applied index stored in an LMDB file (a snapshot), without keeping it open."""
+    env = lmdb.open(path, subdir=False, readonly=True, lock=False, max_dbs=len(DB_NAMES))
+    try:
+        with env.begin() as txn:
+            meta = env.open_db(b"meta", txn=txn, create=False)
+            return ShardState.unpack(txn.get(STATE_KEY, db=meta)).applied_index
+    finally:
+        env.close()
+
+
+class _SeqTimes:
+    """Lazy sequence of entry timestamps by seq, for bisecting statements by time."""
+
+    def __init__(self, txn: lmdb.Transaction, db: Any, num: int, count: int) -> None:
+        self.txn, self.db, self.num, self.count = txn, db, num, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i: int) -> int:
+        value = self.txn.get(entry_key(self.num, i + 1), db=self.db)
+        if value is None:
+            raise InvariantViolation(f"gap in entries of account #{self.num} at {i + 1}")
+        return entry_timestamp_of(value)
+
+
+class Reader:
+    """Queries over one consistent read-only view of the store."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: Dbs, shard: int) -> None:
+        self.txn = txn
+        self.dbs = dbs
+        self.shard = shard
+
+    def _get(self, key: bytes, db: Any) -> Raw:
+        value = self.txn.get(key, db=db)
+        if value is None:
+            raise InvariantViolation(f"missing record {key!r}")
+        return value
+
+    def state(self) -> ShardState:
+        return ShardState.unpack(self.txn.get(STATE_KEY, db=self.dbs.meta))
+
+    def account(self, account_id: str) -> Account | None:
+        raw = self.txn.get(account_id.encode(), db=self.dbs.accounts)
+        if raw is None:
+            return None
+        return unpack_account(account_id, raw).to_account()
+
+    def _need_account(self, account_id: str) -> Account:
+        account = self.account(account_id)
+        if account is None:
+            raise QueryError("account_not_found", f"no account {account_id!r}")
+        return account
+
+    def balance(self, account_id: str, at_seq: int | None = None,
+                at_ns: int | None = None) -> Balance:
+        """Current balance, or the balance right after entry ``at_seq`` / at time ``at_ns``."""
+        acct = self._need_account(account_id)
+        if at_seq is None and at_ns is None:
+            return Balance(acct.id, acct.currency, acct.normal, acct.debits_posted,
+                           acct.credits_posted, acct.debits_pending, acct.credits_pending,
+                           acct.seq, acct.timestamp)
+        if not acct.flags & 8:  # AccountFlag.history
+            raise QueryError("history_not_enabled",
+                             "point-in-time balances need the account flag 'history'")
+        seq = self._seq_at(acct, at_ns) if at_seq is None else min(max(at_seq, 0), acct.seq)
+        if seq == 0:
+            return Balance(acct.id, acct.currency, acct.normal, 0, 0, 0, 0, 0, acct.timestamp)
+        row = unpack_entry(self._get(entry_key(acct.num, seq), self.dbs.entries))
+        assert row.totals is not None
+        return Balance(acct.id, acct.currency, acct.normal, *row.totals, seq, row.timestamp)
+
+    def _seq_at(self, acct: Account, at_ns: int | None) -> int:
+        """The last seq whose timestamp is <= at_ns (0 if none)."""
+        times = _SeqTimes(self.txn, self.dbs.entries, acct.num, acct.seq)
+        return bisect.bisect_right(times, at_ns if at_ns is not None else 2**64)
+
+    def entries(self, account_id: str, *, after_seq: int | None = None,
+                before_seq: int | None = None, limit: int = statement_page_limit_default,
+                order: str = "asc", from_ns: int | None = None,
+                to_ns: int | None = None) -> tuple[list[Entry], int | None]:
+        """A statement page and the cursor for the next one (None on the last page)."""
+        if order not in ("asc", "desc"):
+            raise QueryError("invalid_query", "order is asc or desc")
+        if not 1 <= limit <= statement_page_limit_max:
+            raise QueryError("invalid_query", f"limit is 1..{statement_page_limit_max}")
+        acct = self._need_account(account_id)
+        times = _SeqTimes(self.txn, self.dbs.entries, acct.num, acct.seq)
+        low = max(after_seq or 0, 0) + 1
+        high = min(acct.seq, before_seq - 1 if before_seq is not None else acct.seq)
+        if from_ns is not None:
+            low = max(low, bisect.bisect_left(times, from_ns) + 1)
+        if to_ns is not None:
+            high = min(high, bisect.bisect_right(times, to_ns))
+        if low > high:
+            return [], None
+        if order == "asc":
+            seqs = range(low, min(high, low + limit - 1) + 1)
+            more = seqs[-1] < high
+        else:
+            seqs = range(high, max(low, high - limit + 1) - 1, -1)
+            more = seqs[-1] > low
+        page = [self._entry(acct, s) for s in seqs]
+        return page, (seqs[-1] if more else None)
+
+    def _entry(self, acct: Account, seq: int) -> Entry:
+        db = self.dbs.entries
+        row = unpack_entry(self._get(entry_key(acct.num, seq), db))
+        prev = hashing.genesis(acct.id) if seq == 1 else entry_hash_of(
+            self._get(entry_key(acct.num, seq - 1), db))
+        return Entry(acct.id, seq, row.transaction_id, row.direction, row.amount, acct.currency,
+                     row.status, row.balance_after, row.timestamp, row.released, row.hash, prev,
+                     row.totals)
+
+    def transaction(self, txid: str) -> Transaction | Rejection | None:
+        raw = self.txn.get(txid.encode(), db=self.dbs.transactions)
+        if raw is not None:
+            return unpack_transaction(raw)
+        idem = self.txn.get(txid.encode(), db=self.dbs.idempotency)
+        if idem is None:
+            return None
+        _digest, code, ts, details = msgpack.unpackb(idem)
+        return Rejection(txid, ResultCode(code), ts, details)
+
+    def events(self, after: int = 0, limit: int = 100) -> list[Event]:
+        """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""
+        limit = max(1, min(limit, events_page_limit_max))
+        out: list[Event] = []
+        cursor = self.txn.cursor(db=self.dbs.outbox)
+        if not cursor.set_range(U64.pack(max(after, 0) + 1)):
+            return out
+        for key, value in cursor:
+            out.append(self._event(U64.unpack(key)[0], value))
+            if len(out) >= limit:
+                break
+        return out
+
+    def _event(self, offset: int, value: Raw) -> Event:
+        event_type, ts, kind, record = msgpack.unpackb(value)
+        if kind == EVENT_ACCOUNT:
+            account_id, packed = msgpack.unpackb(record)
+            acct = unpack_account(account_id, packed).to_account()
+            return Event(offset, event_type, ts, acct.to_json(self.shard))
+        return Event(offset, event_type, ts, unpack_transaction(record).to_json(self.shard))
+
+    def account_ids(self) -> Iterator[str]:
+        cursor = self.txn.cursor(db=self.dbs.accounts)
+        for key in cursor.iternext(keys=True, values=False):
+            yield bytes(key).decode()
+
+    def payload_digest(self) -> str:
+        """SHA-256 over every key and value of every sub-database: byte-identity of replicas."""
+        h = hashlib.sha256()
+        for db in self.dbs:
+            for key, value in self.txn.cursor(db=db):
+                h.update(len(key).to_bytes(4, "big") + bytes(key))
+                h.update(len(value).to_bytes(4, "big") + bytes(value))
+        return h.hexdigest()
+
+
+def result_of(outcome: Outcome) -> Result:
+    """The single Result of a non-batch outcome."""
+    assert not isinstance(outcome, list)
+    return outcome

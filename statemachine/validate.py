@@ -1,0 +1,129 @@
+"""Shape checks that need no stored state: ids, currencies, amounts, limits, metadata.
+
+Each check returns None when the command is well formed, or the rejection code and details. The HTTP
+layer runs the same checks at the edge; the state machine runs them again because the log, not the edge,
+is the authority.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import msgpack
+
+from .codes import ResultCode
+from .commands import (
+    AccountFlag,
+    CreateAccount,
+    CreateTransaction,
+    PostPending,
+    ReverseTransaction,
+    VoidPending,
+    amount_max,
+    entries_per_transaction_max,
+    entries_per_transaction_min,
+    timeout_seconds_max,
+)
+
+ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
+TAG_RE = re.compile(r"[^{}]*(\{[^{}]+\}[^{}]*)?")
+CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
+CODE_RE = re.compile(r"[A-Za-z0-9._:\-]{0,64}")
+metadata_bytes_max = 4096
+metadata_depth_max = 8
+FLAGS_ALL = int(AccountFlag.debits_must_not_exceed_credits | AccountFlag.credits_must_not_exceed_debits
+                | AccountFlag.closed | AccountFlag.history)
+LIMITS_BOTH = int(AccountFlag.debits_must_not_exceed_credits | AccountFlag.credits_must_not_exceed_debits)
+
+Problem = tuple[ResultCode, dict[str, Any]]
+
+
+def valid_id(value: str) -> bool:
+    return ID_RE.fullmatch(value) is not None
+
+
+def valid_account_id(value: str) -> bool:
+    """An account id may hold one non-empty hash tag ``{tag}``; routing hashes the tag alone."""
+    return valid_id(value) and TAG_RE.fullmatch(value) is not None
+
+
+def valid_amount(value: object) -> bool:
+    return type(value) is int and 0 < value <= amount_max
+
+
+def _metadata_ok(value: Any, depth: int) -> bool:
+    if depth > metadata_depth_max:
+        return False
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _metadata_ok(v, depth + 1) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_metadata_ok(v, depth + 1) for v in value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return -(2**63) <= value < 2**64
+    return value is None or isinstance(value, str | bool)
+
+
+def metadata_problem(metadata: Any) -> Problem | None:
+    """Metadata is a JSON object without floats, at most 8 levels deep and 4 KiB encoded."""
+    if not isinstance(metadata, dict) or not _metadata_ok(metadata, 1):
+        return ResultCode.invalid_metadata, {}
+    if len(msgpack.packb(metadata)) > metadata_bytes_max:
+        return ResultCode.invalid_metadata, {"bytes_max": metadata_bytes_max}
+    return None
+
+
+def _id_problem(value: str, field: str) -> Problem | None:
+    if not valid_id(value):
+        return ResultCode.invalid_id, {"field": field}
+    return None
+
+
+def account_problem(cmd: CreateAccount) -> Problem | None:
+    if not valid_account_id(cmd.id):
+        return ResultCode.invalid_id, {"field": "id"}
+    if CURRENCY_RE.fullmatch(cmd.currency) is None:
+        return ResultCode.invalid_currency, {"field": "currency"}
+    if cmd.flags & ~FLAGS_ALL or cmd.flags < 0:
+        return ResultCode.invalid_command, {"field": "flags"}
+    if cmd.flags & LIMITS_BOTH == LIMITS_BOTH:
+        return ResultCode.flags_conflict, {}
+    return metadata_problem(cmd.metadata)
+
+
+def _entries_problem(cmd: CreateTransaction) -> Problem | None:
+    count = len(cmd.entries)
+    if count < entries_per_transaction_min:
+        return ResultCode.too_few_entries, {"count": count}
+    if count > entries_per_transaction_max:
+        return ResultCode.too_many_entries, {"count": count}
+    for i, e in enumerate(cmd.entries):
+        if not valid_account_id(e.account_id):
+            return ResultCode.invalid_id, {"field": f"entries[{i}].account_id"}
+        if not valid_amount(e.amount):
+            return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
+        if CURRENCY_RE.fullmatch(e.currency) is None:
+            return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
+    return None
+
+
+def transaction_problem(cmd: CreateTransaction) -> Problem | None:
+    problem = _id_problem(cmd.id, "id") or _entries_problem(cmd)
+    if problem:
+        return problem
+    timeout = cmd.timeout_seconds
+    if timeout < 0 or timeout > timeout_seconds_max or (timeout and not cmd.pending):
+        return ResultCode.invalid_timeout, {"field": "timeout_seconds"}
+    if CODE_RE.fullmatch(cmd.code) is None:
+        return ResultCode.invalid_command, {"field": "code"}
+    return metadata_problem(cmd.metadata)
+
+
+def follow_up_problem(cmd: PostPending | VoidPending | ReverseTransaction) -> Problem | None:
+    target = cmd.transaction_id if isinstance(cmd, ReverseTransaction) else cmd.pending_id
+    problem = _id_problem(cmd.id, "id") or _id_problem(target, "target")
+    if problem:
+        return problem
+    if isinstance(cmd, PostPending) and cmd.amount is not None and not valid_amount(cmd.amount):
+        return ResultCode.invalid_amount, {"field": "amount"}
+    return None
