@@ -1,0 +1,141 @@
+"""A PySyncObj journal that is durable before anything depending on it leaves the process.
+
+PySyncObj's ``FileJournal`` appends through an mmap and only flushes when destroyed; its ``.meta`` file
+(term, vote, commit index) is written and renamed without fsync. Raft needs a follower's entries on stable
+storage before it answers ``append_entries``, the leader's own entries before it counts itself towards a
+majority, and term/vote before any vote is sent. ``DurableJournal`` marks itself dirty on every append and
+is flushed once per appended batch by ``flush_if_dirty`` — the replica calls it before every network send
+and before each tick's commit computation, so one msync covers every entry appended since the last one.
+
+PySyncObj builds its journal through the module-level ``createJournal`` in ``pysyncobj.syncobj``;
+``register`` records the options for a journal path and ``install`` points that name at ``create_journal``.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import pysyncobj.syncobj as _syncobj
+from pysyncobj.journal import FileJournal, MetaStorer
+from pysyncobj.journal import createJournal as _original_create_journal
+from pysyncobj.pickle import dumps
+
+DURABILITY_FSYNC = "fsync"
+DURABILITY_NONE = "none"
+DURABILITY_MODES = (DURABILITY_FSYNC, DURABILITY_NONE)
+
+FlushObserver = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class JournalOptions:
+    durability: str = DURABILITY_FSYNC
+    on_flush: FlushObserver | None = None  # called with the last flushed log index (tests record order)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a file creation in ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_file_durably(path: str, data: bytes) -> None:
+    """Write, fsync, rename over ``path``, fsync the directory: the file is old or new, never torn."""
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
+
+
+class DurableMetaStorer(MetaStorer):
+    """Term, vote and commit index written with write + fsync + rename + fsync(dir)."""
+
+    def storeMeta(self, meta: dict) -> None:  # noqa: N802 (PySyncObj's name)
+        write_file_durably(self.getPath(), dumps(meta))
+
+
+class DurableJournal(FileJournal):
+    """``FileJournal`` whose appends are flushed in groups and whose meta is fsynced."""
+
+    def __init__(self, journal_file: str, options: JournalOptions) -> None:
+        existed = os.path.exists(journal_file)
+        super().__init__(journal_file)
+        self._options = options
+        self._sync = options.durability == DURABILITY_FSYNC
+        self._dirty = False
+        self._last_index = self[-1][1] if len(self) else 0
+        self._lock = threading.Lock()
+        self.flush_count = 0
+        if self._sync:
+            # Replace the name-mangled storer FileJournal made: same file, durable writes.
+            self._FileJournal__metaStorer = DurableMetaStorer(journal_file + ".meta")
+            if not existed:
+                self._flush_file()
+                fsync_dir(os.path.dirname(os.path.abspath(journal_file)))
+
+    def add(self, command, idx, term):  # noqa: ANN001 (PySyncObj's signature)
+        super().add(command, idx, term)
+        self._last_index = idx
+        self._dirty = True
+
+    def clear(self):
+        super().clear()
+        self._dirty = True
+
+    def deleteEntriesFrom(self, entryFrom):  # noqa: N802, N803
+        super().deleteEntriesFrom(entryFrom)
+        self._last_index = self[-1][1] if len(self) else 0
+        self._dirty = True
+
+    def flush_if_dirty(self) -> bool:
+        """One msync for everything appended since the last flush; True if it flushed."""
+        if not self._dirty:
+            return False
+        with self._lock:
+            self._dirty = False
+            if self._sync:
+                self._flush_file()
+            self.flush_count += 1
+        if self._options.on_flush is not None:
+            self._options.on_flush(self._last_index)
+        return True
+
+    @property
+    def last_index(self) -> int:
+        return self._last_index
+
+    def _flush_file(self) -> None:
+        self._FileJournal__journalFile.flush()
+
+
+_registry: dict[str, JournalOptions] = {}
+_registry_lock = threading.Lock()
+
+
+def register(journal_file: str, options: JournalOptions) -> None:
+    """Make the next SyncObj built with ``journalFile=journal_file`` use a DurableJournal."""
+    install()
+    with _registry_lock:
+        _registry[os.path.abspath(journal_file)] = options
+
+
+def create_journal(journalFile: str | None = None):  # noqa: ANN201, N803 (PySyncObj's signature)
+    if journalFile is not None:
+        with _registry_lock:
+            options = _registry.get(os.path.abspath(journalFile))
+        if options is not None:
+            return DurableJournal(journalFile, options)
+    return _original_create_journal(journalFile)
+
+
+def install() -> None:
+    _syncobj.createJournal = create_journal

@@ -1,0 +1,441 @@
+"""One replica of one shard: a PySyncObj Raft member over the ledger state machine.
+
+``ShardReplica`` (a ``SyncObj``) owns the tick thread: it appends, replicates and applies Raft entries.
+Each entry is one encoded batch of requests (``codec.encode_requests``) and is applied with one LMDB write
+transaction through ``LedgerStore.apply_entry``. ``ReplicaService`` is the asyncio side and implements
+``raftledger.node.service.ShardService``: a group-commit batcher that turns requests arriving close
+together into one entry, assigns leader timestamps, bounds its queue, and hands PySyncObj callbacks (which
+run on the tick thread) back to the event loop with ``call_soon_threadsafe``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from pysyncobj import SyncObj, SyncObjConf, replicated
+from pysyncobj.config import FAIL_REASON
+from pysyncobj.transport import TCPTransport
+from raftledger.statemachine import codec
+from raftledger.statemachine.commands import AnyCommand, Request
+from raftledger.statemachine.records import Outcome
+from raftledger.statemachine.store import LedgerStore
+
+from . import journal as journal_mod
+from .service import Committed, NotLeader, OutcomeUnknown, Overloaded, Unavailable
+from .snapshot import Snapshotter, StoreSlot
+
+log = logging.getLogger(__name__)
+
+# Group commit on the leader: one Raft entry carries at most this many requests / bytes, and the batcher
+# waits at most linger_ms after the first queued request for more to arrive.
+batch_requests_max = 1000
+batch_bytes_max = 1 << 20
+linger_ms = 2.0
+# Bounds on the asyncio side: queued requests not yet proposed, entries proposed but not yet applied.
+requests_queued_max = 50_000
+entries_inflight_max = 64
+commit_timeout_s = 10.0
+overloaded_retry_after_s = 0.5
+drain_timeout_s = 5.0
+drain_poll_s = 0.01
+# Raft timing (seconds) and PySyncObj queues.
+append_entries_period_s = 0.05
+election_timeout_min_s = 0.4
+election_timeout_max_s = 0.8
+leader_fallback_timeout_s = 1.5
+connection_timeout_s = 2.0
+connection_retry_s = 0.3
+raft_commands_queued_max = 1000
+append_entries_bytes_max = 8 << 20
+snapshot_chunk_bytes = 1 << 20
+log_compaction_entries_min = 5000
+log_compaction_interval_s = 300.0
+
+SendObserver = Callable[[Any, dict], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ReplicaSettings:
+    """Everything one shard replica needs to start; built from the node config (or by tests)."""
+
+    shard: int
+    self_address: str  # "host:port" of this replica's Raft endpoint
+    partner_addresses: tuple[str, ...]
+    directory: str  # holds the LMDB generations, the journal and the dump
+    durability: str = journal_mod.DURABILITY_FSYNC
+    address_to_node: dict[str, str] = field(default_factory=dict)
+    log_compaction_entries_min: int = log_compaction_entries_min
+    log_compaction_interval_s: float = log_compaction_interval_s
+    batch_requests_max: int = batch_requests_max
+    batch_bytes_max: int = batch_bytes_max
+    linger_ms: float = linger_ms
+    on_flush: journal_mod.FlushObserver | None = None  # tests: record flush order
+    on_send: SendObserver | None = None  # tests: record network sends
+
+    @property
+    def sync(self) -> bool:
+        return self.durability == journal_mod.DURABILITY_FSYNC
+
+
+class FlushingTransport(TCPTransport):
+    """TCP transport that flushes the journal before any message leaves and notes leader contact."""
+
+    def __init__(self, syncObj, selfNode, otherNodes):  # noqa: N803 (PySyncObj's signature)
+        self.last_append_entries = 0.0
+        super().__init__(syncObj, selfNode, otherNodes)
+
+    def send(self, node, message):  # noqa: ANN001
+        self._syncObj._before_send(node, message)
+        return super().send(node, message)
+
+    def setOnMessageReceivedCallback(self, callback):  # noqa: N802 (PySyncObj's name)
+        if callback is None:
+            return super().setOnMessageReceivedCallback(None)
+
+        def received(node, message):  # noqa: ANN001
+            if message.get("type") == "append_entries":
+                self.last_append_entries = time.monotonic()
+            callback(node, message)
+
+        return super().setOnMessageReceivedCallback(received)
+
+
+class ShardReplica(SyncObj):
+    """The Raft member. Its replicated method applies one batch payload to the store."""
+
+    def __init__(self, settings: ReplicaSettings, *, retire: Callable[[Any], None] | None = None,
+                 on_applied: Callable[[int], None] | None = None) -> None:
+        self.settings = settings
+        os.makedirs(settings.directory, exist_ok=True)
+        self.slot = StoreSlot(settings.directory, settings.shard, sync=settings.sync, retire=retire)
+        dump_file = os.path.join(settings.directory, "raft.dump")
+        self.snapshotter = Snapshotter(self.slot, dump_file, sync=settings.sync)
+        self._on_applied = on_applied
+        journal_file = os.path.join(settings.directory, "raft.journal")
+        journal_mod.register(journal_file, journal_mod.JournalOptions(settings.durability,
+                                                                      settings.on_flush))
+        super().__init__(settings.self_address, list(settings.partner_addresses),
+                         self._conf(settings, journal_file, dump_file),
+                         transportClass=FlushingTransport)
+
+    def _conf(self, s: ReplicaSettings, journal_file: str, dump_file: str) -> SyncObjConf:
+        return SyncObjConf(
+            journalFile=journal_file, fullDumpFile=dump_file,
+            serializer=self.snapshotter.serialize, deserializer=self.snapshotter.deserialize,
+            serializeChecker=self.snapshotter.check, useFork=False,
+            appendEntriesUseBatch=False, appendEntriesPeriod=append_entries_period_s,
+            raftMinTimeout=election_timeout_min_s, raftMaxTimeout=election_timeout_max_s,
+            leaderFallbackTimeout=leader_fallback_timeout_s, connectionTimeout=connection_timeout_s,
+            connectionRetryTime=connection_retry_s, commandsQueueSize=raft_commands_queued_max,
+            appendEntriesBatchSizeBytes=append_entries_bytes_max,
+            logCompactionBatchSize=snapshot_chunk_bytes,
+            logCompactionMinEntries=s.log_compaction_entries_min,
+            logCompactionMinTime=s.log_compaction_interval_s,
+            sendBufferSize=1 << 20, recvBufferSize=1 << 20,
+        )
+
+    @property
+    def journal(self) -> journal_mod.DurableJournal:
+        return self._SyncObj__raftLog  # type: ignore[attr-defined]
+
+    @property
+    def store(self) -> LedgerStore:
+        return self.slot.current
+
+    @replicated
+    def apply_batch(self, payload: bytes) -> tuple[int, list[Outcome] | None]:
+        """Apply one entry. PySyncObj increments raftLastApplied after this returns, so the entry being
+        applied is raftLastApplied + 1 (it passes no index itself)."""
+        index = self.raftLastApplied + 1
+        outcomes = self.slot.current.apply_entry(index, payload)
+        if self._on_applied is not None:
+            self._on_applied(index)
+        return index, outcomes
+
+    def _before_send(self, node: Any, message: dict) -> None:
+        self.journal.flush_if_dirty()
+        if self.settings.on_send is not None:
+            self.settings.on_send(node, message)
+
+    def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 (PySyncObj's name)
+        # The leader counts itself towards commit at the top of a tick: make its entries durable first.
+        self.journal.flush_if_dirty()
+        super()._onTick(timeToWait)
+
+    # -- read-only views for the service (plain attribute reads, safe from another thread) -----------
+    def leader_address(self) -> str | None:
+        leader = self._getLeader()
+        return None if leader is None else leader.address
+
+    def leader_contact_monotonic(self) -> float:
+        return self._SyncObj__transport.last_append_entries  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Stop the tick thread (flushing the journal), then close the store."""
+        self.destroy_synchronous()
+        self.snapshotter.close()
+        self.slot.close()
+
+
+@dataclass(slots=True)
+class _Queued:
+    command: AnyCommand
+    size: int
+    future: asyncio.Future
+
+
+def fail_reason_error(reason: int, leader: str | None) -> Unavailable:
+    """Map a PySyncObj FAIL_REASON to the service's retryable errors."""
+    if reason in (FAIL_REASON.NOT_LEADER, FAIL_REASON.MISSING_LEADER):
+        return NotLeader(f"not the leader (reason {reason})", leader=leader)
+    if reason == FAIL_REASON.QUEUE_FULL:
+        return Overloaded("raft queue full", retry_after_s=overloaded_retry_after_s)
+    return OutcomeUnknown(f"outcome unknown (reason {reason}); retry with the same id")
+
+
+class ReplicaService:
+    """``ShardService`` for one replica: batcher + read helpers, living on one asyncio loop."""
+
+    def __init__(self, settings: ReplicaSettings, node_id: str,
+                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self.shard = settings.shard
+        self.node_id = node_id
+        self.settings = settings
+        self.loop = loop or asyncio.get_running_loop()
+        self._queue: deque[_Queued] = deque()
+        self._queued_bytes = 0
+        self._wake = asyncio.Event()
+        self._inflight = asyncio.Semaphore(entries_inflight_max)
+        self._waiters: list[tuple[int, int, asyncio.Future]] = []
+        self._waiter_seq = itertools.count()
+        self._want_applied = False
+        self._inflight_count = 0
+        self._last_ts = 0
+        self._ts_term = -1
+        self._accepting = True
+        self.entries_proposed = 0
+        self.replica = ShardReplica(settings, retire=self._retire, on_applied=self._applied_threadsafe)
+        self._task = self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}")
+
+    # -- ShardService -------------------------------------------------------------------------------
+    @property
+    def store(self) -> LedgerStore:
+        return self.replica.store
+
+    def is_leader(self) -> bool:
+        return bool(self.replica._isLeader())
+
+    def leader_node_id(self) -> str | None:
+        address = self.replica.leader_address()
+        if address is None:
+            return None
+        return self.settings.address_to_node.get(address, address)
+
+    def applied_index(self) -> int:
+        return self.replica.store.applied_index()
+
+    def leader_contact_age_ms(self) -> float | None:
+        if self.is_leader():
+            return 0.0
+        last = self.replica.leader_contact_monotonic()
+        return None if not last else (time.monotonic() - last) * 1000.0
+
+    async def submit(self, command: AnyCommand) -> Committed:
+        if not self._accepting:
+            raise Unavailable("node is shutting down")
+        if not self.is_leader():
+            raise NotLeader(f"shard {self.shard}: not the leader", leader=self.leader_node_id())
+        if len(self._queue) >= requests_queued_max:
+            raise Overloaded(f"shard {self.shard}: queue full", retry_after_s=overloaded_retry_after_s)
+        size = len(codec.encode_command(command))
+        future: asyncio.Future = self.loop.create_future()
+        self._queue.append(_Queued(command, size, future))
+        self._queued_bytes += size
+        self._wake.set()
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), commit_timeout_s)
+        except TimeoutError:
+            raise OutcomeUnknown(f"shard {self.shard}: no commit within {commit_timeout_s}s") from None
+
+    async def wait_applied(self, index: int, timeout_s: float) -> bool:
+        if self.applied_index() >= index:
+            return True
+        future: asyncio.Future = self.loop.create_future()
+        heapq.heappush(self._waiters, (index, next(self._waiter_seq), future))
+        self._want_applied = True
+        if self.applied_index() >= index:  # applied between the check and the registration
+            self._release_waiters(self.applied_index())
+        try:
+            await asyncio.wait_for(future, timeout_s)
+            return True
+        except TimeoutError:
+            return self.applied_index() >= index
+
+    async def read_barrier(self, timeout_s: float) -> int:
+        if not self.is_leader():
+            raise NotLeader(f"shard {self.shard}: not the leader", leader=self.leader_node_id())
+        future: asyncio.Future = self.loop.create_future()
+
+        def on_result(result: Any, reason: int) -> None:  # tick thread
+            self.loop.call_soon_threadsafe(self._settle_barrier, future, result, reason)
+
+        self.replica.apply_batch(codec.encode_requests([]), callback=on_result)
+        try:
+            return int(await asyncio.wait_for(future, timeout_s))
+        except TimeoutError:
+            raise Unavailable(f"shard {self.shard}: read barrier timed out") from None
+
+    def _settle_barrier(self, future: asyncio.Future, result: Any, reason: int) -> None:
+        if future.done():
+            return
+        if reason == FAIL_REASON.SUCCESS and result is not None:
+            future.set_result(result[0])
+        else:
+            future.set_exception(fail_reason_error(reason, self.leader_node_id()))
+
+    def status(self) -> dict[str, Any]:
+        r = self.replica
+        commit, applied = r.raftCommitIndex, self.applied_index()
+        return {"shard": self.shard, "node": self.node_id,
+                "role": "leader" if self.is_leader() else "follower",
+                "term": r.raftCurrentTerm, "commit_index": commit, "applied_index": applied,
+                "lag": max(0, commit - applied), "leader": self.leader_node_id(),
+                "journal_entries": len(r.journal), "snapshots_installed": r.snapshotter.installed}
+
+    def fingerprint(self) -> tuple[int, str]:
+        return self.replica.store.fingerprint()
+
+    # -- batcher ------------------------------------------------------------------------------------
+    async def _batcher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._inflight.acquire()
+                self._inflight_count += 1
+                await self._linger()
+                self._propose(self._take_batch())
+
+    async def _linger(self) -> None:
+        """Give a partial batch up to linger_ms to fill; a full one goes at once."""
+        deadline = time.monotonic() + self.settings.linger_ms / 1000.0
+        while len(self._queue) < self.settings.batch_requests_max and \
+                self._queued_bytes < self.settings.batch_bytes_max:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), remaining)
+            except TimeoutError:
+                return
+
+    def _take_batch(self) -> list[_Queued]:
+        batch: list[_Queued] = []
+        size = 0
+        limit_n, limit_b = self.settings.batch_requests_max, self.settings.batch_bytes_max
+        while self._queue and len(batch) < limit_n and (not batch or size + self._queue[0].size <= limit_b):
+            item = self._queue.popleft()
+            self._queued_bytes -= item.size
+            size += item.size
+            if not item.future.done():  # the caller gave up before it was proposed: drop it
+                batch.append(item)
+        return batch
+
+    def _propose(self, batch: list[_Queued]) -> None:
+        if not batch:
+            self._release_inflight()
+            return
+        futures = [item.future for item in batch]
+        if not self.is_leader():
+            self._settle(futures, None, FAIL_REASON.NOT_LEADER)
+            return
+        requests = [Request(self._next_timestamp(), item.command) for item in batch]
+        self.replica.apply_batch(codec.encode_requests(requests), callback=self._callback(futures))
+        self.entries_proposed += 1
+
+    def _next_timestamp(self) -> int:
+        """Monotonic per shard: max(last + 1, wall clock), re-read from the store on a new term."""
+        term = self.replica.raftCurrentTerm
+        if term != self._ts_term:
+            self._ts_term = term
+            self._last_ts = max(self._last_ts, self.store.last_timestamp())
+        self._last_ts = max(self._last_ts + 1, time.time_ns())
+        return self._last_ts
+
+    def _callback(self, futures: list[asyncio.Future]) -> Callable[[Any, int], None]:
+        def on_result(result: Any, reason: int) -> None:  # tick thread
+            self.loop.call_soon_threadsafe(self._settle, futures, result, reason)
+        return on_result
+
+    def _release_inflight(self) -> None:
+        self._inflight_count -= 1
+        self._inflight.release()
+
+    def _settle(self, futures: list[asyncio.Future], result: Any, reason: int) -> None:
+        self._release_inflight()
+        if reason == FAIL_REASON.SUCCESS and result is not None and result[1] is not None:
+            index, outcomes = result
+            if len(outcomes) == len(futures):
+                self._resolve(futures, index, outcomes)
+                return
+            reason = FAIL_REASON.UNKNOWN_OUTCOME
+        if reason == FAIL_REASON.SUCCESS:
+            reason = FAIL_REASON.UNKNOWN_OUTCOME  # applied before (store skipped it): result unknown
+        leader = self.leader_node_id()
+        for future in futures:
+            if not future.done():
+                future.set_exception(fail_reason_error(reason, leader))
+
+    @staticmethod
+    def _resolve(futures: list[asyncio.Future], index: int, outcomes: list[Outcome]) -> None:
+        for future, outcome in zip(futures, outcomes, strict=True):
+            if not future.done():
+                future.set_result(Committed(outcome=outcome, index=index))
+
+    # -- applied-index waiters ------------------------------------------------------------------------
+    def _applied_threadsafe(self, index: int) -> None:  # tick thread
+        if self._want_applied:
+            self.loop.call_soon_threadsafe(self._release_waiters, index)
+
+    def _release_waiters(self, index: int) -> None:
+        while self._waiters and self._waiters[0][0] <= index:
+            _, _, future = heapq.heappop(self._waiters)
+            if not future.done():
+                future.set_result(True)
+        self._want_applied = bool(self._waiters)
+
+    def _retire(self, close: Callable[[], None]) -> None:
+        """Close a replaced store on the loop thread, between callbacks, where no reader holds it."""
+        try:
+            self.loop.call_soon_threadsafe(close)
+        except RuntimeError:  # loop closed
+            close()
+
+    # -- shutdown -------------------------------------------------------------------------------------
+    async def drain(self, timeout_s: float) -> None:
+        """Stop accepting, let queued and in-flight batches finish (bounded)."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout_s
+        while (self._queue or self._inflight_count) and time.monotonic() < deadline:
+            await asyncio.sleep(drain_poll_s)
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Unavailable("node is shutting down"))
+        self._queue.clear()
+        self._wake.set()
+
+    async def close(self) -> None:
+        if self._accepting:
+            await self.drain(drain_timeout_s)
+        self._task.cancel()
+        await asyncio.to_thread(self.replica.close)

@@ -1,0 +1,218 @@
+"""Log compaction for a shard replica: LMDB snapshots in PySyncObj's full-dump file.
+
+PySyncObj's default compaction pickles the whole SyncObj, which cannot hold an LMDB environment. Its
+``serializer``/``deserializer``/``serializeChecker`` hooks let us write our own dump instead:
+
+    MAGIC (8) | store applied index (u64) | meta length (u32) | meta (pickle) | compacted LMDB copy
+
+``meta`` is PySyncObj's own tuple (last applied entry, the one before, cluster). The store's applied index
+may be ahead of the entry in ``meta`` because the copy runs in a background thread while the replica keeps
+applying; that is safe: entries between the two are committed and the store skips them on replay.
+
+A store is swapped by generation (``state.<gen>.mdb`` named by a ``CURRENT`` file) so readers on other
+threads keep a valid environment until the old one is retired.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import struct
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pysyncobj.config import SERIALIZER_STATE
+from raftledger.statemachine.store import LedgerStore
+
+from .journal import fsync_dir, write_file_durably
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"RLSNAP01"
+HEADER = struct.Struct("<8sQI")
+INDEX_OFFSET = 8
+COPY_CHUNK_BYTES = 1 << 20
+
+Retire = Callable[[LedgerStore], None]
+
+
+class SnapshotError(Exception):
+    pass
+
+
+class StoreSlot:
+    """The shard's current LedgerStore, replaceable by a newer generation installed from a snapshot."""
+
+    def __init__(self, directory: str, shard: int, *, sync: bool, retire: Retire | None = None) -> None:
+        os.makedirs(directory, exist_ok=True)
+        self.directory = directory
+        self.shard = shard
+        self.sync = sync
+        self.retire = retire
+        self.generation = self._read_generation()
+        self.current = LedgerStore(self.path(self.generation), shard=shard, sync=sync)
+
+    def path(self, generation: int) -> str:
+        return os.path.join(self.directory, f"state.{generation}.mdb")
+
+    def _read_generation(self) -> int:
+        try:
+            with open(os.path.join(self.directory, "CURRENT")) as f:
+                return int(f.read().strip())
+        except FileNotFoundError:
+            return 0
+
+    def install(self, lmdb_file: str) -> None:
+        """Make ``lmdb_file`` (already fsynced) the next generation and switch to it."""
+        generation = self.generation + 1
+        os.replace(lmdb_file, self.path(generation))
+        fsync_dir(self.directory)
+        write_file_durably(os.path.join(self.directory, "CURRENT"), str(generation).encode())
+        old, old_generation = self.current, self.generation
+        self.current = LedgerStore(self.path(generation), shard=self.shard, sync=self.sync)
+        self.generation = generation
+        self._retire(old, old_generation)
+
+    def _retire(self, old: LedgerStore, generation: int) -> None:
+        def close_and_remove(store: LedgerStore = old) -> None:
+            store.close()
+            for suffix in ("", "-lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self.path(generation) + suffix)
+
+        if self.retire is None:
+            close_and_remove()
+        else:
+            self.retire(close_and_remove)  # type: ignore[arg-type]
+
+    def close(self) -> None:
+        self.current.close()
+
+
+def write_snapshot(path: str, store: LedgerStore, meta: Any, sync: bool) -> int:
+    """Write a complete dump to ``path`` (not atomically: callers write a temp file and rename)."""
+    meta_bytes = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, HEADER.pack(MAGIC, 0, len(meta_bytes)) + meta_bytes)
+        store_index = store.copy_to_fd(fd)
+        os.pwrite(fd, struct.pack("<Q", store_index), INDEX_OFFSET)
+        if sync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return store_index
+
+
+def read_header(path: str) -> tuple[int, Any, int]:
+    """(store applied index, PySyncObj meta, offset of the LMDB bytes)."""
+    with open(path, "rb") as f:
+        magic, store_index, meta_len = HEADER.unpack(f.read(HEADER.size))
+        if magic != MAGIC:
+            raise SnapshotError(f"{path}: not a raftledger snapshot")
+        meta = pickle.loads(f.read(meta_len))
+    return store_index, meta, HEADER.size + meta_len
+
+
+def extract_lmdb(path: str, offset: int, target: str, sync: bool) -> None:
+    """Copy the LMDB part of a dump into ``target``."""
+    with open(path, "rb") as src, open(target, "wb") as dst:
+        src.seek(offset)
+        while chunk := src.read(COPY_CHUNK_BYTES):
+            dst.write(chunk)
+        dst.flush()
+        if sync:
+            os.fsync(dst.fileno())
+
+
+class Snapshotter:
+    """PySyncObj's serializer hooks for one replica; the copy runs on a background thread."""
+
+    def __init__(self, slot: StoreSlot, dump_file: str, *, sync: bool) -> None:
+        self.slot = slot
+        self.dump_file = dump_file
+        self.sync = sync
+        self._lock = threading.Lock()
+        self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._thread: threading.Thread | None = None
+        self._cancelled = False
+        self.last_duration_s = 0.0
+        self.installed = 0  # snapshots installed from a leader (or a newer local dump)
+
+    # -- serializer: called on the tick thread by PySyncObj's Serializer.serialize -------------------
+    def serialize(self, tmp_file: str, data: Any) -> None:
+        """Start the copy in the background.
+
+        PySyncObj renames ``tmp_file`` over the dump right after this returns. Hard-link the existing
+        dump there so that rename keeps the old dump intact; with no dump yet the rename fails, which
+        PySyncObj logs and ignores because ``serializeChecker`` owns the outcome.
+        """
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp_file)
+        if os.path.exists(self.dump_file):
+            os.link(self.dump_file, tmp_file)
+        with self._lock:
+            self._state = SERIALIZER_STATE.SERIALIZING
+            self._cancelled = False
+        store = self.slot.current
+        self._thread = threading.Thread(target=self._write, args=(store, data), daemon=True,
+                                        name=f"snapshot-{self.slot.shard}")
+        self._thread.start()
+
+    def _write(self, store: LedgerStore, meta: Any) -> None:
+        started = time.monotonic()
+        work = self.dump_file + ".bg"
+        try:
+            write_snapshot(work, store, meta, self.sync)
+            with self._lock:
+                if self._cancelled:
+                    os.remove(work)
+                    self._state = SERIALIZER_STATE.FAILED
+                    return
+                os.replace(work, self.dump_file)
+                if self.sync:
+                    fsync_dir(os.path.dirname(os.path.abspath(self.dump_file)))
+                self._state = SERIALIZER_STATE.SUCCESS
+        except Exception:
+            log.exception("shard %d: snapshot failed", self.slot.shard)
+            with self._lock:
+                self._state = SERIALIZER_STATE.FAILED
+        finally:
+            self.last_duration_s = time.monotonic() - started
+
+    def check(self) -> int:
+        """serializeChecker: SUCCESS/FAILED are reported once, then NOT_SERIALIZING."""
+        with self._lock:
+            state = self._state
+            if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
+                self._state = SERIALIZER_STATE.NOT_SERIALIZING
+        return state
+
+    def _cancel_background(self) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        with self._lock:
+            self._cancelled = True
+        thread.join()
+        self._thread = None
+
+    # -- deserializer: restart (our own dump) or install (a leader's dump) ---------------------------
+    def deserialize(self, dump_file: str) -> Any:
+        """Install the dump's LMDB copy unless the local store already applied as far; return meta."""
+        self._cancel_background()
+        store_index, meta, offset = read_header(dump_file)
+        if self.slot.current.applied_index() < store_index:
+            target = os.path.join(self.slot.directory, "incoming.mdb")
+            extract_lmdb(dump_file, offset, target, self.sync)
+            self.slot.install(target)
+            self.installed += 1
+            log.info("shard %d: installed snapshot at store index %d", self.slot.shard, store_index)
+        return meta
+
+    def close(self) -> None:
+        self._cancel_background()

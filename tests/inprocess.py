@@ -1,0 +1,90 @@
+"""An in-process Raft group for tests: N ReplicaServices of one shard on one event loop, free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from raftledger.node.replica import ReplicaService, ReplicaSettings
+from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+
+leader_wait_s = 15.0
+poll_s = 0.01
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def account(account_id: str, currency: str = "BRL") -> CreateAccount:
+    return CreateAccount(id=account_id, currency=currency)
+
+
+def transfer(tx_id: str, debit: str, credit: str, amount: int, currency: str = "BRL") -> CreateTransaction:
+    return CreateTransaction(id=tx_id, entries=(
+        EntrySpec(debit, Direction.debit, amount, currency),
+        EntrySpec(credit, Direction.credit, amount, currency)))
+
+
+async def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        await asyncio.sleep(poll_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+class Group:
+    def __init__(self, root: str, size: int = 3, shard: int = 0, **overrides: Any) -> None:
+        self.root = root
+        self.shard = shard
+        self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(size)]
+        self.overrides = overrides
+        self.services: dict[int, ReplicaService] = {}
+
+    def settings(self, i: int) -> ReplicaSettings:
+        extra = {k: (v(i) if callable(v) and k.startswith("on_") else v) for k, v in self.overrides.items()}
+        return ReplicaSettings(
+            shard=self.shard, self_address=self.addresses[i],
+            partner_addresses=tuple(a for j, a in enumerate(self.addresses) if j != i),
+            directory=os.path.join(self.root, f"r{i}"),
+            address_to_node={a: f"n{j}" for j, a in enumerate(self.addresses)}, **extra)
+
+    def start(self, i: int) -> ReplicaService:
+        self.services[i] = ReplicaService(self.settings(i), f"n{i}")
+        return self.services[i]
+
+    def start_all(self) -> None:
+        for i in range(len(self.addresses)):
+            self.start(i)
+
+    async def stop(self, i: int) -> None:
+        await self.services.pop(i).close()
+
+    async def stop_all(self) -> None:
+        for i in list(self.services):
+            await self.stop(i)
+
+    async def leader(self) -> ReplicaService:
+        def find() -> ReplicaService | None:
+            leaders = [s for s in self.services.values() if s.is_leader()]
+            return leaders[0] if len(leaders) == 1 else None
+        return await poll(find, leader_wait_s, "a single leader")
+
+    async def converged(self, timeout_s: float = 15.0) -> tuple[int, str]:
+        def same() -> tuple[int, str] | None:
+            prints = {s.fingerprint() for s in self.services.values()}
+            indexes = {s.replica.raftCommitIndex for s in self.services.values()}
+            if len(prints) == 1 and len(indexes) == 1:
+                fp = prints.pop()
+                return fp if fp[0] >= indexes.pop() else None
+            return None
+        return await poll(same, timeout_s, "equal fingerprints on every replica")

@@ -1,0 +1,79 @@
+"""Replication of one shard by three in-process PySyncObj members (real TCP on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from pysyncobj import pickle as raft_pickle
+
+from raftledger.statemachine import codec
+from raftledger.statemachine.codes import ResultCode
+
+from inprocess import Group, account, poll, transfer
+
+
+@pytest.fixture
+async def group(tmp_path):
+    g = Group(str(tmp_path))
+    g.start_all()
+    try:
+        yield g
+    finally:
+        await g.stop_all()
+
+
+async def test_followers_apply_the_same_state_as_the_leader(group):
+    leader = await group.leader()
+    for acct in ("a", "b"):
+        assert (await leader.submit(account(acct))).outcome.ok
+    results = await asyncio.gather(*(leader.submit(transfer(f"t{i}", "a", "b", 10)) for i in range(200)))
+    assert all(r.outcome.ok for r in results)
+    index, chain = await group.converged()
+    assert index >= max(r.index for r in results)
+    for service in group.services.values():
+        with service.store.reader() as r:
+            assert r.balance("b").credits_posted == 2000
+
+
+async def test_committed_index_is_the_raft_log_index_of_the_entry(group):
+    leader = await group.leader()
+    committed = await leader.submit(account("idx"))
+    await group.converged()
+    for service in group.services.values():
+        replica = service.replica
+        assert service.store.applied_index() == replica.raftLastApplied
+        entries = [e for e in replica.journal[:] if e[1] == committed.index]
+        assert len(entries) == 1
+        func_id, (payload,) = raft_pickle.loads(entries[0][0][1:])
+        assert [cmd.id for _, cmd in codec.decode_requests(payload)] == ["idx"]
+
+
+async def test_requests_arriving_together_share_one_raft_entry(group):
+    leader = await group.leader()
+    await leader.submit(account("x"))
+    await leader.submit(account("y"))
+    results = await asyncio.gather(*(leader.submit(transfer(f"g{i}", "x", "y", 1)) for i in range(300)))
+    assert len({r.index for r in results}) < 30
+
+
+async def test_submit_on_a_follower_raises_not_leader_naming_the_leader(group):
+    leader = await group.leader()
+    follower = next(s for s in group.services.values() if s is not leader)
+    await poll(lambda: follower.leader_node_id() == leader.node_id, 5, "follower knows leader")
+    from raftledger.node.service import NotLeader
+    with pytest.raises(NotLeader) as err:
+        await follower.submit(account("nope"))
+    assert err.value.leader == leader.node_id
+
+
+async def test_retry_with_the_same_id_is_applied_once(group):
+    leader = await group.leader()
+    await leader.submit(account("p"))
+    await leader.submit(account("q"))
+    first = await leader.submit(transfer("once", "p", "q", 5))
+    again = await leader.submit(transfer("once", "p", "q", 5))
+    assert first.outcome.ok and again.outcome.replayed
+    with leader.store.reader() as r:
+        assert r.balance("q").credits_posted == 5
+    assert again.outcome.code is ResultCode.ok
