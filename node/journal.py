@@ -28,12 +28,14 @@ DURABILITY_NONE = "none"
 DURABILITY_MODES = (DURABILITY_FSYNC, DURABILITY_NONE)
 
 FlushObserver = Callable[[int], None]
+MetaObserver = Callable[[int, object], None]
 
 
 @dataclass(frozen=True, slots=True)
 class JournalOptions:
     durability: str = DURABILITY_FSYNC
     on_flush: FlushObserver | None = None  # called with the last flushed log index (tests record order)
+    on_meta: MetaObserver | None = None  # called with (term, vote) once they are on disk
 
 
 def fsync_dir(path: str) -> None:
@@ -95,6 +97,11 @@ class DurableJournal(FileJournal):
         super().deleteEntriesFrom(entryFrom)
         self._last_index = self[-1][1] if len(self) else 0
         self._dirty = True
+
+    def setCurrentTerm(self, term, votedForNodeId):  # noqa: N802, N803, ANN001 (PySyncObj's name)
+        super().setCurrentTerm(term, votedForNodeId)  # stores the meta synchronously
+        if self._options.on_meta is not None:
+            self._options.on_meta(term, votedForNodeId)
 
     def flush_if_dirty(self) -> bool:
         """One msync for everything appended since the last flush; True if it flushed."""

@@ -79,6 +79,7 @@ class ReplicaSettings:
     batch_bytes_max: int = batch_bytes_max
     linger_ms: float = linger_ms
     on_flush: journal_mod.FlushObserver | None = None  # tests: record flush order
+    on_meta: journal_mod.MetaObserver | None = None  # tests: record term/vote writes
     on_send: SendObserver | None = None  # tests: record network sends
 
     @property
@@ -121,8 +122,8 @@ class ShardReplica(SyncObj):
         self.snapshotter = Snapshotter(self.slot, dump_file, sync=settings.sync)
         self._on_applied = on_applied
         journal_file = os.path.join(settings.directory, "raft.journal")
-        journal_mod.register(journal_file, journal_mod.JournalOptions(settings.durability,
-                                                                      settings.on_flush))
+        journal_mod.register(journal_file, journal_mod.JournalOptions(
+            settings.durability, settings.on_flush, settings.on_meta))
         super().__init__(settings.self_address, list(settings.partner_addresses),
                          self._conf(settings, journal_file, dump_file),
                          transportClass=FlushingTransport)
@@ -305,10 +306,11 @@ class ReplicaService:
     def status(self) -> dict[str, Any]:
         r = self.replica
         commit, applied = r.raftCommitIndex, self.applied_index()
+        raft_applied = max(applied, r.raftLastApplied)  # no-op entries advance Raft, not the store
         return {"shard": self.shard, "node": self.node_id,
                 "role": "leader" if self.is_leader() else "follower",
                 "term": r.raftCurrentTerm, "commit_index": commit, "applied_index": applied,
-                "lag": max(0, commit - applied), "leader": self.leader_node_id(),
+                "lag": max(0, commit - raft_applied), "leader": self.leader_node_id(),
                 "journal_entries": len(r.journal), "snapshots_installed": r.snapshotter.installed}
 
     def fingerprint(self) -> tuple[int, str]:

@@ -82,9 +82,10 @@ class Group:
     async def converged(self, timeout_s: float = 15.0) -> tuple[int, str]:
         def same() -> tuple[int, str] | None:
             prints = {s.fingerprint() for s in self.services.values()}
-            indexes = {s.replica.raftCommitIndex for s in self.services.values()}
+            indexes = {(s.replica.raftCommitIndex, s.replica.raftLastApplied)
+                       for s in self.services.values()}
             if len(prints) == 1 and len(indexes) == 1:
-                fp = prints.pop()
-                return fp if fp[0] >= indexes.pop() else None
+                commit, applied = indexes.pop()
+                return prints.pop() if commit == applied else None
             return None
         return await poll(same, timeout_s, "equal fingerprints on every replica")

@@ -1,0 +1,109 @@
+"""Durability order: nothing leaves a replica before the journal entries and term/vote it depends on."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+
+from inprocess import Group, account, transfer
+
+from raftledger.node.journal import (
+    DURABILITY_FSYNC,
+    DurableJournal,
+    JournalOptions,
+    write_file_durably,
+)
+
+
+class Recorder:
+    """Per-replica event log: ('flush', idx), ('meta', term), ('send', kind, depends_on_idx, term)."""
+
+    def __init__(self) -> None:
+        self.events: dict[int, list[tuple]] = {}
+        self.lock = threading.Lock()
+
+    def _add(self, i: int, event: tuple) -> None:
+        with self.lock:
+            self.events.setdefault(i, []).append(event)
+
+    def on_flush(self, i: int):
+        return lambda idx: self._add(i, ("flush", idx))
+
+    def on_meta(self, i: int):
+        return lambda term, vote: self._add(i, ("meta", term))
+
+    def on_send(self, i: int):
+        def send(node, message):
+            kind = message["type"]
+            depends = 0
+            if kind == "append_entries" and message.get("entries"):
+                depends = message["entries"][-1][1]
+            elif kind == "next_node_idx" and message["success"]:
+                depends = message["next_node_idx"] - 1
+            self._add(i, ("send", kind, depends, message.get("term", 0)))
+        return send
+
+
+def violations(events: list[tuple]) -> list[tuple]:
+    flushed, term_on_disk, bad = 0, 0, []
+    for event in events:
+        if event[0] == "flush":
+            flushed = max(flushed, event[1])
+        elif event[0] == "meta":
+            term_on_disk = max(term_on_disk, event[1])
+        else:
+            _, kind, depends, term = event
+            if depends > flushed:
+                bad.append(("entry not flushed", event, flushed))
+            if kind in ("request_vote", "response_vote") and term > term_on_disk:
+                bad.append(("term not durable", event, term_on_disk))
+    return bad
+
+
+async def test_no_send_depends_on_an_unflushed_entry_or_term(tmp_path):
+    rec = Recorder()
+    group = Group(str(tmp_path), on_flush=rec.on_flush, on_meta=rec.on_meta, on_send=rec.on_send)
+    group.start_all()
+    try:
+        leader = await group.leader()
+        await leader.submit(account("a"))
+        await leader.submit(account("b"))
+        for wave in range(10):
+            await asyncio.gather(*(leader.submit(transfer(f"t{wave}.{i}", "a", "b", 1))
+                                   for i in range(20)))
+        await group.converged()
+    finally:
+        await group.stop_all()
+    sends = [e for evs in rec.events.values() for e in evs if e[0] == "send" and e[2] > 1]
+    assert len(sends) > 20, "the test must observe replication traffic"
+    for i, events in rec.events.items():
+        assert violations(events) == [], f"replica {i}"
+
+
+def test_flushes_are_grouped_per_appended_batch(tmp_path):
+    flushed: list[int] = []
+    journal = DurableJournal(str(tmp_path / "j"), JournalOptions(DURABILITY_FSYNC, flushed.append))
+    for idx in range(1, 101):
+        journal.add(b"\x00cmd", idx, 1)
+    assert journal.flush_if_dirty() and not journal.flush_if_dirty()
+    assert flushed == [100]
+
+
+def test_journal_and_meta_survive_reopen(tmp_path):
+    path = str(tmp_path / "j")
+    journal = DurableJournal(path, JournalOptions())
+    journal.add(b"\x00a", 1, 1)
+    journal.add(b"\x00b", 2, 3)
+    journal.setCurrentTerm(3, "n2")
+    journal.flush_if_dirty()
+    reopened = DurableJournal(path, JournalOptions())
+    assert [e[1] for e in reopened[:]] == [1, 2]
+    assert (reopened.getCurrentTerm(), reopened.getVotedForNodeId()) == (3, "n2")
+
+
+def test_durable_write_leaves_no_temp_file(tmp_path):
+    path = str(tmp_path / "m")
+    write_file_durably(path, b"x")
+    write_file_durably(path, b"y")
+    assert open(path, "rb").read() == b"y" and os.listdir(tmp_path) == ["m"]
