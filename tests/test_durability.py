@@ -7,7 +7,6 @@ import os
 import threading
 
 from inprocess import Group, account, transfer
-
 from raftledger.node.journal import (
     DURABILITY_FSYNC,
     DurableJournal,
@@ -106,4 +105,6 @@ def test_durable_write_leaves_no_temp_file(tmp_path):
     path = str(tmp_path / "m")
     write_file_durably(path, b"x")
     write_file_durably(path, b"y")
-    assert open(path, "rb").read() == b"y" and os.listdir(tmp_path) == ["m"]
+    with open(path, "rb") as f:
+        assert f.read() == b"y"
+    assert os.listdir(tmp_path) == ["m"]

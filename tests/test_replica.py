@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from inprocess import Group, account, poll, transfer
 from pysyncobj import pickle as raft_pickle
-
 from raftledger.statemachine import codec
 from raftledger.statemachine.codes import ResultCode
-
-from inprocess import Group, account, poll, transfer
 
 
 @pytest.fixture

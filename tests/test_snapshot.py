@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 
 from inprocess import Group, account, poll, transfer
-
 from raftledger.node.snapshot import read_header
 from raftledger.statemachine.store import LedgerStore
 
