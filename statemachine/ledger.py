@@ -102,7 +102,7 @@ class Rejected(Exception):
         self.details = details or {}
 
 
-def _apply_totals(row: AccountRow, move: Move) -> None:
+def apply_totals(row: AccountRow, move: Move) -> None:
     debit = move.direction is Direction.debit
     if move.status == STATUS_PENDING:
         if debit:
@@ -250,7 +250,7 @@ class Applier:
             if row.currency != m.currency:
                 raise Rejected(ResultCode.currency_mismatch,
                                {"account_id": row.id, "currency": row.currency})
-            _apply_totals(row, m)
+            apply_totals(row, m)
             entry = self._chain_entry(row, m, txid, ts)
             staged.append((row.num, row.seq, entry))
             out.append(TxEntry(row.id, m.direction, m.amount, m.currency, row.seq, entry.hash))

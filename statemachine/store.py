@@ -17,7 +17,8 @@ import lmdb
 import msgpack
 
 from . import hashing
-from .codec import CodecError, decode_requests
+from .codec import CodecError, Invalid, decode_requests
+from .commands import AnyCommand
 from .codes import ResultCode
 from .layout import (
     DB_NAMES,
@@ -98,6 +99,14 @@ class LedgerStore:
             requests = decode_requests(payload)
         except CodecError:
             requests = []
+        while True:
+            try:
+                return self._apply_requests(index, payload, requests)
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def _apply_requests(self, index: int, payload: bytes,
+                        requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
             applier = Applier(self.env, txn, self.dbs, state)
