@@ -1,0 +1,109 @@
+"""The edge around every handler: request id, bounded in-flight requests, timeout, error rendering,
+metrics and the access log. Whatever a handler raises becomes a JSON error with a stable code."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from ..errors import ApiError, from_unavailable
+from ..logs import new_request_id, request_id_var
+from ..service import Unavailable
+from .context import context_of
+from .render import error_response
+
+log = logging.getLogger("raftledger.http")
+
+REQUEST_ID_HEADER = "X-Request-Id"
+UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
+slow_request_s = 1.0
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class EdgeState:
+    in_flight: int = 0
+
+
+EDGE = web.AppKey("raftledger_edge", EdgeState)
+
+
+def route_name(request: web.Request) -> str:
+    route = request.match_info.route
+    resource = route.resource if route is not None else None
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    if isinstance(exc, web.HTTPRequestEntityTooLarge):
+        return ApiError("body_too_large")
+    if isinstance(exc, web.HTTPMethodNotAllowed):
+        return ApiError("method_not_allowed", details={"allowed": sorted(exc.allowed_methods)})
+    if isinstance(exc, web.HTTPNotFound):
+        return ApiError("not_found", "no such route")
+    return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
+
+
+async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = context_of(request)
+    try:
+        async with asyncio.timeout(ctx.limits.request_timeout_s):
+            return await handler(request)
+    except ApiError as exc:
+        return error_response(request, exc)
+    except Unavailable as exc:
+        return error_response(request, from_unavailable(exc))
+    except web.HTTPException as exc:
+        return error_response(request, _http_error(exc))
+    except TimeoutError:
+        return error_response(request, ApiError("timeout"))
+    except Exception:
+        log.exception("unhandled error", extra={"route": route_name(request)})
+        return error_response(request, ApiError("internal_error"))
+
+
+@web.middleware
+async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
+    ctx = context_of(request)
+    state = request.app[EDGE]
+    request_id = new_request_id(request.headers.get(REQUEST_ID_HEADER))
+    token = request_id_var.set(request_id)
+    started = time.perf_counter()
+    route = route_name(request)
+    bounded = route not in UNBOUNDED_ROUTES
+    try:
+        if bounded and state.in_flight >= ctx.limits.requests_in_flight_max:
+            assert ctx.metrics is not None
+            ctx.metrics.overloaded("http")
+            response = error_response(request, ApiError(
+                "overloaded", retry_after_s=ctx.limits.overloaded_retry_after_s))
+        else:
+            state.in_flight += bounded
+            try:
+                response = await _guarded(request, handler)
+            finally:
+                state.in_flight -= bounded
+        response.headers[REQUEST_ID_HEADER] = request_id
+        _observe(request, route, response.status, time.perf_counter() - started)
+        return response
+    finally:
+        request_id_var.reset(token)
+
+
+def _observe(request: web.Request, route: str, status: int, seconds: float) -> None:
+    ctx = context_of(request)
+    assert ctx.metrics is not None
+    ctx.metrics.observe_request(request.method, route, status, seconds)
+    ctx.metrics.in_flight.set(request.app[EDGE].in_flight)
+    if status >= 500 or seconds >= slow_request_s:
+        log.info("request", extra={"method": request.method, "route": route, "status": status,
+                                   "duration_ms": round(seconds * 1000, 2)})
+    elif log.isEnabledFor(logging.DEBUG):
+        log.debug("request", extra={"method": request.method, "route": route, "status": status,
+                                    "duration_ms": round(seconds * 1000, 2)})

@@ -1,0 +1,78 @@
+"""Operations routes: liveness, readiness, the cluster view, metrics and the API description."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .. import openapi
+from ..metrics import CONTENT_TYPE
+from .context import NodeContext, context_of
+from .forward import peer_statuses
+from .render import respond
+
+ready_lag_max = 1000
+
+
+async def healthz(request: web.Request) -> web.Response:
+    """The process is alive and its event loop turns."""
+    return respond(request, 200, {"status": "ok", "node": context_of(request).node_id})
+
+
+def shard_readiness(ctx: NodeContext) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for shard, svc in sorted(ctx.shards.items()):
+        status = svc.status()
+        leader = status.get("leader") or (ctx.node_id if svc.is_leader() else None)
+        lag = int(status.get("lag", 0))
+        out[str(shard)] = {"leader": leader, "lag": lag,
+                           "ready": leader is not None and lag <= ready_lag_max}
+    return out
+
+
+async def readyz(request: web.Request) -> web.Response:
+    """Every hosted shard has a known leader and this replica is caught up with its commit index."""
+    ctx = context_of(request)
+    shards = shard_readiness(ctx)
+    ready = all(s["ready"] for s in shards.values())
+    body = {"ready": ready, "node": ctx.node_id, "shards": shards}
+    return respond(request, 200 if ready else 503, body, None if ready else {"Retry-After": "1"})
+
+
+def _replica(node: str, status: dict[str, Any] | None) -> dict[str, Any]:
+    if status is None:
+        return {"node": node, "reachable": False}
+    keys = ("role", "term", "commit_index", "applied_index", "lag")
+    return {"node": node, **{k: status.get(k) for k in keys}}
+
+
+async def cluster(request: web.Request) -> web.Response:
+    """Every shard's replicas with role, term, commit and applied index, lag (asks every peer)."""
+    ctx = context_of(request)
+    statuses = await peer_statuses(ctx)
+    shards = []
+    for shard in range(ctx.shard_count):
+        replicas = []
+        for node in ctx.nodes_of(shard) or sorted(statuses):
+            answer = statuses.get(node)
+            if answer is None or str(shard) in answer:
+                replicas.append(_replica(node, None if answer is None else answer[str(shard)]))
+        leaders = [r["node"] for r in replicas if r.get("role") == "leader"]
+        shards.append({"id": shard, "leader": leaders[0] if leaders else None,
+                       "replicas": replicas})
+    nodes = [{"id": n, "url": ctx.peers.get(n), "reachable": statuses.get(n) is not None}
+             for n in sorted(statuses)]
+    return respond(request, 200, {"node": ctx.node_id, "nodes": nodes, "shards": shards})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    ctx = context_of(request)
+    assert ctx.metrics is not None
+    return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    body = json.dumps(openapi.spec(), separators=(",", ":"))
+    return web.Response(body=body, content_type="application/json")

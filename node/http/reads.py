@@ -1,0 +1,188 @@
+"""Read handlers: served by any replica from its own LMDB, with an explicit consistency contract.
+
+- ``local`` (default): what this replica has applied; the headers say how fresh that is.
+- ``min_token``: wait (bounded) until this replica has applied the token's index for the shard.
+- ``max_staleness_ms``: refuse with 503 ``stale_replica`` when the leader was not heard from within it.
+- ``linearizable``: a read barrier through the shard's leader, then wait to apply it.
+A shard not hosted here is read on a node that hosts it (the request is proxied as is).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from raftledger.statemachine.records import Transaction
+from raftledger.statemachine.store import QueryError, Reader
+
+from .. import parse
+from ..errors import STATUS, ApiError
+from ..service import ShardService
+from .context import NodeContext, context_of
+from .forward import FORWARDED_HEADER, read_barrier
+from .render import respond
+
+NODE_HEADER = "X-Ledger-Node"
+APPLIED_HEADER = "X-Ledger-Applied-Index"
+STALENESS_HEADER = "X-Ledger-Staleness-Ms"
+PROXIED_HEADERS = ("Content-Type", "Retry-After", NODE_HEADER, APPLIED_HEADER, STALENESS_HEADER)
+stale_retry_after_s = 0.5
+
+
+async def ensure_consistency(ctx: NodeContext, svc: ShardService, params: parse.ReadParams) -> None:
+    wait_s = ctx.limits.consistency_wait_s
+    if params.linearizable:
+        await _wait_applied(ctx, svc, await read_barrier(ctx, svc.shard), wait_s)
+    if params.min_token and svc.shard in params.min_token:
+        await _wait_applied(ctx, svc, params.min_token[svc.shard], wait_s)
+    if params.max_staleness_ms is not None:
+        age = svc.leader_contact_age_ms()
+        if age is None or age > params.max_staleness_ms:
+            _stale(ctx, svc, {"staleness_ms": None if age is None else round(age),
+                              "max_staleness_ms": params.max_staleness_ms})
+
+
+async def _wait_applied(ctx: NodeContext, svc: ShardService, index: int, wait_s: float) -> None:
+    if svc.applied_index() >= index or await svc.wait_applied(index, wait_s):
+        return
+    _stale(ctx, svc, {"applied_index": svc.applied_index(), "wanted_index": index})
+
+
+def _stale(ctx: NodeContext, svc: ShardService, details: dict[str, Any]) -> None:
+    assert ctx.metrics is not None
+    ctx.metrics.stale_reads.labels(str(svc.shard)).inc()
+    raise ApiError("stale_replica", details={"shard": svc.shard, "node": ctx.node_id, **details},
+                   retry_after_s=stale_retry_after_s)
+
+
+def freshness_headers(ctx: NodeContext, svc: ShardService, applied: int) -> dict[str, str]:
+    age = svc.leader_contact_age_ms()
+    return {NODE_HEADER: ctx.node_id, APPLIED_HEADER: str(applied),
+            STALENESS_HEADER: "-1" if age is None else str(round(age))}
+
+
+async def _read(request: web.Request, account_id: str, query_allowed: frozenset[str],
+                query: Callable[[Reader], Any]) -> web.Response:
+    """Route by account, honour the consistency asked for, run ``query`` in one read txn."""
+    ctx = context_of(request)
+    parse.parse_id(account_id, "id")
+    parse.check_query(request.query, query_allowed)
+    params = parse.parse_read_params(request.query)
+    svc = ctx.shards.get(ctx.shard_of(account_id))
+    if svc is None:
+        return await proxy_read(request, ctx.shard_of(account_id))
+    await ensure_consistency(ctx, svc, params)
+    with svc.store.reader() as reader:
+        applied = reader.state().applied_index
+        body = _run_query(query, reader, account_id)
+    return respond(request, 200, body, freshness_headers(ctx, svc, applied))
+
+
+def _run_query(query: Callable[[Reader], Any], reader: Reader, account_id: str) -> Any:
+    try:
+        body = query(reader)
+    except QueryError as exc:
+        if exc.code == "account_not_found":
+            raise ApiError("not_found", str(exc), details={"account_id": account_id}) from exc
+        code = exc.code if exc.code in STATUS else "invalid_query"
+        raise ApiError(code, str(exc)) from exc
+    if body is None:
+        raise ApiError("not_found", f"no account {account_id!r}", details={"account_id": account_id})
+    return body
+
+
+async def get_account(request: web.Request) -> web.Response:
+    def query(reader: Reader) -> Any:
+        account = reader.account(account_id)
+        return None if account is None else account.to_json(reader.shard)
+
+    account_id = request.match_info["id"]
+    return await _read(request, account_id, parse.READ_PARAMS, query)
+
+
+async def get_balance(request: web.Request) -> web.Response:
+    at_seq, at_ns = parse.parse_balance_query(request.query)
+    account_id = request.match_info["id"]
+    return await _read(request, account_id, parse.BALANCE_PARAMS,
+                       lambda r: r.balance(account_id, at_seq=at_seq, at_ns=at_ns).to_json())
+
+
+async def get_entries(request: web.Request) -> web.Response:
+    q = parse.parse_entries_query(request.query)
+    account_id = request.match_info["id"]
+
+    def query(reader: Reader) -> Any:
+        page, next_cursor = reader.entries(account_id, after_seq=q.after_seq,
+                                           before_seq=q.before_seq, limit=q.limit, order=q.order,
+                                           from_ns=q.from_ns, to_ns=q.to_ns)
+        return {"entries": [e.to_json() for e in page], "next": next_cursor}
+
+    return await _read(request, account_id, parse.ENTRIES_PARAMS, query)
+
+
+async def get_transaction(request: web.Request) -> web.Response:
+    """Search the hosted shards (a transaction lives on the shard of its accounts)."""
+    ctx = context_of(request)
+    txid = parse.parse_id(request.match_info["id"], "id")
+    parse.check_query(request.query, parse.READ_PARAMS)
+    params = parse.parse_read_params(request.query)
+    for svc in _hosted(ctx):
+        await ensure_consistency(ctx, svc, params)
+        with svc.store.reader() as reader:
+            record = reader.transaction(txid)
+            applied = reader.state().applied_index
+        if record is not None:
+            return respond(request, 200, record.to_json(svc.shard),
+                           freshness_headers(ctx, svc, applied))
+    missing = [s for s in range(ctx.shard_count) if s not in ctx.shards]
+    if missing and FORWARDED_HEADER not in request.headers:
+        return await proxy_read(request, missing[0])
+    raise ApiError("transaction_not_found", details={"id": txid})
+
+
+def _hosted(ctx: NodeContext) -> Iterable[ShardService]:
+    return (ctx.shards[s] for s in sorted(ctx.shards))
+
+
+async def locate_transaction(ctx: NodeContext, txid: str) -> int:
+    """The shard holding ``txid`` (for post/void/reverse).
+
+    One shard: it. Otherwise look in the hosted replicas, first as applied, then after a read
+    barrier, so a just-created hold is found on a lagging follower. Not found anywhere: route by the
+    id's hash, where the ledger answers ``pending_not_found`` / ``transaction_not_found``.
+    """
+    if ctx.shard_count == 1:
+        return 0
+    for linearizable in (False, True):
+        for svc in _hosted(ctx):
+            if linearizable:
+                await _wait_applied(ctx, svc, await read_barrier(ctx, svc.shard),
+                                    ctx.limits.consistency_wait_s)
+            with svc.store.reader() as reader:
+                found = reader.transaction(txid)
+            if isinstance(found, Transaction):
+                return svc.shard
+    return ctx.shard_of(txid)
+
+
+async def proxy_read(request: web.Request, shard: int) -> web.Response:
+    """Serve a read of a shard this node does not host from a node that does."""
+    ctx = context_of(request)
+    nodes = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
+    if FORWARDED_HEADER in request.headers or not nodes:
+        raise ApiError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
+    url = f"{ctx.peer_url(nodes[0])}{request.rel_url}"
+    timeout = aiohttp.ClientTimeout(total=ctx.limits.forward_timeout_s)
+    headers = {FORWARDED_HEADER: ctx.node_id, "Accept": request.headers.get("Accept", "*/*")}
+    started = time.monotonic()
+    try:
+        async with ctx.client().get(url, headers=headers, timeout=timeout) as resp:
+            body = await resp.read()
+            kept = {k: v for k, v in resp.headers.items() if k in PROXIED_HEADERS}
+            return web.Response(status=resp.status, body=body, headers=kept)
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise ApiError("unavailable", f"read via {nodes[0]} failed after "
+                       f"{time.monotonic() - started:.1f}s") from exc

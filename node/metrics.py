@@ -1,0 +1,114 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a process in tests).
+
+The HTTP layer records requests, results and overload; the Raft glue calls the hooks
+(``observe_batch``, ``observe_fsync``, ``set_queue_depth``, ``leader_changed``). Per-shard Raft state
+(is_leader, term, commit, applied, lag) is read from each ``ShardService.status()`` at scrape time, so
+it is never stale and costs nothing between scrapes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                     10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class Metrics:
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Histogram("raftledger_http_request_seconds", "HTTP request latency",
+                                  ["method", "route", "status"], buckets=LATENCY_BUCKETS_S,
+                                  registry=r)
+        self.in_flight = Gauge("raftledger_http_requests_in_flight", "requests being served",
+                               registry=r)
+        self.results = Counter("raftledger_results_total", "command results by code and shard",
+                               ["shard", "kind", "code"], registry=r)
+        self.replays = Counter("raftledger_idempotent_replays_total",
+                               "writes answered from a stored outcome", ["shard"], registry=r)
+        self.forwarded = Counter("raftledger_forwarded_total", "writes forwarded to a leader node",
+                                 ["shard", "outcome"], registry=r)
+        self.overload = Counter("raftledger_overload_rejections_total",
+                                "requests refused with 503 overloaded", ["where"], registry=r)
+        self.stale_reads = Counter("raftledger_stale_read_rejections_total",
+                                   "reads refused with 503 stale_replica", ["shard"], registry=r)
+        self.batch_size = Histogram("raftledger_raft_batch_commands", "commands per Raft entry",
+                                    ["shard"], buckets=BATCH_BUCKETS, registry=r)
+        self.batch_linger = Histogram("raftledger_raft_batch_linger_seconds",
+                                      "time the first command of a batch waited",
+                                      ["shard"], buckets=LATENCY_BUCKETS_S, registry=r)
+        self.fsync = Histogram("raftledger_fsync_seconds", "journal fsync latency", ["shard"],
+                               buckets=LATENCY_BUCKETS_S, registry=r)
+        self.queue_depth = Gauge("raftledger_queue_depth", "commands waiting for a batch",
+                                 ["shard"], registry=r)
+        self.leader_changes = Counter("raftledger_leader_changes_total",
+                                      "leader changes seen by this replica", ["shard"], registry=r)
+
+    # -- hooks for the Raft glue ---------------------------------------------------------------
+    def observe_batch(self, shard: int, commands: int, linger_s: float) -> None:
+        self.batch_size.labels(str(shard)).observe(commands)
+        self.batch_linger.labels(str(shard)).observe(linger_s)
+
+    def observe_fsync(self, shard: int, seconds: float) -> None:
+        self.fsync.labels(str(shard)).observe(seconds)
+
+    def set_queue_depth(self, shard: int, depth: int) -> None:
+        self.queue_depth.labels(str(shard)).set(depth)
+
+    def leader_changed(self, shard: int) -> None:
+        self.leader_changes.labels(str(shard)).inc()
+
+    # -- the HTTP layer ------------------------------------------------------------------------
+    def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(method, route, str(status)).observe(seconds)
+
+    def observe_result(self, shard: int, kind: str, code: str, replayed: bool) -> None:
+        self.results.labels(str(shard), kind, code).inc()
+        if replayed:
+            self.replays.labels(str(shard)).inc()
+
+    def overloaded(self, where: str) -> None:
+        self.overload.labels(where).inc()
+
+    def watch_shards(self, statuses: Callable[[], Mapping[int, Mapping[str, Any]]]) -> None:
+        """Export per-shard Raft state from ``statuses()`` (shard -> ShardService.status())."""
+        self.registry.register(_ShardCollector(statuses))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+SHARD_GAUGES = (
+    ("raftledger_shard_is_leader", "1 if this replica leads the shard", "is_leader"),
+    ("raftledger_shard_term", "current Raft term", "term"),
+    ("raftledger_shard_commit_index", "Raft commit index", "commit_index"),
+    ("raftledger_shard_applied_index", "index applied to the local store", "applied_index"),
+    ("raftledger_shard_lag", "commit index minus applied index", "lag"),
+)
+
+
+class _ShardCollector(Collector):
+    def __init__(self, statuses: Callable[[], Mapping[int, Mapping[str, Any]]]) -> None:
+        self.statuses = statuses
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        statuses = self.statuses()
+        for name, doc, key in SHARD_GAUGES:
+            family = GaugeMetricFamily(name, doc, labels=["shard"])
+            for shard, status in sorted(statuses.items()):
+                value = status.get("role") == "leader" if key == "is_leader" else status.get(key)
+                if value is not None:
+                    family.add_metric([str(shard)], float(value))
+            yield family

@@ -1,0 +1,217 @@
+"""The OpenAPI 3.1 description served at ``GET /openapi.json``; a test keeps it in step with the routes.
+
+Written by hand from API.md (not generated from the route table), so the test that compares the two
+can fail when a route is added without being described.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raftledger.statemachine.commands import batch_commands_max, entries_per_transaction_max
+
+from .errors import STATUS
+
+API_VERSION = "1.0.0"
+
+ID_PATTERN = r"^[A-Za-z0-9._:{}\-]{1,128}$"
+AMOUNT = {"oneOf": [{"type": "integer", "minimum": 1, "maximum": 2**63 - 1},
+                    {"type": "string", "pattern": "^[0-9]{1,19}$"}],
+          "description": "minor units; never a float"}
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _param(name: str, where: str = "query", schema: dict[str, Any] | None = None,
+           description: str = "") -> dict[str, Any]:
+    return {"name": name, "in": where, "required": where == "path",
+            "schema": schema or {"type": "string"}, "description": description}
+
+
+PATH_ID = _param("id", "path", {"type": "string", "pattern": ID_PATTERN})
+PATH_SHARD = _param("shard", "path", {"type": "integer", "minimum": 0})
+IDEMPOTENCY = _param("Idempotency-Key", "header", {"type": "string", "pattern": ID_PATTERN},
+                     "the id of the new transaction; equal to the body id when both are sent")
+CONSISTENCY = [
+    _param("consistency", schema={"enum": ["local", "linearizable"], "default": "local"}),
+    _param("min_token", description="X-Ledger-Token of a write: wait until it is applied here"),
+    _param("max_staleness_ms", schema={"type": "integer", "minimum": 0},
+           description="refuse (503 stale_replica) if the leader was not heard from within it"),
+]
+ENTRIES_QUERY = [_param(n, schema={"type": "integer", "minimum": 0})
+                 for n in ("after_seq", "before_seq", "from", "to")] + [
+    _param("limit", schema={"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+    _param("order", schema={"enum": ["asc", "desc"], "default": "asc"}),
+]
+BALANCE_QUERY = [_param("at_seq", schema={"type": "integer", "minimum": 0}),
+                 _param("at", schema={"type": "integer", "minimum": 0},
+                        description="nanoseconds since the epoch")]
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}}
+
+
+def _responses(ok: int, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
+    out: dict[str, Any] = {str(ok): {"description": "success", "content": _json(schema)}}
+    for status in errors:
+        out[str(status)] = {"description": "error (see the code)", "content": _json(_ref("Error"))}
+    return out
+
+
+def _op(summary: str, tag: str, ok: int = 200, schema: dict[str, Any] | None = None,
+        errors: tuple[int, ...] = (400, 503), params: list[dict[str, Any]] | None = None,
+        body: dict[str, Any] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "tags": [tag], "parameters": params or [],
+                          "responses": _responses(ok, schema or {"type": "object"}, *errors)}
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": _json(body)}
+    return op
+
+
+WRITE_ERRORS = (400, 409, 413, 422, 503)
+READ_ERRORS = (400, 404, 503)
+
+TX_CREATE = _op("Create a transaction (or a shorthand transfer)", "transactions", 201,
+                _ref("Transaction"), WRITE_ERRORS, [IDEMPOTENCY],
+                {"oneOf": [_ref("NewTransaction"), _ref("Transfer")]})
+BALANCE = _op("An account's balance, now or at a point in time", "accounts", 200, _ref("Balance"),
+              READ_ERRORS + (422,), [PATH_ID, *BALANCE_QUERY, *CONSISTENCY])
+ENTRIES = _op("An account's statement, one page", "accounts", 200, _ref("Statement"), READ_ERRORS,
+              [PATH_ID, *ENTRIES_QUERY, *CONSISTENCY])
+
+
+def _on_tx(summary: str, body: dict[str, Any]) -> dict[str, Any]:
+    return _op(summary, "transactions", 201, _ref("Transaction"), WRITE_ERRORS,
+               [PATH_ID, IDEMPOTENCY], body)
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/accounts": {"post": _op(
+        "Create an account, or several with {accounts: [...]}", "accounts", 201, _ref("Account"),
+        WRITE_ERRORS, body={"oneOf": [_ref("NewAccount"), {"type": "object", "properties": {
+            "accounts": {"type": "array", "items": _ref("NewAccount"),
+                         "maxItems": batch_commands_max}}}]})},
+    "/v1/accounts/{id}": {"get": _op("An account", "accounts", 200, _ref("Account"), READ_ERRORS,
+                                     [PATH_ID, *CONSISTENCY])},
+    "/v1/accounts/{id}/balance": {"get": BALANCE},
+    "/v1/accounts/{id}/entries": {"get": ENTRIES},
+    "/v1/transactions": {"post": TX_CREATE},
+    "/v1/transactions/batch": {"post": _op(
+        "Several transactions, independent or atomic (all or none)", "transactions", 200,
+        _ref("BatchResults"), (400, 413, 422, 503), body={
+            "type": "object", "required": ["transactions"], "properties": {
+                "transactions": {"type": "array", "maxItems": batch_commands_max,
+                                 "items": {"oneOf": [_ref("NewTransaction"), _ref("Transfer")]}},
+                "atomic": {"type": "boolean", "default": False}}})},
+    "/v1/transactions/{id}": {"get": _op("A transaction, or its stored rejection", "transactions",
+                                         200, _ref("Transaction"), READ_ERRORS,
+                                         [PATH_ID, *CONSISTENCY])},
+    "/v1/transactions/{id}/post": {"post": _on_tx(
+        "Post a pending transaction, fully or partially", {"type": "object", "properties": {
+            "id": {"type": "string", "default": "{id}:post"}, "amount": AMOUNT}})},
+    "/v1/transactions/{id}/void": {"post": _on_tx(
+        "Void a pending transaction", {"type": "object", "properties": {
+            "id": {"type": "string", "default": "{id}:void"}}})},
+    "/v1/transactions/{id}/reverse": {"post": _on_tx(
+        "Reverse a posted transaction with a mirrored one", {"type": "object", "properties": {
+            "id": {"type": "string", "default": "{id}:reverse"}}})},
+    "/transacoes": {"post": dict(TX_CREATE, summary="Alias of POST /v1/transactions")},
+    "/contas/{id}/saldo": {"get": dict(BALANCE, summary="Alias of the balance route")},
+    "/contas/{id}/extrato": {"get": dict(ENTRIES, summary="Alias of the entries route")},
+    "/v1/cluster": {"get": _op("Every shard's replicas: role, term, commit, applied, lag",
+                               "operations", errors=())},
+    "/healthz": {"get": _op("The process is alive", "operations", errors=())},
+    "/readyz": {"get": _op("Every hosted shard has a leader and this replica is caught up",
+                           "operations", errors=(503,))},
+    "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["operations"],
+                         "responses": {"200": {"description": "text exposition format",
+                                               "content": {"text/plain": {}}}}}},
+    "/openapi.json": {"get": _op("This document", "operations", errors=())},
+    "/internal/v1/shards/{shard}/submit": {"post": {
+        "summary": "Internal: commit a forwarded command on this leader", "tags": ["internal"],
+        "parameters": [PATH_SHARD], "requestBody": {"content": {"application/octet-stream": {}}},
+        "responses": _responses(200, {"type": "object"}, 400, 404, 503)}},
+    "/internal/v1/shards/{shard}/barrier": {"post": {
+        "summary": "Internal: a linearizable read index from this leader", "tags": ["internal"],
+        "parameters": [PATH_SHARD], "responses": _responses(200, {"type": "object"}, 404, 503)}},
+    "/internal/v1/status": {"get": {"summary": "Internal: this node's replica statuses",
+                                    "tags": ["internal"],
+                                    "responses": _responses(200, {"type": "object"})}},
+}
+
+ENTRY_SPEC = {"type": "object", "required": ["account_id", "direction", "amount", "currency"],
+              "additionalProperties": False, "properties": {
+                  "account_id": {"type": "string", "pattern": ID_PATTERN},
+                  "direction": {"enum": ["debit", "credit"]}, "amount": AMOUNT,
+                  "currency": {"type": "string", "pattern": "^[A-Z0-9]{3,12}$"}}}
+TX_OPTIONS = {"pending": {"type": "boolean"}, "timeout_seconds": {"type": "integer", "minimum": 0},
+              "code": {"type": "string", "maxLength": 128}, "metadata": {"type": "object"}}
+INT = {"type": "integer"}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message", "details"], "properties": {
+            "code": {"enum": sorted(c for c in STATUS if c != "ok")},
+            "message": {"type": "string"}, "details": {"type": "object"}}}}},
+    "NewAccount": {"type": "object", "required": ["id", "currency"], "additionalProperties": False,
+                   "properties": {"id": {"type": "string", "pattern": ID_PATTERN},
+                                  "currency": {"type": "string", "pattern": "^[A-Z0-9]{3,12}$"},
+                                  "normal": {"enum": ["debit", "credit"], "default": "debit"},
+                                  "flags": {"type": "array", "items": {"enum": [
+                                      "debits_must_not_exceed_credits",
+                                      "credits_must_not_exceed_debits", "closed", "history"]}},
+                                  "metadata": {"type": "object"}}},
+    "Account": {"type": "object", "properties": {
+        **{k: INT for k in ("debits_posted", "credits_posted", "debits_pending", "credits_pending",
+                            "balance", "available", "seq", "shard", "timestamp")},
+        "id": {"type": "string"}, "currency": {"type": "string"}, "normal": {"type": "string"},
+        "flags": {"type": "array"}, "metadata": {"type": "object"}, "head": {"type": "string"}}},
+    "Balance": {"type": "object", "properties": {
+        **{k: INT for k in ("balance", "available", "debits_posted", "credits_posted",
+                            "debits_pending", "credits_pending", "seq", "timestamp")},
+        "account_id": {"type": "string"}, "currency": {"type": "string"}}},
+    "Statement": {"type": "object", "properties": {
+        "entries": {"type": "array", "items": {"type": "object"}},
+        "next": {"type": ["integer", "null"]}}},
+    "NewTransaction": {"type": "object", "required": ["entries"], "additionalProperties": False,
+                       "properties": {"id": {"type": "string", "pattern": ID_PATTERN},
+                                      "entries": {"type": "array", "items": ENTRY_SPEC,
+                                                  "minItems": 2,
+                                                  "maxItems": entries_per_transaction_max},
+                                      **TX_OPTIONS}},
+    "Transfer": {"type": "object", "additionalProperties": False,
+                 "required": ["debit_account_id", "credit_account_id", "amount", "currency"],
+                 "properties": {"id": {"type": "string", "pattern": ID_PATTERN},
+                                "debit_account_id": {"type": "string"},
+                                "credit_account_id": {"type": "string"}, "amount": AMOUNT,
+                                "currency": {"type": "string"}, **TX_OPTIONS}},
+    "Transaction": {"type": "object", "properties": {
+        "id": {"type": "string"},
+        "status": {"enum": ["pending", "posted", "voided", "expired", "rejected"]},
+        "entries": {"type": "array", "items": {"type": "object"}}, "timestamp": INT,
+        "pending_id": {"type": ["string", "null"]}, "reverses": {"type": ["string", "null"]},
+        "reversed_by": {"type": ["string", "null"]},
+        "shards": {"type": "array", "items": INT}}},
+    "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
+        "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
+                                         "transaction": _ref("Transaction"),
+                                         "account": _ref("Account"),
+                                         "error": {"type": "object"}}}}}},
+}
+
+HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...]. Every read answers "
+               "X-Ledger-Node, X-Ledger-Applied-Index and X-Ledger-Staleness-Ms (-1: no leader "
+               "heard from). Errors: {error: {code, message, details}}; 503s carry Retry-After.")
+
+
+def spec() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "raftledger HTTP API", "version": API_VERSION,
+                 "description": HEADERS_DOC},
+        "paths": PATHS,
+        "components": {"schemas": SCHEMAS},
+    }
