@@ -1,2 +1,152 @@
-def main() -> None:
-    print("ok")
+"""The ``raftledger`` command: ``node`` runs one node, ``up`` runs a local cluster of them."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import urllib.parse
+from typing import Any
+
+from raftledger.cluster import launcher
+from raftledger.cluster.router import shard_for_account
+from raftledger.node.config import ConfigError
+from raftledger.node.journal import DURABILITY_MODES
+from raftledger.statemachine import codec
+from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+
+DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
+DEMO_TRANSFER = "demo-transfer-1"
+DEMO_AMOUNT = 1500
+DEMO_CURRENCY = "USD"
+demo_attempts_max = 20
+watch_period_s = 0.5
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="raftledger", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    node = sub.add_parser("node", help="run one node")
+    node.add_argument("--config", required=True, help="node TOML file")
+    up = sub.add_parser("up", help="run a local cluster on loopback")
+    up.add_argument("--nodes", type=int, default=3)
+    up.add_argument("--shards", type=int, default=2)
+    up.add_argument("--data-dir", default="./data")
+    up.add_argument("--durability", choices=DURABILITY_MODES, default="fsync")
+    up.add_argument("--port-base", type=int, default=8080)
+    up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "node":
+            run_node(args.config)
+        else:
+            sys.exit(run_up(args))
+    except (ConfigError, launcher.LaunchError) as exc:
+        print(f"raftledger: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run_node(path: str) -> None:
+    from raftledger.node import config, runtime
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    runtime.run(config.load(path))
+
+
+# -- up ---------------------------------------------------------------------------------------------
+def run_up(args: argparse.Namespace) -> int:
+    plan = _plan(args)
+    busy = launcher.busy_ports(plan)
+    if busy:
+        raise launcher.LaunchError(f"ports already in use: {', '.join(busy)} "
+                                   "(is this cluster already running? see cluster.json)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    procs = {n.id: launcher.start_node(plan, n.id) for n in plan.cluster.nodes}
+    launcher.save_plan(plan)
+    try:
+        _print_endpoints(plan)
+        found = launcher.wait_for_leaders(plan)
+        print("leaders: " + ", ".join(f"shard {s} -> {n}" for s, n in sorted(found.items())))
+        if not args.no_demo:
+            demo(plan)
+        print("cluster is up; Ctrl-C to stop", flush=True)
+        _watch(procs, stop)
+    finally:
+        print("stopping nodes...", flush=True)
+        for proc in procs.values():
+            launcher.stop_process(proc)
+        plan.pids.clear()
+        launcher.save_plan(plan)
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> launcher.Plan:
+    plan = launcher.load_plan(args.data_dir)
+    if plan is not None:
+        print(f"resuming the cluster in {plan.data_dir} ({len(plan.cluster.nodes)} nodes, "
+              f"{plan.cluster.shards} shards, durability {plan.durability})")
+        return plan
+    if args.nodes < 1 or args.shards < 1:
+        raise launcher.LaunchError("--nodes and --shards must be at least 1")
+    return launcher.new_plan(args.data_dir, nodes=args.nodes, shards=args.shards,
+                             durability=args.durability, port_base=args.port_base)
+
+
+def _print_endpoints(plan: launcher.Plan) -> None:
+    for node in plan.cluster.nodes:
+        raft = ", ".join(f"shard {s} {a}" for s, a in sorted(node.raft.items()))
+        print(f"{node.id}: {node.http}  (raft: {raft}; pid {plan.pids.get(node.id)})")
+    print(f"cluster file: {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)}", flush=True)
+
+
+def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
+    reported: set[str] = set()
+    while not stop.wait(watch_period_s):
+        for node_id, proc in procs.items():
+            if proc.poll() is not None and node_id not in reported:
+                reported.add(node_id)
+                print(f"warning: node {node_id} exited with status {proc.returncode}", flush=True)
+
+
+# -- demo: two accounts and a transfer, then the balances -------------------------------------------
+def demo(plan: launcher.Plan) -> None:
+    shard = shard_for_account(DEMO_ACCOUNTS[0], plan.cluster.shards)
+    commands = [CreateAccount(id=a, currency=DEMO_CURRENCY, normal=Direction.credit)
+                for a in DEMO_ACCOUNTS]
+    commands.append(CreateTransaction(id=DEMO_TRANSFER, entries=(
+        EntrySpec(DEMO_ACCOUNTS[0], Direction.debit, DEMO_AMOUNT, DEMO_CURRENCY),
+        EntrySpec(DEMO_ACCOUNTS[1], Direction.credit, DEMO_AMOUNT, DEMO_CURRENCY))))
+    for command in commands:
+        result = submit(plan, shard, command)
+        print(f"  {type(command).__name__} {command.id}: {result['code']}"
+              f"{' (replayed)' if result['replayed'] else ''}")
+    leader_url = plan.cluster.node(launcher.wait_for_leaders(plan)[shard]).http
+    for account_id in DEMO_ACCOUNTS:
+        quoted = urllib.parse.quote(account_id, safe="")
+        _, acct = launcher.http_json("GET", f"{leader_url}/_node/shards/{shard}/accounts/{quoted}")
+        print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
+              f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
+
+
+def submit(plan: launcher.Plan, shard: int, command: Any) -> dict[str, Any]:
+    """Send a command to the shard's leader; follow leader changes (bounded)."""
+    body = codec.encode_command(command)
+    for _ in range(demo_attempts_max):
+        leader = launcher.wait_for_leaders(plan)[shard]
+        url = f"{plan.cluster.node(leader).http}/_node/shards/{shard}/submit"
+        try:
+            status, reply = launcher.http_json("POST", url, body, "application/octet-stream")
+        except OSError:
+            continue
+        if status == 200:
+            return reply["results"][0]
+    raise launcher.LaunchError(f"could not submit {command.id} to shard {shard}")
+
+
+if __name__ == "__main__":
+    main()

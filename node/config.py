@@ -1,0 +1,269 @@
+"""Node and cluster bootstrap configuration (TOML), validated before anything starts.
+
+A node file names the node, its data directory, its HTTP listener, the durability mode and the whole
+cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the shard count, and
+(optionally) which nodes host which shard — by default every node hosts every shard::
+
+    node_id = "n0"
+    data_dir = "data/n0"
+    durability = "fsync"            # or "none" (throw-away dev clusters)
+    [http]
+    host = "127.0.0.1"
+    port = 8080
+    [raft]                          # optional tuning
+    log_compaction_entries_min = 5000
+    [cluster]
+    shards = 2
+    [[cluster.nodes]]
+    id = "n0"
+    http = "http://127.0.0.1:8080"
+    raft = { 0 = "127.0.0.1:9000", 1 = "127.0.0.1:9001" }
+    [cluster.placement]             # optional
+    0 = ["n0", "n1", "n2"]
+
+``ConfigError`` carries every problem found, one per line, so an operator fixes them in one go.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any
+
+from .journal import DURABILITY_MODES
+
+NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9.-]+:(\d{1,5})$")
+shards_max = 1024
+nodes_max = 64
+port_max = 65535
+
+
+class ConfigError(ValueError):
+    """The configuration cannot run; the message lists every problem found."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    id: str
+    http: str
+    raft: dict[int, str]  # shard -> "host:port"
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSpec:
+    shards: int
+    nodes: tuple[NodeSpec, ...]
+    placement: dict[int, tuple[str, ...]]  # shard -> node ids (filled in: every shard present)
+
+    def node(self, node_id: str) -> NodeSpec:
+        return next(n for n in self.nodes if n.id == node_id)
+
+    def replicas(self, shard: int) -> tuple[str, ...]:
+        return self.placement[shard]
+
+    def address_to_node(self, shard: int) -> dict[str, str]:
+        return {self.node(n).raft[shard]: n for n in self.replicas(shard)}
+
+    def http_urls(self) -> dict[str, str]:
+        return {n.id: n.http for n in self.nodes}
+
+
+@dataclass(frozen=True, slots=True)
+class RaftTuning:
+    log_compaction_entries_min: int = 5000
+    log_compaction_interval_s: float = 300.0
+    batch_requests_max: int = 1000
+    batch_bytes_max: int = 1 << 20
+    linger_ms: float = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class NodeConfig:
+    node_id: str
+    data_dir: str
+    http_host: str
+    http_port: int
+    durability: str
+    cluster: ClusterSpec
+    raft: RaftTuning = field(default_factory=RaftTuning)
+
+    def hosted_shards(self) -> list[int]:
+        return [s for s in range(self.cluster.shards) if self.node_id in self.cluster.replicas(s)]
+
+
+def load(path: str) -> NodeConfig:
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse(raw, source=path)
+
+
+def parse(raw: dict[str, Any], source: str = "config") -> NodeConfig:
+    problems: list[str] = []
+    cluster = _parse_cluster(raw.get("cluster"), problems)
+    http = raw.get("http", {})
+    config = NodeConfig(
+        node_id=_str(raw, "node_id", problems),
+        data_dir=_str(raw, "data_dir", problems),
+        http_host=str(http.get("host", "127.0.0.1")),
+        http_port=_int(http, "port", problems, default=8080),
+        durability=str(raw.get("durability", "fsync")),
+        cluster=cluster,
+        raft=_parse_tuning(raw.get("raft", {}), problems),
+    )
+    problems += validate(config)
+    if problems:
+        raise ConfigError(f"{source}: invalid configuration:\n  - " + "\n  - ".join(problems))
+    return config
+
+
+def validate(config: NodeConfig) -> list[str]:
+    problems = validate_cluster(config.cluster)
+    if config.durability not in DURABILITY_MODES:
+        problems.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, "
+                        f"not {config.durability!r}")
+    if not 0 < config.http_port <= port_max:
+        problems.append(f"http.port {config.http_port} is not a TCP port")
+    if config.node_id not in {n.id for n in config.cluster.nodes}:
+        problems.append(f"node_id {config.node_id!r} is not one of cluster.nodes")
+    return problems
+
+
+def validate_cluster(cluster: ClusterSpec) -> list[str]:
+    problems: list[str] = []
+    if not 1 <= cluster.shards <= shards_max:
+        problems.append(f"cluster.shards must be in 1..{shards_max}, not {cluster.shards}")
+    if not 1 <= len(cluster.nodes) <= nodes_max:
+        problems.append(f"cluster.nodes must list 1..{nodes_max} nodes")
+    problems += _node_problems(cluster)
+    problems += _placement_problems(cluster)
+    return problems
+
+
+def _node_problems(cluster: ClusterSpec) -> list[str]:
+    problems: list[str] = []
+    seen_ids: set[str] = set()
+    seen_addresses: dict[str, str] = {}
+    for node in cluster.nodes:
+        if not NODE_ID_PATTERN.match(node.id):
+            problems.append(f"node id {node.id!r} must be 1-64 chars of A-Z a-z 0-9 _ . -")
+        if node.id in seen_ids:
+            problems.append(f"node id {node.id!r} appears twice")
+        seen_ids.add(node.id)
+        if not node.http.startswith(("http://", "https://")):
+            problems.append(f"node {node.id}: http {node.http!r} must be an http(s):// URL")
+        for shard, address in node.raft.items():
+            match = ADDRESS_PATTERN.match(address)
+            if match is None or not 0 < int(match.group(1)) <= port_max:
+                problems.append(f"node {node.id}: shard {shard} raft address {address!r} "
+                                "must be host:port")
+            if address in seen_addresses:
+                problems.append(f"raft address {address} is used twice "
+                                f"({seen_addresses[address]} and {node.id} shard {shard})")
+            seen_addresses[address] = f"{node.id} shard {shard}"
+    return problems
+
+
+def _placement_problems(cluster: ClusterSpec) -> list[str]:
+    problems: list[str] = []
+    ids = {n.id for n in cluster.nodes}
+    for shard in range(cluster.shards):
+        replicas = cluster.placement.get(shard, ())
+        if not replicas:
+            problems.append(f"shard {shard} has no replicas")
+        if len(set(replicas)) != len(replicas):
+            problems.append(f"shard {shard} lists a node twice: {list(replicas)}")
+        for node_id in replicas:
+            if node_id not in ids:
+                problems.append(f"shard {shard} placement names unknown node {node_id!r}")
+            elif shard not in cluster.node(node_id).raft:
+                problems.append(f"node {node_id} hosts shard {shard} but has no raft address for it")
+    for shard in cluster.placement:
+        if not 0 <= shard < cluster.shards:
+            problems.append(f"placement names shard {shard}, outside 0..{cluster.shards - 1}")
+    return problems
+
+
+def _parse_cluster(raw: Any, problems: list[str]) -> ClusterSpec:
+    if not isinstance(raw, dict):
+        problems.append("missing [cluster] table")
+        return ClusterSpec(0, (), {})
+    shards = _int(raw, "shards", problems, default=1)
+    nodes = tuple(_parse_node(n, i, problems) for i, n in enumerate(raw.get("nodes", [])))
+    placement = {int(k): tuple(v) for k, v in _int_keys(raw.get("placement", {}), problems).items()}
+    for shard in range(shards):
+        placement.setdefault(shard, tuple(n.id for n in nodes))
+    return ClusterSpec(shards, nodes, placement)
+
+
+def _parse_node(raw: Any, position: int, problems: list[str]) -> NodeSpec:
+    if not isinstance(raw, dict):
+        problems.append(f"cluster.nodes[{position}] must be a table")
+        return NodeSpec(f"?{position}", "", {})
+    raft = raw.get("raft", {})
+    if isinstance(raft, list):
+        raft = dict(enumerate(raft))
+    return NodeSpec(id=str(raw.get("id", f"?{position}")), http=str(raw.get("http", "")),
+                    raft={int(k): str(v) for k, v in _int_keys(raft, problems).items()})
+
+
+def _parse_tuning(raw: dict[str, Any], problems: list[str]) -> RaftTuning:
+    known = set(RaftTuning.__dataclass_fields__)
+    unknown = set(raw) - known
+    if unknown:
+        problems.append(f"[raft] has unknown keys: {sorted(unknown)}")
+    return RaftTuning(**{k: v for k, v in raw.items() if k in known})
+
+
+def _int_keys(raw: Any, problems: list[str]) -> dict[int, Any]:
+    out: dict[int, Any] = {}
+    for key, value in (raw or {}).items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            problems.append(f"shard key {key!r} is not an integer")
+    return out
+
+
+def _str(raw: dict[str, Any], key: str, problems: list[str]) -> str:
+    value = raw.get(key)
+    if not isinstance(value, str) or not value:
+        problems.append(f"{key} is required (a string)")
+        return ""
+    return value
+
+
+def _int(raw: dict[str, Any], key: str, problems: list[str], default: int) -> int:
+    value = raw.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool):
+        problems.append(f"{key} must be an integer, not {value!r}")
+        return default
+    return value
+
+
+def dump_toml(config: NodeConfig) -> str:
+    """The TOML text ``load`` reads back into an equal config (used by ``raftledger up``)."""
+    lines = [f"node_id = {_q(config.node_id)}", f"data_dir = {_q(config.data_dir)}",
+             f"durability = {_q(config.durability)}", "", "[http]",
+             f"host = {_q(config.http_host)}", f"port = {config.http_port}", "", "[raft]"]
+    for name in RaftTuning.__dataclass_fields__:
+        lines.append(f"{name} = {getattr(config.raft, name)!r}")
+    lines += ["", "[cluster]", f"shards = {config.cluster.shards}"]
+    for node in config.cluster.nodes:
+        raft = ", ".join(f'"{s}" = {_q(a)}' for s, a in sorted(node.raft.items()))
+        lines += ["", "[[cluster.nodes]]", f"id = {_q(node.id)}", f"http = {_q(node.http)}",
+                  f"raft = {{ {raft} }}"]
+    lines += ["", "[cluster.placement]"]
+    for shard, replicas in sorted(config.cluster.placement.items()):
+        lines.append(f'"{shard}" = [{", ".join(_q(r) for r in replicas)}]')
+    return "\n".join(lines) + "\n"
+
+
+def _q(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

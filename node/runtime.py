@@ -1,0 +1,257 @@
+"""One running node: its shard replicas, a small HTTP surface, and clean shutdown.
+
+``start_runtime`` opens a ``ReplicaService`` per hosted shard (each on its own Raft port) on the running
+loop. ``build_app`` returns the node's aiohttp application: ``/healthz``, ``/readyz`` and ``/v1/cluster``
+plus ``/_node/*`` operational routes used by ``raftledger up`` and the cluster tests. The full HTTP API
+mounts itself on the same application through ``mount_api(app, runtime)`` in ``raftledger.node.http``
+when that function exists. ``serve`` runs a node until SIGTERM/SIGINT: stop accepting, drain the
+batchers, stop Raft, close LMDB.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from raftledger.statemachine import codec
+from raftledger.statemachine.records import Result
+
+from .config import NodeConfig
+from .replica import ReplicaService, ReplicaSettings
+from .service import NotLeader, Unavailable
+
+log = logging.getLogger(__name__)
+
+shutdown_drain_s = 5.0
+http_shutdown_s = 2.0
+
+
+@dataclass
+class NodeRuntime:
+    """What the HTTP API needs from a node: its config and its shard services by id."""
+
+    config: NodeConfig
+    services: dict[int, ReplicaService]
+
+    @property
+    def node_id(self) -> str:
+        return self.config.node_id
+
+    @property
+    def shard_count(self) -> int:
+        return self.config.cluster.shards
+
+    @property
+    def peers(self) -> dict[str, str]:
+        return self.config.cluster.http_urls()
+
+    @property
+    def placement(self) -> dict[int, tuple[str, ...]]:
+        return dict(self.config.cluster.placement)
+
+    def ready(self) -> bool:
+        """Every hosted shard knows a leader."""
+        return all(s.leader_node_id() is not None for s in self.services.values())
+
+    async def close(self) -> None:
+        for service in self.services.values():
+            await service.drain(shutdown_drain_s)
+        for service in self.services.values():
+            await service.close()
+
+
+RUNTIME = web.AppKey("raftledger_runtime", NodeRuntime)
+
+
+def replica_settings(config: NodeConfig, shard: int) -> ReplicaSettings:
+    cluster = config.cluster
+    own = cluster.node(config.node_id).raft[shard]
+    partners = tuple(cluster.node(n).raft[shard] for n in cluster.replicas(shard) if n != config.node_id)
+    return ReplicaSettings(
+        shard=shard, self_address=own, partner_addresses=partners,
+        directory=os.path.join(config.data_dir, f"shard-{shard}"), durability=config.durability,
+        address_to_node=cluster.address_to_node(shard),
+        log_compaction_entries_min=config.raft.log_compaction_entries_min,
+        log_compaction_interval_s=config.raft.log_compaction_interval_s,
+        batch_requests_max=config.raft.batch_requests_max,
+        batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms)
+
+
+async def start_runtime(config: NodeConfig) -> NodeRuntime:
+    """Open every hosted shard replica on the running loop (the tick threads start here)."""
+    os.makedirs(config.data_dir, exist_ok=True)
+    services = {}
+    for shard in config.hosted_shards():
+        services[shard] = ReplicaService(replica_settings(config, shard), config.node_id)
+    return NodeRuntime(config, services)
+
+
+# -- HTTP -------------------------------------------------------------------------------------------
+def _runtime(request: web.Request) -> NodeRuntime:
+    return request.app[RUNTIME]
+
+
+def shard_status(service: ReplicaService) -> dict[str, Any]:
+    index, chain = service.fingerprint()
+    return {**service.status(), "fingerprint": {"index": index, "chain": chain}}
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "node": _runtime(request).node_id})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    rt = _runtime(request)
+    shards = {str(s): svc.leader_node_id() for s, svc in rt.services.items()}
+    status = 200 if rt.ready() else 503
+    return web.json_response({"ready": status == 200, "node": rt.node_id, "leaders": shards},
+                             status=status)
+
+
+async def cluster_view(request: web.Request) -> web.Response:
+    """This node's view: its own replicas in full, the other nodes by URL."""
+    rt = _runtime(request)
+    nodes = [{"id": n, "url": url} for n, url in sorted(rt.peers.items())]
+    shards = []
+    for shard, svc in sorted(rt.services.items()):
+        status = shard_status(svc)
+        shards.append({"id": shard, "leader": status["leader"], "replicas": [status]})
+    return web.json_response({"node": rt.node_id, "nodes": nodes, "shards": shards})
+
+
+async def node_status(request: web.Request) -> web.Response:
+    rt = _runtime(request)
+    return web.json_response({"node": rt.node_id, "pid": os.getpid(),
+                              "shards": {str(s): shard_status(v) for s, v in rt.services.items()}})
+
+
+def _service(request: web.Request) -> ReplicaService:
+    shard = int(request.match_info["shard"])
+    service = _runtime(request).services.get(shard)
+    if service is None:
+        raise web.HTTPNotFound(text=f"shard {shard} is not hosted here")
+    return service
+
+
+def result_json(result: Result) -> dict[str, Any]:
+    return {"id": result.id, "code": result.code.name, "ok": result.ok, "replayed": result.replayed}
+
+
+async def node_submit(request: web.Request) -> web.Response:
+    """Submit one command (``codec.encode_command`` bytes) to a local shard replica."""
+    service = _service(request)
+    command = codec.decode_command(await request.read())
+    if isinstance(command, codec.Invalid):
+        return web.json_response({"error": {"code": "invalid_command", "message": command.reason}},
+                                 status=400)
+    try:
+        committed = await service.submit(command)
+    except Unavailable as exc:
+        leader = exc.leader if isinstance(exc, NotLeader) else None
+        return web.json_response({"error": {"code": exc.code, "message": str(exc), "leader": leader}},
+                                 status=503, headers={"Retry-After": str(max(1, int(exc.retry_after_s)))})
+    outcome = committed.outcome
+    results = outcome if isinstance(outcome, list) else [outcome]
+    return web.json_response({"index": committed.index, "results": [result_json(r) for r in results]})
+
+
+async def node_balance(request: web.Request) -> web.Response:
+    service = _service(request)
+    with service.store.reader() as reader:
+        acct = reader.account(request.match_info["account"])
+        body = None if acct is None else acct.to_json(service.shard)
+    if body is None:
+        raise web.HTTPNotFound(text="no such account")
+    return web.json_response(body)
+
+
+async def node_transaction(request: web.Request) -> web.Response:
+    service = _service(request)
+    with service.store.reader() as reader:
+        tx = reader.transaction(request.match_info["tx"])
+        body = None if tx is None else tx.to_json(service.shard)
+    if body is None:
+        raise web.HTTPNotFound(text="no such transaction")
+    return web.json_response(body)
+
+
+async def node_totals(request: web.Request) -> web.Response:
+    """Per-currency sums over every account of a shard, for ledger invariant checks."""
+    service = _service(request)
+    totals: dict[str, list[int]] = {}
+    accounts = 0
+    with service.store.reader() as reader:
+        for account_id in reader.account_ids():
+            acct = reader.account(account_id)
+            assert acct is not None
+            sums = totals.setdefault(acct.currency, [0, 0, 0, 0])
+            for i, v in enumerate((acct.debits_posted, acct.credits_posted, acct.debits_pending,
+                                   acct.credits_pending)):
+                sums[i] += v
+            accounts += 1
+    names = ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
+    return web.json_response({"accounts": accounts, "applied_index": service.applied_index(),
+                              "currencies": {c: dict(zip(names, v, strict=True))
+                                             for c, v in totals.items()}})
+
+
+def _api_mount() -> Callable[[web.Application, NodeRuntime], None] | None:
+    try:
+        module = importlib.import_module("raftledger.node.http")
+    except ImportError:
+        return None
+    return getattr(module, "mount_api", None)
+
+
+def build_app(runtime: NodeRuntime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/_node/status", node_status)
+    app.router.add_post("/_node/shards/{shard}/submit", node_submit)
+    app.router.add_get("/_node/shards/{shard}/accounts/{account:[^/]+}", node_balance)
+    app.router.add_get("/_node/shards/{shard}/transactions/{tx:[^/]+}", node_transaction)
+    app.router.add_get("/_node/shards/{shard}/totals", node_totals)
+    mount = _api_mount()
+    if mount is not None:
+        mount(app, runtime)
+    else:
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        app.router.add_get("/v1/cluster", cluster_view)
+    return app
+
+
+# -- process ----------------------------------------------------------------------------------------
+async def serve(config: NodeConfig) -> None:
+    """Run one node until SIGTERM/SIGINT, then shut down in order."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runtime = await start_runtime(config)
+    runner = web.AppRunner(build_app(runtime), access_log=None, shutdown_timeout=http_shutdown_s)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http_host, config.http_port, reuse_address=True)
+    await site.start()
+    log.info("node %s serving http://%s:%d shards %s", config.node_id, config.http_host,
+             config.http_port, sorted(runtime.services))
+    try:
+        await stop.wait()
+    finally:
+        log.info("node %s stopping", config.node_id)
+        await site.stop()  # stop accepting
+        await runtime.close()  # drain batchers, stop Raft, close LMDB
+        await runner.cleanup()
+
+
+def run(config: NodeConfig) -> None:
+    import uvloop
+
+    uvloop.run(serve(config))
