@@ -1,0 +1,167 @@
+"""A real local cluster for tests and benchmarks: node processes on loopback, free ports, one directory.
+
+    with LocalCluster(tmp_path, nodes=3, shards=2) as cluster:
+        leader = cluster.leader(0)
+        cluster.submit(0, CreateAccount(id="a", currency="USD"))
+        cluster.kill(leader)                 # SIGKILL
+        cluster.start_node(leader)           # same data, same ports
+        cluster.wait_converged(0)
+
+Everything waits by polling with a deadline; only processes this object started are signalled, by pid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from raftledger.node.config import RaftTuning
+from raftledger.statemachine import codec
+from raftledger.statemachine.commands import AnyCommand
+
+from . import launcher
+
+submit_attempts_max = 200
+submit_retry_s = 0.05
+converge_timeout_s = 60.0
+
+
+class SubmitFailed(RuntimeError):
+    pass
+
+
+class LocalCluster:
+    def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
+                 durability: str = "fsync", raft: RaftTuning | None = None) -> None:
+        self.plan = launcher.new_plan(str(root), nodes=nodes, shards=shards, durability=durability,
+                                      port_base=None, raft=raft)
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # -- lifecycle ----------------------------------------------------------------------------------
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def start(self, timeout_s: float = launcher.ready_timeout_s) -> LocalCluster:
+        for node_id in self.node_ids:
+            self.start_node(node_id, wait=False)
+        self.wait_ready(timeout_s)
+        return self
+
+    def start_node(self, node_id: str, wait: bool = True) -> None:
+        if node_id in self.procs and self.procs[node_id].poll() is None:
+            raise RuntimeError(f"{node_id} is already running")
+        self.procs[node_id] = launcher.start_node(self.plan, node_id)
+        launcher.save_plan(self.plan)
+        if wait:
+            launcher.wait_until(lambda: self.status(node_id), launcher.ready_timeout_s,
+                                f"{node_id} to answer")
+
+    def kill(self, node_id: str) -> None:
+        """SIGKILL: no drain, no flush beyond what already reached the disk."""
+        proc = self.procs.pop(node_id)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(launcher.stop_timeout_s)
+
+    def stop(self, node_id: str) -> int:
+        """SIGTERM and wait for the clean shutdown; returns the exit status."""
+        return launcher.stop_process(self.procs.pop(node_id))
+
+    def stop_all(self) -> None:
+        for node_id in list(self.procs):
+            self.stop(node_id)
+
+    def close(self) -> None:
+        for node_id in list(self.procs):
+            with contextlib.suppress(Exception):
+                self.stop(node_id)
+
+    # -- views --------------------------------------------------------------------------------------
+    @property
+    def node_ids(self) -> list[str]:
+        return [n.id for n in self.plan.cluster.nodes]
+
+    @property
+    def urls(self) -> dict[str, str]:
+        return {n.id: n.http for n in self.plan.cluster.nodes}
+
+    @property
+    def pids(self) -> dict[str, int]:
+        return {n: p.pid for n, p in self.procs.items()}
+
+    @property
+    def data_dir(self) -> str:
+        return self.plan.data_dir
+
+    def log(self, node_id: str) -> str:
+        path = os.path.join(self.plan.data_dir, node_id, "node.log")
+        with open(path, errors="replace") as f:
+            return f.read()
+
+    def status(self, node_id: str) -> dict[str, Any] | None:
+        return launcher.node_status(self.urls[node_id])
+
+    def wait_ready(self, timeout_s: float = launcher.ready_timeout_s) -> dict[int, str]:
+        return launcher.wait_for_leaders(self.plan, timeout_s)
+
+    def leader(self, shard: int, timeout_s: float = launcher.ready_timeout_s) -> str:
+        def running_leader() -> str | None:
+            found = launcher.leaders(self.plan)[shard]
+            return found if found in self.procs else None
+        return launcher.wait_until(running_leader, timeout_s, f"a leader of shard {shard}")
+
+    def shard_status(self, shard: int) -> dict[str, dict[str, Any]]:
+        """Running node -> that replica's status (with fingerprint) for ``shard``."""
+        out = {}
+        for node_id in self.procs:
+            status = self.status(node_id)
+            if status is not None and str(shard) in status["shards"]:
+                out[node_id] = status["shards"][str(shard)]
+        return out
+
+    def wait_converged(self, shard: int, timeout_s: float = converge_timeout_s) -> tuple[int, str]:
+        """Every running replica of ``shard`` at the same commit index with the same fingerprint."""
+        expected = {n for n in self.procs if n in self.plan.cluster.replicas(shard)}
+
+        def same() -> tuple[int, str] | None:
+            statuses = self.shard_status(shard)
+            if set(statuses) != expected:
+                return None
+            prints = {(s["fingerprint"]["index"], s["fingerprint"]["chain"]) for s in statuses.values()}
+            commits = {s["commit_index"] for s in statuses.values()}
+            lags = {s["lag"] for s in statuses.values()}
+            if len(prints) == 1 and len(commits) == 1 and lags == {0}:
+                return prints.pop()
+            return None
+        return launcher.wait_until(same, timeout_s, f"shard {shard} replicas to converge")
+
+    # -- writes and reads ---------------------------------------------------------------------------
+    def submit(self, shard: int, command: AnyCommand, timeout_s: float = 30.0) -> dict[str, Any]:
+        """Submit through the shard's leader, retrying the same command on 503 / lost connections
+        (safe: ids are idempotency keys). Returns {"index", "results"}."""
+        body = codec.encode_command(command)
+        deadline = time.monotonic() + timeout_s
+        for _ in range(submit_attempts_max):
+            if time.monotonic() > deadline:
+                break
+            try:
+                leader = self.leader(shard, max(0.1, deadline - time.monotonic()))
+                url = f"{self.urls[leader]}/_node/shards/{shard}/submit"
+                status, reply = launcher.http_json("POST", url, body, "application/octet-stream")
+            except (OSError, launcher.LaunchError):
+                time.sleep(submit_retry_s)
+                continue
+            if status == 200:
+                return reply
+            time.sleep(submit_retry_s)
+        raise SubmitFailed(f"{command!r} not committed on shard {shard} within {timeout_s}s")
+
+    def get(self, node_id: str, path: str) -> tuple[int, Any]:
+        return launcher.http_json("GET", self.urls[node_id] + path)

@@ -1,0 +1,178 @@
+"""Replicated shards as real node processes on loopback (``raftledger node`` x 3, 2 shards)."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import urllib.parse
+
+import pytest
+from raftledger.cluster.router import shard_for_account
+from raftledger.cluster.testing import LocalCluster, SubmitFailed
+from raftledger.node.config import RaftTuning
+from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+
+pytestmark = pytest.mark.slow
+
+CURRENCY = "USD"
+compaction_entries_min = 50
+
+
+def account(account_id: str) -> CreateAccount:
+    return CreateAccount(id=account_id, currency=CURRENCY)
+
+
+def transfer(tx_id: str, debit: str, credit: str, amount: int = 1) -> CreateTransaction:
+    return CreateTransaction(id=tx_id, entries=(EntrySpec(debit, Direction.debit, amount, CURRENCY),
+                                                EntrySpec(credit, Direction.credit, amount, CURRENCY)))
+
+
+def accounts_on(shard: int, shards: int, prefix: str) -> tuple[str, str]:
+    """Two account ids that route to ``shard`` (a shared hash tag keeps them together)."""
+    for tag in range(1000):
+        ids = (f"{prefix}a:{{t{tag}}}", f"{prefix}b:{{t{tag}}}")
+        if shard_for_account(ids[0], shards) == shard:
+            return ids
+    raise AssertionError("no tag routes there")
+
+
+def quoted(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def assert_ok(reply: dict) -> int:
+    assert all(r["ok"] for r in reply["results"]), reply
+    return reply["index"]
+
+
+def credits_posted(cluster: LocalCluster, node: str, shard: int, account_id: str) -> int:
+    status, body = cluster.get(node, f"/_node/shards/{shard}/accounts/{quoted(account_id)}")
+    assert status == 200, body
+    return body["credits_posted"]
+
+
+def assert_ledger_balanced(cluster: LocalCluster, node: str, shards: int) -> None:
+    """Invariant 2: per currency over all shards, debits == credits (posted and pending)."""
+    sums: dict[str, list[int]] = {}
+    for shard in range(shards):
+        status, body = cluster.get(node, f"/_node/shards/{shard}/totals")
+        assert status == 200
+        for currency, t in body["currencies"].items():
+            acc = sums.setdefault(currency, [0, 0, 0, 0])
+            for i, key in enumerate(("debits_posted", "credits_posted", "debits_pending",
+                                     "credits_pending")):
+                acc[i] += t[key]
+    for currency, (dp, cp, dpend, cpend) in sums.items():
+        assert dp == cp and dpend == cpend, currency
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    with LocalCluster(tmp_path, nodes=3, shards=2,
+                      raft=RaftTuning(log_compaction_entries_min=compaction_entries_min)) as c:
+        yield c
+
+
+def test_followers_of_both_shards_apply_the_leaders_writes(cluster):
+    for shard in (0, 1):
+        a, b = accounts_on(shard, 2, "r")
+        assert_ok(cluster.submit(shard, account(a)))
+        assert_ok(cluster.submit(shard, account(b)))
+        for i in range(20):
+            assert_ok(cluster.submit(shard, transfer(f"r{shard}.{i}", a, b, 5)))
+    for shard in (0, 1):
+        index, _ = cluster.wait_converged(shard)
+        assert index > 20
+        a, b = accounts_on(shard, 2, "r")
+        assert {credits_posted(cluster, n, shard, b) for n in cluster.node_ids} == {100}
+
+
+def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: str,
+                 acked: list[str], stop: threading.Event) -> None:
+    for tx_id in ids:
+        if stop.is_set():
+            return
+        try:
+            reply = cluster.submit(shard, transfer(tx_id, a, b))
+        except SubmitFailed:
+            continue
+        if reply["results"][0]["ok"]:
+            acked.append(tx_id)
+
+
+def test_killing_the_leader_mid_stream_loses_no_acknowledged_write(cluster):
+    shard = 0
+    a, b = accounts_on(shard, 2, "k")
+    assert_ok(cluster.submit(shard, account(a)))
+    assert_ok(cluster.submit(shard, account(b)))
+    ids = [f"k{i}" for i in range(300)]
+    acked: list[str] = []
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(write_stream, cluster, shard, ids[w::4], a, b, acked, stop)
+                   for w in range(4)]
+        victim = cluster.leader(shard)
+        cluster_poll_acked(acked, 40)
+        cluster.kill(victim)
+        new_leader = cluster.leader(shard)
+        for s in streams:
+            s.result(timeout=120)
+    assert new_leader != victim
+    assert len(acked) > 100, "writes must continue after the failover"
+    cluster.start_node(victim)
+    cluster.wait_converged(shard)
+    for node in cluster.node_ids:
+        applied = [t for t in ids if cluster.get(node, f"/_node/shards/{shard}/transactions/{t}")[0] == 200]
+        assert set(acked) <= set(applied), "an acknowledged write was lost"
+        # Each applied transfer moved 1 unit exactly once.
+        assert credits_posted(cluster, node, shard, b) == len(applied)
+
+
+def cluster_poll_acked(acked: list[str], count: int) -> None:
+    from raftledger.cluster.launcher import wait_until
+
+    wait_until(lambda: len(acked) >= count, 60, f"{count} acknowledged writes")
+
+
+def test_stopped_follower_catches_up_by_snapshot(cluster):
+    shard = 1
+    a, b = accounts_on(shard, 2, "s")
+    assert_ok(cluster.submit(shard, account(a)))
+    assert_ok(cluster.submit(shard, account(b)))
+    leader = cluster.leader(shard)
+    follower = next(n for n in cluster.node_ids if n != leader)
+    cluster.stop(follower)
+    for i in range(3 * compaction_entries_min):
+        assert_ok(cluster.submit(shard, transfer(f"s{i}", a, b)))
+    from raftledger.cluster.launcher import wait_until
+
+    wait_until(lambda: cluster.shard_status(shard)[leader]["journal_entries"] < compaction_entries_min,
+               30, "the leader to compact its log")
+    cluster.start_node(follower)
+    cluster.wait_converged(shard)
+    status = cluster.shard_status(shard)[follower]
+    assert status["snapshots_installed"] >= 1
+    assert credits_posted(cluster, follower, shard, b) == 3 * compaction_entries_min
+
+
+def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
+    written = {}
+    for shard in (0, 1):
+        a, b = accounts_on(shard, 2, "w")
+        assert_ok(cluster.submit(shard, account(a)))
+        assert_ok(cluster.submit(shard, account(b)))
+        for i in range(compaction_entries_min + 10):
+            assert_ok(cluster.submit(shard, transfer(f"w{shard}.{i}", a, b, 3)))
+        written[shard] = (b, 3 * (compaction_entries_min + 10))
+    before = {shard: cluster.wait_converged(shard) for shard in (0, 1)}
+    cluster.stop_all()
+    cluster.start()
+    for shard, (b, expected) in written.items():
+        after = cluster.wait_converged(shard)
+        assert after[0] >= before[shard][0]
+        for node in cluster.node_ids:
+            assert credits_posted(cluster, node, shard, b) == expected
+    for node in cluster.node_ids:
+        assert_ledger_balanced(cluster, node, 2)
+    replay = cluster.submit(0, transfer("w0.0", *accounts_on(0, 2, "w"), 3))
+    assert replay["results"][0]["replayed"]
