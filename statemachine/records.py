@@ -173,7 +173,8 @@ class Transaction:
 
     @property
     def initial_status(self) -> str:
-        return STATUS_PENDING if self.pending else STATUS_POSTED
+        """Only holds change status after creation (posted, voided or expired later)."""
+        return STATUS_PENDING if self.pending else self.status
 
     @property
     def expires_at(self) -> int | None:

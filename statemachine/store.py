@@ -18,8 +18,8 @@ import msgpack
 
 from . import hashing
 from .codec import CodecError, Invalid, decode_requests
-from .commands import AnyCommand
 from .codes import ResultCode
+from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
     STATE_KEY,

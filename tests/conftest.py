@@ -4,7 +4,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from raftledger.statemachine.store import LedgerStore
 from raftledger.statemachine.testing import Harness
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from raftledger.statemachine import ledger as ledger_module
 from raftledger.statemachine.audit import verify_store
 from raftledger.statemachine.codes import ResultCode as C
@@ -449,3 +448,17 @@ def test_store_grows_its_map_instead_of_failing(tmp_path) -> None:  # type: igno
         assert ledger.one(transfer(f"t{i}", "a", "b", 1, metadata={"pad": "x" * 1000})).ok
     assert small.env.info()["map_size"] > 256 * 1024
     small.close()
+
+
+def test_retry_of_a_void_returns_the_void_as_created(funded: Harness) -> None:
+    funded.one(transfer("h", "alice", "bob", 5, pending=True))
+    first = funded.one(VoidPending("v", "h"))
+    again = funded.one(VoidPending("v", "h"))
+    assert again.replayed and again.record == first.record and again.record.status == "voided"
+
+
+def test_retry_of_a_hold_after_it_was_posted_returns_it_as_created(funded: Harness) -> None:
+    first = funded.one(transfer("h", "alice", "bob", 5, pending=True))
+    funded.one(PostPending("p", "h"))
+    again = funded.one(transfer("h", "alice", "bob", 5, pending=True))
+    assert again.replayed and again.record == first.record and again.record.status == "pending"
