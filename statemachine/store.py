@@ -73,7 +73,7 @@ class LedgerStore:
         self.path = path
         self.shard = shard
         self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=len(DB_NAMES),
-                             sync=sync, metasync=sync, max_readers=readers_max, readahead=False)
+                             sync=sync, metasync=False, max_readers=readers_max, readahead=False)
         with self.env.begin(write=True) as txn:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
