@@ -71,10 +71,13 @@ class Metrics:
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
         self.requests.labels(method, route, str(status)).observe(seconds)
 
-    def observe_result(self, shard: int, kind: str, code: str, replayed: bool) -> None:
-        self.results.labels(str(shard), kind, code).inc()
+    def observe_results(self, shard: int, kind: str, codes: Mapping[str, int],
+                        replayed: int) -> None:
+        """Counts of one reply's results by code (a batch reply is counted at once)."""
+        for code, count in codes.items():
+            self.results.labels(str(shard), kind, code).inc(count)
         if replayed:
-            self.replays.labels(str(shard)).inc()
+            self.replays.labels(str(shard)).inc(replayed)
 
     def overloaded(self, where: str) -> None:
         self.overload.labels(where).inc()

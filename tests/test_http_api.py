@@ -386,6 +386,17 @@ async def test_huge_payload_is_413(api):
     assert (await resp.json())["error"]["code"] == "body_too_large"
 
 
+async def test_huge_chunked_payload_is_cut_off_at_the_limit(api):
+    async def chunks():
+        for _ in range(100):
+            yield b" " * 8192
+
+    resp = await api.post("/v1/transactions", data=chunks(),
+                          headers={"Content-Type": "application/json"})
+    assert resp.status == 413
+    assert (await api.get("/healthz")).status == 200
+
+
 async def test_slow_client_body_times_out_with_408(api):
     reader, writer = await asyncio.open_connection(api.host, api.port)
     writer.write(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"

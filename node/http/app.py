@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import uvloop
 from aiohttp import web
@@ -40,7 +41,23 @@ ROUTES: tuple[tuple[str, str, web.RequestHandler], ...] = (  # type: ignore[type
 
 def create_app(ctx: NodeContext) -> web.Application:
     """The HTTP API of the node described by ``ctx`` (its shard services, peers and limits)."""
-    app = web.Application(middlewares=[edge], client_max_size=ctx.limits.body_bytes_max)
+    app = web.Application()
+    install(app, ctx)
+    return app
+
+
+def mount_api(app: web.Application, runtime: Any) -> NodeContext:
+    """Mount the API on the node process's application (``raftledger.node.runtime``)."""
+    ctx = NodeContext(runtime.node_id, runtime.services, runtime.shard_count,
+                      peers=runtime.peers, placement=runtime.placement,
+                      metrics=getattr(runtime, "metrics", None))
+    install(app, ctx)
+    return ctx
+
+
+def install(app: web.Application, ctx: NodeContext) -> None:
+    """Add the edge middleware, the routes and the shard metrics to a not yet started ``app``."""
+    app.middlewares.append(edge)
     app[CONTEXT] = ctx
     app[EDGE] = EdgeState()
     for method, path, handler in ROUTES:
@@ -52,7 +69,6 @@ def create_app(ctx: NodeContext) -> web.Application:
         await ctx.close()
 
     app.on_cleanup.append(close_client)
-    return app
 
 
 async def start(ctx: NodeContext, host: str, port: int) -> web.AppRunner:

@@ -11,20 +11,32 @@ from .. import parse
 from ..errors import ApiError
 from .context import context_of
 
+body_chunk_bytes = 64 * 1024
+
 
 async def read_raw(request: web.Request) -> bytes:
+    """The body, refused as soon as it passes ``body_bytes_max`` (not after buffering it all)."""
     limits = context_of(request).limits
     length = request.content_length
     if length is not None and length > limits.body_bytes_max:
         raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max})
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
-            return await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max}) from None
+            return await _read_bounded(request, limits.body_bytes_max)
     except TimeoutError:
         raise ApiError("request_timeout",
                        details={"timeout_s": limits.body_read_timeout_s}) from None
+
+
+async def _read_bounded(request: web.Request, bytes_max: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(body_chunk_bytes):
+        size += len(chunk)
+        if size > bytes_max:
+            raise ApiError("body_too_large", details={"bytes_max": bytes_max})
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 async def read_json(request: web.Request, *, empty: Any = None) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -47,6 +48,7 @@ class NodeContext:
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics | None = None
     session: aiohttp.ClientSession | None = None
+    forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
 
     def __post_init__(self) -> None:
         if self.metrics is None:

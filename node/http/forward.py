@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+import msgpack
 from aiohttp import web
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
@@ -33,6 +34,8 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADER = "X-Ledger-Forwarded"
 INTERNAL_PREFIX = "/internal/v1"
 leader_poll_interval_s = 0.05
+forward_requests_in_flight_max = 4
+forward_batch_commands_max = 512
 
 T = TypeVar("T")
 
@@ -126,10 +129,68 @@ async def _find_leader(ctx: NodeContext, shard: int, svc: ShardService | None,
 
 async def _forward_submit(ctx: NodeContext, node: str, shard: int,
                           command: AnyCommand) -> ShardReply:
-    reply = await _post_internal(ctx, node, f"/shards/{shard}/submit",
-                                 codec.encode_command(command))
-    ctx.metrics.forwarded.labels(str(shard), "ok").inc()  # type: ignore[union-attr]
+    key = (node, shard)
+    forwarder = ctx.forwarders.get(key)
+    if forwarder is None:
+        forwarder = ctx.forwarders[key] = Forwarder(ctx, node, shard)
+    reply = await forwarder.submit(codec.encode_command(command))
+    assert ctx.metrics is not None
+    ctx.metrics.forwarded.labels(str(shard), "ok").inc()
     return ShardReply(shard, int(reply["index"]), [Rendered.from_wire(w) for w in reply["results"]])
+
+
+class Forwarder:
+    """Commands bound for one shard's leader on another node, coalesced into few requests.
+
+    Natural batching, no linger: a command goes out at once when fewer than
+    ``forward_requests_in_flight_max`` requests are under way; otherwise it waits for the next one,
+    together with whatever else arrived meanwhile (at most ``forward_batch_commands_max``).
+    """
+
+    def __init__(self, ctx: NodeContext, node: str, shard: int) -> None:
+        self.ctx, self.node, self.shard = ctx, node, shard
+        self.waiting: list[tuple[bytes, asyncio.Future[dict[str, Any]]]] = []
+        self.in_flight = 0
+
+    async def submit(self, encoded: bytes) -> dict[str, Any]:
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.waiting.append((encoded, future))
+        self._flush()
+        return await future
+
+    def _flush(self) -> None:
+        while self.waiting and self.in_flight < forward_requests_in_flight_max:
+            items = self.waiting[:forward_batch_commands_max]
+            del self.waiting[:forward_batch_commands_max]
+            self.in_flight += 1
+            asyncio.get_running_loop().create_task(self._send(items))
+
+    async def _send(self, items: list[tuple[bytes, asyncio.Future[dict[str, Any]]]]) -> None:
+        try:
+            reply = await _post_internal(self.ctx, self.node, f"/shards/{self.shard}/submit",
+                                         msgpack.packb([encoded for encoded, _ in items]))
+            for (_, future), one in zip(items, reply["replies"], strict=True):
+                _settle(future, one)
+        except Exception as exc:  # every waiter learns the failure of the shared request
+            for _, future in items:
+                if not future.done():
+                    future.set_exception(exc)
+        finally:
+            self.in_flight -= 1
+            self._flush()
+
+
+def _settle(future: asyncio.Future[dict[str, Any]], reply: dict[str, Any]) -> None:
+    if future.done():
+        return
+    error = reply.get("error")
+    if error is None:
+        future.set_result(reply)
+    elif error["code"] == "not_leader":
+        future.set_exception(RemoteNotLeader(error.get("leader")))
+    else:
+        future.set_exception(ApiError(error["code"], error.get("message"),
+                                      retry_after_s=error.get("retry_after_s")))
 
 
 async def _post_internal(ctx: NodeContext, node: str, path: str, data: bytes) -> dict[str, Any]:
@@ -187,17 +248,33 @@ def _json(body: dict[str, Any], status: int = 200) -> web.Response:
 
 
 async def internal_submit(request: web.Request) -> web.Response:
-    """A forwarded command: submit it here only (never forward again), answer rendered results."""
+    """Forwarded commands (a msgpack list of codec-encoded commands): submit each here only,
+    never forward again; answer one reply per command, in order."""
     svc = _local_shard(request)
-    command = codec.decode_command(await request.read())
+    try:
+        encoded = msgpack.unpackb(await request.read())
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise ApiError("malformed_body", str(exc)[:200]) from exc
+    if not isinstance(encoded, list) or not all(isinstance(e, bytes) for e in encoded):
+        raise ApiError("malformed_body", "expected a list of encoded commands")
+    replies = await asyncio.gather(*(_submit_one(svc, e) for e in encoded))
+    return _json({"replies": replies})
+
+
+async def _submit_one(svc: ShardService, encoded: bytes) -> dict[str, Any]:
+    command = codec.decode_command(encoded)
     if isinstance(command, codec.Invalid):
-        raise ApiError("malformed_body", command.reason)
+        return {"error": {"code": "malformed_body", "message": command.reason}}
     try:
         committed = await svc.submit(command)
     except NotLeader as exc:
-        raise ApiError("not_leader", details={"leader": exc.leader}) from exc
+        return {"error": {"code": "not_leader", "leader": exc.leader}}
+    except Unavailable as exc:
+        error = from_unavailable(exc)
+        return {"error": {"code": error.code, "message": error.message,
+                          "retry_after_s": error.retry_after_s}}
     results = [r.to_wire() for r in _results(svc.shard, committed.outcome)]
-    return _json({"index": committed.index, "results": results})
+    return {"index": committed.index, "results": results}
 
 
 async def internal_barrier(request: web.Request) -> web.Response:

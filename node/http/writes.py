@@ -7,6 +7,7 @@ shard it touched: pass it as ``min_token`` to read your writes on any replica.
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,8 +41,9 @@ def token_headers(replies: Sequence[ShardReply]) -> dict[str, str]:
 
 def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
     assert ctx.metrics is not None
-    for result in reply.results:
-        ctx.metrics.observe_result(reply.shard, kind, result.code, result.replayed)
+    codes = Counter(r.code for r in reply.results)
+    replayed = sum(r.replayed for r in reply.results)
+    ctx.metrics.observe_results(reply.shard, kind, codes, replayed)
 
 
 async def _single(request: web.Request, shard: int, command: Command, kind: str) -> web.Response:

@@ -1,0 +1,214 @@
+"""HTTP load generator: single transfers or batches against a running cluster (``raftledger up``).
+
+    python -m raftledger.bench.loadgen --url http://127.0.0.1:8080,http://127.0.0.1:8081 \\
+        --mode single --connections 64 --duration 20
+    python -m raftledger.bench.loadgen --url ... --mode batch --batch-size 100 --rate 150
+
+Closed loop (default): every connection sends its next request when the previous one answered.
+Fixed rate (``--rate`` requests/s): requests start on a schedule and latency is measured from the
+scheduled start, so a slow server is not hidden by a slower client (no coordinated omission);
+requests that cannot start because every connection is busy are counted as ``late``.
+
+Accounts share hash tags in small groups (``acct-<n>:{g<k>}``), so every transfer stays on one shard.
+Requests go round-robin to every URL given: followers forward writes to the leader, as clients would
+see in production behind a load balancer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import random
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+
+accounts_per_group = 8
+setup_chunk_accounts = 500
+amount_max = 1000
+request_timeout_s = 30.0
+progress_period_s = 5.0
+
+
+@dataclass
+class Stats:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: Counter[int] = field(default_factory=Counter)
+    transfers_ok: int = 0
+    late: int = 0
+
+    def record(self, status: int, latency_s: float, transfers_ok: int) -> None:
+        self.statuses[status] += 1
+        self.latencies_s.append(latency_s)
+        self.transfers_ok += transfers_ok
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    rank = min(len(sorted_values) - 1, max(0, round(fraction * len(sorted_values)) - 1))
+    return sorted_values[rank]
+
+
+@dataclass
+class Workload:
+    urls: list[str]
+    mode: str
+    batch_size: int
+    groups: int
+    prefix: str
+    seq: itertools.count = field(default_factory=itertools.count)
+
+    def account(self, group: int, n: int) -> str:
+        return f"{self.prefix}-{n}:{{g{group}}}"
+
+    def accounts(self) -> list[dict[str, Any]]:
+        return [{"id": self.account(g, n), "currency": "USD"}
+                for g in range(self.groups) for n in range(accounts_per_group)]
+
+    def transfer(self, rng: random.Random) -> dict[str, Any]:
+        group = rng.randrange(self.groups)
+        debit, credit = rng.sample(range(accounts_per_group), 2)
+        return {"id": f"{self.prefix}-t{next(self.seq)}",
+                "debit_account_id": self.account(group, debit),
+                "credit_account_id": self.account(group, credit),
+                "amount": rng.randint(1, amount_max), "currency": "USD"}
+
+    def request(self, rng: random.Random) -> tuple[str, dict[str, Any], int]:
+        """(path, body, transfers in it)."""
+        if self.mode == "single":
+            return "/v1/transactions", self.transfer(rng), 1
+        items = [self.transfer(rng) for _ in range(self.batch_size)]
+        return "/v1/transactions/batch", {"transactions": items}, self.batch_size
+
+
+def ok_transfers(status: int, body: bytes, count: int) -> int:
+    if status != 200 or count == 1:
+        return count if status == 201 else 0
+    results = json.loads(body)["results"]
+    return sum(1 for r in results if r["status"] == 201)
+
+
+async def setup(session: aiohttp.ClientSession, work: Workload) -> None:
+    accounts = work.accounts()
+    for start in range(0, len(accounts), setup_chunk_accounts):
+        chunk = accounts[start:start + setup_chunk_accounts]
+        async with session.post(work.urls[0] + "/v1/accounts", json={"accounts": chunk}) as resp:
+            body = await resp.json()
+            bad = [r for r in body.get("results", []) if r["status"] not in (200, 201)]
+            if resp.status != 200 or bad:
+                raise SystemExit(f"account setup failed: {resp.status} {str(body)[:300]}")
+
+
+async def one_request(session: aiohttp.ClientSession, work: Workload, rng: random.Random,
+                      url: str, stats: Stats, started: float) -> None:
+    path, body, count = work.request(rng)
+    try:
+        async with session.post(url + path, json=body) as resp:
+            data = await resp.read()
+            stats.record(resp.status, time.perf_counter() - started,
+                         ok_transfers(resp.status, data, count))
+    except (TimeoutError, aiohttp.ClientError):
+        stats.record(0, time.perf_counter() - started, 0)
+
+
+async def closed_loop(session: aiohttp.ClientSession, work: Workload, stats: Stats,
+                      connections: int, until: float) -> None:
+    async def worker(i: int) -> None:
+        rng = random.Random(i)
+        url = work.urls[i % len(work.urls)]
+        while time.perf_counter() < until:
+            await one_request(session, work, rng, url, stats, time.perf_counter())
+
+    await asyncio.gather(*(worker(i) for i in range(connections)))
+
+
+async def fixed_rate(session: aiohttp.ClientSession, work: Workload, stats: Stats,
+                     connections: int, until: float, rate: float) -> None:
+    slots = asyncio.Semaphore(connections)
+    rng = random.Random(0)
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+    for n in itertools.count():
+        scheduled = start + n / rate
+        if scheduled >= until:
+            break
+        delay = scheduled - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)  # the schedule itself, not synchronisation
+        if slots.locked():
+            stats.late += 1
+            continue
+        await slots.acquire()
+        url = work.urls[n % len(work.urls)]
+        task = asyncio.create_task(one_request(session, work, rng, url, stats, scheduled))
+        task.add_done_callback(lambda t: (slots.release(), tasks.discard(t)))
+        tasks.add(task)
+    await asyncio.gather(*tasks)
+
+
+def summary(stats: Stats, elapsed_s: float, work: Workload, args: argparse.Namespace) -> dict:
+    lat = sorted(stats.latencies_s)
+    ms = {f"p{p}": round(percentile(lat, p / 100) * 1000, 2) for p in (50, 99, 99.9)}
+    return {
+        "mode": work.mode, "batch_size": work.batch_size if work.mode == "batch" else 1,
+        "connections": args.connections, "rate_rps": args.rate or None,
+        "duration_s": round(elapsed_s, 2), "requests": len(lat),
+        "requests_per_s": round(len(lat) / elapsed_s, 1),
+        "transfers_per_s": round(stats.transfers_ok / elapsed_s, 1),
+        "latency_ms": ms, "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
+        "late": stats.late,
+    }
+
+
+async def run(args: argparse.Namespace) -> dict:
+    urls = [u.rstrip("/") for u in args.url.split(",")]
+    work = Workload(urls, args.mode, args.batch_size, args.groups,
+                    args.prefix or f"lg{int(time.time())}")
+    connector = aiohttp.TCPConnector(limit=args.connections, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=request_timeout_s)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        await setup(session, work)
+        if args.warmup > 0:
+            await closed_loop(session, work, Stats(), args.connections,
+                              time.perf_counter() + args.warmup)
+        stats = Stats()
+        started = time.perf_counter()
+        until = started + args.duration
+        if args.rate:
+            await fixed_rate(session, work, stats, args.connections, until, args.rate)
+        else:
+            await closed_loop(session, work, stats, args.connections, until)
+        return summary(stats, time.perf_counter() - started, work, args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", required=True, help="comma-separated node base URLs")
+    parser.add_argument("--mode", choices=("single", "batch"), default="single")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--rate", type=float, default=0.0, help="requests/s; 0 = closed loop")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds not measured")
+    parser.add_argument("--groups", type=int, default=512, help="hash-tag groups of accounts")
+    parser.add_argument("--prefix", default="", help="id prefix (default: unique per run)")
+    args = parser.parse_args(argv)
+    try:
+        import uvloop
+
+        result = uvloop.run(run(args))
+    except ImportError:
+        result = asyncio.run(run(args))
+    json.dump(result, sys.stdout)
+    sys.stdout.write("\n")
+
+
+if __name__ == "__main__":
+    main()
