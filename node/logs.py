@@ -8,11 +8,11 @@ context variable, so one request can be followed across nodes.
 from __future__ import annotations
 
 import contextvars
+import itertools
 import json
 import logging
 import re
 import sys
-import time
 import uuid
 from typing import Any
 
@@ -25,11 +25,19 @@ request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("req
 RESERVED = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
+_process_prefix = uuid.uuid4().hex[:12]
+_request_counter = itertools.count(1)
+
+
 def new_request_id(incoming: str | None) -> str:
-    """Keep a client's id when it is short and plain; otherwise make one up."""
+    """Keep a client's id when it is short and plain; otherwise make one up.
+
+    Made-up ids are a per-process random prefix plus a counter: unique without a call to the
+    kernel's random source per request (which showed up in profiles under load).
+    """
     if incoming and REQUEST_ID_RE.fullmatch(incoming):
         return incoming
-    return uuid.uuid4().hex
+    return f"{_process_prefix}{next(_request_counter):012x}"
 
 
 class JsonFormatter(logging.Formatter):
@@ -64,7 +72,3 @@ def configure(node_id: str | None = None, level: int | str = logging.INFO) -> No
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-
-
-def monotonic_ms() -> float:
-    return time.monotonic() * 1000.0

@@ -104,7 +104,11 @@ async def _via_leader(ctx: NodeContext, shard: int,
         except RemoteNotLeader as exc:
             hint = exc.leader if exc.leader != leader else None
         except Unavailable as exc:
-            raise from_unavailable(exc) from exc
+            error = from_unavailable(exc)
+            if error.code == "overloaded":
+                assert ctx.metrics is not None
+                ctx.metrics.overloaded(f"shard{shard}")
+            raise error from exc
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
