@@ -97,8 +97,11 @@ def _direction(value: Any) -> Direction:
 def _entry(raw: Any) -> EntrySpec:
     if not isinstance(raw, list) or len(raw) != 4:
         raise CodecError("entry: wrong shape")
-    return EntrySpec(_want(raw[0], str, "account_id"), _direction(raw[1]),
-                     _int(raw[2], "amount"), _want(raw[3], str, "currency"))
+    account_id, direction, amount, currency = raw
+    if not (type(account_id) is str and type(amount) is int and type(currency) is str
+            and type(direction) is int and 0 <= direction <= 1):
+        raise CodecError("entry: wrong field types")
+    return EntrySpec(account_id, DIRECTIONS[direction], amount, currency)
 
 
 def _decode_create_transaction(w: list[Any]) -> CreateTransaction:
@@ -189,6 +192,6 @@ def canonical(value: Any) -> Any:
 def payload_hash(command: Command) -> bytes:
     """Identity of a command's payload for idempotency: SHA-256 of its canonical wire form."""
     wire = command_to_wire(command)
-    if isinstance(command, CreateTransaction | CreateAccount):
+    if isinstance(command, CreateTransaction | CreateAccount) and command.metadata:
         wire[-1] = canonical(wire[-1])
     return hashlib.sha256(msgpack.packb(wire)).digest()

@@ -20,27 +20,25 @@ import struct
 GENESIS_PREFIX = b"raftledger/account/v1\0"
 SHARD_GENESIS = b"\0" * 32
 
-_U16 = struct.Struct(">H")
-
-
-def _str(value: str) -> bytes:
-    data = value.encode()
-    return _U16.pack(len(data)) + data
 
 
 def genesis(account_id: str) -> bytes:
     return hashlib.sha256(GENESIS_PREFIX + account_id.encode()).digest()
 
 
+_entry_formats: dict[tuple[int, int, int], struct.Struct] = {}
+
+
 def entry_bytes(account_id: str, seq: int, transaction_id: str, direction: int, amount: int,
                 currency: str, status: int, balance_after: int, timestamp: int,
                 released: int) -> bytes:
-    return b"".join((
-        _str(account_id), seq.to_bytes(8, "big"), _str(transaction_id), bytes((direction,)),
-        amount.to_bytes(8, "big"), _str(currency), bytes((status,)),
-        balance_after.to_bytes(16, "big", signed=True), timestamp.to_bytes(8, "big"),
-        released.to_bytes(8, "big"),
-    ))
+    a, t, c = account_id.encode(), transaction_id.encode(), currency.encode()
+    shape = (len(a), len(t), len(c))
+    fmt = _entry_formats.get(shape)
+    if fmt is None:
+        fmt = _entry_formats[shape] = struct.Struct(f">H{shape[0]}sQH{shape[1]}sBQH{shape[2]}sB16sQQ")
+    return fmt.pack(shape[0], a, seq, shape[1], t, direction, amount, shape[2], c, status,
+                    balance_after.to_bytes(16, "big", signed=True), timestamp, released)
 
 
 def chain(prev: bytes, data: bytes) -> bytes:

@@ -36,7 +36,9 @@ STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account
 
 # num, seq, timestamp, flags, normal, currency, debits_posted, credits_posted, debits_pending,
 # credits_pending, head; the tail is msgpack(metadata).
-ACCOUNT = struct.Struct(">QQQIB12s16s16s16s16s32s")
+# Each 128-bit total is packed as two u64 halves: the same bytes as a 16-byte big-endian integer.
+ACCOUNT = struct.Struct(">QQQIB12sQQQQQQQQ32s")
+M64 = 2**64 - 1
 # timestamp, amount, released, direction, status, has_totals, balance_after, hash; then optional
 # totals (4 x 16 bytes) and the transaction id (utf-8).
 ENTRY = struct.Struct(">QQQBBB16s32s")
@@ -85,10 +87,12 @@ class AccountRow:
     metadata_bytes: bytes
 
     def pack(self) -> bytes:
+        dp, cp, dpe, cpe = (self.debits_posted, self.credits_posted, self.debits_pending,
+                            self.credits_pending)
         return ACCOUNT.pack(
             self.num, self.seq, self.timestamp, self.flags, DIRECTION_BYTE[self.normal],
-            self.currency.encode(), u128(self.debits_posted), u128(self.credits_posted),
-            u128(self.debits_pending), u128(self.credits_pending), self.head,
+            self.currency.encode(), dp >> 64, dp & M64, cp >> 64, cp & M64, dpe >> 64, dpe & M64,
+            cpe >> 64, cpe & M64, self.head,
         ) + self.metadata_bytes
 
     @property
@@ -109,10 +113,11 @@ class AccountRow:
 
 
 def unpack_account(account_id: str, data: Raw) -> AccountRow:
-    (num, seq, ts, flags, normal, currency, dp, cp, dpe, cpe, head) = ACCOUNT.unpack_from(data)
+    (num, seq, ts, flags, normal, currency, dp1, dp0, cp1, cp0, dpe1, dpe0, cpe1, cpe0,
+     head) = ACCOUNT.unpack_from(data)
     return AccountRow(
         account_id, num, seq, ts, flags, DIRECTIONS[normal], currency.rstrip(b"\0").decode(),
-        from_u128(dp), from_u128(cp), from_u128(dpe), from_u128(cpe), head,
+        dp1 << 64 | dp0, cp1 << 64 | cp0, dpe1 << 64 | dpe0, cpe1 << 64 | cpe0, head,
         bytes(data[ACCOUNT.size:]),
     )
 
@@ -130,13 +135,14 @@ class EntryRow:
     totals: tuple[int, int, int, int] | None
 
 
-def pack_entry(row: EntryRow) -> bytes:
-    head = ENTRY.pack(row.timestamp, row.amount, row.released, DIRECTION_BYTE[row.direction],
-                      ENTRY_STATUS_BYTE[row.status], row.totals is not None,
-                      i128(row.balance_after), row.hash)
-    if row.totals is not None:
-        head += TOTALS.pack(*(u128(t) for t in row.totals))
-    return head + row.transaction_id.encode()
+def pack_entry_fields(timestamp: int, amount: int, released: int, direction: int, status: int,
+                      balance_after: int, digest: bytes, totals: tuple[int, int, int, int] | None,
+                      transaction_id: bytes) -> bytes:
+    head = ENTRY.pack(timestamp, amount, released, direction, status, totals is not None,
+                      i128(balance_after), digest)
+    if totals is not None:
+        head += TOTALS.pack(*(u128(t) for t in totals))
+    return head + transaction_id
 
 
 def unpack_entry(data: Raw) -> EntryRow:

@@ -12,7 +12,7 @@ memory, checked, and only then written.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import struct
 from typing import Any, NamedTuple
 
 import lmdb
@@ -37,11 +37,10 @@ from .layout import (
     ENTRY_STATUS_BYTE,
     U64,
     AccountRow,
-    EntryRow,
     ShardState,
     entry_key,
     expiry_key,
-    pack_entry,
+    pack_entry_fields,
     pack_transaction,
     unpack_account,
     unpack_transaction,
@@ -59,8 +58,24 @@ from .records import (
 from .validate import Problem, account_problem, follow_up_problem, transaction_problem
 
 balance_limit = 2**127
+FLAG_LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
+FLAG_LIMIT_CREDITS = int(AccountFlag.credits_must_not_exceed_debits)
+FLAG_CLOSED = int(AccountFlag.closed)
+FLAG_HISTORY = int(AccountFlag.history)
 EVENT_ACCOUNT = 0
 EVENT_TRANSACTION = 1
+EVENT_TYPES = ("account.created", "transaction.posted", "transaction.pending", "transaction.voided",
+               "transaction.expired", "transaction.reversed")
+EVENT_TYPE_CODE = {name: i for i, name in enumerate(EVENT_TYPES)}
+EVENT_HEAD = struct.Struct(">BBQ")  # type code, record kind, timestamp; the record bytes follow
+
+
+def decode_rejection(raw: bytes | memoryview) -> tuple[bytes, ResultCode, int, dict[str, Any]] | None:
+    """An idempotency record is the payload digest alone for a success, msgpack for a rejection."""
+    if len(raw) == 32:
+        return None
+    digest, code, ts, details = msgpack.unpackb(raw)
+    return digest, ResultCode(code), ts, details
 
 
 class InvariantViolation(Exception):
@@ -83,8 +98,7 @@ class Dbs(NamedTuple):
     meta: Any
 
 
-@dataclass(frozen=True, slots=True)
-class Move:
+class Move(NamedTuple):
     """One entry to append: ``released`` is the part of a hold that a post gives back."""
 
     account_id: str
@@ -128,10 +142,10 @@ def _limits_problem(row: AccountRow) -> Problem | None:
     if max(totals) >= balance_limit:
         return ResultCode.overflow, {"account_id": row.id}
     flags = row.flags
-    if (flags & AccountFlag.debits_must_not_exceed_credits
+    if (flags & FLAG_LIMIT_DEBITS
             and row.debits_posted + row.debits_pending > row.credits_posted):
         return ResultCode.exceeds_credits, {"account_id": row.id}
-    if (flags & AccountFlag.credits_must_not_exceed_debits
+    if (flags & FLAG_LIMIT_CREDITS
             and row.credits_posted + row.credits_pending > row.debits_posted):
         return ResultCode.exceeds_debits, {"account_id": row.id}
     return None
@@ -239,50 +253,50 @@ class Applier:
     def _move(self, moves: list[Move], txid: str, ts: int, new_entries: bool) -> list[TxEntry]:
         """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits."""
         rows: dict[str, AccountRow] = {}
-        staged: list[tuple[int, int, EntryRow]] = []
+        staged: list[tuple[bytes, bytes]] = []
         out: list[TxEntry] = []
+        txid_bytes = txid.encode()
         for m in moves:
             row = rows.get(m.account_id)
             if row is None:
                 row = rows[m.account_id] = self._load_row(m.account_id)
-                if new_entries and row.flags & AccountFlag.closed:
+                if new_entries and row.flags & FLAG_CLOSED:
                     raise Rejected(ResultCode.account_closed, {"account_id": row.id})
             if row.currency != m.currency:
                 raise Rejected(ResultCode.currency_mismatch,
                                {"account_id": row.id, "currency": row.currency})
             apply_totals(row, m)
-            entry = self._chain_entry(row, m, txid, ts)
-            staged.append((row.num, row.seq, entry))
-            out.append(TxEntry(row.id, m.direction, m.amount, m.currency, row.seq, entry.hash))
+            staged.append(self._chain_entry(row, m, txid, txid_bytes, ts))
+            out.append(TxEntry(row.id, m.direction, m.amount, m.currency, row.seq, row.head))
         for row in rows.values():
             problem = _limits_problem(row)
             if problem and (new_entries or problem[0] is ResultCode.overflow):
                 raise Rejected(*problem)
-        self._write_moves(rows, staged)
-        return out
-
-    def _chain_entry(self, row: AccountRow, m: Move, txid: str, ts: int) -> EntryRow:
-        row.seq += 1
-        status = ENTRY_STATUS_BYTE[m.status]
-        balance = row.balance
-        data = hashing.entry_bytes(row.id, row.seq, txid, DIRECTION_BYTE[m.direction], m.amount,
-                                   m.currency, status, balance, ts, m.released)
-        row.head = hashing.chain(row.head, data)
-        totals = None
-        if row.flags & AccountFlag.history:
-            totals = (row.debits_posted, row.credits_posted, row.debits_pending,
-                      row.credits_pending)
-        return EntryRow(ts, m.amount, m.released, m.direction, m.status, balance, row.head, txid,
-                        totals)
-
-    def _write_moves(self, rows: dict[str, AccountRow],
-                     staged: list[tuple[int, int, EntryRow]]) -> None:
-        put, entries_db = self.txn.put, self.dbs.entries
-        for num, seq, entry in staged:
-            put(entry_key(num, seq), pack_entry(entry), db=entries_db)
-        accounts_db = self.dbs.accounts
+        put, entries_db, accounts_db = self.txn.put, self.dbs.entries, self.dbs.accounts
+        for key, value in staged:
+            put(key, value, db=entries_db)
         for row in rows.values():
             put(row.id.encode(), row.pack(), db=accounts_db)
+        return out
+
+    @staticmethod
+    def _chain_entry(row: AccountRow, m: Move, txid: str, txid_bytes: bytes,
+                     ts: int) -> tuple[bytes, bytes]:
+        """Advance the account's seq and hash chain; returns the entry's key and packed record."""
+        row.seq += 1
+        status = ENTRY_STATUS_BYTE[m.status]
+        direction = DIRECTION_BYTE[m.direction]
+        balance = row.balance
+        data = hashing.entry_bytes(row.id, row.seq, txid, direction, m.amount, m.currency, status,
+                                   balance, ts, m.released)
+        row.head = hashing.chain(row.head, data)
+        totals = None
+        if row.flags & FLAG_HISTORY:
+            totals = (row.debits_posted, row.credits_posted, row.debits_pending,
+                      row.credits_pending)
+        value = pack_entry_fields(ts, m.amount, m.released, direction, status, balance, row.head,
+                                  totals, txid_bytes)
+        return entry_key(row.num, row.seq), value
 
     # ---- transactions -------------------------------------------------------------------------
 
@@ -343,7 +357,7 @@ class Applier:
                      for e in hold.entries]
         entries = self._move(moves, cmd.id, ts, new_entries=post)
         status = STATUS_POSTED if post else STATUS_VOIDED
-        self._update(replace(hold, status=status, resolved_by=cmd.id))
+        self._update(hold._replace(status=status, resolved_by=cmd.id))
         self._drop_expiry(hold)
         return Transaction(cmd.id, status, tuple(entries), hold.code, hold.metadata, ts,
                            pending_id=hold.id)
@@ -374,7 +388,7 @@ class Applier:
         moves = [Move(e.account_id, flip[e.direction], e.amount, e.currency, STATUS_POSTED)
                  for e in orig.entries]
         entries = self._move(moves, cmd.id, ts, new_entries=True)
-        self._update(replace(orig, reversed_by=cmd.id))
+        self._update(orig._replace(reversed_by=cmd.id))
         return Transaction(cmd.id, STATUS_POSTED, tuple(entries), orig.code, orig.metadata, ts,
                            reverses=orig.id)
 
@@ -394,7 +408,7 @@ class Applier:
             moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
                      for e in hold.entries]
             self._move(moves, hold.id, ts, new_entries=False)
-            expired = replace(hold, status=STATUS_EXPIRED)
+            expired = hold._replace(status=STATUS_EXPIRED)
             self._update(expired)
             self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired))
 
@@ -415,7 +429,7 @@ class Applier:
         packed = pack_transaction(tx)
         key = tx.id.encode()
         self.txn.put(key, packed, db=self.dbs.transactions)
-        self.txn.put(key, msgpack.packb([digest, 0, tx.timestamp, {}]), db=self.dbs.idempotency)
+        self.txn.put(key, digest, db=self.dbs.idempotency)
         self._emit(event, tx.timestamp, EVENT_TRANSACTION, packed)
 
     def _reject(self, txid: str, digest: bytes, exc: Rejected, ts: int) -> Result:
@@ -428,19 +442,20 @@ class Applier:
         raw = self.txn.get(txid.encode(), db=self.dbs.idempotency)
         if raw is None:
             return None
-        stored, code, _ts, details = msgpack.unpackb(raw)
+        rejection = decode_rejection(raw)
+        stored = bytes(raw) if rejection is None else rejection[0]
         if stored != digest:
             return Result(ResultCode.idempotency_key_reused, txid)
-        if code:
-            return Result(ResultCode(code), txid, replayed=True, details=details)
+        if rejection is not None:
+            return Result(rejection[1], txid, replayed=True, details=rejection[3])
         tx = self._load_tx(txid)
         ensure(tx is not None, f"idempotency record without transaction {txid}")
         assert tx is not None
-        as_created = replace(tx, status=tx.initial_status, reversed_by=None, resolved_by=None)
+        as_created = tx._replace(status=tx.initial_status, reversed_by=None, resolved_by=None)
         return Result(ResultCode.ok, txid, record=as_created, replayed=True)
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:
         offset = self.state.next_offset
         self.state.next_offset += 1
-        self.txn.put(U64.pack(offset), msgpack.packb([event_type, ts, kind, record]),
-                     db=self.dbs.outbox, append=True)
+        head = EVENT_HEAD.pack(EVENT_TYPE_CODE[event_type], kind, ts)
+        self.txn.put(U64.pack(offset), head + record, db=self.dbs.outbox, append=True)

@@ -18,7 +18,6 @@ import msgpack
 
 from . import hashing
 from .codec import CodecError, Invalid, decode_requests
-from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
@@ -33,7 +32,15 @@ from .layout import (
     unpack_entry,
     unpack_transaction,
 )
-from .ledger import EVENT_ACCOUNT, Applier, Dbs, InvariantViolation
+from .ledger import (
+    EVENT_ACCOUNT,
+    EVENT_HEAD,
+    EVENT_TYPES,
+    Applier,
+    Dbs,
+    InvariantViolation,
+    decode_rejection,
+)
 from .records import (
     Account,
     Balance,
@@ -258,10 +265,11 @@ class Reader:
         if raw is not None:
             return unpack_transaction(raw)
         idem = self.txn.get(txid.encode(), db=self.dbs.idempotency)
-        if idem is None:
+        rejection = None if idem is None else decode_rejection(idem)
+        if rejection is None:
             return None
-        _digest, code, ts, details = msgpack.unpackb(idem)
-        return Rejection(txid, ResultCode(code), ts, details)
+        _digest, code, ts, details = rejection
+        return Rejection(txid, code, ts, details)
 
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
         """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""
@@ -277,7 +285,8 @@ class Reader:
         return out
 
     def _event(self, offset: int, value: Raw) -> Event:
-        event_type, ts, kind, record = msgpack.unpackb(value)
+        type_code, kind, ts = EVENT_HEAD.unpack_from(value)
+        event_type, record = EVENT_TYPES[type_code], bytes(value[EVENT_HEAD.size:])
         if kind == EVENT_ACCOUNT:
             account_id, packed = msgpack.unpackb(record)
             acct = unpack_account(account_id, packed).to_account()
