@@ -1,0 +1,158 @@
+"""End to end over real node processes (cluster/testing.py): 3 nodes, 2 shards, fsync, loopback.
+
+Clients talk to any node; nodes forward writes to leaders and serve reads from their own replica.
+Processes are paused (SIGSTOP) or killed only by the pids this test's cluster started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from raftledger.cluster.router import shard_for_account
+from raftledger.cluster.testing import LocalCluster
+
+pytestmark = pytest.mark.slow
+
+SHARDS = 2
+poll_s = 0.05
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    with LocalCluster(tmp_path, nodes=3, shards=SHARDS) as c:
+        yield c
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as session:
+        yield session
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(poll_s)  # poll interval
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+
+
+async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any,
+                                                                                        Any]:
+    async with http.request(method, url, **kw) as resp:
+        return resp.status, await resp.json(), resp.headers
+
+
+async def write(http: aiohttp.ClientSession, url: str, path: str, body: Any,
+                timeout_s: float = 20.0) -> tuple[int, Any, Any]:
+    """POST, retrying 503s and lost connections with the same id, as a client should."""
+    async def attempt() -> tuple[int, Any, Any] | None:
+        try:
+            status, data, headers = await call(http, "POST", url + path, json=body)
+        except aiohttp.ClientError:
+            return None
+        return None if status == 503 else (status, data, headers)
+    return await until(attempt, timeout_s, f"POST {path} to succeed")
+
+
+def transfer(txid: str, debit: str, credit: str, amount: int = 10) -> dict[str, Any]:
+    return {"id": txid, "debit_account_id": debit, "credit_account_id": credit,
+            "amount": amount, "currency": "BRL"}
+
+
+async def test_follower_read_with_token_of_acknowledged_write_always_sees_it(cluster, http):
+    urls = list(cluster.urls.values())
+    a, b = "a:{rw}", "b:{rw}"
+    shard = shard_for_account(a, SHARDS)
+    for ident in (a, b):
+        assert (await write(http, urls[0], "/v1/accounts", {"id": ident, "currency": "BRL"}))[0] \
+            == 201
+    leader = cluster.leader(shard)
+    followers = [cluster.urls[n] for n in cluster.node_ids if n != leader]
+    for n in range(30):
+        status, _, headers = await write(http, urls[n % 3], "/v1/transactions",
+                                         transfer(f"rw{n}", a, b))
+        assert status == 201
+        token = headers["X-Ledger-Token"]
+        reader = followers[n % len(followers)]
+        status, balance, rh = await call(http, "GET", f"{reader}/v1/accounts/{a}/balance",
+                                         params={"min_token": token})
+        assert status == 200 and balance["balance"] == 10 * (n + 1), (status, balance)
+        assert rh["X-Ledger-Node"] != leader
+
+
+async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(cluster, http):
+    a = "a:{st}"
+    shard = shard_for_account(a, SHARDS)
+    _, _, headers = await write(http, cluster.urls["n0"], "/v1/accounts",
+                                {"id": a, "currency": "BRL"})
+    leader = cluster.leader(shard)
+    lone = next(n for n in cluster.node_ids if n != leader)
+    others = [n for n in cluster.node_ids if n != lone]
+    url = f"{cluster.urls[lone]}/v1/accounts/{a}"
+    params = {"max_staleness_ms": "500", "min_token": headers["X-Ledger-Token"]}
+    assert (await call(http, "GET", url, params=params))[0] == 200
+    for node in others:  # pause the leader and the third replica: no leader reaches `lone`
+        os.kill(cluster.pids[node], signal.SIGSTOP)
+    try:
+        async def refused() -> bool:
+            status, body, rh = await call(http, "GET", url, params={"max_staleness_ms": "500"})
+            return status == 503 and body["error"]["code"] == "stale_replica" and \
+                "Retry-After" in rh
+        await until(refused, 15, "a stale_replica refusal")
+        status, _, rh = await call(http, "GET", url)  # a local read is still served, and says so
+        assert status == 200 and int(rh["X-Ledger-Staleness-Ms"]) > 500
+    finally:
+        for node in others:
+            os.kill(cluster.pids[node], signal.SIGCONT)
+
+    async def served() -> bool:
+        return (await call(http, "GET", url, params={"max_staleness_ms": "500"}))[0] == 200
+    await until(served, 20, "bounded-staleness reads served again")
+
+
+async def test_writes_survive_the_leader_being_killed(cluster, http):
+    a, b = "a:{kl}", "b:{kl}"
+    shard = shard_for_account(a, SHARDS)
+    for ident in (a, b):
+        await write(http, cluster.urls["n0"], "/v1/accounts", {"id": ident, "currency": "BRL"})
+    leader = cluster.leader(shard)
+    cluster.kill(leader)
+    survivor = next(u for n, u in cluster.urls.items() if n != leader)
+    status, body, headers = await write(http, survivor, "/v1/transactions",
+                                        transfer("after-kill", a, b, 25), timeout_s=30)
+    assert status == 201 and body["status"] == "posted"
+    status, balance, _ = await call(http, "GET", f"{survivor}/v1/accounts/{b}/balance",
+                                    params={"consistency": "linearizable"})
+    assert status == 200 and balance["balance"] == -25
+
+
+async def test_malformed_requests_never_break_a_real_node(cluster, http):
+    url = cluster.urls["n1"]
+    corpus = [b"{", b"[]", b'{"id":"x","amount":1.5}', b"[" * 10_000, b"\x00\xff",
+              b'{"id":"t","debit_account_id":"a","credit_account_id":"b","amount":-1,'
+              b'"currency":"BRL"}']
+    for raw in corpus:
+        async with http.post(url + "/v1/transactions", data=raw,
+                             headers={"Content-Type": "application/json"}) as resp:
+            assert 400 <= resp.status < 500
+            assert "code" in (await resp.json())["error"]
+    big = b'{"id":"' + b"x" * (9 * 2**20) + b'"}'
+    async with http.post(url + "/v1/transactions", data=big,
+                         headers={"Content-Type": "application/json"}) as resp:
+        assert resp.status == 413
+    assert (await call(http, "GET", url + "/healthz"))[0] == 200
+    status, view, _ = await call(http, "GET", url + "/v1/cluster")
+    assert status == 200 and len(view["shards"]) == SHARDS
+    metrics = await (await http.get(url + "/metrics")).text()
+    assert 'raftledger_http_request_seconds_count{method="POST",route="/v1/transactions"' in metrics
