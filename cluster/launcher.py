@@ -158,11 +158,12 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None) -> subproce
 
 # -- HTTP helpers (stdlib only, so the launcher needs no event loop) -------------------------------
 def http_json(method: str, url: str, body: bytes | None = None,
-              content_type: str = "application/json") -> tuple[int, Any]:
+              content_type: str = "application/json",
+              timeout_s: float = http_timeout_s) -> tuple[int, Any]:
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"Content-Type": content_type} if body else {})
     try:
-        with urllib.request.urlopen(request, timeout=http_timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
             return response.status, json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         raw = exc.read()

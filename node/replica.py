@@ -42,23 +42,26 @@ batch_bytes_max = 1 << 20
 linger_ms = 2.0
 # Bounds on the asyncio side: queued requests not yet proposed, entries proposed but not yet applied.
 requests_queued_max = 50_000
-entries_inflight_max = 64
+entries_inflight_max = 16
 commit_timeout_s = 10.0
 overloaded_retry_after_s = 0.5
 drain_timeout_s = 5.0
 drain_poll_s = 0.01
 # Raft timing (seconds) and PySyncObj queues.
 append_entries_period_s = 0.05
-election_timeout_min_s = 0.4
-election_timeout_max_s = 0.8
-leader_fallback_timeout_s = 1.5
-connection_timeout_s = 2.0
+election_timeout_min_s = 0.8
+election_timeout_max_s = 1.6
+leader_fallback_timeout_s = 3.0
+connection_timeout_s = 3.0
 connection_retry_s = 0.3
 raft_commands_queued_max = 1000
 append_entries_bytes_max = 8 << 20
 snapshot_chunk_bytes = 1 << 20
 log_compaction_entries_min = 5000
 log_compaction_interval_s = 300.0
+# Apply at most about this many payload bytes per tick (at least one entry), so a replica that has many
+# committed entries to apply still answers and sends heartbeats between slices.
+apply_bytes_per_tick_max = 64 << 10
 
 SendObserver = Callable[[Any, dict], None]
 
@@ -142,7 +145,13 @@ class ShardReplica(SyncObj):
             logCompactionMinEntries=s.log_compaction_entries_min,
             logCompactionMinTime=s.log_compaction_interval_s,
             sendBufferSize=1 << 20, recvBufferSize=1 << 20,
+            onStateChanged=self._state_changed,
         )
+
+    def _state_changed(self, old: int, new: int) -> None:
+        names = ("follower", "candidate", "leader")
+        log.info("shard %d: %s -> %s (term %d)", self.settings.shard, names[old], names[new],
+                 self.raftCurrentTerm)
 
     @property
     def journal(self) -> journal_mod.DurableJournal:
@@ -161,6 +170,14 @@ class ShardReplica(SyncObj):
         if self._on_applied is not None:
             self._on_applied(index)
         return index, outcomes
+
+    def _SyncObj__getEntries(self, fromIDx, count=None, maxSizeBytes=None):  # noqa: N802, N803, ANN001
+        """PySyncObj's private entry reader. Only its apply loop asks for more than two entries by
+        count (commit checks ask for 1, compaction for 2, replication by bytes): cap that one by bytes
+        so one tick never applies minutes of backlog while heartbeats and acks wait."""
+        if count is not None and count > 2 and maxSizeBytes is None:
+            maxSizeBytes = apply_bytes_per_tick_max
+        return SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
 
     def _before_send(self, node: Any, message: dict) -> None:
         self.journal.flush_if_dirty()

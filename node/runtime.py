@@ -29,7 +29,9 @@ from .service import NotLeader, Unavailable
 
 log = logging.getLogger(__name__)
 
+BENCH_ENV = "RAFTLEDGER_BENCH"
 shutdown_drain_s = 5.0
+gil_switch_interval_s = 0.0005
 http_shutdown_s = 2.0
 
 
@@ -202,6 +204,32 @@ async def node_totals(request: web.Request) -> web.Response:
                                              for c, v in totals.items()}})
 
 
+_bench_runs: dict[str, asyncio.Task] = {}
+
+
+async def node_bench(request: web.Request) -> web.Response:
+    """Start the in-process load generator against this replica (nodes run with RAFTLEDGER_BENCH=1);
+    it runs in the background (longer than any request timeout) and is polled at /_node/bench/{run}."""
+    from raftledger.bench.load import run_load
+
+    service = _service(request)
+    params = await request.json()
+    run = f"{service.shard}.{len(_bench_runs)}"
+    _bench_runs[run] = asyncio.create_task(run_load(
+        service, transfers=int(params["transfers"]), concurrency=int(params["concurrency"]),
+        prefix=str(params["prefix"])))
+    return web.json_response({"run": run}, status=202)
+
+
+async def node_bench_result(request: web.Request) -> web.Response:
+    task = _bench_runs.get(request.match_info["run"])
+    if task is None:
+        raise web.HTTPNotFound(text="no such run")
+    if not task.done():
+        return web.json_response({"done": False}, status=202)
+    return web.json_response({"done": True, **task.result()})
+
+
 def _api_mount() -> Callable[[web.Application, NodeRuntime], None] | None:
     try:
         module = importlib.import_module("raftledger.node.http")
@@ -218,6 +246,9 @@ def build_app(runtime: NodeRuntime) -> web.Application:
     app.router.add_get("/_node/shards/{shard}/accounts/{account:[^/]+}", node_balance)
     app.router.add_get("/_node/shards/{shard}/transactions/{tx:[^/]+}", node_transaction)
     app.router.add_get("/_node/shards/{shard}/totals", node_totals)
+    if os.environ.get(BENCH_ENV) == "1":
+        app.router.add_post("/_node/shards/{shard}/bench", node_bench)
+        app.router.add_get("/_node/bench/{run}", node_bench_result)
     mount = _api_mount()
     if mount is not None:
         mount(app, runtime)
@@ -252,6 +283,12 @@ async def serve(config: NodeConfig) -> None:
 
 
 def run(config: NodeConfig) -> None:
+    import sys
+
     import uvloop
 
+    # The Raft tick threads block in syscalls (poll, send, msync) many times per tick; each time they
+    # wait up to the GIL switch interval to get back in while the event loop is busy. A shorter
+    # interval keeps heartbeats and acks timely under load.
+    sys.setswitchinterval(gil_switch_interval_s)
     uvloop.run(serve(config))

@@ -1,0 +1,74 @@
+"""In-process load against a shard service: the node runs it next to the leader it measures.
+
+A node started with RAFTLEDGER_BENCH=1 exposes ``POST /_node/shards/{shard}/bench`` which calls
+``run_load`` on its local replica, so the figures are replication + fsync + apply, not HTTP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from typing import Any
+
+from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+
+CURRENCY = "USD"
+accounts_default = 1000
+concurrency_max = 100_000
+transfers_max = 10_000_000
+
+
+def transfer(tx_id: str, debit: str, credit: str) -> CreateTransaction:
+    return CreateTransaction(id=tx_id, entries=(EntrySpec(debit, Direction.debit, 1, CURRENCY),
+                                                EntrySpec(credit, Direction.credit, 1, CURRENCY)))
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+async def run_load(service: Any, *, transfers: int, concurrency: int, prefix: str,
+                   accounts: int = accounts_default) -> dict[str, Any]:
+    """Create ``accounts`` accounts, then ``transfers`` two-entry transfers, ``concurrency`` in flight."""
+    transfers, concurrency = min(transfers, transfers_max), min(concurrency, concurrency_max)
+    ids = [f"{prefix}{i}" for i in range(accounts)]
+    await asyncio.gather(*(service.submit(CreateAccount(id=a, currency=CURRENCY)) for a in ids))
+    rng = random.Random(prefix)
+    latencies: list[float] = []
+    failures = 0
+    reasons: dict[str, int] = {}
+    gate = asyncio.Semaphore(concurrency)
+    entries_before = service.entries_proposed
+
+    async def one(i: int) -> None:
+        nonlocal failures
+        debit, credit = rng.sample(ids, 2)
+        started = time.perf_counter()
+        try:
+            committed = await service.submit(transfer(f"{prefix}t{i}", debit, credit))
+            reason = None if committed.outcome.ok else committed.outcome.code.name
+        except Exception as exc:
+            reason = type(exc).__name__
+        finally:
+            gate.release()
+        if reason is None:
+            latencies.append(time.perf_counter() - started)
+        else:
+            failures += 1
+            reasons[reason] = reasons.get(reason, 0) + 1
+
+    started = time.perf_counter()
+    tasks = []
+    for i in range(transfers):
+        await gate.acquire()
+        tasks.append(asyncio.create_task(one(i)))
+    await asyncio.gather(*tasks)
+    elapsed = time.perf_counter() - started
+    latencies.sort()
+    return {"transfers": len(latencies), "failures": failures, "elapsed_s": elapsed,
+            "per_s": len(latencies) / elapsed if elapsed else 0.0,
+            "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
+            "entries": service.entries_proposed - entries_before, "failure_reasons": reasons}
