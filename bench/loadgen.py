@@ -11,7 +11,9 @@ requests that cannot start because every connection is busy are counted as ``lat
 
 Accounts share hash tags in small groups (``acct-<n>:{g<k>}``), so every transfer stays on one shard.
 Requests go round-robin to every URL given: followers forward writes to the leader, as clients would
-see in production behind a load balancer.
+see in production behind a load balancer. With ``--direct`` each request goes to the leader of its
+shard (looked up once in ``/v1/cluster``; a batch then holds transfers of one shard), as a client that
+knows the shard map would do.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
+from raftledger.cluster.router import shard_for_account
 
 accounts_per_group = 8
 setup_chunk_accounts = 500
@@ -64,6 +67,8 @@ class Workload:
     groups: int
     prefix: str
     seq: itertools.count = field(default_factory=itertools.count)
+    leader_urls: dict[int, str] | None = None  # --direct: shard -> its leader's URL
+    shard_count: int = 1
 
     def account(self, group: int, n: int) -> str:
         return f"{self.prefix}-{n}:{{g{group}}}"
@@ -72,20 +77,29 @@ class Workload:
         return [{"id": self.account(g, n), "currency": "USD"}
                 for g in range(self.groups) for n in range(accounts_per_group)]
 
-    def transfer(self, rng: random.Random) -> dict[str, Any]:
+    def group_shard(self, group: int) -> int:
+        return shard_for_account(self.account(group, 0), self.shard_count)
+
+    def transfer(self, rng: random.Random, shard: int | None = None) -> dict[str, Any]:
         group = rng.randrange(self.groups)
+        while shard is not None and self.group_shard(group) != shard:
+            group = rng.randrange(self.groups)
         debit, credit = rng.sample(range(accounts_per_group), 2)
         return {"id": f"{self.prefix}-t{next(self.seq)}",
                 "debit_account_id": self.account(group, debit),
                 "credit_account_id": self.account(group, credit),
                 "amount": rng.randint(1, amount_max), "currency": "USD"}
 
-    def request(self, rng: random.Random) -> tuple[str, dict[str, Any], int]:
-        """(path, body, transfers in it)."""
+    def request(self, rng: random.Random, url: str) -> tuple[str, dict[str, Any], int]:
+        """(url, body, transfers in it)."""
+        shard = rng.randrange(self.shard_count) if self.leader_urls else None
+        if shard is not None:
+            assert self.leader_urls is not None
+            url = self.leader_urls[shard]
         if self.mode == "single":
-            return "/v1/transactions", self.transfer(rng), 1
-        items = [self.transfer(rng) for _ in range(self.batch_size)]
-        return "/v1/transactions/batch", {"transactions": items}, self.batch_size
+            return url + "/v1/transactions", self.transfer(rng, shard), 1
+        items = [self.transfer(rng, shard) for _ in range(self.batch_size)]
+        return url + "/v1/transactions/batch", {"transactions": items}, self.batch_size
 
 
 def ok_transfers(status: int, body: bytes, count: int) -> int:
@@ -108,9 +122,9 @@ async def setup(session: aiohttp.ClientSession, work: Workload) -> None:
 
 async def one_request(session: aiohttp.ClientSession, work: Workload, rng: random.Random,
                       url: str, stats: Stats, started: float) -> None:
-    path, body, count = work.request(rng)
+    target, body, count = work.request(rng, url)
     try:
-        async with session.post(url + path, json=body) as resp:
+        async with session.post(target, json=body) as resp:
             data = await resp.read()
             stats.record(resp.status, time.perf_counter() - started,
                          ok_transfers(resp.status, data, count))
@@ -163,8 +177,16 @@ def summary(stats: Stats, elapsed_s: float, work: Workload, args: argparse.Names
         "requests_per_s": round(len(lat) / elapsed_s, 1),
         "transfers_per_s": round(stats.transfers_ok / elapsed_s, 1),
         "latency_ms": ms, "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
-        "late": stats.late,
+        "late": stats.late, "direct": bool(work.leader_urls),
     }
+
+
+async def find_leaders(session: aiohttp.ClientSession, work: Workload) -> None:
+    async with session.get(work.urls[0] + "/v1/cluster") as resp:
+        view = await resp.json()
+    urls = {n["id"]: n["url"] for n in view["nodes"]}
+    work.shard_count = len(view["shards"])
+    work.leader_urls = {s["id"]: urls[s["leader"]] for s in view["shards"]}
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -175,6 +197,8 @@ async def run(args: argparse.Namespace) -> dict:
     timeout = aiohttp.ClientTimeout(total=request_timeout_s)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         await setup(session, work)
+        if args.direct:
+            await find_leaders(session, work)
         if args.warmup > 0:
             await closed_loop(session, work, Stats(), args.connections,
                               time.perf_counter() + args.warmup)
@@ -199,6 +223,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds not measured")
     parser.add_argument("--groups", type=int, default=512, help="hash-tag groups of accounts")
     parser.add_argument("--prefix", default="", help="id prefix (default: unique per run)")
+    parser.add_argument("--direct", action="store_true", help="send each request to its leader")
     args = parser.parse_args(argv)
     try:
         import uvloop
