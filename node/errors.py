@@ -151,7 +151,7 @@ class ApiError(Exception):
 
 def message_for(code: str) -> str:
     if code in ResultCode.__members__:
-        return MESSAGES[ResultCode[code]]
+        return str(MESSAGES[ResultCode[code]])
     return EDGE_MESSAGES.get(code, code)
 
 

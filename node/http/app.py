@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import uvloop
@@ -14,7 +15,9 @@ from .middleware import EDGE, EdgeState, edge
 
 ID = "{id:[^/]+}"  # ids may hold braces ({tag}), raw or percent-encoded
 
-ROUTES: tuple[tuple[str, str, web.RequestHandler], ...] = (  # type: ignore[type-arg]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/v1/accounts", writes.create_accounts),
     ("GET", f"/v1/accounts/{ID}", reads.get_account),
     ("GET", f"/v1/accounts/{ID}/balance", reads.get_balance),

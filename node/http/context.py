@@ -55,7 +55,7 @@ class NodeContext:
             self.metrics = Metrics(self.node_id)
 
     def shard_of(self, account_id: str) -> int:
-        return shard_for_account(account_id, self.shard_count)
+        return int(shard_for_account(account_id, self.shard_count))
 
     def nodes_of(self, shard: int) -> Sequence[str]:
         if self.placement is not None and shard in self.placement:

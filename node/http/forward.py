@@ -99,10 +99,10 @@ async def _via_leader(ctx: NodeContext, shard: int,
             if leader == ctx.node_id and svc is not None:
                 return await local(svc)
             return await remote(leader)
-        except NotLeader as exc:
-            hint = exc.leader if exc.leader != leader else None
-        except RemoteNotLeader as exc:
-            hint = exc.leader if exc.leader != leader else None
+        except (NotLeader, RemoteNotLeader) as exc:
+            hint = exc.leader if exc.leader not in (leader, None) else None
+            if hint == ctx.node_id and svc is None:
+                hint = None
         except Unavailable as exc:
             error = from_unavailable(exc)
             if error.code == "overloaded":
@@ -219,14 +219,17 @@ async def _post_internal(ctx: NodeContext, node: str, path: str, data: bytes) ->
 
 
 def _internal_reply(status: int, payload: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    body = json.loads(payload)
+    body: dict[str, Any] = json.loads(payload)
     if status == 200:
         return body
     error = body.get("error", {})
-    if error.get("code") == "not_leader":
-        raise RemoteNotLeader(error.get("details", {}).get("leader"))
     code = error.get("code", "unavailable")
+    if code == "not_leader":
+        raise RemoteNotLeader(error.get("details", {}).get("leader"))
     retry_after = float(headers.get("Retry-After", "1"))
+    if status != 503:  # the hop failed, not the client's request
+        raise ApiError("unavailable", f"internal call answered {status} {code}",
+                       retry_after_s=retry_after)
     raise ApiError(code, error.get("message"), details=error.get("details"),
                    retry_after_s=retry_after)
 

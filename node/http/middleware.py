@@ -76,7 +76,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request_id_var.set(request_id)
     started = time.perf_counter()
     route = route_name(request)
-    bounded = route not in UNBOUNDED_ROUTES
+    bounded = int(route not in UNBOUNDED_ROUTES)
+    response: web.StreamResponse
     try:
         if bounded and state.in_flight >= ctx.limits.requests_in_flight_max:
             assert ctx.metrics is not None

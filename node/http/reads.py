@@ -64,12 +64,13 @@ def freshness_headers(ctx: NodeContext, svc: ShardService, applied: int) -> dict
             STALENESS_HEADER: "-1" if age is None else str(round(age))}
 
 
-async def _read(request: web.Request, account_id: str, query_allowed: frozenset[str],
+async def _read(request: web.Request, account_id: str,
                 query: Callable[[Reader], Any]) -> web.Response:
-    """Route by account, honour the consistency asked for, run ``query`` in one read txn."""
+    """Route by account, honour the consistency asked for, run ``query`` in one read txn.
+
+    The handler has checked the query string's parameter names already."""
     ctx = context_of(request)
     parse.parse_id(account_id, "id")
-    parse.check_query(request.query, query_allowed)
     params = parse.parse_read_params(request.query)
     svc = ctx.shards.get(ctx.shard_of(account_id))
     if svc is None:
@@ -99,14 +100,15 @@ async def get_account(request: web.Request) -> web.Response:
         account = reader.account(account_id)
         return None if account is None else account.to_json(reader.shard)
 
+    parse.check_query(request.query, parse.READ_PARAMS)
     account_id = request.match_info["id"]
-    return await _read(request, account_id, parse.READ_PARAMS, query)
+    return await _read(request, account_id, query)
 
 
 async def get_balance(request: web.Request) -> web.Response:
     at_seq, at_ns = parse.parse_balance_query(request.query)
     account_id = request.match_info["id"]
-    return await _read(request, account_id, parse.BALANCE_PARAMS,
+    return await _read(request, account_id,
                        lambda r: r.balance(account_id, at_seq=at_seq, at_ns=at_ns).to_json())
 
 
@@ -120,7 +122,7 @@ async def get_entries(request: web.Request) -> web.Response:
                                            from_ns=q.from_ns, to_ns=q.to_ns)
         return {"entries": [e.to_json() for e in page], "next": next_cursor}
 
-    return await _read(request, account_id, parse.ENTRIES_PARAMS, query)
+    return await _read(request, account_id, query)
 
 
 async def get_transaction(request: web.Request) -> web.Response:

@@ -36,6 +36,8 @@ def transaction_shard(ctx: NodeContext, command: CreateTransaction) -> int:
 
 
 def token_headers(replies: Sequence[ShardReply]) -> dict[str, str]:
+    if not replies:
+        return {}  # nothing was written (every item was refused before reaching a shard)
     return {TOKEN_HEADER: parse.format_token({r.shard: r.index for r in replies})}
 
 
