@@ -21,15 +21,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.transport import TCPTransport
 from raftledger.statemachine import codec
-from raftledger.statemachine.commands import AnyCommand, Request
+from raftledger.statemachine.commands import AnyCommand, Batch, CreateTransaction, Request
 from raftledger.statemachine.records import Outcome
 from raftledger.statemachine.store import LedgerStore
 
 from . import journal as journal_mod
+from .applier import Applier
 from .service import Committed, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .snapshot import Snapshotter, StoreSlot
 
@@ -46,6 +48,8 @@ entries_inflight_max = 16
 commit_timeout_s = 10.0
 overloaded_retry_after_s = 0.5
 drain_timeout_s = 5.0
+command_overhead_bytes = 48  # size_hint: tags, flags, timestamps, msgpack headers
+entry_overhead_bytes = 16
 drain_poll_s = 0.01
 # Raft timing (seconds) and PySyncObj queues.
 append_entries_period_s = 0.05
@@ -59,9 +63,10 @@ append_entries_bytes_max = 8 << 20
 snapshot_chunk_bytes = 1 << 20
 log_compaction_entries_min = 5000
 log_compaction_interval_s = 300.0
-# Apply at most about this many payload bytes per tick (at least one entry), so a replica that has many
-# committed entries to apply still answers and sends heartbeats between slices.
-apply_bytes_per_tick_max = 64 << 10
+# Hand the applier at most about this many payload bytes per tick (at least one entry), and nothing while
+# this many entries wait for it, so the tick thread stays free for heartbeats, acks and elections.
+apply_bytes_per_tick_max = 256 << 10
+apply_backlog_entries_max = 32
 
 SendObserver = Callable[[Any, dict], None]
 
@@ -121,9 +126,9 @@ class ShardReplica(SyncObj):
         self.settings = settings
         os.makedirs(settings.directory, exist_ok=True)
         self.slot = StoreSlot(settings.directory, settings.shard, sync=settings.sync, retire=retire)
+        self.applier = Applier(self.slot, on_applied)
         dump_file = os.path.join(settings.directory, "raft.dump")
-        self.snapshotter = Snapshotter(self.slot, dump_file, sync=settings.sync)
-        self._on_applied = on_applied
+        self.snapshotter = Snapshotter(self.slot, dump_file, self.applier, sync=settings.sync)
         journal_file = os.path.join(settings.directory, "raft.journal")
         journal_mod.register(journal_file, journal_mod.JournalOptions(
             settings.durability, settings.on_flush, settings.on_meta))
@@ -162,22 +167,28 @@ class ShardReplica(SyncObj):
         return self.slot.current
 
     @replicated
-    def apply_batch(self, payload: bytes) -> tuple[int, list[Outcome] | None]:
-        """Apply one entry. PySyncObj increments raftLastApplied after this returns, so the entry being
-        applied is raftLastApplied + 1 (it passes no index itself)."""
+    def apply_batch(self, payload: bytes) -> int:
+        """Hand one committed entry to the applier and return its log index. PySyncObj increments
+        raftLastApplied after this returns, so the entry is raftLastApplied + 1 (it passes no index)."""
         index = self.raftLastApplied + 1
-        outcomes = self.slot.current.apply_entry(index, payload)
-        if self._on_applied is not None:
-            self._on_applied(index)
-        return index, outcomes
+        self.applier.submit(index, payload)
+        return index
 
     def _SyncObj__getEntries(self, fromIDx, count=None, maxSizeBytes=None):  # noqa: N802, N803, ANN001
         """PySyncObj's private entry reader. Only its apply loop asks for more than two entries by
-        count (commit checks ask for 1, compaction for 2, replication by bytes): cap that one by bytes
-        so one tick never applies minutes of backlog while heartbeats and acks wait."""
+        count (commit checks ask for 1, compaction for 2, replication by bytes): slice that one by
+        bytes, and hand nothing over while the applier is ``apply_backlog_entries_max`` behind."""
         if count is not None and count > 2 and maxSizeBytes is None:
+            if self.applier.backlog() >= apply_backlog_entries_max:
+                return []
             maxSizeBytes = apply_bytes_per_tick_max
         return SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
+
+    def raft_applied_index(self) -> int:
+        """Last log index whose effects are in the store (no-op entries never reach the store)."""
+        if self.applier.backlog() == 0:
+            return max(self.raftLastApplied, self.applier.processed)
+        return self.applier.processed
 
     def _before_send(self, node: Any, message: dict) -> None:
         self.journal.flush_if_dirty()
@@ -198,8 +209,9 @@ class ShardReplica(SyncObj):
         return self._SyncObj__transport.last_append_entries  # type: ignore[attr-defined]
 
     def close(self) -> None:
-        """Stop the tick thread (flushing the journal), then close the store."""
+        """Stop the tick thread (flushing the journal), finish applying, then close the store."""
         self.destroy_synchronous()
+        self.applier.close()
         self.snapshotter.close()
         self.slot.close()
 
@@ -209,6 +221,19 @@ class _Queued:
     command: AnyCommand
     size: int
     future: asyncio.Future
+
+
+def size_hint(command: AnyCommand) -> int:
+    """About the encoded size of a command, without encoding it (the batch is encoded once)."""
+    if isinstance(command, Batch):
+        return sum(size_hint(c) for c in command.commands) + command_overhead_bytes
+    size = command_overhead_bytes + len(command.id)
+    if isinstance(command, CreateTransaction):
+        size += sum(len(e.account_id) + len(e.currency) + entry_overhead_bytes for e in command.entries)
+    metadata = getattr(command, "metadata", None)
+    if metadata:
+        size += len(msgpack.packb(metadata, default=str))
+    return size
 
 
 def fail_reason_error(reason: int, leader: str | None) -> Unavailable:
@@ -274,15 +299,21 @@ class ReplicaService:
             raise NotLeader(f"shard {self.shard}: not the leader", leader=self.leader_node_id())
         if len(self._queue) >= requests_queued_max:
             raise Overloaded(f"shard {self.shard}: queue full", retry_after_s=overloaded_retry_after_s)
-        size = len(codec.encode_command(command))
+        size = size_hint(command)
         future: asyncio.Future = self.loop.create_future()
         self._queue.append(_Queued(command, size, future))
         self._queued_bytes += size
         self._wake.set()
+        timer = self.loop.call_later(commit_timeout_s, self._expire, future)
         try:
-            return await asyncio.wait_for(asyncio.shield(future), commit_timeout_s)
-        except TimeoutError:
-            raise OutcomeUnknown(f"shard {self.shard}: no commit within {commit_timeout_s}s") from None
+            return await future
+        finally:
+            timer.cancel()
+
+    def _expire(self, future: asyncio.Future) -> None:
+        if not future.done():
+            future.set_exception(OutcomeUnknown(
+                f"shard {self.shard}: no commit within {commit_timeout_s}s; retry with the same id"))
 
     async def wait_applied(self, index: int, timeout_s: float) -> bool:
         if self.applied_index() >= index:
@@ -305,6 +336,7 @@ class ReplicaService:
 
         def on_result(result: Any, reason: int) -> None:  # tick thread
             self.loop.call_soon_threadsafe(self._settle_barrier, future, result, reason)
+            # The barrier needs only the index: it is committed once PySyncObj calls back.
 
         self.replica.apply_batch(codec.encode_requests([]), callback=on_result)
         try:
@@ -316,14 +348,14 @@ class ReplicaService:
         if future.done():
             return
         if reason == FAIL_REASON.SUCCESS and result is not None:
-            future.set_result(result[0])
+            future.set_result(result)
         else:
             future.set_exception(fail_reason_error(reason, self.leader_node_id()))
 
     def status(self) -> dict[str, Any]:
         r = self.replica
         commit, applied = r.raftCommitIndex, self.applied_index()
-        raft_applied = max(applied, r.raftLastApplied)  # no-op entries advance Raft, not the store
+        raft_applied = r.raft_applied_index()
         return {"shard": self.shard, "node": self.node_id,
                 "role": "leader" if self.is_leader() else "follower",
                 "term": r.raftCurrentTerm, "commit_index": commit, "applied_index": applied,
@@ -392,8 +424,14 @@ class ReplicaService:
         return self._last_ts
 
     def _callback(self, futures: list[asyncio.Future]) -> Callable[[Any, int], None]:
-        def on_result(result: Any, reason: int) -> None:  # tick thread
-            self.loop.call_soon_threadsafe(self._settle, futures, result, reason)
+        def on_result(index: Any, reason: int) -> None:  # tick thread
+            if reason != FAIL_REASON.SUCCESS:
+                self.loop.call_soon_threadsafe(self._settle, futures, None, reason)
+                return
+
+            def on_applied(outcomes: list[Outcome] | None) -> None:  # apply thread
+                self.loop.call_soon_threadsafe(self._settle, futures, (index, outcomes), reason)
+            self.replica.applier.notify(index, on_applied)
         return on_result
 
     def _release_inflight(self) -> None:

@@ -23,12 +23,15 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pysyncobj.config import SERIALIZER_STATE
 from raftledger.statemachine.store import LedgerStore
 
 from .journal import fsync_dir, write_file_durably
+
+if TYPE_CHECKING:
+    from .applier import Applier
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +39,7 @@ MAGIC = b"RLSNAP01"
 HEADER = struct.Struct("<8sQI")
 INDEX_OFFSET = 8
 COPY_CHUNK_BYTES = 1 << 20
+apply_wait_s = 120.0  # how long a snapshot waits for the applier to reach the snapshot's entries
 
 Retire = Callable[[LedgerStore], None]
 
@@ -132,8 +136,9 @@ def extract_lmdb(path: str, offset: int, target: str, sync: bool) -> None:
 class Snapshotter:
     """PySyncObj's serializer hooks for one replica; the copy runs on a background thread."""
 
-    def __init__(self, slot: StoreSlot, dump_file: str, *, sync: bool) -> None:
+    def __init__(self, slot: StoreSlot, dump_file: str, applier: Applier, *, sync: bool) -> None:
         self.slot = slot
+        self.applier = applier
         self.dump_file = dump_file
         self.sync = sync
         self._lock = threading.Lock()
@@ -158,16 +163,20 @@ class Snapshotter:
         with self._lock:
             self._state = SERIALIZER_STATE.SERIALIZING
             self._cancelled = False
-        store = self.slot.current
-        self._thread = threading.Thread(target=self._write, args=(store, data), daemon=True,
+        # Every entry PySyncObj has applied so far was handed to the applier up to this index; the copy
+        # must contain them all before the journal is cut at the snapshot's entry.
+        handed_over = self.applier.enqueued
+        self._thread = threading.Thread(target=self._write, args=(handed_over, data), daemon=True,
                                         name=f"snapshot-{self.slot.shard}")
         self._thread.start()
 
-    def _write(self, store: LedgerStore, meta: Any) -> None:
+    def _write(self, handed_over: int, meta: Any) -> None:
         started = time.monotonic()
         work = self.dump_file + ".bg"
         try:
-            write_snapshot(work, store, meta, self.sync)
+            if not self.applier.wait_processed(handed_over, apply_wait_s):
+                raise SnapshotError(f"applier did not reach index {handed_over}")
+            write_snapshot(work, self.slot.current, meta, self.sync)
             with self._lock:
                 if self._cancelled:
                     os.remove(work)
@@ -205,6 +214,8 @@ class Snapshotter:
     def deserialize(self, dump_file: str) -> Any:
         """Install the dump's LMDB copy unless the local store already applied as far; return meta."""
         self._cancel_background()
+        if not self.applier.wait_idle(apply_wait_s):  # the store is about to be swapped under it
+            raise SnapshotError("applier did not drain before snapshot install")
         store_index, meta, offset = read_header(dump_file)
         if self.slot.current.applied_index() < store_index:
             target = os.path.join(self.slot.directory, "incoming.mdb")

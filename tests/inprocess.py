@@ -82,7 +82,7 @@ class Group:
     async def converged(self, timeout_s: float = 15.0) -> tuple[int, str]:
         def same() -> tuple[int, str] | None:
             prints = {s.fingerprint() for s in self.services.values()}
-            indexes = {(s.replica.raftCommitIndex, s.replica.raftLastApplied)
+            indexes = {(s.replica.raftCommitIndex, s.replica.raft_applied_index())
                        for s in self.services.values()}
             if len(prints) == 1 and len(indexes) == 1:
                 commit, applied = indexes.pop()
