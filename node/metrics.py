@@ -29,6 +29,7 @@ class Metrics:
         self.requests = Histogram("raftledger_http_request_seconds", "HTTP request latency",
                                   ["method", "route", "status"], buckets=LATENCY_BUCKETS_S,
                                   registry=r)
+        self._request_children: dict[tuple[str, str, int], Any] = {}
         self.in_flight = Gauge("raftledger_http_requests_in_flight", "requests being served",
                                registry=r)
         self.results = Counter("raftledger_results_total", "command results by code and shard",
@@ -69,7 +70,11 @@ class Metrics:
 
     # -- the HTTP layer ------------------------------------------------------------------------
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).observe(seconds)
+        key = (method, route, status)
+        child = self._request_children.get(key)
+        if child is None:  # labels() is slow for a per-request path; children are few
+            child = self._request_children[key] = self.requests.labels(method, route, str(status))
+        child.observe(seconds)
 
     def observe_results(self, shard: int, kind: str, codes: Mapping[str, int],
                         replayed: int) -> None:

@@ -81,11 +81,13 @@ def decode_body(raw: bytes, content_type: str | None, *, empty: Any = None) -> A
     kind = media_type(content_type)
     if kind in MSGPACK_TYPES:
         value = _decode_msgpack(raw)
+        check_depth(value)
     elif kind in JSON_TYPES or kind.endswith("+json"):
         value = _decode_json(raw)
+        if raw.count(b"{") + raw.count(b"[") > body_depth_max:  # else it cannot nest too deep
+            check_depth(value)
     else:
         raise ApiError("unsupported_media_type", details={"content_type": kind})
-    check_depth(value)
     return value
 
 
@@ -216,6 +218,8 @@ def parse_metadata(value: Any, field: str) -> dict[str, Any]:
     """A bounded JSON object of strings, integers, booleans, null, lists and objects."""
     if not isinstance(value, dict):
         raise ApiError("invalid_metadata", details={"field": field})
+    if not value:
+        return value
     _check_metadata_values(value, field)
     size = len(json.dumps(value, separators=(",", ":")))
     if size > metadata_bytes_max:

@@ -22,6 +22,7 @@ log = logging.getLogger("raftledger.http")
 REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
 slow_request_s = 1.0
+KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -100,7 +101,8 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 def _observe(request: web.Request, route: str, status: int, seconds: float) -> None:
     ctx = context_of(request)
     assert ctx.metrics is not None
-    ctx.metrics.observe_request(request.method, route, status, seconds)
+    method = request.method if request.method in KNOWN_METHODS else "other"  # bounded labels
+    ctx.metrics.observe_request(method, route, status, seconds)
     ctx.metrics.in_flight.set(request.app[EDGE].in_flight)
     if status >= 500 or seconds >= slow_request_s:
         log.info("request", extra={"method": request.method, "route": route, "status": status,
