@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from raftledger.node.http import Limits, NodeContext, create_app
+from raftledger.node.http.context import CONTEXT
+from raftledger.node.logs import JsonFormatter, request_id_var
 from raftledger.node.service import Committed, NotLeader, Unavailable
 from raftledger.statemachine.codec import encode_requests
 from raftledger.statemachine.commands import Request
@@ -436,3 +439,30 @@ async def test_in_flight_bound_answers_503_overloaded(api):
     assert overloaded is not None and "Retry-After" in overloaded.headers
     assert (await overloaded.json())["error"]["code"] == "overloaded"
     assert any(r.status == 201 for r in responses)
+
+
+async def test_raft_glue_metric_hooks_are_exported(api):
+    metrics = api.app[CONTEXT].metrics
+    metrics.observe_batch(0, 42, 0.002)
+    metrics.observe_fsync(0, 0.0007)
+    metrics.set_queue_depth(1, 17)
+    metrics.leader_changed(1)
+    text = await (await api.get("/metrics")).text()
+    for line in ('raftledger_raft_batch_commands_sum{shard="0"} 42.0',
+                 'raftledger_fsync_seconds_count{shard="0"} 1.0',
+                 'raftledger_queue_depth{shard="1"} 17.0',
+                 'raftledger_leader_changes_total{shard="1"} 1.0'):
+        assert line in text
+
+
+def test_json_log_lines_carry_the_request_id():
+    record = logging.LogRecord("raftledger.http", logging.INFO, __file__, 1, "request %s", ("x",),
+                               None)
+    record.status = 201
+    token = request_id_var.set("rid-1")
+    try:
+        line = json.loads(JsonFormatter("n1").format(record))
+    finally:
+        request_id_var.reset(token)
+    assert line["msg"] == "request x" and line["request_id"] == "rid-1"
+    assert line["node"] == "n1" and line["status"] == 201
