@@ -6,6 +6,8 @@ import json
 
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from raftledger.cluster.router import routing_key, shard_for_account
 from raftledger.node.errors import STATUS, ApiError
 from raftledger.node.parse import (
@@ -179,3 +181,34 @@ def test_routing_hashes_the_tag_only_and_is_stable():
     # Pinned: the map must not change between releases or processes.
     assert [shard_for_account(f"acct-{i}", 4) for i in range(8)] == [3, 2, 0, 2, 1, 0, 2, 1]
     assert shard_for_account("x", 1) == 0
+
+
+JSON_SCALARS = st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | \
+    st.text(max_size=20) | st.sampled_from(["a", "BRL", "debit", "credit", "10", "t1"])
+JSON_VALUES = st.recursive(JSON_SCALARS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+    st.sampled_from(["id", "entries", "amount", "currency", "account_id", "direction", "pending",
+                     "debit_account_id", "credit_account_id", "metadata", "flags", "normal",
+                     "transactions", "atomic", "accounts", "x"]), inner, max_size=6), max_leaves=20)
+
+
+@settings(max_examples=300, deadline=None)
+@given(JSON_VALUES)
+def test_any_json_value_parses_or_raises_a_stable_api_error(value):
+    for parser in (parse_transaction, parse_account, parse_accounts, parse_batch):
+        try:
+            parser(value)
+        except ApiError as exc:
+            assert exc.code in STATUS and 400 <= exc.status < 500
+    try:
+        parse_post(value, "p1", None)
+    except ApiError as exc:
+        assert exc.code in STATUS
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200), st.sampled_from(["application/json", "application/msgpack"]))
+def test_any_bytes_decode_or_raise_a_stable_api_error(raw, content_type):
+    try:
+        decode_body(raw, content_type)
+    except ApiError as exc:
+        assert exc.code in STATUS and 400 <= exc.status < 500
