@@ -9,6 +9,7 @@ from typing import Any
 import uvloop
 from aiohttp import web
 
+from ..metrics import Metrics
 from . import forward, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .middleware import EDGE, EdgeState, edge
@@ -53,7 +54,7 @@ def mount_api(app: web.Application, runtime: Any) -> NodeContext:
     """Mount the API on the node process's application (``raftledger.node.runtime``)."""
     ctx = NodeContext(runtime.node_id, runtime.services, runtime.shard_count,
                       peers=runtime.peers, placement=runtime.placement,
-                      metrics=getattr(runtime, "metrics", None))
+                      metrics=getattr(runtime, "metrics", None) or Metrics(runtime.node_id))
     install(app, ctx)
     return ctx
 
@@ -65,7 +66,6 @@ def install(app: web.Application, ctx: NodeContext) -> None:
     app[EDGE] = EdgeState()
     for method, path, handler in ROUTES:
         app.router.add_route(method, path, handler)
-    assert ctx.metrics is not None
     ctx.metrics.watch_shards(lambda: {s: svc.status() for s, svc in ctx.shards.items()})
 
     async def close_client(_: web.Application) -> None:

@@ -46,7 +46,7 @@ class NodeContext:
     peers: Mapping[str, str] = field(default_factory=dict)
     placement: Mapping[int, Sequence[str]] | None = None
     limits: Limits = field(default_factory=Limits)
-    metrics: Metrics | None = None
+    metrics: Metrics = None  # type: ignore[assignment]  # None: made in __post_init__
     session: aiohttp.ClientSession | None = None
     forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
 

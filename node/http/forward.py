@@ -106,7 +106,6 @@ async def _via_leader(ctx: NodeContext, shard: int,
         except Unavailable as exc:
             error = from_unavailable(exc)
             if error.code == "overloaded":
-                assert ctx.metrics is not None
                 ctx.metrics.overloaded(f"shard{shard}")
             raise error from exc
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
@@ -138,7 +137,6 @@ async def _forward_submit(ctx: NodeContext, node: str, shard: int,
     if forwarder is None:
         forwarder = ctx.forwarders[key] = Forwarder(ctx, node, shard)
     reply = await forwarder.submit(codec.encode_command(command))
-    assert ctx.metrics is not None
     ctx.metrics.forwarded.labels(str(shard), "ok").inc()
     return ShardReply(shard, int(reply["index"]), [Rendered.from_wire(w) for w in reply["results"]])
 

@@ -81,7 +81,6 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     response: web.StreamResponse
     try:
         if bounded and state.in_flight >= ctx.limits.requests_in_flight_max:
-            assert ctx.metrics is not None
             ctx.metrics.overloaded("http")
             response = error_response(request, ApiError(
                 "overloaded", retry_after_s=ctx.limits.overloaded_retry_after_s))
@@ -100,7 +99,6 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 def _observe(request: web.Request, route: str, status: int, seconds: float) -> None:
     ctx = context_of(request)
-    assert ctx.metrics is not None
     method = request.method if request.method in KNOWN_METHODS else "other"  # bounded labels
     ctx.metrics.observe_request(method, route, status, seconds)
     ctx.metrics.in_flight.set(request.app[EDGE].in_flight)

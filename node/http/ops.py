@@ -69,7 +69,6 @@ async def cluster(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    assert ctx.metrics is not None
     return web.Response(body=ctx.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
 
 

@@ -52,7 +52,6 @@ async def _wait_applied(ctx: NodeContext, svc: ShardService, index: int, wait_s:
 
 
 def _stale(ctx: NodeContext, svc: ShardService, details: dict[str, Any]) -> None:
-    assert ctx.metrics is not None
     ctx.metrics.stale_reads.labels(str(svc.shard)).inc()
     raise ApiError("stale_replica", details={"shard": svc.shard, "node": ctx.node_id, **details},
                    retry_after_s=stale_retry_after_s)

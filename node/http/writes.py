@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
@@ -42,7 +42,6 @@ def token_headers(replies: Sequence[ShardReply]) -> dict[str, str]:
 
 
 def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
-    assert ctx.metrics is not None
     codes = Counter(r.code for r in reply.results)
     replayed = sum(r.replayed for r in reply.results)
     ctx.metrics.observe_results(reply.shard, kind, codes, replayed)
@@ -110,7 +109,8 @@ async def create_batch(request: web.Request) -> web.Response:
     return await _many(request, routed, atomic, "transaction", early)
 
 
-async def _on_transaction(request: web.Request, build: Any) -> web.Response:
+async def _on_transaction(request: web.Request,
+                          build: Callable[[Any, str, str | None], Command]) -> web.Response:
     """post / void / reverse: a new command about an existing transaction, on that one's shard."""
     ctx = context_of(request)
     target = request.match_info["id"]
