@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from raftledger.node import openapi
 from raftledger.node.http import Limits, NodeContext, create_app
 from raftledger.node.http.context import CONTEXT
 from raftledger.node.logs import JsonFormatter, request_id_var
@@ -466,3 +468,13 @@ def test_json_log_lines_carry_the_request_id():
         request_id_var.reset(token)
     assert line["msg"] == "request x" and line["request_id"] == "rid-1"
     assert line["node"] == "n1" and line["status"] == 201
+
+
+def test_openapi_path_parameters_are_declared():
+    spec = openapi.spec()
+    for path, operations in spec["paths"].items():
+        names = set(re.findall(r"{(\w+)}", path))
+        for method, op in operations.items():
+            declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
+            assert declared == names, (method, path)
+            assert op["responses"], (method, path)
