@@ -156,3 +156,24 @@ async def test_malformed_requests_never_break_a_real_node(cluster, http):
     assert status == 200 and len(view["shards"]) == SHARDS
     metrics = await (await http.get(url + "/metrics")).text()
     assert 'raftledger_http_request_seconds_count{method="POST",route="/v1/transactions"' in metrics
+
+
+async def test_write_through_a_follower_moves_on_when_the_leader_is_paused(cluster, http):
+    a, b = "a:{pz}", "b:{pz}"
+    shard = shard_for_account(a, SHARDS)
+    for ident in (a, b):
+        await write(http, cluster.urls["n0"], "/v1/accounts", {"id": ident, "currency": "BRL"})
+    leader = cluster.leader(shard)
+    follower = next(n for n in cluster.node_ids if n != leader)
+    os.kill(cluster.pids[leader], signal.SIGSTOP)  # accepts connections, never answers
+    try:
+        started = time.monotonic()
+        status, body, _ = await call(http, "POST", cluster.urls[follower] + "/v1/transactions",
+                                     json=transfer("while-paused", a, b, 3))
+        elapsed = time.monotonic() - started
+    finally:
+        os.kill(cluster.pids[leader], signal.SIGCONT)
+    # One request, no client retry: the node follows the new leader instead of waiting out the
+    # forward timeout (12 s) on the paused one.
+    assert status == 201, body
+    assert elapsed < 8, elapsed

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 FORWARDED_HEADER = "X-Ledger-Forwarded"
 INTERNAL_PREFIX = "/internal/v1"
 leader_poll_interval_s = 0.05
+leader_watch_interval_s = 0.1
 forward_requests_in_flight_max = 4
 forward_batch_commands_max = 512
 
@@ -98,7 +99,7 @@ async def _via_leader(ctx: NodeContext, shard: int,
         try:
             if leader == ctx.node_id and svc is not None:
                 return await local(svc)
-            return await remote(leader)
+            return await _unless_leader_moves(svc, leader, remote(leader))
         except (NotLeader, RemoteNotLeader) as exc:
             hint = exc.leader if exc.leader not in (leader, None) else None
             if hint == ctx.node_id and svc is None:
@@ -109,6 +110,28 @@ async def _via_leader(ctx: NodeContext, shard: int,
                 ctx.metrics.overloaded(f"shard{shard}")
             raise error from exc
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
+
+
+async def _unless_leader_moves(svc: ShardService | None, leader: str,
+                               call: Awaitable[T]) -> T:
+    """Await a call to ``leader``; give up on it if the local replica learns of another leader.
+
+    A paused or partitioned leader accepts connections but never answers; without this a forwarded
+    write would wait for the whole forward timeout although a new leader was elected long before.
+    Retrying with the new leader is safe: the command's id is its idempotency key.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=leader_watch_interval_s)
+            if done:
+                return task.result()
+            moved = svc.leader_node_id() if svc is not None else None
+            if moved is not None and moved != leader:
+                raise RemoteNotLeader(moved)
+    finally:
+        if not task.done():
+            task.cancel()
 
 
 async def _find_leader(ctx: NodeContext, shard: int, svc: ShardService | None,
