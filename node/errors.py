@@ -130,8 +130,10 @@ class ApiError(Exception):
     """An error response with a stable code; the status comes from ``STATUS``."""
 
     def __init__(self, code: str, message: str | None = None, *,
-                 details: dict[str, Any] | None = None, retry_after_s: float | None = None) -> None:
+                 details: dict[str, Any] | None = None, retry_after_s: float | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(code)
+        self.extra_headers = headers or {}
         self.code = code
         self.message = message or message_for(code)
         self.details = details or {}
@@ -145,8 +147,8 @@ class ApiError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after_s is None:
-            return {}
-        return {"Retry-After": retry_after_header(self.retry_after_s)}
+            return self.extra_headers
+        return {**self.extra_headers, "Retry-After": retry_after_header(self.retry_after_s)}
 
 
 def message_for(code: str) -> str:

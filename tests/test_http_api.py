@@ -180,6 +180,7 @@ async def test_unknown_account_is_422_and_missing_account_read_is_404(api):
     assert (await resp.json())["error"]["code"] == "account_not_found"
     missing = await api.get(f"/v1/accounts/ghost{TAG}")
     assert missing.status == 404 and (await missing.json())["error"]["code"] == "not_found"
+    assert "X-Ledger-Applied-Index" in missing.headers  # how fresh the replica that missed it was
     assert (await api.get("/v1/transactions/nope")).status == 404
 
 
@@ -270,6 +271,7 @@ async def test_bounded_staleness_read_is_refused_when_leader_not_heard_from(api)
         shard.contact_age_ms = 5_000.0
     resp = await api.get(f"/v1/accounts/a{TAG}", params={"max_staleness_ms": "100"})
     assert resp.status == 503 and "Retry-After" in resp.headers
+    assert resp.headers["X-Ledger-Staleness-Ms"] == "5000"
     assert (await resp.json())["error"]["code"] == "stale_replica"
     assert (await api.get(f"/v1/accounts/a{TAG}")).status == 200
 

@@ -54,7 +54,8 @@ async def _wait_applied(ctx: NodeContext, svc: ShardService, index: int, wait_s:
 def _stale(ctx: NodeContext, svc: ShardService, details: dict[str, Any]) -> None:
     ctx.metrics.stale_reads.labels(str(svc.shard)).inc()
     raise ApiError("stale_replica", details={"shard": svc.shard, "node": ctx.node_id, **details},
-                   retry_after_s=stale_retry_after_s)
+                   retry_after_s=stale_retry_after_s,
+                   headers=freshness_headers(ctx, svc, svc.applied_index()))
 
 
 def freshness_headers(ctx: NodeContext, svc: ShardService, applied: int) -> dict[str, str]:
@@ -76,9 +77,13 @@ async def _read(request: web.Request, account_id: str,
         return await proxy_read(request, ctx.shard_of(account_id))
     await ensure_consistency(ctx, svc, params)
     with svc.store.reader() as reader:
-        applied = reader.state().applied_index
-        body = _run_query(query, reader, account_id)
-    return respond(request, 200, body, freshness_headers(ctx, svc, applied))
+        headers = freshness_headers(ctx, svc, reader.state().applied_index)
+        try:
+            body = _run_query(query, reader, account_id)
+        except ApiError as exc:  # a 404 says how fresh the replica that did not find it was
+            exc.extra_headers = headers
+            raise
+    return respond(request, 200, body, headers)
 
 
 def _run_query(query: Callable[[Reader], Any], reader: Reader, account_id: str) -> Any:
@@ -130,18 +135,18 @@ async def get_transaction(request: web.Request) -> web.Response:
     txid = parse.parse_id(request.match_info["id"], "id")
     parse.check_query(request.query, parse.READ_PARAMS)
     params = parse.parse_read_params(request.query)
+    headers: dict[str, str] = {}
     for svc in _hosted(ctx):
         await ensure_consistency(ctx, svc, params)
         with svc.store.reader() as reader:
             record = reader.transaction(txid)
-            applied = reader.state().applied_index
+            headers = freshness_headers(ctx, svc, reader.state().applied_index)
         if record is not None:
-            return respond(request, 200, record.to_json(svc.shard),
-                           freshness_headers(ctx, svc, applied))
+            return respond(request, 200, record.to_json(svc.shard), headers)
     missing = [s for s in range(ctx.shard_count) if s not in ctx.shards]
     if missing and FORWARDED_HEADER not in request.headers:
         return await proxy_read(request, missing[0])
-    raise ApiError("transaction_not_found", details={"id": txid})
+    raise ApiError("transaction_not_found", details={"id": txid}, headers=headers)
 
 
 def _hosted(ctx: NodeContext) -> Iterable[ShardService]:
