@@ -195,6 +195,13 @@ class ShardReplica(SyncObj):
         if self.settings.on_send is not None:
             self.settings.on_send(node, message)
 
+    def _checkCommandsToApply(self) -> None:  # noqa: N802 (PySyncObj's name)
+        super()._checkCommandsToApply()
+        if not self.settings.partner_addresses and self.journal.last_index > self.raftCommitIndex:
+            # A one-member group commits at the top of the next tick; no peer reply will wake the
+            # poller, so wake it instead of idling for a whole autoTickPeriod.
+            self._SyncObj__pipeNotifier.notify()  # type: ignore[attr-defined]
+
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 (PySyncObj's name)
         # The leader counts itself towards commit at the top of a tick: make its entries durable first.
         self.journal.flush_if_dirty()
@@ -360,7 +367,8 @@ class ReplicaService:
                 "role": "leader" if self.is_leader() else "follower",
                 "term": r.raftCurrentTerm, "commit_index": commit, "applied_index": applied,
                 "lag": max(0, commit - raft_applied), "leader": self.leader_node_id(),
-                "journal_entries": len(r.journal), "snapshots_installed": r.snapshotter.installed}
+                "journal_entries": len(r.journal), "snapshots_installed": r.snapshotter.installed,
+                "snapshots_written": r.snapshotter.completed}
 
     def fingerprint(self) -> tuple[int, str]:
         return self.replica.store.fingerprint()

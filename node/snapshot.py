@@ -147,6 +147,7 @@ class Snapshotter:
         self._cancelled = False
         self.last_duration_s = 0.0
         self.installed = 0  # snapshots installed from a leader (or a newer local dump)
+        self.completed = 0  # snapshots this replica wrote
 
     # -- serializer: called on the tick thread by PySyncObj's Serializer.serialize -------------------
     def serialize(self, tmp_file: str, data: Any) -> None:
@@ -186,6 +187,7 @@ class Snapshotter:
                 if self.sync:
                     fsync_dir(os.path.dirname(os.path.abspath(self.dump_file)))
                 self._state = SERIALIZER_STATE.SUCCESS
+                self.completed += 1
         except Exception:
             log.exception("shard %d: snapshot failed", self.slot.shard)
             with self._lock:
