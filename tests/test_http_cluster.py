@@ -110,6 +110,10 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
             return status == 503 and body["error"]["code"] == "stale_replica" and \
                 "Retry-After" in rh
         await until(refused, 15, "a stale_replica refusal")
+
+        async def not_ready() -> bool:
+            return (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 503
+        await until(not_ready, 15, "/readyz to report the missing leader")
         status, _, rh = await call(http, "GET", url)  # a local read is still served, and says so
         assert status == 200 and int(rh["X-Ledger-Staleness-Ms"]) > 500
     finally:
@@ -119,6 +123,7 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
     async def served() -> bool:
         return (await call(http, "GET", url, params={"max_staleness_ms": "500"}))[0] == 200
     await until(served, 20, "bounded-staleness reads served again")
+    assert (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 200
 
 
 async def test_writes_survive_the_leader_being_killed(cluster, http):
