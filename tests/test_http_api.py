@@ -7,6 +7,7 @@ The replicated path is covered by tests/test_http_cluster.py.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from raftledger.bench import loadgen
 from raftledger.node import openapi
 from raftledger.node.http import Limits, NodeContext, create_app
 from raftledger.node.http.context import CONTEXT
@@ -480,3 +482,14 @@ def test_openapi_path_parameters_are_declared():
             declared = {p["name"] for p in op.get("parameters", []) if p["in"] == "path"}
             assert declared == names, (method, path)
             assert op["responses"], (method, path)
+
+
+@pytest.mark.parametrize("mode", ["single", "batch"])
+async def test_load_generator_runs_against_a_node(api, mode):
+    args = argparse.Namespace(url=str(api.make_url("")).rstrip("/"), mode=mode, batch_size=10,
+                              connections=4, rate=0.0, duration=0.3, warmup=0.0, groups=4,
+                              prefix=f"lg-{mode}", direct=False)
+    result = await loadgen.run(args)
+    assert result["requests"] > 0 and result["statuses"] == {"201" if mode == "single" else "200":
+                                                             result["requests"]}
+    assert result["transfers_per_s"] > 0 and result["latency_ms"]["p50"] > 0
