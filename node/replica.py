@@ -426,7 +426,10 @@ class ReplicaService:
         """Monotonic per shard: max(last + 1, wall clock), re-read from the store on a new term."""
         term = self.replica.raftCurrentTerm
         if term != self._ts_term:
-            self._ts_term = term
+            # A new term: earlier leaders' timestamps are in the store once everything committed so
+            # far is applied; until then, keep re-reading it.
+            if self.replica.raft_applied_index() >= self.replica.raftCommitIndex:
+                self._ts_term = term
             self._last_ts = max(self._last_ts, self.store.last_timestamp())
         self._last_ts = max(self._last_ts + 1, time.time_ns())
         return self._last_ts

@@ -1,0 +1,75 @@
+"""Cluster bootstrap configuration: round trip through TOML, and refusal of bad configs with reasons."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from raftledger.node.config import ClusterSpec, ConfigError, NodeConfig, NodeSpec, dump_toml, load, parse
+
+
+def three_nodes(shards: int = 2) -> NodeConfig:
+    nodes = tuple(NodeSpec(f"n{i}", f"http://127.0.0.1:{8080 + i}",
+                           {s: f"127.0.0.1:{9000 + 10 * i + s}" for s in range(shards)})
+                  for i in range(3))
+    placement = {s: ("n0", "n1", "n2") for s in range(shards)}
+    return NodeConfig("n1", "/tmp/data/n1", "127.0.0.1", 8081, "fsync",
+                      ClusterSpec(shards, nodes, placement))
+
+
+def test_config_survives_a_toml_round_trip(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(dump_toml(three_nodes()))
+    assert load(str(path)) == three_nodes()
+
+
+def test_placement_defaults_to_every_node_hosting_every_shard():
+    raw = {"node_id": "a", "data_dir": "d", "cluster": {"shards": 2, "nodes": [
+        {"id": "a", "http": "http://h:1", "raft": ["h:2", "h:3"]},
+        {"id": "b", "http": "http://h:4", "raft": {"0": "h:5", "1": "h:6"}}]}}
+    config = parse(raw)
+    assert config.cluster.placement == {0: ("a", "b"), 1: ("a", "b")}
+    assert config.hosted_shards() == [0, 1]
+
+
+def refused(config: NodeConfig, tmp_path) -> str:
+    path = tmp_path / "bad.toml"
+    path.write_text(dump_toml(config))
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    return str(err.value)
+
+
+def test_duplicate_node_ids_and_raft_addresses_are_refused(tmp_path):
+    good = three_nodes()
+    nodes = list(good.cluster.nodes)
+    nodes[2] = dataclasses.replace(nodes[2], id="n1", raft=dict(nodes[1].raft))
+    message = refused(dataclasses.replace(good, cluster=dataclasses.replace(
+        good.cluster, nodes=tuple(nodes), placement={0: ("n0", "n1"), 1: ("n0", "n1")})), tmp_path)
+    assert "node id 'n1' appears twice" in message
+    assert "raft address 127.0.0.1:9010 is used twice" in message
+
+
+def test_placement_on_an_unknown_node_or_without_raft_address_is_refused(tmp_path):
+    good = three_nodes()
+    nodes = list(good.cluster.nodes)
+    nodes[0] = dataclasses.replace(nodes[0], raft={0: nodes[0].raft[0]})
+    cluster = dataclasses.replace(good.cluster, nodes=tuple(nodes),
+                                  placement={0: ("n0", "n9"), 1: ("n0", "n1")})
+    message = refused(dataclasses.replace(good, cluster=cluster), tmp_path)
+    assert "shard 0 placement names unknown node 'n9'" in message
+    assert "node n0 hosts shard 1 but has no raft address for it" in message
+
+
+def test_bad_durability_and_foreign_node_id_are_refused(tmp_path):
+    message = refused(dataclasses.replace(three_nodes(), durability="sometimes", node_id="zz"),
+                      tmp_path)
+    assert "durability must be one of fsync, none" in message
+    assert "node_id 'zz' is not one of cluster.nodes" in message
+
+
+def test_unreadable_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("node_id = [")
+    with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
+        load(str(path))

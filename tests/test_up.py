@@ -1,0 +1,104 @@
+"""``raftledger up``: starts a cluster, shows a transfer, stops on SIGTERM, resumes from cluster.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from raftledger.cluster.launcher import port_is_free
+
+pytestmark = pytest.mark.slow
+
+up_timeout_s = 90.0
+port_tries_max = 50
+
+
+def consecutive_free_ports(count: int) -> int:
+    for base in range(21000, 21000 + 100 * port_tries_max, 100):
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no free port range")
+
+
+class Up:
+    """One ``raftledger up`` process whose output is collected line by line."""
+
+    def __init__(self, data_dir: str, port_base: int) -> None:
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "raftledger.cluster.cli", "up", "--nodes", "3", "--shards", "2",
+             "--data-dir", data_dir, "--port-base", str(port_base), "--durability", "none"],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait_for(self, text: str) -> None:
+        deadline = time.monotonic() + up_timeout_s
+        while time.monotonic() < deadline:
+            if any(text in line for line in self.lines):
+                return
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                break
+            time.sleep(0.05)
+        raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.lines))
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(up_timeout_s)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
+    data_dir = str(tmp_path / "data")
+    base = consecutive_free_ports(3)
+    first = Up(data_dir, base)
+    try:
+        first.wait_for("cluster is up")
+        with open(os.path.join(data_dir, "cluster.json")) as f:
+            plan = json.load(f)
+        pids = [n["pid"] for n in plan["nodes"]]
+        assert [n["http"] for n in plan["nodes"]] == [f"http://127.0.0.1:{base + i}" for i in range(3)]
+        assert all(pid_alive(p) for p in pids)
+        assert any("bob:{demo}: balance 1500 USD" in line for line in first.lines)
+    finally:
+        assert first.stop() == 0
+    assert not any(pid_alive(p) for p in pids)
+    second = Up(data_dir, base)
+    try:
+        second.wait_for("cluster is up")
+        assert any("resuming the cluster" in line for line in second.lines)
+        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines)
+    finally:
+        assert second.stop() == 0
+
+
+def test_up_refuses_a_port_already_in_use(tmp_path):
+    import socket
+
+    base = consecutive_free_ports(3)
+    with socket.socket() as held:
+        held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        held.bind(("127.0.0.1", base + 1))
+        held.listen()
+        out = subprocess.run([sys.executable, "-m", "raftledger.cluster.cli", "up", "--data-dir",
+                              str(tmp_path), "--port-base", str(base)],
+                             capture_output=True, text=True, timeout=up_timeout_s)
+    assert out.returncode == 2
+    assert f"ports already in use: 127.0.0.1:{base + 1}" in out.stderr
