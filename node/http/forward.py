@@ -23,7 +23,7 @@ from aiohttp import web
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
-from ..errors import ApiError, from_unavailable
+from ..errors import STATUS, ApiError, from_unavailable
 from ..logs import request_id_var
 from ..service import NotLeader, ShardService, Unavailable
 from .context import NodeContext, context_of
@@ -176,6 +176,7 @@ class Forwarder:
         self.ctx, self.node, self.shard = ctx, node, shard
         self.waiting: list[tuple[bytes, asyncio.Future[dict[str, Any]]]] = []
         self.in_flight = 0
+        self.sending: set[asyncio.Task[None]] = set()  # the loop keeps only weak references
 
     async def submit(self, encoded: bytes) -> dict[str, Any]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -188,7 +189,9 @@ class Forwarder:
             items = self.waiting[:forward_batch_commands_max]
             del self.waiting[:forward_batch_commands_max]
             self.in_flight += 1
-            asyncio.get_running_loop().create_task(self._send(items))
+            task = asyncio.get_running_loop().create_task(self._send(items))
+            self.sending.add(task)
+            task.add_done_callback(self.sending.discard)
 
     async def _send(self, items: list[tuple[bytes, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
@@ -196,10 +199,13 @@ class Forwarder:
                                          msgpack.packb([encoded for encoded, _ in items]))
             for (_, future), one in zip(items, reply["replies"], strict=True):
                 _settle(future, one)
-        except Exception as exc:  # every waiter learns the failure of the shared request
+        except BaseException as exc:  # every waiter learns the failure of the shared request
+            failure = exc if isinstance(exc, Exception) else Unavailable("node is shutting down")
             for _, future in items:
                 if not future.done():
-                    future.set_exception(exc)
+                    future.set_exception(failure)
+            if not isinstance(exc, Exception):
+                raise
         finally:
             self.in_flight -= 1
             self._flush()
@@ -214,7 +220,8 @@ def _settle(future: asyncio.Future[dict[str, Any]], reply: dict[str, Any]) -> No
     elif error["code"] == "not_leader":
         future.set_exception(RemoteNotLeader(error.get("leader")))
     else:
-        future.set_exception(ApiError(error["code"], error.get("message"),
+        code = error["code"] if error["code"] in STATUS else "unavailable"
+        future.set_exception(ApiError(code, error.get("message"),
                                       retry_after_s=error.get("retry_after_s")))
 
 
