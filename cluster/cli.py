@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -115,6 +116,49 @@ def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
 
 # -- demo: two accounts and a transfer, then the balances -------------------------------------------
 def demo(plan: launcher.Plan) -> None:
+    """Through the public HTTP API of the first node when it is mounted, else the node's own routes."""
+    url = plan.cluster.nodes[0].http
+    status, _, _ = launcher.http_request("GET", f"{url}/openapi.json")
+    if status == 200:
+        api_demo(url)
+    else:
+        internal_demo(plan)
+
+
+def api_demo(url: str) -> None:
+    for account_id in DEMO_ACCOUNTS:
+        body = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
+        _api_post(url, "/v1/accounts", body, f"account {account_id}")
+    body = {"id": DEMO_TRANSFER, "debit_account_id": DEMO_ACCOUNTS[0],
+            "credit_account_id": DEMO_ACCOUNTS[1], "amount": DEMO_AMOUNT, "currency": DEMO_CURRENCY}
+    _api_post(url, "/v1/transactions", body, f"transfer {DEMO_TRANSFER}")
+    for account_id in DEMO_ACCOUNTS:
+        quoted = urllib.parse.quote(account_id, safe="")
+        status, _, acct = launcher.http_request(
+            "GET", f"{url}/v1/accounts/{quoted}/balance?consistency=linearizable")
+        if status != 200:
+            raise launcher.LaunchError(f"GET balance of {account_id}: {status} {acct}")
+        print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
+              f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
+
+
+def _api_post(url: str, path: str, body: dict[str, Any], what: str) -> None:
+    for _ in range(demo_attempts_max):
+        try:
+            status, headers, reply = launcher.http_request("POST", url + path,
+                                                           json.dumps(body).encode())
+        except OSError:
+            continue
+        if status in (200, 201):
+            replayed = headers.get("Idempotent-Replayed") == "true"
+            print(f"  POST {path} {what}: ok{' (replayed)' if replayed else ''}")
+            return
+        if status < 500:
+            raise launcher.LaunchError(f"POST {path} {what}: {status} {reply}")
+    raise launcher.LaunchError(f"POST {path} {what}: cluster unavailable")
+
+
+def internal_demo(plan: launcher.Plan) -> None:
     shard = shard_for_account(DEMO_ACCOUNTS[0], plan.cluster.shards)
     commands = [CreateAccount(id=a, currency=DEMO_CURRENCY, normal=Direction.credit)
                 for a in DEMO_ACCOUNTS]

@@ -157,20 +157,31 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None) -> subproce
 
 
 # -- HTTP helpers (stdlib only, so the launcher needs no event loop) -------------------------------
-def http_json(method: str, url: str, body: bytes | None = None,
-              content_type: str = "application/json",
-              timeout_s: float = http_timeout_s) -> tuple[int, Any]:
+def http_request(method: str, url: str, body: bytes | None = None,
+                 content_type: str = "application/json",
+                 timeout_s: float = http_timeout_s) -> tuple[int, dict[str, str], Any]:
+    """(status, headers, decoded JSON body or text) for one request; HTTP errors are answers too."""
     request = urllib.request.Request(url, data=body, method=method,
                                      headers={"Content-Type": content_type} if body else {})
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, json.loads(response.read() or b"null")
+            return response.status, dict(response.headers), _decode(response.read())
     except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            return exc.code, json.loads(raw or b"null")
-        except ValueError:
-            return exc.code, raw.decode(errors="replace")
+        return exc.code, dict(exc.headers), _decode(exc.read())
+
+
+def _decode(raw: bytes) -> Any:
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def http_json(method: str, url: str, body: bytes | None = None,
+              content_type: str = "application/json",
+              timeout_s: float = http_timeout_s) -> tuple[int, Any]:
+    status, _, decoded = http_request(method, url, body, content_type, timeout_s)
+    return status, decoded
 
 
 def node_status(url: str) -> dict[str, Any] | None:

@@ -84,7 +84,7 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
     try:
         second.wait_for("cluster is up")
         assert any("resuming the cluster" in line for line in second.lines)
-        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines)
+        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
     finally:
         assert second.stop() == 0
 
