@@ -1,11 +1,12 @@
 """Replicated transfer throughput and commit latency on a local 3-node cluster.
 
-    python -m raftledger.bench.bench_replication [--durability fsync] [--batches 1,100,1000]
+    python -m raftledger.bench.bench_replication [--durability fsync] [--cases 1:3000:64,...]
 
-For each batch size (requests per Raft entry) it starts a fresh 3-node x 2-shard cluster on loopback,
-then asks each shard's leader to run the in-process load generator (``bench/load.py``) at the same
-time: two-entry transfers between 1000 accounts, submitted straight to the leader's batcher. Latency is
-submit -> committed and applied on the leader (a majority has the entry on disk). Prints a Markdown table.
+For each case (requests per Raft entry, transfers, requests in flight) it starts a fresh 3-node x
+2-shard cluster on loopback, then asks each shard's leader to run the in-process load generator
+(``bench/load.py``) at the same time: two-entry transfers between 1000 accounts, submitted straight
+to the leader's batcher. Latency is submit -> committed (a majority has the entry on disk) and applied
+on the leader. Prints a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ from raftledger.node.runtime import BENCH_ENV
 
 SHARDS = 2
 NODES = 3
-# Per batch size: transfers per shard and requests kept in flight per shard.
-LOAD = {1: (2_000, 256), 100: (20_000, 2_000), 1000: (60_000, 6_000)}
+# Cases: batch_requests_max:transfers per shard:requests kept in flight per shard.
+CASES_DEFAULT = "1:3000:64,100:20000:500,1000:40000:1000,1000:60000:5000"
 bench_timeout_s = 600.0
 poll_timeout_s = 10.0
 
@@ -59,18 +60,18 @@ def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: in
     return launcher.wait_until(finished, bench_timeout_s, f"the load on shard {shard}")
 
 
-def run_batch(batch: int, durability: str, root: str) -> dict:
-    transfers, concurrency = LOAD.get(batch, (20_000, 2_000))
+def run_case(batch: int, transfers: int, concurrency: int, durability: str, root: str) -> dict:
     raft = RaftTuning(batch_requests_max=batch, log_compaction_entries_min=100_000)
-    cluster = LocalCluster(os.path.join(root, f"b{batch}"), nodes=NODES, shards=SHARDS,
+    cluster = LocalCluster(os.path.join(root, f"b{batch}.{concurrency}"), nodes=NODES, shards=SHARDS,
                            durability=durability, raft=raft)
-    with cluster.start(), concurrent.futures.ThreadPoolExecutor(SHARDS) as pool:
+    with cluster, concurrent.futures.ThreadPoolExecutor(SHARDS) as pool:
         started = time.perf_counter()
         results = list(pool.map(lambda s: run_shard(cluster, s, transfers, concurrency),
                                 range(SHARDS)))
         wall = time.perf_counter() - started
     done = sum(r["transfers"] for r in results)
-    return {"batch": batch, "transfers": done, "failures": sum(r["failures"] for r in results),
+    return {"batch": batch, "concurrency": concurrency, "transfers": done,
+            "failures": sum(r["failures"] for r in results),
             "per_s": done / wall, "p50_ms": max(r["p50_ms"] for r in results),
             "p99_ms": max(r["p99_ms"] for r in results),
             "entries": sum(r["entries"] for r in results), "wall_s": wall,
@@ -80,18 +81,22 @@ def run_batch(batch: int, durability: str, root: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--durability", default="fsync", choices=("fsync", "none"))
-    parser.add_argument("--batches", default="1,100,1000")
+    parser.add_argument("--cases", default=CASES_DEFAULT,
+                        help="batch:transfers-per-shard:in-flight-per-shard, comma separated")
     args = parser.parse_args()
     os.environ[BENCH_ENV] = "1"
     print(f"machine: {machine()}; {NODES} nodes x {SHARDS} shards on loopback, durability "
           f"{args.durability}\n")
-    print("| batch_requests_max | transfers | transfers/s | p50 ms | p99 ms | Raft entries | failures |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    print("| batch_requests_max | in flight per shard | transfers | transfers/s | p50 ms | p99 ms "
+          "| Raft entries | failures |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="raftledger-bench-") as root:
-        for batch in (int(b) for b in args.batches.split(",")):
-            r = run_batch(batch, args.durability, root)
-            print(f"| {r['batch']} | {r['transfers']} | {r['per_s']:,.0f} | {r['p50_ms']:.1f} | "
-                  f"{r['p99_ms']:.1f} | {r['entries']} | {r['failures']} |", flush=True)
+        for case in args.cases.split(","):
+            batch, transfers, concurrency = (int(x) for x in case.split(":"))
+            r = run_case(batch, transfers, concurrency, args.durability, root)
+            print(f"| {r['batch']} | {r['concurrency']} | {r['transfers']} | {r['per_s']:,.0f} | "
+                  f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['entries']} | {r['failures']} |",
+                  flush=True)
             if r["failures"]:
                 print(f"failure reasons: {r['reasons']}", flush=True)
 
