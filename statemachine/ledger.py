@@ -55,7 +55,7 @@ from .records import (
     Transaction,
     TxEntry,
 )
-from .validate import Problem, account_problem, follow_up_problem, transaction_problem
+from .validate import Problem, command_problem
 
 balance_limit = 2**127
 FLAG_LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
@@ -96,6 +96,9 @@ class Dbs(NamedTuple):
     outbox: Any
     expiries: Any
     meta: Any
+
+
+TransactionCommand = CreateTransaction | PostPending | VoidPending | ReverseTransaction
 
 
 class Move(NamedTuple):
@@ -187,11 +190,9 @@ class Applier:
         return self._apply_command(command, ts)
 
     def _apply_command(self, command: Command, ts: int) -> Result:
-        if isinstance(command, CreateTransaction):
-            return self._create_transaction(command, ts)
         if isinstance(command, CreateAccount):
             return self._create_account(command, ts)
-        return self._follow_up(command, ts)
+        return self._transaction(command, ts)
 
     def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
         """All or none: a child LMDB transaction that is dropped when any command fails."""
@@ -222,7 +223,7 @@ class Applier:
     # ---- accounts -----------------------------------------------------------------------------
 
     def _create_account(self, cmd: CreateAccount, ts: int) -> Result:
-        problem = account_problem(cmd)
+        problem = command_problem(cmd)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         key = cmd.id.encode()
@@ -300,43 +301,42 @@ class Applier:
 
     # ---- transactions -------------------------------------------------------------------------
 
-    def _create_transaction(self, cmd: CreateTransaction, ts: int) -> Result:
-        problem = transaction_problem(cmd)
+    def _transaction(self, cmd: TransactionCommand, ts: int) -> Result:
+        """Shape, then idempotency, then effects: the first outcome of an id is stored for good."""
+        problem = command_problem(cmd)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         digest = payload_hash(cmd)
         replay = self._replay(cmd.id, digest)
         if replay is not None:
             return replay
-        status = STATUS_PENDING if cmd.pending else STATUS_POSTED
-        moves = [Move(e.account_id, e.direction, e.amount, e.currency, status) for e in cmd.entries]
         try:
-            _check_balanced(moves)
-            entries = self._move(moves, cmd.id, ts, new_entries=True)
+            tx, event = self._effects(cmd, ts)
         except Rejected as exc:
             return self._reject(cmd.id, digest, exc, ts)
+        self._record(tx, digest, event)
+        return Result(ResultCode.ok, tx.id, record=tx)
+
+    def _effects(self, cmd: TransactionCommand, ts: int) -> tuple[Transaction, str]:
+        """Apply a transaction command; returns the new transaction and its event type."""
+        if isinstance(cmd, CreateTransaction):
+            tx = self._create(cmd, ts)
+            return tx, "transaction.pending" if tx.pending else "transaction.posted"
+        if isinstance(cmd, ReverseTransaction):
+            return self._reverse(cmd, ts), "transaction.reversed"
+        tx = self._resolve(cmd, ts)
+        return tx, "transaction.voided" if tx.status == STATUS_VOIDED else "transaction.posted"
+
+    def _create(self, cmd: CreateTransaction, ts: int) -> Transaction:
+        status = STATUS_PENDING if cmd.pending else STATUS_POSTED
+        moves = [Move(e.account_id, e.direction, e.amount, e.currency, status) for e in cmd.entries]
+        _check_balanced(moves)
+        entries = self._move(moves, cmd.id, ts, new_entries=True)
         tx = Transaction(cmd.id, status, tuple(entries), cmd.code, cmd.metadata, ts, cmd.pending,
                          cmd.timeout_seconds)
         if tx.expires_at is not None:
             self.txn.put(expiry_key(tx.expires_at, tx.id), b"", db=self.dbs.expiries)
-        self._record(tx, digest, "transaction.pending" if cmd.pending else "transaction.posted")
-        return Result(ResultCode.ok, tx.id, record=tx)
-
-    def _follow_up(self, cmd: PostPending | VoidPending | ReverseTransaction, ts: int) -> Result:
-        problem = follow_up_problem(cmd)
-        if problem:
-            return Result(problem[0], cmd.id, details=problem[1])
-        digest = payload_hash(cmd)
-        replay = self._replay(cmd.id, digest)
-        if replay is not None:
-            return replay
-        try:
-            tx = self._reverse(cmd, ts) if isinstance(cmd, ReverseTransaction) else self._resolve(cmd, ts)
-        except Rejected as exc:
-            return self._reject(cmd.id, digest, exc, ts)
-        event = {STATUS_VOIDED: "transaction.voided"}.get(tx.status, "transaction.posted")
-        self._record(tx, digest, "transaction.reversed" if tx.reverses else event)
-        return Result(ResultCode.ok, tx.id, record=tx)
+        return tx
 
     def _resolve(self, cmd: PostPending | VoidPending, ts: int) -> Transaction:
         """Post (fully or partly) or void a hold: new entries release it; the hold is marked."""

@@ -15,6 +15,7 @@ import msgpack
 from .codes import ResultCode
 from .commands import (
     AccountFlag,
+    Command,
     CreateAccount,
     CreateTransaction,
     PostPending,
@@ -127,3 +128,12 @@ def follow_up_problem(cmd: PostPending | VoidPending | ReverseTransaction) -> Pr
     if isinstance(cmd, PostPending) and cmd.amount is not None and not valid_amount(cmd.amount):
         return ResultCode.invalid_amount, {"field": "amount"}
     return None
+
+
+def command_problem(cmd: Command) -> Problem | None:
+    """The shape check of any command."""
+    if isinstance(cmd, CreateTransaction):
+        return transaction_problem(cmd)
+    if isinstance(cmd, CreateAccount):
+        return account_problem(cmd)
+    return follow_up_problem(cmd)
