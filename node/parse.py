@@ -31,6 +31,7 @@ from raftledger.statemachine.commands import (
     entries_per_transaction_max,
     timeout_seconds_max,
 )
+from raftledger.statemachine.store import statement_page_limit_default, statement_page_limit_max
 
 from .errors import ApiError
 
@@ -39,9 +40,6 @@ metadata_bytes_max = 8192
 code_length_max = 128
 metadata_int_min = -(2**63)
 metadata_int_max = 2**64 - 1
-statement_page_limit_default = 100
-statement_page_limit_max = 1000
-consistency_wait_ms_max = 30_000
 
 ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
