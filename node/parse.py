@@ -14,11 +14,12 @@ import re
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import msgpack
 from raftledger.statemachine.commands import (
     AccountFlag,
+    Command,
     CreateAccount,
     CreateTransaction,
     Direction,
@@ -32,17 +33,12 @@ from raftledger.statemachine.commands import (
     timeout_seconds_max,
 )
 from raftledger.statemachine.store import statement_page_limit_default, statement_page_limit_max
+from raftledger.statemachine.validate import CURRENCY_RE, ID_RE, command_problem
 
 from .errors import ApiError
 
 body_depth_max = 32
-metadata_bytes_max = 8192
-code_length_max = 128
-metadata_int_min = -(2**63)
-metadata_int_max = 2**64 - 1
 
-ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
-CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
 DIGITS_RE = re.compile(r"[0-9]{1,20}")
 TOKEN_PART_RE = re.compile(r"([0-9]{1,6}):([0-9]{1,20})")
 
@@ -205,28 +201,16 @@ def parse_int_field(value: Any, field: str, low: int, high: int,
     return value
 
 
-def parse_short_text(value: Any, field: str) -> str:
-    if not isinstance(value, str) or len(value) > code_length_max:
-        raise ApiError("invalid_field", f"{field} is a string of at most {code_length_max} chars",
-                       details={"field": field})
+def parse_text(value: Any, field: str) -> str:
+    if not isinstance(value, str):
+        raise ApiError("invalid_field", f"{field} is a string", details={"field": field})
     return value
 
 
 def parse_metadata(value: Any, field: str) -> dict[str, Any]:
-    """A bounded JSON object of strings, integers, booleans, null, lists and objects."""
+    """An object; fractions are refused here, the rest by the ledger's own rules (``check``)."""
     if not isinstance(value, dict):
         raise ApiError("invalid_metadata", details={"field": field})
-    if not value:
-        return value
-    _check_metadata_values(value, field)
-    size = len(json.dumps(value, separators=(",", ":")))
-    if size > metadata_bytes_max:
-        raise ApiError("invalid_metadata", f"metadata is at most {metadata_bytes_max} bytes",
-                       details={"field": field, "bytes": size})
-    return value
-
-
-def _check_metadata_values(value: dict[str, Any], field: str) -> None:
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
@@ -237,12 +221,7 @@ def _check_metadata_values(value: dict[str, Any], field: str) -> None:
         elif isinstance(item, Fraction | float):
             raise ApiError("invalid_metadata", "numbers in metadata are integers; send decimals "
                            "as strings", details={"field": field})
-        elif isinstance(item, int) and not isinstance(item, bool):
-            if not metadata_int_min <= item <= metadata_int_max:
-                raise ApiError("invalid_metadata", "metadata integers fit in 64 bits",
-                               details={"field": field})
-        elif not (item is None or isinstance(item, str | bool)):
-            raise ApiError("invalid_metadata", details={"field": field})
+    return value
 
 
 def parse_flags(value: Any, field: str) -> int:
@@ -260,17 +239,33 @@ def parse_flags(value: Any, field: str) -> int:
 # --- commands -------------------------------------------------------------------------------------
 
 
+C = TypeVar("C", bound=Command)
+
+
+def check(command: C, where: str = "") -> C:
+    """The ledger's own shape rules (``statemachine.validate``), applied before proposing: a
+    command the ledger would refuse as malformed never costs a Raft round (it would not be stored
+    under its id either)."""
+    problem = command_problem(command)
+    if problem is not None:
+        code, details = problem
+        if where and "field" in details:
+            details = {**details, "field": _join(where, details["field"])}
+        raise ApiError(code.name, details=details)
+    return command
+
+
 def parse_account(value: Any, where: str = "") -> CreateAccount:
     obj = _object(value, where)
     _check_fields(obj, ACCOUNT_FIELDS, where)
     normal = obj.get("normal", "debit")
-    return CreateAccount(
+    return check(CreateAccount(
         id=parse_id(_required(obj, "id", where), _join(where, "id")),
         currency=parse_currency(_required(obj, "currency", where), _join(where, "currency")),
         normal=parse_direction(normal, _join(where, "normal")),
         flags=parse_flags(obj.get("flags", []), _join(where, "flags")),
         metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
-    )
+    ), where)
 
 
 def parse_accounts(value: Any) -> tuple[list[CreateAccount], bool]:
@@ -346,16 +341,16 @@ def parse_transaction(value: Any, header_key: str | None = None,
     _check_fields(obj, SHORTHAND_FIELDS if shorthand else TRANSACTION_FIELDS, where)
     ident = resolve_id(obj.get("id"), header_key, where)
     entries = _shorthand_entries(obj, where) if shorthand else _parse_entries(obj, where)
-    return CreateTransaction(
+    return check(CreateTransaction(
         id=ident,
         entries=entries,
         pending=parse_bool(obj.get("pending", False), _join(where, "pending")),
         timeout_seconds=parse_int_field(obj.get("timeout_seconds", 0),
                                         _join(where, "timeout_seconds"), 0, timeout_seconds_max,
                                         code="invalid_timeout"),
-        code=parse_short_text(obj.get("code", ""), _join(where, "code")),
+        code=parse_text(obj.get("code", ""), _join(where, "code")),
         metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
-    )
+    ), where)
 
 
 def parse_batch(value: Any) -> tuple[list[CreateTransaction], bool]:
@@ -372,11 +367,11 @@ def parse_post(value: Any, pending_id: str, header_key: str | None) -> PostPendi
     _check_fields(obj, POST_FIELDS, "")
     pending_id = parse_id(pending_id, "pending_id")
     amount = obj.get("amount")
-    return PostPending(
+    return check(PostPending(
         id=resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:post"),
         pending_id=pending_id,
         amount=None if amount is None else parse_amount(amount, "amount"),
-    )
+    ))
 
 
 def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPending:
@@ -384,7 +379,7 @@ def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPendi
     _check_fields(obj, ID_ONLY_FIELDS, "")
     pending_id = parse_id(pending_id, "pending_id")
     ident = resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:void")
-    return VoidPending(id=ident, pending_id=pending_id)
+    return check(VoidPending(id=ident, pending_id=pending_id))
 
 
 def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> ReverseTransaction:
@@ -392,7 +387,7 @@ def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> Re
     _check_fields(obj, ID_ONLY_FIELDS, "")
     transaction_id = parse_id(transaction_id, "transaction_id")
     ident = resolve_id(obj.get("id"), header_key, "", default=f"{transaction_id}:reverse")
-    return ReverseTransaction(id=ident, transaction_id=transaction_id)
+    return check(ReverseTransaction(id=ident, transaction_id=transaction_id))
 
 
 # --- query strings --------------------------------------------------------------------------------

@@ -212,3 +212,16 @@ def test_any_bytes_decode_or_raise_a_stable_api_error(raw, content_type):
         decode_body(raw, content_type)
     except ApiError as exc:
         assert exc.code in STATUS and 400 <= exc.status < 500
+
+
+def test_ledger_shape_rules_apply_at_the_edge_with_field_paths():
+    assert code_of(parse_account, {"id": "a{x}{y}", "currency": "BRL"}) == "invalid_id"
+    assert code_of(parse_transaction, dict(TRANSFER, code="no spaces allowed")) == \
+        "invalid_command"
+    assert code_of(parse_transaction, dict(TRANSFER, timeout_seconds=5)) == "invalid_timeout"
+    one = dict(TRANSFER, entries=TRANSFER["entries"][:1])
+    with pytest.raises(ApiError) as info:
+        parse_batch({"transactions": [TRANSFER, one]})
+    assert info.value.code == "too_few_entries" and info.value.status == 422
+    deep = {"id": "a", "currency": "BRL", "metadata": {"a": [[[[[[[[1]]]]]]]]}}
+    assert code_of(parse_account, deep) == "invalid_metadata"
