@@ -148,7 +148,8 @@ ENTRY_SPEC = {"type": "object", "required": ["account_id", "direction", "amount"
                   "direction": {"enum": ["debit", "credit"]}, "amount": AMOUNT,
                   "currency": {"type": "string", "pattern": "^[A-Z0-9]{3,12}$"}}}
 TX_OPTIONS = {"pending": {"type": "boolean"}, "timeout_seconds": {"type": "integer", "minimum": 0},
-              "code": {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{0,64}$"}, "metadata": {"type": "object"}}
+              "code": {"type": "string", "pattern": "^[A-Za-z0-9._:\\-]{0,64}$"},
+              "metadata": {"type": "object"}}
 INT = {"type": "integer"}
 
 SCHEMAS: dict[str, Any] = {
