@@ -11,7 +11,7 @@ from aiohttp import web
 
 from ..metrics import Metrics
 from . import forward, ops, reads, writes
-from .context import CONTEXT, NodeContext
+from .context import CONTEXT, Limits, NodeContext
 from .middleware import EDGE, EdgeState, edge
 
 ID = "{id:[^/]+}"  # ids may hold braces ({tag}), raw or percent-encoded
@@ -51,9 +51,13 @@ def create_app(ctx: NodeContext) -> web.Application:
 
 
 def mount_api(app: web.Application, runtime: Any) -> NodeContext:
-    """Mount the API on the node process's application (``raftledger.node.runtime``)."""
+    """Mount the API on the node process's application (``raftledger.node.runtime``).
+
+    Optional runtime attributes: ``metrics`` (a ``Metrics`` the Raft glue also reports to) and
+    ``http_limits`` (``Limits``); defaults otherwise."""
     ctx = NodeContext(runtime.node_id, runtime.services, runtime.shard_count,
                       peers=runtime.peers, placement=runtime.placement,
+                      limits=getattr(runtime, "http_limits", None) or Limits(),
                       metrics=getattr(runtime, "metrics", None) or Metrics(runtime.node_id))
     install(app, ctx)
     return ctx
