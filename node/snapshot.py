@@ -58,7 +58,16 @@ class StoreSlot:
         self.sync = sync
         self.retire = retire
         self.generation = self._read_generation()
+        self._remove_other_generations()
         self.current = LedgerStore(self.path(self.generation), shard=shard, sync=sync)
+
+    def _remove_other_generations(self) -> None:
+        """Files of generations a crash left behind (replaced, or installed but never named current)."""
+        keep = {os.path.basename(self.path(self.generation)) + s for s in ("", "-lock")}
+        for name in os.listdir(self.directory):
+            if name.startswith("state.") and name not in keep:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(self.directory, name))
 
     def path(self, generation: int) -> str:
         return os.path.join(self.directory, f"state.{generation}.mdb")

@@ -86,3 +86,18 @@ async def test_restart_of_every_replica_keeps_acknowledged_writes_once(tmp_path)
         assert again.outcome.replayed
     finally:
         await group.stop_all()
+
+
+def test_store_generations_left_by_a_crash_are_removed_on_open(tmp_path):
+    from raftledger.node.snapshot import StoreSlot
+
+    slot = StoreSlot(str(tmp_path), 0, sync=False)
+    slot.close()
+    (tmp_path / "state.1.mdb").write_bytes(b"half-installed")
+    slot = StoreSlot(str(tmp_path), 0, sync=False)
+    try:
+        assert slot.generation == 0
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state.")) == \
+            ["state.0.mdb", "state.0.mdb-lock"]
+    finally:
+        slot.close()
