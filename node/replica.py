@@ -151,6 +151,8 @@ class ShardReplica(SyncObj):
             logCompactionMinTime=s.log_compaction_interval_s,
             sendBufferSize=1 << 20, recvBufferSize=1 << 20,
             onStateChanged=self._state_changed,
+            # Membership changes must be enabled on every member from the start to be usable later.
+            dynamicMembershipChange=True,
         )
 
     def _state_changed(self, old: int, new: int) -> None:
