@@ -75,3 +75,56 @@ async def test_retry_with_the_same_id_is_applied_once(group):
     with leader.store.reader() as r:
         assert r.balance("q").credits_posted == 5
     assert again.outcome.code is ResultCode.ok
+
+
+async def test_full_queue_answers_overloaded_with_retry_after(group, monkeypatch):
+    from raftledger.node import replica
+    from raftledger.node.service import Overloaded
+
+    leader = await group.leader()
+    await leader.submit(account("o1"))
+    await leader.submit(account("o2"))
+    monkeypatch.setattr(replica, "requests_queued_max", 5)
+    results = await asyncio.gather(*(leader.submit(transfer(f"o{i}", "o1", "o2", 1)) for i in range(50)),
+                                   return_exceptions=True)
+    overloaded = [r for r in results if isinstance(r, Overloaded)]
+    assert len(overloaded) == 45 and all(e.retry_after_s > 0 for e in overloaded)
+    assert all(r.outcome.ok for r in results if not isinstance(r, Exception))
+
+
+async def test_write_that_cannot_commit_ends_with_outcome_unknown(group, monkeypatch):
+    from raftledger.node import replica
+    from raftledger.node.service import OutcomeUnknown
+
+    leader = await group.leader()
+    for i in [i for i, s in group.services.items() if s is not leader]:
+        await group.stop(i)
+    monkeypatch.setattr(replica, "commit_timeout_s", 0.5)
+    with pytest.raises(OutcomeUnknown):
+        await leader.submit(account("lonely"))
+
+
+def test_pysyncobj_fail_reasons_map_to_retryable_errors():
+    from pysyncobj.config import FAIL_REASON
+    from raftledger.node.replica import fail_reason_error
+    from raftledger.node.service import NotLeader, OutcomeUnknown, Overloaded
+
+    assert isinstance(fail_reason_error(FAIL_REASON.NOT_LEADER, "n1"), NotLeader)
+    assert fail_reason_error(FAIL_REASON.MISSING_LEADER, None).leader is None
+    assert isinstance(fail_reason_error(FAIL_REASON.QUEUE_FULL, None), Overloaded)
+    for reason in (FAIL_REASON.DISCARDED, FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
+        assert isinstance(fail_reason_error(reason, None), OutcomeUnknown)
+
+
+async def test_wait_applied_and_read_barrier_on_a_follower(group):
+    from raftledger.node.service import NotLeader
+
+    leader = await group.leader()
+    follower = next(s for s in group.services.values() if s is not leader)
+    committed = await leader.submit(account("w"))
+    assert await follower.wait_applied(committed.index, 10.0)
+    assert not await follower.wait_applied(committed.index + 1000, 0.05)
+    barrier = await leader.read_barrier(5.0)
+    assert barrier > committed.index
+    with pytest.raises(NotLeader):
+        await follower.read_barrier(1.0)
