@@ -224,6 +224,7 @@ def stop_process(proc: subprocess.Popen, timeout_s: float = stop_timeout_s) -> i
     """SIGTERM, wait (bounded), then SIGKILL: only the process we started, by its pid."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGCONT)  # a paused (SIGSTOP) node must run to handle SIGTERM
         try:
             return proc.wait(timeout_s)
         except subprocess.TimeoutExpired:

@@ -3,7 +3,7 @@
     with LocalCluster(tmp_path, nodes=3, shards=2) as cluster:
         leader = cluster.leader(0)
         cluster.submit(0, CreateAccount(id="a", currency="USD"))
-        cluster.kill(leader)                 # SIGKILL
+        cluster.kill(leader)                 # SIGKILL (pause/resume: SIGSTOP/SIGCONT)
         cluster.start_node(leader)           # same data, same ports
         cluster.wait_converged(0)
 
@@ -69,6 +69,13 @@ class LocalCluster:
         proc = self.procs.pop(node_id)
         proc.send_signal(signal.SIGKILL)
         proc.wait(launcher.stop_timeout_s)
+
+    def pause(self, node_id: str) -> None:
+        """SIGSTOP: the node keeps its sockets open but answers nothing (a hung machine)."""
+        self.procs[node_id].send_signal(signal.SIGSTOP)
+
+    def resume(self, node_id: str) -> None:
+        self.procs[node_id].send_signal(signal.SIGCONT)
 
     def stop(self, node_id: str) -> int:
         """SIGTERM and wait for the clean shutdown; returns the exit status."""

@@ -176,3 +176,39 @@ def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
         assert_ledger_balanced(cluster, node, 2)
     replay = cluster.submit(0, transfer("w0.0", *accounts_on(0, 2, "w"), 3))
     assert replay["results"][0]["replayed"]
+
+
+def test_a_paused_leader_is_replaced_and_rejoins_after_resume(cluster):
+    shard = 0
+    a, b = accounts_on(shard, 2, "p")
+    assert_ok(cluster.submit(shard, account(a)))
+    assert_ok(cluster.submit(shard, account(b)))
+    paused = cluster.leader(shard)
+    cluster.pause(paused)
+    from raftledger.cluster.launcher import wait_until
+
+    wait_until(lambda: cluster.leader(shard) != paused, 30, "a new leader")
+    for i in range(10):
+        submit_via(cluster, shard, transfer(f"p{i}", a, b), exclude=paused)
+    cluster.resume(paused)
+    cluster.wait_converged(shard)
+    assert credits_posted(cluster, paused, shard, b) == 10
+
+
+def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None:
+    """Submit to the leader among the running, unpaused nodes (a paused node never answers)."""
+    from raftledger.cluster.launcher import http_json
+    from raftledger.statemachine import codec
+
+    for _ in range(100):
+        for node in cluster.node_ids:
+            if node == exclude:
+                continue
+            status = cluster.status(node)
+            if status and status["shards"][str(shard)]["role"] == "leader":
+                code, reply = http_json("POST", f"{cluster.urls[node]}/_node/shards/{shard}/submit",
+                                        codec.encode_command(command), "application/octet-stream")
+                if code == 200:
+                    assert_ok(reply)
+                    return
+    raise AssertionError("no running leader took the write")
