@@ -128,3 +128,26 @@ async def test_wait_applied_and_read_barrier_on_a_follower(group):
     assert barrier > committed.index
     with pytest.raises(NotLeader):
         await follower.read_barrier(1.0)
+
+
+def timestamps(service, ids: list[str]) -> list[int]:
+    with service.store.reader() as r:
+        return [r.transaction(i).timestamp for i in ids]
+
+
+async def test_leader_timestamps_increase_across_entries_and_leader_changes(group):
+    leader = await group.leader()
+    await leader.submit(account("m1"))
+    await leader.submit(account("m2"))
+    first = [f"m{i}" for i in range(100)]
+    results = await asyncio.gather(*(leader.submit(transfer(t, "m1", "m2", 1)) for t in first))
+    stamps = timestamps(leader, first)
+    assert len(set(stamps)) == len(stamps)
+    by_index = sorted(zip((r.index for r in results), stamps, strict=True))
+    assert [ts for _, ts in by_index] == sorted(stamps)
+    old = next(i for i, s in group.services.items() if s is leader)
+    await group.stop(old)
+    new_leader = await group.leader()
+    second = [f"n{i}" for i in range(20)]
+    await asyncio.gather(*(new_leader.submit(transfer(t, "m1", "m2", 1)) for t in second))
+    assert min(timestamps(new_leader, second)) > max(stamps)
