@@ -16,6 +16,7 @@ import contextlib
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -150,16 +151,18 @@ class LocalCluster:
         return launcher.wait_until(same, timeout_s, f"shard {shard} replicas to converge")
 
     # -- writes and reads ---------------------------------------------------------------------------
-    def submit(self, shard: int, command: AnyCommand, timeout_s: float = 30.0) -> dict[str, Any]:
+    def submit(self, shard: int, command: AnyCommand, timeout_s: float = 30.0,
+               cancel: threading.Event | None = None) -> dict[str, Any]:
         """Submit through the shard's leader, retrying the same command on 503 / lost connections
-        (safe: ids are idempotency keys). Returns {"index", "results"}."""
+        (safe: ids are idempotency keys) until ``timeout_s`` or ``cancel`` is set.
+        Returns {"index", "results"}."""
         body = codec.encode_command(command)
         deadline = time.monotonic() + timeout_s
         for _ in range(submit_attempts_max):
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or (cancel is not None and cancel.is_set()):
                 break
             try:
-                leader = self.leader(shard, max(0.1, deadline - time.monotonic()))
+                leader = self.leader(shard, min(1.0, max(0.1, deadline - time.monotonic())))
                 url = f"{self.urls[leader]}/_node/shards/{shard}/submit"
                 status, reply = launcher.http_json("POST", url, body, "application/octet-stream")
             except (OSError, launcher.LaunchError):

@@ -93,7 +93,7 @@ def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: s
         if stop.is_set():
             return
         try:
-            reply = cluster.submit(shard, transfer(tx_id, a, b))
+            reply = cluster.submit(shard, transfer(tx_id, a, b), cancel=stop)
         except SubmitFailed:
             continue
         if reply["results"][0]["ok"]:
@@ -212,3 +212,29 @@ def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None
                     assert_ok(reply)
                     return
     raise AssertionError("no running leader took the write")
+
+
+def test_sigkill_of_every_node_mid_stream_keeps_every_acknowledged_write(cluster):
+    shard = 1
+    a, b = accounts_on(shard, 2, "x")
+    assert_ok(cluster.submit(shard, account(a)))
+    assert_ok(cluster.submit(shard, account(b)))
+    ids = [f"x{i}" for i in range(400)]
+    acked: list[str] = []
+    stop = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        streams = [pool.submit(write_stream, cluster, shard, ids[w::4], a, b, acked, stop)
+                   for w in range(4)]
+        cluster_poll_acked(acked, 60)
+        stop.set()
+        for node in cluster.node_ids:
+            cluster.kill(node)
+        for s in streams:
+            s.result(timeout=120)
+    cluster.start()
+    cluster.wait_converged(shard)
+    for node in cluster.node_ids:
+        applied = [t for t in ids if cluster.get(node, f"/_node/shards/{shard}/transactions/{t}")[0] == 200]
+        assert set(acked) <= set(applied), "an acknowledged write was lost"
+        assert credits_posted(cluster, node, shard, b) == len(applied)
+        assert_ledger_balanced(cluster, node, 2)
