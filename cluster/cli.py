@@ -71,7 +71,7 @@ def run_up(args: argparse.Namespace) -> int:
     launcher.save_plan(plan)
     try:
         _print_endpoints(plan)
-        found = launcher.wait_for_leaders(plan)
+        found = launcher.wait_for_leaders(plan, cancel=stop)
         print("leaders: " + ", ".join(f"shard {s} -> {n}" for s, n in sorted(found.items())))
         if not args.no_demo:
             demo(plan)

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -203,9 +204,12 @@ def leaders(plan: Plan) -> dict[int, str | None]:
     return found
 
 
-def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
+def wait_until(predicate: Any, timeout_s: float, what: str,
+               cancel: threading.Event | None = None) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise LaunchError(f"interrupted while waiting for {what}")
         value = predicate()
         if value:
             return value
@@ -213,11 +217,12 @@ def wait_until(predicate: Any, timeout_s: float, what: str) -> Any:
     raise LaunchError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def wait_for_leaders(plan: Plan, timeout_s: float = ready_timeout_s) -> dict[int, str]:
+def wait_for_leaders(plan: Plan, timeout_s: float = ready_timeout_s,
+                     cancel: threading.Event | None = None) -> dict[int, str]:
     def all_led() -> dict[int, str] | None:
         found = leaders(plan)
         return found if all(found.values()) else None  # type: ignore[return-value]
-    return wait_until(all_led, timeout_s, "a leader on every shard")
+    return wait_until(all_led, timeout_s, "a leader on every shard", cancel)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = stop_timeout_s) -> int:
