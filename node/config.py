@@ -74,6 +74,7 @@ class ClusterSpec:
 class RaftTuning:
     log_compaction_entries_min: int = 5000
     log_compaction_interval_s: float = 300.0
+    log_compaction_bytes_max: int = 64 << 20
     batch_requests_max: int = 1000
     batch_bytes_max: int = 1 << 20
     linger_ms: float = 2.0

@@ -75,6 +75,7 @@ class DurableJournal(FileJournal):
         self._sync = options.durability == DURABILITY_FSYNC
         self._dirty = False
         self._last_index = self[-1][1] if len(self) else 0
+        self.bytes_held = sum(len(entry[0]) for entry in self[:])  # entries kept in memory
         self._lock = threading.Lock()
         self.flush_count = 0
         if self._sync:
@@ -87,15 +88,18 @@ class DurableJournal(FileJournal):
     def add(self, command, idx, term):  # noqa: ANN001 (PySyncObj's signature)
         super().add(command, idx, term)
         self._last_index = idx
+        self.bytes_held += len(command)
         self._dirty = True
 
     def clear(self):
         super().clear()
+        self.bytes_held = 0
         self._dirty = True
 
     def deleteEntriesFrom(self, entryFrom):  # noqa: N802, N803
         super().deleteEntriesFrom(entryFrom)
         self._last_index = self[-1][1] if len(self) else 0
+        self.bytes_held = sum(len(entry[0]) for entry in self[:])
         self._dirty = True
 
     def setCurrentTerm(self, term, votedForNodeId):  # noqa: N802, N803, ANN001 (PySyncObj's name)

@@ -63,6 +63,9 @@ append_entries_bytes_max = 8 << 20
 snapshot_chunk_bytes = 1 << 20
 log_compaction_entries_min = 5000
 log_compaction_interval_s = 300.0
+# PySyncObj compacts by entry count or time; its journal also keeps every entry in memory, and entries
+# are batches of up to batch_bytes_max, so compact as well once the journal holds this many bytes.
+log_compaction_bytes_max = 64 << 20
 # Hand the applier at most about this many payload bytes per tick (at least one entry), and nothing while
 # this many entries wait for it, so the tick thread stays free for heartbeats, acks and elections.
 apply_bytes_per_tick_max = 256 << 10
@@ -83,6 +86,7 @@ class ReplicaSettings:
     address_to_node: dict[str, str] = field(default_factory=dict)
     log_compaction_entries_min: int = log_compaction_entries_min
     log_compaction_interval_s: float = log_compaction_interval_s
+    log_compaction_bytes_max: int = log_compaction_bytes_max
     batch_requests_max: int = batch_requests_max
     batch_bytes_max: int = batch_bytes_max
     linger_ms: float = linger_ms
@@ -207,6 +211,9 @@ class ShardReplica(SyncObj):
     def _onTick(self, timeToWait: float = 0.0) -> None:  # noqa: N802, N803 (PySyncObj's name)
         # The leader counts itself towards commit at the top of a tick: make its entries durable first.
         self.journal.flush_if_dirty()
+        if self.journal.bytes_held > self.settings.log_compaction_bytes_max and \
+                not self.snapshotter.busy:
+            self.forceLogCompaction()
         super()._onTick(timeToWait)
 
     # -- read-only views for the service (plain attribute reads, safe from another thread) -----------

@@ -82,6 +82,7 @@ def replica_settings(config: NodeConfig, shard: int) -> ReplicaSettings:
         address_to_node=cluster.address_to_node(shard),
         log_compaction_entries_min=config.raft.log_compaction_entries_min,
         log_compaction_interval_s=config.raft.log_compaction_interval_s,
+        log_compaction_bytes_max=config.raft.log_compaction_bytes_max,
         batch_requests_max=config.raft.batch_requests_max,
         batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms)
 

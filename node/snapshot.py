@@ -204,6 +204,10 @@ class Snapshotter:
         finally:
             self.last_duration_s = time.monotonic() - started
 
+    @property
+    def busy(self) -> bool:
+        return self._state != SERIALIZER_STATE.NOT_SERIALIZING
+
     def check(self) -> int:
         """serializeChecker: SUCCESS/FAILED are reported once, then NOT_SERIALIZING."""
         with self._lock:

@@ -101,3 +101,18 @@ def test_store_generations_left_by_a_crash_are_removed_on_open(tmp_path):
             ["state.0.mdb", "state.0.mdb-lock"]
     finally:
         slot.close()
+
+
+async def test_journal_compacts_by_bytes_before_reaching_the_entry_count(tmp_path):
+    group = Group(str(tmp_path), size=1, log_compaction_entries_min=100_000,
+                  log_compaction_bytes_max=20_000)
+    group.start_all()
+    try:
+        leader = await group.leader()
+        await leader.submit(account("a"))
+        await leader.submit(account("b"))
+        await write_entries(leader, "y", 400)  # ~100 bytes per entry: ~40 KB appended
+        await poll(lambda: leader.replica.snapshotter.completed >= 1, 15, "a snapshot by size")
+        await poll(lambda: leader.replica.journal.bytes_held < 20_000, 15, "the journal cut")
+    finally:
+        await group.stop_all()
