@@ -33,6 +33,7 @@ BENCH_ENV = "RAFTLEDGER_BENCH"
 shutdown_drain_s = 5.0
 gil_switch_interval_s = 0.0005
 http_shutdown_s = 2.0
+http_backlog = 1024
 
 
 @dataclass
@@ -270,7 +271,8 @@ async def serve(config: NodeConfig) -> None:
     runtime = await start_runtime(config)
     runner = web.AppRunner(build_app(runtime), access_log=None, shutdown_timeout=http_shutdown_s)
     await runner.setup()
-    site = web.TCPSite(runner, config.http_host, config.http_port, reuse_address=True)
+    site = web.TCPSite(runner, config.http_host, config.http_port, reuse_address=True,
+                       backlog=http_backlog)
     await site.start()
     log.info("node %s serving http://%s:%d shards %s", config.node_id, config.http_host,
              config.http_port, sorted(runtime.services))
