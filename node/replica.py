@@ -24,6 +24,7 @@ from typing import Any
 import msgpack
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
+from pysyncobj.monotonic import monotonic as raft_clock
 from pysyncobj.transport import TCPTransport
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand, Batch, CreateTransaction, Request
@@ -224,6 +225,20 @@ class ShardReplica(SyncObj):
     def leader_contact_monotonic(self) -> float:
         return self._SyncObj__transport.last_append_entries  # type: ignore[attr-defined]
 
+    def majority_contact_age_s(self) -> float | None:
+        """On the leader: seconds since a majority (itself included) last answered it. A leader cut
+        off from its majority keeps leading until leaderFallbackTimeout; this shows how stale it is."""
+        needed = (len(self.otherNodes) + 1) // 2  # followers that make a majority with the leader
+        if needed == 0:
+            return 0.0
+        try:
+            responses = sorted(dict(self._SyncObj__lastResponseTime).values(), reverse=True)
+        except RuntimeError:  # resized by the tick thread while copying
+            return None
+        if len(responses) < needed:
+            return None
+        return max(0.0, raft_clock() - responses[needed - 1])
+
     def close(self) -> None:
         """Stop the tick thread (flushing the journal), finish applying, then close the store."""
         self.destroy_synchronous()
@@ -308,6 +323,14 @@ class ReplicaService:
         last = self.replica.leader_contact_monotonic()
         return None if not last else (time.monotonic() - last) * 1000.0
 
+    def majority_contact_age_ms(self) -> float | None:
+        """On the leader: milliseconds since a majority last answered it (None elsewhere). Unlike
+        ``leader_contact_age_ms`` (0 on a leader) it grows on a leader cut off from its followers."""
+        if not self.is_leader():
+            return None
+        age_s = self.replica.majority_contact_age_s()
+        return None if age_s is None else age_s * 1000.0
+
     async def submit(self, command: AnyCommand) -> Committed:
         if not self._accepting:
             raise Unavailable("node is shutting down")
@@ -377,7 +400,9 @@ class ReplicaService:
                 "term": r.raftCurrentTerm, "commit_index": commit, "applied_index": applied,
                 "lag": max(0, commit - raft_applied), "leader": self.leader_node_id(),
                 "journal_entries": len(r.journal), "snapshots_installed": r.snapshotter.installed,
-                "snapshots_written": r.snapshotter.completed}
+                "snapshots_written": r.snapshotter.completed,
+                "leader_contact_age_ms": self.leader_contact_age_ms(),
+                "majority_contact_age_ms": self.majority_contact_age_ms()}
 
     def fingerprint(self) -> tuple[int, str]:
         return self.replica.store.fingerprint()

@@ -151,3 +151,12 @@ async def test_leader_timestamps_increase_across_entries_and_leader_changes(grou
     second = [f"n{i}" for i in range(20)]
     await asyncio.gather(*(new_leader.submit(transfer(t, "m1", "m2", 1)) for t in second))
     assert min(timestamps(new_leader, second)) > max(stamps)
+
+
+async def test_leader_cut_off_from_its_majority_reports_growing_contact_age(group):
+    leader = await group.leader()
+    await poll(lambda: (leader.majority_contact_age_ms() or 1e9) < 500, 5, "a fresh majority contact")
+    for i in [i for i, s in group.services.items() if s is not leader]:
+        await group.stop(i)
+    await poll(lambda: (leader.majority_contact_age_ms() or 0) > 600, 5, "the contact age to grow")
+    assert leader.is_leader(), "still leading until leaderFallbackTimeout"
