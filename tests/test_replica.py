@@ -100,6 +100,7 @@ async def test_write_that_cannot_commit_ends_with_outcome_unknown(group, monkeyp
     for i in [i for i, s in group.services.items() if s is not leader]:
         await group.stop(i)
     monkeypatch.setattr(replica, "commit_timeout_s", 0.5)
+    monkeypatch.setattr(replica, "drain_timeout_s", 0.5)  # its entry will never commit
     with pytest.raises(OutcomeUnknown):
         await leader.submit(account("lonely"))
 
