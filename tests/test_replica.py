@@ -103,6 +103,7 @@ async def test_write_that_cannot_commit_ends_with_outcome_unknown(group, monkeyp
     monkeypatch.setattr(replica, "drain_timeout_s", 0.5)  # its entry will never commit
     with pytest.raises(OutcomeUnknown):
         await leader.submit(account("lonely"))
+    await group.stop_all()  # while the short drain applies
 
 
 def test_pysyncobj_fail_reasons_map_to_retryable_errors():
