@@ -134,6 +134,7 @@ class ShardReplica(SyncObj):
         self.applier = Applier(self.slot, on_applied)
         dump_file = os.path.join(settings.directory, "raft.dump")
         self.snapshotter = Snapshotter(self.slot, dump_file, self.applier, sync=settings.sync)
+        self.snapshotter.on_installed = self._postpone_election
         journal_file = os.path.join(settings.directory, "raft.journal")
         journal_mod.register(journal_file, journal_mod.JournalOptions(
             settings.durability, settings.on_flush, settings.on_meta))
@@ -159,6 +160,13 @@ class ShardReplica(SyncObj):
             # Membership changes must be enabled on every member from the start to be usable later.
             dynamicMembershipChange=True,
         )
+
+    def _postpone_election(self) -> None:
+        """Installing a large snapshot keeps the tick thread busy for seconds; the leader's messages
+        wait unread meanwhile. Restart the election timer so this follower does not depose a healthy
+        leader the moment it is done."""
+        self._SyncObj__raftElectionDeadline = (  # type: ignore[attr-defined]
+            raft_clock() + self._SyncObj__generateRaftTimeout())  # type: ignore[attr-defined]
 
     def _state_changed(self, old: int, new: int) -> None:
         names = ("follower", "candidate", "leader")

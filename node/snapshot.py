@@ -156,6 +156,7 @@ class Snapshotter:
         self._cancelled = False
         self.last_duration_s = 0.0
         self.installed = 0  # snapshots installed from a leader (or a newer local dump)
+        self.on_installed: Callable[[], None] | None = None
         self.completed = 0  # snapshots this replica wrote
 
     # -- serializer: called on the tick thread by PySyncObj's Serializer.serialize -------------------
@@ -238,6 +239,8 @@ class Snapshotter:
             self.slot.install(target)
             self.installed += 1
             log.info("shard %d: installed snapshot at store index %d", self.slot.shard, store_index)
+            if self.on_installed is not None:
+                self.on_installed()
         return meta
 
     def close(self) -> None:
