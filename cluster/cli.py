@@ -127,9 +127,9 @@ def demo(plan: launcher.Plan) -> None:
 
 def api_demo(url: str) -> None:
     for account_id in DEMO_ACCOUNTS:
-        body = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
-        _api_post(url, "/v1/accounts", body, f"account {account_id}")
-    body = {"id": DEMO_TRANSFER, "debit_account_id": DEMO_ACCOUNTS[0],
+        account: dict[str, Any] = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
+        _api_post(url, "/v1/accounts", account, f"account {account_id}")
+    body: dict[str, Any] = {"id": DEMO_TRANSFER, "debit_account_id": DEMO_ACCOUNTS[0],
             "credit_account_id": DEMO_ACCOUNTS[1], "amount": DEMO_AMOUNT, "currency": DEMO_CURRENCY}
     _api_post(url, "/v1/transactions", body, f"transfer {DEMO_TRANSFER}")
     for account_id in DEMO_ACCOUNTS:

@@ -56,13 +56,13 @@ class Applier:
 
     def wait_processed(self, index: int, timeout_s: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self.processed >= index or self.failed, timeout_s) \
-                and self.failed is None
+            self._cond.wait_for(lambda: self.processed >= index or self.failed is not None, timeout_s)
+            return self.processed >= index and self.failed is None
 
     def wait_idle(self, timeout_s: float) -> bool:
         with self._cond:
-            return self._cond.wait_for(lambda: self._backlog == 0 or self.failed, timeout_s) \
-                and self.failed is None
+            self._cond.wait_for(lambda: self._backlog == 0 or self.failed is not None, timeout_s)
+            return self._backlog == 0 and self.failed is None
 
     def close(self) -> None:
         """Apply what was handed over, then stop."""
