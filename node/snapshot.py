@@ -39,6 +39,7 @@ MAGIC = b"RLSNAP01"
 HEADER = struct.Struct("<8sQI")
 INDEX_OFFSET = 8
 COPY_CHUNK_BYTES = 1 << 20
+snapshot_retry_s = 30.0  # after a failed snapshot, before the next attempt
 apply_wait_s = 120.0  # how long a snapshot waits for the applier to reach the snapshot's entries
 
 Retire = Callable[[LedgerStore], None]
@@ -154,6 +155,7 @@ class Snapshotter:
         self._state = SERIALIZER_STATE.NOT_SERIALIZING
         self._thread: threading.Thread | None = None
         self._cancelled = False
+        self._retry_after = 0.0
         self.last_duration_s = 0.0
         self.installed = 0  # snapshots installed from a leader (or a newer local dump)
         self.on_installed: Callable[[], None] | None = None
@@ -174,6 +176,10 @@ class Snapshotter:
         with self._lock:
             self._state = SERIALIZER_STATE.SERIALIZING
             self._cancelled = False
+            if time.monotonic() < self._retry_after:
+                # PySyncObj retries a failed compaction on the very next tick; hold it off instead.
+                self._thread = None
+                return
         # Every entry PySyncObj has applied so far was handed to the applier up to this index; the copy
         # must contain them all before the journal is cut at the snapshot's entry.
         handed_over = self.applier.enqueued
@@ -199,9 +205,13 @@ class Snapshotter:
                 self._state = SERIALIZER_STATE.SUCCESS
                 self.completed += 1
         except Exception:
-            log.exception("shard %d: snapshot failed", self.slot.shard)
+            log.exception("shard %d: snapshot failed; next attempt in %.0fs", self.slot.shard,
+                          snapshot_retry_s)
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(work)
             with self._lock:
                 self._state = SERIALIZER_STATE.FAILED
+                self._retry_after = time.monotonic() + snapshot_retry_s
         finally:
             self.last_duration_s = time.monotonic() - started
 
@@ -210,8 +220,12 @@ class Snapshotter:
         return self._state != SERIALIZER_STATE.NOT_SERIALIZING
 
     def check(self) -> int:
-        """serializeChecker: SUCCESS/FAILED are reported once, then NOT_SERIALIZING."""
+        """serializeChecker: SUCCESS/FAILED are reported once, then NOT_SERIALIZING. An attempt made
+        while backing off after a failure shows as in progress until the backoff ends, then FAILED."""
         with self._lock:
+            if self._thread is None and self._state == SERIALIZER_STATE.SERIALIZING and \
+                    time.monotonic() >= self._retry_after:
+                self._state = SERIALIZER_STATE.FAILED
             state = self._state
             if state in (SERIALIZER_STATE.SUCCESS, SERIALIZER_STATE.FAILED):
                 self._state = SERIALIZER_STATE.NOT_SERIALIZING

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from inprocess import Group, account, poll, transfer
 from raftledger.node.snapshot import read_header
@@ -116,3 +117,35 @@ async def test_journal_compacts_by_bytes_before_reaching_the_entry_count(tmp_pat
         await poll(lambda: leader.replica.journal.bytes_held < 20_000, 15, "the journal cut")
     finally:
         await group.stop_all()
+
+
+def test_failed_snapshot_is_retried_only_after_a_backoff(tmp_path, monkeypatch):
+    from pysyncobj.config import SERIALIZER_STATE
+    from raftledger.node import snapshot
+    from raftledger.node.applier import Applier
+    from raftledger.node.snapshot import Snapshotter, StoreSlot
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import Request
+
+    monkeypatch.setattr(snapshot, "snapshot_retry_s", 0.3)
+    slot = StoreSlot(str(tmp_path), 0, sync=False)
+    applier = Applier(slot)
+    slot.current.close()  # the store fails: the applier stops, so no snapshot can be consistent
+    applier.submit(2, codec.encode_requests([Request(1, account("f"))]))
+    snapshotter = Snapshotter(slot, str(tmp_path / "raft.dump"), applier, sync=False)
+    meta = ((b"", 2, 1), (b"", 1, 1), set())
+    snapshotter.serialize(str(tmp_path / "raft.dump.tmp"), meta)
+    snapshotter._thread.join(10)
+    assert snapshotter.check() == SERIALIZER_STATE.FAILED
+    assert snapshotter.check() == SERIALIZER_STATE.NOT_SERIALIZING
+    snapshotter.serialize(str(tmp_path / "raft.dump.tmp"), meta)  # PySyncObj's immediate retry
+    assert snapshotter.check() == SERIALIZER_STATE.SERIALIZING
+    assert not os.path.exists(tmp_path / "raft.dump")
+    deadline = time.monotonic() + 5
+    state = snapshotter.check()
+    while state == SERIALIZER_STATE.SERIALIZING and time.monotonic() < deadline:
+        time.sleep(0.01)
+        state = snapshotter.check()
+    assert state == SERIALIZER_STATE.FAILED
+    assert snapshotter.check() == SERIALIZER_STATE.NOT_SERIALIZING
+    applier.close()
