@@ -58,6 +58,7 @@ from .records import (
 from .validate import Problem, command_problem
 
 balance_limit = 2**127
+NO_DEADLINE = 2**64
 FLAG_LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
 FLAG_LIMIT_CREDITS = int(AccountFlag.credits_must_not_exceed_debits)
 FLAG_CLOSED = int(AccountFlag.closed)
@@ -169,11 +170,14 @@ class Applier:
     """Applies the requests of one Raft entry inside one LMDB write transaction."""
 
     def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, dbs: Dbs,
-                 state: ShardState) -> None:
+                 state: ShardState, expiry_floor: int = 0) -> None:
         self.env = env
         self.txn = txn
         self.dbs = dbs
         self.state = state
+        # A lower bound on the earliest hold deadline (a cache, not replicated state): requests
+        # before it skip the expiry scan. Inserting a deadline lowers it; a scan raises it.
+        self.expiry_floor = expiry_floor
 
     # ---- entry points -------------------------------------------------------------------------
 
@@ -336,6 +340,7 @@ class Applier:
                          cmd.timeout_seconds)
         if tx.expires_at is not None:
             self.txn.put(expiry_key(tx.expires_at, tx.id), b"", db=self.dbs.expiries)
+            self.expiry_floor = min(self.expiry_floor, tx.expires_at)
         return tx
 
     def _resolve(self, cmd: PostPending | VoidPending, ts: int) -> Transaction:
@@ -396,10 +401,15 @@ class Applier:
 
     def _expire_due(self, ts: int) -> None:
         """Release every hold whose deadline is at or before ``ts``, in deadline order."""
+        if ts < self.expiry_floor:
+            return
         cursor = self.txn.cursor(db=self.dbs.expiries)
+        self.expiry_floor = NO_DEADLINE
         while cursor.first():
             key = cursor.key()
-            if U64.unpack_from(key)[0] > ts:
+            deadline = U64.unpack_from(key)[0]
+            if deadline > ts:
+                self.expiry_floor = deadline
                 return
             cursor.delete()
             hold = self._load_tx(bytes(key[8:]).decode())

@@ -84,6 +84,7 @@ class LedgerStore:
         with self.env.begin(write=True) as txn:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
+        self._expiry_floor = 0  # unknown until the first request scans the expiries
 
     def _read_state(self) -> ShardState:
         with self.env.begin() as txn:
@@ -116,13 +117,14 @@ class LedgerStore:
                         requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
-            applier = Applier(self.env, txn, self.dbs, state)
+            applier = Applier(self.env, txn, self.dbs, state, self._expiry_floor)
             outcomes = [applier.apply_request(ts, cmd) for ts, cmd in requests]
             state = applier.state
             state.applied_index = index
             state.chain = hashing.shard_chain(state.chain, index, payload, _codes(outcomes))
             txn.put(STATE_KEY, state.pack(), db=self.dbs.meta)
         self._state = state
+        self._expiry_floor = applier.expiry_floor
         return outcomes
 
     def copy_to_fd(self, fd: int) -> int:

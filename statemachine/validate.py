@@ -28,7 +28,7 @@ from .commands import (
 )
 
 ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
-TAG_RE = re.compile(r"[^{}]*(\{[^{}]+\}[^{}]*)?")
+ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
 CODE_RE = re.compile(r"[A-Za-z0-9._:\-]{0,64}")
 metadata_bytes_max = 4096
@@ -46,7 +46,7 @@ def valid_id(value: str) -> bool:
 
 def valid_account_id(value: str) -> bool:
     """An account id may hold one non-empty hash tag ``{tag}``; routing hashes the tag alone."""
-    return valid_id(value) and TAG_RE.fullmatch(value) is not None
+    return 0 < len(value) <= 128 and ACCOUNT_ID_RE.fullmatch(value) is not None
 
 
 def valid_amount(value: object) -> bool:
@@ -67,6 +67,8 @@ def _metadata_ok(value: Any, depth: int) -> bool:
 
 def metadata_problem(metadata: Any) -> Problem | None:
     """Metadata is a JSON object without floats, at most 8 levels deep and 4 KiB encoded."""
+    if type(metadata) is dict and not metadata:
+        return None
     if not isinstance(metadata, dict) or not _metadata_ok(metadata, 1):
         return ResultCode.invalid_metadata, {}
     if len(msgpack.packb(metadata)) > metadata_bytes_max:

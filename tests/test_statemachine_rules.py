@@ -462,3 +462,20 @@ def test_retry_of_a_hold_after_it_was_posted_returns_it_as_created(funded: Harne
     funded.one(PostPending("p", "h"))
     again = funded.one(transfer("h", "alice", "bob", 5, pending=True))
     assert again.replayed and again.record == first.record and again.record.status == "pending"
+
+
+def test_holds_still_expire_after_the_store_is_reopened(funded: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from raftledger.statemachine.store import LedgerStore
+
+    funded.one(transfer("h", "alice", "bob", 4_000, pending=True, timeout_seconds=30))
+    path = funded.store.path
+    funded.store.close()
+    reopened = LedgerStore(path, map_size=2**30)
+    again = Harness(reopened, start_ns=funded.now_ns)
+    again.index = funded.index
+    again.advance(31)
+    again.one(CreateAccount("x", "BRL"))
+    with reopened.reader() as r:
+        assert r.transaction("h").status == "expired"
+        assert r.account("alice").debits_pending == 0
+    funded.store = reopened  # the fixture closes it
