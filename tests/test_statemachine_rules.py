@@ -478,4 +478,4 @@ def test_holds_still_expire_after_the_store_is_reopened(funded: Harness, tmp_pat
     with reopened.reader() as r:
         assert r.transaction("h").status == "expired"
         assert r.account("alice").debits_pending == 0
-    funded.store = reopened  # the fixture closes it
+    reopened.close()
