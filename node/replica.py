@@ -91,6 +91,9 @@ class ReplicaSettings:
     batch_requests_max: int = batch_requests_max
     batch_bytes_max: int = batch_bytes_max
     linger_ms: float = linger_ms
+    # Shared secret of the shard's Raft group: PySyncObj then encrypts and authenticates every Raft
+    # connection (Fernet), so nobody else on the network can join, vote or send membership changes.
+    password: str | None = field(default=None, repr=False)
     on_flush: journal_mod.FlushObserver | None = None  # tests: record flush order
     on_meta: journal_mod.MetaObserver | None = None  # tests: record term/vote writes
     on_send: SendObserver | None = None  # tests: record network sends
@@ -155,7 +158,7 @@ class ShardReplica(SyncObj):
             logCompactionBatchSize=snapshot_chunk_bytes,
             logCompactionMinEntries=s.log_compaction_entries_min,
             logCompactionMinTime=s.log_compaction_interval_s,
-            sendBufferSize=1 << 20, recvBufferSize=1 << 20,
+            sendBufferSize=1 << 20, recvBufferSize=1 << 20, password=s.password,
             onStateChanged=self._state_changed,
             # Membership changes must be enabled on every member from the start to be usable later.
             dynamicMembershipChange=True,

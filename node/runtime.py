@@ -30,6 +30,7 @@ from .service import NotLeader, Unavailable
 log = logging.getLogger(__name__)
 
 BENCH_ENV = "RAFTLEDGER_BENCH"
+RAFT_PASSWORD_ENV = "RAFTLEDGER_RAFT_PASSWORD"  # shared secret of every Raft group (optional)
 shutdown_drain_s = 5.0
 gil_switch_interval_s = 0.0005
 http_shutdown_s = 2.0
@@ -85,7 +86,8 @@ def replica_settings(config: NodeConfig, shard: int) -> ReplicaSettings:
         log_compaction_interval_s=config.raft.log_compaction_interval_s,
         log_compaction_bytes_max=config.raft.log_compaction_bytes_max,
         batch_requests_max=config.raft.batch_requests_max,
-        batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms)
+        batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms,
+        password=os.environ.get(RAFT_PASSWORD_ENV) or None)
 
 
 async def start_runtime(config: NodeConfig) -> NodeRuntime:

@@ -162,3 +162,28 @@ async def test_leader_cut_off_from_its_majority_reports_growing_contact_age(grou
         await group.stop(i)
     await poll(lambda: (leader.majority_contact_age_ms() or 0) > 600, 5, "the contact age to grow")
     assert leader.is_leader(), "still leading until leaderFallbackTimeout"
+
+
+async def test_raft_group_with_a_shared_password_replicates_and_keeps_outsiders_out(tmp_path):
+    import dataclasses
+
+    from inprocess import Group
+    from raftledger.node.replica import ReplicaService
+
+    group = Group(str(tmp_path), password="s3cret")
+    group.start(0)
+    group.start(1)
+    try:
+        leader = await group.leader()
+        committed = await leader.submit(account("pw"))
+        assert committed.outcome.ok
+        wrong = dataclasses.replace(group.settings(2), password="wrong")
+        group.services[2] = ReplicaService(wrong, "n2")
+        with pytest.raises(AssertionError, match="timed out"):
+            await poll(lambda: group.services[2].applied_index() >= committed.index, 2.0,
+                       "an outsider with a wrong password to receive entries")
+        await group.stop(2)
+        group.start(2)  # the same replica with the group's password catches up
+        await poll(lambda: group.services[2].applied_index() >= committed.index, 15, "the member")
+    finally:
+        await group.stop_all()
