@@ -51,10 +51,11 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_node(path: str) -> None:
-    from raftledger.node import config, runtime
+    from raftledger.node import config, logs, runtime
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    runtime.run(config.load(path))
+    node_config = config.load(path)
+    logs.configure(node_config.node_id, logging.INFO)  # JSON lines on stderr, with the request id
+    runtime.run(node_config)
 
 
 # -- up ---------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -29,6 +30,7 @@ DURABILITY_MODES = (DURABILITY_FSYNC, DURABILITY_NONE)
 
 FlushObserver = Callable[[int], None]
 MetaObserver = Callable[[int, object], None]
+FsyncObserver = Callable[[float], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,7 @@ class JournalOptions:
     durability: str = DURABILITY_FSYNC
     on_flush: FlushObserver | None = None  # called with the last flushed log index (tests record order)
     on_meta: MetaObserver | None = None  # called with (term, vote) once they are on disk
+    on_fsync: FsyncObserver | None = None  # called with the seconds each msync of the entries took
 
 
 def fsync_dir(path: str) -> None:
@@ -111,11 +114,16 @@ class DurableJournal(FileJournal):
         """One msync for everything appended since the last flush; True if it flushed."""
         if not self._dirty:
             return False
+        took = -1.0
         with self._lock:
             self._dirty = False
             if self._sync:
+                started = time.perf_counter()
                 self._flush_file()
+                took = time.perf_counter() - started
             self.flush_count += 1
+        if took >= 0 and self._options.on_fsync is not None:
+            self._options.on_fsync(took)
         if self._options.on_flush is not None:
             self._options.on_flush(self._last_index)
         return True

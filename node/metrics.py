@@ -9,6 +9,7 @@ it is never stale and costs nothing between scrapes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -53,20 +54,32 @@ class Metrics:
                                  ["shard"], registry=r)
         self.leader_changes = Counter("raftledger_leader_changes_total",
                                       "leader changes seen by this replica", ["shard"], registry=r)
+        self._shard_series: dict[int, _ShardSeries] = {}
 
-    # -- hooks for the Raft glue ---------------------------------------------------------------
+    # -- hooks for the Raft glue (fsync and leader changes are called on a shard's tick thread) ---
+    def _series(self, shard: int) -> _ShardSeries:
+        series = self._shard_series.get(shard)
+        if series is None:  # labels() is slow for a per-batch path; shards are few
+            label = str(shard)
+            series = self._shard_series[shard] = _ShardSeries(
+                self.batch_size.labels(label), self.batch_linger.labels(label),
+                self.fsync.labels(label), self.queue_depth.labels(label),
+                self.leader_changes.labels(label))
+        return series
+
     def observe_batch(self, shard: int, commands: int, linger_s: float) -> None:
-        self.batch_size.labels(str(shard)).observe(commands)
-        self.batch_linger.labels(str(shard)).observe(linger_s)
+        series = self._series(shard)
+        series.batch_size.observe(commands)
+        series.batch_linger.observe(linger_s)
 
     def observe_fsync(self, shard: int, seconds: float) -> None:
-        self.fsync.labels(str(shard)).observe(seconds)
+        self._series(shard).fsync.observe(seconds)
 
     def set_queue_depth(self, shard: int, depth: int) -> None:
-        self.queue_depth.labels(str(shard)).set(depth)
+        self._series(shard).queue_depth.set(depth)
 
     def leader_changed(self, shard: int) -> None:
-        self.leader_changes.labels(str(shard)).inc()
+        self._series(shard).leader_changes.inc()
 
     # -- the HTTP layer ------------------------------------------------------------------------
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -93,6 +106,15 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+@dataclass(frozen=True, slots=True)
+class _ShardSeries:
+    batch_size: Any
+    batch_linger: Any
+    fsync: Any
+    queue_depth: Any
+    leader_changes: Any
 
 
 SHARD_GAUGES = (

@@ -19,7 +19,8 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 from pysyncobj import SyncObj, SyncObjConf, replicated
@@ -35,6 +36,9 @@ from . import journal as journal_mod
 from .applier import Applier
 from .service import Committed, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .snapshot import Snapshotter, StoreSlot
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,12 @@ class ShardReplica(SyncObj):
     """The Raft member. Its replicated method applies one batch payload to the store."""
 
     def __init__(self, settings: ReplicaSettings, *, retire: Callable[[Any], None] | None = None,
-                 on_applied: Callable[[int], None] | None = None) -> None:
+                 on_applied: Callable[[int], None] | None = None,
+                 on_fsync: journal_mod.FsyncObserver | None = None,
+                 on_leader_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
+        self._on_leader_change = on_leader_change
+        self._seen_leader: tuple[Any, int] | None = None  # (leader node, term) last reported
         os.makedirs(settings.directory, exist_ok=True)
         self.slot = StoreSlot(settings.directory, settings.shard, sync=settings.sync, retire=retire)
         self.applier = Applier(self.slot, on_applied)
@@ -140,7 +148,7 @@ class ShardReplica(SyncObj):
         self.snapshotter.on_installed = self._postpone_election
         journal_file = os.path.join(settings.directory, "raft.journal")
         journal_mod.register(journal_file, journal_mod.JournalOptions(
-            settings.durability, settings.on_flush, settings.on_meta))
+            settings.durability, settings.on_flush, settings.on_meta, on_fsync))
         super().__init__(settings.self_address, list(settings.partner_addresses),
                          self._conf(settings, journal_file, dump_file),
                          transportClass=FlushingTransport)
@@ -227,6 +235,20 @@ class ShardReplica(SyncObj):
                 not self.snapshotter.busy:
             self.forceLogCompaction()
         super()._onTick(timeToWait)
+        if self._on_leader_change is not None:
+            self._note_leader()
+
+    def _note_leader(self) -> None:
+        """Report each newly known (leader, term): an election won, by this replica or another.
+        Two attribute reads and a compare per tick; the hook runs only on a change."""
+        leader = self._SyncObj__raftLeader  # type: ignore[attr-defined]
+        if leader is None:
+            return
+        seen = self._seen_leader
+        term = self.raftCurrentTerm
+        if seen is None or seen[0] is not leader or seen[1] != term:
+            self._seen_leader = (leader, term)
+            self._on_leader_change()  # type: ignore[misc]
 
     # -- read-only views for the service (plain attribute reads, safe from another thread) -----------
     def leader_address(self) -> str | None:
@@ -263,6 +285,7 @@ class _Queued:
     command: AnyCommand
     size: int
     future: asyncio.Future
+    queued_at: float  # time.monotonic() when submitted
 
 
 def size_hint(command: AnyCommand) -> int:
@@ -291,10 +314,14 @@ class ReplicaService:
     """``ShardService`` for one replica: batcher + read helpers, living on one asyncio loop."""
 
     def __init__(self, settings: ReplicaSettings, node_id: str,
-                 loop: asyncio.AbstractEventLoop | None = None) -> None:
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 metrics: Metrics | None = None) -> None:
+        """``metrics``: the node's ``Metrics``; batches, queue depth, fsyncs and leader changes of
+        this shard are reported to it."""
         self.shard = settings.shard
         self.node_id = node_id
         self.settings = settings
+        self.metrics = metrics
         self.loop = loop or asyncio.get_running_loop()
         self._queue: deque[_Queued] = deque()
         self._queued_bytes = 0
@@ -308,7 +335,12 @@ class ReplicaService:
         self._ts_term = -1
         self._accepting = True
         self.entries_proposed = 0
-        self.replica = ShardReplica(settings, retire=self._retire, on_applied=self._applied_threadsafe)
+        hooks: dict[str, Any] = {}
+        if metrics is not None:
+            hooks = {"on_fsync": partial(metrics.observe_fsync, self.shard),
+                     "on_leader_change": partial(metrics.leader_changed, self.shard)}
+        self.replica = ShardReplica(settings, retire=self._retire, on_applied=self._applied_threadsafe,
+                                    **hooks)
         self._task = self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}")
 
     # -- ShardService -------------------------------------------------------------------------------
@@ -351,7 +383,7 @@ class ReplicaService:
             raise Overloaded(f"shard {self.shard}: queue full", retry_after_s=overloaded_retry_after_s)
         size = size_hint(command)
         future: asyncio.Future = self.loop.create_future()
-        self._queue.append(_Queued(command, size, future))
+        self._queue.append(_Queued(command, size, future, time.monotonic()))
         self._queued_bytes += size
         self._wake.set()
         timer = self.loop.call_later(commit_timeout_s, self._expire, future)
@@ -427,7 +459,9 @@ class ReplicaService:
                 await self._inflight.acquire()
                 self._inflight_count += 1
                 await self._linger()
-                self._propose(self._take_batch())
+                batch = self._take_batch()
+                self._report_queue_depth()
+                self._propose(batch)
 
     async def _linger(self) -> None:
         """Give a partial batch up to linger_ms to fill; a full one goes at once."""
@@ -442,6 +476,11 @@ class ReplicaService:
                 await asyncio.wait_for(self._wake.wait(), remaining)
             except TimeoutError:
                 return
+
+    def _report_queue_depth(self) -> None:
+        """Requests still waiting once a batch is taken (0 when the batcher keeps up)."""
+        if self.metrics is not None:
+            self.metrics.set_queue_depth(self.shard, len(self._queue))
 
     def _take_batch(self) -> list[_Queued]:
         batch: list[_Queued] = []
@@ -466,6 +505,8 @@ class ReplicaService:
         requests = [Request(self._next_timestamp(), item.command) for item in batch]
         self.replica.apply_batch(codec.encode_requests(requests), callback=self._callback(futures))
         self.entries_proposed += 1
+        if self.metrics is not None:
+            self.metrics.observe_batch(self.shard, len(batch), time.monotonic() - batch[0].queued_at)
 
     def _next_timestamp(self) -> int:
         """Monotonic per shard: max(last + 1, wall clock), re-read from the store on a new term."""
@@ -545,6 +586,7 @@ class ReplicaService:
             if not item.future.done():
                 item.future.set_exception(Unavailable("node is shutting down"))
         self._queue.clear()
+        self._report_queue_depth()
         self._wake.set()
 
     async def close(self) -> None:

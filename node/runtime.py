@@ -24,6 +24,7 @@ from raftledger.statemachine import codec
 from raftledger.statemachine.records import Result
 
 from .config import NodeConfig
+from .metrics import Metrics
 from .replica import ReplicaService, ReplicaSettings
 from .service import NotLeader, Unavailable
 
@@ -39,10 +40,12 @@ http_backlog = 1024
 
 @dataclass
 class NodeRuntime:
-    """What the HTTP API needs from a node: its config and its shard services by id."""
+    """What the HTTP API needs from a node: its config, its shard services by id, and the metrics
+    the Raft glue reports to (``mount_api`` serves these at ``/metrics``)."""
 
     config: NodeConfig
     services: dict[int, ReplicaService]
+    metrics: Metrics | None = None
 
     @property
     def node_id(self) -> str:
@@ -93,10 +96,12 @@ def replica_settings(config: NodeConfig, shard: int) -> ReplicaSettings:
 async def start_runtime(config: NodeConfig) -> NodeRuntime:
     """Open every hosted shard replica on the running loop (the tick threads start here)."""
     os.makedirs(config.data_dir, exist_ok=True)
+    metrics = Metrics(config.node_id)
     services = {}
     for shard in config.hosted_shards():
-        services[shard] = ReplicaService(replica_settings(config, shard), config.node_id)
-    return NodeRuntime(config, services)
+        services[shard] = ReplicaService(replica_settings(config, shard), config.node_id,
+                                         metrics=metrics)
+    return NodeRuntime(config, services, metrics)
 
 
 # -- HTTP -------------------------------------------------------------------------------------------
