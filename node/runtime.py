@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.statemachine import codec
+from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.records import Result
 
 from .config import NodeConfig
@@ -196,17 +197,9 @@ async def node_transaction(request: web.Request) -> web.Response:
 async def node_totals(request: web.Request) -> web.Response:
     """Per-currency sums over every account of a shard, for ledger invariant checks."""
     service = _service(request)
-    totals: dict[str, list[int]] = {}
-    accounts = 0
     with service.store.reader() as reader:
-        for account_id in reader.account_ids():
-            acct = reader.account(account_id)
-            assert acct is not None
-            sums = totals.setdefault(acct.currency, [0, 0, 0, 0])
-            for i, v in enumerate((acct.debits_posted, acct.credits_posted, acct.debits_pending,
-                                   acct.credits_pending)):
-                sums[i] += v
-            accounts += 1
+        totals = currency_totals(reader)
+        accounts = sum(1 for _ in reader.account_ids())
     names = ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
     return web.json_response({"accounts": accounts, "applied_index": service.applied_index(),
                               "currencies": {c: dict(zip(names, v, strict=True))
