@@ -35,13 +35,6 @@ def flags_to_names(flags: int) -> list[str]:
     return [f.name for f in AccountFlag if flags & f and f.name is not None]
 
 
-def flags_from_names(names: list[str] | tuple[str, ...]) -> int:
-    value = 0
-    for name in names:
-        value |= AccountFlag[name]
-    return value
-
-
 @dataclass(frozen=True, slots=True)
 class CreateAccount:
     id: str

@@ -48,7 +48,6 @@ from .records import (
     Event,
     Outcome,
     Rejection,
-    Result,
     Transaction,
 )
 
@@ -144,17 +143,6 @@ class LedgerStore:
     def reader(self) -> Iterator[Reader]:
         with self.env.begin(buffers=False) as txn:
             yield Reader(txn, self.dbs, self.shard)
-
-
-def applied_index_of(path: str) -> int:
-    """The applied index stored in an LMDB file (a snapshot), without keeping it open."""
-    env = lmdb.open(path, subdir=False, readonly=True, lock=False, max_dbs=len(DB_NAMES))
-    try:
-        with env.begin() as txn:
-            meta = env.open_db(b"meta", txn=txn, create=False)
-            return ShardState.unpack(txn.get(STATE_KEY, db=meta)).applied_index
-    finally:
-        env.close()
 
 
 class _SeqTimes:
@@ -308,9 +296,3 @@ class Reader:
                 h.update(len(key).to_bytes(4, "big") + bytes(key))
                 h.update(len(value).to_bytes(4, "big") + bytes(value))
         return h.hexdigest()
-
-
-def result_of(outcome: Outcome) -> Result:
-    """The single Result of a non-batch outcome."""
-    assert not isinstance(outcome, list)
-    return outcome
