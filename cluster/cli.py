@@ -173,7 +173,7 @@ def internal_demo(plan: launcher.Plan) -> None:
     leader_url = plan.cluster.node(launcher.wait_for_leaders(plan)[shard]).http
     for account_id in DEMO_ACCOUNTS:
         quoted = urllib.parse.quote(account_id, safe="")
-        _, acct = launcher.http_json("GET", f"{leader_url}/_node/shards/{shard}/accounts/{quoted}")
+        _, acct = launcher.http_json("GET", f"{leader_url}/v1/accounts/{quoted}")
         print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
               f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
 

@@ -174,26 +174,6 @@ async def node_submit(request: web.Request) -> web.Response:
     return web.json_response({"index": committed.index, "results": [result_json(r) for r in results]})
 
 
-async def node_balance(request: web.Request) -> web.Response:
-    service = _service(request)
-    with service.store.reader() as reader:
-        acct = reader.account(request.match_info["account"])
-        body = None if acct is None else acct.to_json(service.shard)
-    if body is None:
-        raise web.HTTPNotFound(text="no such account")
-    return web.json_response(body)
-
-
-async def node_transaction(request: web.Request) -> web.Response:
-    service = _service(request)
-    with service.store.reader() as reader:
-        tx = reader.transaction(request.match_info["tx"])
-        body = None if tx is None else tx.to_json(service.shard)
-    if body is None:
-        raise web.HTTPNotFound(text="no such transaction")
-    return web.json_response(body)
-
-
 async def node_totals(request: web.Request) -> web.Response:
     """Per-currency sums over every account of a shard, for ledger invariant checks."""
     service = _service(request)
@@ -245,8 +225,6 @@ def build_app(runtime: NodeRuntime) -> web.Application:
     app[RUNTIME] = runtime
     app.router.add_get("/_node/status", node_status)
     app.router.add_post("/_node/shards/{shard}/submit", node_submit)
-    app.router.add_get("/_node/shards/{shard}/accounts/{account:[^/]+}", node_balance)
-    app.router.add_get("/_node/shards/{shard}/transactions/{tx:[^/]+}", node_transaction)
     app.router.add_get("/_node/shards/{shard}/totals", node_totals)
     if os.environ.get(BENCH_ENV) == "1":
         app.router.add_post("/_node/shards/{shard}/bench", node_bench)

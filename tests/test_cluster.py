@@ -45,8 +45,8 @@ def assert_ok(reply: dict) -> int:
     return reply["index"]
 
 
-def credits_posted(cluster: LocalCluster, node: str, shard: int, account_id: str) -> int:
-    status, body = cluster.get(node, f"/_node/shards/{shard}/accounts/{quoted(account_id)}")
+def credits_posted(cluster: LocalCluster, node: str, account_id: str) -> int:
+    status, body = cluster.get(node, f"/v1/accounts/{quoted(account_id)}")
     assert status == 200, body
     return body["credits_posted"]
 
@@ -84,7 +84,7 @@ def test_followers_of_both_shards_apply_the_leaders_writes(cluster):
         index, _ = cluster.wait_converged(shard)
         assert index > 20
         a, b = accounts_on(shard, 2, "r")
-        assert {credits_posted(cluster, n, shard, b) for n in cluster.node_ids} == {100}
+        assert {credits_posted(cluster, n, b) for n in cluster.node_ids} == {100}
 
 
 def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: str,
@@ -122,10 +122,10 @@ def test_killing_the_leader_mid_stream_loses_no_acknowledged_write(cluster):
     cluster.start_node(victim)
     cluster.wait_converged(shard)
     for node in cluster.node_ids:
-        applied = [t for t in ids if cluster.get(node, f"/_node/shards/{shard}/transactions/{t}")[0] == 200]
+        applied = [t for t in ids if cluster.get(node, f"/v1/transactions/{t}")[0] == 200]
         assert set(acked) <= set(applied), "an acknowledged write was lost"
         # Each applied transfer moved 1 unit exactly once.
-        assert credits_posted(cluster, node, shard, b) == len(applied)
+        assert credits_posted(cluster, node, b) == len(applied)
 
 
 def cluster_poll_acked(acked: list[str], count: int) -> None:
@@ -152,7 +152,7 @@ def test_stopped_follower_catches_up_by_snapshot(cluster):
     cluster.wait_converged(shard)
     status = cluster.shard_status(shard)[follower]
     assert status["snapshots_installed"] >= 1
-    assert credits_posted(cluster, follower, shard, b) == 3 * compaction_entries_min
+    assert credits_posted(cluster, follower, b) == 3 * compaction_entries_min
 
 
 def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
@@ -171,7 +171,7 @@ def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
         after = cluster.wait_converged(shard)
         assert after[0] >= before[shard][0]
         for node in cluster.node_ids:
-            assert credits_posted(cluster, node, shard, b) == expected
+            assert credits_posted(cluster, node, b) == expected
     for node in cluster.node_ids:
         assert_ledger_balanced(cluster, node, 2)
     replay = cluster.submit(0, transfer("w0.0", *accounts_on(0, 2, "w"), 3))
@@ -192,7 +192,7 @@ def test_a_paused_leader_is_replaced_and_rejoins_after_resume(cluster):
         submit_via(cluster, shard, transfer(f"p{i}", a, b), exclude=paused)
     cluster.resume(paused)
     cluster.wait_converged(shard)
-    assert credits_posted(cluster, paused, shard, b) == 10
+    assert credits_posted(cluster, paused, b) == 10
 
 
 def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None:
@@ -234,7 +234,7 @@ def test_sigkill_of_every_node_mid_stream_keeps_every_acknowledged_write(cluster
     cluster.start()
     cluster.wait_converged(shard)
     for node in cluster.node_ids:
-        applied = [t for t in ids if cluster.get(node, f"/_node/shards/{shard}/transactions/{t}")[0] == 200]
+        applied = [t for t in ids if cluster.get(node, f"/v1/transactions/{t}")[0] == 200]
         assert set(acked) <= set(applied), "an acknowledged write was lost"
-        assert credits_posted(cluster, node, shard, b) == len(applied)
+        assert credits_posted(cluster, node, b) == len(applied)
         assert_ledger_balanced(cluster, node, 2)
