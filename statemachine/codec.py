@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -28,17 +28,17 @@ from .commands import (
     VoidPending,
 )
 
-VERSION = 1
+VERSION: Final = 1
 
-TAG_CREATE_ACCOUNT = 1
-TAG_CREATE_TRANSACTION = 2
-TAG_POST_PENDING = 3
-TAG_VOID_PENDING = 4
-TAG_REVERSE = 5
-TAG_BATCH = 6
+TAG_CREATE_ACCOUNT: Final = 1
+TAG_CREATE_TRANSACTION: Final = 2
+TAG_POST_PENDING: Final = 3
+TAG_VOID_PENDING: Final = 4
+TAG_REVERSE: Final = 5
+TAG_BATCH: Final = 6
 
-DIRECTIONS = (Direction.debit, Direction.credit)
-DIRECTION_BYTE = {Direction.debit: 0, Direction.credit: 1}
+DIRECTIONS: Final = (Direction.debit, Direction.credit)
+DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
 
 
 class CodecError(ValueError):

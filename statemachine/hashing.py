@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from typing import Final
 
-GENESIS_PREFIX = b"raftledger/account/v1\0"
-SHARD_GENESIS = b"\0" * 32
+GENESIS_PREFIX: Final = b"raftledger/account/v1\0"
+SHARD_GENESIS: Final = b"\0" * 32
 
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -25,27 +25,28 @@ from .codec import DIRECTION_BYTE, DIRECTIONS
 from .commands import Direction
 from .records import Account, Transaction, TxEntry
 
-DB_NAMES = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta")
-STATE_KEY = b"state"
+DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta")
+STATE_KEY: Final = b"state"
 
 Raw = bytes | memoryview  # what LMDB hands back
 
-U64 = struct.Struct(">Q")
-ENTRY_KEY = struct.Struct(">QQ")
-STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
+U64: Final = struct.Struct(">Q")
+ENTRY_KEY: Final = struct.Struct(">QQ")
+# applied index, last timestamp, next account num, next offset, chain
+STATE: Final = struct.Struct(">QQQQ32s")
 
 # num, seq, timestamp, flags, normal, currency, debits_posted, credits_posted, debits_pending,
 # credits_pending, head; the tail is msgpack(metadata).
 # Each 128-bit total is packed as two u64 halves: the same bytes as a 16-byte big-endian integer.
-ACCOUNT = struct.Struct(">QQQIB12sQQQQQQQQ32s")
-M64 = 2**64 - 1
+ACCOUNT: Final = struct.Struct(">QQQIB12sQQQQQQQQ32s")
+M64: Final = 2**64 - 1
 # timestamp, amount, released, direction, status, has_totals, balance_after, hash; then optional
 # totals (4 x 16 bytes) and the transaction id (utf-8).
-ENTRY = struct.Struct(">QQQBBB16s32s")
-TOTALS = struct.Struct(">16s16s16s16s")
+ENTRY: Final = struct.Struct(">QQQBBB16s32s")
+TOTALS: Final = struct.Struct(">16s16s16s16s")
 
-ENTRY_STATUSES = ("pending", "posted", "voided", "expired")
-ENTRY_STATUS_BYTE = {s: i for i, s in enumerate(ENTRY_STATUSES)}
+ENTRY_STATUSES: Final = ("pending", "posted", "voided", "expired")
+ENTRY_STATUS_BYTE: Final = {s: i for i, s in enumerate(ENTRY_STATUSES)}
 
 
 def u128(value: int) -> bytes:
@@ -68,9 +69,12 @@ def entry_key(num: int, seq: int) -> bytes:
     return ENTRY_KEY.pack(num, seq)
 
 
-@dataclass(slots=True)
+@dataclass(init=False, slots=True)
 class AccountRow:
-    """An account as the apply path handles it: mutable, metadata kept as encoded bytes."""
+    """An account as the apply path handles it: mutable, metadata kept as encoded bytes.
+
+    The spelled-out ``__init__`` compiles to a native constructor (see commands.py).
+    """
 
     id: str
     num: int
@@ -85,6 +89,23 @@ class AccountRow:
     credits_pending: int
     head: bytes
     metadata_bytes: bytes
+
+    def __init__(self, id: str, num: int, seq: int, timestamp: int, flags: int, normal: Direction,
+                 currency: str, debits_posted: int, credits_posted: int, debits_pending: int,
+                 credits_pending: int, head: bytes, metadata_bytes: bytes) -> None:
+        self.id = id
+        self.num = num
+        self.seq = seq
+        self.timestamp = timestamp
+        self.flags = flags
+        self.normal = normal
+        self.currency = currency
+        self.debits_posted = debits_posted
+        self.credits_posted = credits_posted
+        self.debits_pending = debits_pending
+        self.credits_pending = credits_pending
+        self.head = head
+        self.metadata_bytes = metadata_bytes
 
     def pack(self) -> bytes:
         dp, cp, dpe, cpe = (self.debits_posted, self.credits_posted, self.debits_pending,

@@ -13,7 +13,7 @@ memory, checked, and only then written.
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 import lmdb
 import msgpack
@@ -58,17 +58,17 @@ from .records import (
 from .validate import Problem, command_problem
 
 balance_limit = 2**127
-NO_DEADLINE = 2**64
-FLAG_LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
-FLAG_LIMIT_CREDITS = int(AccountFlag.credits_must_not_exceed_debits)
-FLAG_CLOSED = int(AccountFlag.closed)
-FLAG_HISTORY = int(AccountFlag.history)
-EVENT_ACCOUNT = 0
-EVENT_TRANSACTION = 1
-EVENT_TYPES = ("account.created", "transaction.posted", "transaction.pending", "transaction.voided",
+NO_DEADLINE: Final = 2**64
+FLAG_LIMIT_DEBITS: Final = int(AccountFlag.debits_must_not_exceed_credits)
+FLAG_LIMIT_CREDITS: Final = int(AccountFlag.credits_must_not_exceed_debits)
+FLAG_CLOSED: Final = int(AccountFlag.closed)
+FLAG_HISTORY: Final = int(AccountFlag.history)
+EVENT_ACCOUNT: Final = 0
+EVENT_TRANSACTION: Final = 1
+EVENT_TYPES: Final = ("account.created", "transaction.posted", "transaction.pending", "transaction.voided",
                "transaction.expired", "transaction.reversed")
-EVENT_TYPE_CODE = {name: i for i, name in enumerate(EVENT_TYPES)}
-EVENT_HEAD = struct.Struct(">BBQ")  # type code, record kind, timestamp; the record bytes follow
+EVENT_TYPE_CODE: Final = {name: i for i, name in enumerate(EVENT_TYPES)}
+EVENT_HEAD: Final = struct.Struct(">BBQ")  # type code, record kind, timestamp; the record bytes follow
 
 
 def decode_rejection(raw: bytes | memoryview) -> tuple[bytes, ResultCode, int, dict[str, Any]] | None:
@@ -102,15 +102,19 @@ class Dbs(NamedTuple):
 TransactionCommand = CreateTransaction | PostPending | VoidPending | ReverseTransaction
 
 
-class Move(NamedTuple):
+class Move:
     """One entry to append: ``released`` is the part of a hold that a post gives back."""
 
-    account_id: str
-    direction: Direction
-    amount: int
-    currency: str
-    status: str
-    released: int = 0
+    __slots__ = ("account_id", "direction", "amount", "currency", "status", "released")
+
+    def __init__(self, account_id: str, direction: Direction, amount: int, currency: str, status: str,
+                 released: int = 0) -> None:
+        self.account_id = account_id
+        self.direction = direction
+        self.amount = amount
+        self.currency = currency
+        self.status = status
+        self.released = released
 
 
 class Rejected(Exception):

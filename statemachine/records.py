@@ -11,16 +11,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from .codes import MESSAGES, ResultCode
 from .commands import AccountFlag, Direction, flags_to_names
 
-STATUS_PENDING = "pending"
-STATUS_POSTED = "posted"
-STATUS_VOIDED = "voided"
-STATUS_EXPIRED = "expired"
-STATUS_REJECTED = "rejected"
+STATUS_PENDING: Final = "pending"
+STATUS_POSTED: Final = "posted"
+STATUS_VOIDED: Final = "voided"
+STATUS_EXPIRED: Final = "expired"
+STATUS_REJECTED: Final = "rejected"
 NO_DETAILS: Mapping[str, Any] = MappingProxyType({})
 
 

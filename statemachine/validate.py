@@ -8,7 +8,7 @@ is the authority.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Final
 
 import msgpack
 
@@ -27,15 +27,15 @@ from .commands import (
     timeout_seconds_max,
 )
 
-ID_RE = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
-ACCOUNT_ID_RE = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
-CURRENCY_RE = re.compile(r"[A-Z0-9]{3,12}")
-CODE_RE = re.compile(r"[A-Za-z0-9._:\-]{0,64}")
-metadata_bytes_max = 4096
-metadata_depth_max = 8
-FLAGS_ALL = int(AccountFlag.debits_must_not_exceed_credits | AccountFlag.credits_must_not_exceed_debits
-                | AccountFlag.closed | AccountFlag.history)
-LIMITS_BOTH = int(AccountFlag.debits_must_not_exceed_credits | AccountFlag.credits_must_not_exceed_debits)
+ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
+ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
+CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")
+CODE_RE: Final = re.compile(r"[A-Za-z0-9._:\-]{0,64}")
+metadata_bytes_max: Final = 4096
+metadata_depth_max: Final = 8
+LIMITS_BOTH: Final = int(AccountFlag.debits_must_not_exceed_credits
+                         | AccountFlag.credits_must_not_exceed_debits)
+FLAGS_ALL: Final = LIMITS_BOTH | int(AccountFlag.closed | AccountFlag.history)
 
 Problem = tuple[ResultCode, dict[str, Any]]
 

@@ -4,8 +4,19 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from raftledger import statemachine
 from raftledger.statemachine.store import LedgerStore
 from raftledger.statemachine.testing import Harness
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """An editable install compiles statemachine/ once: refuse to test a build older than its source."""
+    package = Path(statemachine.__file__).parent
+    for built in package.glob("*.so"):
+        source = package / (built.name.split(".")[0] + ".py")
+        if source.exists() and source.stat().st_mtime > built.stat().st_mtime:
+            pytest.exit(f"{source} changed after it was compiled: run `pip install -e .` again, "
+                        "or remove statemachine/*.so to test the plain Python modules", returncode=2)
 
 
 @pytest.fixture
