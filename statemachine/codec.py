@@ -9,6 +9,7 @@ replica from applying the rest of the log.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -189,9 +190,9 @@ def canonical(value: Any) -> Any:
     return value
 
 
-def payload_hash(command: Command) -> bytes:
+def payload_hash(command: Command, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
     """Identity of a command's payload for idempotency: SHA-256 of its canonical wire form."""
     wire = command_to_wire(command)
     if isinstance(command, CreateTransaction | CreateAccount) and command.metadata:
         wire[-1] = canonical(wire[-1])
-    return hashlib.sha256(msgpack.packb(wire)).digest()
+    return hashlib.sha256(packb(wire)).digest()

@@ -16,6 +16,7 @@ unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balan
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -211,10 +212,10 @@ class ShardState:
                           self.next_offset, self.chain)
 
 
-def pack_transaction(tx: Transaction) -> bytes:
+def pack_transaction(tx: Transaction, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
     entries = [[e.account_id, DIRECTION_BYTE[e.direction], e.amount, e.currency, e.seq, e.hash]
                for e in tx.entries]
-    packed: bytes = msgpack.packb([tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending,
+    packed: bytes = packb([tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending,
                           tx.timeout_seconds, tx.pending_id, tx.reverses, tx.reversed_by,
                           tx.resolved_by, entries])
     return packed

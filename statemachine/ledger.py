@@ -99,6 +99,23 @@ class Dbs(NamedTuple):
     meta: Any
 
 
+class Cursors:
+    """One cursor per sub-database of a write transaction.
+
+    A cursor's get and put skip the argument parsing and the temporary cursor of ``txn.get`` and
+    ``txn.put``: about half their cost, several times per command. Cursors belong to one transaction,
+    so an atomic batch opens a set for its child transaction and a fresh set for the parent after it.
+    """
+
+    def __init__(self, txn: lmdb.Transaction, dbs: Dbs) -> None:
+        self.accounts = txn.cursor(db=dbs.accounts)
+        self.entries = txn.cursor(db=dbs.entries)
+        self.transactions = txn.cursor(db=dbs.transactions)
+        self.idempotency = txn.cursor(db=dbs.idempotency)
+        self.outbox = txn.cursor(db=dbs.outbox)
+        self.expiries = txn.cursor(db=dbs.expiries)
+
+
 TransactionCommand = CreateTransaction | PostPending | VoidPending | ReverseTransaction
 
 
@@ -178,6 +195,8 @@ class Applier:
         self.env = env
         self.txn = txn
         self.dbs = dbs
+        self.cursors = Cursors(txn, dbs)
+        self.packb = msgpack.Packer().pack  # reused: msgpack.packb sets up a new packer per call
         self.state = state
         # A lower bound on the earliest hold deadline (a cache, not replicated state): requests
         # before it skip the expiry scan. Inserting a deadline lowers it; a scan raises it.
@@ -205,24 +224,27 @@ class Applier:
     def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
         """All or none: a child LMDB transaction that is dropped when any command fails."""
         parent, saved = self.txn, self.state.copy()
-        self.txn = self.env.begin(write=True, parent=parent)
+        child = self.txn = self.env.begin(write=True, parent=parent)
+        self.cursors = Cursors(child, self.dbs)
         results: list[Result] = []
+        complete = False
         try:
             for command in commands:
                 result = self._apply_command(command, ts)
                 results.append(result)
                 if not result.ok:
                     break
-        except BaseException:
-            self.txn.abort()
-            raise
+            complete = len(results) == len(commands) and all(r.ok for r in results)
         finally:
-            child, self.txn = self.txn, parent
-        if len(results) == len(commands) and all(r.ok for r in results):
-            child.commit()
+            if complete:
+                child.commit()
+            else:
+                child.abort()
+                self.state = saved
+            self.txn = parent
+            self.cursors = Cursors(parent, self.dbs)
+        if complete:
             return results
-        child.abort()
-        self.state = saved
         failed = results[-1]
         return [failed if i == len(results) - 1 else
                 Result(ResultCode.linked_event_failed, c.id, details={"failed_index": len(results) - 1})
@@ -235,7 +257,7 @@ class Applier:
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         key = cmd.id.encode()
-        raw = self.txn.get(key, db=self.dbs.accounts)
+        raw = self.cursors.accounts.get(key)
         metadata_bytes = msgpack.packb(canonical(cmd.metadata))
         if raw is not None:
             row = unpack_account(cmd.id, raw)
@@ -247,12 +269,12 @@ class Applier:
                          cmd.currency, 0, 0, 0, 0, hashing.genesis(cmd.id), metadata_bytes)
         self.state.next_account_num += 1
         packed = row.pack()
-        self.txn.put(key, packed, db=self.dbs.accounts)
+        self.cursors.accounts.put(key, packed)
         self._emit("account.created", ts, EVENT_ACCOUNT, msgpack.packb([cmd.id, packed]))
         return Result(ResultCode.ok, cmd.id, record=row.to_account())
 
     def _load_row(self, account_id: str) -> AccountRow:
-        raw = self.txn.get(account_id.encode(), db=self.dbs.accounts)
+        raw = self.cursors.accounts.get(account_id.encode())
         if raw is None:
             raise Rejected(ResultCode.account_not_found, {"account_id": account_id})
         return unpack_account(account_id, raw)
@@ -281,11 +303,11 @@ class Applier:
             problem = _limits_problem(row)
             if problem and (new_entries or problem[0] is ResultCode.overflow):
                 raise Rejected(*problem)
-        put, entries_db, accounts_db = self.txn.put, self.dbs.entries, self.dbs.accounts
+        entries, accounts = self.cursors.entries, self.cursors.accounts
         for key, value in staged:
-            put(key, value, db=entries_db)
+            entries.put(key, value)
         for row in rows.values():
-            put(row.id.encode(), row.pack(), db=accounts_db)
+            accounts.put(row.id.encode(), row.pack())
         return out
 
     @staticmethod
@@ -314,7 +336,7 @@ class Applier:
         problem = command_problem(cmd)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
-        digest = payload_hash(cmd)
+        digest = payload_hash(cmd, self.packb)
         replay = self._replay(cmd.id, digest)
         if replay is not None:
             return replay
@@ -343,7 +365,7 @@ class Applier:
         tx = Transaction(cmd.id, status, tuple(entries), cmd.code, cmd.metadata, ts, cmd.pending,
                          cmd.timeout_seconds)
         if tx.expires_at is not None:
-            self.txn.put(expiry_key(tx.expires_at, tx.id), b"", db=self.dbs.expiries)
+            self.cursors.expiries.put(expiry_key(tx.expires_at, tx.id), b"")
             self.expiry_floor = min(self.expiry_floor, tx.expires_at)
         return tx
 
@@ -407,7 +429,7 @@ class Applier:
         """Release every hold whose deadline is at or before ``ts``, in deadline order."""
         if ts < self.expiry_floor:
             return
-        cursor = self.txn.cursor(db=self.dbs.expiries)
+        cursor = self.cursors.expiries
         self.expiry_floor = NO_DEADLINE
         while cursor.first():
             key = cursor.key()
@@ -424,36 +446,38 @@ class Applier:
             self._move(moves, hold.id, ts, new_entries=False)
             expired = hold._replace(status=STATUS_EXPIRED)
             self._update(expired)
-            self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired))
+            self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired, self.packb))
 
     def _drop_expiry(self, hold: Transaction) -> None:
         if hold.expires_at is not None:
-            self.txn.delete(expiry_key(hold.expires_at, hold.id), db=self.dbs.expiries)
+            cursor = self.cursors.expiries
+            if cursor.set_key(expiry_key(hold.expires_at, hold.id)):
+                cursor.delete()
 
     # ---- storage helpers ----------------------------------------------------------------------
 
     def _load_tx(self, txid: str) -> Transaction | None:
-        raw = self.txn.get(txid.encode(), db=self.dbs.transactions)
+        raw = self.cursors.transactions.get(txid.encode())
         return None if raw is None else unpack_transaction(raw)
 
     def _update(self, tx: Transaction) -> None:
-        self.txn.put(tx.id.encode(), pack_transaction(tx), db=self.dbs.transactions)
+        self.cursors.transactions.put(tx.id.encode(), pack_transaction(tx, self.packb))
 
     def _record(self, tx: Transaction, digest: bytes, event: str) -> None:
-        packed = pack_transaction(tx)
+        packed = pack_transaction(tx, self.packb)
         key = tx.id.encode()
-        self.txn.put(key, packed, db=self.dbs.transactions)
-        self.txn.put(key, digest, db=self.dbs.idempotency)
+        self.cursors.transactions.put(key, packed)
+        self.cursors.idempotency.put(key, digest)
         self._emit(event, tx.timestamp, EVENT_TRANSACTION, packed)
 
     def _reject(self, txid: str, digest: bytes, exc: Rejected, ts: int) -> Result:
         """Store the rejection so that a retry of the same payload gets it again, forever."""
         record = msgpack.packb([digest, int(exc.code), ts, exc.details])
-        self.txn.put(txid.encode(), record, db=self.dbs.idempotency)
+        self.cursors.idempotency.put(txid.encode(), record)
         return Result(exc.code, txid, details=exc.details)
 
     def _replay(self, txid: str, digest: bytes) -> Result | None:
-        raw = self.txn.get(txid.encode(), db=self.dbs.idempotency)
+        raw = self.cursors.idempotency.get(txid.encode())
         if raw is None:
             return None
         rejection = decode_rejection(raw)
@@ -472,4 +496,4 @@ class Applier:
         offset = self.state.next_offset
         self.state.next_offset += 1
         head = EVENT_HEAD.pack(EVENT_TYPE_CODE[event_type], kind, ts)
-        self.txn.put(U64.pack(offset), head + record, db=self.dbs.outbox, append=True)
+        self.cursors.outbox.put(U64.pack(offset), head + record, True, True, True)  # append

@@ -8,7 +8,7 @@ from raftledger import statemachine
 
 @pytest.mark.skipif(os.environ.get("RAFTLEDGER_PURE_PYTHON") == "1", reason="plain Python install")
 def test_apply_path_is_compiled() -> None:
-    from raftledger.statemachine import codec, ledger, layout
+    from raftledger.statemachine import codec, layout, ledger
 
     assert statemachine.COMPILED
     for module in (codec, ledger, layout):
