@@ -388,7 +388,7 @@ class Applier:
                      for e in hold.entries]
         entries = self._move(moves, cmd.id, ts, new_entries=post)
         status = STATUS_POSTED if post else STATUS_VOIDED
-        self._update(hold._replace(status=status, resolved_by=cmd.id))
+        self._update(hold.with_status(status, resolved_by=cmd.id))
         self._drop_expiry(hold)
         return Transaction(cmd.id, status, tuple(entries), hold.code, hold.metadata, ts,
                            pending_id=hold.id)
@@ -419,7 +419,7 @@ class Applier:
         moves = [Move(e.account_id, flip[e.direction], e.amount, e.currency, STATUS_POSTED)
                  for e in orig.entries]
         entries = self._move(moves, cmd.id, ts, new_entries=True)
-        self._update(orig._replace(reversed_by=cmd.id))
+        self._update(orig.with_status(orig.status, reversed_by=cmd.id))
         return Transaction(cmd.id, STATUS_POSTED, tuple(entries), orig.code, orig.metadata, ts,
                            reverses=orig.id)
 
@@ -444,7 +444,7 @@ class Applier:
             moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
                      for e in hold.entries]
             self._move(moves, hold.id, ts, new_entries=False)
-            expired = hold._replace(status=STATUS_EXPIRED)
+            expired = hold.with_status(STATUS_EXPIRED)
             self._update(expired)
             self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired, self.packb))
 
@@ -489,7 +489,7 @@ class Applier:
         tx = self._load_tx(txid)
         ensure(tx is not None, f"idempotency record without transaction {txid}")
         assert tx is not None
-        as_created = tx._replace(status=tx.initial_status, reversed_by=None, resolved_by=None)
+        as_created = tx.with_status(tx.initial_status)
         return Result(ResultCode.ok, txid, record=as_created, replayed=True)
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:

@@ -1,8 +1,8 @@
 """What the ledger stores and returns: accounts, transactions, statement entries, events, results.
 
 Each record knows how to present itself as JSON-ready data (``to_json``) in the shape of the HTTP API.
-Records built on the apply path (TxEntry, Transaction, Result) are NamedTuples: immutable like the
-frozen dataclasses used elsewhere, and several times cheaper to create.
+Records built on the apply path (TxEntry, Transaction, Result) spell out their ``__init__`` and mark
+their fields ``Final``: immutable, and built by a native constructor once compiled (see commands.py).
 Amounts and balances are Python ints throughout; they are never floats.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 from .codes import MESSAGES, ResultCode
 from .commands import AccountFlag, Direction, flags_to_names
@@ -141,13 +141,23 @@ class Entry:
         return out
 
 
-class TxEntry(NamedTuple):
-    account_id: str
-    direction: Direction
-    amount: int
-    currency: str
-    seq: int
-    hash: bytes
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class TxEntry:
+    account_id: Final[str]
+    direction: Final[Direction]
+    amount: Final[int]
+    currency: Final[str]
+    seq: Final[int]
+    hash: Final[bytes]
+
+    def __init__(self, account_id: str, direction: Direction, amount: int, currency: str, seq: int,
+                 hash: bytes) -> None:
+        self.account_id = account_id
+        self.direction = direction
+        self.amount = amount
+        self.currency = currency
+        self.seq = seq
+        self.hash = hash
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -160,19 +170,48 @@ class TxEntry(NamedTuple):
         }
 
 
-class Transaction(NamedTuple):
-    id: str
-    status: str
-    entries: tuple[TxEntry, ...]
-    code: str
-    metadata: dict[str, Any]
-    timestamp: int
-    pending: bool = False
-    timeout_seconds: int = 0
-    pending_id: str | None = None
-    reverses: str | None = None
-    reversed_by: str | None = None
-    resolved_by: str | None = None
+@dataclass(init=False, slots=True)
+class Transaction:
+    id: Final[str]
+    status: Final[str]
+    entries: Final[tuple[TxEntry, ...]]
+    code: Final[str]
+    metadata: Final[dict[str, Any]]
+    timestamp: Final[int]
+    pending: Final[bool]
+    timeout_seconds: Final[int]
+    pending_id: Final[str | None]
+    reverses: Final[str | None]
+    reversed_by: Final[str | None]
+    resolved_by: Final[str | None]
+
+    def __init__(self, id: str, status: str, entries: tuple[TxEntry, ...], code: str,
+                 metadata: dict[str, Any], timestamp: int, pending: bool = False,
+                 timeout_seconds: int = 0, pending_id: str | None = None, reverses: str | None = None,
+                 reversed_by: str | None = None, resolved_by: str | None = None) -> None:
+        self.id = id
+        self.status = status
+        self.entries = entries
+        self.code = code
+        self.metadata = metadata
+        self.timestamp = timestamp
+        self.pending = pending
+        self.timeout_seconds = timeout_seconds
+        self.pending_id = pending_id
+        self.reverses = reverses
+        self.reversed_by = reversed_by
+        self.resolved_by = resolved_by
+
+    def with_status(self, status: str, *, resolved_by: str | None = None,
+                    reversed_by: str | None = None) -> Transaction:
+        """The same transaction with new status fields (status, resolved_by, reversed_by).
+
+        Only a hold is ever resolved and only a posted transaction reversed, so at most one of the
+        two is set.
+        """
+        return Transaction(self.id, status, self.entries, self.code, self.metadata, self.timestamp,
+                           self.pending, self.timeout_seconds, self.pending_id, self.reverses,
+                           reversed_by, resolved_by)
 
     @property
     def initial_status(self) -> str:
@@ -230,14 +269,23 @@ class Event:
                 "type": self.type, "timestamp": self.timestamp, "data": self.data}
 
 
-class Result(NamedTuple):
+@dataclass(init=False, slots=True)
+class Result:
     """The outcome of one command. ``replayed`` marks an idempotent repeat of a stored outcome."""
 
-    code: ResultCode
-    id: str
-    record: Account | Transaction | None = None
-    replayed: bool = False
-    details: Mapping[str, Any] = NO_DETAILS
+    code: Final[ResultCode]
+    id: Final[str]
+    record: Final[Account | Transaction | None]
+    replayed: Final[bool]
+    details: Final[Mapping[str, Any]]
+
+    def __init__(self, code: ResultCode, id: str, record: Account | Transaction | None = None,
+                 replayed: bool = False, details: Mapping[str, Any] = NO_DETAILS) -> None:
+        self.code = code
+        self.id = id
+        self.record = record
+        self.replayed = replayed
+        self.details = details
 
     @property
     def ok(self) -> bool:
