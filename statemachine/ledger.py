@@ -162,16 +162,16 @@ def apply_totals(row: AccountRow, move: Move) -> None:
 
 
 def _limits_problem(row: AccountRow) -> Problem | None:
-    totals = (row.debits_posted, row.credits_posted, row.debits_pending, row.credits_pending)
-    ensure(min(totals) >= 0, f"negative total on {row.id}")
-    if max(totals) >= balance_limit:
+    dp, cp, dpe, cpe = row.debits_posted, row.credits_posted, row.debits_pending, row.credits_pending
+    if dp < 0 or cp < 0 or dpe < 0 or cpe < 0:
+        raise InvariantViolation(f"negative total on {row.id}")
+    limit = balance_limit
+    if dp >= limit or cp >= limit or dpe >= limit or cpe >= limit:
         return ResultCode.overflow, {"account_id": row.id}
     flags = row.flags
-    if (flags & FLAG_LIMIT_DEBITS
-            and row.debits_posted + row.debits_pending > row.credits_posted):
+    if flags & FLAG_LIMIT_DEBITS and dp + dpe > cp:
         return ResultCode.exceeds_credits, {"account_id": row.id}
-    if (flags & FLAG_LIMIT_CREDITS
-            and row.credits_posted + row.credits_pending > row.debits_posted):
+    if flags & FLAG_LIMIT_CREDITS and cp + cpe > dp:
         return ResultCode.exceeds_debits, {"account_id": row.id}
     return None
 

@@ -40,13 +40,38 @@ FLAGS_ALL: Final = LIMITS_BOTH | int(AccountFlag.closed | AccountFlag.history)
 Problem = tuple[ResultCode, dict[str, Any]]
 
 
+class Vocabulary:
+    """Values already seen to match a pattern. Account ids, currencies and codes repeat from command
+    to command, so most checks become a set lookup instead of a regex match."""
+
+    def __init__(self, pattern: re.Pattern[str], size_max: int = 100_000) -> None:
+        self.pattern = pattern
+        self.size_max = size_max
+        self.known: set[str] = set()
+
+    def matches(self, value: str) -> bool:
+        if value in self.known:
+            return True
+        if self.pattern.fullmatch(value) is None:
+            return False
+        if len(self.known) >= self.size_max:
+            self.known.clear()
+        self.known.add(value)
+        return True
+
+
+ACCOUNT_IDS: Final = Vocabulary(ACCOUNT_ID_RE)
+CURRENCIES: Final = Vocabulary(CURRENCY_RE, 1000)
+CODES: Final = Vocabulary(CODE_RE, 1000)
+
+
 def valid_id(value: str) -> bool:
     return ID_RE.fullmatch(value) is not None
 
 
 def valid_account_id(value: str) -> bool:
     """An account id may hold one non-empty hash tag ``{tag}``; routing hashes the tag alone."""
-    return 0 < len(value) <= 128 and ACCOUNT_ID_RE.fullmatch(value) is not None
+    return 0 < len(value) <= 128 and ACCOUNT_IDS.matches(value)
 
 
 def valid_amount(value: object) -> bool:
@@ -85,7 +110,7 @@ def _id_problem(value: str, field: str) -> Problem | None:
 def account_problem(cmd: CreateAccount) -> Problem | None:
     if not valid_account_id(cmd.id):
         return ResultCode.invalid_id, {"field": "id"}
-    if CURRENCY_RE.fullmatch(cmd.currency) is None:
+    if not CURRENCIES.matches(cmd.currency):
         return ResultCode.invalid_currency, {"field": "currency"}
     if cmd.flags & ~FLAGS_ALL or cmd.flags < 0:
         return ResultCode.invalid_command, {"field": "flags"}
@@ -105,7 +130,7 @@ def _entries_problem(cmd: CreateTransaction) -> Problem | None:
             return ResultCode.invalid_id, {"field": f"entries[{i}].account_id"}
         if not valid_amount(e.amount):
             return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
-        if CURRENCY_RE.fullmatch(e.currency) is None:
+        if not CURRENCIES.matches(e.currency):
             return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
     return None
 
@@ -117,7 +142,7 @@ def transaction_problem(cmd: CreateTransaction) -> Problem | None:
     timeout = cmd.timeout_seconds
     if timeout < 0 or timeout > timeout_seconds_max or (timeout and not cmd.pending):
         return ResultCode.invalid_timeout, {"field": "timeout_seconds"}
-    if CODE_RE.fullmatch(cmd.code) is None:
+    if not CODES.matches(cmd.code):
         return ResultCode.invalid_command, {"field": "code"}
     return metadata_problem(cmd.metadata)
 
