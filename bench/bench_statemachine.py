@@ -2,7 +2,8 @@
 
 The workload is a realistic mix over 10,000 accounts: mostly two-entry transfers, with some holds that
 are later posted (fully or partly) or voided. Payloads are encoded up front, as the leader would have
-done; only ``LedgerStore.apply_entry`` is timed, one Raft entry per batch.
+done; only ``LedgerStore.apply_entry`` is timed, one Raft entry per batch, with the garbage collector
+set up as a node process sets it (``node.runtime.tune_gc``).
 
     python -m raftledger.bench.bench_statemachine [--accounts 10000] [--commands 200000] \
         [--batch-sizes 1,100,1000] [--sync]
@@ -16,6 +17,7 @@ import shutil
 import tempfile
 import time
 
+from raftledger.node.runtime import tune_gc
 from raftledger.statemachine.codec import encode_requests
 from raftledger.statemachine.commands import (
     Batch,
@@ -98,6 +100,7 @@ def main() -> None:
     parser.add_argument("--sync", action="store_true", help="fsync every LMDB commit")
     parser.add_argument("--dir", default=None, help="where to put the LMDB files (default: a temp dir)")
     args = parser.parse_args()
+    tune_gc()
     root = tempfile.mkdtemp(dir=args.dir)
     print(f"accounts={args.accounts} sync={args.sync} dir={root}")
     print(f"{'batch':>6} {'commands':>9} {'seconds':>8} {'commands/s':>11} {'per cpu-s':>10} "

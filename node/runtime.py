@@ -11,10 +11,12 @@ batchers, stop Raft, close LMDB.
 from __future__ import annotations
 
 import asyncio
+import gc
 import importlib
 import logging
 import os
 import signal
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +37,7 @@ BENCH_ENV = "RAFTLEDGER_BENCH"
 RAFT_PASSWORD_ENV = "RAFTLEDGER_RAFT_PASSWORD"  # shared secret of every Raft group (optional)
 shutdown_drain_s = 5.0
 gil_switch_interval_s = 0.0005
+gc_young_threshold = 50_000
 http_shutdown_s = 2.0
 http_backlog = 1024
 
@@ -263,13 +266,24 @@ async def serve(config: NodeConfig) -> None:
         await runner.cleanup()
 
 
-def run(config: NodeConfig) -> None:
-    import sys
+def tune_gc() -> None:
+    """Fewer, larger garbage collections, with what is loaded at startup left out of them.
 
+    Applying a transfer allocates a few dozen short-lived objects and an entry keeps its results alive
+    until it commits, so with the default threshold (700) collections ran every few transfers and took
+    about a fifth of apply time (bench_statemachine: about 21k vs 27k transfers per CPU-second at batch
+    1000). Cyclic garbage now waits for 50,000 allocations instead of 700: a few MB at most.
+    """
+    gc.freeze()
+    gc.set_threshold(gc_young_threshold, 20, 20)
+
+
+def run(config: NodeConfig) -> None:
     import uvloop
 
     # The Raft tick threads block in syscalls (poll, send, msync) many times per tick; each time they
     # wait up to the GIL switch interval to get back in while the event loop is busy. A shorter
     # interval keeps heartbeats and acks timely under load.
     sys.setswitchinterval(gil_switch_interval_s)
+    tune_gc()
     uvloop.run(serve(config))

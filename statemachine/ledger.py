@@ -79,6 +79,18 @@ def decode_rejection(raw: bytes | memoryview) -> tuple[bytes, ResultCode, int, d
     return digest, ResultCode(code), ts, details
 
 
+def result_codes(outcomes: list[Outcome]) -> bytes:
+    """One byte per command result, in order: what the shard chain commits to besides the payload."""
+    codes = bytearray()
+    for outcome in outcomes:
+        if isinstance(outcome, list):
+            for result in outcome:
+                codes.append(int(result.code) & 0xFF)
+        else:
+            codes.append(int(outcome.code) & 0xFF)
+    return bytes(codes)
+
+
 class InvariantViolation(Exception):
     """A ledger invariant failed: a bug, never a client error. Aborts the whole LMDB transaction."""
 
@@ -203,6 +215,9 @@ class Applier:
         self.expiry_floor = expiry_floor
 
     # ---- entry points -------------------------------------------------------------------------
+
+    def apply_requests(self, requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
+        return [self.apply_request(ts, command) for ts, command in requests]
 
     def apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
         ts = max(timestamp_ns, self.state.last_timestamp + 1)

@@ -40,6 +40,7 @@ from .ledger import (
     Dbs,
     InvariantViolation,
     decode_rejection,
+    result_codes,
 )
 from .records import (
     Account,
@@ -64,13 +65,6 @@ class QueryError(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
-
-
-def _codes(outcomes: list[Outcome]) -> bytes:
-    flat: list[int] = []
-    for o in outcomes:
-        flat.extend(int(r.code) for r in (o if isinstance(o, list) else [o]))
-    return bytes(c & 0xFF for c in flat)
 
 
 class LedgerStore:
@@ -117,10 +111,10 @@ class LedgerStore:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
             applier = Applier(self.env, txn, self.dbs, state, self._expiry_floor)
-            outcomes = [applier.apply_request(ts, cmd) for ts, cmd in requests]
+            outcomes = applier.apply_requests(requests)
             state = applier.state
             state.applied_index = index
-            state.chain = hashing.shard_chain(state.chain, index, payload, _codes(outcomes))
+            state.chain = hashing.shard_chain(state.chain, index, payload, result_codes(outcomes))
             txn.put(STATE_KEY, state.pack(), db=self.dbs.meta)
         self._state = state
         self._expiry_floor = applier.expiry_floor
