@@ -327,6 +327,25 @@ def test_atomic_batch_applies_all_or_nothing(funded: Harness) -> None:
     assert acct(funded, "bob").balance == 10
 
 
+def test_commands_around_atomic_batches_in_one_entry_all_land(funded: Harness) -> None:
+    """An atomic batch works in a child LMDB transaction with its own cursors; the commands after it in
+    the same entry write through the parent's again, whether the batch committed or was dropped."""
+    failing = Batch((transfer("f1", "alice", "bob", 1), transfer("f2", "alice", "ghost", 1)), atomic=True)
+    passing = Batch((transfer("p1", "alice", "bob", 2), transfer("p2", "alice", "bob", 3)), atomic=True)
+    outcomes = funded.apply(transfer("before", "alice", "bob", 10), failing,
+                            transfer("between", "alice", "bob", 20), passing,
+                            transfer("after", "alice", "bob", 40))
+    assert [o.code for o in outcomes if not isinstance(o, list)] == [C.ok, C.ok, C.ok]
+    assert [r.code for r in outcomes[1]] == [C.linked_event_failed, C.account_not_found]
+    assert all(r.ok for r in outcomes[3])
+    assert acct(funded, "bob").balance == 10 + 20 + 2 + 3 + 40
+    assert acct(funded, "bob").seq == 5
+    with funded.store.reader() as r:
+        assert r.transaction("f1") is None
+        assert all(r.transaction(t) is not None for t in ("before", "between", "p1", "p2", "after"))
+        assert verify_store(r) == []
+
+
 def test_atomic_batch_sees_its_own_earlier_commands(ledger: Harness) -> None:
     batch = Batch((CreateAccount("x", "BRL"), CreateAccount("y", "BRL"), transfer("t", "x", "y", 3)),
                   atomic=True)
