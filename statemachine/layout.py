@@ -216,8 +216,8 @@ def pack_transaction(tx: Transaction, packb: Callable[[Any], bytes] = msgpack.pa
     entries = [[e.account_id, DIRECTION_BYTE[e.direction], e.amount, e.currency, e.seq, e.hash]
                for e in tx.entries]
     packed: bytes = packb([tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending,
-                          tx.timeout_seconds, tx.pending_id, tx.reverses, tx.reversed_by,
-                          tx.resolved_by, entries])
+                           tx.timeout_seconds, tx.pending_id, tx.reverses, tx.reversed_by,
+                           tx.resolved_by, entries])
     return packed
 
 

@@ -13,6 +13,7 @@ memory, checked, and only then written.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from typing import Any, Final, NamedTuple
 
 import lmdb
@@ -65,8 +66,8 @@ FLAG_CLOSED: Final = int(AccountFlag.closed)
 FLAG_HISTORY: Final = int(AccountFlag.history)
 EVENT_ACCOUNT: Final = 0
 EVENT_TRANSACTION: Final = 1
-EVENT_TYPES: Final = ("account.created", "transaction.posted", "transaction.pending", "transaction.voided",
-               "transaction.expired", "transaction.reversed")
+EVENT_TYPES: Final = ("account.created", "transaction.posted", "transaction.pending",
+                      "transaction.voided", "transaction.expired", "transaction.reversed")
 EVENT_TYPE_CODE: Final = {name: i for i, name in enumerate(EVENT_TYPES)}
 EVENT_HEAD: Final = struct.Struct(">BBQ")  # type code, record kind, timestamp; the record bytes follow
 
@@ -131,10 +132,16 @@ class Cursors:
 TransactionCommand = CreateTransaction | PostPending | VoidPending | ReverseTransaction
 
 
+@dataclass(init=False, slots=True)
 class Move:
     """One entry to append: ``released`` is the part of a hold that a post gives back."""
 
-    __slots__ = ("account_id", "direction", "amount", "currency", "status", "released")
+    account_id: str
+    direction: Direction
+    amount: int
+    currency: str
+    status: str
+    released: int
 
     def __init__(self, account_id: str, direction: Direction, amount: int, currency: str, status: str,
                  released: int = 0) -> None:

@@ -7,6 +7,7 @@ import threading
 import urllib.parse
 
 import pytest
+from raftledger.cluster.launcher import wait_until
 from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster, SubmitFailed
 from raftledger.node.config import RaftTuning
@@ -100,38 +101,60 @@ def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: s
             acked.append(tx_id)
 
 
+class WriteStreams:
+    """Four writers moving 1 unit from ``a`` to ``b`` per transfer on one shard, recording every
+    acknowledged transfer id; leaving the ``with`` block stops them."""
+
+    writers = 4
+
+    def __init__(self, cluster: LocalCluster, shard: int, prefix: str, count: int) -> None:
+        self.cluster = cluster
+        self.a, self.b = accounts_on(shard, 2, prefix)
+        assert_ok(cluster.submit(shard, account(self.a)))
+        assert_ok(cluster.submit(shard, account(self.b)))
+        self.ids = [f"{prefix}{i}" for i in range(count)]
+        self.acked: list[str] = []
+        self.stop = threading.Event()
+        self.pool = concurrent.futures.ThreadPoolExecutor(self.writers)
+        self.futures = [self.pool.submit(write_stream, cluster, shard, self.ids[w::self.writers],
+                                         self.a, self.b, self.acked, self.stop)
+                        for w in range(self.writers)]
+
+    def __enter__(self) -> WriteStreams:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.pool.shutdown(wait=True)
+
+    def wait_acked(self, count: int) -> None:
+        wait_until(lambda: len(self.acked) >= count, 60, f"{count} acknowledged writes")
+
+    def join(self) -> None:
+        for future in self.futures:
+            future.result(timeout=120)
+
+    def assert_none_lost(self, node: str) -> None:
+        """Every acknowledged transfer is on ``node``, and each applied one moved 1 unit exactly once."""
+        applied = [t for t in self.ids if self.cluster.get(node, f"/v1/transactions/{t}")[0] == 200]
+        assert set(self.acked) <= set(applied), "an acknowledged write was lost"
+        assert credits_posted(self.cluster, node, self.b) == len(applied)
+
+
 def test_killing_the_leader_mid_stream_loses_no_acknowledged_write(cluster):
     shard = 0
-    a, b = accounts_on(shard, 2, "k")
-    assert_ok(cluster.submit(shard, account(a)))
-    assert_ok(cluster.submit(shard, account(b)))
-    ids = [f"k{i}" for i in range(300)]
-    acked: list[str] = []
-    stop = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(write_stream, cluster, shard, ids[w::4], a, b, acked, stop)
-                   for w in range(4)]
+    with WriteStreams(cluster, shard, "k", 300) as streams:
         victim = cluster.leader(shard)
-        cluster_poll_acked(acked, 40)
+        streams.wait_acked(40)
         cluster.kill(victim)
         new_leader = cluster.leader(shard)
-        for s in streams:
-            s.result(timeout=120)
+        streams.join()
     assert new_leader != victim
-    assert len(acked) > 100, "writes must continue after the failover"
+    assert len(streams.acked) > 100, "writes must continue after the failover"
     cluster.start_node(victim)
     cluster.wait_converged(shard)
     for node in cluster.node_ids:
-        applied = [t for t in ids if cluster.get(node, f"/v1/transactions/{t}")[0] == 200]
-        assert set(acked) <= set(applied), "an acknowledged write was lost"
-        # Each applied transfer moved 1 unit exactly once.
-        assert credits_posted(cluster, node, b) == len(applied)
-
-
-def cluster_poll_acked(acked: list[str], count: int) -> None:
-    from raftledger.cluster.launcher import wait_until
-
-    wait_until(lambda: len(acked) >= count, 60, f"{count} acknowledged writes")
+        streams.assert_none_lost(node)
 
 
 def test_stopped_follower_catches_up_by_snapshot(cluster):
@@ -216,25 +239,14 @@ def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None
 
 def test_sigkill_of_every_node_mid_stream_keeps_every_acknowledged_write(cluster):
     shard = 1
-    a, b = accounts_on(shard, 2, "x")
-    assert_ok(cluster.submit(shard, account(a)))
-    assert_ok(cluster.submit(shard, account(b)))
-    ids = [f"x{i}" for i in range(400)]
-    acked: list[str] = []
-    stop = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        streams = [pool.submit(write_stream, cluster, shard, ids[w::4], a, b, acked, stop)
-                   for w in range(4)]
-        cluster_poll_acked(acked, 60)
-        stop.set()
+    with WriteStreams(cluster, shard, "x", 400) as streams:
+        streams.wait_acked(60)
+        streams.stop.set()
         for node in cluster.node_ids:
             cluster.kill(node)
-        for s in streams:
-            s.result(timeout=120)
+        streams.join()
     cluster.start()
     cluster.wait_converged(shard)
     for node in cluster.node_ids:
-        applied = [t for t in ids if cluster.get(node, f"/v1/transactions/{t}")[0] == 200]
-        assert set(acked) <= set(applied), "an acknowledged write was lost"
-        assert credits_posted(cluster, node, b) == len(applied)
+        streams.assert_none_lost(node)
         assert_ledger_balanced(cluster, node, 2)
