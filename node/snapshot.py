@@ -11,6 +11,14 @@ applying; that is safe: entries between the two are committed and the store skip
 
 A store is swapped by generation (``state.<gen>.mdb`` named by a ``CURRENT`` file) so readers on other
 threads keep a valid environment until the old one is retired.
+
+LMDB commits are not fsynced: the Raft journal (flushed before every acknowledgement) and the dump are
+what make a write durable, and the store is derived from them. A process crash loses nothing the page
+cache holds, but an operating-system crash can leave an unsynced LMDB file torn. So each generation has
+a marker file saying which boot of the machine last wrote it unsynced (``open``) or that it was synced
+at a clean close (``clean``). A store written unsynced during an earlier boot is not trusted: it is
+deleted and rebuilt from the dump and the journal, as a new replica would be. Where the kernel does
+not give a boot id, every LMDB commit is fsynced instead.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ MAGIC = b"RLSNAP01"
 HEADER = struct.Struct("<8sQI")
 INDEX_OFFSET = 8
 COPY_CHUNK_BYTES = 1 << 20
+BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
+MARKER_SUFFIX = "-boot"
+MARK_OPEN = "open"  # written unsynced since the boot named in the marker
+MARK_CLEAN = "clean"  # synced at a clean close
 snapshot_retry_s = 30.0  # after a failed snapshot, before the next attempt
 apply_wait_s = 120.0  # how long a snapshot waits for the applier to reach the snapshot's entries
 
@@ -49,22 +61,68 @@ class SnapshotError(Exception):
     pass
 
 
+def boot_id() -> str | None:
+    """Changes whenever the operating system restarts; None where the kernel does not say."""
+    try:
+        with open(BOOT_ID_FILE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 class StoreSlot:
     """The shard's current LedgerStore, replaceable by a newer generation installed from a snapshot."""
 
     def __init__(self, directory: str, shard: int, *, sync: bool, retire: Retire | None = None) -> None:
+        """``sync``: fsync what this slot writes besides LMDB commits (markers, installed copies)."""
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.shard = shard
         self.sync = sync
         self.retire = retire
+        self.boot = boot_id()
+        self.rebuilt = False  # the store on disk was distrusted at open and started empty
         self.generation = self._read_generation()
         self._remove_other_generations()
-        self.current = LedgerStore(self.path(self.generation), shard=shard, sync=sync)
+        self.current = self._open(self.generation)
+
+    def _open(self, generation: int) -> LedgerStore:
+        path = self.path(generation)
+        if self.boot is None:
+            return LedgerStore(path, shard=self.shard, sync=self.sync)
+        if os.path.exists(path) and not self._trusted(path):
+            log.warning("shard %d: %s was written without fsync before the machine restarted; "
+                        "rebuilding it from the snapshot and the Raft journal", self.shard, path)
+            for suffix in ("", "-lock"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(path + suffix)
+            self.rebuilt = True
+        # The marker is durable before the first unsynced LMDB write it vouches for.
+        self._mark(path, MARK_OPEN)
+        return LedgerStore(path, shard=self.shard, sync=False)
+
+    def _trusted(self, path: str) -> bool:
+        """A store is whole if it was synced at close, or written only during this boot (its pages are
+        in the page cache). No marker: written by a build that synced every commit, or installed from
+        a snapshot (fsynced) just before a crash."""
+        try:
+            with open(path + MARKER_SUFFIX) as f:
+                boot, _, mark = f.read().partition("\n")
+        except FileNotFoundError:
+            return True
+        return mark == MARK_CLEAN or boot == self.boot
+
+    def _mark(self, path: str, mark: str) -> None:
+        data = f"{self.boot}\n{mark}".encode()
+        if self.sync:
+            write_file_durably(path + MARKER_SUFFIX, data)
+        else:
+            with open(path + MARKER_SUFFIX, "wb") as f:
+                f.write(data)
 
     def _remove_other_generations(self) -> None:
         """Files of generations a crash left behind (replaced, or installed but never named current)."""
-        keep = {os.path.basename(self.path(self.generation)) + s for s in ("", "-lock")}
+        keep = {os.path.basename(self.path(self.generation)) + s for s in ("", "-lock", MARKER_SUFFIX)}
         for name in os.listdir(self.directory):
             if name.startswith("state.") and name not in keep:
                 with contextlib.suppress(FileNotFoundError):
@@ -87,14 +145,14 @@ class StoreSlot:
         fsync_dir(self.directory)
         write_file_durably(os.path.join(self.directory, "CURRENT"), str(generation).encode())
         old, old_generation = self.current, self.generation
-        self.current = LedgerStore(self.path(generation), shard=self.shard, sync=self.sync)
+        self.current = self._open(generation)
         self.generation = generation
         self._retire(old, old_generation)
 
     def _retire(self, old: LedgerStore, generation: int) -> None:
         def close_and_remove(store: LedgerStore = old) -> None:
             store.close()
-            for suffix in ("", "-lock"):
+            for suffix in ("", "-lock", MARKER_SUFFIX):
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(self.path(generation) + suffix)
 
@@ -104,6 +162,10 @@ class StoreSlot:
             self.retire(close_and_remove)  # type: ignore[arg-type]
 
     def close(self) -> None:
+        """Sync the store and mark it clean: the next open trusts it whatever happens to the machine."""
+        if self.boot is not None:
+            self.current.env.sync(True)
+            self._mark(self.current.path, MARK_CLEAN)
         self.current.close()
 
 

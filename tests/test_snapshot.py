@@ -99,7 +99,7 @@ def test_store_generations_left_by_a_crash_are_removed_on_open(tmp_path):
     try:
         assert slot.generation == 0
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("state.")) == \
-            ["state.0.mdb", "state.0.mdb-lock"]
+            ["state.0.mdb", "state.0.mdb-boot", "state.0.mdb-lock"]
     finally:
         slot.close()
 
@@ -149,3 +149,82 @@ def test_failed_snapshot_is_retried_only_after_a_backoff(tmp_path, monkeypatch):
     assert state == SERIALIZER_STATE.FAILED
     assert snapshotter.check() == SERIALIZER_STATE.NOT_SERIALIZING
     applier.close()
+
+
+def other_boot(monkeypatch) -> None:
+    """From here on, the machine has restarted since anything was written."""
+    from raftledger.node import snapshot
+
+    monkeypatch.setattr(snapshot, "boot_id", lambda: "a-later-boot")
+
+
+def crash_slot(slot) -> None:
+    """Stop using a slot the way a crash does: no sync, no clean mark."""
+    slot.current.env.close()
+
+
+def test_store_written_unsynced_before_a_machine_restart_is_rebuilt(tmp_path, monkeypatch):
+    from raftledger.node.snapshot import StoreSlot
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import Request
+
+    slot = StoreSlot(str(tmp_path), 0, sync=True)
+    assert not slot.current.env.flags()["sync"]  # commits are not fsynced: the journal is the record
+    slot.current.apply_entry(2, codec.encode_requests([Request(1, account("f"))]))
+    crash_slot(slot)
+    same_boot = StoreSlot(str(tmp_path), 0, sync=True)  # a process crash: the page cache kept it all
+    assert not same_boot.rebuilt and same_boot.current.applied_index() == 2
+    crash_slot(same_boot)
+    other_boot(monkeypatch)
+    rebooted = StoreSlot(str(tmp_path), 0, sync=True)
+    try:
+        assert rebooted.rebuilt and rebooted.current.applied_index() == 0
+    finally:
+        rebooted.close()
+
+
+def test_store_synced_at_a_clean_close_is_trusted_after_a_machine_restart(tmp_path, monkeypatch):
+    from raftledger.node.snapshot import StoreSlot
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import Request
+
+    slot = StoreSlot(str(tmp_path), 0, sync=True)
+    slot.current.apply_entry(2, codec.encode_requests([Request(1, account("f"))]))
+    slot.close()
+    other_boot(monkeypatch)
+    rebooted = StoreSlot(str(tmp_path), 0, sync=True)
+    try:
+        assert not rebooted.rebuilt and rebooted.current.applied_index() == 2
+    finally:
+        rebooted.close()
+
+
+async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(tmp_path, monkeypatch):
+    """A follower whose store was torn by a machine crash gets back to the same fingerprint and the
+    same balances from its own dump and journal (written and flushed before the crash)."""
+    group = Group(str(tmp_path), log_compaction_entries_min=compaction_entries_min)
+    group.start_all()
+    try:
+        leader = await group.leader()
+        await leader.submit(account("a"))
+        await leader.submit(account("b"))
+        follower = next(i for i, s in group.services.items() if s is not leader)
+        results = await write_entries(leader, "m", 2 * compaction_entries_min + 5)
+        assert all(r.outcome.ok for r in results)
+        dump = os.path.join(group.root, f"r{follower}", "raft.dump")
+        await poll(lambda: os.path.exists(dump), 15, "a dump on the follower")
+        before = await group.converged()
+        await group.stop(follower)
+        other_boot(monkeypatch)
+        for name in os.listdir(os.path.join(group.root, f"r{follower}")):
+            if name.endswith("-boot"):  # as if the clean close never happened
+                with open(os.path.join(group.root, f"r{follower}", name), "w") as f:
+                    f.write("an-earlier-boot\nopen")
+        restarted = group.start(follower)
+        assert restarted.replica.slot.rebuilt
+        after = await group.converged()
+        assert after[0] >= before[0]
+        with restarted.store.reader() as r:
+            assert r.balance("b").credits_posted == 2 * compaction_entries_min + 5
+    finally:
+        await group.stop_all()
