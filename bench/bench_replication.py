@@ -42,6 +42,13 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds the process has used so far (Linux)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: int) -> dict:
     leader = cluster.leader(shard)
     body = json.dumps({"transfers": transfers, "concurrency": concurrency,
@@ -65,16 +72,21 @@ def run_case(batch: int, transfers: int, concurrency: int, durability: str, root
     cluster = LocalCluster(os.path.join(root, f"b{batch}.{concurrency}"), nodes=NODES, shards=SHARDS,
                            durability=durability, raft=raft)
     with cluster, concurrent.futures.ThreadPoolExecutor(SHARDS) as pool:
+        leaders = [cluster.leader(s) for s in range(SHARDS)]
+        pids = [proc.pid for proc in cluster.procs.values()]
+        cpu_before = sum(process_cpu_s(pid) for pid in pids)
         started = time.perf_counter()
         results = list(pool.map(lambda s: run_shard(cluster, s, transfers, concurrency),
                                 range(SHARDS)))
         wall = time.perf_counter() - started
+        cpu = sum(process_cpu_s(pid) for pid in pids) - cpu_before
     done = sum(r["transfers"] for r in results)
     return {"batch": batch, "concurrency": concurrency, "transfers": done,
             "failures": sum(r["failures"] for r in results),
             "per_s": done / wall, "p50_ms": max(r["p50_ms"] for r in results),
             "p99_ms": max(r["p99_ms"] for r in results),
-            "entries": sum(r["entries"] for r in results), "wall_s": wall,
+            "entries": sum(r["entries"] for r in results), "wall_s": wall, "leaders": leaders,
+            "cpu_us": cpu / done * 1e6 if done else 0.0,
             "reasons": [r["failure_reasons"] for r in results]}
 
 
@@ -88,14 +100,15 @@ def main() -> None:
     print(f"machine: {machine()}; {NODES} nodes x {SHARDS} shards on loopback, durability "
           f"{args.durability}\n")
     print("| batch_requests_max | in flight per shard | transfers | transfers/s | p50 ms | p99 ms "
-          "| Raft entries | failures |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| Raft entries | failures | node CPU µs/transfer | shard leaders |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory(prefix="raftledger-bench-") as root:
         for case in args.cases.split(","):
             batch, transfers, concurrency = (int(x) for x in case.split(":"))
             r = run_case(batch, transfers, concurrency, args.durability, root)
             print(f"| {r['batch']} | {r['concurrency']} | {r['transfers']} | {r['per_s']:,.0f} | "
-                  f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['entries']} | {r['failures']} |",
+                  f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['entries']} | {r['failures']} | "
+                  f"{r['cpu_us']:.0f} | {', '.join(r['leaders'])} |",
                   flush=True)
             if r["failures"]:
                 print(f"failure reasons: {r['reasons']}", flush=True)

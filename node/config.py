@@ -63,6 +63,12 @@ class ClusterSpec:
     def replicas(self, shard: int) -> tuple[str, ...]:
         return self.placement[shard]
 
+    def preferred_leader(self, shard: int) -> str:
+        """Shard i prefers its (i mod n)-th replica: with the default placement, leaders spread over
+        the nodes instead of piling up on whichever node started first."""
+        replicas = self.replicas(shard)
+        return replicas[shard % len(replicas)]
+
     def address_to_node(self, shard: int) -> dict[str, str]:
         return {self.node(n).raft[shard]: n for n in self.replicas(shard)}
 

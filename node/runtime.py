@@ -94,6 +94,7 @@ def replica_settings(config: NodeConfig, shard: int) -> ReplicaSettings:
         log_compaction_bytes_max=config.raft.log_compaction_bytes_max,
         batch_requests_max=config.raft.batch_requests_max,
         batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms,
+        preferred_leader=cluster.preferred_leader(shard) == config.node_id,
         password=os.environ.get(RAFT_PASSWORD_ENV) or None)
 
 

@@ -43,8 +43,10 @@ async def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
 
 
 class Group:
-    def __init__(self, root: str, size: int = 3, shard: int = 0, **overrides: Any) -> None:
+    def __init__(self, root: str, size: int = 3, shard: int = 0, preferred: int | None = None,
+                 **overrides: Any) -> None:
         self.root = root
+        self.preferred = preferred
         self.shard = shard
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(size)]
         self.overrides = overrides
@@ -56,7 +58,8 @@ class Group:
             shard=self.shard, self_address=self.addresses[i],
             partner_addresses=tuple(a for j, a in enumerate(self.addresses) if j != i),
             directory=os.path.join(self.root, f"r{i}"),
-            address_to_node={a: f"n{j}" for j, a in enumerate(self.addresses)}, **extra)
+            address_to_node={a: f"n{j}" for j, a in enumerate(self.addresses)},
+            preferred_leader=i == self.preferred, **extra)
 
     def start(self, i: int) -> ReplicaService:
         self.services[i] = ReplicaService(self.settings(i), f"n{i}")

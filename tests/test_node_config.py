@@ -32,6 +32,13 @@ def test_placement_defaults_to_every_node_hosting_every_shard():
     assert config.hosted_shards() == [0, 1]
 
 
+def test_preferred_leaders_spread_over_the_nodes_in_placement_order():
+    cluster = three_nodes(shards=4).cluster
+    assert [cluster.preferred_leader(s) for s in range(4)] == ["n0", "n1", "n2", "n0"]
+    placed = dataclasses.replace(cluster, placement={**cluster.placement, 1: ("n2", "n0")})
+    assert placed.preferred_leader(1) == "n0"
+
+
 def refused(config: NodeConfig, tmp_path) -> str:
     path = tmp_path / "bad.toml"
     path.write_text(dump_toml(config))

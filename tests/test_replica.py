@@ -187,3 +187,18 @@ async def test_raft_group_with_a_shared_password_replicates_and_keeps_outsiders_
         await poll(lambda: group.services[2].applied_index() >= committed.index, 15, "the member")
     finally:
         await group.stop_all()
+
+
+async def test_the_preferred_replica_wins_the_election(tmp_path):
+    """Its election timer always fires before any other replica's can."""
+    from raftledger.node.replica import ReplicaSettings
+
+    preferred = ReplicaSettings(0, "h:1", (), "d", preferred_leader=True).election_timeout_s
+    other = ReplicaSettings(0, "h:1", (), "d").election_timeout_s
+    assert preferred[0] < preferred[1] < other[0] < other[1]
+    group = Group(str(tmp_path), preferred=2)
+    group.start_all()  # the preferred replica starts last (a few ms after the others) and still wins
+    try:
+        assert await group.leader() is group.services[2]
+    finally:
+        await group.stop_all()
