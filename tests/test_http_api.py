@@ -144,6 +144,17 @@ async def test_transfer_read_balance_and_statement(api):
     assert got.status == 200 and (await got.json())["id"] == "t1"
 
 
+async def test_totals_beyond_64_bits_are_exact_json_integers(api):
+    await make_accounts(api, f"a{TAG}", f"b{TAG}")
+    largest = 2**63 - 1
+    for i in range(3):
+        resp = await api.post("/v1/transactions", json=transfer(f"big{i}", largest))
+        assert resp.status == 201, await resp.text()
+    text = await (await api.get(f"/v1/accounts/b{TAG}/balance")).text()
+    assert json.loads(text)["balance"] == -3 * largest  # exact: json.loads keeps big integers
+    assert str(3 * largest) in text
+
+
 async def test_percent_encoded_and_raw_braces_reach_the_same_account(api):
     await make_accounts(api, f"a{TAG}")
     raw = await api.get("/v1/accounts/a{c1}")
@@ -493,3 +504,12 @@ async def test_load_generator_runs_against_a_node(api, mode):
     assert result["requests"] > 0 and result["statuses"] == {"201" if mode == "single" else "200":
                                                              result["requests"]}
     assert result["transfers_per_s"] > 0 and result["latency_ms"]["p50"] > 0
+
+
+def test_internal_replies_carry_integers_beyond_64_bits_exactly():
+    from raftledger.node.http import forward
+
+    body = {"replies": [{"total": 3 * (2**63 - 1), "debt": -(2**70), "index": 5, "id": "t"}]}
+    reply = forward._internal_response(body)
+    assert reply.content_type == "application/msgpack"
+    assert forward._unpack_internal(reply.body) == body

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import msgpack
+import orjson
 from aiohttp import web
 from raftledger.statemachine.records import Account, Result
 
@@ -101,13 +102,23 @@ def _msgpack_safe(value: Any) -> Any:
     return value
 
 
+def json_bytes(body: Any) -> bytes:
+    """Compact JSON. orjson is about ten times faster than ``json`` on a batch response but stops at
+    64-bit integers; balances reach 2**127, so those responses take the standard library's way.
+    (Bodies are never decoded with orjson: it turns such integers into floats.)"""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+
+
 def encode(request: web.Request, body: Any) -> tuple[bytes, str]:
     if wants_msgpack(request):
         try:
             return msgpack.packb(body), MSGPACK_TYPE
         except OverflowError:
             return msgpack.packb(_msgpack_safe(body)), MSGPACK_TYPE
-    return json.dumps(body, separators=(",", ":")).encode(), JSON_TYPE
+    return json_bytes(body), JSON_TYPE
 
 
 def respond(request: web.Request, status: int, body: Any,
