@@ -89,6 +89,25 @@ def test_flushes_are_grouped_per_appended_batch(tmp_path):
     assert flushed == [100]
 
 
+def test_journal_flush_is_an_fdatasync_of_the_journal_file(tmp_path, monkeypatch):
+    """Not ``mmap.flush``: on CPython 3.11 its msync holds the GIL and stalls the whole node. The
+    journal's file grows (and PySyncObj reopens it) along the way: the flush follows it."""
+    path = str(tmp_path / "j")
+    journal = DurableJournal(path, JournalOptions())
+    synced: list[str] = []
+    fdatasync = os.fdatasync
+
+    def recording(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    for idx in range(1, 4):
+        journal.add(b"\x00" + bytes(200_000), idx, 1)  # past the initial size: the file grows
+        assert journal.flush_if_dirty()
+    assert synced == [os.path.realpath(path)] * 3
+
+
 def test_journal_and_meta_survive_reopen(tmp_path):
     path = str(tmp_path / "j")
     journal = DurableJournal(path, JournalOptions())
