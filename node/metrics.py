@@ -31,6 +31,7 @@ class Metrics:
                                   ["method", "route", "status"], buckets=LATENCY_BUCKETS_S,
                                   registry=r)
         self._request_children: dict[tuple[str, str, int], Any] = {}
+        self._result_children: dict[tuple[int, str, str], Any] = {}
         self.in_flight = Gauge("raftledger_http_requests_in_flight", "requests being served",
                                registry=r)
         self.results = Counter("raftledger_results_total", "command results by code and shard",
@@ -93,7 +94,11 @@ class Metrics:
                         replayed: int) -> None:
         """Counts of one reply's results by code (a batch reply is counted at once)."""
         for code, count in codes.items():
-            self.results.labels(str(shard), kind, code).inc(count)
+            key = (shard, kind, code)
+            child = self._result_children.get(key)
+            if child is None:
+                child = self._result_children[key] = self.results.labels(str(shard), kind, code)
+            child.inc(count)
         if replayed:
             self.replays.labels(str(shard)).inc(replayed)
 

@@ -20,6 +20,11 @@ async def read_raw(request: web.Request) -> bytes:
     length = request.content_length
     if length is not None and length > limits.body_bytes_max:
         raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max})
+    if request.content.is_eof():  # all of it arrived with the headers: nothing left to wait for
+        raw = request.content.read_nowait()
+        if len(raw) > limits.body_bytes_max:
+            raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max})
+        return raw
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
             return await _read_bounded(request, limits.body_bytes_max)
