@@ -106,10 +106,13 @@ def _entry(raw: Any) -> EntrySpec:
 
 
 def _decode_create_transaction(w: list[Any]) -> CreateTransaction:
-    entries = tuple(_entry(e) for e in _want(w[2], list, "entries"))
-    return CreateTransaction(_want(w[1], str, "id"), entries, _want(w[3], bool, "pending"),
-                             _int(w[4], "timeout_seconds"), _want(w[5], str, "code"),
-                             _want(w[6], dict, "metadata"))
+    """The hot path of every apply: exact type checks spelled out (no generic ``_want``)."""
+    ident, raw_entries, pending, timeout, code, metadata = w[1], w[2], w[3], w[4], w[5], w[6]
+    if not (type(ident) is str and type(raw_entries) is list and type(pending) is bool
+            and type(timeout) is int and type(code) is str and type(metadata) is dict):
+        raise CodecError("transaction: wrong field types")
+    entries = tuple([_entry(e) for e in raw_entries])
+    return CreateTransaction(ident, entries, pending, timeout, code, metadata)
 
 
 def _decode_one(w: Any) -> Command:
