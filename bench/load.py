@@ -38,39 +38,31 @@ async def run_load(service: Any, *, transfers: int, concurrency: int, prefix: st
     await asyncio.gather(*(service.submit(CreateAccount(id=a, currency=CURRENCY)) for a in ids))
     rng = random.Random(prefix)
     latencies: list[float] = []
-    failures = 0
     reasons: dict[str, int] = {}
-    gate = asyncio.Semaphore(concurrency)
+    numbers = iter(range(transfers))
     entries_before = service.entries_proposed
 
-    async def one(i: int) -> None:
-        nonlocal failures
-        debit = rng.randrange(accounts)
-        credit = (debit + 1 + rng.randrange(accounts - 1)) % accounts
-        debit, credit = ids[debit], ids[credit]
-        started = time.perf_counter()
-        try:
-            committed = await service.submit(transfer(f"{prefix}t{i}", debit, credit))
-            reason = None if committed.outcome.ok else committed.outcome.code.name
-        except Exception as exc:
-            reason = type(exc).__name__
-        finally:
-            gate.release()
-        if reason is None:
-            latencies.append(time.perf_counter() - started)
-        else:
-            failures += 1
-            reasons[reason] = reasons.get(reason, 0) + 1
+    async def worker() -> None:
+        """One of ``concurrency`` clients: each submits its next transfer when the last one answered."""
+        for i in numbers:
+            debit = rng.randrange(accounts)
+            credit = (debit + 1 + rng.randrange(accounts - 1)) % accounts
+            started = time.perf_counter()
+            try:
+                committed = await service.submit(transfer(f"{prefix}t{i}", ids[debit], ids[credit]))
+                reason = None if committed.outcome.ok else committed.outcome.code.name
+            except Exception as exc:
+                reason = type(exc).__name__
+            if reason is None:
+                latencies.append(time.perf_counter() - started)
+            else:
+                reasons[reason] = reasons.get(reason, 0) + 1
 
     started = time.perf_counter()
-    tasks = []
-    for i in range(transfers):
-        await gate.acquire()
-        tasks.append(asyncio.create_task(one(i)))
-    await asyncio.gather(*tasks)
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, transfers))))
     elapsed = time.perf_counter() - started
     latencies.sort()
-    return {"transfers": len(latencies), "failures": failures, "elapsed_s": elapsed,
+    return {"transfers": len(latencies), "failures": sum(reasons.values()), "elapsed_s": elapsed,
             "per_s": len(latencies) / elapsed if elapsed else 0.0,
             "p50_ms": percentile(latencies, 0.50) * 1000, "p99_ms": percentile(latencies, 0.99) * 1000,
             "entries": service.entries_proposed - entries_before, "failure_reasons": reasons}
