@@ -119,16 +119,18 @@ def _decode_msgpack(raw: bytes) -> Any:
 
 
 def check_depth(value: Any) -> None:
-    """Refuse nesting deeper than ``body_depth_max``; iterative, so hostile input cannot recurse."""
-    stack = [(value, 1)]
+    """Refuse more than ``body_depth_max`` nested objects and lists; iterative, so hostile input
+    cannot recurse."""
+    if not isinstance(value, dict | list):
+        return
+    stack: list[tuple[dict[Any, Any] | list[Any], int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
         if depth > body_depth_max:
             raise ApiError("too_deep", details={"depth_max": body_depth_max})
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
+        for child in item.values() if isinstance(item, dict) else item:
+            if isinstance(child, dict | list):  # only containers nest: scalars are not walked
+                stack.append((child, depth + 1))
 
 
 # --- fields ---------------------------------------------------------------------------------------
@@ -142,6 +144,8 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _check_fields(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
+    if obj.keys() <= allowed:
+        return
     unknown = sorted(str(k) for k in obj if k not in allowed)
     if unknown:
         raise ApiError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})

@@ -135,6 +135,13 @@ def test_malformed_bodies():
     assert code_of(body, '{"a": NaN}') == "malformed_json"
     assert code_of(body, '{"a": 1, "a": 2}') == "duplicate_field"
     assert code_of(body, "[" * 40 + "]" * 40) == "too_deep"
+    deepest = '{"a":' * 31 + "[1]" + "}" * 31  # 32 nested containers: the limit
+    assert body(deepest) and code_of(body, "[" + deepest + "]") == "too_deep"
+    nested: object = [1, "x"]
+    for _ in range(31):
+        nested = {"a": nested}
+    assert decode_body(msgpack.packb(nested), "application/msgpack") == nested
+    assert code_of(decode_body, msgpack.packb([nested]), "application/msgpack") == "too_deep"
     assert code_of(body, "[" * 100_000) in ("too_deep", "malformed_json")
     assert code_of(decode_body, b"\xff\xfe", "application/json") == "malformed_json"
     assert code_of(decode_body, b"{}", "text/plain") == "unsupported_media_type"
