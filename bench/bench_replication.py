@@ -15,10 +15,10 @@ import argparse
 import concurrent.futures
 import json
 import os
-import platform
 import tempfile
 import time
 
+from raftledger.bench.host import machine, process_cpu_s
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
 from raftledger.node.config import RaftTuning
@@ -30,23 +30,6 @@ NODES = 3
 CASES_DEFAULT = "1:3000:64,100:20000:500,1000:40000:1000,1000:60000:5000"
 bench_timeout_s = 600.0
 poll_timeout_s = 10.0
-
-
-def machine() -> str:
-    cpu = platform.processor() or "unknown cpu"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
-
-
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds the process has used so far (Linux)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: int) -> dict:

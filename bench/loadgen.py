@@ -31,6 +31,7 @@ from typing import Any
 
 import aiohttp
 import orjson
+from raftledger.bench.host import process_cpu_s
 from raftledger.cluster.router import shard_for_account
 
 accounts_per_group = 8
@@ -170,7 +171,14 @@ async def fixed_rate(session: aiohttp.ClientSession, work: Workload, stats: Stat
     await asyncio.gather(*tasks)
 
 
-def summary(stats: Stats, elapsed_s: float, work: Workload, args: argparse.Namespace) -> dict:
+def node_pids(cluster_file: str) -> list[int]:
+    """The node processes named in ``raftledger up``'s cluster.json (to report their CPU use)."""
+    with open(cluster_file) as f:
+        return [n["pid"] for n in json.load(f)["nodes"] if n.get("pid")]
+
+
+def summary(stats: Stats, elapsed_s: float, work: Workload, args: argparse.Namespace,
+            node_cpu_s: float | None = None) -> dict:
     lat = sorted(stats.latencies_s)
     ms = {f"p{p}": round(percentile(lat, p / 100) * 1000, 2) for p in (50, 99, 99.9)}
     return {
@@ -181,6 +189,8 @@ def summary(stats: Stats, elapsed_s: float, work: Workload, args: argparse.Names
         "transfers_per_s": round(stats.transfers_ok / elapsed_s, 1),
         "latency_ms": ms, "statuses": {str(k): v for k, v in sorted(stats.statuses.items())},
         "late": stats.late, "direct": bool(work.leader_urls),
+        "node_cpu_us_per_transfer": (round(node_cpu_s / stats.transfers_ok * 1e6)
+                                     if node_cpu_s is not None and stats.transfers_ok else None),
     }
 
 
@@ -206,13 +216,17 @@ async def run(args: argparse.Namespace) -> dict:
             await closed_loop(session, work, Stats(), args.connections,
                               time.perf_counter() + args.warmup)
         stats = Stats()
+        pids = node_pids(args.cluster_file) if args.cluster_file else []
+        cpu_before = sum(process_cpu_s(p) for p in pids)
         started = time.perf_counter()
         until = started + args.duration
         if args.rate:
             await fixed_rate(session, work, stats, args.connections, until, args.rate)
         else:
             await closed_loop(session, work, stats, args.connections, until)
-        return summary(stats, time.perf_counter() - started, work, args)
+        elapsed = time.perf_counter() - started
+        node_cpu = sum(process_cpu_s(p) for p in pids) - cpu_before if pids else None
+        return summary(stats, elapsed, work, args, node_cpu)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -227,6 +241,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--groups", type=int, default=512, help="hash-tag groups of accounts")
     parser.add_argument("--prefix", default="", help="id prefix (default: unique per run)")
     parser.add_argument("--direct", action="store_true", help="send each request to its leader")
+    parser.add_argument("--cluster-file", default="",
+                        help="raftledger up's cluster.json: also report the nodes' CPU per transfer")
     args = parser.parse_args(argv)
     try:
         import uvloop

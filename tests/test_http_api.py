@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -496,14 +497,17 @@ def test_openapi_path_parameters_are_declared():
 
 
 @pytest.mark.parametrize("mode", ["single", "batch"])
-async def test_load_generator_runs_against_a_node(api, mode):
+async def test_load_generator_runs_against_a_node(api, mode, tmp_path):
+    cluster_file = tmp_path / "cluster.json"  # the node runs in this very process
+    cluster_file.write_text(json.dumps({"nodes": [{"id": "n1", "pid": os.getpid()}]}))
     args = argparse.Namespace(url=str(api.make_url("")).rstrip("/"), mode=mode, batch_size=10,
                               connections=4, rate=0.0, duration=0.3, warmup=0.0, groups=4,
-                              prefix=f"lg-{mode}", direct=False)
+                              prefix=f"lg-{mode}", direct=False, cluster_file=str(cluster_file))
     result = await loadgen.run(args)
     assert result["requests"] > 0 and result["statuses"] == {"201" if mode == "single" else "200":
                                                              result["requests"]}
     assert result["transfers_per_s"] > 0 and result["latency_ms"]["p50"] > 0
+    assert result["node_cpu_us_per_transfer"] > 0
 
 
 def test_internal_replies_carry_integers_beyond_64_bits_exactly():
