@@ -50,9 +50,12 @@ def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: in
     return launcher.wait_until(finished, bench_timeout_s, f"the load on shard {shard}")
 
 
-def run_case(batch: int, transfers: int, concurrency: int, durability: str, root: str) -> dict:
+def run_case(batch: int, transfers: int, concurrency: int, durability: str, directory: str) -> dict:
+    """One case on a fresh cluster in an empty ``directory`` (a reused one would answer every
+    transfer of a repeated case as an idempotent replay)."""
     raft = RaftTuning(batch_requests_max=batch, log_compaction_entries_min=100_000)
-    cluster = LocalCluster(os.path.join(root, f"b{batch}.{concurrency}"), nodes=NODES, shards=SHARDS,
+    assert not os.path.exists(directory), directory
+    cluster = LocalCluster(directory, nodes=NODES, shards=SHARDS,
                            durability=durability, raft=raft)
     with cluster, concurrent.futures.ThreadPoolExecutor(SHARDS) as pool:
         leaders = [cluster.leader(s) for s in range(SHARDS)]
@@ -86,9 +89,9 @@ def main() -> None:
           "| Raft entries | failures | node CPU µs/transfer | shard leaders |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory(prefix="raftledger-bench-") as root:
-        for case in args.cases.split(","):
+        for n, case in enumerate(args.cases.split(",")):
             batch, transfers, concurrency = (int(x) for x in case.split(":"))
-            r = run_case(batch, transfers, concurrency, args.durability, root)
+            r = run_case(batch, transfers, concurrency, args.durability, os.path.join(root, f"case{n}"))
             print(f"| {r['batch']} | {r['concurrency']} | {r['transfers']} | {r['per_s']:,.0f} | "
                   f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['entries']} | {r['failures']} | "
                   f"{r['cpu_us']:.0f} | {', '.join(r['leaders'])} |",

@@ -20,3 +20,16 @@ async def test_load_generator_keeps_its_clients_busy_and_counts_every_transfer(t
         assert credits == 300  # every transfer moves 1
     finally:
         await group.stop_all()
+
+
+async def test_load_generator_counts_replays_as_failures(tmp_path):
+    """Run twice with the same ids: the second run moves no money and must not look like work."""
+    group = Group(str(tmp_path), size=1)
+    group.start_all()
+    try:
+        leader = await group.leader()
+        await run_load(leader, transfers=50, concurrency=10, prefix="r.", accounts=5)
+        again = await run_load(leader, transfers=50, concurrency=10, prefix="r.", accounts=5)
+        assert again["transfers"] == 0 and again["failure_reasons"] == {"replayed": 50}
+    finally:
+        await group.stop_all()
