@@ -108,6 +108,11 @@ class AccountRow:
         self.head = head
         self.metadata_bytes = metadata_bytes
 
+    def copy(self) -> AccountRow:
+        return AccountRow(self.id, self.num, self.seq, self.timestamp, self.flags, self.normal,
+                          self.currency, self.debits_posted, self.credits_posted,
+                          self.debits_pending, self.credits_pending, self.head, self.metadata_bytes)
+
     def pack(self) -> bytes:
         dp, cp, dpe, cpe = (self.debits_posted, self.credits_posted, self.debits_pending,
                             self.credits_pending)

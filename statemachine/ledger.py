@@ -207,14 +207,23 @@ def _check_balanced(moves: list[Move]) -> None:
 
 
 class Applier:
-    """Applies the requests of one Raft entry inside one LMDB write transaction."""
+    """Applies the requests of one Raft entry inside one LMDB write transaction.
+
+    ``committed_rows`` (owned by the store, shared across entries) holds account rows as last
+    committed; ``written`` the rows this transaction wrote, which the store adds to it once the
+    transaction commits. Rows are copied on load: a command that is rejected halfway has mutated
+    only its copies. Both are caches of the accounts table, never the other way round.
+    """
 
     def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, dbs: Dbs,
-                 state: ShardState, expiry_floor: int = 0) -> None:
+                 state: ShardState, expiry_floor: int = 0,
+                 committed_rows: dict[str, AccountRow] | None = None) -> None:
         self.env = env
         self.txn = txn
         self.dbs = dbs
         self.cursors = Cursors(txn, dbs)
+        self.committed_rows: dict[str, AccountRow] = {} if committed_rows is None else committed_rows
+        self.written: dict[str, AccountRow] = {}
         self.packb = msgpack.Packer().pack  # reused: msgpack.packb sets up a new packer per call
         self.state = state
         # A lower bound on the earliest hold deadline (a cache, not replicated state): requests
@@ -245,7 +254,7 @@ class Applier:
 
     def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
         """All or none: a child LMDB transaction that is dropped when any command fails."""
-        parent, saved = self.txn, self.state.copy()
+        parent, saved, saved_written = self.txn, self.state.copy(), dict(self.written)
         child = self.txn = self.env.begin(write=True, parent=parent)
         self.cursors = Cursors(child, self.dbs)
         results: list[Result] = []
@@ -263,6 +272,7 @@ class Applier:
             else:
                 child.abort()
                 self.state = saved
+                self.written = saved_written
             self.txn = parent
             self.cursors = Cursors(parent, self.dbs)
         if complete:
@@ -279,10 +289,10 @@ class Applier:
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         key = cmd.id.encode()
-        raw = self.cursors.accounts.get(key)
+        existing = self._find_row(cmd.id)
         metadata_bytes = msgpack.packb(canonical(cmd.metadata))
-        if raw is not None:
-            row = unpack_account(cmd.id, raw)
+        if existing is not None:
+            row = existing
             same = (row.currency, row.normal, row.flags, row.metadata_bytes) == (
                 cmd.currency, cmd.normal, cmd.flags, metadata_bytes)
             code = ResultCode.ok if same else ResultCode.exists_with_different_fields
@@ -292,14 +302,28 @@ class Applier:
         self.state.next_account_num += 1
         packed = row.pack()
         self.cursors.accounts.put(key, packed)
+        self.written[cmd.id] = row
         self._emit("account.created", ts, EVENT_ACCOUNT, msgpack.packb([cmd.id, packed]))
         return Result(ResultCode.ok, cmd.id, record=row.to_account())
 
+    def _find_row(self, account_id: str) -> AccountRow | None:
+        """The account as this transaction sees it, or None; not to be mutated (see ``_load_row``)."""
+        row = self.written.get(account_id)
+        if row is None:
+            row = self.committed_rows.get(account_id)
+        if row is None:
+            raw = self.cursors.accounts.get(account_id.encode())
+            if raw is None:
+                return None
+            row = unpack_account(account_id, raw)
+        return row
+
     def _load_row(self, account_id: str) -> AccountRow:
-        raw = self.cursors.accounts.get(account_id.encode())
-        if raw is None:
+        """A copy of the account's row for a command to change."""
+        row = self._find_row(account_id)
+        if row is None:
             raise Rejected(ResultCode.account_not_found, {"account_id": account_id})
-        return unpack_account(account_id, raw)
+        return row.copy()
 
     # ---- moves --------------------------------------------------------------------------------
 
@@ -330,6 +354,7 @@ class Applier:
             entries.put(key, value)
         for row in rows.values():
             accounts.put(row.id.encode(), row.pack())
+            self.written[row.id] = row
         return out
 
     @staticmethod

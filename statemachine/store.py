@@ -23,6 +23,7 @@ from .layout import (
     DB_NAMES,
     STATE_KEY,
     U64,
+    AccountRow,
     Raw,
     ShardState,
     entry_hash_of,
@@ -53,6 +54,7 @@ from .records import (
 )
 
 map_size_bytes_default = 64 * 2**30
+rows_cached_max = 200_000  # committed account rows kept decoded between entries
 readers_max = 1024
 statement_page_limit_default = 100
 statement_page_limit_max = 1000
@@ -78,6 +80,9 @@ class LedgerStore:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
         self._expiry_floor = 0  # unknown until the first request scans the expiries
+        # Account rows as committed, decoded: hot accounts skip the LMDB read and the unpacking.
+        # Only this store's apply writes the accounts table, and it updates the cache after commit.
+        self._rows: dict[str, AccountRow] = {}
 
     def _read_state(self) -> ShardState:
         with self.env.begin() as txn:
@@ -110,7 +115,7 @@ class LedgerStore:
                         requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
-            applier = Applier(self.env, txn, self.dbs, state, self._expiry_floor)
+            applier = Applier(self.env, txn, self.dbs, state, self._expiry_floor, self._rows)
             outcomes = applier.apply_requests(requests)
             state = applier.state
             state.applied_index = index
@@ -118,6 +123,9 @@ class LedgerStore:
             txn.put(STATE_KEY, state.pack(), db=self.dbs.meta)
         self._state = state
         self._expiry_floor = applier.expiry_floor
+        if len(self._rows) + len(applier.written) > rows_cached_max:
+            self._rows.clear()
+        self._rows.update(applier.written)
         return outcomes
 
     def copy_to_fd(self, fd: int) -> int:

@@ -346,6 +346,20 @@ def test_commands_around_atomic_batches_in_one_entry_all_land(funded: Harness) -
         assert verify_store(r) == []
 
 
+def test_rows_touched_by_a_dropped_batch_or_a_rejected_command_stay_as_committed(
+        funded: Harness) -> None:
+    """The store keeps decoded account rows between entries; what a dropped atomic batch or a
+    rejected command did to them in memory must not reach a later entry."""
+    failing = Batch((transfer("f1", "alice", "bob", 1), transfer("f2", "alice", "ghost", 1)), atomic=True)
+    outcomes = funded.apply(failing, transfer("over", "alice", "bob", 1_000_000))
+    assert outcomes[1].code == C.exceeds_credits
+    assert funded.one(transfer("next", "alice", "bob", 7)).ok
+    assert (acct(funded, "bob").balance, acct(funded, "bob").seq) == (7, 1)
+    assert (acct(funded, "alice").balance, acct(funded, "alice").seq) == (10_000 - 7, 2)
+    with funded.store.reader() as r:
+        assert verify_store(r) == []
+
+
 def test_atomic_batch_sees_its_own_earlier_commands(ledger: Harness) -> None:
     batch = Batch((CreateAccount("x", "BRL"), CreateAccount("y", "BRL"), transfer("t", "x", "y", 3)),
                   atomic=True)
