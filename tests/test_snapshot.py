@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import time
 
+import pytest
 from inprocess import Group, account, poll, transfer
+from raftledger.node.replica import ReplicaService
 from raftledger.node.snapshot import read_header
 from raftledger.statemachine.store import LedgerStore
 
@@ -17,26 +19,38 @@ async def write_entries(leader, prefix: str, count: int) -> list:
     return [await leader.submit(transfer(f"{prefix}{i}", "a", "b", 1)) for i in range(count)]
 
 
-async def test_stopped_follower_catches_up_by_snapshot(tmp_path):
+@pytest.fixture
+async def compacting_group(tmp_path):
+    """Three replicas that compact every ``compaction_entries_min`` entries."""
     group = Group(str(tmp_path), log_compaction_entries_min=compaction_entries_min)
     group.start_all()
     try:
-        leader = await group.leader()
-        await leader.submit(account("a"))
-        await leader.submit(account("b"))
-        follower = next(i for i, s in group.services.items() if s is not leader)
-        await group.converged()
-        await group.stop(follower)
-        results = await write_entries(leader, "s", 3 * compaction_entries_min)
-        assert all(r.outcome.ok for r in results)
-        await poll(lambda: len(leader.replica.journal) < compaction_entries_min, 15, "leader compaction")
-        restarted = group.start(follower)
-        await group.converged()
-        assert restarted.replica.snapshotter.installed >= 1
-        with restarted.store.reader() as r:
-            assert r.balance("b").credits_posted == 3 * compaction_entries_min
+        yield group
     finally:
         await group.stop_all()
+
+
+async def leader_and_follower(group: Group) -> tuple[ReplicaService, int]:
+    """The leader, with accounts a and b opened through it, and the number of one follower."""
+    leader = await group.leader()
+    await leader.submit(account("a"))
+    await leader.submit(account("b"))
+    return leader, next(i for i, s in group.services.items() if s is not leader)
+
+
+async def test_stopped_follower_catches_up_by_snapshot(compacting_group):
+    group = compacting_group
+    leader, follower = await leader_and_follower(group)
+    await group.converged()
+    await group.stop(follower)
+    results = await write_entries(leader, "s", 3 * compaction_entries_min)
+    assert all(r.outcome.ok for r in results)
+    await poll(lambda: len(leader.replica.journal) < compaction_entries_min, 15, "leader compaction")
+    restarted = group.start(follower)
+    await group.converged()
+    assert restarted.replica.snapshotter.installed >= 1
+    with restarted.store.reader() as r:
+        assert r.balance("b").credits_posted == 3 * compaction_entries_min
 
 
 async def test_snapshot_file_holds_a_consistent_store_copy(tmp_path):
@@ -199,32 +213,25 @@ def test_store_synced_at_a_clean_close_is_trusted_after_a_machine_restart(tmp_pa
         rebooted.close()
 
 
-async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(tmp_path, monkeypatch):
+async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(compacting_group, monkeypatch):
     """A follower whose store was torn by a machine crash gets back to the same fingerprint and the
     same balances from its own dump and journal (written and flushed before the crash)."""
-    group = Group(str(tmp_path), log_compaction_entries_min=compaction_entries_min)
-    group.start_all()
-    try:
-        leader = await group.leader()
-        await leader.submit(account("a"))
-        await leader.submit(account("b"))
-        follower = next(i for i, s in group.services.items() if s is not leader)
-        results = await write_entries(leader, "m", 2 * compaction_entries_min + 5)
-        assert all(r.outcome.ok for r in results)
-        dump = os.path.join(group.root, f"r{follower}", "raft.dump")
-        await poll(lambda: os.path.exists(dump), 15, "a dump on the follower")
-        before = await group.converged()
-        await group.stop(follower)
-        other_boot(monkeypatch)
-        for name in os.listdir(os.path.join(group.root, f"r{follower}")):
-            if name.endswith("-boot"):  # as if the clean close never happened
-                with open(os.path.join(group.root, f"r{follower}", name), "w") as f:
-                    f.write("an-earlier-boot\nopen")
-        restarted = group.start(follower)
-        assert restarted.replica.slot.rebuilt
-        after = await group.converged()
-        assert after[0] >= before[0]
-        with restarted.store.reader() as r:
-            assert r.balance("b").credits_posted == 2 * compaction_entries_min + 5
-    finally:
-        await group.stop_all()
+    group = compacting_group
+    leader, follower = await leader_and_follower(group)
+    results = await write_entries(leader, "m", 2 * compaction_entries_min + 5)
+    assert all(r.outcome.ok for r in results)
+    directory = os.path.join(group.root, f"r{follower}")
+    await poll(lambda: os.path.exists(os.path.join(directory, "raft.dump")), 15, "a follower dump")
+    before = await group.converged()
+    await group.stop(follower)
+    other_boot(monkeypatch)
+    for name in os.listdir(directory):
+        if name.endswith("-boot"):  # as if the clean close never happened
+            with open(os.path.join(directory, name), "w") as f:
+                f.write("an-earlier-boot\nopen")
+    restarted = group.start(follower)
+    assert restarted.replica.slot.rebuilt
+    after = await group.converged()
+    assert after[0] >= before[0]
+    with restarted.store.reader() as r:
+        assert r.balance("b").credits_posted == 2 * compaction_entries_min + 5
