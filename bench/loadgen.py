@@ -225,7 +225,10 @@ async def run(args: argparse.Namespace) -> dict:
         else:
             await closed_loop(session, work, stats, args.connections, until)
         elapsed = time.perf_counter() - started
-        node_cpu = sum(process_cpu_s(p) for p in pids) - cpu_before if pids else None
+        try:
+            node_cpu = sum(process_cpu_s(p) for p in pids) - cpu_before if pids else None
+        except OSError:  # a node exited during the run: its CPU is gone with it
+            node_cpu = None
         return summary(stats, elapsed, work, args, node_cpu)
 
 

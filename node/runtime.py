@@ -282,7 +282,7 @@ def tune_gc() -> None:
 def run(config: NodeConfig) -> None:
     import uvloop
 
-    # The Raft tick threads block in syscalls (poll, send, msync) many times per tick; each time they
+    # The Raft tick threads block in syscalls (poll, send, fdatasync) many times per tick; each time they
     # wait up to the GIL switch interval to get back in while the event loop is busy. A shorter
     # interval keeps heartbeats and acks timely under load.
     sys.setswitchinterval(gil_switch_interval_s)

@@ -18,7 +18,8 @@ cache holds, but an operating-system crash can leave an unsynced LMDB file torn.
 a marker file saying which boot of the machine last wrote it unsynced (``open``) or that it was synced
 at a clean close (``clean``). A store written unsynced during an earlier boot is not trusted: it is
 deleted and rebuilt from the dump and the journal, as a new replica would be. Where the kernel does
-not give a boot id, every LMDB commit is fsynced instead.
+not give a boot id, every LMDB commit is fsynced instead. (With ``durability = none`` nothing is
+fsynced: a machine crash may lose or tear anything, as the setting says.)
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ class StoreSlot:
     """The shard's current LedgerStore, replaceable by a newer generation installed from a snapshot."""
 
     def __init__(self, directory: str, shard: int, *, sync: bool, retire: Retire | None = None) -> None:
-        """``sync``: fsync what this slot writes besides LMDB commits (markers, installed copies)."""
+        """``sync`` (``durability = fsync``): fsync what this slot writes (markers, installed copies),
+        and every LMDB commit where the kernel gives no boot id."""
         os.makedirs(directory, exist_ok=True)
         self.directory = directory
         self.shard = shard
@@ -88,8 +90,6 @@ class StoreSlot:
 
     def _open(self, generation: int) -> LedgerStore:
         path = self.path(generation)
-        if self.boot is None:
-            return LedgerStore(path, shard=self.shard, sync=self.sync)
         if os.path.exists(path) and not self._trusted(path):
             log.warning("shard %d: %s was written without fsync before the machine restarted; "
                         "rebuilding it from the snapshot and the Raft journal", self.shard, path)
@@ -97,20 +97,24 @@ class StoreSlot:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(path + suffix)
             self.rebuilt = True
+        if self.boot is None:  # nothing to tell this boot from the last: sync every commit
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + MARKER_SUFFIX)
+            return LedgerStore(path, shard=self.shard, sync=self.sync)
         # The marker is durable before the first unsynced LMDB write it vouches for.
         self._mark(path, MARK_OPEN)
         return LedgerStore(path, shard=self.shard, sync=False)
 
     def _trusted(self, path: str) -> bool:
         """A store is whole if it was synced at close, or written only during this boot (its pages are
-        in the page cache). No marker: written by a build that synced every commit, or installed from
-        a snapshot (fsynced) just before a crash."""
+        in the page cache). No marker: written with every commit synced, or installed from a
+        snapshot just before a crash (both fsynced with ``durability = fsync``)."""
         try:
             with open(path + MARKER_SUFFIX) as f:
                 boot, _, mark = f.read().partition("\n")
         except FileNotFoundError:
             return True
-        return mark == MARK_CLEAN or boot == self.boot
+        return mark == MARK_CLEAN or (self.boot is not None and boot == self.boot)
 
     def _mark(self, path: str, mark: str) -> None:
         data = f"{self.boot}\n{mark}".encode()
@@ -304,7 +308,25 @@ class Snapshotter:
 
     # -- deserializer: restart (our own dump) or install (a leader's dump) ---------------------------
     def deserialize(self, dump_file: str) -> Any:
-        """Install the dump's LMDB copy unless the local store already applied as far; return meta."""
+        """Install the dump's LMDB copy unless the local store already applied as far; return meta.
+
+        PySyncObj swallows any exception raised here and carries on without the snapshot, so a
+        failure is logged as critical: a replica whose store was rebuilt has nothing else to go on."""
+        try:
+            return self._install_dump(dump_file)
+        except Exception:
+            log.critical("shard %d: loading the snapshot %s failed%s", self.slot.shard, dump_file,
+                         "; the store was distrusted and is empty" if self.slot.rebuilt else "",
+                         exc_info=True)
+            raise
+
+    def _install_dump(self, dump_file: str) -> Any:
+        if self.sync:
+            # A dump received from the leader was written and renamed by PySyncObj without fsync; the
+            # journal is cut right after this returns and a distrusted store is rebuilt from the dump.
+            with open(dump_file, "rb") as f:
+                os.fsync(f.fileno())
+            fsync_dir(os.path.dirname(os.path.abspath(dump_file)))
         self._cancel_background()
         if not self.applier.wait_idle(apply_wait_s):  # the store is about to be swapped under it
             raise SnapshotError("applier did not drain before snapshot install")

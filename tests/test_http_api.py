@@ -355,6 +355,8 @@ MALFORMED: list[tuple[str, str, Any, dict[str, str], int, str]] = [
      400, "invalid_currency"),
     ("POST", "/v1/transactions", json.dumps(dict(transfer("f"), memo="x")).encode(), {}, 400,
      "unknown_field"),
+    # a lone surrogate, echoed back in the error details: JSON can carry it, UTF-8 cannot
+    ("POST", "/v1/transactions", b'{"id":"f","\\ud800":1}', {}, 400, "unknown_field"),
     ("POST", "/v1/transactions", json.dumps({k: v for k, v in transfer("f").items() if k != "id"})
      .encode(), {}, 400, "missing_id"),
     ("POST", "/v1/transactions", json.dumps(transfer("f")).encode(), {"Idempotency-Key": "g"},

@@ -197,6 +197,52 @@ def test_store_written_unsynced_before_a_machine_restart_is_rebuilt(tmp_path, mo
         rebooted.close()
 
 
+def test_without_a_boot_id_a_store_left_open_is_rebuilt_and_commits_are_synced(tmp_path, monkeypatch):
+    from raftledger.node import snapshot
+    from raftledger.node.snapshot import StoreSlot
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import Request
+
+    slot = StoreSlot(str(tmp_path), 0, sync=True)
+    slot.current.apply_entry(2, codec.encode_requests([Request(1, account("f"))]))
+    crash_slot(slot)
+    monkeypatch.setattr(snapshot, "boot_id", lambda: None)  # this boot cannot be told from the last
+    unknown = StoreSlot(str(tmp_path), 0, sync=True)
+    try:
+        assert unknown.rebuilt and unknown.current.applied_index() == 0
+        assert unknown.current.env.flags()["sync"]
+    finally:
+        unknown.close()
+
+
+def test_a_loaded_dump_is_fsynced_before_it_is_installed(tmp_path, monkeypatch):
+    """PySyncObj writes a leader's dump without fsync, then cuts the journal once it is loaded."""
+    from raftledger.node.applier import Applier
+    from raftledger.node.snapshot import Snapshotter, StoreSlot, write_snapshot
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import Request
+
+    source = LedgerStore(str(tmp_path / "source.mdb"), shard=0)
+    source.apply_entry(2, codec.encode_requests([Request(1, account("f"))]))
+    dump = str(tmp_path / "raft.dump")
+    write_snapshot(dump, source, ((b"", 2, 1), (b"", 1, 1), set()), sync=False)
+    source.close()
+    slot = StoreSlot(str(tmp_path / "replica"), 0, sync=True)
+    applier = Applier(slot)
+    snapshotter = Snapshotter(slot, dump, applier, sync=True)
+    synced: list[str] = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")),
+                                                 fsync(fd))[1])
+    try:
+        snapshotter.deserialize(dump)
+        assert synced[0] == os.path.realpath(dump)
+        assert slot.current.applied_index() == 2
+    finally:
+        applier.close()
+        slot.close()
+
+
 def test_store_synced_at_a_clean_close_is_trusted_after_a_machine_restart(tmp_path, monkeypatch):
     from raftledger.node.snapshot import StoreSlot
     from raftledger.statemachine import codec

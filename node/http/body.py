@@ -15,7 +15,8 @@ body_chunk_bytes = 64 * 1024
 
 
 async def read_raw(request: web.Request) -> bytes:
-    """The body, refused as soon as it passes ``body_bytes_max`` (not after buffering it all)."""
+    """The body, refused as soon as it passes ``body_bytes_max`` (a streamed body is not buffered
+    whole first)."""
     limits = context_of(request).limits
     length = request.content_length
     if length is not None and length > limits.body_bytes_max:

@@ -109,7 +109,7 @@ def json_bytes(body: Any) -> bytes:
     try:
         return orjson.dumps(body)
     except TypeError:
-        return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+        return json.dumps(body, separators=(",", ":")).encode()  # ASCII: lone surrogates survive
 
 
 def encode(request: web.Request, body: Any) -> tuple[bytes, str]:
