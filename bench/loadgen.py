@@ -73,6 +73,8 @@ class Workload:
     seq: itertools.count = field(default_factory=itertools.count)
     leader_urls: dict[int, str] | None = None  # --direct: shard -> its leader's URL
     shard_count: int = 1
+    names: list[list[str]] | None = None  # account ids by group
+    shard_groups: dict[int, list[int]] | None = None  # --direct: shard -> the groups it holds
 
     def account(self, group: int, n: int) -> str:
         return f"{self.prefix}-{n}:{{g{group}}}"
@@ -84,15 +86,29 @@ class Workload:
     def group_shard(self, group: int) -> int:
         return shard_for_account(self.account(group, 0), self.shard_count)
 
+    def _names(self) -> list[list[str]]:
+        """Account ids by group, made once: the generator shares the cores with the cluster."""
+        if self.names is None:
+            self.names = [[self.account(g, n) for n in range(accounts_per_group)]
+                          for g in range(self.groups)]
+        return self.names
+
+    def _groups_of(self, shard: int) -> list[int]:
+        if self.shard_groups is None:
+            self.shard_groups = {}
+            for g in range(self.groups):
+                self.shard_groups.setdefault(self.group_shard(g), []).append(g)
+        return self.shard_groups[shard]
+
     def transfer(self, rng: random.Random, shard: int | None = None) -> dict[str, Any]:
-        group = rng.randrange(self.groups)
-        while shard is not None and self.group_shard(group) != shard:
-            group = rng.randrange(self.groups)
-        debit, credit = rng.sample(range(accounts_per_group), 2)
-        return {"id": f"{self.prefix}-t{next(self.seq)}",
-                "debit_account_id": self.account(group, debit),
-                "credit_account_id": self.account(group, credit),
-                "amount": rng.randint(1, amount_max), "currency": "USD"}
+        groups = self._groups_of(shard) if shard is not None else None
+        group = groups[rng.randrange(len(groups))] if groups else rng.randrange(self.groups)
+        names = self._names()[group]
+        debit = rng.randrange(accounts_per_group)
+        credit = (debit + 1 + rng.randrange(accounts_per_group - 1)) % accounts_per_group
+        return {"id": f"{self.prefix}-t{next(self.seq)}", "debit_account_id": names[debit],
+                "credit_account_id": names[credit], "amount": 1 + rng.randrange(amount_max),
+                "currency": "USD"}
 
     def request(self, rng: random.Random, url: str) -> tuple[str, dict[str, Any], int]:
         """(url, body, transfers in it)."""
