@@ -100,9 +100,11 @@ class DurableJournal(FileJournal):
         self._dirty = True
 
     def deleteEntriesFrom(self, entryFrom):  # noqa: N802, N803
+        """Followers call this whenever the leader resends entries they hold (often, under load):
+        only the removed tail is counted, never the whole journal."""
+        self.bytes_held -= sum(len(entry[0]) for entry in self[entryFrom:])
         super().deleteEntriesFrom(entryFrom)
         self._last_index = self[-1][1] if len(self) else 0
-        self.bytes_held = sum(len(entry[0]) for entry in self[:])
         self._dirty = True
 
     def setCurrentTerm(self, term, votedForNodeId):  # noqa: N802, N803, ANN001 (PySyncObj's name)

@@ -9,6 +9,7 @@ import threading
 from inprocess import Group, account, transfer
 from raftledger.node.journal import (
     DURABILITY_FSYNC,
+    DURABILITY_NONE,
     DurableJournal,
     JournalOptions,
     write_file_durably,
@@ -106,6 +107,23 @@ def test_journal_flush_is_an_fdatasync_of_the_journal_file(tmp_path, monkeypatch
         journal.add(b"\x00" + bytes(200_000), idx, 1)  # past the initial size: the file grows
         assert journal.flush_if_dirty()
     assert synced == [os.path.realpath(path)] * 3
+
+
+def test_journal_counts_the_bytes_it_holds_through_truncation_and_compaction(tmp_path):
+    journal = DurableJournal(str(tmp_path / "j"), JournalOptions(DURABILITY_NONE))
+
+    def held() -> int:
+        return sum(len(entry[0]) for entry in journal[:])
+
+    for idx in range(1, 11):
+        journal.add(b"\x00" + bytes(idx * 10), idx, 1)
+    assert journal.bytes_held == held() == sum(1 + i * 10 for i in range(1, 11))
+    journal.deleteEntriesFrom(7)  # a follower drops the entries from the 8th on
+    assert journal.bytes_held == held() and journal.last_index == 7
+    journal.deleteEntriesTo(3)  # compaction drops the first three
+    assert journal.bytes_held == held() and len(journal) == 4
+    reopened = DurableJournal(str(tmp_path / "j"), JournalOptions(DURABILITY_NONE))
+    assert reopened.bytes_held == journal.bytes_held
 
 
 def test_journal_and_meta_survive_reopen(tmp_path):
