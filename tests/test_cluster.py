@@ -37,6 +37,14 @@ def accounts_on(shard: int, shards: int, prefix: str) -> tuple[str, str]:
     raise AssertionError("no tag routes there")
 
 
+def open_accounts(cluster: LocalCluster, shard: int, prefix: str) -> tuple[str, str]:
+    """Two accounts opened on ``shard`` (see ``accounts_on``)."""
+    a, b = accounts_on(shard, 2, prefix)
+    assert_ok(cluster.submit(shard, account(a)))
+    assert_ok(cluster.submit(shard, account(b)))
+    return a, b
+
+
 def quoted(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
@@ -76,9 +84,7 @@ def cluster(tmp_path):
 
 def test_followers_of_both_shards_apply_the_leaders_writes(cluster):
     for shard in (0, 1):
-        a, b = accounts_on(shard, 2, "r")
-        assert_ok(cluster.submit(shard, account(a)))
-        assert_ok(cluster.submit(shard, account(b)))
+        a, b = open_accounts(cluster, shard, "r")
         for i in range(20):
             assert_ok(cluster.submit(shard, transfer(f"r{shard}.{i}", a, b, 5)))
     for shard in (0, 1):
@@ -109,9 +115,7 @@ class WriteStreams:
 
     def __init__(self, cluster: LocalCluster, shard: int, prefix: str, count: int) -> None:
         self.cluster = cluster
-        self.a, self.b = accounts_on(shard, 2, prefix)
-        assert_ok(cluster.submit(shard, account(self.a)))
-        assert_ok(cluster.submit(shard, account(self.b)))
+        self.a, self.b = open_accounts(cluster, shard, prefix)
         self.ids = [f"{prefix}{i}" for i in range(count)]
         self.acked: list[str] = []
         self.stop = threading.Event()
@@ -159,16 +163,12 @@ def test_killing_the_leader_mid_stream_loses_no_acknowledged_write(cluster):
 
 def test_stopped_follower_catches_up_by_snapshot(cluster):
     shard = 1
-    a, b = accounts_on(shard, 2, "s")
-    assert_ok(cluster.submit(shard, account(a)))
-    assert_ok(cluster.submit(shard, account(b)))
+    a, b = open_accounts(cluster, shard, "s")
     leader = cluster.leader(shard)
     follower = next(n for n in cluster.node_ids if n != leader)
     cluster.stop(follower)
     for i in range(3 * compaction_entries_min):
         assert_ok(cluster.submit(shard, transfer(f"s{i}", a, b)))
-    from raftledger.cluster.launcher import wait_until
-
     wait_until(lambda: cluster.shard_status(shard)[leader]["journal_entries"] < compaction_entries_min,
                30, "the leader to compact its log")
     cluster.start_node(follower)
@@ -181,9 +181,7 @@ def test_stopped_follower_catches_up_by_snapshot(cluster):
 def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
     written = {}
     for shard in (0, 1):
-        a, b = accounts_on(shard, 2, "w")
-        assert_ok(cluster.submit(shard, account(a)))
-        assert_ok(cluster.submit(shard, account(b)))
+        a, b = open_accounts(cluster, shard, "w")
         for i in range(compaction_entries_min + 10):
             assert_ok(cluster.submit(shard, transfer(f"w{shard}.{i}", a, b, 3)))
         written[shard] = (b, 3 * (compaction_entries_min + 10))
@@ -203,13 +201,9 @@ def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
 
 def test_a_paused_leader_is_replaced_and_rejoins_after_resume(cluster):
     shard = 0
-    a, b = accounts_on(shard, 2, "p")
-    assert_ok(cluster.submit(shard, account(a)))
-    assert_ok(cluster.submit(shard, account(b)))
+    a, b = open_accounts(cluster, shard, "p")
     paused = cluster.leader(shard)
     cluster.pause(paused)
-    from raftledger.cluster.launcher import wait_until
-
     wait_until(lambda: cluster.leader(shard) != paused, 30, "a new leader")
     for i in range(10):
         submit_via(cluster, shard, transfer(f"p{i}", a, b), exclude=paused)

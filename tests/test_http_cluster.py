@@ -70,13 +70,19 @@ def transfer(txid: str, debit: str, credit: str, amount: int = 10) -> dict[str, 
             "amount": amount, "currency": "BRL"}
 
 
+async def open_pair(cluster: LocalCluster, http: aiohttp.ClientSession, tag: str) -> tuple[str, str, int]:
+    """Accounts ``a:{tag}`` and ``b:{tag}``, opened through n0; with the shard the tag routes to."""
+    a, b = f"a:{{{tag}}}", f"b:{{{tag}}}"
+    for ident in (a, b):
+        status, body, _ = await write(http, cluster.urls["n0"], "/v1/accounts",
+                                      {"id": ident, "currency": "BRL"})
+        assert status == 201, body
+    return a, b, shard_for_account(a, SHARDS)
+
+
 async def test_follower_read_with_token_of_acknowledged_write_always_sees_it(cluster, http):
     urls = list(cluster.urls.values())
-    a, b = "a:{rw}", "b:{rw}"
-    shard = shard_for_account(a, SHARDS)
-    for ident in (a, b):
-        assert (await write(http, urls[0], "/v1/accounts", {"id": ident, "currency": "BRL"}))[0] \
-            == 201
+    a, b, shard = await open_pair(cluster, http, "rw")
     leader = cluster.leader(shard)
     followers = [cluster.urls[n] for n in cluster.node_ids if n != leader]
     for n in range(30):
@@ -127,10 +133,7 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
 
 
 async def test_writes_survive_the_leader_being_killed(cluster, http):
-    a, b = "a:{kl}", "b:{kl}"
-    shard = shard_for_account(a, SHARDS)
-    for ident in (a, b):
-        await write(http, cluster.urls["n0"], "/v1/accounts", {"id": ident, "currency": "BRL"})
+    a, b, shard = await open_pair(cluster, http, "kl")
     leader = cluster.leader(shard)
     cluster.kill(leader)
     survivor = next(u for n, u in cluster.urls.items() if n != leader)
@@ -164,10 +167,7 @@ async def test_malformed_requests_never_break_a_real_node(cluster, http):
 
 
 async def test_write_through_a_follower_moves_on_when_the_leader_is_paused(cluster, http):
-    a, b = "a:{pz}", "b:{pz}"
-    shard = shard_for_account(a, SHARDS)
-    for ident in (a, b):
-        await write(http, cluster.urls["n0"], "/v1/accounts", {"id": ident, "currency": "BRL"})
+    a, b, shard = await open_pair(cluster, http, "pz")
     leader = cluster.leader(shard)
     follower = next(n for n in cluster.node_ids if n != leader)
     os.kill(cluster.pids[leader], signal.SIGSTOP)  # accepts connections, never answers
