@@ -52,6 +52,7 @@ BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 MARKER_SUFFIX = "-boot"
 MARK_OPEN = "open"  # written unsynced since the boot named in the marker
 MARK_CLEAN = "clean"  # synced at a clean close
+STORE_FILE_SUFFIXES = ("", "-lock", MARKER_SUFFIX)  # the files of one store generation
 snapshot_retry_s = 30.0  # after a failed snapshot, before the next attempt
 apply_wait_s = 120.0  # how long a snapshot waits for the applier to reach the snapshot's entries
 
@@ -93,13 +94,9 @@ class StoreSlot:
         if os.path.exists(path) and not self._trusted(path):
             log.warning("shard %d: %s was written without fsync before the machine restarted; "
                         "rebuilding it from the snapshot and the Raft journal", self.shard, path)
-            for suffix in ("", "-lock"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(path + suffix)
+            self._remove_files(path)
             self.rebuilt = True
         if self.boot is None:  # nothing to tell this boot from the last: sync every commit
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path + MARKER_SUFFIX)
             return LedgerStore(path, shard=self.shard, sync=self.sync)
         # The marker is durable before the first unsynced LMDB write it vouches for.
         self._mark(path, MARK_OPEN)
@@ -116,6 +113,12 @@ class StoreSlot:
             return True
         return mark == MARK_CLEAN or (self.boot is not None and boot == self.boot)
 
+    @staticmethod
+    def _remove_files(path: str) -> None:
+        for suffix in STORE_FILE_SUFFIXES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path + suffix)
+
     def _mark(self, path: str, mark: str) -> None:
         data = f"{self.boot}\n{mark}".encode()
         if self.sync:
@@ -126,7 +129,7 @@ class StoreSlot:
 
     def _remove_other_generations(self) -> None:
         """Files of generations a crash left behind (replaced, or installed but never named current)."""
-        keep = {os.path.basename(self.path(self.generation)) + s for s in ("", "-lock", MARKER_SUFFIX)}
+        keep = {os.path.basename(self.path(self.generation)) + s for s in STORE_FILE_SUFFIXES}
         for name in os.listdir(self.directory):
             if name.startswith("state.") and name not in keep:
                 with contextlib.suppress(FileNotFoundError):
@@ -156,9 +159,7 @@ class StoreSlot:
     def _retire(self, old: LedgerStore, generation: int) -> None:
         def close_and_remove(store: LedgerStore = old) -> None:
             store.close()
-            for suffix in ("", "-lock", MARKER_SUFFIX):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(self.path(generation) + suffix)
+            self._remove_files(self.path(generation))
 
         if self.retire is None:
             close_and_remove()
