@@ -73,37 +73,29 @@ class Workload:
     seq: itertools.count = field(default_factory=itertools.count)
     leader_urls: dict[int, str] | None = None  # --direct: shard -> its leader's URL
     shard_count: int = 1
-    names: list[list[str]] | None = None  # account ids by group
+    names: list[list[str]] = field(init=False)  # account ids by group, made once
     shard_groups: dict[int, list[int]] | None = None  # --direct: shard -> the groups it holds
 
-    def account(self, group: int, n: int) -> str:
-        return f"{self.prefix}-{n}:{{g{group}}}"
+    def __post_init__(self) -> None:
+        self.names = [[f"{self.prefix}-{n}:{{g{g}}}" for n in range(accounts_per_group)]
+                      for g in range(self.groups)]
 
     def accounts(self) -> list[dict[str, Any]]:
-        return [{"id": self.account(g, n), "currency": "USD"}
-                for g in range(self.groups) for n in range(accounts_per_group)]
-
-    def group_shard(self, group: int) -> int:
-        return shard_for_account(self.account(group, 0), self.shard_count)
-
-    def _names(self) -> list[list[str]]:
-        """Account ids by group, made once: the generator shares the cores with the cluster."""
-        if self.names is None:
-            self.names = [[self.account(g, n) for n in range(accounts_per_group)]
-                          for g in range(self.groups)]
-        return self.names
+        return [{"id": name, "currency": "USD"} for names in self.names for name in names]
 
     def _groups_of(self, shard: int) -> list[int]:
+        """Made on first use: the shard count is known once the leaders were looked up."""
         if self.shard_groups is None:
             self.shard_groups = {}
-            for g in range(self.groups):
-                self.shard_groups.setdefault(self.group_shard(g), []).append(g)
+            for g, names in enumerate(self.names):
+                self.shard_groups.setdefault(shard_for_account(names[0], self.shard_count),
+                                             []).append(g)
         return self.shard_groups[shard]
 
     def transfer(self, rng: random.Random, shard: int | None = None) -> dict[str, Any]:
         groups = self._groups_of(shard) if shard is not None else None
         group = groups[rng.randrange(len(groups))] if groups else rng.randrange(self.groups)
-        names = self._names()[group]
+        names = self.names[group]
         debit = rng.randrange(accounts_per_group)
         credit = (debit + 1 + rng.randrange(accounts_per_group - 1)) % accounts_per_group
         return {"id": f"{self.prefix}-t{next(self.seq)}", "debit_account_id": names[debit],

@@ -30,8 +30,7 @@ class Metrics:
         self.requests = Histogram("raftledger_http_request_seconds", "HTTP request latency",
                                   ["method", "route", "status"], buckets=LATENCY_BUCKETS_S,
                                   registry=r)
-        self._request_children: dict[tuple[str, str, int], Any] = {}
-        self._result_children: dict[tuple[int, str, str], Any] = {}
+        self._children: dict[tuple[Any, ...], Any] = {}  # see _child
         self.in_flight = Gauge("raftledger_http_requests_in_flight", "requests being served",
                                registry=r)
         self.results = Counter("raftledger_results_total", "command results by code and shard",
@@ -83,22 +82,23 @@ class Metrics:
         self._series(shard).leader_changes.inc()
 
     # -- the HTTP layer ------------------------------------------------------------------------
+    def _child(self, metric: Any, *labels: str) -> Any:
+        """``metric.labels(*labels)``, kept: labels() is slow for a per-request path, and the
+        children are few."""
+        key = (metric, *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
-        key = (method, route, status)
-        child = self._request_children.get(key)
-        if child is None:  # labels() is slow for a per-request path; children are few
-            child = self._request_children[key] = self.requests.labels(method, route, str(status))
-        child.observe(seconds)
+        self._child(self.requests, method, route, str(status)).observe(seconds)
 
     def observe_results(self, shard: int, kind: str, codes: Mapping[str, int],
                         replayed: int) -> None:
         """Counts of one reply's results by code (a batch reply is counted at once)."""
         for code, count in codes.items():
-            key = (shard, kind, code)
-            child = self._result_children.get(key)
-            if child is None:
-                child = self._result_children[key] = self.results.labels(str(shard), kind, code)
-            child.inc(count)
+            self._child(self.results, str(shard), kind, code).inc(count)
         if replayed:
             self.replays.labels(str(shard)).inc(replayed)
 

@@ -292,11 +292,10 @@ class Applier:
         existing = self._find_row(cmd.id)
         metadata_bytes = msgpack.packb(canonical(cmd.metadata))
         if existing is not None:
-            row = existing
-            same = (row.currency, row.normal, row.flags, row.metadata_bytes) == (
+            same = (existing.currency, existing.normal, existing.flags, existing.metadata_bytes) == (
                 cmd.currency, cmd.normal, cmd.flags, metadata_bytes)
             code = ResultCode.ok if same else ResultCode.exists_with_different_fields
-            return Result(code, cmd.id, record=row.to_account(), replayed=same)
+            return Result(code, cmd.id, record=existing.to_account(), replayed=same)
         row = AccountRow(cmd.id, self.state.next_account_num, 0, ts, cmd.flags, cmd.normal,
                          cmd.currency, 0, 0, 0, 0, hashing.genesis(cmd.id), metadata_bytes)
         self.state.next_account_num += 1

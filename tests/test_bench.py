@@ -33,3 +33,21 @@ async def test_load_generator_counts_replays_as_failures(tmp_path):
         assert again["transfers"] == 0 and again["failure_reasons"] == {"replayed": 50}
     finally:
         await group.stop_all()
+
+
+def test_http_load_draws_direct_transfers_from_the_shard_it_sends_them_to():
+    import random
+
+    from raftledger.bench.loadgen import Workload
+    from raftledger.cluster.router import shard_for_account
+
+    work = Workload(["http://n0"], "batch", 10, 64, "d")
+    work.shard_count = 2
+    rng = random.Random(0)
+    for shard in (0, 1):
+        for _ in range(50):
+            t = work.transfer(rng, shard)
+            assert t["debit_account_id"] != t["credit_account_id"]
+            assert {shard_for_account(t[k], 2) for k in ("debit_account_id", "credit_account_id")} \
+                == {shard}
+            assert type(t["amount"]) is int and t["amount"] > 0

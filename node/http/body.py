@@ -14,17 +14,21 @@ from .context import context_of
 body_chunk_bytes = 64 * 1024
 
 
+def too_large(bytes_max: int) -> ApiError:
+    return ApiError("body_too_large", details={"bytes_max": bytes_max})
+
+
 async def read_raw(request: web.Request) -> bytes:
     """The body, refused as soon as it passes ``body_bytes_max`` (a streamed body is not buffered
     whole first)."""
     limits = context_of(request).limits
     length = request.content_length
     if length is not None and length > limits.body_bytes_max:
-        raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max})
+        raise too_large(limits.body_bytes_max)
     if request.content.is_eof():  # all of it arrived with the headers: nothing left to wait for
         raw = request.content.read_nowait()
         if len(raw) > limits.body_bytes_max:
-            raise ApiError("body_too_large", details={"bytes_max": limits.body_bytes_max})
+            raise too_large(limits.body_bytes_max)
         return raw
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
@@ -40,7 +44,7 @@ async def _read_bounded(request: web.Request, bytes_max: int) -> bytes:
     async for chunk in request.content.iter_chunked(body_chunk_bytes):
         size += len(chunk)
         if size > bytes_max:
-            raise ApiError("body_too_large", details={"bytes_max": bytes_max})
+            raise too_large(bytes_max)
         chunks.append(chunk)
     return b"".join(chunks)
 
