@@ -113,20 +113,69 @@ class Dbs(NamedTuple):
 
 
 class Cursors:
-    """One cursor per sub-database of a write transaction.
+    """One cursor per sub-database of the write transaction.
 
     A cursor's get and put skip the argument parsing and the temporary cursor of ``txn.get`` and
-    ``txn.put``: about half their cost, several times per command. Cursors belong to one transaction,
-    so an atomic batch opens a set for its child transaction and a fresh set for the parent after it.
+    ``txn.put``: about half their cost, several times per command.
     """
 
-    def __init__(self, txn: lmdb.Transaction, dbs: Dbs) -> None:
-        self.accounts = txn.cursor(db=dbs.accounts)
-        self.entries = txn.cursor(db=dbs.entries)
-        self.transactions = txn.cursor(db=dbs.transactions)
-        self.idempotency = txn.cursor(db=dbs.idempotency)
-        self.outbox = txn.cursor(db=dbs.outbox)
-        self.expiries = txn.cursor(db=dbs.expiries)
+    def __init__(self, accounts: Any, entries: Any, transactions: Any, idempotency: Any,
+                 outbox: Any, expiries: Any) -> None:
+        self.accounts = accounts
+        self.entries = entries
+        self.transactions = transactions
+        self.idempotency = idempotency
+        self.outbox = outbox
+        self.expiries = expiries
+
+    @staticmethod
+    def open(txn: lmdb.Transaction, dbs: Dbs) -> Cursors:
+        return Cursors(txn.cursor(db=dbs.accounts), txn.cursor(db=dbs.entries),
+                       txn.cursor(db=dbs.transactions), txn.cursor(db=dbs.idempotency),
+                       txn.cursor(db=dbs.outbox), txn.cursor(db=dbs.expiries))
+
+    def recording(self, undo: list[tuple[Any, bytes, bytes | None]]) -> Cursors:
+        """The same cursors, remembering in ``undo`` every value they overwrite or delete."""
+        return Cursors(Recording(self.accounts, undo), Recording(self.entries, undo),
+                       Recording(self.transactions, undo), Recording(self.idempotency, undo),
+                       Recording(self.outbox, undo), Recording(self.expiries, undo))
+
+
+class Recording:
+    """A cursor that notes what each write replaced, so that an atomic batch can be taken back.
+
+    LMDB's nested transactions would do this, but they are not available with ``writemap``, which
+    the store uses because it spares every commit a ``pwrite`` copy of each dirty page.
+    """
+
+    def __init__(self, cursor: Any, undo: list[tuple[Any, bytes, bytes | None]]) -> None:
+        self.cursor = cursor
+        self.undo = undo
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.cursor.get(key)  # type: ignore[no-any-return]
+
+    def set_key(self, key: bytes) -> bool:
+        return self.cursor.set_key(key)  # type: ignore[no-any-return]
+
+    def put(self, key: bytes, value: bytes, dupdata: bool = True, overwrite: bool = True,
+            append: bool = False) -> bool:
+        self.undo.append((self.cursor, key, self.cursor.get(key)))
+        return self.cursor.put(key, value, dupdata, overwrite, append)  # type: ignore[no-any-return]
+
+    def delete(self) -> bool:
+        self.undo.append((self.cursor, self.cursor.key(), self.cursor.value()))
+        return self.cursor.delete()  # type: ignore[no-any-return]
+
+
+def take_back(undo: list[tuple[Any, bytes, bytes | None]]) -> None:
+    """Restore, newest first, every value an atomic batch's cursors replaced."""
+    for i in range(len(undo) - 1, -1, -1):
+        cursor, key, old = undo[i]
+        if old is not None:
+            cursor.put(key, old)
+        elif cursor.set_key(key):
+            cursor.delete()
 
 
 TransactionCommand = CreateTransaction | PostPending | VoidPending | ReverseTransaction
@@ -215,13 +264,9 @@ class Applier:
     only its copies. Both are caches of the accounts table, never the other way round.
     """
 
-    def __init__(self, env: lmdb.Environment, txn: lmdb.Transaction, dbs: Dbs,
-                 state: ShardState, expiry_floor: int = 0,
+    def __init__(self, txn: lmdb.Transaction, dbs: Dbs, state: ShardState, expiry_floor: int = 0,
                  committed_rows: dict[str, AccountRow] | None = None) -> None:
-        self.env = env
-        self.txn = txn
-        self.dbs = dbs
-        self.cursors = Cursors(txn, dbs)
+        self.cursors = Cursors.open(txn, dbs)
         self.committed_rows: dict[str, AccountRow] = {} if committed_rows is None else committed_rows
         self.written: dict[str, AccountRow] = {}
         self.packb = msgpack.Packer().pack  # reused: msgpack.packb sets up a new packer per call
@@ -253,10 +298,10 @@ class Applier:
         return self._transaction(command, ts)
 
     def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
-        """All or none: a child LMDB transaction that is dropped when any command fails."""
-        parent, saved, saved_written = self.txn, self.state.copy(), dict(self.written)
-        child = self.txn = self.env.begin(write=True, parent=parent)
-        self.cursors = Cursors(child, self.dbs)
+        """All or none: when a command fails, every write of the batch is put back as it was."""
+        plain, saved, saved_written = self.cursors, self.state.copy(), dict(self.written)
+        undo: list[tuple[Any, bytes, bytes | None]] = []
+        self.cursors = plain.recording(undo)
         results: list[Result] = []
         complete = False
         try:
@@ -267,14 +312,11 @@ class Applier:
                     break
             complete = len(results) == len(commands) and all(r.ok for r in results)
         finally:
-            if complete:
-                child.commit()
-            else:
-                child.abort()
+            self.cursors = plain
+            if not complete:
+                take_back(undo)
                 self.state = saved
                 self.written = saved_written
-            self.txn = parent
-            self.cursors = Cursors(parent, self.dbs)
         if complete:
             return results
         failed = results[-1]

@@ -74,8 +74,12 @@ class LedgerStore:
                  map_size: int = map_size_bytes_default) -> None:
         self.path = path
         self.shard = shard
+        # writemap: a commit writes its pages straight into the map instead of copying each through
+        # pwrite (a quarter of apply's CPU); the file is sized to the map, sparse. It rules out nested
+        # transactions, so an atomic batch undoes its own writes (ledger.Recording).
         self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=len(DB_NAMES),
-                             sync=sync, metasync=False, max_readers=readers_max, readahead=False)
+                             sync=sync, metasync=False, max_readers=readers_max, readahead=False,
+                             writemap=True)
         with self.env.begin(write=True) as txn:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
@@ -115,7 +119,7 @@ class LedgerStore:
                         requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
-            applier = Applier(self.env, txn, self.dbs, state, self._expiry_floor, self._rows)
+            applier = Applier(txn, self.dbs, state, self._expiry_floor, self._rows)
             outcomes = applier.apply_requests(requests)
             state = applier.state
             state.applied_index = index

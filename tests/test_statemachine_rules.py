@@ -328,8 +328,8 @@ def test_atomic_batch_applies_all_or_nothing(funded: Harness) -> None:
 
 
 def test_commands_around_atomic_batches_in_one_entry_all_land(funded: Harness) -> None:
-    """An atomic batch works in a child LMDB transaction with its own cursors; the commands after it in
-    the same entry write through the parent's again, whether the batch committed or was dropped."""
+    """An atomic batch writes through recording cursors; the commands after it in the same entry write
+    through the plain ones again, whether the batch was kept or taken back."""
     failing = Batch((transfer("f1", "alice", "bob", 1), transfer("f2", "alice", "ghost", 1)), atomic=True)
     passing = Batch((transfer("p1", "alice", "bob", 2), transfer("p2", "alice", "bob", 3)), atomic=True)
     outcomes = funded.apply(transfer("before", "alice", "bob", 10), failing,
@@ -343,6 +343,34 @@ def test_commands_around_atomic_batches_in_one_entry_all_land(funded: Harness) -
     with funded.store.reader() as r:
         assert r.transaction("f1") is None
         assert all(r.transaction(t) is not None for t in ("before", "between", "p1", "p2", "after"))
+        assert verify_store(r) == []
+
+
+def _tables(ledger: Harness) -> dict[str, list[tuple[bytes, bytes]]]:
+    """Every record of every sub-database but the shard state."""
+    with ledger.store.env.begin() as txn:
+        return {name: list(txn.cursor(db=db)) for name, db in ledger.store.dbs._asdict().items()
+                if name != "meta"}
+
+
+def test_a_dropped_atomic_batch_leaves_every_table_as_it_was(funded: Harness) -> None:
+    """Each kind of write a batch can make (a new account, entries, a held transfer and its deadline,
+    a post that drops a deadline and rewrites a hold, a reversal, idempotency records, events) is
+    taken back when its last command fails."""
+    funded.one(transfer("hold", "alice", "bob", 30, pending=True, timeout_seconds=60))
+    funded.one(transfer("paid", "alice", "bob", 20))
+    before = _tables(funded)
+    failing = Batch((CreateAccount("carol", "BRL", CR), transfer("c1", "alice", "carol", 5),
+                     transfer("h2", "alice", "carol", 5, pending=True, timeout_seconds=60),
+                     PostPending("post", "hold"), ReverseTransaction("undo", "paid"),
+                     transfer("c2", "carol", "bob", 1), transfer("bad", "alice", "ghost", 1)),
+                    atomic=True)
+    results = funded.batch(failing)
+    assert results[-1].code is C.account_not_found
+    assert {r.code for r in results[:-1]} == {C.linked_event_failed}
+    assert _tables(funded) == before
+    assert funded.one(PostPending("post", "hold")).ok  # the hold is still pending, its deadline kept
+    with funded.store.reader() as r:
         assert verify_store(r) == []
 
 
