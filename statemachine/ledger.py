@@ -259,9 +259,10 @@ class Applier:
     """Applies the requests of one Raft entry inside one LMDB write transaction.
 
     ``committed_rows`` (owned by the store, shared across entries) holds account rows as last
-    committed; ``written`` the rows this transaction wrote, which the store adds to it once the
-    transaction commits. Rows are copied on load: a command that is rejected halfway has mutated
-    only its copies. Both are caches of the accounts table, never the other way round.
+    committed; ``written`` the rows this entry changed, which reach the accounts table once each,
+    after the entry's last request (an account in many transfers is packed and stored once), and
+    the store's cache once the transaction commits. Rows are copied on load: a command that is
+    rejected halfway has mutated only its copies.
     """
 
     def __init__(self, txn: lmdb.Transaction, dbs: Dbs, state: ShardState, expiry_floor: int = 0,
@@ -278,7 +279,11 @@ class Applier:
     # ---- entry points -------------------------------------------------------------------------
 
     def apply_requests(self, requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
-        return [self.apply_request(ts, command) for ts, command in requests]
+        outcomes = [self.apply_request(ts, command) for ts, command in requests]
+        accounts = self.cursors.accounts
+        for account_id, row in self.written.items():
+            accounts.put(account_id.encode(), row.pack())
+        return outcomes
 
     def apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
         ts = max(timestamp_ns, self.state.last_timestamp + 1)
@@ -330,7 +335,6 @@ class Applier:
         problem = command_problem(cmd)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
-        key = cmd.id.encode()
         existing = self._find_row(cmd.id)
         metadata_bytes = msgpack.packb(canonical(cmd.metadata))
         if existing is not None:
@@ -341,10 +345,8 @@ class Applier:
         row = AccountRow(cmd.id, self.state.next_account_num, 0, ts, cmd.flags, cmd.normal,
                          cmd.currency, 0, 0, 0, 0, hashing.genesis(cmd.id), metadata_bytes)
         self.state.next_account_num += 1
-        packed = row.pack()
-        self.cursors.accounts.put(key, packed)
         self.written[cmd.id] = row
-        self._emit("account.created", ts, EVENT_ACCOUNT, msgpack.packb([cmd.id, packed]))
+        self._emit("account.created", ts, EVENT_ACCOUNT, msgpack.packb([cmd.id, row.pack()]))
         return Result(ResultCode.ok, cmd.id, record=row.to_account())
 
     def _find_row(self, account_id: str) -> AccountRow | None:
@@ -390,12 +392,10 @@ class Applier:
             problem = _limits_problem(row)
             if problem and (new_entries or problem[0] is ResultCode.overflow):
                 raise Rejected(*problem)
-        entries, accounts = self.cursors.entries, self.cursors.accounts
+        entries = self.cursors.entries
         for key, value in staged:
             entries.put(key, value)
-        for row in rows.values():
-            accounts.put(row.id.encode(), row.pack())
-            self.written[row.id] = row
+        self.written.update(rows)
         return out
 
     @staticmethod

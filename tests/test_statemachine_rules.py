@@ -17,6 +17,7 @@ from raftledger.statemachine.commands import (
     ReverseTransaction,
     VoidPending,
 )
+from raftledger.statemachine.records import Result
 from raftledger.statemachine.store import QueryError
 from raftledger.statemachine.testing import Harness
 
@@ -384,6 +385,19 @@ def test_rows_touched_by_a_dropped_batch_or_a_rejected_command_stay_as_committed
     assert funded.one(transfer("next", "alice", "bob", 7)).ok
     assert (acct(funded, "bob").balance, acct(funded, "bob").seq) == (7, 1)
     assert (acct(funded, "alice").balance, acct(funded, "alice").seq) == (10_000 - 7, 2)
+    with funded.store.reader() as r:
+        assert verify_store(r) == []
+
+
+def test_an_account_in_many_transfers_of_one_entry_is_stored_once_with_all_of_them(
+        funded: Harness) -> None:
+    """Rows are written to the accounts table after the entry's last request, not per transfer."""
+    outcomes = funded.apply(*(transfer(f"hot{i}", "alice", "bob", i + 1) for i in range(40)),
+                            CreateAccount("late", "BRL", CR), transfer("to-late", "bob", "late", 5))
+    assert all(isinstance(o, Result) and o.ok for o in outcomes)
+    bob = acct(funded, "bob")
+    assert (bob.balance, bob.seq) == (sum(range(1, 41)) - 5, 41)
+    assert (acct(funded, "late").balance, acct(funded, "late").seq) == (5, 1)
     with funded.store.reader() as r:
         assert verify_store(r) == []
 
