@@ -59,7 +59,7 @@ class Account:
         return {
             "id": self.id,
             "currency": self.currency,
-            "normal": self.normal.value,
+            "normal": self.normal._value_,
             "flags": flags_to_names(self.flags),
             "metadata": self.metadata,
             "debits_posted": self.debits_posted,
@@ -127,7 +127,7 @@ class Entry:
         out: dict[str, Any] = {
             "seq": self.seq,
             "transaction_id": self.transaction_id,
-            "direction": self.direction.value,
+            "direction": self.direction._value_,
             "amount": self.amount,
             "currency": self.currency,
             "balance_after": self.balance_after,
@@ -160,9 +160,10 @@ class TxEntry:
         self.hash = hash
 
     def to_json(self) -> dict[str, Any]:
+        # Enum members' _value_ is a plain attribute; .value is a property, five times slower.
         return {
             "account_id": self.account_id,
-            "direction": self.direction.value,
+            "direction": self.direction._value_,
             "amount": self.amount,
             "currency": self.currency,
             "seq": self.seq,
