@@ -210,7 +210,8 @@ async def find_leaders(session: aiohttp.ClientSession, work: Workload) -> None:
     work.leader_urls = {s["id"]: urls[s["leader"]] for s in view["shards"]}
 
 
-async def run(args: argparse.Namespace) -> dict:
+async def run(args: argparse.Namespace, pids: list[int] | None = None) -> dict:
+    """One load run; the CPU of ``pids`` (default: the nodes of ``--cluster-file``) is reported."""
     urls = [u.rstrip("/") for u in args.url.split(",")]
     work = Workload(urls, args.mode, args.batch_size, args.groups,
                     args.prefix or f"lg{int(time.time())}")
@@ -224,7 +225,8 @@ async def run(args: argparse.Namespace) -> dict:
             await closed_loop(session, work, Stats(), args.connections,
                               time.perf_counter() + args.warmup)
         stats = Stats()
-        pids = node_pids(args.cluster_file) if args.cluster_file else []
+        if pids is None:
+            pids = node_pids(args.cluster_file) if args.cluster_file else []
         cpu_before = sum(process_cpu_s(p) for p in pids)
         started = time.perf_counter()
         until = started + args.duration
@@ -240,7 +242,7 @@ async def run(args: argparse.Namespace) -> dict:
         return summary(stats, elapsed, work, args, node_cpu)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--url", required=True, help="comma-separated node base URLs")
     parser.add_argument("--mode", choices=("single", "batch"), default="single")
@@ -254,14 +256,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--direct", action="store_true", help="send each request to its leader")
     parser.add_argument("--cluster-file", default="",
                         help="raftledger up's cluster.json: also report the nodes' CPU per transfer")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def execute(args: argparse.Namespace, pids: list[int] | None = None) -> dict:
     try:
         import uvloop
 
-        result = uvloop.run(run(args))
+        return uvloop.run(run(args, pids))
     except ImportError:
-        result = asyncio.run(run(args))
-    json.dump(result, sys.stdout)
+        return asyncio.run(run(args, pids))
+
+
+def main(argv: list[str] | None = None) -> None:
+    json.dump(execute(parse_args(argv)), sys.stdout)
     sys.stdout.write("\n")
 
 

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from raftledger.cluster.launcher import port_is_free
 from raftledger.node.replica import ReplicaService, ReplicaSettings
 from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
 
@@ -20,6 +21,14 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def consecutive_free_ports(count: int, first: int = 21000, tries: int = 50) -> int:
+    """The first of ``count`` consecutive free ports (for commands that take a port base)."""
+    for base in range(first, first + 100 * tries, 100):
+        if all(port_is_free(base + i) for i in range(count)):
+            return base
+    raise AssertionError("no free port range")
 
 
 def account(account_id: str, currency: str = "BRL") -> CreateAccount:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from inprocess import Group
+import json
+
+from inprocess import Group, consecutive_free_ports
 from raftledger.bench.load import run_load
 
 
@@ -51,3 +53,14 @@ def test_http_load_draws_direct_transfers_from_the_shard_it_sends_them_to():
             assert {shard_for_account(t[k], 2) for k in ("debit_account_id", "credit_account_id")} \
                 == {shard}
             assert type(t["amount"]) is int and t["amount"] > 0
+
+
+def test_http_floor_serves_and_reports_the_servers_cpu(capsys):
+    from raftledger.bench import http_floor
+
+    base = consecutive_free_ports(http_floor.servers, first=23000)
+    http_floor.main(["--duration", "1", "--warmup", "0", "--connections", "4",
+                     "--port-base", str(base)])
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] > 0 and set(result["statuses"]) == {"201"}
+    assert result["server_cpu_us_per_request"] > 0

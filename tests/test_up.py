@@ -11,19 +11,11 @@ import threading
 import time
 
 import pytest
-from raftledger.cluster.launcher import port_is_free
+from inprocess import consecutive_free_ports
 
 pytestmark = pytest.mark.slow
 
 up_timeout_s = 90.0
-port_tries_max = 50
-
-
-def consecutive_free_ports(count: int) -> int:
-    for base in range(21000, 21000 + 100 * port_tries_max, 100):
-        if all(port_is_free(base + i) for i in range(count)):
-            return base
-    raise AssertionError("no free port range")
 
 
 class Up:
