@@ -161,19 +161,23 @@ def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
     return obj[name]
 
 
-def parse_id(value: Any, field: str) -> str:
+# Each field parser takes the value, where its object sits (``transactions[3]``, or "" at the top)
+# and the field's name; the dotted path is only built for an error, not for every field of a batch.
+
+
+def parse_id(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise ApiError("invalid_id", details={"field": field})
+        raise ApiError("invalid_id", details={"field": _join(where, name)})
     return value
 
 
-def parse_currency(value: Any, field: str) -> str:
+def parse_currency(value: Any, where: str, name: str = "currency") -> str:
     if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
-        raise ApiError("invalid_currency", details={"field": field})
+        raise ApiError("invalid_currency", details={"field": _join(where, name)})
     return value
 
 
-def parse_amount(value: Any, field: str) -> int:
+def parse_amount(value: Any, where: str, name: str = "amount") -> int:
     """0 < amount <= amount_max, as a JSON integer or a string of digits; never a float."""
     amount: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
@@ -181,40 +185,44 @@ def parse_amount(value: Any, field: str) -> int:
     elif isinstance(value, str) and not isinstance(value, Fraction) and DIGITS_RE.fullmatch(value):
         amount = int(value)
     if amount is None or not 0 < amount <= amount_max:
-        raise ApiError("invalid_amount", details={"field": field})
+        raise ApiError("invalid_amount", details={"field": _join(where, name)})
     return amount
 
 
-def parse_direction(value: Any, field: str) -> Direction:
+def parse_direction(value: Any, where: str, name: str) -> Direction:
     if value not in ("debit", "credit"):
-        raise ApiError("invalid_field", "direction is debit or credit", details={"field": field})
+        raise ApiError("invalid_field", "direction is debit or credit",
+                       details={"field": _join(where, name)})
     return Direction(value)
 
 
-def parse_bool(value: Any, field: str) -> bool:
+def parse_bool(value: Any, where: str, name: str) -> bool:
     if not isinstance(value, bool):
+        field = _join(where, name)
         raise ApiError("invalid_field", f"{field} must be true or false", details={"field": field})
     return value
 
 
-def parse_int_field(value: Any, field: str, low: int, high: int,
+def parse_int_field(value: Any, where: str, name: str, low: int, high: int,
                     code: str = "invalid_field") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        field = _join(where, name)
         raise ApiError(code, f"{field} must be an integer in [{low}, {high}]",
                        details={"field": field})
     return value
 
 
-def parse_text(value: Any, field: str) -> str:
+def parse_text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
+        field = _join(where, name)
         raise ApiError("invalid_field", f"{field} is a string", details={"field": field})
     return value
 
 
-def parse_metadata(value: Any, field: str) -> dict[str, Any]:
+def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, Any]:
     """An object; fractions are refused here, the rest by the ledger's own rules (``check``)."""
     if not isinstance(value, dict):
-        raise ApiError("invalid_metadata", details={"field": field})
+        raise ApiError("invalid_metadata", details={"field": _join(where, name)})
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
@@ -224,11 +232,12 @@ def parse_metadata(value: Any, field: str) -> dict[str, Any]:
             stack.extend(item)
         elif isinstance(item, Fraction | float):
             raise ApiError("invalid_metadata", "numbers in metadata are integers; send decimals "
-                           "as strings", details={"field": field})
+                           "as strings", details={"field": _join(where, name)})
     return value
 
 
-def parse_flags(value: Any, field: str) -> int:
+def parse_flags(value: Any, where: str, name: str = "flags") -> int:
+    field = _join(where, name)
     if not isinstance(value, list):
         raise ApiError("invalid_field", "flags is a list of names", details={"field": field})
     flags = 0
@@ -264,11 +273,11 @@ def parse_account(value: Any, where: str = "") -> CreateAccount:
     _check_fields(obj, ACCOUNT_FIELDS, where)
     normal = obj.get("normal", "debit")
     return check(CreateAccount(
-        id=parse_id(_required(obj, "id", where), _join(where, "id")),
-        currency=parse_currency(_required(obj, "currency", where), _join(where, "currency")),
-        normal=parse_direction(normal, _join(where, "normal")),
-        flags=parse_flags(obj.get("flags", []), _join(where, "flags")),
-        metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
+        id=parse_id(_required(obj, "id", where), where, "id"),
+        currency=parse_currency(_required(obj, "currency", where), where),
+        normal=parse_direction(normal, where, "normal"),
+        flags=parse_flags(obj.get("flags", []), where),
+        metadata=parse_metadata(obj.get("metadata", {}), where),
     ), where)
 
 
@@ -293,27 +302,26 @@ def _list_of_commands(value: Any, field: str) -> list[Any]:
 
 def resolve_id(body_id: Any, header_key: str | None, where: str, default: str | None = None) -> str:
     """The id IS the idempotency key: body ``id`` and/or ``Idempotency-Key``, equal if both."""
-    field = _join(where, "id")
     if body_id is not None:
-        ident = parse_id(body_id, field)
+        ident = parse_id(body_id, where, "id")
         if header_key is not None and header_key != ident:
-            raise ApiError("id_mismatch", details={"field": field})
+            raise ApiError("id_mismatch", details={"field": _join(where, "id")})
         return ident
     if header_key is not None:
-        return parse_id(header_key, "Idempotency-Key")
+        return parse_id(header_key, "", "Idempotency-Key")
     if default is not None:
-        return parse_id(default, field)
-    raise ApiError("missing_id", details={"field": field})
+        return parse_id(default, where, "id")
+    raise ApiError("missing_id", details={"field": _join(where, "id")})
 
 
 def parse_entry(value: Any, where: str) -> EntrySpec:
     obj = _object(value, where)
     _check_fields(obj, ENTRY_FIELDS, where)
     return EntrySpec(
-        account_id=parse_id(_required(obj, "account_id", where), _join(where, "account_id")),
-        direction=parse_direction(_required(obj, "direction", where), _join(where, "direction")),
-        amount=parse_amount(_required(obj, "amount", where), _join(where, "amount")),
-        currency=parse_currency(_required(obj, "currency", where), _join(where, "currency")),
+        account_id=parse_id(_required(obj, "account_id", where), where, "account_id"),
+        direction=parse_direction(_required(obj, "direction", where), where, "direction"),
+        amount=parse_amount(_required(obj, "amount", where), where),
+        currency=parse_currency(_required(obj, "currency", where), where),
     )
 
 
@@ -328,11 +336,10 @@ def _parse_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
 
 
 def _shorthand_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
-    amount = parse_amount(_required(obj, "amount", where), _join(where, "amount"))
-    currency = parse_currency(_required(obj, "currency", where), _join(where, "currency"))
-    debit = parse_id(_required(obj, "debit_account_id", where), _join(where, "debit_account_id"))
-    credit = parse_id(_required(obj, "credit_account_id", where),
-                      _join(where, "credit_account_id"))
+    amount = parse_amount(_required(obj, "amount", where), where)
+    currency = parse_currency(_required(obj, "currency", where), where)
+    debit = parse_id(_required(obj, "debit_account_id", where), where, "debit_account_id")
+    credit = parse_id(_required(obj, "credit_account_id", where), where, "credit_account_id")
     return (EntrySpec(debit, Direction.debit, amount, currency),
             EntrySpec(credit, Direction.credit, amount, currency))
 
@@ -345,23 +352,19 @@ def parse_transaction(value: Any, header_key: str | None = None,
     _check_fields(obj, SHORTHAND_FIELDS if shorthand else TRANSACTION_FIELDS, where)
     ident = resolve_id(obj.get("id"), header_key, where)
     entries = _shorthand_entries(obj, where) if shorthand else _parse_entries(obj, where)
-    return check(CreateTransaction(
-        id=ident,
-        entries=entries,
-        pending=parse_bool(obj.get("pending", False), _join(where, "pending")),
-        timeout_seconds=parse_int_field(obj.get("timeout_seconds", 0),
-                                        _join(where, "timeout_seconds"), 0, timeout_seconds_max,
-                                        code="invalid_timeout"),
-        code=parse_text(obj.get("code", ""), _join(where, "code")),
-        metadata=parse_metadata(obj.get("metadata", {}), _join(where, "metadata")),
-    ), where)
+    pending = parse_bool(obj.get("pending", False), where, "pending")
+    timeout = parse_int_field(obj.get("timeout_seconds", 0), where, "timeout_seconds", 0,
+                              timeout_seconds_max, code="invalid_timeout")
+    code = parse_text(obj.get("code", ""), where, "code")
+    metadata = parse_metadata(obj.get("metadata", {}), where)
+    return check(CreateTransaction(ident, entries, pending, timeout, code, metadata), where)
 
 
 def parse_batch(value: Any) -> tuple[list[CreateTransaction], bool]:
     obj = _object(value, "")
     _check_fields(obj, BATCH_FIELDS, "")
     items = _list_of_commands(_required(obj, "transactions", ""), "transactions")
-    atomic = parse_bool(obj.get("atomic", False), "atomic")
+    atomic = parse_bool(obj.get("atomic", False), "", "atomic")
     commands = [parse_transaction(item, None, f"transactions[{i}]") for i, item in enumerate(items)]
     return commands, atomic
 
@@ -369,19 +372,19 @@ def parse_batch(value: Any) -> tuple[list[CreateTransaction], bool]:
 def parse_post(value: Any, pending_id: str, header_key: str | None) -> PostPending:
     obj = _object(value, "")
     _check_fields(obj, POST_FIELDS, "")
-    pending_id = parse_id(pending_id, "pending_id")
+    pending_id = parse_id(pending_id, "", "pending_id")
     amount = obj.get("amount")
     return check(PostPending(
         id=resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:post"),
         pending_id=pending_id,
-        amount=None if amount is None else parse_amount(amount, "amount"),
+        amount=None if amount is None else parse_amount(amount, ""),
     ))
 
 
 def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPending:
     obj = _object(value, "")
     _check_fields(obj, ID_ONLY_FIELDS, "")
-    pending_id = parse_id(pending_id, "pending_id")
+    pending_id = parse_id(pending_id, "", "pending_id")
     ident = resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:void")
     return check(VoidPending(id=ident, pending_id=pending_id))
 
@@ -389,7 +392,7 @@ def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPendi
 def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> ReverseTransaction:
     obj = _object(value, "")
     _check_fields(obj, ID_ONLY_FIELDS, "")
-    transaction_id = parse_id(transaction_id, "transaction_id")
+    transaction_id = parse_id(transaction_id, "", "transaction_id")
     ident = resolve_id(obj.get("id"), header_key, "", default=f"{transaction_id}:reverse")
     return check(ReverseTransaction(id=ident, transaction_id=transaction_id))
 

@@ -232,3 +232,40 @@ def test_ledger_shape_rules_apply_at_the_edge_with_field_paths():
     assert info.value.code == "too_few_entries" and info.value.status == 422
     deep = {"id": "a", "currency": "BRL", "metadata": {"a": [[[[[[[[1]]]]]]]]}}
     assert code_of(parse_account, deep) == "invalid_metadata"
+
+
+def _shorthand(txid: str, **changes: object) -> dict:
+    return {"id": txid, "debit_account_id": "a", "credit_account_id": "b", "amount": 5,
+            "currency": "BRL", **changes}
+
+
+@pytest.mark.parametrize(("parse", "args", "code", "field"), [
+    (parse_batch, ({"transactions": [_shorthand("t0"), _shorthand("t1", amount="1.5")]},),
+     "invalid_amount", "transactions[1].amount"),
+    (parse_batch, ({"transactions": [_shorthand("t0", debit_account_id="bad id")]},),
+     "invalid_id", "transactions[0].debit_account_id"),
+    (parse_batch, ({"transactions": [_shorthand("t0"), _shorthand("t1"),
+                                     _shorthand("t2", metadata={"rate": body("1.5")})]},),
+     "invalid_metadata", "transactions[2].metadata"),
+    (parse_batch, ({"transactions": [_shorthand("t0", pending="yes")]},),
+     "invalid_field", "transactions[0].pending"),
+    (parse_batch, ({"transactions": [_shorthand("t0")], "atomic": 1},), "invalid_field", "atomic"),
+    (parse_transaction, ({**TRANSFER, "entries": [TRANSFER["entries"][0],
+                                                  {**TRANSFER["entries"][1], "currency": "b"}]},),
+     "invalid_currency", "entries[1].currency"),
+    (parse_transaction, ({**TRANSFER, "entries": [{**TRANSFER["entries"][0], "direction": "up"},
+                                                  TRANSFER["entries"][1]]},),
+     "invalid_field", "entries[0].direction"),
+    (parse_transaction, (_shorthand("t0", pending=True, timeout_seconds=-1),),
+     "invalid_timeout", "timeout_seconds"),
+    (parse_transaction, (_shorthand("t0", code=7),), "invalid_field", "code"),
+    (parse_transaction, (_shorthand("t0"), "other"), "id_mismatch", "id"),
+    (parse_transaction, ({k: v for k, v in _shorthand("x").items() if k != "id"}, "no spaces!"),
+     "invalid_id", "Idempotency-Key"),
+    (parse_account, ({"id": "acct", "currency": "BRL", "flags": ["nope"]},), "invalid_flag", "flags"),
+    (parse_post, ({"amount": 0}, "hold", None), "invalid_amount", "amount"),
+])
+def test_an_error_names_the_field_by_its_full_path(parse, args, code, field):
+    with pytest.raises(ApiError) as info:
+        parse(*args)
+    assert (info.value.code, info.value.details["field"]) == (code, field)

@@ -70,7 +70,7 @@ async def _read(request: web.Request, account_id: str,
 
     The handler has checked the query string's parameter names already."""
     ctx = context_of(request)
-    parse.parse_id(account_id, "id")
+    parse.parse_id(account_id, "", "id")
     params = parse.parse_read_params(request.query)
     svc = ctx.shards.get(ctx.shard_of(account_id))
     if svc is None:
@@ -132,7 +132,7 @@ async def get_entries(request: web.Request) -> web.Response:
 async def get_transaction(request: web.Request) -> web.Response:
     """Search the hosted shards (a transaction lives on the shard of its accounts)."""
     ctx = context_of(request)
-    txid = parse.parse_id(request.match_info["id"], "id")
+    txid = parse.parse_id(request.match_info["id"], "", "id")
     parse.check_query(request.query, parse.READ_PARAMS)
     params = parse.parse_read_params(request.query)
     headers: dict[str, str] = {}
