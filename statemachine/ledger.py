@@ -308,22 +308,21 @@ class Applier:
         undo: list[tuple[Any, bytes, bytes | None]] = []
         self.cursors = plain.recording(undo)
         results: list[Result] = []
-        complete = False
         try:
             for command in commands:
                 result = self._apply_command(command, ts)
                 results.append(result)
                 if not result.ok:
                     break
-            complete = len(results) == len(commands) and all(r.ok for r in results)
         finally:
+            # An exception (a full map, an invariant) drops the whole LMDB transaction, and LMDB
+            # refuses further writes to it: there is nothing to take back then, only to re-raise.
             self.cursors = plain
-            if not complete:
-                take_back(undo)
-                self.state = saved
-                self.written = saved_written
-        if complete:
+        if len(results) == len(commands) and all(r.ok for r in results):
             return results
+        take_back(undo)
+        self.state = saved
+        self.written = saved_written
         failed = results[-1]
         return [failed if i == len(results) - 1 else
                 Result(ResultCode.linked_event_failed, c.id, details={"failed_index": len(results) - 1})

@@ -525,6 +525,23 @@ def test_store_grows_its_map_instead_of_failing(tmp_path) -> None:  # type: igno
     small.close()
 
 
+def test_store_grows_its_map_when_an_atomic_batch_fills_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The full map must reach the store's retry: taking the batch back first would fail on LMDB's
+    failed transaction and hide it."""
+    from raftledger.statemachine.store import LedgerStore
+
+    small = LedgerStore(str(tmp_path / "small.lmdb"), map_size=256 * 1024)
+    ledger = Harness(small)
+    account(ledger, "a")
+    account(ledger, "b")
+    big = Batch(tuple(transfer(f"t{i}", "a", "b", 1, metadata={"pad": "x" * 1000})
+                      for i in range(300)), atomic=True)
+    assert all(r.ok for r in ledger.batch(big))
+    assert small.env.info()["map_size"] > 256 * 1024
+    assert (acct(ledger, "b").credits_posted, acct(ledger, "b").seq) == (300, 300)
+    small.close()
+
+
 def test_retry_of_a_void_returns_the_void_as_created(funded: Harness) -> None:
     funded.one(transfer("h", "alice", "bob", 5, pending=True))
     first = funded.one(VoidPending("v", "h"))
@@ -554,3 +571,4 @@ def test_holds_still_expire_after_the_store_is_reopened(funded: Harness, tmp_pat
         assert r.transaction("h").status == "expired"
         assert r.account("alice").debits_pending == 0
     reopened.close()
+
