@@ -81,6 +81,7 @@ class Applier:
 
     def _apply(self, index: int, payload: bytes) -> None:
         try:
+            self.slot.reserve_disk()
             outcomes = self.slot.current.apply_entry(index, payload)
         except BaseException as exc:  # the store cannot go on: stop applying, never skip an entry
             log.critical("shard %d: applying entry %d failed; replica stops applying",

@@ -55,6 +55,7 @@ MARK_CLEAN = "clean"  # synced at a clean close
 STORE_FILE_SUFFIXES = ("", "-lock", MARKER_SUFFIX)  # the files of one store generation
 snapshot_retry_s = 30.0  # after a failed snapshot, before the next attempt
 apply_wait_s = 120.0  # how long a snapshot waits for the applier to reach the snapshot's entries
+disk_reserve_min_bytes = 8 << 20  # DiskReserve: the least a store file is allocated ahead of its last page
 
 Retire = Callable[[LedgerStore], None]
 
@@ -70,6 +71,31 @@ def boot_id() -> str | None:
             return f.read().strip() or None
     except OSError:
         return None
+
+
+class DiskReserve:
+    """Keeps a store's file allocated ahead of LMDB's last page.
+
+    With writemap the file is sparse and LMDB writes new pages through the map: a page the disk
+    cannot back raises SIGBUS, which kills the whole node. Allocated ahead (an eighth of the store,
+    at least ``disk_reserve_min_bytes``, topped up when half of that is used), a full disk fails the
+    allocation instead: an error of this shard's apply, which stops it while the node goes on.
+    """
+
+    def __init__(self, store: LedgerStore) -> None:
+        self.store = store
+        self.reserved = 0
+        self._fd = os.open(store.path, os.O_RDWR)
+
+    def ensure(self) -> None:
+        used = self.store.bytes_used()
+        ahead = max(disk_reserve_min_bytes, used // 8)
+        if used + ahead // 2 > self.reserved:
+            os.posix_fallocate(self._fd, 0, used + ahead)
+            self.reserved = used + ahead
+
+    def close(self) -> None:
+        os.close(self._fd)
 
 
 class StoreSlot:
@@ -88,6 +114,11 @@ class StoreSlot:
         self.generation = self._read_generation()
         self._remove_other_generations()
         self.current = self._open(self.generation)
+        self._reserve = DiskReserve(self.current)
+
+    def reserve_disk(self) -> None:
+        """Before each apply (the apply thread; a snapshot is installed only while it is idle)."""
+        self._reserve.ensure()
 
     def _open(self, generation: int) -> LedgerStore:
         path = self.path(generation)
@@ -154,6 +185,8 @@ class StoreSlot:
         old, old_generation = self.current, self.generation
         self.current = self._open(generation)
         self.generation = generation
+        self._reserve.close()
+        self._reserve = DiskReserve(self.current)
         self._retire(old, old_generation)
 
     def _retire(self, old: LedgerStore, generation: int) -> None:
@@ -172,6 +205,7 @@ class StoreSlot:
             self.current.env.sync(True)
             self._mark(self.current.path, MARK_CLEAN)
         self.current.close()
+        self._reserve.close()
 
 
 def write_snapshot(path: str, store: LedgerStore, meta: Any, sync: bool) -> int:

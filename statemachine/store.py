@@ -80,6 +80,7 @@ class LedgerStore:
         self.env = lmdb.open(path, subdir=False, map_size=map_size, max_dbs=len(DB_NAMES),
                              sync=sync, metasync=False, max_readers=readers_max, readahead=False,
                              writemap=True)
+        self._page_size = self.env.stat()["psize"]
         with self.env.begin(write=True) as txn:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
@@ -114,6 +115,10 @@ class LedgerStore:
                 return self._apply_requests(index, payload, requests)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+
+    def bytes_used(self) -> int:
+        """The file up to LMDB's last page: what must be backed by disk (the rest is a sparse hole)."""
+        return (self.env.info()["last_pgno"] + 1) * self._page_size
 
     def _apply_requests(self, index: int, payload: bytes,
                         requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:

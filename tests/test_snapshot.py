@@ -281,3 +281,59 @@ async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(compact
     assert after[0] >= before[0]
     with restarted.store.reader() as r:
         assert r.balance("b").credits_posted == 2 * compaction_entries_min + 5
+
+
+def _fill(slot, applier, entries: int) -> None:
+    """Entries of 100 transfers with large metadata through the applier, as a replica applies them."""
+    from raftledger.statemachine import codec
+    from raftledger.statemachine.commands import CreateTransaction, Request
+
+    applier.submit(1, codec.encode_requests([Request(1, account("a")), Request(2, account("b"))]))
+    for n in range(entries):
+        requests = [Request(10 + i, CreateTransaction(f"t{n}.{i}", transfer("x", "a", "b", 1).entries,
+                                                        metadata={"pad": "x" * 3500}))
+                    for i in range(100)]
+        applier.submit(2 + n, codec.encode_requests(requests))
+    assert applier.wait_idle(30) or applier.failed is not None
+
+
+def test_disk_is_allocated_ahead_of_the_pages_in_use(tmp_path) -> None:
+    """With writemap, a page written into a hole of the sparse store file that the disk cannot back
+    kills the process (SIGBUS): the file is kept allocated ahead of its last page instead."""
+    from raftledger.node import snapshot
+    from raftledger.node.applier import Applier
+
+    slot = snapshot.StoreSlot(str(tmp_path), 0, sync=False)
+    applier = Applier(slot)
+    _fill(slot, applier, 10)
+    assert applier.failed is None
+    used = slot.current.bytes_used()
+    assert used > snapshot.disk_reserve_min_bytes // 2  # past the first reservation
+    # topped up before each entry: at least half the reserve, less one entry's pages, is left
+    allocated = os.stat(slot.current.path).st_blocks * 512
+    assert allocated >= used + snapshot.disk_reserve_min_bytes // 4
+    applier.close()
+    slot.close()
+
+
+def test_a_full_disk_stops_the_apply_and_changes_nothing(tmp_path, monkeypatch) -> None:
+    import errno
+
+    from raftledger.node.applier import Applier
+    from raftledger.node.snapshot import StoreSlot
+
+    slot = StoreSlot(str(tmp_path), 0, sync=False)
+    applier = Applier(slot)
+    before = slot.current.fingerprint()
+
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    slot._reserve.reserved = 0  # the next apply must top up
+    _fill(slot, applier, 1)
+    assert isinstance(applier.failed, OSError) and applier.failed.errno == errno.ENOSPC
+    assert slot.current.fingerprint() == before
+    monkeypatch.undo()
+    applier.close()
+    slot.close()
