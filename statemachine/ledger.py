@@ -276,16 +276,17 @@ class Applier:
         # before it skip the expiry scan. Inserting a deadline lowers it; a scan raises it.
         self.expiry_floor = expiry_floor
 
-    # ---- entry points -------------------------------------------------------------------------
+    # ---- entry point --------------------------------------------------------------------------
 
     def apply_requests(self, requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
-        outcomes = [self.apply_request(ts, command) for ts, command in requests]
+        """All the requests of one entry; the account rows they changed are stored at the end."""
+        outcomes = [self._apply_request(ts, command) for ts, command in requests]
         accounts = self.cursors.accounts
         for account_id, row in self.written.items():
             accounts.put(account_id.encode(), row.pack())
         return outcomes
 
-    def apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
+    def _apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
         ts = max(timestamp_ns, self.state.last_timestamp + 1)
         self.state.last_timestamp = ts
         self._expire_due(ts)
