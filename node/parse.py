@@ -147,8 +147,7 @@ def _check_fields(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -
     if obj.keys() <= allowed:
         return
     unknown = sorted(str(k) for k in obj if k not in allowed)
-    if unknown:
-        raise ApiError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
+    raise ApiError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
 
 
 def _join(where: str, name: str) -> str:
@@ -237,15 +236,15 @@ def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, 
 
 
 def parse_flags(value: Any, where: str, name: str = "flags") -> int:
-    field = _join(where, name)
     if not isinstance(value, list):
-        raise ApiError("invalid_field", "flags is a list of names", details={"field": field})
+        raise ApiError("invalid_field", "flags is a list of names",
+                       details={"field": _join(where, name)})
     flags = 0
-    for name in value:
-        if not isinstance(name, str) or name not in AccountFlag.__members__:
-            raise ApiError("invalid_flag", details={"field": field, "flag": str(name)[:64],
+    for flag in value:
+        if not isinstance(flag, str) or flag not in AccountFlag.__members__:
+            raise ApiError("invalid_flag", details={"field": _join(where, name), "flag": str(flag)[:64],
                                                     "allowed": list(AccountFlag.__members__)})
-        flags |= AccountFlag[name]
+        flags |= AccountFlag[flag]
     return flags
 
 

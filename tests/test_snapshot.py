@@ -283,7 +283,7 @@ async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(compact
         assert r.balance("b").credits_posted == 2 * compaction_entries_min + 5
 
 
-def _fill(slot, applier, entries: int) -> None:
+def _fill(applier, entries: int) -> None:
     """Entries of 100 transfers with large metadata through the applier, as a replica applies them."""
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import CreateTransaction, Request
@@ -305,7 +305,7 @@ def test_disk_is_allocated_ahead_of_the_pages_in_use(tmp_path) -> None:
 
     slot = snapshot.StoreSlot(str(tmp_path), 0, sync=False)
     applier = Applier(slot)
-    _fill(slot, applier, 10)
+    _fill(applier, 10)
     assert applier.failed is None
     used = slot.current.bytes_used()
     assert used > snapshot.disk_reserve_min_bytes // 2  # past the first reservation
@@ -331,7 +331,7 @@ def test_a_full_disk_stops_the_apply_and_changes_nothing(tmp_path, monkeypatch) 
 
     monkeypatch.setattr(os, "posix_fallocate", full)
     slot._reserve.reserved = 0  # the next apply must top up
-    _fill(slot, applier, 1)
+    _fill(applier, 1)
     assert isinstance(applier.failed, OSError) and applier.failed.errno == errno.ENOSPC
     assert slot.current.fingerprint() == before
     monkeypatch.undo()
