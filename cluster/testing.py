@@ -137,9 +137,11 @@ class LocalCluster:
     def wait_converged(self, shard: int, timeout_s: float = converge_timeout_s) -> tuple[int, str]:
         """Every running replica of ``shard`` at the same commit index with the same fingerprint."""
         expected = {n for n in self.procs if n in self.plan.cluster.replicas(shard)}
+        seen: dict[str, Any] = {}
 
         def same() -> tuple[int, str] | None:
             statuses = self.shard_status(shard)
+            seen.update(statuses)
             if set(statuses) != expected:
                 return None
             prints = {(s["fingerprint"]["index"], s["fingerprint"]["chain"]) for s in statuses.values()}
@@ -148,7 +150,10 @@ class LocalCluster:
             if len(prints) == 1 and len(commits) == 1 and lags == {0}:
                 return prints.pop()
             return None
-        return launcher.wait_until(same, timeout_s, f"shard {shard} replicas to converge")
+        try:
+            return launcher.wait_until(same, timeout_s, f"shard {shard} replicas to converge")
+        except launcher.LaunchError as exc:  # say how they differ: a stuck replica or a divergence
+            raise launcher.LaunchError(f"{exc}; last seen: {seen}") from None
 
     # -- writes and reads ---------------------------------------------------------------------------
     def submit(self, shard: int, command: AnyCommand, timeout_s: float = 30.0,
