@@ -17,11 +17,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
     && python -c "import raftledger.statemachine as s; assert s.COMPILED" \
-    && useradd --system --home /data raftledger && mkdir -p /data && chown raftledger /data
+    && useradd --system --uid 10001 --home /data raftledger && mkdir -p /data && chown raftledger /data
 
 USER raftledger
 VOLUME ["/data"]
-EXPOSE 8080 9000 9001
+EXPOSE 8080 7000 9000 9001
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=5s --timeout=2s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"

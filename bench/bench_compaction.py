@@ -68,7 +68,7 @@ async def main_async(transfers: int) -> None:
     with tempfile.TemporaryDirectory(prefix="raftledger-compaction-") as root:
         settings = ReplicaSettings(shard=0, self_address=f"127.0.0.1:{free_port()}",
                                    partner_addresses=(), directory=root,
-                                   log_compaction_entries_min=10_000_000,
+                                   raft_key=os.urandom(32), log_compaction_entries_min=10_000_000,
                                    log_compaction_interval_s=1e9)
         service = ReplicaService(settings, "n0")
         try:

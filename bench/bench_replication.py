@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import tempfile
 import time
@@ -22,7 +21,7 @@ from raftledger.bench.host import machine, process_cpu_s
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
 from raftledger.node.config import RaftTuning
-from raftledger.node.runtime import BENCH_ENV
+from raftledger.node.http.internal import BENCH_ENV
 
 SHARDS = 2
 NODES = 3
@@ -34,19 +33,17 @@ poll_timeout_s = 10.0
 
 def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: int) -> dict:
     leader = cluster.leader(shard)
-    body = json.dumps({"transfers": transfers, "concurrency": concurrency,
-                       "prefix": f"s{shard}."}).encode()
-    url = cluster.urls[leader]
-    status, started = launcher.http_json("POST", f"{url}/_node/shards/{shard}/bench", body)
-    assert status == 202, started
+    params = {"transfers": transfers, "concurrency": concurrency, "prefix": f"s{shard}."}
+    status, started = cluster.call(leader, f"/shards/{shard}/bench", params)
+    assert status == 200, started
 
     def finished() -> dict | None:
         try:
-            status, result = launcher.http_json("GET", f"{url}/_node/bench/{started['run']}",
-                                                timeout_s=poll_timeout_s)
+            status, result = launcher.call_internal(cluster.plan, leader, f"/bench/{started['run']}",
+                                                    timeout_s=poll_timeout_s)
         except OSError:  # the node is busy running the load: ask again
             return None
-        return result if status == 200 else None
+        return result if status == 200 and result["done"] else None
     return launcher.wait_until(finished, bench_timeout_s, f"the load on shard {shard}")
 
 

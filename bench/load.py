@@ -1,7 +1,8 @@
 """In-process load against a shard service: the node runs it next to the leader it measures.
 
-A node started with RAFTLEDGER_BENCH=1 exposes ``POST /_node/shards/{shard}/bench`` which calls
-``run_load`` on its local replica, so the figures are replication + fsync + apply, not HTTP.
+A node started with RAFTLEDGER_BENCH=1 serves ``/internal/v1/shards/{shard}/bench`` on its internal
+listener (sealed with the cluster secret, never on the public port), which calls ``run_load`` on its
+local replica, so the figures are replication + fsync + apply, not HTTP.
 """
 
 from __future__ import annotations

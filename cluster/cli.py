@@ -13,11 +13,10 @@ import urllib.parse
 from typing import Any
 
 from raftledger.cluster import launcher
-from raftledger.cluster.router import shard_for_account
 from raftledger.node.config import ConfigError
 from raftledger.node.journal import DURABILITY_MODES
-from raftledger.statemachine import codec
-from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+from raftledger.node.secret import SecretError
+from raftledger.node.secret import generate as generate_secret
 
 DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
 DEMO_TRANSFER = "demo-transfer-1"
@@ -39,15 +38,27 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--durability", choices=DURABILITY_MODES, default="fsync")
     up.add_argument("--port-base", type=int, default=8080)
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
+    new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
+    new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     args = parser.parse_args(argv)
     try:
         if args.command == "node":
             run_node(args.config)
+        elif args.command == "secret":
+            write_secret(args.path)
         else:
             sys.exit(run_up(args))
-    except (ConfigError, launcher.LaunchError) as exc:
+    except (ConfigError, SecretError, launcher.LaunchError) as exc:
         print(f"raftledger: {exc}", file=sys.stderr)
         sys.exit(2)
+
+
+def write_secret(path: str) -> None:
+    try:
+        generate_secret(path)
+    except FileExistsError:
+        raise launcher.LaunchError(f"{path} exists; a cluster keeps its secret") from None
+    print(f"wrote a new cluster secret to {path}; name it as secret_file in every node's config")
 
 
 def run_node(path: str) -> None:
@@ -102,8 +113,10 @@ def _plan(args: argparse.Namespace) -> launcher.Plan:
 def _print_endpoints(plan: launcher.Plan) -> None:
     for node in plan.cluster.nodes:
         raft = ", ".join(f"shard {s} {a}" for s, a in sorted(node.raft.items()))
-        print(f"{node.id}: {node.http}  (raft: {raft}; pid {plan.pids.get(node.id)})")
-    print(f"cluster file: {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)}", flush=True)
+        print(f"{node.id}: {node.http}  (internal {node.internal}; raft: {raft}; "
+              f"pid {plan.pids.get(node.id)})")
+    print(f"cluster file: {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)}")
+    print(f"cluster secret: {plan.secret_file} (node-to-node traffic is sealed with it)", flush=True)
 
 
 def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
@@ -117,16 +130,8 @@ def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
 
 # -- demo: two accounts and a transfer, then the balances -------------------------------------------
 def demo(plan: launcher.Plan) -> None:
-    """Through the public HTTP API of the first node when it is mounted, else the node's own routes."""
+    """Through the public HTTP API of the first node."""
     url = plan.cluster.nodes[0].http
-    status, _, _ = launcher.http_request("GET", f"{url}/openapi.json")
-    if status == 200:
-        api_demo(url)
-    else:
-        internal_demo(plan)
-
-
-def api_demo(url: str) -> None:
     for account_id in DEMO_ACCOUNTS:
         account: dict[str, Any] = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
         _api_post(url, "/v1/accounts", account, f"account {account_id}")
@@ -157,40 +162,6 @@ def _api_post(url: str, path: str, body: dict[str, Any], what: str) -> None:
         if status < 500:
             raise launcher.LaunchError(f"POST {path} {what}: {status} {reply}")
     raise launcher.LaunchError(f"POST {path} {what}: cluster unavailable")
-
-
-def internal_demo(plan: launcher.Plan) -> None:
-    shard = shard_for_account(DEMO_ACCOUNTS[0], plan.cluster.shards)
-    commands = [CreateAccount(id=a, currency=DEMO_CURRENCY, normal=Direction.credit)
-                for a in DEMO_ACCOUNTS]
-    commands.append(CreateTransaction(id=DEMO_TRANSFER, entries=(
-        EntrySpec(DEMO_ACCOUNTS[0], Direction.debit, DEMO_AMOUNT, DEMO_CURRENCY),
-        EntrySpec(DEMO_ACCOUNTS[1], Direction.credit, DEMO_AMOUNT, DEMO_CURRENCY))))
-    for command in commands:
-        result = submit(plan, shard, command)
-        print(f"  {type(command).__name__} {command.id}: {result['code']}"
-              f"{' (replayed)' if result['replayed'] else ''}")
-    leader_url = plan.cluster.node(launcher.wait_for_leaders(plan)[shard]).http
-    for account_id in DEMO_ACCOUNTS:
-        quoted = urllib.parse.quote(account_id, safe="")
-        _, acct = launcher.http_json("GET", f"{leader_url}/v1/accounts/{quoted}")
-        print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
-              f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
-
-
-def submit(plan: launcher.Plan, shard: int, command: Any) -> dict[str, Any]:
-    """Send a command to the shard's leader; follow leader changes (bounded)."""
-    body = codec.encode_command(command)
-    for _ in range(demo_attempts_max):
-        leader = launcher.wait_for_leaders(plan)[shard]
-        url = f"{plan.cluster.node(leader).http}/_node/shards/{shard}/submit"
-        try:
-            status, reply = launcher.http_json("POST", url, body, "application/octet-stream")
-        except OSError:
-            continue
-        if status == 200:
-            return reply["results"][0]
-    raise launcher.LaunchError(f"could not submit {command.id} to shard {shard}")
 
 
 if __name__ == "__main__":

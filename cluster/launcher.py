@@ -1,8 +1,14 @@
 """A local multi-process cluster on loopback: plan it, write its configs, start, watch and stop it.
 
 ``raftledger up`` and ``raftledger.cluster.testing`` both use this module. The plan (node ids, HTTP URLs,
-Raft addresses, placement) is written to ``<data-dir>/cluster.json`` together with the node pids; a
-second start on the same data directory reuses that plan, so the cluster comes back with its data.
+internal and Raft addresses, placement) is written to ``<data-dir>/cluster.json`` together with the
+node pids; the cluster secret is generated once into ``<data-dir>/cluster.secret`` (mode 0600), never
+into cluster.json. A second start on the same data directory reuses both, so the cluster comes back
+with its data. A plan written before nodes had an internal listener and a secret (version 1) is
+upgraded in place on its next start.
+
+Node-to-node calls made from here (status, raw submits in tests, shard totals) use the internal
+protocol, sealed with the cluster secret (``call_internal``).
 """
 
 from __future__ import annotations
@@ -20,10 +26,13 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftledger.node import secret, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, RaftTuning, dump_toml, validate
 
 CLUSTER_FILE = "cluster.json"
-PLAN_VERSION = 1
+SECRET_FILE = "cluster.secret"
+PLAN_VERSION = 2
+CALLER_ID = "raftledger-cli"  # the sender named in internal requests made from here
 HOST = "127.0.0.1"
 ready_timeout_s = 60.0
 stop_timeout_s = 15.0
@@ -60,28 +69,47 @@ class Plan:
     cluster: ClusterSpec
     raft: RaftTuning = field(default_factory=RaftTuning)
     pids: dict[str, int] = field(default_factory=dict)
+    _sealer: wire.Sealer | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def secret_file(self) -> str:
+        return os.path.join(self.data_dir, SECRET_FILE)
 
     def node_config(self, node_id: str) -> NodeConfig:
         url = self.cluster.node(node_id).http
         host, port = url.removeprefix("http://").rsplit(":", 1)
         return NodeConfig(node_id=node_id, data_dir=os.path.join(self.data_dir, node_id),
-                          http_host=host, http_port=int(port), durability=self.durability,
-                          cluster=self.cluster, raft=self.raft)
+                          secret_file=self.secret_file, http_host=host, http_port=int(port),
+                          durability=self.durability, cluster=self.cluster, raft=self.raft)
+
+    def sealer(self) -> wire.Sealer:
+        """Seals internal requests with this cluster's secret (generated on first use)."""
+        if self._sealer is None:
+            if not os.path.exists(self.secret_file):
+                os.makedirs(self.data_dir, exist_ok=True)
+                secret.generate(self.secret_file)
+            self._sealer = wire.Sealer(wire.internal_key(secret.load(self.secret_file)), CALLER_ID)
+        return self._sealer
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION, "durability": self.durability, "shards": self.cluster.shards,
+            "secret_file": self.secret_file,
             "raft": {k: getattr(self.raft, k) for k in RaftTuning.__dataclass_fields__},
             "placement": {str(s): list(r) for s, r in self.cluster.placement.items()},
-            "nodes": [{"id": n.id, "http": n.http, "raft": {str(s): a for s, a in n.raft.items()},
+            "nodes": [{"id": n.id, "http": n.http, "internal": n.internal,
+                       "raft": {str(s): a for s, a in n.raft.items()},
                        "pid": self.pids.get(n.id)} for n in self.cluster.nodes],
         }
 
     @classmethod
     def from_json(cls, data_dir: str, raw: dict[str, Any]) -> Plan:
-        if raw.get("version") != PLAN_VERSION:
+        """A plan of this version, or of version 1 (before internal listeners: each node gets a free
+        port for one; the secret is generated when first needed)."""
+        if raw.get("version") not in (1, PLAN_VERSION):
             raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: unknown version {raw.get('version')!r}")
-        nodes = tuple(NodeSpec(n["id"], n["http"], {int(s): a for s, a in n["raft"].items()})
+        nodes = tuple(NodeSpec(n["id"], n["http"], n.get("internal") or f"{HOST}:{free_port()}",
+                               {int(s): a for s, a in n["raft"].items()})
                       for n in raw["nodes"])
         placement = {int(s): tuple(r) for s, r in raw["placement"].items()}
         cluster = ClusterSpec(int(raw["shards"]), nodes, placement)
@@ -90,12 +118,14 @@ class Plan:
 
 def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
              port_base: int | None, raft: RaftTuning | None = None) -> Plan:
-    """Node i serves HTTP on port_base + i (free ports when port_base is None); Raft ports are free."""
+    """Node i serves HTTP on port_base + i (free ports when port_base is None); internal and Raft
+    ports are free ones."""
     specs = []
     for i in range(nodes):
         http_port = free_port() if port_base is None else port_base + i
         raft_ports = {s: f"{HOST}:{free_port()}" for s in range(shards)}
-        specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", raft_ports))
+        specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", f"{HOST}:{free_port()}",
+                              raft_ports))
     ids = tuple(n.id for n in specs)
     cluster = ClusterSpec(shards, tuple(specs), {s: ids for s in range(shards)})
     plan = Plan(os.path.abspath(data_dir), durability, cluster, raft or RaftTuning())
@@ -129,6 +159,7 @@ def save_plan(plan: Plan) -> None:
 
 
 def write_node_config(plan: Plan, node_id: str) -> str:
+    plan.sealer()  # the secret the config names exists before the node reads it
     config = plan.node_config(node_id)
     os.makedirs(config.data_dir, exist_ok=True)
     path = os.path.join(config.data_dir, "node.toml")
@@ -141,7 +172,7 @@ def busy_ports(plan: Plan) -> list[str]:
     """Ports of the plan that something else holds (a resumed plan reuses its ports)."""
     busy = []
     for node in plan.cluster.nodes:
-        addresses = [node.http.removeprefix("http://")] + list(node.raft.values())
+        addresses = [node.http.removeprefix("http://"), node.internal, *node.raft.values()]
         busy += [a for a in addresses if not port_is_free(int(a.rsplit(":", 1)[1]))]
     return busy
 
@@ -185,10 +216,32 @@ def http_json(method: str, url: str, body: bytes | None = None,
     return status, decoded
 
 
-def node_status(url: str) -> dict[str, Any] | None:
+def call_internal(plan: Plan, node_id: str, path: str, payload: Any = None,
+                  timeout_s: float = http_timeout_s) -> tuple[int, Any]:
+    """(status, opened answer) of one sealed request to a node's internal listener (``path`` after
+    ``/internal/v1``). Raises OSError when the node cannot be reached, LaunchError when it does not
+    take the cluster's secret."""
+    sealer = plan.sealer()
+    sealed = sealer.seal_request("POST", wire.PREFIX + path, payload)
+    url = f"http://{plan.cluster.node(node_id).internal}{wire.PREFIX}{path}"
+    request = urllib.request.Request(url, data=sealed.body, method="POST", headers=sealed.headers)
     try:
-        status, body = http_json("GET", url + "/_node/status")
-    except (OSError, ValueError):
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, exc.headers, exc.read()
+    try:
+        return status, sealer.open_answer(sealed, status, headers, body)
+    except wire.Unauthenticated:
+        raise LaunchError(f"node {node_id} did not take the cluster secret ({status}: "
+                          f"{body[:200]!r})") from None
+
+
+def node_status(plan: Plan, node_id: str) -> dict[str, Any] | None:
+    """The node's replicas as it reports them (role, term, indexes, fingerprint), or None."""
+    try:
+        status, body = call_internal(plan, node_id, "/status")
+    except (OSError, ValueError, LaunchError):
         return None
     return body if status == 200 else None
 
@@ -197,7 +250,7 @@ def leaders(plan: Plan) -> dict[int, str | None]:
     """Shard -> leader node id, as reported by the leaders themselves."""
     found: dict[int, str | None] = {s: None for s in range(plan.cluster.shards)}
     for node in plan.cluster.nodes:
-        status = node_status(node.http)
+        status = node_status(plan, node.id)
         for shard, info in (status or {}).get("shards", {}).items():
             if info["role"] == "leader":
                 found[int(shard)] = node.id

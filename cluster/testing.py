@@ -28,6 +28,7 @@ from raftledger.statemachine.commands import AnyCommand
 from . import launcher
 
 submit_attempts_max = 200
+RETRYABLE = frozenset({"not_leader", "unavailable", "overloaded", "outcome_unknown"})
 submit_retry_s = 0.05
 converge_timeout_s = 60.0
 
@@ -114,7 +115,7 @@ class LocalCluster:
             return f.read()
 
     def status(self, node_id: str) -> dict[str, Any] | None:
-        return launcher.node_status(self.urls[node_id])
+        return launcher.node_status(self.plan, node_id)
 
     def wait_ready(self, timeout_s: float = launcher.ready_timeout_s) -> dict[int, str]:
         return launcher.wait_for_leaders(self.plan, timeout_s)
@@ -158,9 +159,11 @@ class LocalCluster:
     # -- writes and reads ---------------------------------------------------------------------------
     def submit(self, shard: int, command: AnyCommand, timeout_s: float = 30.0,
                cancel: threading.Event | None = None) -> dict[str, Any]:
-        """Submit through the shard's leader, retrying the same command on 503 / lost connections
-        (safe: ids are idempotency keys) until ``timeout_s`` or ``cancel`` is set.
-        Returns {"index", "results"}."""
+        """Submit through the shard leader's internal listener, exactly as a forwarding node does,
+        retrying the same command while there is no leader or the connection is lost (safe: ids are
+        idempotency keys) until ``timeout_s`` or ``cancel`` is set. Returns {"index", "results"},
+        results as ``Rendered.to_wire`` (``code``, ``id``, ``replayed``, ``details``, ``record``), or
+        {"error": ...} when the node refused the command itself."""
         body = codec.encode_command(command)
         deadline = time.monotonic() + timeout_s
         for _ in range(submit_attempts_max):
@@ -168,15 +171,24 @@ class LocalCluster:
                 break
             try:
                 leader = self.leader(shard, min(1.0, max(0.1, deadline - time.monotonic())))
-                url = f"{self.urls[leader]}/_node/shards/{shard}/submit"
-                status, reply = launcher.http_json("POST", url, body, "application/octet-stream")
+                status, answer = self.call(leader, f"/shards/{shard}/submit", [body])
             except (OSError, launcher.LaunchError):
                 time.sleep(submit_retry_s)
                 continue
-            if status == 200:
-                return reply
+            reply = answer["replies"][0] if status == 200 else answer
+            if status == 200 and reply.get("error", {}).get("code") not in RETRYABLE:
+                return dict(reply)
             time.sleep(submit_retry_s)
         raise SubmitFailed(f"{command!r} not committed on shard {shard} within {timeout_s}s")
+
+    def call(self, node_id: str, path: str, payload: Any = None) -> tuple[int, Any]:
+        """A sealed request to a node's internal listener (``path`` after ``/internal/v1``)."""
+        return launcher.call_internal(self.plan, node_id, path, payload)
+
+    def totals(self, node_id: str, shard: int) -> dict[str, Any]:
+        status, body = self.call(node_id, f"/shards/{shard}/totals")
+        assert status == 200, (status, body)
+        return dict(body)
 
     def get(self, node_id: str, path: str) -> tuple[int, Any]:
         return launcher.http_json("GET", self.urls[node_id] + path)

@@ -6,6 +6,7 @@ cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the 
 
     node_id = "n0"
     data_dir = "data/n0"
+    secret_file = "cluster.secret"  # the cluster secret (relative to this file's folder), mode 0600
     durability = "fsync"            # or "none" (throw-away dev clusters)
     [http]
     host = "127.0.0.1"
@@ -17,6 +18,7 @@ cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the 
     [[cluster.nodes]]
     id = "n0"
     http = "http://127.0.0.1:8080"
+    internal = "127.0.0.1:7080"     # node-to-node protocol (its own listener, sealed with the secret)
     raft = { 0 = "127.0.0.1:9000", 1 = "127.0.0.1:9001" }
     [cluster.placement]             # optional
     0 = ["n0", "n1", "n2"]
@@ -26,6 +28,8 @@ cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the 
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -48,6 +52,7 @@ class ConfigError(ValueError):
 class NodeSpec:
     id: str
     http: str
+    internal: str  # "host:port" of the node-to-node listener
     raft: dict[int, str]  # shard -> "host:port"
 
 
@@ -75,6 +80,9 @@ class ClusterSpec:
     def http_urls(self) -> dict[str, str]:
         return {n.id: n.http for n in self.nodes}
 
+    def internal_urls(self) -> dict[str, str]:
+        return {n.id: f"http://{n.internal}" for n in self.nodes}
+
 
 @dataclass(frozen=True, slots=True)
 class RaftTuning:
@@ -90,11 +98,17 @@ class RaftTuning:
 class NodeConfig:
     node_id: str
     data_dir: str
+    secret_file: str
     http_host: str
     http_port: int
     durability: str
     cluster: ClusterSpec
     raft: RaftTuning = field(default_factory=RaftTuning)
+
+    @property
+    def internal_address(self) -> tuple[str, int]:
+        host, port = self.cluster.node(self.node_id).internal.rsplit(":", 1)
+        return host, int(port)
 
     def hosted_shards(self) -> list[int]:
         return [s for s in range(self.cluster.shards) if self.node_id in self.cluster.replicas(s)]
@@ -108,7 +122,10 @@ def load(path: str) -> NodeConfig:
         raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse(raw, source=path)
+    config = parse(raw, source=path)
+    # A relative secret_file is next to the node file, wherever the node is started from.
+    secret_file = os.path.join(os.path.dirname(os.path.abspath(path)), config.secret_file)
+    return dataclasses.replace(config, secret_file=secret_file)
 
 
 def parse(raw: dict[str, Any], source: str = "config") -> NodeConfig:
@@ -118,6 +135,7 @@ def parse(raw: dict[str, Any], source: str = "config") -> NodeConfig:
     config = NodeConfig(
         node_id=_str(raw, "node_id", problems),
         data_dir=_str(raw, "data_dir", problems),
+        secret_file=_str(raw, "secret_file", problems),
         http_host=str(http.get("host", "127.0.0.1")),
         http_port=_int(http, "port", problems, default=8080),
         durability=str(raw.get("durability", "fsync")),
@@ -165,15 +183,15 @@ def _node_problems(cluster: ClusterSpec) -> list[str]:
         seen_ids.add(node.id)
         if not node.http.startswith(("http://", "https://")):
             problems.append(f"node {node.id}: http {node.http!r} must be an http(s):// URL")
-        for shard, address in node.raft.items():
+        listeners = [(f"shard {s} raft", a) for s, a in node.raft.items()]
+        for what, address in [("internal", node.internal), *listeners]:
             match = ADDRESS_PATTERN.match(address)
             if match is None or not 0 < int(match.group(1)) <= port_max:
-                problems.append(f"node {node.id}: shard {shard} raft address {address!r} "
-                                "must be host:port")
+                problems.append(f"node {node.id}: {what} address {address!r} must be host:port")
             if address in seen_addresses:
-                problems.append(f"raft address {address} is used twice "
-                                f"({seen_addresses[address]} and {node.id} shard {shard})")
-            seen_addresses[address] = f"{node.id} shard {shard}"
+                problems.append(f"address {address} is used twice "
+                                f"({seen_addresses[address]} and {node.id} {what})")
+            seen_addresses[address] = f"{node.id} {what}"
     return problems
 
 
@@ -212,11 +230,12 @@ def _parse_cluster(raw: Any, problems: list[str]) -> ClusterSpec:
 def _parse_node(raw: Any, position: int, problems: list[str]) -> NodeSpec:
     if not isinstance(raw, dict):
         problems.append(f"cluster.nodes[{position}] must be a table")
-        return NodeSpec(f"?{position}", "", {})
+        return NodeSpec(f"?{position}", "", "", {})
     raft = raw.get("raft", {})
     if isinstance(raft, list):
         raft = dict(enumerate(raft))
     return NodeSpec(id=str(raw.get("id", f"?{position}")), http=str(raw.get("http", "")),
+                    internal=str(raw.get("internal", "")),
                     raft={int(k): str(v) for k, v in _int_keys(raft, problems).items()})
 
 
@@ -257,7 +276,7 @@ def _int(raw: dict[str, Any], key: str, problems: list[str], default: int) -> in
 def dump_toml(config: NodeConfig) -> str:
     """The TOML text ``load`` reads back into an equal config (used by ``raftledger up``)."""
     lines = [f"node_id = {_q(config.node_id)}", f"data_dir = {_q(config.data_dir)}",
-             f"durability = {_q(config.durability)}", "", "[http]",
+             f"secret_file = {_q(config.secret_file)}", f"durability = {_q(config.durability)}", "", "[http]",
              f"host = {_q(config.http_host)}", f"port = {config.http_port}", "", "[raft]"]
     for name in RaftTuning.__dataclass_fields__:
         lines.append(f"{name} = {getattr(config.raft, name)!r}")
@@ -265,7 +284,7 @@ def dump_toml(config: NodeConfig) -> str:
     for node in config.cluster.nodes:
         raft = ", ".join(f'"{s}" = {_q(a)}' for s, a in sorted(node.raft.items()))
         lines += ["", "[[cluster.nodes]]", f"id = {_q(node.id)}", f"http = {_q(node.http)}",
-                  f"raft = {{ {raft} }}"]
+                  f"internal = {_q(node.internal)}", f"raft = {{ {raft} }}"]
     lines += ["", "[cluster.placement]"]
     for shard, replicas in sorted(config.cluster.placement.items()):
         lines.append(f'"{shard}" = [{", ".join(_q(r) for r in replicas)}]')

@@ -9,6 +9,7 @@ conditions of the cluster (``overloaded``, ``stale_replica``). ``STATUS`` alone 
 - 404 the URL names something that does not exist
 - 409 an id was used before with different content
 - 413 the body is too large · 415 unsupported media type
+- 421 a node-to-node request reached a shard that does not own its accounts
 - 422 a business rule rejected the command (``exceeds_credits``, ``account_not_found``, ...)
 - 503 the cluster cannot do it now (retryable, with ``Retry-After``)
 
@@ -77,6 +78,7 @@ STATUS: dict[str, int] = {
     "request_timeout": 408,
     "body_too_large": 413,
     "unsupported_media_type": 415,
+    "wrong_shard": 421,
     "cross_shard_not_supported": 422,
     "history_not_enabled": 422,
     "rate_limited": 429,
@@ -111,6 +113,7 @@ EDGE_MESSAGES: dict[str, str] = {
     "request_timeout": "the request body did not arrive in time",
     "body_too_large": "the body is too large",
     "unsupported_media_type": "send application/json or application/msgpack",
+    "wrong_shard": "the command names an account that lives on another shard",
     "cross_shard_not_supported": "the accounts of this transaction live on different shards",
     "history_not_enabled": "point-in-time balances need the account flag 'history'",
     "rate_limited": "too many requests",

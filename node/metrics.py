@@ -52,6 +52,9 @@ class Metrics:
                                buckets=LATENCY_BUCKETS_S, registry=r)
         self.queue_depth = Gauge("raftledger_queue_depth", "commands waiting for a batch",
                                  ["shard"], registry=r)
+        self.internal_refused = Counter("raftledger_internal_refused_total",
+                                        "internal requests refused before they were opened",
+                                        ["reason"], registry=r)
         self.leader_changes = Counter("raftledger_leader_changes_total",
                                       "leader changes seen by this replica", ["shard"], registry=r)
         self._shard_series: dict[int, _ShardSeries] = {}

@@ -31,7 +31,6 @@ def _param(name: str, where: str = "query", schema: dict[str, Any] | None = None
 
 
 PATH_ID = _param("id", "path", {"type": "string", "pattern": ID_PATTERN})
-PATH_SHARD = _param("shard", "path", {"type": "integer", "minimum": 0})
 IDEMPOTENCY = _param("Idempotency-Key", "header", {"type": "string", "pattern": ID_PATTERN},
                      "the id of the new transaction; equal to the body id when both are sent")
 CONSISTENCY = [
@@ -59,21 +58,6 @@ def _responses(ok: int, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
     for status in errors:
         out[str(status)] = {"description": "error (see the code)", "content": _json(_ref("Error"))}
     return out
-
-
-def _internal_op(summary: str, *errors: int, params: list[dict[str, Any]] | None = None,
-                 body: str | None = None) -> dict[str, Any]:
-    """Node-to-node routes answer msgpack; integers beyond 64 bits travel as ext type 1 (decimal)."""
-    def content(schema: dict[str, Any]) -> dict[str, Any]:
-        return {"application/msgpack": {"schema": schema}}
-    responses = {"200": {"description": "success", "content": content({"type": "object"})}}
-    for status in errors:
-        responses[str(status)] = {"description": "error (see the code)", "content": content(_ref("Error"))}
-    op: dict[str, Any] = {"summary": summary, "tags": ["internal"], "parameters": params or [],
-                          "responses": responses}
-    if body is not None:
-        op["requestBody"] = {"content": {body: {}}}
-    return op
 
 
 def _op(summary: str, tag: str, ok: int = 200, schema: dict[str, Any] | None = None,
@@ -145,12 +129,6 @@ PATHS: dict[str, dict[str, Any]] = {
                          "responses": {"200": {"description": "text exposition format",
                                                "content": {"text/plain": {}}}}}},
     "/openapi.json": {"get": _op("This document", "operations", errors=())},
-    "/internal/v1/shards/{shard}/submit": {"post": _internal_op(
-        "Internal: commit forwarded commands on this leader", 400, 404, 503, params=[PATH_SHARD],
-        body="application/octet-stream")},
-    "/internal/v1/shards/{shard}/barrier": {"post": _internal_op(
-        "Internal: a linearizable read index from this leader", 404, 503, params=[PATH_SHARD])},
-    "/internal/v1/status": {"get": _internal_op("Internal: this node's replica statuses")},
 }
 
 ENTRY_SPEC = {"type": "object", "required": ["account_id", "direction", "amount", "currency"],

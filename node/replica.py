@@ -11,6 +11,7 @@ run on the tick thread) back to the event loop with ``call_soon_threadsafe``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
@@ -26,7 +27,6 @@ import msgpack
 from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.monotonic import monotonic as raft_clock
-from pysyncobj.transport import TCPTransport
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand, Batch, CreateTransaction, Request
 from raftledger.statemachine.records import Outcome
@@ -36,6 +36,7 @@ from . import journal as journal_mod
 from .applier import Applier
 from .service import Committed, NotLeader, OutcomeUnknown, Overloaded, Unavailable
 from .snapshot import Snapshotter, StoreSlot
+from .transport import SecureTransport
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -91,6 +92,9 @@ class ReplicaSettings:
     self_address: str  # "host:port" of this replica's Raft endpoint
     partner_addresses: tuple[str, ...]
     directory: str  # holds the LMDB generations, the journal and the dump
+    # The shard's Raft key (``transport.shard_key`` of the cluster secret): every Raft connection is
+    # authenticated and encrypted with it, so nobody without the secret can join, vote or listen.
+    raft_key: bytes = field(repr=False)
     durability: str = journal_mod.DURABILITY_FSYNC
     address_to_node: dict[str, str] = field(default_factory=dict)
     log_compaction_entries_min: int = log_compaction_entries_min
@@ -100,9 +104,6 @@ class ReplicaSettings:
     batch_bytes_max: int = batch_bytes_max
     linger_ms: float = linger_ms
     preferred_leader: bool = False
-    # Shared secret of the shard's Raft group: PySyncObj then encrypts and authenticates every Raft
-    # connection (Fernet), so nobody else on the network can join, vote or send membership changes.
-    password: str | None = field(default=None, repr=False)
     on_flush: journal_mod.FlushObserver | None = None  # tests: record flush order
     on_meta: journal_mod.MetaObserver | None = None  # tests: record term/vote writes
     on_send: SendObserver | None = None  # tests: record network sends
@@ -116,29 +117,6 @@ class ReplicaSettings:
         if self.preferred_leader:
             return preferred_election_timeout_min_s, preferred_election_timeout_max_s
         return election_timeout_min_s, election_timeout_max_s
-
-
-class FlushingTransport(TCPTransport):
-    """TCP transport that flushes the journal before any message leaves and notes leader contact."""
-
-    def __init__(self, syncObj, selfNode, otherNodes):  # noqa: N803 (PySyncObj's signature)
-        self.last_append_entries = 0.0
-        super().__init__(syncObj, selfNode, otherNodes)
-
-    def send(self, node, message):  # noqa: ANN001
-        self._syncObj._before_send(node, message)
-        return super().send(node, message)
-
-    def setOnMessageReceivedCallback(self, callback):  # noqa: N802 (PySyncObj's name)
-        if callback is None:
-            return super().setOnMessageReceivedCallback(None)
-
-        def received(node, message):  # noqa: ANN001
-            if message.get("type") == "append_entries":
-                self.last_append_entries = time.monotonic()
-            callback(node, message)
-
-        return super().setOnMessageReceivedCallback(received)
 
 
 class ShardReplica(SyncObj):
@@ -160,9 +138,10 @@ class ShardReplica(SyncObj):
         journal_file = os.path.join(settings.directory, "raft.journal")
         journal_mod.register(journal_file, journal_mod.JournalOptions(
             settings.durability, settings.on_flush, settings.on_meta, on_fsync))
+        self.raft_key = settings.raft_key  # read by SecureTransport
         super().__init__(settings.self_address, list(settings.partner_addresses),
                          self._conf(settings, journal_file, dump_file),
-                         transportClass=FlushingTransport)
+                         transportClass=SecureTransport)
 
     def _conf(self, s: ReplicaSettings, journal_file: str, dump_file: str) -> SyncObjConf:
         return SyncObjConf(
@@ -177,7 +156,7 @@ class ShardReplica(SyncObj):
             logCompactionBatchSize=snapshot_chunk_bytes,
             logCompactionMinEntries=s.log_compaction_entries_min,
             logCompactionMinTime=s.log_compaction_interval_s,
-            sendBufferSize=1 << 20, recvBufferSize=1 << 20, password=s.password,
+            sendBufferSize=1 << 20, recvBufferSize=1 << 20, bindAddress=s.self_address,
             onStateChanged=self._state_changed,
             # Membership changes must be enabled on every member from the start to be usable later.
             dynamicMembershipChange=True,
@@ -227,7 +206,8 @@ class ShardReplica(SyncObj):
             return max(self.raftLastApplied, self.applier.processed)
         return self.applier.processed
 
-    def _before_send(self, node: Any, message: dict) -> None:
+    def before_send(self, node: Any, message: dict) -> None:
+        """Every message leaves after the journal entries it may vouch for are on disk."""
         self.journal.flush_if_dirty()
         if self.settings.on_send is not None:
             self.settings.on_send(node, message)
@@ -346,12 +326,10 @@ class ReplicaService:
         self._ts_term = -1
         self._accepting = True
         self.entries_proposed = 0
-        hooks: dict[str, Any] = {}
-        if metrics is not None:
-            hooks = {"on_fsync": partial(metrics.observe_fsync, self.shard),
-                     "on_leader_change": partial(metrics.leader_changed, self.shard)}
+        self._next_leader: asyncio.Future[None] = self.loop.create_future()
+        on_fsync = None if metrics is None else partial(metrics.observe_fsync, self.shard)
         self.replica = ShardReplica(settings, retire=self._retire, on_applied=self._applied_threadsafe,
-                                    **hooks)
+                                    on_fsync=on_fsync, on_leader_change=self._leader_changed_threadsafe)
         self._task = self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}")
 
     # -- ShardService -------------------------------------------------------------------------------
@@ -370,6 +348,19 @@ class ReplicaService:
 
     def applied_index(self) -> int:
         return self.replica.store.applied_index()
+
+    def leader_changed(self) -> asyncio.Future[None]:
+        return self._next_leader
+
+    def _leader_changed_threadsafe(self) -> None:  # tick thread
+        if self.metrics is not None:
+            self.metrics.leader_changed(self.shard)
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody waits any more
+            self.loop.call_soon_threadsafe(self._leader_changed)
+
+    def _leader_changed(self) -> None:
+        changed, self._next_leader = self._next_leader, self.loop.create_future()
+        changed.set_result(None)
 
     def leader_contact_age_ms(self) -> float | None:
         if self.is_leader():

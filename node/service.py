@@ -6,6 +6,7 @@ implements it. Errors a caller can retry are ``Unavailable`` subclasses and carr
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -64,6 +65,10 @@ class ShardService(Protocol):
 
     def leader_node_id(self) -> str | None: ...
 
+    def leader_changed(self) -> asyncio.Future[None]:
+        """Resolves when this replica next learns of a leader (an election won, here or elsewhere).
+        Shared by every waiter: await it with ``asyncio.wait`` or ``shield``, never cancel it."""
+
     def applied_index(self) -> int: ...
 
     def leader_contact_age_ms(self) -> float | None:
@@ -77,3 +82,6 @@ class ShardService(Protocol):
 
     def status(self) -> dict[str, Any]:
         """role, term, commit_index, applied_index, lag, leader, for /v1/cluster and /metrics."""
+
+    def fingerprint(self) -> tuple[int, str]:
+        """(applied index, shard chain hash): equal on every replica that applied the same log."""

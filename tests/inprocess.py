@@ -11,8 +11,19 @@ from typing import Any
 
 from raftledger.cluster.launcher import port_is_free
 from raftledger.node.replica import ReplicaService, ReplicaSettings
-from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+from raftledger.node.service import Committed, NotLeader, Unavailable
+from raftledger.node.transport import shard_key
+from raftledger.statemachine.codec import encode_requests
+from raftledger.statemachine.commands import (
+    CreateAccount,
+    CreateTransaction,
+    Direction,
+    EntrySpec,
+    Request,
+)
+from raftledger.statemachine.store import LedgerStore
 
+TEST_SECRET = bytes(range(32))  # the cluster secret of in-process groups
 leader_wait_s = 15.0
 poll_s = 0.01
 
@@ -53,8 +64,9 @@ async def poll(predicate: Callable[[], Any], timeout_s: float, what: str) -> Any
 
 class Group:
     def __init__(self, root: str, size: int = 3, shard: int = 0, preferred: int | None = None,
-                 **overrides: Any) -> None:
+                 secret: bytes = TEST_SECRET, **overrides: Any) -> None:
         self.root = root
+        self.raft_key = shard_key(secret, shard)
         self.preferred = preferred
         self.shard = shard
         self.addresses = [f"127.0.0.1:{free_port()}" for _ in range(size)]
@@ -66,7 +78,7 @@ class Group:
         return ReplicaSettings(
             shard=self.shard, self_address=self.addresses[i],
             partner_addresses=tuple(a for j, a in enumerate(self.addresses) if j != i),
-            directory=os.path.join(self.root, f"r{i}"),
+            directory=os.path.join(self.root, f"r{i}"), raft_key=self.raft_key,
             address_to_node={a: f"n{j}" for j, a in enumerate(self.addresses)},
             preferred_leader=i == self.preferred, **extra)
 
@@ -101,3 +113,56 @@ class Group:
                 return prints.pop() if commit == applied else None
             return None
         return await poll(same, timeout_s, "equal fingerprints on every replica")
+
+
+class DirectShard:
+    """A ShardService that applies commands directly: leader of its shard, no replication."""
+
+    def __init__(self, store: LedgerStore, shard: int, node_id: str = "n1") -> None:
+        self.store = store
+        self.shard = shard
+        self.node_id = node_id
+        self.leading = True
+        self.contact_age_ms: float | None = 0.0
+        self._clock = 1_700_000_000_000_000_000
+
+    async def submit(self, command: Any) -> Committed:
+        if not self.leading:
+            raise NotLeader("follower", leader=None)
+        self._clock += 1_000_000
+        index = self.store.applied_index() + 1
+        outcomes = self.store.apply_entry(index, encode_requests([Request(self._clock, command)]))
+        assert outcomes is not None
+        return Committed(outcomes[0], index)
+
+    def is_leader(self) -> bool:
+        return self.leading
+
+    def leader_node_id(self) -> str | None:
+        return self.node_id if self.leading else None
+
+    def leader_changed(self) -> asyncio.Future[None]:
+        return asyncio.get_running_loop().create_future()  # no elections here
+
+    def fingerprint(self) -> tuple[int, str]:
+        return self.store.fingerprint()
+
+    def applied_index(self) -> int:
+        return self.store.applied_index()
+
+    def leader_contact_age_ms(self) -> float | None:
+        return self.contact_age_ms
+
+    async def wait_applied(self, index: int, timeout_s: float) -> bool:
+        return self.applied_index() >= index
+
+    async def read_barrier(self, timeout_s: float) -> int:
+        if not self.leading:
+            raise Unavailable("no leader")
+        return self.applied_index()
+
+    def status(self) -> dict[str, Any]:
+        applied = self.applied_index()
+        return {"role": "leader" if self.leading else "follower", "term": 1,
+                "commit_index": applied, "applied_index": applied, "lag": 0,
+                "leader": self.leader_node_id()}

@@ -50,7 +50,7 @@ def quoted(value: str) -> str:
 
 
 def assert_ok(reply: dict) -> int:
-    assert all(r["ok"] for r in reply["results"]), reply
+    assert all(r["code"] == "ok" for r in reply["results"]), reply
     return reply["index"]
 
 
@@ -64,9 +64,7 @@ def assert_ledger_balanced(cluster: LocalCluster, node: str, shards: int) -> Non
     """Invariant 2: per currency over all shards, debits == credits (posted and pending)."""
     sums: dict[str, list[int]] = {}
     for shard in range(shards):
-        status, body = cluster.get(node, f"/_node/shards/{shard}/totals")
-        assert status == 200
-        for currency, t in body["currencies"].items():
+        for currency, t in cluster.totals(node, shard)["currencies"].items():
             acc = sums.setdefault(currency, [0, 0, 0, 0])
             for i, key in enumerate(("debits_posted", "credits_posted", "debits_pending",
                                      "credits_pending")):
@@ -103,7 +101,7 @@ def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: s
             reply = cluster.submit(shard, transfer(tx_id, a, b), cancel=stop)
         except SubmitFailed:
             continue
-        if reply["results"][0]["ok"]:
+        if reply["results"][0]["code"] == "ok":
             acked.append(tx_id)
 
 
@@ -214,7 +212,6 @@ def test_a_paused_leader_is_replaced_and_rejoins_after_resume(cluster):
 
 def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None:
     """Submit to the leader among the running, unpaused nodes (a paused node never answers)."""
-    from raftledger.cluster.launcher import http_json
     from raftledger.statemachine import codec
 
     for _ in range(100):
@@ -223,10 +220,10 @@ def submit_via(cluster: LocalCluster, shard: int, command, exclude: str) -> None
                 continue
             status = cluster.status(node)
             if status and status["shards"][str(shard)]["role"] == "leader":
-                code, reply = http_json("POST", f"{cluster.urls[node]}/_node/shards/{shard}/submit",
-                                        codec.encode_command(command), "application/octet-stream")
-                if code == 200:
-                    assert_ok(reply)
+                code, answer = cluster.call(node, f"/shards/{shard}/submit",
+                                            [codec.encode_command(command)])
+                if code == 200 and "error" not in answer["replies"][0]:
+                    assert_ok(answer["replies"][0])
                     return
     raise AssertionError("no running leader took the write")
 

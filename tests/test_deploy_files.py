@@ -18,12 +18,14 @@ def test_every_compose_node_config_validates_and_names_itself() -> None:
         loaded = config.load(str(f))
         assert loaded.node_id == f.stem
         assert {n.id for n in loaded.cluster.nodes} == {"n0", "n1", "n2"}
+        assert loaded.secret_file == "/run/secrets/cluster_secret"
 
 
 def test_compose_mounts_each_node_config_and_the_dockerfile_copies_every_package() -> None:
     compose = (ROOT / "docker-compose.yml").read_text()
     for node in ("n0", "n1", "n2"):
         assert f"./cluster/compose/{node}.toml:/etc/raftledger/node.toml" in compose
+    assert "file: ./cluster/compose/cluster.secret" in compose and "secrets: [cluster_secret]" in compose
     dockerfile = (ROOT / "Dockerfile").read_text()
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     copied = set(re.findall(r"^COPY (\w+)/ ", dockerfile, re.MULTILINE))

@@ -20,63 +20,14 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from inprocess import DirectShard
 from raftledger.bench import loadgen
 from raftledger.node import openapi
 from raftledger.node.http import Limits, NodeContext, create_app
 from raftledger.node.http.context import CONTEXT
 from raftledger.node.logs import JsonFormatter, request_id_var
-from raftledger.node.service import Committed, NotLeader, Unavailable
-from raftledger.statemachine.codec import encode_requests
-from raftledger.statemachine.commands import Request
+from raftledger.node.service import Committed
 from raftledger.statemachine.store import LedgerStore
-
-
-class DirectShard:
-    """A ShardService that applies commands directly: leader of its shard, no replication."""
-
-    def __init__(self, store: LedgerStore, shard: int, node_id: str = "n1") -> None:
-        self.store = store
-        self.shard = shard
-        self.node_id = node_id
-        self.leading = True
-        self.contact_age_ms: float | None = 0.0
-        self._clock = 1_700_000_000_000_000_000
-
-    async def submit(self, command: Any) -> Committed:
-        if not self.leading:
-            raise NotLeader("follower", leader=None)
-        self._clock += 1_000_000
-        index = self.store.applied_index() + 1
-        outcomes = self.store.apply_entry(index, encode_requests([Request(self._clock, command)]))
-        assert outcomes is not None
-        return Committed(outcomes[0], index)
-
-    def is_leader(self) -> bool:
-        return self.leading
-
-    def leader_node_id(self) -> str | None:
-        return self.node_id if self.leading else None
-
-    def applied_index(self) -> int:
-        return self.store.applied_index()
-
-    def leader_contact_age_ms(self) -> float | None:
-        return self.contact_age_ms
-
-    async def wait_applied(self, index: int, timeout_s: float) -> bool:
-        return self.applied_index() >= index
-
-    async def read_barrier(self, timeout_s: float) -> int:
-        if not self.leading:
-            raise Unavailable("no leader")
-        return self.applied_index()
-
-    def status(self) -> dict[str, Any]:
-        applied = self.applied_index()
-        return {"role": "leader" if self.leading else "follower", "term": 1,
-                "commit_index": applied, "applied_index": applied, "lag": 0,
-                "leader": self.leader_node_id()}
-
 
 SHARDS = 2
 
@@ -510,12 +461,3 @@ async def test_load_generator_runs_against_a_node(api, mode, tmp_path):
                                                              result["requests"]}
     assert result["transfers_per_s"] > 0 and result["latency_ms"]["p50"] > 0
     assert result["node_cpu_us_per_transfer"] > 0
-
-
-def test_internal_replies_carry_integers_beyond_64_bits_exactly():
-    from raftledger.node.http import forward
-
-    body = {"replies": [{"total": 3 * (2**63 - 1), "debt": -(2**70), "index": 5, "id": "t"}]}
-    reply = forward._internal_response(body)
-    assert reply.content_type == "application/msgpack"
-    assert forward._unpack_internal(reply.body) == body

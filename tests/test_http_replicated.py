@@ -13,7 +13,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from inprocess import Group, free_port
+from inprocess import TEST_SECRET, Group, free_port
+from raftledger.node import wire
 from raftledger.node.http import Limits, NodeContext, start
 
 pytestmark = pytest.mark.slow
@@ -26,8 +27,10 @@ class Cluster:
     def __init__(self, root: Path) -> None:
         self.groups = [Group(str(root / f"shard{s}"), NODES, shard=s) for s in range(SHARDS)]
         self.ports = [free_port() for _ in range(NODES)]
+        self.internal_ports = [free_port() for _ in range(NODES)]
         self.urls = {f"n{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(self.ports)}
-        self.runners: dict[int, Any] = {}
+        self.internal_urls = {f"n{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(self.internal_ports)}
+        self.runners: dict[int, list[Any]] = {}
 
     async def start(self) -> None:
         for group in self.groups:
@@ -39,13 +42,15 @@ class Cluster:
 
     async def start_http(self, i: int) -> None:
         shards = {g.shard: g.services[i] for g in self.groups}
-        ctx = NodeContext(f"n{i}", shards, SHARDS, peers=self.urls,
+        ctx = NodeContext(f"n{i}", shards, SHARDS, peers=self.urls, internal_urls=self.internal_urls,
+                          sealer=wire.Sealer(wire.internal_key(TEST_SECRET), f"n{i}"),
                           limits=Limits(consistency_wait_s=2.0, leader_wait_s=3.0))
-        self.runners[i] = await start(ctx, "127.0.0.1", self.ports[i])
+        self.runners[i] = await start(ctx, "127.0.0.1", self.ports[i], self.internal_ports[i])
 
     async def stop(self) -> None:
-        for runner in self.runners.values():
-            await runner.cleanup()
+        for runners in self.runners.values():
+            for runner in runners:
+                await runner.cleanup()
         for group in self.groups:
             await group.stop_all()
 

@@ -9,12 +9,12 @@ from raftledger.node.config import ClusterSpec, ConfigError, NodeConfig, NodeSpe
 
 
 def three_nodes(shards: int = 2) -> NodeConfig:
-    nodes = tuple(NodeSpec(f"n{i}", f"http://127.0.0.1:{8080 + i}",
+    nodes = tuple(NodeSpec(f"n{i}", f"http://127.0.0.1:{8080 + i}", f"127.0.0.1:{7080 + i}",
                            {s: f"127.0.0.1:{9000 + 10 * i + s}" for s in range(shards)})
                   for i in range(3))
     placement = {s: ("n0", "n1", "n2") for s in range(shards)}
-    return NodeConfig("n1", "/tmp/data/n1", "127.0.0.1", 8081, "fsync",
-                      ClusterSpec(shards, nodes, placement))
+    return NodeConfig("n1", "/tmp/data/n1", "/etc/raftledger/cluster.secret", "127.0.0.1", 8081,
+                      "fsync", ClusterSpec(shards, nodes, placement))
 
 
 def test_config_survives_a_toml_round_trip(tmp_path):
@@ -23,10 +23,30 @@ def test_config_survives_a_toml_round_trip(tmp_path):
     assert load(str(path)) == three_nodes()
 
 
+def test_a_relative_secret_file_is_next_to_the_node_file(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(dump_toml(dataclasses.replace(three_nodes(), secret_file="keys/cluster.secret")))
+    assert load(str(path)).secret_file == str(tmp_path / "keys" / "cluster.secret")
+
+
+def test_a_node_without_secret_file_or_internal_address_is_refused(tmp_path):
+    good = three_nodes()
+    nodes = list(good.cluster.nodes)
+    nodes[0] = dataclasses.replace(nodes[0], internal="")
+    config = dataclasses.replace(good, cluster=dataclasses.replace(good.cluster, nodes=tuple(nodes)))
+    text = dump_toml(config).replace('secret_file = "/etc/raftledger/cluster.secret"\n', "")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    assert "secret_file is required" in str(err.value)
+    assert "node n0: internal address '' must be host:port" in str(err.value)
+
+
 def test_placement_defaults_to_every_node_hosting_every_shard():
-    raw = {"node_id": "a", "data_dir": "d", "cluster": {"shards": 2, "nodes": [
-        {"id": "a", "http": "http://h:1", "raft": ["h:2", "h:3"]},
-        {"id": "b", "http": "http://h:4", "raft": {"0": "h:5", "1": "h:6"}}]}}
+    raw = {"node_id": "a", "data_dir": "d", "secret_file": "s", "cluster": {"shards": 2, "nodes": [
+        {"id": "a", "http": "http://h:1", "internal": "h:7", "raft": ["h:2", "h:3"]},
+        {"id": "b", "http": "http://h:4", "internal": "h:8", "raft": {"0": "h:5", "1": "h:6"}}]}}
     config = parse(raw)
     assert config.cluster.placement == {0: ("a", "b"), 1: ("a", "b")}
     assert config.hosted_shards() == [0, 1]
@@ -50,11 +70,13 @@ def refused(config: NodeConfig, tmp_path) -> str:
 def test_duplicate_node_ids_and_raft_addresses_are_refused(tmp_path):
     good = three_nodes()
     nodes = list(good.cluster.nodes)
-    nodes[2] = dataclasses.replace(nodes[2], id="n1", raft=dict(nodes[1].raft))
+    nodes[2] = dataclasses.replace(nodes[2], id="n1", raft=dict(nodes[1].raft),
+                                   internal=nodes[0].raft[1])
     message = refused(dataclasses.replace(good, cluster=dataclasses.replace(
         good.cluster, nodes=tuple(nodes), placement={0: ("n0", "n1"), 1: ("n0", "n1")})), tmp_path)
     assert "node id 'n1' appears twice" in message
-    assert "raft address 127.0.0.1:9010 is used twice" in message
+    assert "address 127.0.0.1:9010 is used twice (n1 shard 0 raft and n1 shard 0 raft)" in message
+    assert "address 127.0.0.1:9001 is used twice (n0 shard 1 raft and n1 internal)" in message
 
 
 def test_placement_on_an_unknown_node_or_without_raft_address_is_refused(tmp_path):

@@ -1,13 +1,13 @@
-"""The HTTP API of a node (API.md): ``create_app(NodeContext(...))``, ``await start(ctx, host, port)``,
-or ``mount_api(app, runtime)`` onto the node process's own application.
+"""The HTTP side of a node: the public API (API.md) and the internal listener, each on its own port.
 
-The node process builds a ``NodeContext`` with its hosted ``ShardService`` replicas, the HTTP base URL
-of every node (for forwarding writes to a shard's leader) and a ``Metrics`` object it also hands to the
-Raft glue, then serves on a uvloop event loop (``new_event_loop()``).
+The node process (``raftledger.node.runtime``) builds a ``NodeContext`` with its hosted
+``ShardService`` replicas, every node's public and internal base URLs, the sealer of the internal
+protocol and a ``Metrics`` object it also hands to the Raft glue; ``create_app(ctx)`` and
+``internal.create_app(ctx)`` are the two applications, ``await start(ctx, host, port,
+internal_port)`` serves both from the running (uvloop) event loop.
 """
 
-from .app import ROUTES, create_app, install, mount_api, new_event_loop, start
+from .app import ROUTES, create_app, install, new_event_loop, start
 from .context import Limits, NodeContext
 
-__all__ = ["ROUTES", "Limits", "NodeContext", "create_app", "install", "mount_api", "new_event_loop",
-           "start"]
+__all__ = ["ROUTES", "Limits", "NodeContext", "create_app", "install", "new_event_loop", "start"]

@@ -1,17 +1,16 @@
-"""The aiohttp application of one node: every route of API.md, plus the internal routes."""
+"""The aiohttp applications of one node: the public API (every route of API.md) and the internal
+listener (``internal.create_app``), each served on its own port."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import uvloop
 from aiohttp import web
 
-from ..metrics import Metrics
-from . import forward, ops, reads, writes
-from .context import CONTEXT, Limits, NodeContext
+from . import internal, ops, reads, writes
+from .context import CONTEXT, NodeContext
 from .middleware import EDGE, EdgeState, edge
 
 ID = "{id:[^/]+}"  # ids may hold braces ({tag}), raw or percent-encoded
@@ -37,9 +36,6 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),
     ("GET", "/openapi.json", ops.openapi_json),
-    ("POST", "/internal/v1/shards/{shard}/submit", forward.internal_submit),
-    ("POST", "/internal/v1/shards/{shard}/barrier", forward.internal_barrier),
-    ("GET", "/internal/v1/status", forward.internal_status),
 )
 
 
@@ -50,17 +46,6 @@ def create_app(ctx: NodeContext) -> web.Application:
     return app
 
 
-def mount_api(app: web.Application, runtime: Any) -> NodeContext:
-    """Mount the API on the node process's application (``raftledger.node.runtime``).
-
-    Optional runtime attributes: ``metrics`` (a ``Metrics`` the Raft glue also reports to) and
-    ``http_limits`` (``Limits``); defaults otherwise."""
-    ctx = NodeContext(runtime.node_id, runtime.services, runtime.shard_count,
-                      peers=runtime.peers, placement=runtime.placement,
-                      limits=getattr(runtime, "http_limits", None) or Limits(),
-                      metrics=getattr(runtime, "metrics", None) or Metrics(runtime.node_id))
-    install(app, ctx)
-    return ctx
 
 
 def install(app: web.Application, ctx: NodeContext) -> None:
@@ -78,12 +63,20 @@ def install(app: web.Application, ctx: NodeContext) -> None:
     app.on_cleanup.append(close_client)
 
 
-async def start(ctx: NodeContext, host: str, port: int) -> web.AppRunner:
-    """Serve the node's API on ``host:port`` from the running loop; ``await runner.cleanup()``."""
-    runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
-    await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
-    return runner
+async def start(ctx: NodeContext, host: str, port: int,
+                internal_port: int | None = None) -> list[web.AppRunner]:
+    """Serve the node's API on ``host:port`` (and its internal listener on ``internal_port``) from
+    the running loop; ``await runner.cleanup()`` each runner returned."""
+    apps = [(create_app(ctx), port)]
+    if internal_port is not None:
+        apps.append((internal.create_app(ctx), internal_port))
+    runners = []
+    for app, app_port in apps:
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        await web.TCPSite(runner, host, app_port, backlog=1024).start()
+        runners.append(runner)
+    return runners
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

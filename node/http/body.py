@@ -9,7 +9,7 @@ from aiohttp import web
 
 from .. import parse
 from ..errors import ApiError
-from .context import context_of
+from .context import Limits, context_of
 
 body_chunk_bytes = 64 * 1024
 
@@ -18,21 +18,23 @@ def too_large(bytes_max: int) -> ApiError:
     return ApiError("body_too_large", details={"bytes_max": bytes_max})
 
 
-async def read_raw(request: web.Request) -> bytes:
-    """The body, refused as soon as it passes ``body_bytes_max`` (a streamed body is not buffered
-    whole first)."""
-    limits = context_of(request).limits
+async def read_raw(request: web.Request, bytes_max: int | None = None,
+                   limits: Limits | None = None) -> bytes:
+    """The body, refused as soon as it passes ``bytes_max`` (default: the public ``body_bytes_max``;
+    a streamed body is not buffered whole first)."""
+    limits = limits or context_of(request).limits
+    bytes_max = limits.body_bytes_max if bytes_max is None else bytes_max
     length = request.content_length
-    if length is not None and length > limits.body_bytes_max:
-        raise too_large(limits.body_bytes_max)
+    if length is not None and length > bytes_max:
+        raise too_large(bytes_max)
     if request.content.is_eof():  # all of it arrived with the headers: nothing left to wait for
         raw = request.content.read_nowait()
-        if len(raw) > limits.body_bytes_max:
-            raise too_large(limits.body_bytes_max)
+        if len(raw) > bytes_max:
+            raise too_large(bytes_max)
         return raw
     try:
         async with asyncio.timeout(limits.body_read_timeout_s):
-            return await _read_bounded(request, limits.body_bytes_max)
+            return await _read_bounded(request, bytes_max)
     except TimeoutError:
         raise ApiError("request_timeout",
                        details={"timeout_s": limits.body_read_timeout_s}) from None

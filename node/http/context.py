@@ -12,6 +12,7 @@ from raftledger.cluster.router import shard_for_account
 
 from ..metrics import Metrics
 from ..service import ShardService
+from ..wire import Sealer
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,6 +30,9 @@ class Limits:
     leader_wait_s: float = 3.0
     peer_status_timeout_s: float = 1.0
     forward_connections_max: int = 256
+    forward_batch_bytes_max: int = 8 * 2**20  # commands coalesced into one forwarded request
+    internal_body_bytes_max: int = 32 * 2**20
+    internal_window_s: float = 10.0  # clock difference tolerated between nodes (replay window)
 
 
 @dataclass
@@ -36,8 +40,9 @@ class NodeContext:
     """The node seen by its HTTP API.
 
     ``shards`` are the replicas this node hosts (shard id -> service); ``peers`` maps every node id
-    (this one included) to the base URL of its HTTP API; ``placement`` lists, per shard, the nodes
-    hosting a replica (default: every peer).
+    (this one included) to the base URL of its HTTP API and ``internal_urls`` to the base URL of its
+    internal listener, whose requests ``sealer`` seals with the cluster secret; ``placement`` lists,
+    per shard, the nodes hosting a replica (default: every peer).
     """
 
     node_id: str
@@ -45,6 +50,8 @@ class NodeContext:
     shard_count: int
     peers: Mapping[str, str] = field(default_factory=dict)
     placement: Mapping[int, Sequence[str]] | None = None
+    internal_urls: Mapping[str, str] = field(default_factory=dict)
+    sealer: Sealer | None = None
     limits: Limits = field(default_factory=Limits)
     metrics: Metrics = None  # type: ignore[assignment]  # None: made in __post_init__
     session: aiohttp.ClientSession | None = None
@@ -64,6 +71,9 @@ class NodeContext:
 
     def peer_url(self, node_id: str) -> str | None:
         return self.peers.get(node_id)
+
+    def internal_url(self, node_id: str) -> str | None:
+        return self.internal_urls.get(node_id)
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:

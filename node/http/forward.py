@@ -1,10 +1,16 @@
-"""Getting a command to its shard's leader, wherever it runs; and the internal routes that serve it.
+"""Getting a command to its shard's leader, wherever it runs.
 
 Any node accepts any write. ``submit`` hands the command to the local replica's batcher; a follower
-raises ``NotLeader`` and the command is forwarded over HTTP to the leader node's internal submit
-route (codec-encoded command in, rendered results out). Forwarding again is safe: the command's id is
-its idempotency key, so a retried command is answered from its stored outcome, never applied twice.
-Retries happen only when the command was surely not proposed (not leader, connection refused).
+raises ``NotLeader`` and the command is forwarded to the leader node's internal listener
+(``raftledger.node.http.internal``; sealed with the cluster secret, see ``raftledger.node.wire``).
+Forwarding again is safe: the command's id is its idempotency key, so a retried command is answered
+from its stored outcome, never applied twice.
+
+A leader that is dead, deposed or unreachable is not retried at once: the write waits (bounded by
+``leader_wait_s``) for the local replica to learn of the next leader, which its Raft glue signals,
+and goes there. Retries happen only when the command was surely not applied by the leader tried
+(it refused it, or the connection was refused) or its outcome no longer matters (another leader was
+elected meanwhile: the id makes the second attempt answer the first's outcome).
 """
 
 from __future__ import annotations
@@ -17,29 +23,21 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-import msgpack
-from aiohttp import web
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
+from .. import wire
 from ..errors import STATUS, ApiError, from_unavailable
 from ..logs import request_id_var
 from ..service import NotLeader, ShardService, Unavailable
-from .context import NodeContext, context_of
+from .context import NodeContext
 from .render import Rendered
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "X-Ledger-Forwarded"
-INTERNAL_PREFIX = "/internal/v1"
-# Internal replies are msgpack: several times cheaper to encode and decode than JSON for a batch of
-# results. msgpack stops at 64-bit integers; larger ones (balances reach 2**127) travel as this ext.
-INTERNAL_TYPE = "application/msgpack"
-BIG_INT_EXT = 1
-leader_poll_interval_s = 0.05
-leader_watch_interval_s = 0.1
 forward_requests_in_flight_max = 4
-forward_batch_commands_max = 512
+unhosted_retry_s = 0.1  # between rounds over the hosts of a shard this node does not host
 
 T = TypeVar("T")
 
@@ -83,7 +81,7 @@ async def read_barrier(ctx: NodeContext, shard: int) -> int:
         return await svc.read_barrier(timeout_s)
 
     async def remote(node: str) -> int:
-        reply = await _post_internal(ctx, node, f"/shards/{shard}/barrier", b"")
+        reply = await call_peer(ctx, node, f"/shards/{shard}/barrier", None)
         return int(reply["index"])
 
     return await _via_leader(ctx, shard, local, remote)
@@ -92,21 +90,27 @@ async def read_barrier(ctx: NodeContext, shard: int) -> int:
 async def _via_leader(ctx: NodeContext, shard: int,
                       local: Callable[[ShardService], Awaitable[T]],
                       remote: Callable[[str], Awaitable[T]]) -> T:
-    """Run on the local replica if it leads, else on the leader node; bounded retries."""
+    """Run on the local replica if it leads, else on the leader node; wait out elections (bounded)."""
     svc = ctx.shards.get(shard)
-    hint: str | None = None
+    if svc is None:
+        return await _via_hosts(ctx, shard, remote)
     deadline = time.monotonic() + ctx.limits.leader_wait_s
+    hint: str | None = None
     for _ in range(ctx.limits.forward_attempts_max):
-        leader = hint or await _find_leader(ctx, shard, svc, deadline)
+        changed = svc.leader_changed()  # taken before looking: a change from here on wakes us
+        leader = hint or (ctx.node_id if svc.is_leader() else svc.leader_node_id())
         hint = None
         try:
-            if leader == ctx.node_id and svc is not None:
+            if leader is None or leader == ctx.node_id and not svc.is_leader():
+                raise RemoteNotLeader(None)  # an election is under way
+            if leader == ctx.node_id:
                 return await local(svc)
-            return await _unless_leader_moves(svc, leader, remote(leader))
+            return await _unless_leader_moves(svc, leader, changed, remote(leader))
         except (NotLeader, RemoteNotLeader) as exc:
-            hint = exc.leader if exc.leader not in (leader, None) else None
-            if hint == ctx.node_id and svc is None:
-                hint = None
+            if exc.leader is not None and exc.leader != leader:
+                hint = exc.leader  # the node we asked names the leader: go there at once
+            else:  # gone, deposed or unknown: wait for the next election's result
+                await _await_change(changed, deadline, shard)
         except Unavailable as exc:
             error = from_unavailable(exc)
             if error.code == "overloaded":
@@ -115,9 +119,17 @@ async def _via_leader(ctx: NodeContext, shard: int,
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
-async def _unless_leader_moves(svc: ShardService | None, leader: str,
+async def _await_change(changed: asyncio.Future[None], deadline: float, shard: int) -> None:
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        await asyncio.wait({changed}, timeout=remaining)  # never cancels the shared future
+    if not changed.done():
+        raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
+
+
+async def _unless_leader_moves(svc: ShardService, leader: str, changed: asyncio.Future[None],
                                call: Awaitable[T]) -> T:
-    """Await a call to ``leader``; give up on it if the local replica learns of another leader.
+    """Await a call to ``leader``; give up on it once the local replica learns of another leader.
 
     A paused or partitioned leader accepts connections but never answers; without this a forwarded
     write would wait for the whole forward timeout although a new leader was elected long before.
@@ -126,34 +138,36 @@ async def _unless_leader_moves(svc: ShardService | None, leader: str,
     task = asyncio.ensure_future(call)
     try:
         while True:
-            done, _ = await asyncio.wait({task}, timeout=leader_watch_interval_s)
-            if done:
+            await asyncio.wait({task, changed}, return_when=asyncio.FIRST_COMPLETED)
+            if task.done():
                 return task.result()
-            moved = svc.leader_node_id() if svc is not None else None
+            moved = svc.leader_node_id()
             if moved is not None and moved != leader:
                 raise RemoteNotLeader(moved)
+            changed = svc.leader_changed()  # the same leader again (a new term): keep waiting
     finally:
         if not task.done():
             task.cancel()
 
 
-async def _find_leader(ctx: NodeContext, shard: int, svc: ShardService | None,
-                       deadline: float) -> str:
-    """The leader as the local replica knows it (waiting out an election, bounded)."""
-    if svc is None:
-        nodes = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
-        if not nodes:
-            raise ApiError("unavailable", f"no node hosts shard {shard}")
-        return nodes[0]  # it knows its leader and forwards
-    while True:
-        if svc.is_leader():
-            return ctx.node_id
-        leader = svc.leader_node_id()
-        if leader is not None and leader != ctx.node_id:
-            return leader
-        if time.monotonic() >= deadline:
-            raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
-        await asyncio.sleep(leader_poll_interval_s)  # an election is under way: poll, bounded
+async def _via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Awaitable[T]]) -> T:
+    """A shard this node does not host: ask its hosts; one that does not lead names the leader."""
+    hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
+    if not hosts:
+        raise ApiError("unavailable", f"no node hosts shard {shard}", details={"shard": shard})
+    deadline = time.monotonic() + ctx.limits.leader_wait_s
+    target: str | None = None
+    for attempt in range(ctx.limits.forward_attempts_max * len(hosts)):
+        node = target or hosts[attempt % len(hosts)]
+        try:
+            return await remote(node)
+        except RemoteNotLeader as exc:
+            target = exc.leader if exc.leader not in (None, node, ctx.node_id) else None
+        if target is None and attempt % len(hosts) == len(hosts) - 1:
+            if time.monotonic() + unhosted_retry_s > deadline:
+                break
+            await asyncio.sleep(unhosted_retry_s)  # no signal from a shard hosted elsewhere
+    raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
 async def _forward_submit(ctx: NodeContext, node: str, shard: int,
@@ -172,7 +186,9 @@ class Forwarder:
 
     Natural batching, no linger: a command goes out at once when fewer than
     ``forward_requests_in_flight_max`` requests are under way; otherwise it waits for the next one,
-    together with whatever else arrived meanwhile (at most ``forward_batch_commands_max``).
+    together with whatever else arrived meanwhile (at most ``wire.forwarded_commands_max`` commands
+    and ``forward_batch_bytes_max`` bytes). The commands waiting are bounded by the edge's own bound
+    on requests in flight.
     """
 
     def __init__(self, ctx: NodeContext, node: str, shard: int) -> None:
@@ -187,10 +203,20 @@ class Forwarder:
         self._flush()
         return await future
 
+    def _take(self) -> list[tuple[bytes, asyncio.Future[dict[str, Any]]]]:
+        count, size = 0, 0
+        bytes_max = self.ctx.limits.forward_batch_bytes_max
+        for encoded, _ in self.waiting[:wire.forwarded_commands_max]:
+            if count and size + len(encoded) > bytes_max:
+                break
+            count, size = count + 1, size + len(encoded)
+        items = self.waiting[:count]
+        del self.waiting[:count]
+        return items
+
     def _flush(self) -> None:
         while self.waiting and self.in_flight < forward_requests_in_flight_max:
-            items = self.waiting[:forward_batch_commands_max]
-            del self.waiting[:forward_batch_commands_max]
+            items = self._take()
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send(items))
             self.sending.add(task)
@@ -198,8 +224,8 @@ class Forwarder:
 
     async def _send(self, items: list[tuple[bytes, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
-            reply = await _post_internal(self.ctx, self.node, f"/shards/{self.shard}/submit",
-                                         msgpack.packb([encoded for encoded, _ in items]))
+            reply = await call_peer(self.ctx, self.node, f"/shards/{self.shard}/submit",
+                                    [encoded for encoded, _ in items])
             for (_, future), one in zip(items, reply["replies"], strict=True):
                 _settle(future, one)
         except BaseException as exc:  # every waiter learns the failure of the shared request
@@ -221,143 +247,71 @@ def _settle(future: asyncio.Future[dict[str, Any]], reply: dict[str, Any]) -> No
     if error is None:
         future.set_result(reply)
     elif error["code"] == "not_leader":
-        future.set_exception(RemoteNotLeader(error.get("leader")))
+        future.set_exception(RemoteNotLeader(error.get("details", {}).get("leader")))
     else:
         code = error["code"] if error["code"] in STATUS else "unavailable"
-        future.set_exception(ApiError(code, error.get("message"),
+        future.set_exception(ApiError(code, error.get("message"), details=error.get("details"),
                                       retry_after_s=error.get("retry_after_s")))
 
 
-async def _post_internal(ctx: NodeContext, node: str, path: str, data: bytes) -> dict[str, Any]:
-    url = ctx.peer_url(node)
-    if url is None:
-        raise ApiError("unavailable", f"no address for node {node!r}")
-    headers = {FORWARDED_HEADER: ctx.node_id, "Content-Type": "application/octet-stream",
-               "Accept": INTERNAL_TYPE}
+async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
+                    timeout_s: float | None = None) -> Any:
+    """One sealed request to a peer's internal listener; its opened answer, or an error:
+    RemoteNotLeader when the peer could not be reached (nothing was sent: safe to look again) or
+    answered not_leader; ApiError otherwise."""
+    url = ctx.internal_url(node)
+    if url is None or ctx.sealer is None:
+        raise ApiError("unavailable", f"no internal address for node {node!r}")
+    sealed = ctx.sealer.seal_request("POST", wire.PREFIX + path, payload)
+    headers = {**sealed.headers, FORWARDED_HEADER: ctx.node_id}
     request_id = request_id_var.get()
     if request_id:
         headers["X-Request-Id"] = request_id
-    timeout = aiohttp.ClientTimeout(total=ctx.limits.forward_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s or ctx.limits.forward_timeout_s)
     try:
-        async with ctx.client().post(url + INTERNAL_PREFIX + path, data=data, headers=headers,
+        async with ctx.client().post(url + wire.PREFIX + path, data=sealed.body, headers=headers,
                                      timeout=timeout) as resp:
-            payload = await resp.read()
-            return _internal_reply(resp.status, payload, dict(resp.headers))
+            body = await resp.read()
+            return _answer(ctx, node, sealed, resp.status, resp.headers, body)
     except aiohttp.ClientConnectorError as exc:
-        raise RemoteNotLeader(None) from exc  # nothing was sent: safe to look again
+        raise RemoteNotLeader(None) from exc
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise ApiError("outcome_unknown", f"forward to {node} failed: {type(exc).__name__}",
+        raise ApiError("outcome_unknown", f"request to {node} failed: {type(exc).__name__}",
                        retry_after_s=1.0) from exc
 
 
-def _big_int(value: Any) -> msgpack.ExtType:
-    if isinstance(value, int):
-        return msgpack.ExtType(BIG_INT_EXT, str(value).encode())
-    raise TypeError(f"cannot send {type(value).__name__}")
-
-
-def _ext(code: int, data: bytes) -> Any:
-    return int(data) if code == BIG_INT_EXT else msgpack.ExtType(code, data)
-
-
-def _unpack_internal(payload: bytes) -> Any:
-    return msgpack.unpackb(payload, ext_hook=_ext)
-
-
-def _internal_reply(status: int, payload: bytes, headers: dict[str, str]) -> dict[str, Any]:
-    body: dict[str, Any] = _unpack_internal(payload)
+def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int, headers: Any,
+            body: bytes) -> Any:
+    try:
+        answer = ctx.sealer.open_answer(sealed, status, headers, body)  # type: ignore[union-attr]
+    except wire.Unauthenticated as exc:
+        log.error("node %s: %s (status %d); is it configured with this cluster's secret?", node, exc,
+                  status)
+        raise ApiError("unavailable", f"node {node} did not authenticate") from exc
     if status == 200:
-        return body
-    error = body.get("error", {})
+        return answer
+    error = answer.get("error", {}) if isinstance(answer, dict) else {}
     code = error.get("code", "unavailable")
     if code == "not_leader":
         raise RemoteNotLeader(error.get("details", {}).get("leader"))
     retry_after = float(headers.get("Retry-After", "1"))
     if status != 503:  # the hop failed, not the client's request
-        raise ApiError("unavailable", f"internal call answered {status} {code}",
-                       retry_after_s=retry_after)
-    raise ApiError(code, error.get("message"), details=error.get("details"),
-                   retry_after_s=retry_after)
-
-
-# --- internal routes (served on the leader) --------------------------------------------------
-
-
-def _local_shard(request: web.Request) -> ShardService:
-    ctx = context_of(request)
-    try:
-        shard = int(request.match_info["shard"])
-    except ValueError:
-        raise ApiError("not_found", details={"shard": request.match_info["shard"]}) from None
-    svc = ctx.shards.get(shard)
-    if svc is None:
-        raise ApiError("not_found", f"shard {shard} is not hosted here", details={"shard": shard})
-    return svc
-
-
-def _internal_response(body: dict[str, Any]) -> web.Response:
-    return web.Response(body=msgpack.packb(body, default=_big_int), content_type=INTERNAL_TYPE)
-
-
-async def internal_submit(request: web.Request) -> web.Response:
-    """Forwarded commands (a msgpack list of codec-encoded commands): submit each here only,
-    never forward again; answer one reply per command, in order."""
-    svc = _local_shard(request)
-    try:
-        encoded = msgpack.unpackb(await request.read())
-    except (ValueError, msgpack.UnpackException) as exc:
-        raise ApiError("malformed_body", str(exc)[:200]) from exc
-    if not isinstance(encoded, list) or not all(isinstance(e, bytes) for e in encoded):
-        raise ApiError("malformed_body", "expected a list of encoded commands")
-    replies = await asyncio.gather(*(_submit_one(svc, e) for e in encoded))
-    return _internal_response({"replies": replies})
-
-
-async def _submit_one(svc: ShardService, encoded: bytes) -> dict[str, Any]:
-    command = codec.decode_command(encoded)
-    if isinstance(command, codec.Invalid):
-        return {"error": {"code": "malformed_body", "message": command.reason}}
-    try:
-        committed = await svc.submit(command)
-    except NotLeader as exc:
-        return {"error": {"code": "not_leader", "leader": exc.leader}}
-    except Unavailable as exc:
-        error = from_unavailable(exc)
-        return {"error": {"code": error.code, "message": error.message,
-                          "retry_after_s": error.retry_after_s}}
-    results = [r.to_wire() for r in _results(svc.shard, committed.outcome)]
-    return {"index": committed.index, "results": results}
-
-
-async def internal_barrier(request: web.Request) -> web.Response:
-    svc = _local_shard(request)
-    try:
-        index = await svc.read_barrier(context_of(request).limits.consistency_wait_s)
-    except NotLeader as exc:
-        raise ApiError("not_leader", details={"leader": exc.leader}) from exc
-    return _internal_response({"index": index})
-
-
-async def internal_status(request: web.Request) -> web.Response:
-    ctx = context_of(request)
-    shards = {str(s): svc.status() for s, svc in sorted(ctx.shards.items())}
-    return _internal_response({"node": ctx.node_id, "shards": shards})
+        raise ApiError("unavailable", f"node {node} answered {status} {code}", retry_after_s=retry_after)
+    raise ApiError(code, error.get("message"), details=error.get("details"), retry_after_s=retry_after)
 
 
 async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
     """Every peer's replica statuses (None for a peer that did not answer in time)."""
-    timeout = aiohttp.ClientTimeout(total=ctx.limits.peer_status_timeout_s)
 
-    async def one(node: str, url: str) -> dict[str, Any] | None:
+    async def one(node: str) -> dict[str, Any] | None:
         if node == ctx.node_id:
             return {str(s): svc.status() for s, svc in ctx.shards.items()}
         try:
-            async with ctx.client().get(url + INTERNAL_PREFIX + "/status", timeout=timeout,
-                                        headers={"Accept": INTERNAL_TYPE}) as r:
-                return _unpack_internal(await r.read())["shards"] if r.status == 200 else None
-        except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, msgpack.UnpackException):
+            answer = await call_peer(ctx, node, "/status", None, ctx.limits.peer_status_timeout_s)
+            return dict(answer["shards"])
+        except (ApiError, RemoteNotLeader, KeyError, TypeError):
             return None
 
-    nodes = sorted(ctx.peers.items()) or [(ctx.node_id, "")]
-    answers = await asyncio.gather(*(one(n, u) for n, u in nodes))
-    return dict(zip([n for n, _ in nodes], answers, strict=True))
+    nodes = sorted(ctx.peers) or [ctx.node_id]
+    answers = await asyncio.gather(*(one(n) for n in nodes))
+    return dict(zip(nodes, answers, strict=True))

@@ -1,0 +1,257 @@
+"""The internal listener: what nodes ask each other, on a port of its own, sealed with the cluster secret.
+
+Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
+
+- ``/internal/v1/shards/{shard}/submit`` — forwarded commands, committed here (this node leads the
+  shard) or refused with ``not_leader``; never forwarded again. Each command is checked as a public
+  request is: its shape (``parse.check``), the batch limit, and that every account it names lives on
+  this shard; a command that fails is answered with its error and never proposed.
+- ``/internal/v1/shards/{shard}/barrier`` — a linearizable read index from the leader.
+- ``/internal/v1/status`` — this node's replicas (role, term, indexes, fingerprint).
+- ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
+- ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
+  generator; served only when the node runs with ``RAFTLEDGER_BENCH=1``.
+
+A request that does not authenticate gets 401 and touches nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from raftledger.statemachine import codec
+from raftledger.statemachine.audit import currency_totals
+from raftledger.statemachine.commands import (
+    AnyCommand,
+    Batch,
+    Command,
+    CreateAccount,
+    CreateTransaction,
+    batch_commands_max,
+)
+
+from .. import parse, wire
+from ..errors import ApiError, error_body, from_unavailable
+from ..service import NotLeader, ShardService, Unavailable
+from .body import read_raw
+from .context import NodeContext
+from .render import Rendered
+
+log = logging.getLogger(__name__)
+
+BENCH_ENV = "RAFTLEDGER_BENCH"
+
+Handler = Callable[[NodeContext, web.Request, Any], Awaitable[Any]]
+
+
+# -- the edge: authenticate, run, seal ---------------------------------------------------------------
+
+
+def _unauthenticated(reason: str) -> web.Response:
+    body = error_body("unauthorized", "the request is not sealed with this cluster's secret",
+                      {"reason": reason})
+    return web.json_response(body, status=401)
+
+
+def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
+           ) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The aiohttp handler of one route: open the request (or answer 401), run ``handler`` with its
+    payload, seal what it returns (errors included)."""
+
+    async def handle(request: web.Request) -> web.Response:
+        try:
+            raw = await read_raw(request, ctx.limits.internal_body_bytes_max, ctx.limits)
+            _, nonce, payload = ctx.sealer.open_request(  # type: ignore[union-attr]
+                request.method, request.path_qs, request.headers, raw, guard)
+        except wire.Unauthenticated as exc:
+            ctx.metrics.internal_refused.labels("unauthenticated").inc()
+            log.warning("internal request refused: %s", exc,
+                        extra={"path": request.path, "peer": request.headers.get(wire.PEER_HEADER)})
+            return _unauthenticated(str(exc))
+        except wire.Busy as exc:
+            return _seal_error(ctx, b"", ApiError("overloaded", str(exc)))
+        except ApiError as exc:  # too large or too slow: refused before anything was opened
+            return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+        try:
+            answer = await handler(ctx, request, payload)
+        except ApiError as exc:
+            return _seal_error(ctx, nonce, exc)
+        except Unavailable as exc:
+            return _seal_error(ctx, nonce, from_unavailable(exc))
+        headers, body = ctx.sealer.seal_answer(nonce, 200, answer)  # type: ignore[union-attr]
+        return web.Response(status=200, body=body, headers=headers)
+
+    return handle
+
+
+def _seal_error(ctx: NodeContext, nonce: bytes, exc: ApiError) -> web.Response:
+    headers, body = ctx.sealer.seal_answer(nonce, exc.status, exc.body())
+    return web.Response(status=exc.status, body=body, headers={**exc.headers(), **headers})
+
+
+# -- routes ----------------------------------------------------------------------------------------
+
+
+def _local_shard(ctx: NodeContext, request: web.Request) -> ShardService:
+    raw = request.match_info["shard"]
+    svc = ctx.shards.get(int(raw)) if raw.isdigit() and len(raw) <= 6 else None
+    if svc is None:
+        raise ApiError("not_found", f"shard {raw[:16]!r} is not hosted here", details={"shard": raw[:16]})
+    return svc
+
+
+async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[str, Any]:
+    """Forwarded commands (codec-encoded), each admitted as a public request would be, then
+    proposed here only; one reply per command, in order."""
+    svc = _local_shard(ctx, request)
+    if not isinstance(encoded, list) or not all(isinstance(e, bytes) for e in encoded):
+        raise ApiError("malformed_body", "expected a list of encoded commands")
+    if len(encoded) > wire.forwarded_commands_max:
+        raise ApiError("too_many_commands", details={"max": wire.forwarded_commands_max,
+                                                     "count": len(encoded)})
+    replies = await asyncio.gather(*(_submit_one(ctx, svc, e) for e in encoded))
+    return {"replies": replies}
+
+
+def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> Command | Batch:
+    """The checks of the public edge, for a command that arrives already built: its shape, the
+    batch limit, and that it belongs to ``shard``. Raises ApiError."""
+    if isinstance(command, codec.Invalid):
+        raise ApiError("malformed_body", command.reason)
+    if isinstance(command, Batch):
+        if not command.commands or len(command.commands) > batch_commands_max:
+            raise ApiError("too_many_commands", details={"max": batch_commands_max,
+                                                         "count": len(command.commands)})
+        for i, inner in enumerate(command.commands):
+            _admit_one(ctx, shard, inner, f"commands[{i}]")
+        return command
+    if isinstance(command, Command):  # type: ignore[misc, arg-type]
+        _admit_one(ctx, shard, command, "")
+        return command
+    raise ApiError("malformed_body", f"{type(command).__name__} is not a client command")
+
+
+def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> None:
+    parse.check(command, where)
+    if isinstance(command, CreateAccount):
+        accounts = [command.id]
+    elif isinstance(command, CreateTransaction):
+        accounts = [e.account_id for e in command.entries]
+    else:  # post / void / reverse: found on the shard that holds their transaction
+        return
+    elsewhere = sorted({a for a in accounts if ctx.shard_of(a) != shard})
+    if elsewhere:
+        raise ApiError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
+                                               "id": command.id})
+
+
+async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> dict[str, Any]:
+    try:
+        command = admit(ctx, svc.shard, codec.decode_command(encoded))
+        committed = await svc.submit(command)
+    except ApiError as exc:
+        return {"error": exc.body()["error"]}
+    except NotLeader as exc:
+        return {"error": {"code": "not_leader", "message": str(exc), "details": {"leader": exc.leader}}}
+    except Unavailable as exc:
+        error = from_unavailable(exc)
+        return {"error": {**error.body()["error"], "retry_after_s": error.retry_after_s}}
+    outcome = committed.outcome
+    results = outcome if isinstance(outcome, list) else [outcome]
+    return {"index": committed.index, "results": [Rendered.of(r, svc.shard).to_wire() for r in results]}
+
+
+async def barrier(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
+    svc = _local_shard(ctx, request)
+    try:
+        index = await svc.read_barrier(ctx.limits.consistency_wait_s)
+    except NotLeader as exc:
+        raise ApiError("not_leader", details={"leader": exc.leader}) from exc
+    return {"index": index}
+
+
+def replica_status(svc: ShardService) -> dict[str, Any]:
+    index, chain = svc.fingerprint()
+    return {**svc.status(), "fingerprint": {"index": index, "chain": chain}}
+
+
+async def status(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
+    return {"node": ctx.node_id, "pid": os.getpid(),
+            "shards": {str(s): replica_status(svc) for s, svc in sorted(ctx.shards.items())}}
+
+
+async def totals(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
+    """Per-currency sums over every account of a shard, for ledger invariant checks."""
+    svc = _local_shard(ctx, request)
+    with svc.store.reader() as reader:
+        sums = currency_totals(reader)
+        accounts = sum(1 for _ in reader.account_ids())
+        applied = reader.state().applied_index
+    names = ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
+    return {"accounts": accounts, "applied_index": applied,
+            "currencies": {c: dict(zip(names, v, strict=True)) for c, v in sums.items()}}
+
+
+_bench_runs: dict[str, asyncio.Task[dict[str, Any]]] = {}
+
+
+async def bench_start(ctx: NodeContext, request: web.Request, params: Any) -> dict[str, Any]:
+    """Run the in-process load generator against this replica in the background; poll its result."""
+    from raftledger.bench.load import run_load
+
+    svc = _local_shard(ctx, request)
+    run = f"{svc.shard}.{len(_bench_runs)}"
+    _bench_runs[run] = asyncio.create_task(run_load(
+        svc, transfers=int(params["transfers"]), concurrency=int(params["concurrency"]),
+        prefix=str(params["prefix"])))
+    return {"run": run}
+
+
+async def bench_result(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
+    task = _bench_runs.get(request.match_info["run"])
+    if task is None:
+        raise ApiError("not_found", "no such run")
+    if not task.done():
+        return {"done": False}
+    return {"done": True, **task.result()}
+
+
+ROUTES: tuple[tuple[str, Handler], ...] = (
+    ("/shards/{shard}/submit", submit),
+    ("/shards/{shard}/barrier", barrier),
+    ("/shards/{shard}/totals", totals),
+    ("/status", status),
+)
+BENCH_ROUTES: tuple[tuple[str, Handler], ...] = (
+    ("/shards/{shard}/bench", bench_start),
+    ("/bench/{run}", bench_result),
+)
+
+
+def create_app(ctx: NodeContext) -> web.Application:
+    """The internal listener's application (``ctx.sealer`` must be set)."""
+    if ctx.sealer is None:
+        raise ValueError("the internal listener needs the cluster secret (NodeContext.sealer)")
+    app = web.Application(middlewares=[not_found], client_max_size=ctx.limits.internal_body_bytes_max)
+    guard = wire.ReplayGuard(ctx.limits.internal_window_s)
+    routes = ROUTES + (BENCH_ROUTES if os.environ.get(BENCH_ENV) == "1" else ())
+    for path, handler in routes:
+        app.router.add_post(wire.PREFIX + path, sealed(ctx, guard, handler))
+    return app
+
+
+@web.middleware
+async def not_found(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+    """An unknown path or method gets the one error shape (unsealed: nothing was opened)."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        code = "method_not_allowed" if exc.status == 405 else "not_found"
+        error = ApiError(code, exc.reason)
+        return web.json_response(error.body(), status=error.status)

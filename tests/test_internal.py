@@ -1,0 +1,201 @@
+"""The internal protocol: sealed with the cluster secret, validated like public requests, off the public port.
+
+A request that is not sealed with the cluster's key (or is stale, or replayed) is refused with 401 and
+applies nothing; a sealed one is still checked as the public edge checks (shape, batch limit, the
+shard that owns every account it names). The public port serves none of the internal paths.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from inprocess import DirectShard, account, transfer
+from raftledger.node import wire
+from raftledger.node.http import NodeContext, create_app
+from raftledger.node.http import internal as internal_api
+from raftledger.statemachine import codec
+from raftledger.statemachine.commands import Batch, CreateAccount
+from raftledger.statemachine.store import LedgerStore
+
+SHARDS = 2
+KEY = wire.internal_key(b"k" * 32)
+
+
+def on_shard(shard: int, prefix: str, count: int = 1) -> list[str]:
+    ctx = NodeContext("x", {}, SHARDS)
+    ids = (f"{prefix}{i}" for i in range(10_000))
+    return [i for i in ids if ctx.shard_of(i) == shard][:count]
+
+
+@pytest.fixture
+async def node(tmp_path: Path):
+    stores = [LedgerStore(str(tmp_path / f"s{s}.lmdb"), shard=s, map_size=2**28) for s in range(SHARDS)]
+    shards = {s: DirectShard(store, s) for s, store in enumerate(stores)}
+    ctx = NodeContext("n1", shards, SHARDS, sealer=wire.Sealer(KEY, "n1"))
+    internal = TestClient(TestServer(internal_api.create_app(ctx)))
+    public = TestClient(TestServer(create_app(ctx)))
+    await internal.start_server()
+    await public.start_server()
+    try:
+        yield internal, public, stores
+    finally:
+        await internal.close()
+        await public.close()
+        for store in stores:
+            store.close()
+
+
+async def call(client: TestClient, path: str, payload: Any, sealer: wire.Sealer | None = None,
+               headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    sealer = sealer or wire.Sealer(KEY, "n2")
+    sealed = sealer.seal_request("POST", wire.PREFIX + path, payload)
+    async with client.post(wire.PREFIX + path, data=sealed.body,
+                           headers={**sealed.headers, **(headers or {})}) as resp:
+        body = await resp.read()
+        if resp.status == 401:
+            return 401, await resp.json()
+        return resp.status, sealer.open_answer(sealed, resp.status, resp.headers, body)
+
+
+async def submit(client: TestClient, shard: int, *commands: Any) -> list[dict[str, Any]]:
+    status, answer = await call(client, f"/shards/{shard}/submit",
+                                [codec.encode_command(c) for c in commands])
+    assert status == 200, answer
+    return list(answer["replies"])
+
+
+def applied(stores: list[LedgerStore]) -> list[int]:
+    return [store.applied_index() for store in stores]
+
+
+# -- authentication -----------------------------------------------------------------------------------
+
+
+async def test_an_unsigned_request_is_refused_and_applies_nothing(node):
+    internal, _, stores = node
+    a = on_shard(0, "u")[0]
+    async with internal.post(wire.PREFIX + "/shards/0/submit",
+                             data=wire.pack([codec.encode_command(account(a))])) as resp:
+        assert resp.status == 401
+        assert (await resp.json())["error"]["code"] == "unauthorized"
+    assert applied(stores) == [0, 0]
+
+
+async def test_a_request_sealed_with_another_key_is_refused_and_applies_nothing(node):
+    internal, _, stores = node
+    stranger = wire.Sealer(wire.internal_key(os.urandom(32)), "n2")
+    status, body = await call(internal, "/shards/0/submit",
+                              [codec.encode_command(account(on_shard(0, "w")[0]))], sealer=stranger)
+    assert status == 401 and body["error"]["code"] == "unauthorized"
+    assert applied(stores) == [0, 0]
+
+
+async def test_a_sealed_body_cannot_be_moved_to_another_path_or_replayed(node):
+    internal, _, stores = node
+    sealer = wire.Sealer(KEY, "n2")
+    a = on_shard(0, "r")[0]
+    sealed = sealer.seal_request("POST", wire.PREFIX + "/shards/0/submit", [codec.encode_command(account(a))])
+    async with internal.post(wire.PREFIX + "/shards/1/submit", data=sealed.body,
+                             headers=sealed.headers) as resp:
+        assert resp.status == 401  # the path is part of what the seal covers
+    for expected in (200, 401):  # the first delivery works, the same bytes again do not
+        async with internal.post(wire.PREFIX + "/shards/0/submit", data=sealed.body,
+                                 headers=sealed.headers) as resp:
+            assert resp.status == expected
+    assert applied(stores) == [1, 0]
+
+
+def test_a_request_outside_the_time_window_or_seen_before_is_refused():
+    guard = wire.ReplayGuard(window_s=10)
+    now = time.time_ns()
+    with pytest.raises(wire.Unauthenticated, match="off this node's clock"):
+        guard.admit(b"a" * 12, now - 11 * 10**9, now)
+    guard.admit(b"b" * 12, now + 9 * 10**9, now)  # a sender's clock ahead, within the window
+    with pytest.raises(wire.Unauthenticated, match="replayed"):
+        guard.admit(b"b" * 12, now + 9 * 10**9, now + 15 * 10**9)  # still inside its own window
+
+
+def test_an_answer_is_bound_to_its_request_and_status():
+    caller, server = wire.Sealer(KEY, "n1"), wire.Sealer(KEY, "n2")
+    first = caller.seal_request("POST", "/p", None)
+    second = caller.seal_request("POST", "/p", None)
+    headers, body = server.seal_answer(first.nonce, 200, {"balance": 2**100, "debt": -(2**70)})
+    assert caller.open_answer(first, 200, headers, body) == {"balance": 2**100, "debt": -(2**70)}
+    with pytest.raises(wire.Unauthenticated):
+        caller.open_answer(second, 200, headers, body)
+    with pytest.raises(wire.Unauthenticated):
+        caller.open_answer(first, 503, headers, body)
+
+
+# -- validated like the public edge -------------------------------------------------------------------
+
+
+async def test_a_command_for_an_account_of_another_shard_is_refused_unapplied(node):
+    internal, _, stores = node
+    foreign = on_shard(1, "f")[0]
+    [reply] = await submit(internal, 0, account(foreign))
+    assert reply["error"]["code"] == "wrong_shard" and reply["error"]["details"]["accounts"] == [foreign]
+    a, b = on_shard(0, "x", 1)[0], on_shard(1, "y", 1)[0]
+    [reply] = await submit(internal, 0, transfer("cross", a, b, 5))  # a cross-shard transaction
+    assert reply["error"]["code"] == "wrong_shard"
+    assert applied(stores) == [0, 0]
+
+
+async def test_a_batch_over_the_public_limit_is_refused_unapplied(node):
+    internal, _, stores = node
+    ids = on_shard(0, "b", 1)
+    huge = Batch(tuple(CreateAccount(id=f"{ids[0]}.{i}", currency="USD") for i in range(20_000)))
+    [reply] = await submit(internal, 0, huge)
+    assert reply["error"]["code"] == "too_many_commands"
+    assert reply["error"]["details"] == {"max": 8190, "count": 20_000}
+    assert applied(stores) == [0, 0]
+
+
+async def test_a_malformed_command_is_refused_before_it_is_proposed(node):
+    internal, _, stores = node
+    a = on_shard(0, "m")[0]
+    replies = await submit(internal, 0, CreateAccount(id=a, currency="usd"))
+    assert replies[0]["error"]["code"] == "invalid_currency"
+    status, answer = await call(internal, "/shards/0/submit", [b"\x01\xc1", "not bytes"])
+    assert status == 400 and answer["error"]["code"] == "malformed_body"
+    assert applied(stores) == [0, 0]
+    [good] = await submit(internal, 0, account(a))
+    assert good["results"][0]["code"] == "ok"
+    assert applied(stores) == [1, 0]
+
+
+async def test_a_shard_in_the_path_that_is_not_a_hosted_number_is_a_404(node):
+    internal, _, _ = node
+    for shard in ("x", "7", "-1", "99999999999999999999"):
+        status, answer = await call(internal, f"/shards/{shard}/barrier", None)
+        assert status == 404 and answer["error"]["code"] == "not_found", shard
+
+
+async def test_status_and_totals_answer_sealed(node):
+    internal, _, _ = node
+    status, answer = await call(internal, "/status", None)
+    assert status == 200 and set(answer["shards"]) == {"0", "1"}
+    assert answer["shards"]["0"]["fingerprint"]["index"] == 0
+    status, answer = await call(internal, "/shards/1/totals", None)
+    assert status == 200 and answer == {"accounts": 0, "applied_index": 0, "currencies": {}}
+
+
+# -- the public port -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["GET", "POST"])
+@pytest.mark.parametrize("path", ["/internal/v1/status", "/internal/v1/shards/0/submit",
+                                  "/internal/v1/shards/0/barrier", "/internal/v1/shards/0/totals",
+                                  "/_node/status", "/_node/shards/0/submit", "/_node/shards/0/totals",
+                                  "/_node/shards/0/bench"])
+async def test_the_public_port_serves_no_internal_path(node, method, path):
+    _, public, stores = node
+    async with public.request(method, path, data=b"\x00") as resp:
+        assert resp.status == 404
+        assert (await resp.json())["error"]["code"] == "not_found"
+    assert applied(stores) == [0, 0]

@@ -1,0 +1,192 @@
+"""Raft traffic is authenticated and encrypted with the cluster secret: strangers reach no unpickler.
+
+The attack of the outside probe: connect to a Raft port and send PySyncObj's own frame,
+``struct.pack("i", len(z)) + z`` with ``z = zlib.compress(pickle.dumps(obj))``. Stock PySyncObj
+unpickles it (and so runs whatever ``obj`` reduces to); these tests show our replicas refuse it, and
+every other way of talking to a Raft port without the secret, while the group keeps committing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import socket
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+from cryptography.exceptions import InvalidTag
+from inprocess import TEST_SECRET, Group, account, poll
+from pysyncobj import pickle as raft_pickle
+from raftledger.node import transport
+from raftledger.node.replica import ReplicaService
+from raftledger.node.transport import HELLO, HELLO_MAGIC, Session, shard_key
+
+pytestmark = pytest.mark.slow
+
+
+class Plant:
+    """Unpickling this creates ``path``: proof that a frame reached an unpickler."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):  # noqa: ANN204
+        return open, (self.path, "w")
+
+
+def pysyncobj_frame(obj: object) -> bytes:
+    z = zlib.compress(pickle.dumps(obj))
+    return struct.pack("i", len(z)) + z
+
+
+def host_port(address: str) -> tuple[str, int]:
+    host, port = address.rsplit(":", 1)
+    return host, int(port)
+
+
+def refused(address: str, payload: bytes, timeout_s: float = 10.0) -> bytes:
+    """Send ``payload`` to a Raft port; return what came back before the node closed the socket."""
+    received = b""
+    with socket.create_connection(host_port(address), timeout=timeout_s) as sock:
+        sock.sendall(payload)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return received
+            received += chunk
+    raise AssertionError(f"{address} kept the connection open")
+
+
+@pytest.fixture
+async def group(tmp_path):
+    g = Group(str(tmp_path / "raft"))
+    g.start_all()
+    try:
+        await g.leader()
+        yield g
+    finally:
+        await g.stop_all()
+
+
+def test_the_probe_payload_runs_code_in_a_stock_pysyncobj_unpickler(tmp_path):
+    """The control: the frame below really executes when PySyncObj's parser unpickles it."""
+    planted = tmp_path / "planted"
+    frame = pysyncobj_frame(Plant(planted))
+    raft_pickle.loads(zlib.decompress(frame[4:]))
+    assert planted.exists()
+
+
+async def test_a_strangers_pickle_frame_is_refused_without_being_unpickled(group, tmp_path):
+    planted = tmp_path / "planted"
+    for address in group.addresses:
+        answer = refused(address, pysyncobj_frame(["status"]) + pysyncobj_frame(Plant(planted)))
+        assert answer.startswith(HELLO_MAGIC) and len(answer) == HELLO.size  # only our hello
+    assert not planted.exists()
+    leader = await group.leader()
+    assert (await leader.submit(account("still-works"))).outcome.ok
+
+
+async def test_a_stranger_that_speaks_the_handshake_still_reaches_no_unpickler(group, tmp_path):
+    planted = tmp_path / "planted"
+    hello = HELLO.pack(HELLO_MAGIC, os.urandom(32))
+    body = pickle.dumps(Plant(planted))
+    plain = struct.pack(">I", len(body)) + body  # a frame that is not sealed at all
+    forged = Session(shard_key(b"another cluster's secret" * 2, 0), os.urandom(32), os.urandom(32),
+                     outgoing=True).seal(body)  # sealed, but with the wrong key
+    for frame in (plain, forged, struct.pack(">I", 2**31) + b"x" * 64):
+        refused(group.addresses[0], hello + frame)
+    assert not planted.exists()
+    assert (await (await group.leader()).submit(account("ok"))).outcome.ok
+
+
+@pytest.mark.parametrize("outsider_key", [shard_key(os.urandom(32), 0), shard_key(TEST_SECRET, 1)],
+                         ids=["another cluster's secret", "another shard's key"])
+async def test_a_replica_without_the_shards_key_never_joins(tmp_path, outsider_key):
+    group = Group(str(tmp_path))
+    group.start(0)
+    group.start(1)
+    try:
+        leader = await group.leader()
+        committed = await leader.submit(account("secret"))
+        assert committed.outcome.ok
+        outsider = dataclasses.replace(group.settings(2), raft_key=outsider_key)
+        group.services[2] = ReplicaService(outsider, "n2")
+        with pytest.raises(AssertionError, match="timed out"):
+            await poll(lambda: group.services[2].applied_index() >= committed.index, 2.0,
+                       "a replica without the key to receive entries")
+        assert group.services[2].leader_node_id() is None
+        await group.stop(2)
+        group.start(2)  # the same replica with the shard's key catches up
+        await poll(lambda: group.services[2].applied_index() >= committed.index, 15, "the member")
+    finally:
+        await group.stop_all()
+
+
+async def test_connections_that_never_authenticate_are_bounded_and_closed(group):
+    address = group.addresses[0]
+    socks = []
+    try:
+        for _ in range(transport.unauthenticated_connections_max + 40):
+            sock = socket.create_connection(host_port(address), timeout=5)
+            sock.setblocking(False)
+            socks.append(sock)
+
+        def closed_by_node() -> int:
+            count = 0
+            for sock in socks:
+                try:
+                    while chunk := sock.recv(4096):  # our hello, then EOF once closed
+                        del chunk
+                    count += 1
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    count += 1
+            return count
+
+        await poll(lambda: closed_by_node() >= 40, transport.handshake_timeout_s - 1,
+                   "the oldest connections beyond the bound to be pushed out")
+        await poll(lambda: closed_by_node() == len(socks), transport.handshake_timeout_s + 10,
+                   "silent connections to be closed after the handshake timeout")
+        refusals = group.services[0].replica._SyncObj__transport.refused
+        assert refusals.get("pushed out by newer connections before authenticating", 0) >= 40
+        assert refusals.get("no authenticated frame in time", 0) >= 1
+    finally:
+        for sock in socks:
+            sock.close()
+    assert (await (await group.leader()).submit(account("after-flood"))).outcome.ok
+
+
+async def test_the_raft_port_listens_only_on_its_own_address(group):
+    host, port = host_port(group.addresses[0])
+    assert host == "127.0.0.1"
+    with pytest.raises(ConnectionRefusedError):  # 127.0.0.2 is loopback too: reachable via 0.0.0.0
+        socket.create_connection(("127.0.0.2", port), timeout=5).close()
+
+
+def test_a_session_refuses_frames_replayed_reordered_or_tampered():
+    key, client, server = os.urandom(32), os.urandom(32), os.urandom(32)
+    sender, receiver = Session(key, client, server, True), Session(key, client, server, False)
+    first, second = sender.seal(b"one")[4:], sender.seal(b"two")[4:]
+    assert receiver.open(first) == b"one"
+    with pytest.raises(InvalidTag):
+        Session(key, client, server, False).open(second)  # out of order
+    tampered = bytearray(second)
+    tampered[0] ^= 1
+    with pytest.raises(InvalidTag):
+        receiver.open(bytes(tampered))
+    with pytest.raises(InvalidTag):  # a frame of the server's own direction cannot be reflected
+        Session(key, client, server, True).open(Session(key, client, server, True).seal(b"x")[4:])
+
+
+def test_authenticated_frames_are_unpickled_as_plain_data_only(tmp_path):
+    message = {"type": "append_entries", "entries": [(b"cmd", 3, 1)], "term": 1, "x": None}
+    assert transport.loads(transport.dumps(message)) == message
+    with pytest.raises(pickle.UnpicklingError):
+        transport.loads(pickle.dumps(Plant(tmp_path / "planted")))
+    assert not (tmp_path / "planted").exists()
