@@ -76,6 +76,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def _run(self, command: Command) -> Result:
         result = self.ledger.one(command)
         txid = command.id
+        if result.code is C.accounts_must_be_different:
+            # Refused on its shape, like a malformed command: nothing is stored under the id.
+            with self.store.reader() as r:
+                assert r.transaction(txid) is None
+            return result
         if txid not in self.first and not isinstance(command, CreateAccount):
             self.first[txid] = (command, _as_created(result))
         return result

@@ -117,6 +117,7 @@ def test_transaction_records_seq_and_hash_per_entry(funded: Harness) -> None:
     (transfer("t", "alice", "bob", 5, timeout_seconds=10), C.invalid_timeout),
     (transfer("t", "alice", "bob", 5, pending=True, timeout_seconds=-1), C.invalid_timeout),
     (transfer("t", "alice", "bob", 5, code="no spaces"), C.invalid_command),
+    (transfer("t", "alice", "alice", 5), C.accounts_must_be_different),
 ])
 def test_rejected_transactions_change_nothing(funded: Harness, command: CreateTransaction,
                                               code: C) -> None:
@@ -170,6 +171,30 @@ def test_same_account_twice_in_one_transaction_gets_two_entries(funded: Harness)
                                      EntrySpec("bob", CR, 100, "BRL")))
     assert funded.one(tx).ok
     assert acct(funded, "alice").seq == 3
+
+
+@pytest.mark.parametrize(("entries", "field"), [
+    ((EntrySpec("alice", D, 5, "BRL"), EntrySpec("alice", CR, 5, "BRL")), "entries[1].account_id"),
+    ((EntrySpec("alice", D, 5, "BRL"), EntrySpec("bob", CR, 3, "BRL"), EntrySpec("alice", CR, 2, "BRL")),
+     "entries[2].account_id"),
+])
+def test_account_on_both_sides_is_refused_and_not_stored_under_the_id(
+        funded: Harness, entries: tuple[EntrySpec, ...], field: str) -> None:
+    before = [acct(funded, a) for a in ("alice", "bob")]
+    refused = funded.one(CreateTransaction("t", entries))
+    assert refused.code is C.accounts_must_be_different
+    assert dict(refused.details) == {"account_id": "alice", "field": field}
+    assert [acct(funded, a) for a in ("alice", "bob")] == before
+    with funded.store.reader() as r:
+        assert r.transaction("t") is None
+    assert funded.one(transfer("t", "alice", "bob", 5)).ok  # the id was never taken
+
+
+def test_accounts_repeated_on_one_side_only_are_accepted(funded: Harness) -> None:
+    tx = CreateTransaction("t", (EntrySpec("alice", D, 3, "BRL"), EntrySpec("bob", CR, 4, "BRL"),
+                                 EntrySpec("alice", D, 2, "BRL"), EntrySpec("bob", CR, 1, "BRL")))
+    assert funded.one(tx).ok
+    assert (acct(funded, "alice").balance, acct(funded, "bob").balance) == (9_995, 5)
 
 
 def test_retry_of_successful_transaction_returns_first_outcome(funded: Harness) -> None:
