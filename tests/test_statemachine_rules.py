@@ -13,12 +13,13 @@ from raftledger.statemachine.commands import (
     CreateTransaction,
     Direction,
     EntrySpec,
+    ExpireHolds,
     PostPending,
     ReverseTransaction,
     VoidPending,
 )
 from raftledger.statemachine.records import Result
-from raftledger.statemachine.store import QueryError
+from raftledger.statemachine.store import LedgerStore, QueryError
 from raftledger.statemachine.testing import Harness
 
 D, CR = Direction.debit, Direction.credit
@@ -596,4 +597,57 @@ def test_holds_still_expire_after_the_store_is_reopened(funded: Harness, tmp_pat
         assert r.transaction("h").status == "expired"
         assert r.account("alice").debits_pending == 0
     reopened.close()
+
+
+
+# ---- expiry on an idle shard: ExpireHolds carries only a timestamp -----------------------------------
+
+
+def test_expire_holds_after_the_deadline_expires_the_hold(funded: Harness) -> None:
+    funded.one(transfer("h", "alice", "bob", 4_000, pending=True, timeout_seconds=30))
+    before = _tables(funded)
+    funded.advance(31)
+    result = funded.one(ExpireHolds())
+    assert (result.code, result.id, result.record, result.replayed) == (C.ok, "", None, False)
+    a, b = acct(funded, "alice"), acct(funded, "bob")
+    assert (a.available, a.debits_pending, b.credits_pending) == (10_000, 0, 0)
+    after = _tables(funded)
+    assert after["idempotency"] == before["idempotency"] and after["expiries"] == []
+    with funded.store.reader() as r:
+        assert r.transaction("h").status == "expired"
+        new_events = r.events(len(before["outbox"]), 1000)
+        assert [(e.type, e.data["id"]) for e in new_events] == [("transaction.expired", "h")]
+        assert verify_store(r) == []
+
+
+def test_expire_holds_before_the_deadline_changes_only_the_timestamp(funded: Harness) -> None:
+    funded.one(transfer("h", "alice", "bob", 4_000, pending=True, timeout_seconds=30))
+    funded.advance(29)
+    tables, stamp = _tables(funded), funded.store.last_timestamp()
+    assert funded.one(ExpireHolds()).ok
+    assert _tables(funded) == tables
+    assert funded.store.last_timestamp() == funded.now_ns > stamp
+    with funded.store.reader() as r:
+        assert r.transaction("h").status == "pending"
+
+
+def test_expire_holds_applied_on_two_fresh_stores_gives_the_same_fingerprint(
+        funded: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    funded.one(transfer("h1", "alice", "bob", 5, pending=True, timeout_seconds=1))
+    funded.one(transfer("h2", "alice", "bob", 7, pending=True, timeout_seconds=60))
+    funded.apply(ExpireHolds())
+    funded.advance(2)
+    funded.apply(ExpireHolds(), transfer("t", "alice", "bob", 1), ExpireHolds())
+    replicas = [LedgerStore(str(tmp_path / f"replica{i}.lmdb"), map_size=2**30) for i in range(2)]
+    for replica in replicas:
+        for index, payload in funded.log:
+            replica.apply_entry(index, payload)
+    try:
+        assert replicas[0].fingerprint() == replicas[1].fingerprint() == funded.store.fingerprint()
+        with replicas[0].reader() as a, replicas[1].reader() as b:
+            assert a.payload_digest() == b.payload_digest()
+            assert a.transaction("h1").status == "expired" and a.transaction("h2").status == "pending"
+    finally:
+        for replica in replicas:
+            replica.close()
 
