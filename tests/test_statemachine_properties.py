@@ -143,7 +143,10 @@ class LedgerMachine(RuleBasedStateMachine):
         before = self.store.last_timestamp()
         result = self.ledger.one(ExpireHolds())
         assert (result.code, result.id, result.record) == (C.ok, "", None)
+        with self.store.reader() as r:
+            after = r.earliest_hold_deadline()
         assert self.store.last_timestamp() > before
+        assert after is None or after > self.store.last_timestamp()  # every hold due is gone
 
     @precondition(lambda self: self.first)
     @rule(data=st.data())

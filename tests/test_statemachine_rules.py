@@ -651,3 +651,19 @@ def test_expire_holds_applied_on_two_fresh_stores_gives_the_same_fingerprint(
         for replica in replicas:
             replica.close()
 
+
+def test_earliest_hold_deadline_is_the_next_hold_to_expire(funded: Harness) -> None:
+    def earliest() -> int | None:
+        with funded.store.reader() as r:
+            return r.earliest_hold_deadline()
+
+    assert earliest() is None
+    funded.one(transfer("forever", "alice", "bob", 1, pending=True))  # no timeout: no deadline
+    late = funded.one(transfer("late", "alice", "bob", 1, pending=True, timeout_seconds=20)).record
+    soon = funded.one(transfer("soon", "alice", "bob", 1, pending=True, timeout_seconds=10)).record
+    assert earliest() == soon.expires_at == soon.timestamp + 10 * 10**9
+    funded.now_ns = soon.expires_at - 1000  # the next request is timestamped at the deadline itself
+    funded.one(ExpireHolds())
+    assert earliest() == late.expires_at
+    funded.one(PostPending("p", "late"))
+    assert earliest() is None
