@@ -57,6 +57,7 @@ STATUS: dict[str, int] = {
     "transaction_not_found": 404,
     "invalid_timeout": 400,
     "invalid_metadata": 400,
+    "accounts_must_be_different": 422,
     # Edge codes: refused before the ledger sees the request.
     "malformed_json": 400,
     "malformed_body": 400,

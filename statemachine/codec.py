@@ -23,6 +23,7 @@ from .commands import (
     CreateTransaction,
     Direction,
     EntrySpec,
+    ExpireHolds,
     PostPending,
     Request,
     ReverseTransaction,
@@ -37,6 +38,7 @@ TAG_POST_PENDING: Final = 3
 TAG_VOID_PENDING: Final = 4
 TAG_REVERSE: Final = 5
 TAG_BATCH: Final = 6
+TAG_EXPIRE_HOLDS: Final = 7  # standalone only: never inside a Batch
 
 DIRECTIONS: Final = (Direction.debit, Direction.credit)
 DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
@@ -74,6 +76,8 @@ def command_to_wire(command: AnyCommand) -> list[Any]:
         return [TAG_REVERSE, command.id, command.transaction_id]
     if isinstance(command, Batch):
         return [TAG_BATCH, command.atomic, [command_to_wire(c) for c in command.commands]]
+    if isinstance(command, ExpireHolds):
+        return [TAG_EXPIRE_HOLDS]
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
@@ -135,10 +139,15 @@ def _decode_one(w: Any) -> Command:
 
 
 def command_from_wire(w: Any) -> AnyCommand | Invalid:
+    """A command, a Batch of commands, or ExpireHolds; the last two are never inside a Batch."""
     try:
-        if isinstance(w, list) and w and w[0] == TAG_BATCH and len(w) == 3:
-            inner = tuple(_decode_one(c) for c in _want(w[2], list, "commands"))
-            return Batch(inner, _want(w[1], bool, "atomic"))
+        if isinstance(w, list) and w:
+            tag = w[0]
+            if tag == TAG_BATCH and len(w) == 3:
+                inner = tuple(_decode_one(c) for c in _want(w[2], list, "commands"))
+                return Batch(inner, _want(w[1], bool, "atomic"))
+            if type(tag) is int and tag == TAG_EXPIRE_HOLDS and len(w) == 1:
+                return ExpireHolds()
         return _decode_one(w)
     except CodecError as exc:
         return Invalid(str(exc))

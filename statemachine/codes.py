@@ -41,6 +41,7 @@ class ResultCode(IntEnum):
     transaction_not_found = 27
     invalid_timeout = 28
     invalid_metadata = 29
+    accounts_must_be_different = 30
 
     @property
     def is_ok(self) -> bool:
@@ -78,4 +79,5 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.transaction_not_found: "the transaction does not exist",
     ResultCode.invalid_timeout: "timeout_seconds needs pending=true and 0 <= timeout < 2**31",
     ResultCode.invalid_metadata: "metadata must be a JSON object of bounded size",
+    ResultCode.accounts_must_be_different: "an account is on both the debit and the credit side",
 }

@@ -139,7 +139,24 @@ class Batch:
         self.atomic = atomic
 
 
-AnyCommand: TypeAlias = Command | Batch
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class ExpireHolds:
+    """Only a timestamp: lets a leader expire holds on a shard that receives no other request.
+
+    Every request first expires the holds due by its timestamp; this one does nothing else. It is
+    proposed on its own, never inside a Batch.
+    """
+
+    def __init__(self) -> None:
+        pass
+
+    @property
+    def id(self) -> str:
+        """Not a field: the empty id its Result carries, for code that sizes or logs commands by id."""
+        return ""
+
+
+AnyCommand: TypeAlias = Command | Batch | ExpireHolds
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

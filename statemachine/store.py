@@ -272,6 +272,19 @@ class Reader:
         _digest, code, ts, details = rejection
         return Rejection(txid, code, ts, details)
 
+    def earliest_hold_deadline(self) -> int | None:
+        """The deadline (ns) of the pending hold that expires first, or None if no hold has one.
+
+        One read, the first key of the expiries table: cheap enough for a leader to poll, and to
+        propose ``ExpireHolds`` once its clock reaches it (a hold expires at a request timestamped
+        at or after its deadline).
+        """
+        cursor = self.txn.cursor(db=self.dbs.expiries)
+        if not cursor.first():
+            return None
+        deadline: int = U64.unpack_from(cursor.key())[0]
+        return deadline
+
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
         """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""
         limit = max(1, min(limit, events_page_limit_max))

@@ -1,4 +1,5 @@
-"""Shape checks that need no stored state: ids, currencies, amounts, limits, metadata.
+"""Shape checks that need no stored state: ids, currencies, amounts, limits, metadata, and that no
+account is on both sides of a transaction.
 
 Each check returns None when the command is well formed, or the rejection code and details. The HTTP
 layer runs the same checks at the edge; the state machine runs them again because the log, not the edge,
@@ -18,6 +19,8 @@ from .commands import (
     Command,
     CreateAccount,
     CreateTransaction,
+    Direction,
+    EntrySpec,
     PostPending,
     ReverseTransaction,
     VoidPending,
@@ -132,7 +135,30 @@ def _entries_problem(cmd: CreateTransaction) -> Problem | None:
             return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
         if not CURRENCIES.matches(e.currency):
             return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
+    return _self_transfer_problem(cmd.entries)
+
+
+def _self_transfer_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
+    """An account on both sides would move money to itself; twice on one side is fine. Names the
+    first entry whose account is already on the other side."""
+    if len(entries) == 2:  # the shorthand transfer: no sets to build
+        first, second = entries
+        if first.account_id != second.account_id or first.direction is second.direction:
+            return None
+        return _self_transfer(second.account_id, 1)
+    if len({e.account_id for e in entries}) == len(entries):
+        return None  # no account twice, the usual case: one set, no per-side bookkeeping
+    sides: dict[str, Direction] = {}
+    for i, e in enumerate(entries):
+        side = sides.setdefault(e.account_id, e.direction)
+        if side is not e.direction:
+            return _self_transfer(e.account_id, i)
     return None
+
+
+def _self_transfer(account_id: str, index: int) -> Problem:
+    return ResultCode.accounts_must_be_different, {"account_id": account_id,
+                                                   "field": f"entries[{index}].account_id"}
 
 
 def transaction_problem(cmd: CreateTransaction) -> Problem | None:

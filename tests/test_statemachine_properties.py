@@ -27,6 +27,7 @@ from raftledger.statemachine.commands import (
     CreateTransaction,
     Direction,
     EntrySpec,
+    ExpireHolds,
     PostPending,
     Request,
     ReverseTransaction,
@@ -76,6 +77,11 @@ class LedgerMachine(RuleBasedStateMachine):
     def _run(self, command: Command) -> Result:
         result = self.ledger.one(command)
         txid = command.id
+        if result.code is C.accounts_must_be_different:
+            # Refused on its shape, like a malformed command: nothing is stored under the id.
+            with self.store.reader() as r:
+                assert r.transaction(txid) is None
+            return result
         if txid not in self.first and not isinstance(command, CreateAccount):
             self.first[txid] = (command, _as_created(result))
         return result
@@ -130,6 +136,17 @@ class LedgerMachine(RuleBasedStateMachine):
     def advance_and_touch(self, seconds: int) -> None:
         self.ledger.advance(seconds)
         self._run(CreateAccount("clock", "BRL"))
+
+    @rule(seconds=st.integers(0, 4))
+    def advance_and_expire_holds(self, seconds: int) -> None:
+        self.ledger.advance(seconds)
+        before = self.store.last_timestamp()
+        result = self.ledger.one(ExpireHolds())
+        assert (result.code, result.id, result.record) == (C.ok, "", None)
+        with self.store.reader() as r:
+            after = r.earliest_hold_deadline()
+        assert self.store.last_timestamp() > before
+        assert after is None or after > self.store.last_timestamp()  # every hold due is gone
 
     @precondition(lambda self: self.first)
     @rule(data=st.data())
@@ -214,7 +231,7 @@ commands = st.one_of(
     st.builds(ReverseTransaction, ids, ids),
 )
 any_commands = st.one_of(commands, st.builds(Batch, st.lists(commands, max_size=4).map(tuple),
-                                             st.booleans()))
+                                             st.booleans()), st.just(ExpireHolds()))
 
 
 @given(any_commands)
@@ -232,7 +249,7 @@ def test_entries_survive_a_codec_round_trip(items: list[tuple[int, Command]]) ->
 def test_garbage_decodes_without_raising(data: bytes) -> None:
     decoded = decode_command(b"\x01" + data)
     assert isinstance(decoded, Invalid | Batch | CreateAccount | CreateTransaction | PostPending
-                      | VoidPending | ReverseTransaction)
+                      | VoidPending | ReverseTransaction | ExpireHolds)
 
 
 def test_command_of_wrong_shape_decodes_to_invalid() -> None:
@@ -241,6 +258,23 @@ def test_command_of_wrong_shape_decodes_to_invalid() -> None:
     wrong = b"\x01" + msgpack.packb([2, "t", [["a", 0, 1.5, "BRL"]], False, 0, "", {}])
     assert isinstance(decode_command(wrong), Invalid)
     assert isinstance(decode_command(b"\x07" + msgpack.packb([1])), Invalid)
+
+
+def test_expire_holds_survives_a_codec_round_trip_alone_and_in_an_entry() -> None:
+    assert decode_command(encode_command(ExpireHolds())) == ExpireHolds()
+    payload = encode_requests([Request(5, ExpireHolds()), Request(6, VoidPending("v", "h"))])
+    assert decode_requests(payload) == [(5, ExpireHolds()), (6, VoidPending("v", "h"))]
+
+
+def test_expire_holds_decodes_only_on_its_own_never_inside_a_batch(ledger: Harness) -> None:
+    import msgpack
+
+    assert decode_command(b"\x01" + msgpack.packb([7])) == ExpireHolds()
+    for wrong in ([7, 0], [7.0], [True], [6, False, [[7]]], [6, True, [[2, "t", [], False, 0, "", {}], [7]]]):
+        assert isinstance(decode_command(b"\x01" + msgpack.packb(wrong)), Invalid), wrong
+    in_batch = [[1, [6, False, [[7]]]]]
+    outcome = ledger.store.apply_entry(ledger.index + 1, b"\x01" + msgpack.packb(in_batch))
+    assert outcome is not None and [o.code for o in outcome] == [C.invalid_command]  # type: ignore[union-attr]
 
 
 # ---- purity --------------------------------------------------------------------------------------

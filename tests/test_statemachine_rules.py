@@ -13,12 +13,13 @@ from raftledger.statemachine.commands import (
     CreateTransaction,
     Direction,
     EntrySpec,
+    ExpireHolds,
     PostPending,
     ReverseTransaction,
     VoidPending,
 )
 from raftledger.statemachine.records import Result
-from raftledger.statemachine.store import QueryError
+from raftledger.statemachine.store import LedgerStore, QueryError
 from raftledger.statemachine.testing import Harness
 
 D, CR = Direction.debit, Direction.credit
@@ -117,6 +118,7 @@ def test_transaction_records_seq_and_hash_per_entry(funded: Harness) -> None:
     (transfer("t", "alice", "bob", 5, timeout_seconds=10), C.invalid_timeout),
     (transfer("t", "alice", "bob", 5, pending=True, timeout_seconds=-1), C.invalid_timeout),
     (transfer("t", "alice", "bob", 5, code="no spaces"), C.invalid_command),
+    (transfer("t", "alice", "alice", 5), C.accounts_must_be_different),
 ])
 def test_rejected_transactions_change_nothing(funded: Harness, command: CreateTransaction,
                                               code: C) -> None:
@@ -170,6 +172,30 @@ def test_same_account_twice_in_one_transaction_gets_two_entries(funded: Harness)
                                      EntrySpec("bob", CR, 100, "BRL")))
     assert funded.one(tx).ok
     assert acct(funded, "alice").seq == 3
+
+
+@pytest.mark.parametrize(("entries", "field"), [
+    ((EntrySpec("alice", D, 5, "BRL"), EntrySpec("alice", CR, 5, "BRL")), "entries[1].account_id"),
+    ((EntrySpec("alice", D, 5, "BRL"), EntrySpec("bob", CR, 3, "BRL"), EntrySpec("alice", CR, 2, "BRL")),
+     "entries[2].account_id"),
+])
+def test_account_on_both_sides_is_refused_and_not_stored_under_the_id(
+        funded: Harness, entries: tuple[EntrySpec, ...], field: str) -> None:
+    before = [acct(funded, a) for a in ("alice", "bob")]
+    refused = funded.one(CreateTransaction("t", entries))
+    assert refused.code is C.accounts_must_be_different
+    assert dict(refused.details) == {"account_id": "alice", "field": field}
+    assert [acct(funded, a) for a in ("alice", "bob")] == before
+    with funded.store.reader() as r:
+        assert r.transaction("t") is None
+    assert funded.one(transfer("t", "alice", "bob", 5)).ok  # the id was never taken
+
+
+def test_accounts_repeated_on_one_side_only_are_accepted(funded: Harness) -> None:
+    tx = CreateTransaction("t", (EntrySpec("alice", D, 3, "BRL"), EntrySpec("bob", CR, 4, "BRL"),
+                                 EntrySpec("alice", D, 2, "BRL"), EntrySpec("bob", CR, 1, "BRL")))
+    assert funded.one(tx).ok
+    assert (acct(funded, "alice").balance, acct(funded, "bob").balance) == (9_995, 5)
 
 
 def test_retry_of_successful_transaction_returns_first_outcome(funded: Harness) -> None:
@@ -572,3 +598,72 @@ def test_holds_still_expire_after_the_store_is_reopened(funded: Harness, tmp_pat
         assert r.account("alice").debits_pending == 0
     reopened.close()
 
+
+
+# ---- expiry on an idle shard: ExpireHolds carries only a timestamp -----------------------------------
+
+
+def test_expire_holds_after_the_deadline_expires_the_hold(funded: Harness) -> None:
+    funded.one(transfer("h", "alice", "bob", 4_000, pending=True, timeout_seconds=30))
+    before = _tables(funded)
+    funded.advance(31)
+    result = funded.one(ExpireHolds())
+    assert (result.code, result.id, result.record, result.replayed) == (C.ok, "", None, False)
+    a, b = acct(funded, "alice"), acct(funded, "bob")
+    assert (a.available, a.debits_pending, b.credits_pending) == (10_000, 0, 0)
+    after = _tables(funded)
+    assert after["idempotency"] == before["idempotency"] and after["expiries"] == []
+    with funded.store.reader() as r:
+        assert r.transaction("h").status == "expired"
+        new_events = r.events(len(before["outbox"]), 1000)
+        assert [(e.type, e.data["id"]) for e in new_events] == [("transaction.expired", "h")]
+        assert verify_store(r) == []
+
+
+def test_expire_holds_before_the_deadline_changes_only_the_timestamp(funded: Harness) -> None:
+    funded.one(transfer("h", "alice", "bob", 4_000, pending=True, timeout_seconds=30))
+    funded.advance(29)
+    tables, stamp = _tables(funded), funded.store.last_timestamp()
+    assert funded.one(ExpireHolds()).ok
+    assert _tables(funded) == tables
+    assert funded.store.last_timestamp() == funded.now_ns > stamp
+    with funded.store.reader() as r:
+        assert r.transaction("h").status == "pending"
+
+
+def test_expire_holds_applied_on_two_fresh_stores_gives_the_same_fingerprint(
+        funded: Harness, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    funded.one(transfer("h1", "alice", "bob", 5, pending=True, timeout_seconds=1))
+    funded.one(transfer("h2", "alice", "bob", 7, pending=True, timeout_seconds=60))
+    funded.apply(ExpireHolds())
+    funded.advance(2)
+    funded.apply(ExpireHolds(), transfer("t", "alice", "bob", 1), ExpireHolds())
+    replicas = [LedgerStore(str(tmp_path / f"replica{i}.lmdb"), map_size=2**30) for i in range(2)]
+    for replica in replicas:
+        for index, payload in funded.log:
+            replica.apply_entry(index, payload)
+    try:
+        assert replicas[0].fingerprint() == replicas[1].fingerprint() == funded.store.fingerprint()
+        with replicas[0].reader() as a, replicas[1].reader() as b:
+            assert a.payload_digest() == b.payload_digest()
+            assert a.transaction("h1").status == "expired" and a.transaction("h2").status == "pending"
+    finally:
+        for replica in replicas:
+            replica.close()
+
+
+def test_earliest_hold_deadline_is_the_next_hold_to_expire(funded: Harness) -> None:
+    def earliest() -> int | None:
+        with funded.store.reader() as r:
+            return r.earliest_hold_deadline()
+
+    assert earliest() is None
+    funded.one(transfer("forever", "alice", "bob", 1, pending=True))  # no timeout: no deadline
+    late = funded.one(transfer("late", "alice", "bob", 1, pending=True, timeout_seconds=20)).record
+    soon = funded.one(transfer("soon", "alice", "bob", 1, pending=True, timeout_seconds=10)).record
+    assert earliest() == soon.expires_at == soon.timestamp + 10 * 10**9
+    funded.now_ns = soon.expires_at - 1000  # the next request is timestamped at the deadline itself
+    funded.one(ExpireHolds())
+    assert earliest() == late.expires_at
+    funded.one(PostPending("p", "late"))
+    assert earliest() is None
