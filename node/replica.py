@@ -28,7 +28,7 @@ from pysyncobj import SyncObj, SyncObjConf, replicated
 from pysyncobj.config import FAIL_REASON
 from pysyncobj.monotonic import monotonic as raft_clock
 from raftledger.statemachine import codec
-from raftledger.statemachine.commands import AnyCommand, Batch, CreateTransaction, Request
+from raftledger.statemachine.commands import AnyCommand, Batch, CreateTransaction, ExpireHolds, Request
 from raftledger.statemachine.records import Outcome
 from raftledger.statemachine.store import LedgerStore
 
@@ -57,6 +57,8 @@ drain_timeout_s = 5.0
 command_overhead_bytes = 48  # size_hint: tags, flags, timestamps, msgpack headers
 entry_overhead_bytes = 16
 drain_poll_s = 0.01
+# How often the leader looks for holds past their deadline on a shard with nothing else to apply.
+expiry_check_interval_s = 0.5
 # Raft timing (seconds) and PySyncObj queues.
 append_entries_period_s = 0.05
 election_timeout_min_s = 0.8
@@ -330,7 +332,8 @@ class ReplicaService:
         on_fsync = None if metrics is None else partial(metrics.observe_fsync, self.shard)
         self.replica = ShardReplica(settings, retire=self._retire, on_applied=self._applied_threadsafe,
                                     on_fsync=on_fsync, on_leader_change=self._leader_changed_threadsafe)
-        self._task = self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}")
+        self._tasks = [self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}"),
+                       self.loop.create_task(self._expire_holds(), name=f"expiry-{self.shard}")]
 
     # -- ShardService -------------------------------------------------------------------------------
     @property
@@ -558,6 +561,21 @@ class ReplicaService:
             if not future.done():
                 future.set_result(Committed(outcome=outcome, index=index))
 
+    # -- holds on an idle shard ----------------------------------------------------------------------
+    async def _expire_holds(self) -> None:
+        """On the leader: once the earliest hold's deadline has passed and no request is on its way
+        (any request would expire it when applied), propose ``ExpireHolds``, timestamped like any
+        request, so the hold is released on every replica at the same point of the log."""
+        while True:
+            await asyncio.sleep(expiry_check_interval_s)  # a timer: the passing of time is the event
+            if not (self._accepting and self.is_leader()) or self._queue or self._inflight_count:
+                continue
+            with self.store.reader() as reader:
+                deadline = reader.earliest_hold_deadline()
+            if deadline is not None and deadline <= time.time_ns():
+                with contextlib.suppress(Unavailable):
+                    await self.submit(ExpireHolds())
+
     # -- applied-index waiters ------------------------------------------------------------------------
     def _applied_threadsafe(self, index: int) -> None:  # tick thread
         if self._want_applied:
@@ -594,5 +612,6 @@ class ReplicaService:
     async def close(self) -> None:
         if self._accepting:
             await self.drain(drain_timeout_s)
-        self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
         await asyncio.to_thread(self.replica.close)

@@ -4,6 +4,11 @@ A Raft entry payload is ``VERSION byte + msgpack([[timestamp_ns, command], ...])
 list whose first element is its type tag. Decoding is strict: a command of the wrong shape decodes to
 ``Invalid`` (and applies as ``invalid_command``) instead of raising, so one bad command cannot stop a
 replica from applying the rest of the log.
+
+The version byte is also the version of the ledger rules the entry was proposed under
+(``validate.RULES_VERSION``): entries of every version in ``VERSIONS`` apply under their own rules, and
+an entry of a version this code does not know raises ``UnknownVersion``, which stops the replica
+(a newer leader's entry is never applied as something else).
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ from .commands import (
     ReverseTransaction,
     VoidPending,
 )
+from .validate import RULES_VERSION
 
-VERSION: Final = 1
+VERSION: Final = RULES_VERSION  # written
+VERSIONS: Final = (1, 2)  # read
 
 TAG_CREATE_ACCOUNT: Final = 1
 TAG_CREATE_TRANSACTION: Final = 2
@@ -46,6 +53,10 @@ DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
 
 class CodecError(ValueError):
     pass
+
+
+class UnknownVersion(CodecError):
+    """An entry written by newer code: applying it under older rules would diverge."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,7 +170,7 @@ def encode_command(command: AnyCommand) -> bytes:
 
 
 def decode_command(data: bytes) -> AnyCommand | Invalid:
-    if not data or data[0] != VERSION:
+    if not data or data[0] not in VERSIONS:
         return Invalid("unknown codec version")
     try:
         wire = msgpack.unpackb(data[1:], strict_map_key=True)
@@ -175,10 +186,17 @@ def encode_requests(requests: list[Request]) -> bytes:
     return bytes([VERSION]) + packed
 
 
+def entry_version(data: bytes) -> int:
+    """The rules version of an entry; raises UnknownVersion for one this code cannot apply."""
+    if not data or data[0] not in VERSIONS:
+        raise UnknownVersion(f"entry version {data[0] if data else None} is not one of {VERSIONS}")
+    return data[0]
+
+
 def decode_requests(data: bytes) -> list[tuple[int, AnyCommand | Invalid]]:
-    """Decode an entry; raises CodecError only if the entry as a whole is unreadable."""
-    if not data or data[0] != VERSION:
-        raise CodecError("unknown codec version")
+    """Decode an entry; raises CodecError only if the entry as a whole is unreadable (UnknownVersion
+    if it was written by newer code)."""
+    entry_version(data)
     try:
         wire = msgpack.unpackb(data[1:], strict_map_key=True)
     except (ValueError, msgpack.UnpackException) as exc:

@@ -57,7 +57,7 @@ from .records import (
     Transaction,
     TxEntry,
 )
-from .validate import Problem, command_problem
+from .validate import RULES_VERSION, Problem, command_problem
 
 balance_limit = 2**127
 NO_DEADLINE: Final = 2**64
@@ -267,7 +267,8 @@ class Applier:
     """
 
     def __init__(self, txn: lmdb.Transaction, dbs: Dbs, state: ShardState, expiry_floor: int = 0,
-                 committed_rows: dict[str, AccountRow] | None = None) -> None:
+                 committed_rows: dict[str, AccountRow] | None = None,
+                 rules: int = RULES_VERSION) -> None:
         self.cursors = Cursors.open(txn, dbs)
         self.committed_rows: dict[str, AccountRow] = {} if committed_rows is None else committed_rows
         self.written: dict[str, AccountRow] = {}
@@ -278,6 +279,7 @@ class Applier:
         # A lower bound on the earliest hold deadline (a cache, not replicated state): requests
         # before it skip the expiry scan. Inserting a deadline lowers it; a scan raises it.
         self.expiry_floor = expiry_floor
+        self.rules = rules  # the entry's rules version (validate.RULES_VERSION and earlier)
 
     # ---- entry point --------------------------------------------------------------------------
 
@@ -343,7 +345,7 @@ class Applier:
     # ---- accounts -----------------------------------------------------------------------------
 
     def _create_account(self, cmd: CreateAccount, ts: int) -> Result:
-        problem = command_problem(cmd)
+        problem = command_problem(cmd, self.rules)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         existing = self._find_row(cmd.id)
@@ -440,7 +442,7 @@ class Applier:
 
     def _transaction(self, cmd: TransactionCommand, ts: int) -> Result:
         """Shape, then idempotency, then effects: the first outcome of an id is stored for good."""
-        problem = command_problem(cmd)
+        problem = command_problem(cmd, self.rules)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
         digest = payload_hash(cmd, self.packb)

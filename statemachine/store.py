@@ -17,7 +17,7 @@ import lmdb
 import msgpack
 
 from . import hashing
-from .codec import CodecError, Invalid, decode_requests
+from .codec import CodecError, Invalid, decode_requests, entry_version
 from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
@@ -106,13 +106,14 @@ class LedgerStore:
         """Apply one Raft entry; None (and nothing changes) if ``index`` was applied already."""
         if index <= self._state.applied_index:
             return None
+        rules = entry_version(payload)  # UnknownVersion stops this replica: never apply it as empty
         try:
             requests = decode_requests(payload)
-        except CodecError:
+        except CodecError:  # unreadable as a whole: applied as no request, the same on every replica
             requests = []
         while True:
             try:
-                return self._apply_requests(index, payload, requests)
+                return self._apply_requests(index, payload, requests, rules)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
 
@@ -121,10 +122,10 @@ class LedgerStore:
         return (self.env.info()["last_pgno"] + 1) * self._page_size
 
     def _apply_requests(self, index: int, payload: bytes,
-                        requests: list[tuple[int, AnyCommand | Invalid]]) -> list[Outcome]:
+                        requests: list[tuple[int, AnyCommand | Invalid]], rules: int) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
-            applier = Applier(txn, self.dbs, state, self._expiry_floor, self._rows)
+            applier = Applier(txn, self.dbs, state, self._expiry_floor, self._rows, rules)
             outcomes = applier.apply_requests(requests)
             state = applier.state
             state.applied_index = index

@@ -4,6 +4,11 @@ account is on both sides of a transaction.
 Each check returns None when the command is well formed, or the rejection code and details. The HTTP
 layer runs the same checks at the edge; the state machine runs them again because the log, not the edge,
 is the authority.
+
+A rule added after entries were written must not change how those entries apply: every Raft entry
+records the version of the rules its leader proposed it under (its first byte, ``codec``), and a
+check added in version ``v`` applies only to entries of version ``v`` and later. So a replica that
+replays or catches up on an old log reaches exactly the state the log's first appliers reached.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ from .commands import (
     timeout_seconds_max,
 )
 
+RULES_VERSION: Final = 2  # the rules this code applies to the entries it proposes
+RULES_SELF_TRANSFER: Final = 2  # from this version, an account may not be on both sides
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")
@@ -122,7 +129,7 @@ def account_problem(cmd: CreateAccount) -> Problem | None:
     return metadata_problem(cmd.metadata)
 
 
-def _entries_problem(cmd: CreateTransaction) -> Problem | None:
+def _entries_problem(cmd: CreateTransaction, rules: int) -> Problem | None:
     count = len(cmd.entries)
     if count < entries_per_transaction_min:
         return ResultCode.too_few_entries, {"count": count}
@@ -135,7 +142,7 @@ def _entries_problem(cmd: CreateTransaction) -> Problem | None:
             return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
         if not CURRENCIES.matches(e.currency):
             return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
-    return _self_transfer_problem(cmd.entries)
+    return _self_transfer_problem(cmd.entries) if rules >= RULES_SELF_TRANSFER else None
 
 
 def _self_transfer_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
@@ -161,8 +168,8 @@ def _self_transfer(account_id: str, index: int) -> Problem:
                                                    "field": f"entries[{index}].account_id"}
 
 
-def transaction_problem(cmd: CreateTransaction) -> Problem | None:
-    problem = _id_problem(cmd.id, "id") or _entries_problem(cmd)
+def transaction_problem(cmd: CreateTransaction, rules: int = RULES_VERSION) -> Problem | None:
+    problem = _id_problem(cmd.id, "id") or _entries_problem(cmd, rules)
     if problem:
         return problem
     timeout = cmd.timeout_seconds
@@ -183,10 +190,10 @@ def follow_up_problem(cmd: PostPending | VoidPending | ReverseTransaction) -> Pr
     return None
 
 
-def command_problem(cmd: Command) -> Problem | None:
-    """The shape check of any command."""
+def command_problem(cmd: Command, rules: int = RULES_VERSION) -> Problem | None:
+    """The shape check of any command, under the rules of version ``rules``."""
     if isinstance(cmd, CreateTransaction):
-        return transaction_problem(cmd)
+        return transaction_problem(cmd, rules)
     if isinstance(cmd, CreateAccount):
         return account_problem(cmd)
     return follow_up_problem(cmd)

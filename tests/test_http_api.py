@@ -126,6 +126,18 @@ async def test_retry_of_rejected_transaction_returns_same_rejection(api):
     assert (await again.json())["error"]["code"] == "exceeds_credits"
 
 
+async def test_a_transfer_from_an_account_to_itself_is_422_and_takes_no_id(api):
+    await make_accounts(api, f"a{TAG}")
+    own = {"id": "self", "debit_account_id": f"a{TAG}", "credit_account_id": f"a{TAG}",
+           "amount": 5, "currency": "BRL"}
+    resp = await api.post("/v1/transactions", json=own)
+    assert resp.status == 422
+    error = (await resp.json())["error"]
+    assert error["code"] == "accounts_must_be_different"
+    assert error["details"]["account_id"] == f"a{TAG}"
+    assert (await api.get("/v1/transactions/self")).status == 404
+
+
 async def test_identical_retry_is_replayed_and_different_payload_is_409(api):
     await make_accounts(api, f"a{TAG}", f"b{TAG}")
     first = await api.post("/v1/transactions", json=transfer("t2"), headers={"Idempotency-Key": "t2"})

@@ -182,3 +182,35 @@ async def test_write_through_a_follower_moves_on_when_the_leader_is_paused(clust
     # forward timeout (12 s) on the paused one.
     assert status == 201, body
     assert elapsed < 8, elapsed
+
+
+async def test_a_write_through_a_follower_waits_for_the_next_leader_when_the_leader_dies(cluster, http):
+    a, b, shard = await open_pair(cluster, http, "dl")
+    leader = cluster.leader(shard)
+    follower = next(n for n in cluster.node_ids if n != leader)
+    cluster.kill(leader)
+    # One request, no client retry: the follower waits (bounded) for the election's result and
+    # forwards there, instead of answering not_leader while the dead leader is still its leader.
+    status, body, _ = await call(http, "POST", cluster.urls[follower] + "/v1/transactions",
+                                 json=transfer("after-death", a, b, 7))
+    assert status == 201, body
+    assert cluster.leader(shard) != leader
+
+
+async def test_a_hold_on_an_idle_shard_expires_by_itself_about_a_second_after_its_deadline(
+        cluster, http):
+    a, b, shard = await open_pair(cluster, http, "ex")
+    status, hold, _ = await write(http, cluster.urls["n0"], "/v1/transactions",
+                                  {**transfer("hold-1", a, b, 40), "pending": True,
+                                   "timeout_seconds": 1})
+    assert status == 201 and hold["status"] == "pending", hold
+    deadline_s = (hold["timestamp"] + 10**9) / 1e9
+    for url in cluster.urls.values():  # nothing else is written to the shard from here on
+        async def expired(url: str = url) -> bool:
+            status, body, _ = await call(http, "GET", f"{url}/v1/transactions/hold-1")
+            return status == 200 and body["status"] == "expired"
+        await until(expired, 15, f"the hold to expire on {url}")
+        status, balance, _ = await call(http, "GET", f"{url}/v1/accounts/{a}/balance")
+        assert balance["debits_pending"] == 0 and balance["debits_posted"] == 0
+    assert time.time() - deadline_s < 5  # well within the time it took to look at every replica
+

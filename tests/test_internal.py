@@ -19,7 +19,7 @@ from raftledger.node import wire
 from raftledger.node.http import NodeContext, create_app
 from raftledger.node.http import internal as internal_api
 from raftledger.statemachine import codec
-from raftledger.statemachine.commands import Batch, CreateAccount
+from raftledger.statemachine.commands import Batch, CreateAccount, ExpireHolds
 from raftledger.statemachine.store import LedgerStore
 
 SHARDS = 2
@@ -167,6 +167,16 @@ async def test_a_malformed_command_is_refused_before_it_is_proposed(node):
     [good] = await submit(internal, 0, account(a))
     assert good["results"][0]["code"] == "ok"
     assert applied(stores) == [1, 0]
+
+
+async def test_a_self_transfer_or_a_leader_only_command_is_refused_unapplied(node):
+    internal, _, stores = node
+    a = on_shard(0, "s")[0]
+    [own] = await submit(internal, 0, transfer("self", a, a, 5))
+    assert own["error"]["code"] == "accounts_must_be_different"
+    [expire] = await submit(internal, 0, ExpireHolds())  # proposed by a leader itself, never sent
+    assert expire["error"]["code"] == "malformed_body"
+    assert applied(stores) == [0, 0]
 
 
 async def test_a_shard_in_the_path_that_is_not_a_hosted_number_is_a_404(node):

@@ -164,6 +164,31 @@ async def test_leader_cut_off_from_its_majority_reports_growing_contact_age(grou
     assert leader.is_leader(), "still leading until leaderFallbackTimeout"
 
 
+async def test_a_hold_on_an_idle_shard_expires_on_every_replica_without_other_writes(group):
+    from raftledger.statemachine.commands import CreateTransaction, Direction, EntrySpec
+
+    leader = await group.leader()
+    for acct in ("ha", "hb"):
+        assert (await leader.submit(account(acct))).outcome.ok
+    entries = (EntrySpec("ha", Direction.debit, 9, "BRL"), EntrySpec("hb", Direction.credit, 9, "BRL"))
+    held = await leader.submit(CreateTransaction("hold", entries, pending=True, timeout_seconds=1))
+    assert held.outcome.ok and held.outcome.record.status == "pending"
+
+    def expired_everywhere() -> bool:
+        for service in group.services.values():
+            with service.store.reader() as r:
+                if r.transaction("hold").status != "expired":
+                    return False
+        return True
+
+    await poll(expired_everywhere, 10, "the hold to expire with nothing else proposed")
+    await group.converged()
+    with leader.store.reader() as r:
+        assert r.balance("ha").debits_pending == 0
+        assert [e.type for e in r.events()][-1] == "transaction.expired"
+        assert r.earliest_hold_deadline() is None
+
+
 async def test_the_preferred_replica_wins_the_election(tmp_path):
     """Its election timer always fires before any other replica's can."""
     from raftledger.node.replica import ReplicaSettings

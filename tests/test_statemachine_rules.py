@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from raftledger.statemachine import codec
 from raftledger.statemachine import ledger as ledger_module
 from raftledger.statemachine.audit import verify_store
+from raftledger.statemachine.codec import encode_requests
 from raftledger.statemachine.codes import ResultCode as C
 from raftledger.statemachine.commands import (
     AccountFlag,
@@ -15,6 +17,7 @@ from raftledger.statemachine.commands import (
     EntrySpec,
     ExpireHolds,
     PostPending,
+    Request,
     ReverseTransaction,
     VoidPending,
 )
@@ -196,6 +199,24 @@ def test_accounts_repeated_on_one_side_only_are_accepted(funded: Harness) -> Non
                                  EntrySpec("alice", D, 2, "BRL"), EntrySpec("bob", CR, 1, "BRL")))
     assert funded.one(tx).ok
     assert (acct(funded, "alice").balance, acct(funded, "bob").balance) == (9_995, 5)
+
+
+def test_an_entry_applies_under_the_rules_of_the_version_it_was_written_with(funded: Harness) -> None:
+    """A self-transfer accepted before the rule existed (a version-1 entry) is applied again the same
+    way by a replica that replays or catches up on that log; a version-2 entry refuses it."""
+    old = bytes([1]) + encode_requests([Request(funded.now_ns + 1, transfer("old", "alice", "alice", 5))])[1:]
+    funded.index += 1
+    [accepted] = funded.store.apply_entry(funded.index, old) or []
+    assert isinstance(accepted, Result) and accepted.ok
+    assert funded.one(transfer("new", "alice", "alice", 5)).code is C.accounts_must_be_different
+
+
+def test_an_entry_of_an_unknown_rules_version_stops_the_replica_unapplied(funded: Harness) -> None:
+    before = funded.store.fingerprint()
+    newer = bytes([codec.VERSION + 1]) + encode_requests([Request(1, transfer("t", "alice", "bob", 5))])[1:]
+    with pytest.raises(codec.UnknownVersion):
+        funded.store.apply_entry(funded.index + 1, newer)
+    assert funded.store.fingerprint() == before
 
 
 def test_retry_of_successful_transaction_returns_first_outcome(funded: Harness) -> None:

@@ -27,7 +27,7 @@ class Limits:
     consistency_wait_s: float = 2.0
     forward_timeout_s: float = 12.0
     forward_attempts_max: int = 4
-    leader_wait_s: float = 3.0
+    leader_wait_s: float = 5.0  # a write waits this long for an election to end
     peer_status_timeout_s: float = 1.0
     forward_connections_max: int = 256
     forward_batch_bytes_max: int = 8 * 2**20  # commands coalesced into one forwarded request
