@@ -69,6 +69,10 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
         assert [n["http"] for n in plan["nodes"]] == [f"http://127.0.0.1:{base + i}" for i in range(3)]
         assert all(pid_alive(p) for p in pids)
         assert any("bob:{demo}: balance 1500 USD" in line for line in first.lines)
+        secret_file = os.path.join(data_dir, "cluster.secret")
+        assert os.stat(secret_file).st_mode & 0o777 == 0o600
+        with open(secret_file) as f:
+            assert f.read().strip() not in json.dumps(plan)  # the plan names the file, never the secret
     finally:
         assert first.stop() == 0
     assert not any(pid_alive(p) for p in pids)
@@ -79,6 +83,36 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
         assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
     finally:
         assert second.stop() == 0
+
+
+def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_port(tmp_path):
+    data_dir = str(tmp_path / "data")
+    base = consecutive_free_ports(3)
+    first = Up(data_dir, base)
+    try:
+        first.wait_for("cluster is up")
+    finally:
+        assert first.stop() == 0
+    path = os.path.join(data_dir, "cluster.json")
+    with open(path) as f:
+        plan = json.load(f)
+    plan["version"] = 1  # as an earlier release wrote it
+    del plan["secret_file"]
+    for node in plan["nodes"]:
+        del node["internal"]
+    with open(path, "w") as f:
+        json.dump(plan, f)
+    os.remove(os.path.join(data_dir, "cluster.secret"))
+    second = Up(data_dir, base)
+    try:
+        second.wait_for("cluster is up")
+        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
+    finally:
+        assert second.stop() == 0
+    with open(path) as f:
+        upgraded = json.load(f)
+    assert upgraded["version"] == 2 and all(n["internal"] for n in upgraded["nodes"])
+    assert os.path.exists(os.path.join(data_dir, "cluster.secret"))
 
 
 def test_up_refuses_a_port_already_in_use(tmp_path):
