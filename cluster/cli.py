@@ -14,9 +14,9 @@ from typing import Any
 
 from raftledger.cluster import launcher
 from raftledger.node.config import ConfigError
-from raftledger.node.journal import DURABILITY_MODES
 from raftledger.node.secret import SecretError
 from raftledger.node.secret import generate as generate_secret
+from raftledger.node.settings import DURABILITY_MODES
 
 DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
 DEMO_TRANSFER = "demo-transfer-1"

@@ -13,6 +13,7 @@ protocol, sealed with the cluster secret (``call_internal``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -27,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from raftledger.node import secret, wire
-from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, RaftTuning, dump_toml, validate
+from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
+from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
 
 CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
@@ -50,6 +52,25 @@ def free_port(host: str = HOST) -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(count: int, avoid: set[int] | None = None, host: str = HOST) -> list[int]:
+    """``count`` distinct free ports: all are held open until every one is picked (one at a time, the
+    kernel may hand out the same port twice)."""
+    held: list[socket.socket] = []
+    ports: list[int] = []
+    try:
+        while len(ports) < count:
+            s = socket.socket()
+            held.append(s)
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+            if port not in (avoid or set()):
+                ports.append(port)
+    finally:
+        for s in held:
+            s.close()
+    return ports
+
+
 def port_is_free(port: int, host: str = HOST) -> bool:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -67,7 +88,7 @@ class Plan:
     data_dir: str
     durability: str
     cluster: ClusterSpec
-    raft: RaftTuning = field(default_factory=RaftTuning)
+    settings: NodeSettings = field(default_factory=NodeSettings)  # every node's, but its own http
     pids: dict[str, int] = field(default_factory=dict)
     _sealer: wire.Sealer | None = field(default=None, repr=False, compare=False)
 
@@ -78,9 +99,10 @@ class Plan:
     def node_config(self, node_id: str) -> NodeConfig:
         url = self.cluster.node(node_id).http
         host, port = url.removeprefix("http://").rsplit(":", 1)
+        http = dataclasses.replace(self.settings.http, host=host, port=int(port))
         return NodeConfig(node_id=node_id, data_dir=os.path.join(self.data_dir, node_id),
-                          secret_file=self.secret_file, http_host=host, http_port=int(port),
-                          durability=self.durability, cluster=self.cluster, raft=self.raft)
+                          secret_file=self.secret_file, durability=self.durability,
+                          cluster=self.cluster, settings=dataclasses.replace(self.settings, http=http))
 
     def sealer(self) -> wire.Sealer:
         """Seals internal requests with this cluster's secret (generated on first use)."""
@@ -95,7 +117,7 @@ class Plan:
         return {
             "version": PLAN_VERSION, "durability": self.durability, "shards": self.cluster.shards,
             "secret_file": self.secret_file,
-            "raft": {k: getattr(self.raft, k) for k in RaftTuning.__dataclass_fields__},
+            "settings": {cls.SECTION: _changed(getattr(self.settings, cls.SECTION)) for cls in SECTIONS},
             "placement": {str(s): list(r) for s, r in self.cluster.placement.items()},
             "nodes": [{"id": n.id, "http": n.http, "internal": n.internal,
                        "raft": {str(s): a for s, a in n.raft.items()},
@@ -113,26 +135,56 @@ class Plan:
                       for n in raw["nodes"])
         placement = {int(s): tuple(r) for s, r in raw["placement"].items()}
         cluster = ClusterSpec(int(raw["shards"]), nodes, placement)
-        return cls(data_dir, raw["durability"], cluster, RaftTuning(**raw.get("raft", {})))
+        sections = raw.get("settings") or _sections_of_version_1(raw.get("raft") or {})
+        problems: list[str] = []
+        settings = load_sections(sections, problems)
+        if problems:
+            raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: " + "; ".join(problems))
+        return cls(data_dir, raw["durability"], cluster, settings)
 
 
 def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
-             port_base: int | None, raft: RaftTuning | None = None) -> Plan:
+             port_base: int | None, settings: NodeSettings | None = None) -> Plan:
     """Node i serves HTTP on port_base + i (free ports when port_base is None); internal and Raft
     ports are free ones."""
+    taken = {port_base + i for i in range(nodes)} if port_base is not None else set()
+    ports = iter(free_ports(nodes * (shards + 2), avoid=taken))
     specs = []
     for i in range(nodes):
-        http_port = free_port() if port_base is None else port_base + i
-        raft_ports = {s: f"{HOST}:{free_port()}" for s in range(shards)}
-        specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", f"{HOST}:{free_port()}",
+        http_port = next(ports) if port_base is None else port_base + i
+        raft_ports = {s: f"{HOST}:{next(ports)}" for s in range(shards)}
+        specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", f"{HOST}:{next(ports)}",
                               raft_ports))
     ids = tuple(n.id for n in specs)
     cluster = ClusterSpec(shards, tuple(specs), {s: ids for s in range(shards)})
-    plan = Plan(os.path.abspath(data_dir), durability, cluster, raft or RaftTuning())
+    plan = Plan(os.path.abspath(data_dir), durability, cluster, settings or NodeSettings())
     problems = validate(plan.node_config(ids[0])) if ids else ["no nodes"]
     if problems:
         raise LaunchError("invalid cluster:\n  - " + "\n  - ".join(problems))
     return plan
+
+
+# cluster.json of version 1 kept a few tunings under "raft"; where each went.
+VERSION_1_TUNINGS = {"log_compaction_entries_min": ("snapshots", "log_compaction_entries_min"),
+                     "log_compaction_interval_s": ("snapshots", "log_compaction_interval_s"),
+                     "log_compaction_bytes_max": ("snapshots", "log_compaction_bytes_max"),
+                     "batch_requests_max": ("batching", "requests_max"),
+                     "batch_bytes_max": ("batching", "bytes_max"), "linger_ms": ("batching", "linger_ms")}
+
+
+def _changed(section: Any) -> dict[str, Any]:
+    default = type(section)()
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)
+            if getattr(section, f.name) != getattr(default, f.name)}
+
+
+def _sections_of_version_1(tunings: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections: dict[str, dict[str, Any]] = {}
+    for name, value in tunings.items():
+        if name in VERSION_1_TUNINGS:
+            section, field_name = VERSION_1_TUNINGS[name]
+            sections.setdefault(section, {})[field_name] = value
+    return sections
 
 
 def load_plan(data_dir: str) -> Plan | None:

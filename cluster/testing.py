@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from raftledger.node.config import RaftTuning
+from raftledger.node.settings import NodeSettings
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
@@ -39,9 +39,9 @@ class SubmitFailed(RuntimeError):
 
 class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
-                 durability: str = "fsync", raft: RaftTuning | None = None) -> None:
+                 durability: str = "fsync", settings: NodeSettings | None = None) -> None:
         self.plan = launcher.new_plan(str(root), nodes=nodes, shards=shards, durability=durability,
-                                      port_base=None, raft=raft)
+                                      port_base=None, settings=settings)
         self.procs: dict[str, subprocess.Popen] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 
 from raftledger.statemachine.records import Outcome
 
-from .snapshot import StoreSlot
+from .store_slot import StoreSlot
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,10 @@
 """Node and cluster bootstrap configuration (TOML), validated before anything starts.
 
-A node file names the node, its data directory, its HTTP listener, the durability mode and the whole
-cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the shard count, and
-(optionally) which nodes host which shard — by default every node hosts every shard::
+A node file names the node, its data directory, the cluster secret, the durability mode and the whole
+cluster: every node's id, HTTP URL, internal address and one Raft address per shard it hosts, the
+shard count, and (optionally) which nodes host which shard — by default every node hosts every shard.
+Tables named after a concern (``[http]``, ``[batching]``, ``[raft]``, ``[snapshots]``, ``[forwarding]``,
+``[internal]``) set the limits of ``raftledger.node.settings``; docs/configuration.md lists them all::
 
     node_id = "n0"
     data_dir = "data/n0"
@@ -11,7 +13,7 @@ cluster: every node's id, HTTP URL and one Raft address per shard it hosts, the 
     [http]
     host = "127.0.0.1"
     port = 8080
-    [raft]                          # optional tuning
+    [snapshots]                     # optional: any setting of docs/configuration.md
     log_compaction_entries_min = 5000
     [cluster]
     shards = 2
@@ -35,8 +37,10 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .journal import DURABILITY_MODES
+from .settings import DURABILITY_MODES, SECTIONS, NodeSettings, load_sections, section_toml
 
+TOP_LEVEL_KEYS = frozenset({"node_id", "data_dir", "secret_file", "durability", "cluster",
+                            *(cls.SECTION for cls in SECTIONS)})
 NODE_ID_PATTERN = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9.-]+:(\d{1,5})$")
 shards_max = 1024
@@ -85,25 +89,13 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True, slots=True)
-class RaftTuning:
-    log_compaction_entries_min: int = 5000
-    log_compaction_interval_s: float = 300.0
-    log_compaction_bytes_max: int = 64 << 20
-    batch_requests_max: int = 1000
-    batch_bytes_max: int = 1 << 20
-    linger_ms: float = 2.0
-
-
-@dataclass(frozen=True, slots=True)
 class NodeConfig:
     node_id: str
     data_dir: str
     secret_file: str
-    http_host: str
-    http_port: int
     durability: str
     cluster: ClusterSpec
-    raft: RaftTuning = field(default_factory=RaftTuning)
+    settings: NodeSettings = field(default_factory=NodeSettings)
 
     @property
     def internal_address(self) -> tuple[str, int]:
@@ -131,16 +123,16 @@ def load(path: str) -> NodeConfig:
 def parse(raw: dict[str, Any], source: str = "config") -> NodeConfig:
     problems: list[str] = []
     cluster = _parse_cluster(raw.get("cluster"), problems)
-    http = raw.get("http", {})
+    unknown = sorted(set(raw) - TOP_LEVEL_KEYS)
+    if unknown:
+        problems.append(f"unknown settings {unknown}; known: {sorted(TOP_LEVEL_KEYS)}")
     config = NodeConfig(
         node_id=_str(raw, "node_id", problems),
         data_dir=_str(raw, "data_dir", problems),
         secret_file=_str(raw, "secret_file", problems),
-        http_host=str(http.get("host", "127.0.0.1")),
-        http_port=_int(http, "port", problems, default=8080),
         durability=str(raw.get("durability", "fsync")),
         cluster=cluster,
-        raft=_parse_tuning(raw.get("raft", {}), problems),
+        settings=load_sections(raw, problems),
     )
     problems += validate(config)
     if problems:
@@ -153,8 +145,6 @@ def validate(config: NodeConfig) -> list[str]:
     if config.durability not in DURABILITY_MODES:
         problems.append(f"durability must be one of {', '.join(DURABILITY_MODES)}, "
                         f"not {config.durability!r}")
-    if not 0 < config.http_port <= port_max:
-        problems.append(f"http.port {config.http_port} is not a TCP port")
     if config.node_id not in {n.id for n in config.cluster.nodes}:
         problems.append(f"node_id {config.node_id!r} is not one of cluster.nodes")
     return problems
@@ -239,14 +229,6 @@ def _parse_node(raw: Any, position: int, problems: list[str]) -> NodeSpec:
                     raft={int(k): str(v) for k, v in _int_keys(raft, problems).items()})
 
 
-def _parse_tuning(raw: dict[str, Any], problems: list[str]) -> RaftTuning:
-    known = set(RaftTuning.__dataclass_fields__)
-    unknown = set(raw) - known
-    if unknown:
-        problems.append(f"[raft] has unknown keys: {sorted(unknown)}")
-    return RaftTuning(**{k: v for k, v in raw.items() if k in known})
-
-
 def _int_keys(raw: Any, problems: list[str]) -> dict[int, Any]:
     out: dict[int, Any] = {}
     for key, value in (raw or {}).items():
@@ -276,10 +258,10 @@ def _int(raw: dict[str, Any], key: str, problems: list[str], default: int) -> in
 def dump_toml(config: NodeConfig) -> str:
     """The TOML text ``load`` reads back into an equal config (used by ``raftledger up``)."""
     lines = [f"node_id = {_q(config.node_id)}", f"data_dir = {_q(config.data_dir)}",
-             f"secret_file = {_q(config.secret_file)}", f"durability = {_q(config.durability)}", "", "[http]",
-             f"host = {_q(config.http_host)}", f"port = {config.http_port}", "", "[raft]"]
-    for name in RaftTuning.__dataclass_fields__:
-        lines.append(f"{name} = {getattr(config.raft, name)!r}")
+             f"secret_file = {_q(config.secret_file)}", f"durability = {_q(config.durability)}"]
+    for cls in SECTIONS:
+        section = section_toml(getattr(config.settings, cls.SECTION))
+        lines += ["", *section] if section else []
     lines += ["", "[cluster]", f"shards = {config.cluster.shards}"]
     for node in config.cluster.nodes:
         raft = ", ".join(f'"{s}" = {_q(a)}' for s, a in sorted(node.raft.items()))

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from . import secret, transport, wire
+from . import frames, secret, wire
 from .config import NodeConfig
 from .http import NodeContext, create_app
 from .http import internal as internal_api
@@ -28,7 +28,6 @@ from .replica import ReplicaService, ReplicaSettings
 
 log = logging.getLogger(__name__)
 
-shutdown_drain_s = 5.0
 gil_switch_interval_s = 0.0005
 gc_young_threshold = 50_000
 http_shutdown_s = 2.0
@@ -49,7 +48,7 @@ class NodeRuntime:
 
     async def close(self) -> None:
         for service in self.services.values():
-            await service.drain(shutdown_drain_s)
+            await service.drain()
         for service in self.services.values():
             await service.close()
 
@@ -58,17 +57,14 @@ def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes) -> R
     cluster = config.cluster
     own = cluster.node(config.node_id).raft[shard]
     partners = tuple(cluster.node(n).raft[shard] for n in cluster.replicas(shard) if n != config.node_id)
+    settings = config.settings
     return ReplicaSettings(
         shard=shard, self_address=own, partner_addresses=partners,
         directory=os.path.join(config.data_dir, f"shard-{shard}"),
-        raft_key=transport.shard_key(cluster_secret, shard), durability=config.durability,
-        address_to_node=cluster.address_to_node(shard),
-        log_compaction_entries_min=config.raft.log_compaction_entries_min,
-        log_compaction_interval_s=config.raft.log_compaction_interval_s,
-        log_compaction_bytes_max=config.raft.log_compaction_bytes_max,
-        batch_requests_max=config.raft.batch_requests_max,
-        batch_bytes_max=config.raft.batch_bytes_max, linger_ms=config.raft.linger_ms,
-        preferred_leader=cluster.preferred_leader(shard) == config.node_id)
+        raft_key=frames.shard_key(cluster_secret, shard), durability=config.durability,
+        preferred_leader=cluster.preferred_leader(shard) == config.node_id, raft=settings.raft,
+        snapshots=settings.snapshots, address_to_node=cluster.address_to_node(shard),
+        batching=settings.batching)
 
 
 async def start_runtime(config: NodeConfig) -> NodeRuntime:
@@ -83,7 +79,7 @@ async def start_runtime(config: NodeConfig) -> NodeRuntime:
     context = NodeContext(config.node_id, services, cluster.shards, peers=cluster.http_urls(),
                           placement=dict(cluster.placement), internal_urls=cluster.internal_urls(),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
-                          metrics=metrics)
+                          metrics=metrics, settings=config.settings)
     return NodeRuntime(config, services, context)
 
 
@@ -104,9 +100,11 @@ async def serve(config: NodeConfig) -> None:
     runtime = await start_runtime(config)
     internal_host, internal_port = config.internal_address
     listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port),
-                 await _listen(create_app(runtime.context), config.http_host, config.http_port)]
+                 await _listen(create_app(runtime.context), config.settings.http.host,
+                               config.settings.http.port)]
     log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
-             config.http_host, config.http_port, internal_host, internal_port, sorted(runtime.services))
+             config.settings.http.host, config.settings.http.port, internal_host, internal_port,
+             sorted(runtime.services))
     try:
         await stop.wait()
     finally:

@@ -1,7 +1,8 @@
 """The contract between the HTTP layer and a hosted shard replica.
 
-The HTTP API talks to shards only through ``ShardService``; the Raft glue (``raftledger.node.replica``)
-implements it. Errors a caller can retry are ``Unavailable`` subclasses and carry ``retry_after_s``.
+The HTTP API talks to shards only through ``ShardService``; ``raftledger.node.replica`` implements it.
+What it raises is the one error tree (``raftledger.client.errors``): ``NotLeader`` (with a leader hint),
+``Overloaded``, ``OutcomeUnknown`` and ``Unavailable``, all retryable, with ``retry_after_s``.
 """
 
 from __future__ import annotations
@@ -13,36 +14,6 @@ from typing import Any, Protocol
 from raftledger.statemachine.commands import AnyCommand
 from raftledger.statemachine.records import Outcome
 from raftledger.statemachine.store import LedgerStore
-
-
-class Unavailable(Exception):
-    """The shard cannot do it now; the same request may succeed later."""
-
-    code = "unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
-
-
-class Overloaded(Unavailable):
-    code = "overloaded"
-
-
-class NotLeader(Unavailable):
-    """This replica does not lead the shard; ``leader`` is the leading node's id when known."""
-
-    code = "not_leader"
-
-    def __init__(self, message: str, *, leader: str | None, retry_after_s: float = 0.2) -> None:
-        super().__init__(message, retry_after_s=retry_after_s)
-        self.leader = leader
-
-
-class OutcomeUnknown(Unavailable):
-    """The command may or may not have been applied (leader changed mid-flight); retry with the same id."""
-
-    code = "outcome_unknown"
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,9 +41,6 @@ NONCE_HEADER = "X-Ledger-Nonce"
 SEALED_TYPE = "application/vnd.raftledger.sealed"
 BIG_INT_EXT = 1
 NONCE_BYTES = 12
-forwarded_commands_max = 512  # commands in one forwarded request
-window_s = 10.0  # how far a request's time may be from the receiver's clock
-replay_nonces_max = 1_000_000  # nonces remembered within the window; beyond it requests wait
 
 
 class Unauthenticated(Exception):
@@ -150,7 +147,7 @@ class ReplayGuard:
     A nonce is remembered until its request's own time leaves the window: after that the time check
     refuses a replay anyway, whatever the skew between the two clocks."""
 
-    def __init__(self, window_s: float = window_s, nonces_max: int = replay_nonces_max) -> None:
+    def __init__(self, window_s: float, nonces_max: int) -> None:
         self.window_ns = int(window_s * 1e9)
         self.nonces_max = nonces_max
         self._seen: set[bytes] = set()

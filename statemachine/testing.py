@@ -1,17 +1,35 @@
-"""A test double that ships with the code: drives a real LedgerStore as a Raft log would.
+"""Test doubles that ship with the code: command builders, and a harness that drives a real LedgerStore
+as a Raft log would.
 
-Each ``apply`` call is one log entry with the next index; timestamps come from an explicit logical
-clock the test controls (``advance``), never from the wall clock.
+Each ``Harness.apply`` call is one log entry with the next index; timestamps come from an explicit
+logical clock the test controls (``advance``), never from the wall clock.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .codec import encode_requests
-from .commands import AnyCommand, Request
+from .commands import AccountFlag, AnyCommand, CreateAccount, CreateTransaction, Direction, EntrySpec, Request
 from .records import Outcome, Result
 from .store import LedgerStore
 
 start_ns_default = 1_700_000_000_000_000_000
+
+
+def account(account_id: str, currency: str = "BRL", *, normal: Direction = Direction.debit,
+            flags: AccountFlag | int = 0, metadata: dict[str, Any] | None = None) -> CreateAccount:
+    return CreateAccount(id=account_id, currency=currency, normal=normal, flags=int(flags),
+                         metadata=metadata)
+
+
+def transfer(tx_id: str, debit: str, credit: str, amount: int, currency: str = "BRL", *,
+             pending: bool = False, timeout_seconds: int = 0, code: str = "",
+             metadata: dict[str, Any] | None = None) -> CreateTransaction:
+    """Two entries: ``amount`` from ``debit`` to ``credit``."""
+    entries = (EntrySpec(debit, Direction.debit, amount, currency),
+               EntrySpec(credit, Direction.credit, amount, currency))
+    return CreateTransaction(tx_id, entries, pending, timeout_seconds, code, metadata)
 
 
 class Harness:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 
 from raftledger.node.applier import Applier
-from raftledger.node.snapshot import StoreSlot
+from raftledger.node.store_slot import StoreSlot
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import CreateAccount, Request
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 
-from inprocess import Group, consecutive_free_ports
 from raftledger.bench.load import run_load
+from raftledger.node.testing import ReplicaGroup, consecutive_free_ports
 
 
 async def test_load_generator_keeps_its_clients_busy_and_counts_every_transfer(tmp_path):
-    group = Group(str(tmp_path), size=1)
+    group = ReplicaGroup(str(tmp_path), size=1)
     group.start_all()
     try:
         leader = await group.leader()
@@ -26,7 +26,7 @@ async def test_load_generator_keeps_its_clients_busy_and_counts_every_transfer(t
 
 async def test_load_generator_counts_replays_as_failures(tmp_path):
     """Run twice with the same ids: the second run moves no money and must not look like work."""
-    group = Group(str(tmp_path), size=1)
+    group = ReplicaGroup(str(tmp_path), size=1)
     group.start_all()
     try:
         leader = await group.leader()

@@ -10,7 +10,7 @@ import pytest
 from raftledger.cluster.launcher import wait_until
 from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster, SubmitFailed
-from raftledger.node.config import RaftTuning
+from raftledger.node.settings import NodeSettings, SnapshotSettings
 from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
 
 pytestmark = pytest.mark.slow
@@ -76,7 +76,8 @@ def assert_ledger_balanced(cluster: LocalCluster, node: str, shards: int) -> Non
 @pytest.fixture
 def cluster(tmp_path):
     with LocalCluster(tmp_path, nodes=3, shards=2,
-                      raft=RaftTuning(log_compaction_entries_min=compaction_entries_min)) as c:
+                      settings=NodeSettings(snapshots=SnapshotSettings(
+                          log_compaction_entries_min=compaction_entries_min))) as c:
         yield c
 
 

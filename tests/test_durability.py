@@ -6,14 +6,11 @@ import asyncio
 import os
 import threading
 
-from inprocess import Group, account, transfer
-from raftledger.node.journal import (
-    DURABILITY_FSYNC,
-    DURABILITY_NONE,
-    DurableJournal,
-    JournalOptions,
-    write_file_durably,
-)
+from raftledger.node.files import write_file_durably
+from raftledger.node.raft import DurableJournal, JournalOptions, Observers
+from raftledger.node.settings import DURABILITY_FSYNC, DURABILITY_NONE
+from raftledger.node.testing import ReplicaGroup
+from raftledger.statemachine.testing import account, transfer
 
 
 class Recorder:
@@ -63,7 +60,8 @@ def violations(events: list[tuple]) -> list[tuple]:
 
 async def test_no_send_depends_on_an_unflushed_entry_or_term(tmp_path):
     rec = Recorder()
-    group = Group(str(tmp_path), on_flush=rec.on_flush, on_meta=rec.on_meta, on_send=rec.on_send)
+    group = ReplicaGroup(str(tmp_path), observers=lambda i: Observers(
+        on_flush=rec.on_flush(i), on_meta=rec.on_meta(i), on_send=rec.on_send(i)))
     group.start_all()
     try:
         leader = await group.leader()

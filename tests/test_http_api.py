@@ -20,13 +20,14 @@ from typing import Any
 import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from inprocess import DirectShard
 from raftledger.bench import loadgen
 from raftledger.node import openapi
-from raftledger.node.http import Limits, NodeContext, create_app
+from raftledger.node.http import NodeContext, create_app
 from raftledger.node.http.context import CONTEXT
 from raftledger.node.logs import JsonFormatter, request_id_var
 from raftledger.node.service import Committed
+from raftledger.node.settings import ForwardingSettings, HttpSettings, NodeSettings
+from raftledger.node.testing import DirectShard
 from raftledger.statemachine.store import LedgerStore
 
 SHARDS = 2
@@ -37,9 +38,10 @@ async def api(tmp_path: Path):
     stores = [LedgerStore(str(tmp_path / f"s{s}.lmdb"), shard=s, map_size=2**28)
               for s in range(SHARDS)]
     shards = {s: DirectShard(store, s) for s, store in enumerate(stores)}
-    limits = Limits(body_bytes_max=256 * 1024, body_read_timeout_s=0.5,
-                    requests_in_flight_max=64, leader_wait_s=0.2)
-    ctx = NodeContext("n1", shards, SHARDS, limits=limits)
+    settings = NodeSettings(http=HttpSettings(body_bytes_max=256 * 1024, body_read_timeout_s=0.5,
+                                              requests_in_flight_max=64),
+                            forwarding=ForwardingSettings(leader_wait_s=0.2))
+    ctx = NodeContext("n1", shards, SHARDS, settings=settings)
     client = TestClient(TestServer(create_app(ctx)))
     await client.start_server()
     client.shards = shards  # type: ignore[attr-defined]

@@ -129,7 +129,10 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
     async def served() -> bool:
         return (await call(http, "GET", url, params={"max_staleness_ms": "500"}))[0] == 200
     await until(served, 20, "bounded-staleness reads served again")
-    assert (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 200
+
+    async def ready() -> bool:  # its leader is known again (an election may still be settling)
+        return (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 200
+    await until(ready, 20, "/readyz to report ready again")
 
 
 async def test_writes_survive_the_leader_being_killed(cluster, http):

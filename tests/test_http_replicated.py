@@ -13,9 +13,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from inprocess import TEST_SECRET, Group, free_port
+from raftledger.cluster.launcher import free_ports
 from raftledger.node import wire
-from raftledger.node.http import Limits, NodeContext, start
+from raftledger.node.http import NodeContext, start
+from raftledger.node.settings import ForwardingSettings, HttpSettings, NodeSettings
+from raftledger.node.testing import TEST_SECRET, ReplicaGroup
 
 pytestmark = pytest.mark.slow
 
@@ -25,9 +27,9 @@ SHARDS = 2
 
 class Cluster:
     def __init__(self, root: Path) -> None:
-        self.groups = [Group(str(root / f"shard{s}"), NODES, shard=s) for s in range(SHARDS)]
-        self.ports = [free_port() for _ in range(NODES)]
-        self.internal_ports = [free_port() for _ in range(NODES)]
+        self.groups = [ReplicaGroup(str(root / f"shard{s}"), NODES, shard=s) for s in range(SHARDS)]
+        ports = free_ports(2 * NODES)
+        self.ports, self.internal_ports = ports[:NODES], ports[NODES:]
         self.urls = {f"n{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(self.ports)}
         self.internal_urls = {f"n{i}": f"http://127.0.0.1:{p}" for i, p in enumerate(self.internal_ports)}
         self.runners: dict[int, list[Any]] = {}
@@ -44,7 +46,8 @@ class Cluster:
         shards = {g.shard: g.services[i] for g in self.groups}
         ctx = NodeContext(f"n{i}", shards, SHARDS, peers=self.urls, internal_urls=self.internal_urls,
                           sealer=wire.Sealer(wire.internal_key(TEST_SECRET), f"n{i}"),
-                          limits=Limits(consistency_wait_s=2.0, leader_wait_s=3.0))
+                          settings=NodeSettings(http=HttpSettings(consistency_wait_s=2.0),
+                                                forwarding=ForwardingSettings(leader_wait_s=3.0)))
         self.runners[i] = await start(ctx, "127.0.0.1", self.ports[i], self.internal_ports[i])
 
     async def stop(self) -> None:

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from inprocess import DirectShard, account, transfer
 from raftledger.node import wire
 from raftledger.node.http import NodeContext, create_app
 from raftledger.node.http import internal as internal_api
+from raftledger.node.testing import DirectShard
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import Batch, CreateAccount, ExpireHolds
 from raftledger.statemachine.store import LedgerStore
+from raftledger.statemachine.testing import account, transfer
 
 SHARDS = 2
 KEY = wire.internal_key(b"k" * 32)
@@ -111,7 +112,7 @@ async def test_a_sealed_body_cannot_be_moved_to_another_path_or_replayed(node):
 
 
 def test_a_request_outside_the_time_window_or_seen_before_is_refused():
-    guard = wire.ReplayGuard(window_s=10)
+    guard = wire.ReplayGuard(window_s=10, nonces_max=1000)
     now = time.time_ns()
     with pytest.raises(wire.Unauthenticated, match="off this node's clock"):
         guard.admit(b"a" * 12, now - 11 * 10**9, now)

@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 from raftledger.node.config import ClusterSpec, ConfigError, NodeConfig, NodeSpec, dump_toml, load, parse
+from raftledger.node.settings import (
+    BatchingSettings,
+    HttpSettings,
+    NodeSettings,
+    RaftSettings,
+    reference_markdown,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def three_nodes(shards: int = 2) -> NodeConfig:
@@ -13,8 +23,10 @@ def three_nodes(shards: int = 2) -> NodeConfig:
                            {s: f"127.0.0.1:{9000 + 10 * i + s}" for s in range(shards)})
                   for i in range(3))
     placement = {s: ("n0", "n1", "n2") for s in range(shards)}
-    return NodeConfig("n1", "/tmp/data/n1", "/etc/raftledger/cluster.secret", "127.0.0.1", 8081,
-                      "fsync", ClusterSpec(shards, nodes, placement))
+    settings = NodeSettings(http=HttpSettings(port=8081), batching=BatchingSettings(linger_ms=3.5),
+                            raft=RaftSettings(heartbeat_period_s=0.1))
+    return NodeConfig("n1", "/tmp/data/n1", "/etc/raftledger/cluster.secret", "fsync",
+                      ClusterSpec(shards, nodes, placement), settings)
 
 
 def test_config_survives_a_toml_round_trip(tmp_path):
@@ -102,3 +114,38 @@ def test_unreadable_toml_names_the_file(tmp_path):
     path.write_text("node_id = [")
     with pytest.raises(ConfigError, match="broken.toml: not valid TOML"):
         load(str(path))
+
+
+def test_settings_the_loader_does_not_know_or_cannot_take_are_refused_all_at_once(tmp_path):
+    text = dump_toml(three_nodes()) + "\n".join([
+        "", "[batching]", "requests_max = 0", 'linger_ms = "2"', "batch_requests_max = 10",
+        "", "[raft]", "commands_queued_max = 1.5", "election_timeout_min_s = 2.0",
+        "", "[caching]", "size = 1"])
+    text = text.replace("[batching]\nlinger_ms = 3.5\n", "").replace("[raft]\nheartbeat_period_s = 0.1\n", "")
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load(str(path))
+    message = str(err.value)
+    assert "batching.requests_max must be at least 1, not 0" in message
+    assert "batching.linger_ms must be a number, not '2'" in message
+    assert "[batching] has unknown settings ['batch_requests_max']" in message
+    assert "raft.commands_queued_max must be an integer, not 1.5" in message
+    assert "raft: each election_timeout_min_s must be below its max_s" in message
+    assert "unknown settings ['caching']" in message
+
+
+def test_settings_set_in_the_node_file_reach_the_node(tmp_path):
+    path = tmp_path / "node.toml"
+    path.write_text(dump_toml(three_nodes()).replace("linger_ms = 3.5", "linger_ms = 7"))
+    settings = load(str(path)).settings
+    assert settings.batching.linger_ms == 7.0 and isinstance(settings.batching.linger_ms, float)
+    assert settings.raft.heartbeat_period_s == 0.1 and settings.http.port == 8081
+    assert settings.snapshots == NodeSettings().snapshots  # untouched sections keep their defaults
+
+
+def test_the_configuration_reference_lists_every_setting_as_defined():
+    """docs/configuration.md is generated from node/settings.py: regenerate it when a setting changes
+    (python -m raftledger.node.settings > docs/configuration.md)."""
+    assert (ROOT / "docs" / "configuration.md").read_text() == reference_markdown()
+

@@ -5,15 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from inprocess import Group, account, poll, transfer
 from pysyncobj import pickle as raft_pickle
+from raftledger.client.errors import NotLeader, OutcomeUnknown, Overloaded
+from raftledger.node.settings import BatchingSettings
+from raftledger.node.testing import ReplicaGroup, wait_until
 from raftledger.statemachine import codec
 from raftledger.statemachine.codes import ResultCode
+from raftledger.statemachine.testing import account, transfer
 
 
 @pytest.fixture
 async def group(tmp_path):
-    g = Group(str(tmp_path))
+    g = ReplicaGroup(str(tmp_path))
     g.start_all()
     try:
         yield g
@@ -39,9 +42,8 @@ async def test_committed_index_is_the_raft_log_index_of_the_entry(group):
     committed = await leader.submit(account("idx"))
     await group.converged()
     for service in group.services.values():
-        replica = service.replica
-        assert service.store.applied_index() == replica.raftLastApplied
-        entries = [e for e in replica.journal[:] if e[1] == committed.index]
+        assert service.store.applied_index() == service.raft.last_applied
+        entries = [e for e in service.raft.journal[:] if e[1] == committed.index]
         assert len(entries) == 1
         func_id, (payload,) = raft_pickle.loads(entries[0][0][1:])
         assert [cmd.id for _, cmd in codec.decode_requests(payload)] == ["idx"]
@@ -58,8 +60,7 @@ async def test_requests_arriving_together_share_one_raft_entry(group):
 async def test_submit_on_a_follower_raises_not_leader_naming_the_leader(group):
     leader = await group.leader()
     follower = next(s for s in group.services.values() if s is not leader)
-    await poll(lambda: follower.leader_node_id() == leader.node_id, 5, "follower knows leader")
-    from raftledger.node.service import NotLeader
+    await wait_until(lambda: follower.leader_node_id() == leader.node_id, 5, "follower knows leader")
     with pytest.raises(NotLeader) as err:
         await follower.submit(account("nope"))
     assert err.value.leader == leader.node_id
@@ -77,14 +78,19 @@ async def test_retry_with_the_same_id_is_applied_once(group):
     assert again.outcome.code is ResultCode.ok
 
 
-async def test_full_queue_answers_overloaded_with_retry_after(group, monkeypatch):
-    from raftledger.node import replica
-    from raftledger.node.service import Overloaded
+async def test_full_queue_answers_overloaded_with_retry_after(tmp_path):
+    group = ReplicaGroup(str(tmp_path), batching=BatchingSettings(requests_queued_max=5))
+    group.start_all()
+    try:
+        leader = await group.leader()
+        await leader.submit(account("o1"))
+        await leader.submit(account("o2"))
+        await _overload(leader)
+    finally:
+        await group.stop_all()
 
-    leader = await group.leader()
-    await leader.submit(account("o1"))
-    await leader.submit(account("o2"))
-    monkeypatch.setattr(replica, "requests_queued_max", 5)
+
+async def _overload(leader):  # noqa: ANN001, ANN202
     results = await asyncio.gather(*(leader.submit(transfer(f"o{i}", "o1", "o2", 1)) for i in range(50)),
                                    return_exceptions=True)
     overloaded = [r for r in results if isinstance(r, Overloaded)]
@@ -92,34 +98,32 @@ async def test_full_queue_answers_overloaded_with_retry_after(group, monkeypatch
     assert all(r.outcome.ok for r in results if not isinstance(r, Exception))
 
 
-async def test_write_that_cannot_commit_ends_with_outcome_unknown(group, monkeypatch):
-    from raftledger.node import replica
-    from raftledger.node.service import OutcomeUnknown
-
+async def test_write_that_cannot_commit_ends_with_outcome_unknown(tmp_path):
+    group = ReplicaGroup(str(tmp_path), batching=BatchingSettings(commit_timeout_s=0.5,
+                                                                   drain_timeout_s=0.5))
+    group.start_all()
     leader = await group.leader()
     for i in [i for i, s in group.services.items() if s is not leader]:
         await group.stop(i)
-    monkeypatch.setattr(replica, "commit_timeout_s", 0.5)
-    monkeypatch.setattr(replica, "drain_timeout_s", 0.5)  # its entry will never commit
-    with pytest.raises(OutcomeUnknown):
+    with pytest.raises(OutcomeUnknown):  # its entry will never commit
         await leader.submit(account("lonely"))
     await group.stop_all()  # while the short drain applies
 
 
 def test_pysyncobj_fail_reasons_map_to_retryable_errors():
     from pysyncobj.config import FAIL_REASON
-    from raftledger.node.replica import fail_reason_error
-    from raftledger.node.service import NotLeader, OutcomeUnknown, Overloaded
+    from raftledger.node.raft import fail_reason_error
 
-    assert isinstance(fail_reason_error(FAIL_REASON.NOT_LEADER, "n1"), NotLeader)
-    assert fail_reason_error(FAIL_REASON.MISSING_LEADER, None).leader is None
-    assert isinstance(fail_reason_error(FAIL_REASON.QUEUE_FULL, None), Overloaded)
+    assert isinstance(fail_reason_error(FAIL_REASON.NOT_LEADER, "n1", 1.0), NotLeader)
+    assert fail_reason_error(FAIL_REASON.NOT_LEADER, "n1", 1.0).leader == "n1"
+    assert fail_reason_error(FAIL_REASON.MISSING_LEADER, None, 1.0).leader is None
+    full = fail_reason_error(FAIL_REASON.QUEUE_FULL, None, 2.0)
+    assert isinstance(full, Overloaded) and full.retry_after_s == 2.0 and full.retryable
     for reason in (FAIL_REASON.DISCARDED, FAIL_REASON.LEADER_CHANGED, FAIL_REASON.UNKNOWN_OUTCOME):
-        assert isinstance(fail_reason_error(reason, None), OutcomeUnknown)
+        assert isinstance(fail_reason_error(reason, None, 1.0), OutcomeUnknown)
 
 
 async def test_wait_applied_and_read_barrier_on_a_follower(group):
-    from raftledger.node.service import NotLeader
 
     leader = await group.leader()
     follower = next(s for s in group.services.values() if s is not leader)
@@ -157,10 +161,10 @@ async def test_leader_timestamps_increase_across_entries_and_leader_changes(grou
 
 async def test_leader_cut_off_from_its_majority_reports_growing_contact_age(group):
     leader = await group.leader()
-    await poll(lambda: (leader.majority_contact_age_ms() or 1e9) < 500, 5, "a fresh majority contact")
+    await wait_until(lambda: (leader.majority_contact_age_ms() or 1e9) < 500, 5, "a fresh majority contact")
     for i in [i for i, s in group.services.items() if s is not leader]:
         await group.stop(i)
-    await poll(lambda: (leader.majority_contact_age_ms() or 0) > 600, 5, "the contact age to grow")
+    await wait_until(lambda: (leader.majority_contact_age_ms() or 0) > 600, 5, "the contact age to grow")
     assert leader.is_leader(), "still leading until leaderFallbackTimeout"
 
 
@@ -177,11 +181,12 @@ async def test_a_hold_on_an_idle_shard_expires_on_every_replica_without_other_wr
     def expired_everywhere() -> bool:
         for service in group.services.values():
             with service.store.reader() as r:
-                if r.transaction("hold").status != "expired":
+                hold = r.transaction("hold")  # a follower may not have applied it yet
+                if hold is None or hold.status != "expired":
                     return False
         return True
 
-    await poll(expired_everywhere, 10, "the hold to expire with nothing else proposed")
+    await wait_until(expired_everywhere, 10, "the hold to expire with nothing else proposed")
     await group.converged()
     with leader.store.reader() as r:
         assert r.balance("ha").debits_pending == 0
@@ -196,7 +201,7 @@ async def test_the_preferred_replica_wins_the_election(tmp_path):
     preferred = ReplicaSettings(0, "h:1", (), "d", b"k", preferred_leader=True).election_timeout_s
     other = ReplicaSettings(0, "h:1", (), "d", b"k").election_timeout_s
     assert preferred[0] < preferred[1] < other[0] < other[1]
-    group = Group(str(tmp_path), preferred=2)
+    group = ReplicaGroup(str(tmp_path), preferred=2)
     group.start_all()  # the preferred replica starts last (a few ms after the others) and still wins
     try:
         assert await group.leader() is group.services[2]

@@ -6,10 +6,12 @@ import os
 import time
 
 import pytest
-from inprocess import Group, account, poll, transfer
 from raftledger.node.replica import ReplicaService
+from raftledger.node.settings import SnapshotSettings
 from raftledger.node.snapshot import read_header
+from raftledger.node.testing import ReplicaGroup, wait_until
 from raftledger.statemachine.store import LedgerStore
+from raftledger.statemachine.testing import account, transfer
 
 compaction_entries_min = 40
 
@@ -22,7 +24,8 @@ async def write_entries(leader, prefix: str, count: int) -> list:
 @pytest.fixture
 async def compacting_group(tmp_path):
     """Three replicas that compact every ``compaction_entries_min`` entries."""
-    group = Group(str(tmp_path), log_compaction_entries_min=compaction_entries_min)
+    group = ReplicaGroup(str(tmp_path), snapshots=SnapshotSettings(
+        log_compaction_entries_min=compaction_entries_min))
     group.start_all()
     try:
         yield group
@@ -30,7 +33,7 @@ async def compacting_group(tmp_path):
         await group.stop_all()
 
 
-async def leader_and_follower(group: Group) -> tuple[ReplicaService, int]:
+async def leader_and_follower(group: ReplicaGroup) -> tuple[ReplicaService, int]:
     """The leader, with accounts a and b opened through it, and the number of one follower."""
     leader = await group.leader()
     await leader.submit(account("a"))
@@ -45,16 +48,17 @@ async def test_stopped_follower_catches_up_by_snapshot(compacting_group):
     await group.stop(follower)
     results = await write_entries(leader, "s", 3 * compaction_entries_min)
     assert all(r.outcome.ok for r in results)
-    await poll(lambda: len(leader.replica.journal) < compaction_entries_min, 15, "leader compaction")
+    await wait_until(lambda: len(leader.raft.journal) < compaction_entries_min, 15, "leader compaction")
     restarted = group.start(follower)
     await group.converged()
-    assert restarted.replica.snapshotter.installed >= 1
+    assert restarted.snapshotter.installed >= 1
     with restarted.store.reader() as r:
         assert r.balance("b").credits_posted == 3 * compaction_entries_min
 
 
 async def test_snapshot_file_holds_a_consistent_store_copy(tmp_path):
-    group = Group(str(tmp_path), size=1, log_compaction_entries_min=compaction_entries_min)
+    group = ReplicaGroup(str(tmp_path), size=1,
+                         snapshots=SnapshotSettings(log_compaction_entries_min=compaction_entries_min))
     group.start_all()
     try:
         leader = await group.leader()
@@ -62,7 +66,7 @@ async def test_snapshot_file_holds_a_consistent_store_copy(tmp_path):
         await leader.submit(account("b"))
         await write_entries(leader, "c", 2 * compaction_entries_min)
         dump = os.path.join(group.root, "r0", "raft.dump")
-        await poll(lambda: os.path.exists(dump), 15, "a dump file")
+        await wait_until(lambda: os.path.exists(dump), 15, "a dump file")
         store_index, meta, offset = read_header(dump)
         last_applied_entry = meta[0]
         assert store_index >= last_applied_entry[1] > 1
@@ -80,7 +84,8 @@ async def test_snapshot_file_holds_a_consistent_store_copy(tmp_path):
 
 
 async def test_restart_of_every_replica_keeps_acknowledged_writes_once(tmp_path):
-    group = Group(str(tmp_path), log_compaction_entries_min=compaction_entries_min)
+    group = ReplicaGroup(str(tmp_path), snapshots=SnapshotSettings(
+        log_compaction_entries_min=compaction_entries_min))
     group.start_all()
     leader = await group.leader()
     await leader.submit(account("a"))
@@ -104,7 +109,7 @@ async def test_restart_of_every_replica_keeps_acknowledged_writes_once(tmp_path)
 
 
 def test_store_generations_left_by_a_crash_are_removed_on_open(tmp_path):
-    from raftledger.node.snapshot import StoreSlot
+    from raftledger.node.store_slot import StoreSlot
 
     slot = StoreSlot(str(tmp_path), 0, sync=False)
     slot.close()
@@ -119,34 +124,34 @@ def test_store_generations_left_by_a_crash_are_removed_on_open(tmp_path):
 
 
 async def test_journal_compacts_by_bytes_before_reaching_the_entry_count(tmp_path):
-    group = Group(str(tmp_path), size=1, log_compaction_entries_min=100_000,
-                  log_compaction_bytes_max=20_000)
+    group = ReplicaGroup(str(tmp_path), size=1, snapshots=SnapshotSettings(
+        log_compaction_entries_min=100_000, log_compaction_bytes_max=20_000))
     group.start_all()
     try:
         leader = await group.leader()
         await leader.submit(account("a"))
         await leader.submit(account("b"))
         await write_entries(leader, "y", 400)  # ~100 bytes per entry: ~40 KB appended
-        await poll(lambda: leader.replica.snapshotter.completed >= 1, 15, "a snapshot by size")
-        await poll(lambda: leader.replica.journal.bytes_held < 20_000, 15, "the journal cut")
+        await wait_until(lambda: leader.snapshotter.completed >= 1, 15, "a snapshot by size")
+        await wait_until(lambda: leader.raft.journal.bytes_held < 20_000, 15, "the journal cut")
     finally:
         await group.stop_all()
 
 
-def test_failed_snapshot_is_retried_only_after_a_backoff(tmp_path, monkeypatch):
-    from pysyncobj.config import SERIALIZER_STATE
-    from raftledger.node import snapshot
+def test_failed_snapshot_is_retried_only_after_a_backoff(tmp_path):
     from raftledger.node.applier import Applier
-    from raftledger.node.snapshot import Snapshotter, StoreSlot
+    from raftledger.node.raft import SERIALIZER_STATE
+    from raftledger.node.snapshot import Snapshotter
+    from raftledger.node.store_slot import StoreSlot
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import Request
 
-    monkeypatch.setattr(snapshot, "snapshot_retry_s", 0.3)
     slot = StoreSlot(str(tmp_path), 0, sync=False)
     applier = Applier(slot)
     slot.current.close()  # the store fails: the applier stops, so no snapshot can be consistent
     applier.submit(2, codec.encode_requests([Request(1, account("f"))]))
-    snapshotter = Snapshotter(slot, str(tmp_path / "raft.dump"), applier, sync=False)
+    snapshotter = Snapshotter(slot, str(tmp_path / "raft.dump"), applier, sync=False,
+                              settings=SnapshotSettings(retry_s=0.3))
     meta = ((b"", 2, 1), (b"", 1, 1), set())
     snapshotter.serialize(str(tmp_path / "raft.dump.tmp"), meta)
     snapshotter._thread.join(10)
@@ -167,9 +172,9 @@ def test_failed_snapshot_is_retried_only_after_a_backoff(tmp_path, monkeypatch):
 
 def other_boot(monkeypatch) -> None:
     """From here on, the machine has restarted since anything was written."""
-    from raftledger.node import snapshot
+    from raftledger.node import store_slot
 
-    monkeypatch.setattr(snapshot, "boot_id", lambda: "a-later-boot")
+    monkeypatch.setattr(store_slot, "boot_id", lambda: "a-later-boot")
 
 
 def crash_slot(slot) -> None:
@@ -178,7 +183,7 @@ def crash_slot(slot) -> None:
 
 
 def test_store_written_unsynced_before_a_machine_restart_is_rebuilt(tmp_path, monkeypatch):
-    from raftledger.node.snapshot import StoreSlot
+    from raftledger.node.store_slot import StoreSlot
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import Request
 
@@ -198,15 +203,15 @@ def test_store_written_unsynced_before_a_machine_restart_is_rebuilt(tmp_path, mo
 
 
 def test_without_a_boot_id_a_store_left_open_is_rebuilt_and_commits_are_synced(tmp_path, monkeypatch):
-    from raftledger.node import snapshot
-    from raftledger.node.snapshot import StoreSlot
+    from raftledger.node import store_slot
+    from raftledger.node.store_slot import StoreSlot
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import Request
 
     slot = StoreSlot(str(tmp_path), 0, sync=True)
     slot.current.apply_entry(2, codec.encode_requests([Request(1, account("f"))]))
     crash_slot(slot)
-    monkeypatch.setattr(snapshot, "boot_id", lambda: None)  # this boot cannot be told from the last
+    monkeypatch.setattr(store_slot, "boot_id", lambda: None)  # this boot cannot be told from the last
     unknown = StoreSlot(str(tmp_path), 0, sync=True)
     try:
         assert unknown.rebuilt and unknown.current.applied_index() == 0
@@ -218,7 +223,8 @@ def test_without_a_boot_id_a_store_left_open_is_rebuilt_and_commits_are_synced(t
 def test_a_loaded_dump_is_fsynced_before_it_is_installed(tmp_path, monkeypatch):
     """PySyncObj writes a leader's dump without fsync, then cuts the journal once it is loaded."""
     from raftledger.node.applier import Applier
-    from raftledger.node.snapshot import Snapshotter, StoreSlot, write_snapshot
+    from raftledger.node.snapshot import Snapshotter, write_snapshot
+    from raftledger.node.store_slot import StoreSlot
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import Request
 
@@ -244,7 +250,7 @@ def test_a_loaded_dump_is_fsynced_before_it_is_installed(tmp_path, monkeypatch):
 
 
 def test_store_synced_at_a_clean_close_is_trusted_after_a_machine_restart(tmp_path, monkeypatch):
-    from raftledger.node.snapshot import StoreSlot
+    from raftledger.node.store_slot import StoreSlot
     from raftledger.statemachine import codec
     from raftledger.statemachine.commands import Request
 
@@ -267,7 +273,7 @@ async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(compact
     results = await write_entries(leader, "m", 2 * compaction_entries_min + 5)
     assert all(r.outcome.ok for r in results)
     directory = os.path.join(group.root, f"r{follower}")
-    await poll(lambda: os.path.exists(os.path.join(directory, "raft.dump")), 15, "a follower dump")
+    await wait_until(lambda: os.path.exists(os.path.join(directory, "raft.dump")), 15, "a follower dump")
     before = await group.converged()
     await group.stop(follower)
     other_boot(monkeypatch)
@@ -276,7 +282,7 @@ async def test_replica_rebuilds_a_distrusted_store_from_dump_and_journal(compact
             with open(os.path.join(directory, name), "w") as f:
                 f.write("an-earlier-boot\nopen")
     restarted = group.start(follower)
-    assert restarted.replica.slot.rebuilt
+    assert restarted.slot.rebuilt
     after = await group.converged()
     assert after[0] >= before[0]
     with restarted.store.reader() as r:
@@ -300,18 +306,18 @@ def _fill(applier, entries: int) -> None:
 def test_disk_is_allocated_ahead_of_the_pages_in_use(tmp_path) -> None:
     """With writemap, a page written into a hole of the sparse store file that the disk cannot back
     kills the process (SIGBUS): the file is kept allocated ahead of its last page instead."""
-    from raftledger.node import snapshot
+    from raftledger.node import store_slot
     from raftledger.node.applier import Applier
 
-    slot = snapshot.StoreSlot(str(tmp_path), 0, sync=False)
+    slot = store_slot.StoreSlot(str(tmp_path), 0, sync=False)
     applier = Applier(slot)
     _fill(applier, 10)
     assert applier.failed is None
     used = slot.current.bytes_used()
-    assert used > snapshot.disk_reserve_min_bytes // 2  # past the first reservation
+    assert used > SnapshotSettings().disk_reserve_min_bytes // 2  # past the first reservation
     # topped up before each entry: at least half the reserve, less one entry's pages, is left
     allocated = os.stat(slot.current.path).st_blocks * 512
-    assert allocated >= used + snapshot.disk_reserve_min_bytes // 4
+    assert allocated >= used + SnapshotSettings().disk_reserve_min_bytes // 4
     applier.close()
     slot.close()
 
@@ -320,7 +326,7 @@ def test_a_full_disk_stops_the_apply_and_changes_nothing(tmp_path, monkeypatch) 
     import errno
 
     from raftledger.node.applier import Applier
-    from raftledger.node.snapshot import StoreSlot
+    from raftledger.node.store_slot import StoreSlot
 
     slot = StoreSlot(str(tmp_path), 0, sync=False)
     applier = Applier(slot)

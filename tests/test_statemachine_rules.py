@@ -23,20 +23,14 @@ from raftledger.statemachine.commands import (
 )
 from raftledger.statemachine.records import Result
 from raftledger.statemachine.store import LedgerStore, QueryError
-from raftledger.statemachine.testing import Harness
+from raftledger.statemachine.testing import Harness, transfer
 
 D, CR = Direction.debit, Direction.credit
 LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
 LIMIT_CREDITS = int(AccountFlag.credits_must_not_exceed_debits)
 
 
-def transfer(txid: str, debit: str, credit: str, amount: int, currency: str = "BRL",
-             **kw: object) -> CreateTransaction:
-    return CreateTransaction(txid, (EntrySpec(debit, D, amount, currency),
-                                    EntrySpec(credit, CR, amount, currency)), **kw)  # type: ignore[arg-type]
-
-
-def account(ledger: Harness, account_id: str, flags: int = 0, currency: str = "BRL",
+def open_account(ledger: Harness, account_id: str, flags: int = 0, currency: str = "BRL",
             normal: Direction = D) -> None:
     assert ledger.one(CreateAccount(account_id, currency, normal, flags)).ok
 
@@ -49,9 +43,9 @@ def acct(ledger: Harness, account_id: str):  # type: ignore[no-untyped-def]
 @pytest.fixture
 def funded(ledger: Harness) -> Harness:
     """bank (debit normal, no limits) has lent 10_000 to alice (credit normal, may not overdraw)."""
-    account(ledger, "bank")
-    account(ledger, "alice", LIMIT_DEBITS, normal=CR)
-    account(ledger, "bob", normal=CR)
+    open_account(ledger, "bank")
+    open_account(ledger, "alice", LIMIT_DEBITS, normal=CR)
+    open_account(ledger, "bob", normal=CR)
     assert ledger.one(transfer("fund", "bank", "alice", 10_000)).ok
     return ledger
 
@@ -133,22 +127,22 @@ def test_rejected_transactions_change_nothing(funded: Harness, command: CreateTr
 
 
 def test_credits_must_not_exceed_debits_is_enforced(ledger: Harness) -> None:
-    account(ledger, "src")
-    account(ledger, "capped", LIMIT_CREDITS)
+    open_account(ledger, "src")
+    open_account(ledger, "capped", LIMIT_CREDITS)
     assert ledger.one(transfer("t", "src", "capped", 1)).code is C.exceeds_debits
 
 
 def test_closed_account_takes_no_entries(ledger: Harness) -> None:
-    account(ledger, "src")
-    account(ledger, "gone", int(AccountFlag.closed))
+    open_account(ledger, "src")
+    open_account(ledger, "gone", int(AccountFlag.closed))
     assert ledger.one(transfer("t", "src", "gone", 1)).code is C.account_closed
 
 
 def test_balance_beyond_the_limit_is_overflow(ledger: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
     # 2**127 takes 2**57 maximal transactions to reach; the same check is exercised at 2**66.
     monkeypatch.setattr(ledger_module, "balance_limit", 2**66)
-    account(ledger, "a")
-    account(ledger, "b")
+    open_account(ledger, "a")
+    open_account(ledger, "b")
     big = 2**63 - 1
     entries = tuple(EntrySpec("a", D, big, "BRL") for _ in range(4)) + tuple(
         EntrySpec("b", CR, big, "BRL") for _ in range(4))
@@ -164,7 +158,7 @@ def test_the_balance_limit_is_2_to_the_127(ledger: Harness) -> None:
 
 def test_multi_currency_transaction_balances_per_currency(ledger: Harness) -> None:
     for a, cur in (("brl1", "BRL"), ("brl2", "BRL"), ("usd1", "USD"), ("usd2", "USD")):
-        account(ledger, a, currency=cur)
+        open_account(ledger, a, currency=cur)
     tx = CreateTransaction("fx", (EntrySpec("brl1", D, 500, "BRL"), EntrySpec("usd1", CR, 100, "USD"),
                                   EntrySpec("brl2", CR, 500, "BRL"), EntrySpec("usd2", D, 100, "USD")))
     assert ledger.one(tx).ok
@@ -228,7 +222,7 @@ def test_retry_of_successful_transaction_returns_first_outcome(funded: Harness) 
 
 def test_retry_of_rejected_transaction_returns_same_rejection(funded: Harness) -> None:
     assert funded.one(transfer("t", "alice", "carol", 5)).code is C.account_not_found
-    account(funded, "carol")
+    open_account(funded, "carol")
     again = funded.one(transfer("t", "alice", "carol", 5))
     assert again.code is C.account_not_found and again.replayed
     with funded.store.reader() as r:
@@ -278,7 +272,7 @@ def test_partial_post_above_the_hold_is_refused(funded: Harness) -> None:
 
 
 def test_partial_post_needs_uniform_entry_amounts(funded: Harness) -> None:
-    account(funded, "carol", normal=CR)
+    open_account(funded, "carol", normal=CR)
     hold = CreateTransaction("h", (EntrySpec("alice", D, 30, "BRL"), EntrySpec("bob", CR, 10, "BRL"),
                                    EntrySpec("carol", CR, 20, "BRL")), pending=True)
     assert funded.one(hold).ok
@@ -525,8 +519,8 @@ def test_statement_by_time_range(funded: Harness) -> None:
 
 
 def test_point_in_time_balance_needs_history(ledger: Harness) -> None:
-    account(ledger, "src")
-    account(ledger, "hist", int(AccountFlag.history), normal=CR)
+    open_account(ledger, "src")
+    open_account(ledger, "hist", int(AccountFlag.history), normal=CR)
     stamps = [ledger.one(transfer(f"t{i}", "src", "hist", 100)).record.timestamp for i in range(3)]
     with ledger.store.reader() as r:
         assert r.balance("hist", at_seq=2).to_json()["balance"] == 200
@@ -564,8 +558,8 @@ def test_store_grows_its_map_instead_of_failing(tmp_path) -> None:  # type: igno
 
     small = LedgerStore(str(tmp_path / "small.lmdb"), map_size=256 * 1024)
     ledger = Harness(small)
-    account(ledger, "a")
-    account(ledger, "b")
+    open_account(ledger, "a")
+    open_account(ledger, "b")
     for i in range(300):
         assert ledger.one(transfer(f"t{i}", "a", "b", 1, metadata={"pad": "x" * 1000})).ok
     assert small.env.info()["map_size"] > 256 * 1024
@@ -579,8 +573,8 @@ def test_store_grows_its_map_when_an_atomic_batch_fills_it(tmp_path) -> None:  #
 
     small = LedgerStore(str(tmp_path / "small.lmdb"), map_size=256 * 1024)
     ledger = Harness(small)
-    account(ledger, "a")
-    account(ledger, "b")
+    open_account(ledger, "a")
+    open_account(ledger, "b")
     big = Batch(tuple(transfer(f"t{i}", "a", "b", 1, metadata={"pad": "x" * 1000})
                       for i in range(300)), atomic=True)
     assert all(r.ok for r in ledger.batch(big))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,9 +10,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
-from inprocess import consecutive_free_ports
+from raftledger.node.testing import consecutive_free_ports
 
 pytestmark = pytest.mark.slow
 
@@ -57,12 +59,21 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+@contextlib.contextmanager
+def running_up(data_dir: str, port_base: int) -> Iterator[Up]:
+    """``raftledger up`` until its cluster is up, then (on leaving) SIGTERM and a clean exit."""
+    up = Up(data_dir, port_base)
+    try:
+        up.wait_for("cluster is up")
+        yield up
+    finally:
+        assert up.stop() == 0
+
+
 def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
     data_dir = str(tmp_path / "data")
     base = consecutive_free_ports(3)
-    first = Up(data_dir, base)
-    try:
-        first.wait_for("cluster is up")
+    with running_up(data_dir, base) as first:
         with open(os.path.join(data_dir, "cluster.json")) as f:
             plan = json.load(f)
         pids = [n["pid"] for n in plan["nodes"]]
@@ -73,26 +84,17 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
         assert os.stat(secret_file).st_mode & 0o777 == 0o600
         with open(secret_file) as f:
             assert f.read().strip() not in json.dumps(plan)  # the plan names the file, never the secret
-    finally:
-        assert first.stop() == 0
     assert not any(pid_alive(p) for p in pids)
-    second = Up(data_dir, base)
-    try:
-        second.wait_for("cluster is up")
+    with running_up(data_dir, base) as second:
         assert any("resuming the cluster" in line for line in second.lines)
         assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
-    finally:
-        assert second.stop() == 0
 
 
 def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_port(tmp_path):
     data_dir = str(tmp_path / "data")
     base = consecutive_free_ports(3)
-    first = Up(data_dir, base)
-    try:
-        first.wait_for("cluster is up")
-    finally:
-        assert first.stop() == 0
+    with running_up(data_dir, base):
+        pass
     path = os.path.join(data_dir, "cluster.json")
     with open(path) as f:
         plan = json.load(f)
@@ -103,12 +105,8 @@ def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_
     with open(path, "w") as f:
         json.dump(plan, f)
     os.remove(os.path.join(data_dir, "cluster.secret"))
-    second = Up(data_dir, base)
-    try:
-        second.wait_for("cluster is up")
+    with running_up(data_dir, base) as second:
         assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
-    finally:
-        assert second.stop() == 0
     with open(path) as f:
         upgraded = json.load(f)
     assert upgraded["version"] == 2 and all(n["internal"] for n in upgraded["nodes"])

@@ -8,6 +8,6 @@ internal_port)`` serves both from the running (uvloop) event loop.
 """
 
 from .app import ROUTES, create_app, install, new_event_loop, start
-from .context import Limits, NodeContext
+from .context import NodeContext
 
-__all__ = ["ROUTES", "Limits", "NodeContext", "create_app", "install", "new_event_loop", "start"]
+__all__ = ["ROUTES", "NodeContext", "create_app", "install", "new_event_loop", "start"]

@@ -9,7 +9,8 @@ from aiohttp import web
 
 from .. import parse
 from ..errors import ApiError
-from .context import Limits, context_of
+from ..settings import HttpSettings
+from .context import context_of
 
 body_chunk_bytes = 64 * 1024
 
@@ -18,11 +19,11 @@ def too_large(bytes_max: int) -> ApiError:
     return ApiError("body_too_large", details={"bytes_max": bytes_max})
 
 
-async def read_raw(request: web.Request, bytes_max: int | None = None,
-                   limits: Limits | None = None) -> bytes:
+async def read_raw(request: web.Request, http: HttpSettings | None = None,
+                   bytes_max: int | None = None) -> bytes:
     """The body, refused as soon as it passes ``bytes_max`` (default: the public ``body_bytes_max``;
-    a streamed body is not buffered whole first)."""
-    limits = limits or context_of(request).limits
+    a streamed body is not buffered whole first), or when it takes longer than ``body_read_timeout_s``."""
+    limits = http or context_of(request).settings.http
     bytes_max = limits.body_bytes_max if bytes_max is None else bytes_max
     length = request.content_length
     if length is not None and length > bytes_max:

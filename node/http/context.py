@@ -1,4 +1,4 @@
-"""What the HTTP layer of one node knows: its id, its hosted shard replicas, its peers, its limits."""
+"""What the HTTP side of one node knows: its id, its hosted shard replicas, its peers, its settings."""
 
 from __future__ import annotations
 
@@ -10,29 +10,11 @@ import aiohttp
 from aiohttp import web
 from raftledger.cluster.router import shard_for_account
 
+from ..clock import SYSTEM_CLOCK, Clock
 from ..metrics import Metrics
 from ..service import ShardService
+from ..settings import NodeSettings
 from ..wire import Sealer
-
-
-@dataclass(frozen=True, slots=True)
-class Limits:
-    """Bounds of the edge. Every wait and every queue has one."""
-
-    body_bytes_max: int = 8 * 2**20
-    body_read_timeout_s: float = 10.0
-    request_timeout_s: float = 15.0
-    requests_in_flight_max: int = 2048
-    overloaded_retry_after_s: float = 1.0
-    consistency_wait_s: float = 2.0
-    forward_timeout_s: float = 12.0
-    forward_attempts_max: int = 4
-    leader_wait_s: float = 5.0  # a write waits this long for an election to end
-    peer_status_timeout_s: float = 1.0
-    forward_connections_max: int = 256
-    forward_batch_bytes_max: int = 8 * 2**20  # commands coalesced into one forwarded request
-    internal_body_bytes_max: int = 32 * 2**20
-    internal_window_s: float = 10.0  # clock difference tolerated between nodes (replay window)
 
 
 @dataclass
@@ -52,7 +34,8 @@ class NodeContext:
     placement: Mapping[int, Sequence[str]] | None = None
     internal_urls: Mapping[str, str] = field(default_factory=dict)
     sealer: Sealer | None = None
-    limits: Limits = field(default_factory=Limits)
+    settings: NodeSettings = field(default_factory=NodeSettings)
+    clock: Clock = SYSTEM_CLOCK
     metrics: Metrics = None  # type: ignore[assignment]  # None: made in __post_init__
     session: aiohttp.ClientSession | None = None
     forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
@@ -77,7 +60,7 @@ class NodeContext:
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
-            connector = aiohttp.TCPConnector(limit=self.limits.forward_connections_max)
+            connector = aiohttp.TCPConnector(limit=self.settings.forwarding.connections_max)
             self.session = aiohttp.ClientSession(connector=connector)
         return self.session
 

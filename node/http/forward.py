@@ -17,26 +17,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
+from raftledger.client.errors import NotLeader, Unavailable, from_wire
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
 from .. import wire
-from ..errors import STATUS, ApiError, from_unavailable
+from ..clock import Clock
+from ..errors import ApiError
 from ..logs import request_id_var
-from ..service import NotLeader, ShardService, Unavailable
+from ..service import ShardService
 from .context import NodeContext
 from .render import Rendered
 
 log = logging.getLogger(__name__)
 
 FORWARDED_HEADER = "X-Ledger-Forwarded"
-forward_requests_in_flight_max = 4
 unhosted_retry_s = 0.1  # between rounds over the hosts of a shard this node does not host
 
 T = TypeVar("T")
@@ -47,12 +47,6 @@ class ShardReply:
     shard: int
     index: int
     results: list[Rendered]
-
-
-class RemoteNotLeader(Exception):
-    def __init__(self, leader: str | None) -> None:
-        super().__init__(leader)
-        self.leader = leader
 
 
 def _results(shard: int, outcome: Any) -> list[Rendered]:
@@ -75,7 +69,7 @@ async def submit(ctx: NodeContext, shard: int, command: AnyCommand) -> ShardRepl
 
 async def read_barrier(ctx: NodeContext, shard: int) -> int:
     """A linearizable read point for ``shard``: committed through its leader after this call."""
-    timeout_s = ctx.limits.consistency_wait_s
+    timeout_s = ctx.settings.http.consistency_wait_s
 
     async def local(svc: ShardService) -> int:
         return await svc.read_barrier(timeout_s)
@@ -94,35 +88,36 @@ async def _via_leader(ctx: NodeContext, shard: int,
     svc = ctx.shards.get(shard)
     if svc is None:
         return await _via_hosts(ctx, shard, remote)
-    deadline = time.monotonic() + ctx.limits.leader_wait_s
+    clock = ctx.clock
+    deadline = clock.monotonic() + ctx.settings.forwarding.leader_wait_s
     hint: str | None = None
-    for _ in range(ctx.limits.forward_attempts_max):
+    for _ in range(ctx.settings.forwarding.attempts_max):
         changed = svc.leader_changed()  # taken before looking: a change from here on wakes us
         leader = hint or (ctx.node_id if svc.is_leader() else svc.leader_node_id())
         hint = None
         try:
             if leader is None or leader == ctx.node_id and not svc.is_leader():
-                raise RemoteNotLeader(None)  # an election is under way
+                raise NotLeader(message="no leader known: an election is under way")
             if leader == ctx.node_id:
                 return await local(svc)
             return await _unless_leader_moves(svc, leader, changed, remote(leader))
-        except (NotLeader, RemoteNotLeader) as exc:
+        except NotLeader as exc:
             if exc.leader is not None and exc.leader != leader:
                 hint = exc.leader  # the node we asked names the leader: go there at once
             else:  # gone, deposed or unknown: wait for the next election's result
-                await _await_change(changed, deadline, shard)
+                await _await_change(clock, changed, deadline, shard)
         except Unavailable as exc:
-            error = from_unavailable(exc)
-            if error.code == "overloaded":
+            if exc.code == "overloaded":
                 ctx.metrics.overloaded(f"shard{shard}")
-            raise error from exc
+            raise
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
-async def _await_change(changed: asyncio.Future[None], deadline: float, shard: int) -> None:
-    remaining = deadline - time.monotonic()
+async def _await_change(clock: Clock, changed: asyncio.Future[None], deadline: float,
+                        shard: int) -> None:
+    remaining = deadline - clock.monotonic()
     if remaining > 0:
-        await asyncio.wait({changed}, timeout=remaining)  # never cancels the shared future
+        await clock.wait(changed, remaining)  # never cancels the shared future
     if not changed.done():
         raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
@@ -143,7 +138,7 @@ async def _unless_leader_moves(svc: ShardService, leader: str, changed: asyncio.
                 return task.result()
             moved = svc.leader_node_id()
             if moved is not None and moved != leader:
-                raise RemoteNotLeader(moved)
+                raise NotLeader(leader=moved)
             changed = svc.leader_changed()  # the same leader again (a new term): keep waiting
     finally:
         if not task.done():
@@ -155,18 +150,18 @@ async def _via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Await
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
     if not hosts:
         raise ApiError("unavailable", f"no node hosts shard {shard}", details={"shard": shard})
-    deadline = time.monotonic() + ctx.limits.leader_wait_s
+    deadline = ctx.clock.monotonic() + ctx.settings.forwarding.leader_wait_s
     target: str | None = None
-    for attempt in range(ctx.limits.forward_attempts_max * len(hosts)):
+    for attempt in range(ctx.settings.forwarding.attempts_max * len(hosts)):
         node = target or hosts[attempt % len(hosts)]
         try:
             return await remote(node)
-        except RemoteNotLeader as exc:
+        except NotLeader as exc:
             target = exc.leader if exc.leader not in (None, node, ctx.node_id) else None
         if target is None and attempt % len(hosts) == len(hosts) - 1:
-            if time.monotonic() + unhosted_retry_s > deadline:
+            if ctx.clock.monotonic() + unhosted_retry_s > deadline:
                 break
-            await asyncio.sleep(unhosted_retry_s)  # no signal from a shard hosted elsewhere
+            await ctx.clock.sleep(unhosted_retry_s)  # no signal from a shard hosted elsewhere
     raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
@@ -185,9 +180,9 @@ class Forwarder:
     """Commands bound for one shard's leader on another node, coalesced into few requests.
 
     Natural batching, no linger: a command goes out at once when fewer than
-    ``forward_requests_in_flight_max`` requests are under way; otherwise it waits for the next one,
-    together with whatever else arrived meanwhile (at most ``wire.forwarded_commands_max`` commands
-    and ``forward_batch_bytes_max`` bytes). The commands waiting are bounded by the edge's own bound
+    ``forwarding.requests_in_flight_max`` requests are under way; otherwise it waits for the next
+    one, together with whatever else arrived meanwhile (at most ``forwarding.commands_per_request_max``
+    commands and ``bytes_per_request_max`` bytes). The commands waiting are bounded by the edge's own bound
     on requests in flight.
     """
 
@@ -205,8 +200,8 @@ class Forwarder:
 
     def _take(self) -> list[tuple[bytes, asyncio.Future[dict[str, Any]]]]:
         count, size = 0, 0
-        bytes_max = self.ctx.limits.forward_batch_bytes_max
-        for encoded, _ in self.waiting[:wire.forwarded_commands_max]:
+        bytes_max = self.ctx.settings.forwarding.bytes_per_request_max
+        for encoded, _ in self.waiting[:self.ctx.settings.forwarding.commands_per_request_max]:
             if count and size + len(encoded) > bytes_max:
                 break
             count, size = count + 1, size + len(encoded)
@@ -215,7 +210,7 @@ class Forwarder:
         return items
 
     def _flush(self) -> None:
-        while self.waiting and self.in_flight < forward_requests_in_flight_max:
+        while self.waiting and self.in_flight < self.ctx.settings.forwarding.requests_in_flight_max:
             items = self._take()
             self.in_flight += 1
             task = asyncio.get_running_loop().create_task(self._send(items))
@@ -243,21 +238,16 @@ class Forwarder:
 def _settle(future: asyncio.Future[dict[str, Any]], reply: dict[str, Any]) -> None:
     if future.done():
         return
-    error = reply.get("error")
-    if error is None:
+    if reply.get("error") is None:
         future.set_result(reply)
-    elif error["code"] == "not_leader":
-        future.set_exception(RemoteNotLeader(error.get("details", {}).get("leader")))
     else:
-        code = error["code"] if error["code"] in STATUS else "unavailable"
-        future.set_exception(ApiError(code, error.get("message"), details=error.get("details"),
-                                      retry_after_s=error.get("retry_after_s")))
+        future.set_exception(from_wire(None, reply))
 
 
 async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
                     timeout_s: float | None = None) -> Any:
     """One sealed request to a peer's internal listener; its opened answer, or an error:
-    RemoteNotLeader when the peer could not be reached (nothing was sent: safe to look again) or
+    NotLeader when the peer could not be reached (nothing was sent: safe to look again) or
     answered not_leader; ApiError otherwise."""
     url = ctx.internal_url(node)
     if url is None or ctx.sealer is None:
@@ -267,14 +257,14 @@ async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
     request_id = request_id_var.get()
     if request_id:
         headers["X-Request-Id"] = request_id
-    timeout = aiohttp.ClientTimeout(total=timeout_s or ctx.limits.forward_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s or ctx.settings.forwarding.timeout_s)
     try:
         async with ctx.client().post(url + wire.PREFIX + path, data=sealed.body, headers=headers,
                                      timeout=timeout) as resp:
             body = await resp.read()
             return _answer(ctx, node, sealed, resp.status, resp.headers, body)
     except aiohttp.ClientConnectorError as exc:
-        raise RemoteNotLeader(None) from exc
+        raise NotLeader(message=f"node {node} is unreachable") from exc
     except (TimeoutError, aiohttp.ClientError) as exc:
         raise ApiError("outcome_unknown", f"request to {node} failed: {type(exc).__name__}",
                        retry_after_s=1.0) from exc
@@ -290,14 +280,12 @@ def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int
         raise ApiError("unavailable", f"node {node} did not authenticate") from exc
     if status == 200:
         return answer
-    error = answer.get("error", {}) if isinstance(answer, dict) else {}
-    code = error.get("code", "unavailable")
-    if code == "not_leader":
-        raise RemoteNotLeader(error.get("details", {}).get("leader"))
-    retry_after = float(headers.get("Retry-After", "1"))
-    if status != 503:  # the hop failed, not the client's request
-        raise ApiError("unavailable", f"node {node} answered {status} {code}", retry_after_s=retry_after)
-    raise ApiError(code, error.get("message"), details=error.get("details"), retry_after_s=retry_after)
+    error = from_wire(status, answer, headers.get("Retry-After"))
+    if isinstance(error, Unavailable):
+        raise error
+    # Anything else means the hop failed (a peer refused what this node checked already), not the
+    # client's request.
+    raise ApiError("unavailable", f"node {node} answered {status} {error.code}: {error.message}")
 
 
 async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
@@ -307,9 +295,9 @@ async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
         if node == ctx.node_id:
             return {str(s): svc.status() for s, svc in ctx.shards.items()}
         try:
-            answer = await call_peer(ctx, node, "/status", None, ctx.limits.peer_status_timeout_s)
+            answer = await call_peer(ctx, node, "/status", None, ctx.settings.internal.peer_status_timeout_s)
             return dict(answer["shards"])
-        except (ApiError, RemoteNotLeader, KeyError, TypeError):
+        except (ApiError, KeyError, TypeError):
             return None
 
     nodes = sorted(ctx.peers) or [ctx.node_id]

@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from raftledger.client.errors import LedgerError
 from raftledger.statemachine import codec
 from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
@@ -36,8 +37,8 @@ from raftledger.statemachine.commands import (
 )
 
 from .. import parse, wire
-from ..errors import ApiError, error_body, from_unavailable
-from ..service import NotLeader, ShardService, Unavailable
+from ..errors import ApiError, error_body
+from ..service import ShardService
 from .body import read_raw
 from .context import NodeContext
 from .render import Rendered
@@ -65,7 +66,7 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
 
     async def handle(request: web.Request) -> web.Response:
         try:
-            raw = await read_raw(request, ctx.limits.internal_body_bytes_max, ctx.limits)
+            raw = await read_raw(request, ctx.settings.http, ctx.settings.internal.body_bytes_max)
             _, nonce, payload = ctx.sealer.open_request(  # type: ignore[union-attr]
                 request.method, request.path_qs, request.headers, raw, guard)
         except wire.Unauthenticated as exc:
@@ -79,10 +80,8 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
             return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
         try:
             answer = await handler(ctx, request, payload)
-        except ApiError as exc:
+        except LedgerError as exc:
             return _seal_error(ctx, nonce, exc)
-        except Unavailable as exc:
-            return _seal_error(ctx, nonce, from_unavailable(exc))
         headers, body = ctx.sealer.seal_answer(nonce, 200, answer)  # type: ignore[union-attr]
         return web.Response(status=200, body=body, headers=headers)
 
@@ -111,8 +110,9 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
     svc = _local_shard(ctx, request)
     if not isinstance(encoded, list) or not all(isinstance(e, bytes) for e in encoded):
         raise ApiError("malformed_body", "expected a list of encoded commands")
-    if len(encoded) > wire.forwarded_commands_max:
-        raise ApiError("too_many_commands", details={"max": wire.forwarded_commands_max,
+    commands_max = ctx.settings.forwarding.commands_per_request_max
+    if len(encoded) > commands_max:
+        raise ApiError("too_many_commands", details={"max": commands_max,
                                                      "count": len(encoded)})
     replies = await asyncio.gather(*(_submit_one(ctx, svc, e) for e in encoded))
     return {"replies": replies}
@@ -154,13 +154,11 @@ async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> di
     try:
         command = admit(ctx, svc.shard, codec.decode_command(encoded))
         committed = await svc.submit(command)
-    except ApiError as exc:
-        return {"error": exc.body()["error"]}
-    except NotLeader as exc:
-        return {"error": {"code": "not_leader", "message": str(exc), "details": {"leader": exc.leader}}}
-    except Unavailable as exc:
-        error = from_unavailable(exc)
-        return {"error": {**error.body()["error"], "retry_after_s": error.retry_after_s}}
+    except LedgerError as exc:  # one item of a batch: its retry hint travels in its details
+        error = exc.body()["error"]
+        if exc.retry_after_s is not None:
+            error["details"] = {**error["details"], "retry_after_s": exc.retry_after_s}
+        return {"error": error}
     outcome = committed.outcome
     results = outcome if isinstance(outcome, list) else [outcome]
     return {"index": committed.index, "results": [Rendered.of(r, svc.shard).to_wire() for r in results]}
@@ -168,11 +166,7 @@ async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> di
 
 async def barrier(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
     svc = _local_shard(ctx, request)
-    try:
-        index = await svc.read_barrier(ctx.limits.consistency_wait_s)
-    except NotLeader as exc:
-        raise ApiError("not_leader", details={"leader": exc.leader}) from exc
-    return {"index": index}
+    return {"index": await svc.read_barrier(ctx.settings.http.consistency_wait_s)}
 
 
 def replica_status(svc: ShardService) -> dict[str, Any]:
@@ -237,8 +231,8 @@ def create_app(ctx: NodeContext) -> web.Application:
     """The internal listener's application (``ctx.sealer`` must be set)."""
     if ctx.sealer is None:
         raise ValueError("the internal listener needs the cluster secret (NodeContext.sealer)")
-    app = web.Application(middlewares=[not_found], client_max_size=ctx.limits.internal_body_bytes_max)
-    guard = wire.ReplayGuard(ctx.limits.internal_window_s)
+    app = web.Application(middlewares=[not_found], client_max_size=ctx.settings.internal.body_bytes_max)
+    guard = wire.ReplayGuard(ctx.settings.internal.window_s, ctx.settings.internal.replay_nonces_max)
     routes = ROUTES + (BENCH_ROUTES if os.environ.get(BENCH_ENV) == "1" else ())
     for path, handler in routes:
         app.router.add_post(wire.PREFIX + path, sealed(ctx, guard, handler))

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from ..errors import ApiError, from_unavailable
+from ..errors import ApiError
 from ..logs import new_request_id, request_id_var
-from ..service import Unavailable
 from .context import context_of
 from .render import error_response
 
@@ -54,12 +53,10 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = context_of(request)
     try:
-        async with asyncio.timeout(ctx.limits.request_timeout_s):
+        async with asyncio.timeout(ctx.settings.http.request_timeout_s):
             return await handler(request)
     except ApiError as exc:
         return error_response(request, exc)
-    except Unavailable as exc:
-        return error_response(request, from_unavailable(exc))
     except web.HTTPException as exc:
         return error_response(request, _http_error(exc))
     except TimeoutError:
@@ -80,10 +77,10 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     bounded = int(route not in UNBOUNDED_ROUTES)
     response: web.StreamResponse
     try:
-        if bounded and state.in_flight >= ctx.limits.requests_in_flight_max:
+        if bounded and state.in_flight >= ctx.settings.http.requests_in_flight_max:
             ctx.metrics.overloaded("http")
             response = error_response(request, ApiError(
-                "overloaded", retry_after_s=ctx.limits.overloaded_retry_after_s))
+                "overloaded", retry_after_s=ctx.settings.batching.overloaded_retry_after_s))
         else:
             state.in_flight += bounded
             try:

@@ -33,7 +33,7 @@ stale_retry_after_s = 0.5
 
 
 async def ensure_consistency(ctx: NodeContext, svc: ShardService, params: parse.ReadParams) -> None:
-    wait_s = ctx.limits.consistency_wait_s
+    wait_s = ctx.settings.http.consistency_wait_s
     if params.linearizable:
         await _wait_applied(ctx, svc, await read_barrier(ctx, svc.shard), wait_s)
     if params.min_token and svc.shard in params.min_token:
@@ -166,7 +166,7 @@ async def locate_transaction(ctx: NodeContext, txid: str) -> int:
         for svc in _hosted(ctx):
             if linearizable:
                 await _wait_applied(ctx, svc, await read_barrier(ctx, svc.shard),
-                                    ctx.limits.consistency_wait_s)
+                                    ctx.settings.http.consistency_wait_s)
             with svc.store.reader() as reader:
                 found = reader.transaction(txid)
             if isinstance(found, Transaction):
@@ -181,7 +181,7 @@ async def proxy_read(request: web.Request, shard: int) -> web.Response:
     if FORWARDED_HEADER in request.headers or not nodes:
         raise ApiError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
     url = f"{ctx.peer_url(nodes[0])}{request.rel_url}"
-    timeout = aiohttp.ClientTimeout(total=ctx.limits.forward_timeout_s)
+    timeout = aiohttp.ClientTimeout(total=ctx.settings.forwarding.timeout_s)
     headers = {FORWARDED_HEADER: ctx.node_id, "Accept": request.headers.get("Accept", "*/*")}
     started = time.monotonic()
     try:
