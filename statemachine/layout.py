@@ -48,6 +48,27 @@ TOTALS: Final = struct.Struct(">16s16s16s16s")
 
 ENTRY_STATUSES: Final = ("pending", "posted", "voided", "expired")
 ENTRY_STATUS_BYTE: Final = {s: i for i, s in enumerate(ENTRY_STATUSES)}
+# Every total of a stored account stays below this (the ledger refuses a move past it as overflow),
+# although its 16 bytes could hold more: a total at or above it, or below zero, is a bug or damage.
+TOTAL_BITS: Final = 127
+total_limit: Final = 2**TOTAL_BITS
+
+
+class InvariantViolation(Exception):
+    """A ledger invariant failed: a bug, never a client error. Aborts the whole LMDB transaction."""
+
+
+def ensure(condition: bool, message: str, subject: str = "") -> None:
+    """An assertion that survives ``python -O``. ``subject`` (an account or transaction id) joins
+    the message only on failure, so a check on the hot path formats nothing."""
+    if not condition:
+        raise InvariantViolation(f"{message}: {subject}" if subject else message)
+
+
+def _totals_in_range(dp: int, cp: int, dpe: int, cpe: int) -> bool:
+    # The OR of ints is negative if one is, and otherwise below 2**127 iff each is; shifting
+    # instead of comparing with the (boxed) limit keeps it to small-int operations.
+    return (dp | cp | dpe | cpe) >> TOTAL_BITS == 0
 
 
 def u128(value: int) -> bytes:
@@ -116,6 +137,7 @@ class AccountRow:
     def pack(self) -> bytes:
         dp, cp, dpe, cpe = (self.debits_posted, self.credits_posted, self.debits_pending,
                             self.credits_pending)
+        ensure(_totals_in_range(dp, cp, dpe, cpe), "account totals out of range before writing", self.id)
         return ACCOUNT.pack(
             self.num, self.seq, self.timestamp, self.flags, DIRECTION_BYTE[self.normal],
             self.currency.encode(), dp >> 64, dp & M64, cp >> 64, cp & M64, dpe >> 64, dpe & M64,
@@ -142,6 +164,9 @@ class AccountRow:
 def unpack_account(account_id: str, data: Raw) -> AccountRow:
     (num, seq, ts, flags, normal, currency, dp1, dp0, cp1, cp0, dpe1, dpe0, cpe1, cpe0,
      head) = ACCOUNT.unpack_from(data)
+    # Unsigned halves: only the bound can fail, and only through the high halves.
+    ensure((dp1 | cp1 | dpe1 | cpe1) >> (TOTAL_BITS - 64) == 0, "account totals out of range as read",
+           account_id)
     return AccountRow(
         account_id, num, seq, ts, flags, DIRECTIONS[normal], currency.rstrip(b"\0").decode(),
         dp1 << 64 | dp0, cp1 << 64 | cp0, dpe1 << 64 | dpe0, cpe1 << 64 | cpe0, head,

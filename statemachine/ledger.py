@@ -39,11 +39,14 @@ from .layout import (
     ENTRY_STATUS_BYTE,
     U64,
     AccountRow,
+    InvariantViolation,
     ShardState,
+    ensure,
     entry_key,
     expiry_key,
     pack_entry_fields,
     pack_transaction,
+    total_limit,
     unpack_account,
     unpack_transaction,
 )
@@ -59,7 +62,7 @@ from .records import (
 )
 from .validate import RULES_VERSION, Problem, command_problem
 
-balance_limit = 2**127
+balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
 NO_DEADLINE: Final = 2**64
 FLAG_LIMIT_DEBITS: Final = int(AccountFlag.debits_must_not_exceed_credits)
 FLAG_LIMIT_CREDITS: Final = int(AccountFlag.credits_must_not_exceed_debits)
@@ -91,16 +94,6 @@ def result_codes(outcomes: list[Outcome]) -> bytes:
         else:
             codes.append(int(outcome.code) & 0xFF)
     return bytes(codes)
-
-
-class InvariantViolation(Exception):
-    """A ledger invariant failed: a bug, never a client error. Aborts the whole LMDB transaction."""
-
-
-def ensure(condition: bool, message: str) -> None:
-    """An assertion that survives ``python -O``."""
-    if not condition:
-        raise InvariantViolation(message)
 
 
 class Dbs(NamedTuple):
@@ -596,7 +589,7 @@ class Applier:
         if rejection is not None:
             return Result(rejection[1], txid, replayed=True, details=rejection[3])
         tx = self._load_tx(txid)
-        ensure(tx is not None, f"idempotency record without transaction {txid}")
+        ensure(tx is not None, "idempotency record without transaction", txid)
         assert tx is not None
         as_created = tx.with_status(tx.initial_status)
         return Result(ResultCode.ok, txid, record=as_created, replayed=True)

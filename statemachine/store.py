@@ -24,6 +24,7 @@ from .layout import (
     STATE_KEY,
     U64,
     AccountRow,
+    InvariantViolation,
     Raw,
     ShardState,
     entry_hash_of,
@@ -39,7 +40,6 @@ from .ledger import (
     EVENT_TYPES,
     Applier,
     Dbs,
-    InvariantViolation,
     decode_rejection,
     result_codes,
 )
