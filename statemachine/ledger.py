@@ -238,6 +238,49 @@ def _limits_problem(row: AccountRow) -> Problem | None:
     return None
 
 
+def _effective_timestamp(proposed: int, last: int) -> int:
+    """A request's time: the leader's, unless that is not after the shard's last one."""
+    return max(proposed, last + 1)
+
+
+def _check_moved(before: list[AccountRow], after: dict[str, AccountRow], moves: int) -> None:
+    """Postconditions of one set of moves, on the rows as they were and as the moves left them.
+
+    Per currency, the posted debits they added equal the posted credits, and the same for pending
+    (ARCHITECTURE invariant 1, on what was applied rather than what was asked); each account's seq
+    grew by one per entry. ``before`` holds rows the moves did not touch (``_load_row`` copies).
+    """
+    currency = before[0].currency
+    mixed = False
+    posted = pending = grown = 0
+    for old in before:
+        new = after[old.id]
+        mixed = mixed or new.currency != currency
+        posted += (new.debits_posted - old.debits_posted) - (new.credits_posted - old.credits_posted)
+        pending += (new.debits_pending - old.debits_pending) - (new.credits_pending - old.credits_pending)
+        grown += new.seq - old.seq
+    ensure(grown == moves, "account seqs did not grow by one per entry")
+    if mixed:
+        _check_moved_per_currency(before, after)
+    else:
+        ensure(posted == 0 and pending == 0, "moves applied do not net to zero", currency)
+
+
+def _check_moved_per_currency(before: list[AccountRow], after: dict[str, AccountRow]) -> None:
+    """The net of ``_check_moved`` for a transaction in several currencies, one currency at a time."""
+    net: dict[str, int] = {}
+    net_pending: dict[str, int] = {}
+    for old in before:
+        new = after[old.id]
+        c = new.currency
+        net[c] = net.get(c, 0) + (new.debits_posted - old.debits_posted) - (
+            new.credits_posted - old.credits_posted)
+        net_pending[c] = net_pending.get(c, 0) + (new.debits_pending - old.debits_pending) - (
+            new.credits_pending - old.credits_pending)
+    for c in net:
+        ensure(net[c] == 0 and net_pending[c] == 0, "moves applied do not net to zero", c)
+
+
 def _check_balanced(moves: list[Move]) -> None:
     """Per currency, debits equal credits (ARCHITECTURE invariant 1)."""
     net: dict[str, int] = {}
@@ -285,7 +328,9 @@ class Applier:
         return outcomes
 
     def _apply_request(self, timestamp_ns: int, command: AnyCommand | Invalid) -> Outcome:
-        ts = max(timestamp_ns, self.state.last_timestamp + 1)
+        last = self.state.last_timestamp
+        ts = _effective_timestamp(timestamp_ns, last)
+        ensure(ts > last, "request timestamp not after the shard's last")
         self.state.last_timestamp = ts
         self._expire_due(ts)
         if isinstance(command, Invalid):
@@ -374,25 +419,34 @@ class Applier:
             row = unpack_account(account_id, raw)
         return row
 
-    def _load_row(self, account_id: str) -> AccountRow:
-        """A copy of the account's row for a command to change."""
+    def _load_row(self, account_id: str, originals: list[AccountRow]) -> AccountRow:
+        """A copy of the account's row for a command to change; the row itself joins ``originals``."""
         row = self._find_row(account_id)
         if row is None:
             raise Rejected(ResultCode.account_not_found, {"account_id": account_id})
+        originals.append(row)
         return row.copy()
 
     # ---- moves --------------------------------------------------------------------------------
 
     def _move(self, moves: list[Move], txid: str, ts: int, new_entries: bool) -> list[TxEntry]:
-        """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits."""
+        """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits.
+
+        Every entry carries the request's own timestamp, which the shard's strictly increasing
+        timestamps put at or after every earlier entry of the account (checked here rather than
+        against the account's last entry, which would cost a read per account).
+        """
+        ensure(ts == self.state.last_timestamp, "entries stamped with another time than their request",
+               txid)
         rows: dict[str, AccountRow] = {}
+        before: list[AccountRow] = []
         staged: list[tuple[bytes, bytes]] = []
         out: list[TxEntry] = []
         txid_bytes = txid.encode()
         for m in moves:
             row = rows.get(m.account_id)
             if row is None:
-                row = rows[m.account_id] = self._load_row(m.account_id)
+                row = rows[m.account_id] = self._load_row(m.account_id, before)
                 if new_entries and row.flags & FLAG_CLOSED:
                     raise Rejected(ResultCode.account_closed, {"account_id": row.id})
             if row.currency != m.currency:
@@ -405,9 +459,11 @@ class Applier:
             problem = _limits_problem(row)
             if problem and (new_entries or problem[0] is ResultCode.overflow):
                 raise Rejected(*problem)
+        _check_moved(before, rows, len(moves))
         entries = self.cursors.entries
         for key, value in staged:
-            entries.put(key, value)
+            # A stale row (an old seq) would otherwise overwrite entries silently.
+            ensure(entries.put(key, value, True, False), "an entry would overwrite another", txid)
         for row in rows.values():
             self._changed(row)
         return out
