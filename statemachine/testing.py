@@ -7,6 +7,10 @@ logical clock the test controls (``advance``), never from the wall clock.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from .codec import encode_requests
@@ -64,3 +68,24 @@ class Harness:
         outcome = self.apply(command)[0]
         assert isinstance(outcome, list)
         return outcome
+
+
+def interpreted(name: str) -> ModuleType:
+    """A fresh, interpreted copy of the state machine module ``name`` (e.g. ``"ledger"``), loaded
+    from its source file whatever the build.
+
+    A test can plant a bug in it by patching its functions (a compiled module's calls to its own
+    functions do not see patches) and apply entries through it, e.g. by patching
+    ``store.Applier`` with the copy's. It imports the other modules as installed, so its
+    exceptions and records are the real ones.
+    """
+    qualified = f"{__package__}._interpreted_{name}"
+    spec = importlib.util.spec_from_file_location(qualified, Path(__file__).with_name(f"{name}.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module  # dataclasses look their module up while the class is built
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[qualified]
+    return module
