@@ -1,95 +1,310 @@
 """Independent checks of a store against the ledger invariants (ARCHITECTURE.md, 1-4).
 
-Used by tests after every step and by operators' verification tools: they recompute everything from
-the entries alone and report each disagreement as a line of text (an empty list means all is well).
+Used by tests after every step and by operators' verification tools; each disagreement is a line of
+text, and an empty list means all is well.
+
+The auditor shares no code with what it checks (STYLE.md 16): it imports nothing from the ledger, its
+row classes or its hashing. It reads the raw tables through the reader's LMDB transaction, decodes the
+byte layouts documented in layout.py and hashing.py with its own few lines, and re-derives from the
+entries alone what the apply path keeps: each account's totals (folding entry statuses), its dense
+seqs and its hash chain. From the transactions table it re-derives what must be pending (the holds
+still open) and which holds must have an expiry. A bug in the apply helpers therefore shows here
+as a disagreement instead of being repeated by the check.
 """
 
 from __future__ import annotations
 
-from . import hashing
-from .codec import DIRECTION_BYTE
-from .commands import AccountFlag
-from .layout import ENTRY_STATUS_BYTE, AccountRow, entry_key
-from .ledger import Move, apply_totals
-from .records import Account
-from .store import Reader, statement_page_limit_max
+import hashlib
+import struct
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-Totals = tuple[int, int, int, int]
+import msgpack
+
+if TYPE_CHECKING:
+    from .store import Reader
+
+Totals = tuple[int, int, int, int]  # debits posted, credits posted, debits pending, credits pending
+Raw = bytes | memoryview  # what LMDB hands back
+
+# The byte layouts, as documented in layout.py (big-endian; a total is a 16-byte unsigned integer).
+_ACCOUNT = struct.Struct(">QQQIB12s16s16s16s16s32s")
+_ENTRY = struct.Struct(">QQQBBB16s32s")
+_ENTRY_KEY = struct.Struct(">QQ")
+_TOTAL = 16
+_PENDING, _POSTED, _VOIDED, _EXPIRED = range(4)  # entry status bytes
+_DEBIT, _CREDIT = 0, 1  # direction bytes
+_FLAG_DEBITS_LIMITED, _FLAG_CREDITS_LIMITED, _FLAG_HISTORY = 1, 2, 8
+_TOTAL_BOUND = 2**127
+_GENESIS_PREFIX = b"raftledger/account/v1\0"
+_NS_PER_SECOND = 1_000_000_000
 
 
-def _totals(a: Account | AccountRow) -> Totals:
-    return a.debits_posted, a.credits_posted, a.debits_pending, a.credits_pending
+class _Account(NamedTuple):
+    id: str
+    num: int
+    seq: int
+    timestamp: int
+    flags: int
+    normal: int
+    currency: str
+    totals: Totals
+    head: bytes
+
+
+class _Entry(NamedTuple):
+    timestamp: int
+    amount: int
+    released: int
+    direction: int
+    status: int
+    balance_after: int
+    hash: bytes
+    totals: Totals | None
+    transaction_id: str
+
+
+def _u(data: Raw) -> int:
+    return int.from_bytes(data, "big")
+
+
+def _decode_account(account_id: str, raw: Raw) -> _Account:
+    num, seq, ts, flags, normal, currency, dp, cp, dpe, cpe, head = _ACCOUNT.unpack_from(raw)
+    return _Account(account_id, num, seq, ts, flags, normal, currency.rstrip(b"\0").decode(),
+                    (_u(dp), _u(cp), _u(dpe), _u(cpe)), head)
+
+
+def _decode_entry(raw: Raw) -> _Entry:
+    ts, amount, released, direction, status, has_totals, balance, digest = _ENTRY.unpack_from(raw)
+    pos, totals = _ENTRY.size, None
+    if has_totals:
+        dp, cp, dpe, cpe = (_u(raw[pos + i * _TOTAL:pos + (i + 1) * _TOTAL]) for i in range(4))
+        totals, pos = (dp, cp, dpe, cpe), pos + 4 * _TOTAL
+    return _Entry(ts, amount, released, direction, status, int.from_bytes(balance, "big", signed=True),
+                  digest, totals, bytes(raw[pos:]).decode())
+
+
+# ---- the hash chain, from the byte form documented in hashing.py ---------------------------------
+
+def _text(value: str) -> bytes:
+    data = value.encode()
+    return len(data).to_bytes(2, "big") + data
+
+
+def _link(prev: bytes, acct: _Account, seq: int, e: _Entry) -> bytes:
+    data = b"".join((
+        _text(acct.id), seq.to_bytes(8, "big"), _text(e.transaction_id), bytes((e.direction,)),
+        e.amount.to_bytes(8, "big"), _text(acct.currency), bytes((e.status,)),
+        e.balance_after.to_bytes(16, "big", signed=True), e.timestamp.to_bytes(8, "big"),
+        e.released.to_bytes(8, "big"),
+    ))
+    return hashlib.sha256(prev + data).digest()
+
+
+# ---- one account: fold its entries --------------------------------------------------------------
+
+class _Fold:
+    """An account's totals as its entries say, indexed by direction byte."""
+
+    def __init__(self) -> None:
+        self.posted = [0, 0]
+        self.pending = [0, 0]
+
+    def add(self, e: _Entry) -> None:
+        side = e.direction
+        if e.status == _PENDING:
+            self.pending[side] += e.amount
+        elif e.status == _POSTED:  # a post of a hold also gives the hold (``released``) back
+            self.posted[side] += e.amount
+            self.pending[side] -= e.released
+        else:  # voided, expired
+            self.pending[side] -= e.amount
+
+    def totals(self) -> Totals:
+        return self.posted[_DEBIT], self.posted[_CREDIT], self.pending[_DEBIT], self.pending[_CREDIT]
+
+    def balance(self, normal: int) -> int:
+        return self.posted[normal] - self.posted[1 - normal]
+
+
+def _flag_problem(flags: int, totals: Totals) -> str | None:
+    """A limit of the account's flags, or the bound of every total, that ``totals`` break."""
+    dp, cp, dpe, cpe = totals
+    if max(totals) >= _TOTAL_BOUND:
+        return "total beyond 2**127"
+    if flags & _FLAG_DEBITS_LIMITED and dp + dpe > cp:
+        return "debits (posted and pending) exceed credits"
+    if flags & _FLAG_CREDITS_LIMITED and cp + cpe > dp:
+        return "credits (posted and pending) exceed debits"
+    return None
+
+
+def _entry_problems(acct: _Account, seq: int, e: _Entry, fold: _Fold) -> Iterator[str]:
+    """What one entry (already folded into ``fold``) disagrees with."""
+    where = f"{acct.id} seq {seq}"
+    if e.released and e.status != _POSTED:
+        yield f"{where}: an entry of status {e.status} (not posted) releases {e.released}"
+    if e.balance_after != fold.balance(acct.normal):
+        yield f"{where}: balance_after {e.balance_after} != fold {fold.balance(acct.normal)}"
+    if (e.totals is not None) != bool(acct.flags & _FLAG_HISTORY):
+        yield f"{where}: totals kept {e.totals is not None}, history flag {bool(acct.flags & _FLAG_HISTORY)}"
+    if e.totals is not None and e.totals != fold.totals():
+        yield f"{where}: history totals {e.totals} != fold {fold.totals()}"
+    if min(fold.totals()) < 0:
+        yield f"{where}: a total goes negative {fold.totals()}"
+
+
+def _entries(reader: Reader, num: int) -> Iterator[tuple[int, Raw]]:
+    """(seq, raw entry) of account ``num``, in seq order, whatever seqs are stored."""
+    cursor = reader.txn.cursor(db=reader.dbs.entries)
+    if not cursor.set_range(_ENTRY_KEY.pack(num, 0)):
+        return
+    for key, value in cursor:
+        owner, seq = _ENTRY_KEY.unpack(key)
+        if owner != num:
+            return
+        yield seq, value
+
+
+def _audit_account(reader: Reader, acct: _Account) -> tuple[list[str], int]:
+    """Problems of one account, and how many entries it has."""
+    if acct.normal not in (_DEBIT, _CREDIT):
+        return [f"{acct.id}: normal side {acct.normal} unknown"], 0
+    problems: list[str] = []
+    fold, head, seq, count = _Fold(), hashlib.sha256(_GENESIS_PREFIX + acct.id.encode()).digest(), 0, 0
+    last_ts, group = acct.timestamp, None
+    for stored_seq, raw in _entries(reader, acct.num):
+        count += 1
+        if stored_seq != seq + 1:
+            problems.append(f"{acct.id}: seq {stored_seq} follows {seq}")
+        seq = stored_seq
+        e = _decode_entry(raw)
+        if _link(head, acct, seq, e) != e.hash:
+            problems.append(f"{acct.id}: hash chain breaks at seq {seq}")
+        head = e.hash
+        if e.timestamp < last_ts:
+            problems.append(f"{acct.id} seq {seq}: timestamp {e.timestamp} before {last_ts}")
+        last_ts = e.timestamp
+        if e.direction not in (_DEBIT, _CREDIT) or e.status not in (_PENDING, _POSTED, _VOIDED, _EXPIRED):
+            problems.append(f"{acct.id} seq {seq}: direction {e.direction} or status {e.status} unknown")
+            continue
+        if group is not None and e.transaction_id != group:  # limits hold between transactions
+            problem = _flag_problem(acct.flags, fold.totals())
+            if problem:
+                problems.append(f"{acct.id} before seq {seq}: {problem}")
+        group = e.transaction_id
+        fold.add(e)
+        problems.extend(_entry_problems(acct, seq, e, fold))
+    if seq != acct.seq:
+        problems.append(f"{acct.id}: row says seq {acct.seq}, entries end at {seq}")
+    elif head != acct.head:
+        problems.append(f"{acct.id}: row's head is not the hash of its last entry")
+    if fold.totals() != acct.totals:
+        problems.append(f"{acct.id}: totals {acct.totals} != fold of entries {fold.totals()}")
+    problem = _flag_problem(acct.flags, acct.totals)
+    if problem:
+        problems.append(f"{acct.id}: {problem}")
+    return problems, count
+
+
+# ---- the whole store ----------------------------------------------------------------------------
+
+def _accounts(reader: Reader) -> Iterator[_Account]:
+    for key, value in reader.txn.cursor(db=reader.dbs.accounts):
+        yield _decode_account(bytes(key).decode(), value)
+
+
+def _transactions(reader: Reader) -> Iterator[list[Any]]:
+    for _key, value in reader.txn.cursor(db=reader.dbs.transactions):
+        yield msgpack.unpackb(value)
 
 
 def verify_account(reader: Reader, account_id: str) -> list[str]:
     """Balances equal the fold of entries, seqs are dense, the hash chain verifies, flags hold."""
-    acct = reader.account(account_id)
-    if acct is None:
+    raw = reader.txn.get(account_id.encode(), db=reader.dbs.accounts)
+    if raw is None:
         return [f"{account_id}: missing"]
-    problems: list[str] = []
-    fold = AccountRow(acct.id, acct.num, 0, 0, acct.flags, acct.normal, acct.currency,
-                      0, 0, 0, 0, hashing.genesis(acct.id), b"")
-    after = 0
-    while True:
-        page, nxt = reader.entries(account_id, after_seq=after, limit=statement_page_limit_max)
-        for e in page:
-            if e.seq != fold.seq + 1:
-                problems.append(f"{account_id}: seq gap before {e.seq}")
-            fold.seq = e.seq
-            apply_totals(fold, Move(acct.id, e.direction, e.amount, e.currency, e.status, e.released))
-            data = hashing.entry_bytes(acct.id, e.seq, e.transaction_id, DIRECTION_BYTE[e.direction],
-                                       e.amount, e.currency, ENTRY_STATUS_BYTE[e.status],
-                                       e.balance_after, e.timestamp, e.released)
-            if e.prev_hash != fold.head or hashing.chain(fold.head, data) != e.hash:
-                problems.append(f"{account_id}: chain breaks at seq {e.seq}")
-            fold.head = e.hash
-            if e.balance_after != fold.balance:
-                problems.append(f"{account_id}: balance_after wrong at seq {e.seq}")
-            if e.totals is not None and e.totals != _totals(fold):
-                problems.append(f"{account_id}: history totals wrong at seq {e.seq}")
-        if nxt is None:
-            break
-        after = nxt
-    if fold.seq != acct.seq or fold.head != acct.head:
-        problems.append(f"{account_id}: head/seq {acct.seq} disagree with entries ({fold.seq})")
-    if reader.txn.get(entry_key(acct.num, acct.seq + 1), db=reader.dbs.entries) is not None:
-        problems.append(f"{account_id}: entries beyond seq {acct.seq}")
-    if _totals(fold) != _totals(acct):
-        problems.append(f"{account_id}: totals {_totals(acct)} != fold {_totals(fold)}")
-    problems.extend(_flag_problems(acct))
-    return problems
-
-
-def _flag_problems(acct: Account) -> list[str]:
-    if min(_totals(acct)) < 0:
-        return [f"{acct.id}: negative total"]
-    if (acct.flags & AccountFlag.debits_must_not_exceed_credits
-            and acct.debits_posted + acct.debits_pending > acct.credits_posted):
-        return [f"{acct.id}: debits exceed credits"]
-    if (acct.flags & AccountFlag.credits_must_not_exceed_debits
-            and acct.credits_posted + acct.credits_pending > acct.debits_posted):
-        return [f"{acct.id}: credits exceed debits"]
-    return []
+    return _audit_account(reader, _decode_account(account_id, raw))[0]
 
 
 def currency_totals(reader: Reader) -> dict[str, Totals]:
     """Per currency, the sum over all accounts of (debits_posted, credits_posted, d_pending, c_pending)."""
     sums: dict[str, list[int]] = {}
-    for account_id in reader.account_ids():
-        acct = reader.account(account_id)
-        assert acct is not None
+    for acct in _accounts(reader):
         acc = sums.setdefault(acct.currency, [0, 0, 0, 0])
-        for i, value in enumerate(_totals(acct)):
+        for i, value in enumerate(acct.totals):
             acc[i] += value
     return {c: (v[0], v[1], v[2], v[3]) for c, v in sums.items()}
 
 
+def _transaction_problems(reader: Reader, tx: list[Any], by_id: dict[str, _Account]) -> Iterator[str]:
+    """A transaction record nets to zero per currency and names the entries it wrote, as stored."""
+    txid, entries = tx[0], tx[11]
+    net: dict[str, int] = {}
+    for account_id, direction, amount, currency, seq, digest in entries:
+        net[currency] = net.get(currency, 0) + (amount if direction == _DEBIT else -amount)
+        acct = by_id.get(account_id)
+        raw = None if acct is None else reader.txn.get(_ENTRY_KEY.pack(acct.num, seq), db=reader.dbs.entries)
+        if acct is None or raw is None:
+            yield f"transaction {txid}: no entry {account_id} seq {seq}"
+            continue
+        e = _decode_entry(raw)
+        if (e.transaction_id, e.direction, e.amount, e.hash, acct.currency) != (
+                txid, direction, amount, digest, currency):
+            yield f"transaction {txid}: entry {account_id} seq {seq} differs from the record"
+    for currency, value in net.items():
+        if value:
+            yield f"transaction {txid}: debits and credits differ by {value} {currency}"
+    if reader.txn.get(txid.encode(), db=reader.dbs.idempotency) is None:
+        yield f"transaction {txid}: no idempotency record"
+
+
+def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Account]) -> Iterator[str]:
+    """Pending totals are the open holds; a hold has an expiry iff it has a deadline."""
+    pending: dict[str, list[int]] = {}
+    expected: set[bytes] = set()
+    for tx in holds:
+        txid, ts, timeout, entries = tx[0], tx[4], tx[6], tx[11]
+        for account_id, direction, amount, _currency, _seq, _digest in entries:
+            pending.setdefault(account_id, [0, 0])[direction] += amount
+        if timeout:
+            expected.add((ts + timeout * _NS_PER_SECOND).to_bytes(8, "big") + txid.encode())
+    for acct in by_id.values():
+        held = pending.get(acct.id, [0, 0])
+        if (held[_DEBIT], held[_CREDIT]) != acct.totals[2:]:
+            yield f"{acct.id}: pending totals {acct.totals[2:]} != open holds {tuple(held)}"
+    stored = {bytes(key) for key in reader.txn.cursor(db=reader.dbs.expiries).iternext(values=False)}
+    for key in sorted(expected - stored):
+        yield f"hold {key[8:].decode()}: has a deadline but no expiry"
+    for key in sorted(stored - expected):
+        yield f"expiry of {key[8:].decode()}: not an open hold with that deadline"
+
+
 def verify_store(reader: Reader) -> list[str]:
-    """Every account verifies and, per currency, debits equal credits (posted and pending)."""
+    """Every account verifies; per currency, debits equal credits (posted and pending); every
+    transaction nets to zero and matches its entries; pending totals are the open holds."""
     problems: list[str] = []
-    for account_id in reader.account_ids():
-        problems.extend(verify_account(reader, account_id))
+    by_id: dict[str, _Account] = {}
+    nums: set[int] = set()
+    counted = 0
+    for acct in _accounts(reader):
+        by_id[acct.id] = acct
+        if acct.num in nums:
+            problems.append(f"{acct.id}: account num {acct.num} used twice")
+        nums.add(acct.num)
+        found, count = _audit_account(reader, acct)
+        problems.extend(found)
+        counted += count
+    stored = reader.txn.stat(reader.dbs.entries)["entries"]
+    if counted != stored:
+        problems.append(f"entries: the table holds {stored}, the accounts' ranges {counted}")
     for currency, (dp, cp, dpe, cpe) in currency_totals(reader).items():
         if dp != cp or dpe != cpe:
-            problems.append(f"{currency}: debits {dp}/{dpe} != credits {cp}/{cpe}")
+            problems.append(f"{currency}: debits {dp}/{dpe} != credits {cp}/{cpe} (posted/pending)")
+    holds: list[list[Any]] = []
+    for tx in _transactions(reader):
+        problems.extend(_transaction_problems(reader, tx, by_id))
+        if tx[5] and tx[1] == "pending":  # a hold, still open
+            holds.append(tx)
+    problems.extend(_hold_problems(reader, holds, by_id))
     return problems
