@@ -5,11 +5,13 @@ leaves behind."""
 from __future__ import annotations
 
 import ast
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import msgpack
 import pytest
 from raftledger.statemachine import audit, layout
 from raftledger.statemachine import store as store_module
@@ -27,17 +29,11 @@ from raftledger.statemachine.commands import (
 )
 from raftledger.statemachine.layout import AccountRow
 from raftledger.statemachine.store import LedgerStore
-from raftledger.statemachine.testing import Harness, interpreted
+from raftledger.statemachine.testing import Harness, interpreted, transfer
 
 D, CR = Direction.debit, Direction.credit
 LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
 HISTORY = int(AccountFlag.history)
-
-
-def transfer(txid: str, debit: str, credit: str, amount: int, currency: str = "BRL",
-             **kw: Any) -> CreateTransaction:
-    entries = (EntrySpec(debit, D, amount, currency), EntrySpec(credit, CR, amount, currency))
-    return CreateTransaction(txid, entries, **kw)
 
 
 def problems(store: LedgerStore) -> list[str]:
@@ -178,7 +174,10 @@ def test_an_extra_credit_the_postcondition_would_stop_is_also_caught_by_the_audi
 
 # ---- damage written straight into LMDB ----------------------------------------------------------
 
-def edit(store: LedgerStore, db: str, key: bytes, change: Callable[[bytes | None], bytes | None]) -> None:
+Change = Callable[[bytes | None], bytes | None]  # a stored value (None: absent) -> its new value
+
+
+def edit(store: LedgerStore, db: str, key: bytes, change: Change) -> None:
     """Replace (or, when ``change`` returns None, delete) one stored value, bypassing the ledger."""
     handle = getattr(store.dbs, db)
     with store.env.begin(write=True) as txn:
@@ -195,27 +194,25 @@ def entry_of(store: LedgerStore, account_id: str, seq: int) -> bytes:
         return layout.entry_key(r.account(account_id).num, seq)
 
 
-def with_account_field(index: int, value: Callable[[Any], Any]) -> Callable[[bytes | None], bytes]:
+def with_field(head: struct.Struct, index: int, value: Callable[[Any], Any]) -> Change:
+    """A change of field ``index`` of the fixed-layout ``head`` of a stored record."""
     def change(raw: bytes | None) -> bytes:
         assert raw is not None
-        fields = list(layout.ACCOUNT.unpack(raw[:layout.ACCOUNT.size]))
+        fields = list(head.unpack(raw[:head.size]))
         fields[index] = value(fields[index])
-        return layout.ACCOUNT.pack(*fields) + raw[layout.ACCOUNT.size:]
+        return head.pack(*fields) + raw[head.size:]
     return change
 
 
-def with_entry_field(index: int, value: Callable[[Any], Any]) -> Callable[[bytes | None], bytes]:
-    def change(raw: bytes | None) -> bytes:
-        assert raw is not None
-        fields = list(layout.ENTRY.unpack(raw[:layout.ENTRY.size]))
-        fields[index] = value(fields[index])
-        return layout.ENTRY.pack(*fields) + raw[layout.ENTRY.size:]
-    return change
+def with_account_field(index: int, value: Callable[[Any], Any]) -> Change:
+    return with_field(layout.ACCOUNT, index, value)
 
 
-def with_transaction_field(index: int, value: Callable[[Any], Any]) -> Callable[[bytes | None], bytes]:
-    import msgpack
+def with_entry_field(index: int, value: Callable[[Any], Any]) -> Change:
+    return with_field(layout.ENTRY, index, value)
 
+
+def with_transaction_field(index: int, value: Callable[[Any], Any]) -> Change:
     def change(raw: bytes | None) -> bytes:
         record = msgpack.unpackb(raw)
         record[index] = value(record[index])

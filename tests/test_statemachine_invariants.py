@@ -24,14 +24,9 @@ from raftledger.statemachine.commands import (
     PostPending,
 )
 from raftledger.statemachine.layout import AccountRow, InvariantViolation, unpack_account
-from raftledger.statemachine.testing import Harness, interpreted
+from raftledger.statemachine.testing import Harness, interpreted, transfer
 
 D, CR = Direction.debit, Direction.credit
-
-
-def transfer(txid: str, debit: str, credit: str, amount: int, **kw: Any) -> CreateTransaction:
-    return CreateTransaction(txid, (EntrySpec(debit, D, amount, "BRL"), EntrySpec(credit, CR, amount, "BRL")),
-                             **kw)
 
 
 @pytest.fixture
