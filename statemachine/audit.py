@@ -31,6 +31,9 @@ Raw = bytes | memoryview  # what LMDB hands back
 _ACCOUNT = struct.Struct(">QQQIB12s16s16s16s16s32s")
 _ENTRY = struct.Struct(">QQQBBB16s32s")
 _ENTRY_KEY = struct.Struct(">QQ")
+_STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
+_STATE_KEY = b"state"  # in the meta table
+_OFFSET = struct.Struct(">Q")  # an outbox key
 _TOTAL = 16
 _PENDING, _POSTED, _VOIDED, _EXPIRED = range(4)  # entry status bytes
 _DEBIT, _CREDIT = 0, 1  # direction bytes
@@ -280,9 +283,25 @@ def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Acc
         yield f"expiry of {key[8:].decode()}: not an open hold with that deadline"
 
 
+def _state_problems(reader: Reader, nums: set[int]) -> Iterator[str]:
+    """The shard's counters: account nums below the next one, outbox offsets dense from 1 (nothing
+    trims the outbox; retention would move the first offset)."""
+    raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
+    next_num, next_offset = (1, 1) if raw is None else _STATE.unpack(raw)[2:4]
+    if nums and max(nums) >= next_num:
+        yield f"shard state: next account num {next_num}, yet {max(nums)} is taken"
+    cursor = reader.txn.cursor(db=reader.dbs.outbox)
+    count = reader.txn.stat(reader.dbs.outbox)["entries"]
+    first = _OFFSET.unpack(cursor.key())[0] if cursor.first() else 1
+    last = _OFFSET.unpack(cursor.key())[0] if cursor.last() else 0
+    if (count, first, last) != (next_offset - 1, 1, next_offset - 1):
+        yield f"outbox: {count} events from offset {first} to {last}, not 1 to {next_offset - 1}"
+
+
 def verify_store(reader: Reader) -> list[str]:
     """Every account verifies; per currency, debits equal credits (posted and pending); every
-    transaction nets to zero and matches its entries; pending totals are the open holds."""
+    transaction nets to zero and matches its entries; pending totals are the open holds; the
+    shard's counters agree with what is stored."""
     problems: list[str] = []
     by_id: dict[str, _Account] = {}
     nums: set[int] = set()
@@ -307,4 +326,5 @@ def verify_store(reader: Reader) -> list[str]:
         if tx[5] and tx[1] == "pending":  # a hold, still open
             holds.append(tx)
     problems.extend(_hold_problems(reader, holds, by_id))
+    problems.extend(_state_problems(reader, nums))
     return problems

@@ -278,6 +278,12 @@ DAMAGE: dict[str, tuple[Callable[[LedgerStore], None], list[str]]] = {
     "a transaction record's amount": (
         lambda s: edit(s, "transactions", b"fund", with_transaction_field(11, _first_amount_plus_one)),
         ["transaction fund: entry bank seq 1 differs", "transaction fund: debits and credits differ by 1"]),
+    "an event taken from the outbox": (
+        lambda s: edit(s, "outbox", layout.U64.pack(3), lambda raw: None),
+        ["outbox: 19 events from offset 1 to 20, not 1 to 20"]),
+    "the shard's next account num": (
+        lambda s: edit(s, "meta", layout.STATE_KEY, with_field(layout.STATE, 2, lambda num: 3)),
+        ["shard state: next account num 3, yet 5 is taken"]),
     "an idempotency record taken": (
         lambda s: edit(s, "idempotency", b"split", lambda raw: None),
         ["transaction split: no idempotency record"]),
