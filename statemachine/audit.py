@@ -34,6 +34,10 @@ _ENTRY_KEY = struct.Struct(">QQ")
 _STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
 _STATE_KEY = b"state"  # in the meta table
 _OFFSET = struct.Struct(">Q")  # an outbox key
+# A transaction record is msgpack [id, status, code, metadata, timestamp, pending, timeout_seconds,
+# pending_id, reverses, reversed_by, resolved_by, entries], an entry of it [account id, direction
+# byte, amount, currency, seq, hash] (layout.pack_transaction).
+_TX_ID, _TX_STATUS, _TX_TIMESTAMP, _TX_PENDING, _TX_TIMEOUT, _TX_ENTRIES = 0, 1, 4, 5, 6, 11
 _TOTAL = 16
 _PENDING, _POSTED, _VOIDED, _EXPIRED = range(4)  # entry status bytes
 _DEBIT, _CREDIT = 0, 1  # direction bytes
@@ -242,7 +246,7 @@ def currency_totals(reader: Reader) -> dict[str, Totals]:
 
 def _transaction_problems(reader: Reader, tx: list[Any], by_id: dict[str, _Account]) -> Iterator[str]:
     """A transaction record nets to zero per currency and names the entries it wrote, as stored."""
-    txid, entries = tx[0], tx[11]
+    txid, entries = tx[_TX_ID], tx[_TX_ENTRIES]
     net: dict[str, int] = {}
     for account_id, direction, amount, currency, seq, digest in entries:
         net[currency] = net.get(currency, 0) + (amount if direction == _DEBIT else -amount)
@@ -267,7 +271,7 @@ def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Acc
     pending: dict[str, list[int]] = {}
     expected: set[bytes] = set()
     for tx in holds:
-        txid, ts, timeout, entries = tx[0], tx[4], tx[6], tx[11]
+        txid, ts, timeout, entries = tx[_TX_ID], tx[_TX_TIMESTAMP], tx[_TX_TIMEOUT], tx[_TX_ENTRIES]
         for account_id, direction, amount, _currency, _seq, _digest in entries:
             pending.setdefault(account_id, [0, 0])[direction] += amount
         if timeout:
@@ -323,7 +327,7 @@ def verify_store(reader: Reader) -> list[str]:
     holds: list[list[Any]] = []
     for tx in _transactions(reader):
         problems.extend(_transaction_problems(reader, tx, by_id))
-        if tx[5] and tx[1] == "pending":  # a hold, still open
+        if tx[_TX_PENDING] and tx[_TX_STATUS] == "pending":  # a hold, still open
             holds.append(tx)
     problems.extend(_hold_problems(reader, holds, by_id))
     problems.extend(_state_problems(reader, nums))
