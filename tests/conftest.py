@@ -2,11 +2,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 from raftledger import statemachine
+from raftledger.statemachine import store as store_module
 from raftledger.statemachine.store import LedgerStore
-from raftledger.statemachine.testing import Harness
+from raftledger.statemachine.testing import Harness, interpreted
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
@@ -29,3 +31,11 @@ def store(tmp_path: Path) -> Iterator[LedgerStore]:
 @pytest.fixture
 def ledger(store: LedgerStore) -> Harness:
     return Harness(store)
+
+
+@pytest.fixture
+def planted(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """An interpreted ledger.py the store applies through; patch it to plant a bug."""
+    module = interpreted("ledger")
+    monkeypatch.setattr(store_module, "Applier", module.Applier)
+    return module

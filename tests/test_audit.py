@@ -14,7 +14,6 @@ from typing import Any
 import msgpack
 import pytest
 from raftledger.statemachine import audit, layout
-from raftledger.statemachine import store as store_module
 from raftledger.statemachine.audit import currency_totals, verify_store
 from raftledger.statemachine.commands import (
     AccountFlag,
@@ -29,7 +28,7 @@ from raftledger.statemachine.commands import (
 )
 from raftledger.statemachine.layout import AccountRow
 from raftledger.statemachine.store import LedgerStore
-from raftledger.statemachine.testing import Harness, interpreted, transfer
+from raftledger.statemachine.testing import Harness, transfer
 
 D, CR = Direction.debit, Direction.credit
 LIMIT_DEBITS = int(AccountFlag.debits_must_not_exceed_credits)
@@ -86,14 +85,6 @@ def test_the_auditor_imports_nothing_from_what_it_checks() -> None:
 
 
 # ---- a bug planted in the apply helper --------------------------------------------------------------
-
-@pytest.fixture
-def planted(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """An interpreted ledger.py the store applies through; patch it to plant a bug."""
-    module = interpreted("ledger")
-    monkeypatch.setattr(store_module, "Applier", module.Applier)
-    return module
-
 
 def fold_sharing_the_helper(ledger_module: ModuleType, store: LedgerStore,
                             account_id: str) -> tuple[int, ...]:

@@ -13,7 +13,6 @@ from typing import Any
 
 import pytest
 from raftledger.statemachine import layout
-from raftledger.statemachine import store as store_module
 from raftledger.statemachine.commands import (
     AccountFlag,
     CreateAccount,
@@ -24,7 +23,7 @@ from raftledger.statemachine.commands import (
     PostPending,
 )
 from raftledger.statemachine.layout import AccountRow, InvariantViolation, unpack_account
-from raftledger.statemachine.testing import Harness, interpreted, transfer
+from raftledger.statemachine.testing import Harness, transfer
 
 D, CR = Direction.debit, Direction.credit
 
@@ -37,14 +36,6 @@ def funded(ledger: Harness) -> Harness:
         assert ledger.one(CreateAccount(account_id, "BRL", normal, flags)).ok
     assert ledger.one(transfer("fund", "bank", "alice", 10_000)).ok
     return ledger
-
-
-@pytest.fixture
-def planted(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """An interpreted ledger.py the store applies through; patch it to plant a bug."""
-    module = interpreted("ledger")
-    monkeypatch.setattr(store_module, "Applier", module.Applier)
-    return module
 
 
 def stops_unchanged(ledger: Harness, apply: Callable[[], object], message: str) -> None:
