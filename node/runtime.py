@@ -253,8 +253,11 @@ async def serve(config: NodeConfig) -> None:
     runtime = await start_runtime(config)
     runner = web.AppRunner(build_app(runtime), access_log=None, shutdown_timeout=http_shutdown_s)
     await runner.setup()
-    site = web.TCPSite(runner, config.http_host, config.http_port, reuse_address=True,
-                       backlog=http_backlog)
+    from .http import guard  # the listener's connection bound, header deadline, descriptor reserve
+
+    guard.raise_descriptor_limit()
+    site = guard.GuardedSite(runner, config.http_host, config.http_port, reuse_address=True,
+                             backlog=http_backlog)
     await site.start()
     log.info("node %s serving http://%s:%d shards %s", config.node_id, config.http_host,
              config.http_port, sorted(runtime.services))

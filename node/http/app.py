@@ -12,6 +12,7 @@ from aiohttp import web
 from ..metrics import Metrics
 from . import forward, ops, reads, writes
 from .context import CONTEXT, Limits, NodeContext
+from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
 
 ID = "{id:[^/]+}"  # ids may hold braces ({tag}), raw or percent-encoded
@@ -82,7 +83,7 @@ async def start(ctx: NodeContext, host: str, port: int) -> web.AppRunner:
     """Serve the node's API on ``host:port`` from the running loop; ``await runner.cleanup()``."""
     runner = web.AppRunner(create_app(ctx), access_log=None, handle_signals=False)
     await runner.setup()
-    await web.TCPSite(runner, host, port, backlog=1024).start()
+    await GuardedSite(runner, host, port, limits=ctx.limits, backlog=1024).start()
     return runner
 
 

@@ -29,6 +29,12 @@ class Limits:
     leader_wait_s: float = 3.0
     peer_status_timeout_s: float = 1.0
     forward_connections_max: int = 256
+    # Connections of one listener (node/http/guard.py): at the bound the oldest idle connection is
+    # closed for a new one. Never more than the soft descriptor limit less descriptors_reserved,
+    # which stay for the journal, snapshots, LMDB, Raft and forwarding.
+    connections_max: int = 10_000
+    header_timeout_s: float = 10.0  # from opening or the previous response; trickled bytes do not count
+    descriptors_reserved: int = 512
 
 
 @dataclass
