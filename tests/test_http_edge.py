@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import resource
+import select
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -21,11 +24,13 @@ import aiohttp
 import pytest
 from aiohttp import web
 from inprocess import poll
+from raftledger.cluster import launcher
+from raftledger.cluster.testing import LocalCluster
 from raftledger.node.http import Limits, NodeContext, create_app, guard
 from raftledger.node.http.middleware import EDGE
 from raftledger.node.service import Committed
 from raftledger.statemachine.store import LedgerStore
-from test_http_api import SHARDS, DirectShard
+from test_http_api import SHARDS, TAG, DirectShard, transfer
 
 close_wait_s = 10.0  # upper bound for the server to close a connection it should close
 
@@ -235,3 +240,121 @@ async def test_slowloris_trickling_one_header_byte_per_200ms_is_closed_after_hea
     assert 1.0 <= closed_after < close_wait_s
     assert served.site.timed_out == 1
     writer.close()
+
+
+# --- a real node with few descriptors -------------------------------------------------------------
+
+NODE_DESCRIPTORS = 1024  # the node's RLIMIT_NOFILE, soft and hard
+IDLE_SOCKETS = 3 * NODE_DESCRIPTORS
+NODE_HEADER_TIMEOUT_S = 4.0
+idle_step = 256  # connections opened at once: well within the node's listen backlog (1024)
+node_wait_s = 60.0
+
+
+def _few_descriptors() -> None:  # runs in the node process before exec
+    resource.setrlimit(resource.RLIMIT_NOFILE, (NODE_DESCRIPTORS, NODE_DESCRIPTORS))
+
+
+@pytest.fixture(scope="module")
+def scarce_node(tmp_path_factory: pytest.TempPathFactory):
+    """One node, one shard, RLIMIT_NOFILE 1024, header_timeout_s 4 s."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("scarce"), nodes=1, shards=1,
+                           preexec_fn=_few_descriptors)
+    try:
+        with pytest.MonkeyPatch.context() as env:  # for the node process only
+            env.setenv(guard.HEADER_TIMEOUT_ENV, str(NODE_HEADER_TIMEOUT_S))
+            cluster.start()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture
+def more_descriptors():
+    """This process may need more descriptors than its soft limit for the idle sockets."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = IDLE_SOCKETS + 256
+    if soft < wanted:
+        if hard != resource.RLIM_INFINITY and hard < wanted:
+            pytest.skip(f"needs {wanted} descriptors, the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _open_idle(address: tuple[str, int], count: int, bound: int) -> list[socket.socket]:
+    """``count`` connections that never send a byte, opened in steps the node's accept queue holds
+    (a connection dropped from a full queue looks open to us but never reaches the node). After
+    each step, wait until the node has taken it: it holds at most ``bound`` connections, so it has
+    closed all but ``bound`` of ours (the oldest idle ones)."""
+    sockets: list[socket.socket] = []
+    try:
+        while len(sockets) < count:
+            step = min(idle_step, count - len(sockets))
+            sockets.extend(socket.create_connection(address, timeout=node_wait_s) for _ in range(step))
+            launcher.wait_until(lambda: _closed_by_peer(sockets) >= len(sockets) - bound,
+                                node_wait_s, f"the node to take {len(sockets)} connections")
+    except BaseException:
+        for s in sockets:
+            s.close()
+        raise
+    return sockets
+
+
+def _closed_by_peer(sockets: list[socket.socket]) -> int:
+    """How many of ``sockets`` the other side closed (readable at EOF, or reset)."""
+    poller = select.poll()
+    for s in sockets:
+        poller.register(s, select.POLLIN)
+    return len(poller.poll(0))
+
+
+def _node_request(cluster: LocalCluster, method: str, path: str, body: Any = None) -> tuple[
+        int, dict[str, str], Any]:
+    data = None if body is None else json.dumps(body).encode()
+    return launcher.http_request(method, cluster.urls["n0"] + path, data, timeout_s=node_wait_s)
+
+
+def _log_levels(log: str) -> set[str]:
+    """The levels of a node's JSON log lines ("unparsed" for anything else it wrote)."""
+    levels = set()
+    for line in log.splitlines():
+        try:
+            levels.add(json.loads(line)["level"])
+        except (ValueError, KeyError, TypeError):
+            levels.add("unparsed")
+    return levels
+
+
+@pytest.mark.slow
+def test_node_with_scarce_descriptors_keeps_serving_while_idle_sockets_pile_up(
+        scarce_node, more_descriptors):
+    cluster = scarce_node
+    host, port = cluster.urls["n0"].removeprefix("http://").rsplit(":", 1)
+    bound = NODE_DESCRIPTORS - Limits().descriptors_reserved
+    idle = _open_idle((host, int(port)), IDLE_SOCKETS, bound)
+    try:
+        for account in (f"a{TAG}", f"b{TAG}"):
+            status, _, body = _node_request(cluster, "POST", "/v1/accounts",
+                                            {"id": account, "currency": "BRL"})
+            assert status == 201, body
+        status, headers, body = _node_request(cluster, "POST", "/v1/transactions",
+                                              transfer("scarce-1", 700))
+        assert status == 201, body
+        token = headers["X-Ledger-Token"]
+        status, _, balance = _node_request(cluster, "GET",
+                                           f"/v1/accounts/b%7Bc1%7D/balance?min_token={token}")
+        assert status == 200 and balance["balance"] == -700
+        status, _, node = _node_request(cluster, "GET", "/_node/status")
+        shard = node["shards"]["0"]
+        assert shard["commit_index"] >= int(token.split(":")[1]) and shard["applied_index"] >= 3
+        # The rest wait for headers that never come: closed after header_timeout_s.
+        launcher.wait_until(lambda: _closed_by_peer(idle) == IDLE_SOCKETS,
+                            NODE_HEADER_TIMEOUT_S + node_wait_s, "every idle socket to be closed")
+    finally:
+        for s in idle:
+            s.close()
+    log = cluster.log("n0")
+    assert "Too many open files" not in log and "EMFILE" not in log
+    assert _log_levels(log) <= {"info", "warning"}, log[-4000:]
+    assert f"connections_max {bound} " in log and "idle connections for new ones" in log
