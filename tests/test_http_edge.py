@@ -15,6 +15,7 @@ import resource
 import select
 import socket
 import time
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,6 +241,38 @@ async def test_slowloris_trickling_one_header_byte_per_200ms_is_closed_after_hea
     assert 1.0 <= closed_after < close_wait_s
     assert served.site.timed_out == 1
     writer.close()
+
+
+# --- bodies and clients that go away --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("encoding,body", [
+    ("deflate", b"not deflate at all"),
+    ("deflate", zlib.compress(b'{"id": "x", "currency": "BRL"}')[:-6] + b"\x00" * 6),
+    ("gzip", b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x00\x03\xff\xff garbage"),  # a reserved block type
+])
+async def test_body_that_does_not_decode_is_400_malformed_body_and_logs_no_error(
+        serve, caplog, encoding, body):
+    served = await serve()
+    headers = {"Content-Type": "application/json", "Content-Encoding": encoding}
+    async with served.http.post(served.url + "/v1/accounts", data=body, headers=headers) as resp:
+        assert await error_of(resp) == (400, "malformed_body")
+        assert resp.headers["Connection"] == "close"  # the parser stopped: nothing more is read
+    async with served.http.post(served.url + "/v1/nothing", data=body, headers=headers) as resp:
+        assert await error_of(resp) == (404, "not_found")  # a route that never reads the body
+    async with served.http.post(served.url + "/v1/accounts",
+                                json={"id": f"a{TAG}", "currency": "BRL"}) as resp:
+        assert resp.status == 201
+    assert errors_logged(caplog) == []
+    assert 'status="500"' not in served.ctx.metrics.render().decode()
+
+
+async def test_valid_deflate_body_is_accepted(serve):
+    served = await serve()
+    body = zlib.compress(json.dumps({"id": f"z{TAG}", "currency": "BRL"}).encode())
+    async with served.http.post(served.url + "/v1/accounts", data=body, headers={
+            "Content-Type": "application/json", "Content-Encoding": "deflate"}) as resp:
+        assert resp.status == 201
 
 
 # --- a real node with few descriptors -------------------------------------------------------------

@@ -20,7 +20,22 @@ def too_large(bytes_max: int) -> ApiError:
 
 async def read_raw(request: web.Request) -> bytes:
     """The body, refused as soon as it passes ``body_bytes_max`` (a streamed body is not buffered
-    whole first)."""
+    whole first), or as ``malformed_body`` when it cannot be decoded."""
+    try:
+        return await _read_raw(request)
+    except web.RequestPayloadError as exc:
+        raise _undecodable(exc) from exc
+
+
+def _undecodable(exc: web.RequestPayloadError) -> ApiError:
+    """A body aiohttp could not decode: a Content-Encoding that does not decode, broken chunked
+    framing (the edge then closes the connection: see middleware.settle_broken_body)."""
+    cause = exc.__cause__ or exc
+    reason = getattr(cause, "message", None) or str(cause)
+    return ApiError("malformed_body", details={"reason": str(reason).strip()[:200]})
+
+
+async def _read_raw(request: web.Request) -> bytes:
     limits = context_of(request).limits
     length = request.content_length
     if length is not None and length > limits.body_bytes_max:

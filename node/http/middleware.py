@@ -90,11 +90,22 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = await _guarded(request, handler)
             finally:
                 state.in_flight -= bounded
+        if request.content.exception() is not None:
+            settle_broken_body(request, response)
         response.headers[REQUEST_ID_HEADER] = request_id
         _observe(request, route, response.status, time.perf_counter() - started)
         return response
     finally:
         request_id_var.reset(token)
+
+
+def settle_broken_body(request: web.Request, response: web.StreamResponse) -> None:
+    """The body failed (it did not decode, or the client hung up): aiohttp's parser has stopped at
+    the error, so the connection cannot carry another request and is closed after this response.
+    The body is marked finished, else aiohttp would try to drain it after the response and log
+    its error again, at ERROR level, for every such request."""
+    request.content.feed_eof()
+    response.force_close()
 
 
 def _observe(request: web.Request, route: str, status: int, seconds: float) -> None:
