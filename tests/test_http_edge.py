@@ -275,6 +275,24 @@ async def test_valid_deflate_body_is_accepted(serve):
         assert resp.status == 201
 
 
+async def test_client_hanging_up_mid_body_is_not_logged_as_an_error_nor_counted_as_500(
+        serve, caplog):
+    served = await serve()
+    reader, writer = await served.connect()
+    writer.write(b"POST /v1/transactions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"id\":")
+    await writer.drain()
+    await poll(lambda: served.app[EDGE].in_flight == 1, close_wait_s, "the body being read")
+    writer.transport.abort()
+    metrics = served.ctx.metrics
+    await poll(lambda: 'status="499"' in metrics.render().decode(), close_wait_s,
+                "the request to be counted")
+    assert 'status="500"' not in metrics.render().decode()
+    assert errors_logged(caplog) == []
+    async with served.http.get(served.url + "/healthz") as resp:
+        assert resp.status == 200
+
+
 # --- a real node with few descriptors -------------------------------------------------------------
 
 NODE_DESCRIPTORS = 1024  # the node's RLIMIT_NOFILE, soft and hard

@@ -23,6 +23,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+client_closed_status = 499  # recorded (never sent) when the client hung up first, as nginx does
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -51,6 +52,11 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
 
 
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = context_of(request)
     try:
@@ -65,6 +71,10 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     except TimeoutError:
         return error_response(request, ApiError("timeout"))
     except Exception:
+        if _client_gone(request):  # it hung up (mid-body, say): nobody to answer, nothing broken
+            log.debug("client closed the connection", exc_info=True,
+                      extra={"route": route_name(request)})
+            return web.Response(status=client_closed_status)
         log.exception("unhandled error", extra={"route": route_name(request)})
         return error_response(request, ApiError("internal_error"))
 
