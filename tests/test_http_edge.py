@@ -293,6 +293,22 @@ async def test_client_hanging_up_mid_body_is_not_logged_as_an_error_nor_counted_
         assert resp.status == 200
 
 
+# --- URLs and query parameters --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", [
+    "/internal/v1/shards/x/submit", "/internal/v1/shards/-1/submit", "/internal/v1/shards/99/submit",
+    "/internal/v1/shards/%EF%BC%91/submit",  # a fullwidth digit one: int() would take it
+    "/internal/v1/shards/" + "9" * 5000 + "/barrier",  # beyond int()'s digit limit
+    "/internal/v1/shards/1e3/barrier",
+])
+async def test_path_shard_that_names_no_shard_is_404(serve, caplog, path):
+    served = await serve()
+    async with served.http.post(served.url + path, data=b"") as resp:
+        assert await error_of(resp) == (404, "not_found")
+    assert errors_logged(caplog) == []
+
+
 # --- a real node with few descriptors -------------------------------------------------------------
 
 NODE_DESCRIPTORS = 1024  # the node's RLIMIT_NOFILE, soft and hard
@@ -409,3 +425,11 @@ def test_node_with_scarce_descriptors_keeps_serving_while_idle_sockets_pile_up(
     assert "Too many open files" not in log and "EMFILE" not in log
     assert _log_levels(log) <= {"info", "warning"}, log[-4000:]
     assert f"connections_max {bound} " in log and "idle connections for new ones" in log
+
+
+@pytest.mark.slow
+def test_node_answers_404_to_a_path_shard_that_names_no_shard(scarce_node):
+    for path in ("/_node/shards/x/totals", "/_node/shards/7/totals", "/_node/shards/%EF%BC%91/totals"):
+        status, _, body = _node_request(scarce_node, "GET", path)
+        assert (status, body["error"]["code"]) == (404, "not_found"), (path, body)
+    assert _log_levels(scarce_node.log("n0")) <= {"info", "warning"}

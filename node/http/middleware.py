@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+SHARD_RE = re.compile(r"[0-9]{1,9}")
 client_closed_status = 499  # recorded (never sent) when the client hung up first, as nginx does
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -52,6 +54,13 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
 
 
+def _check_shard(request: web.Request, shard_count: int) -> None:
+    """A ``{shard}`` in the path names one of the cluster's shards, else the URL names nothing."""
+    raw = request.match_info.get("shard")
+    if raw is not None and not (SHARD_RE.fullmatch(raw) and int(raw) < shard_count):
+        raise ApiError("not_found", f"no shard {raw[:20]!r}", details={"shard": raw[:20]})
+
+
 def _client_gone(request: web.Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
@@ -60,6 +69,7 @@ def _client_gone(request: web.Request) -> bool:
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = context_of(request)
     try:
+        _check_shard(request, ctx.shard_count)
         async with asyncio.timeout(ctx.limits.request_timeout_s):
             return await handler(request)
     except ApiError as exc:
