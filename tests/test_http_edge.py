@@ -309,6 +309,16 @@ async def test_path_shard_that_names_no_shard_is_404(serve, caplog, path):
     assert errors_logged(caplog) == []
 
 
+async def test_405_answers_allow_header(serve):
+    served = await serve()
+    async with served.http.delete(served.url + "/v1/accounts") as resp:
+        assert await error_of(resp) == (405, "method_not_allowed")
+        assert resp.headers["Allow"] == "POST"
+    async with served.http.put(served.url + f"/v1/accounts/a{TAG}") as resp:
+        assert await error_of(resp) == (405, "method_not_allowed")
+        assert resp.headers["Allow"] == "GET"
+
+
 # --- a real node with few descriptors -------------------------------------------------------------
 
 NODE_DESCRIPTORS = 1024  # the node's RLIMIT_NOFILE, soft and hard

@@ -48,7 +48,9 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError("body_too_large")
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        return ApiError("method_not_allowed", details={"allowed": sorted(exc.allowed_methods)})
+        allowed = sorted(exc.allowed_methods)
+        return ApiError("method_not_allowed", details={"allowed": allowed},
+                        headers={"Allow": ", ".join(allowed)})
     if isinstance(exc, web.HTTPNotFound):
         return ApiError("not_found", "no such route")
     return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
