@@ -319,6 +319,26 @@ async def test_405_answers_allow_header(serve):
         assert resp.headers["Allow"] == "GET"
 
 
+@pytest.mark.parametrize("path", [f"/v1/accounts/a{TAG}", f"/v1/accounts/a{TAG}/balance",
+                                  f"/v1/accounts/a{TAG}/entries", "/v1/transactions/t1"])
+async def test_min_token_naming_a_shard_that_does_not_exist_is_400_invalid_token(serve, path):
+    served = await serve()
+    async with served.http.post(served.url + "/v1/accounts",
+                                json={"id": f"a{TAG}", "currency": "BRL"}) as resp:
+        assert resp.status == 201
+    async with served.http.post(served.url + "/v1/accounts",
+                                json={"id": f"b{TAG}", "currency": "BRL"}) as resp:
+        assert resp.status == 201
+    async with served.http.post(served.url + "/v1/transactions", json=transfer("t1")) as resp:
+        assert resp.status == 201
+        token = resp.headers["X-Ledger-Token"]
+    async with served.http.get(served.url + path, params={"min_token": token}) as resp:
+        assert resp.status == 200
+    for missing in (f"{SHARDS}:1", f"{token},{SHARDS + 5}:1"):
+        async with served.http.get(served.url + path, params={"min_token": missing}) as resp:
+            assert await error_of(resp) == (400, "invalid_token")
+
+
 # --- a real node with few descriptors -------------------------------------------------------------
 
 NODE_DESCRIPTORS = 1024  # the node's RLIMIT_NOFILE, soft and hard
