@@ -27,6 +27,7 @@ from aiohttp import web
 from inprocess import poll
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
+from raftledger.node import openapi
 from raftledger.node.http import Limits, NodeContext, create_app, guard
 from raftledger.node.http.middleware import EDGE
 from raftledger.node.service import Committed
@@ -337,6 +338,38 @@ async def test_min_token_naming_a_shard_that_does_not_exist_is_400_invalid_token
     for missing in (f"{SHARDS}:1", f"{token},{SHARDS + 5}:1"):
         async with served.http.get(served.url + path, params={"min_token": missing}) as resp:
             assert await error_of(resp) == (400, "invalid_token")
+
+
+# --- the API description --------------------------------------------------------------------------
+
+
+async def test_openapi_declares_415_on_every_body_and_the_list_form_of_accounts(serve):
+    served = await serve()
+    async with served.http.get(served.url + "/openapi.json") as resp:
+        spec = await resp.json()
+    assert spec == json.loads(json.dumps(openapi.spec()))
+    for path, operations in spec["paths"].items():
+        for method, op in operations.items():
+            if "requestBody" in op and "internal" not in op["tags"]:
+                assert "415" in op["responses"], (method, path)
+    create = spec["paths"]["/v1/accounts"]["post"]
+    body_forms = create["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {"$ref": "#/components/schemas/NewAccounts"} in body_forms
+    listed = spec["components"]["schemas"]["NewAccounts"]
+    assert listed["required"] == ["accounts"]
+    ok = create["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
+    assert {"$ref": "#/components/schemas/BatchResults"} in ok
+    # ... and the node answers as described
+    async with served.http.post(served.url + "/v1/accounts", json={"accounts": [
+            {"id": f"l1{TAG}", "currency": "BRL"}, {"id": f"l2{TAG}", "currency": "BRL"}]}) as resp:
+        assert resp.status == 200
+        results = (await resp.json())["results"]
+    item_fields = spec["components"]["schemas"]["BatchResults"]["properties"]["results"]["items"]
+    for item in results:
+        assert set(item) <= set(item_fields["properties"]) and item["status"] == 201
+    async with served.http.post(served.url + "/v1/accounts", data=b"{}",
+                                headers={"Content-Type": "text/plain"}) as resp:
+        assert await error_of(resp) == (415, "unsupported_media_type")
 
 
 # --- a real node with few descriptors -------------------------------------------------------------
