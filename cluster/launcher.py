@@ -24,6 +24,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -229,13 +230,17 @@ def busy_ports(plan: Plan) -> list[str]:
     return busy
 
 
-def start_node(plan: Plan, node_id: str, log_dir: str | None = None) -> subprocess.Popen:
+def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
+               preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+    """Start one node process; ``preexec_fn`` runs in the child before it execs (tests use it to
+    set resource limits)."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path],
-            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn)
     plan.pids[node_id] = proc.pid
     return proc
 

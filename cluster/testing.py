@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,10 +40,13 @@ class SubmitFailed(RuntimeError):
 
 class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
-                 durability: str = "fsync", settings: NodeSettings | None = None) -> None:
+                 durability: str = "fsync", settings: NodeSettings | None = None,
+                 preexec_fn: Callable[[], None] | None = None) -> None:
+        """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits)."""
         self.plan = launcher.new_plan(str(root), nodes=nodes, shards=shards, durability=durability,
                                       port_base=None, settings=settings)
         self.procs: dict[str, subprocess.Popen] = {}
+        self.preexec_fn = preexec_fn
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -60,7 +64,7 @@ class LocalCluster:
     def start_node(self, node_id: str, wait: bool = True) -> None:
         if node_id in self.procs and self.procs[node_id].poll() is None:
             raise RuntimeError(f"{node_id} is already running")
-        self.procs[node_id] = launcher.start_node(self.plan, node_id)
+        self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn)
         launcher.save_plan(self.plan)
         if wait:
             launcher.wait_until(lambda: self.status(node_id), launcher.ready_timeout_s,

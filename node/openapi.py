@@ -63,10 +63,26 @@ def _responses(ok: int, schema: dict[str, Any], *errors: int) -> dict[str, Any]:
 def _op(summary: str, tag: str, ok: int = 200, schema: dict[str, Any] | None = None,
         errors: tuple[int, ...] = (400, 503), params: list[dict[str, Any]] | None = None,
         body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One operation; one that takes a body also answers 415 to a body that is not JSON or msgpack."""
+    if body is not None:
+        errors = tuple(sorted({*errors, 415}))
     op: dict[str, Any] = {"summary": summary, "tags": [tag], "parameters": params or [],
                           "responses": _responses(ok, schema or {"type": "object"}, *errors)}
     if body is not None:
         op["requestBody"] = {"required": True, "content": _json(body)}
+    return op
+
+
+def _create_accounts() -> dict[str, Any]:
+    """One account (201; 200 when an identical one exists), or the list form ``{"accounts": [...]}``,
+    which answers 200 with one result per account, as a batch does."""
+    op = _op("Create an account, or several with {accounts: [...]}", "accounts", 201,
+             _ref("Account"), WRITE_ERRORS,
+             body={"oneOf": [_ref("NewAccount"), _ref("NewAccounts")]})
+    op["responses"]["200"] = {
+        "description": "an identical account existed (Idempotent-Replayed: true), or the results "
+                       "of the list form, in request order",
+        "content": _json({"oneOf": [_ref("Account"), _ref("BatchResults")]})}
     return op
 
 
@@ -88,11 +104,7 @@ def _on_tx(summary: str, body: dict[str, Any]) -> dict[str, Any]:
 
 
 PATHS: dict[str, dict[str, Any]] = {
-    "/v1/accounts": {"post": _op(
-        "Create an account, or several with {accounts: [...]}", "accounts", 201, _ref("Account"),
-        WRITE_ERRORS, body={"oneOf": [_ref("NewAccount"), {"type": "object", "properties": {
-            "accounts": {"type": "array", "items": _ref("NewAccount"),
-                         "maxItems": batch_commands_max}}}]})},
+    "/v1/accounts": {"post": _create_accounts()},
     "/v1/accounts/{id}": {"get": _op("An account", "accounts", 200, _ref("Account"), READ_ERRORS,
                                      [PATH_ID, *CONSISTENCY])},
     "/v1/accounts/{id}/balance": {"get": BALANCE},
@@ -154,6 +166,9 @@ SCHEMAS: dict[str, Any] = {
                                       "debits_must_not_exceed_credits",
                                       "credits_must_not_exceed_debits", "closed", "history"]}},
                                   "metadata": {"type": "object"}}},
+    "NewAccounts": {"type": "object", "required": ["accounts"], "additionalProperties": False,
+                    "properties": {"accounts": {"type": "array", "items": _ref("NewAccount"),
+                                                "minItems": 1, "maxItems": batch_commands_max}}},
     "Account": {"type": "object", "properties": {
         **{k: INT for k in ("debits_posted", "credits_posted", "debits_pending", "credits_pending",
                             "balance", "available", "seq", "shard", "timestamp")},

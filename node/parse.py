@@ -440,14 +440,18 @@ def query_int(query: Mapping[str, str], name: str, low: int = 0, high: int = 2**
     return int(raw)
 
 
-def parse_token(raw: str) -> dict[int, int]:
-    """``<shard>:<index>[,<shard>:<index>...]``; for a repeated shard the highest index counts."""
+def parse_token(raw: str, shard_count: int) -> dict[int, int]:
+    """``<shard>:<index>[,<shard>:<index>...]``, each shard one of ``shard_count``; for a repeated
+    shard the highest index counts."""
     out: dict[int, int] = {}
     for part in raw.split(","):
         match = TOKEN_PART_RE.fullmatch(part.strip())
         if match is None:
             raise ApiError("invalid_token", details={"min_token": raw[:200]})
         shard, index = int(match.group(1)), int(match.group(2))
+        if shard >= shard_count:
+            raise ApiError("invalid_token", f"min_token names shard {shard}; the shards are 0 to "
+                           f"{shard_count - 1}", details={"min_token": raw[:200], "shard": shard})
         out[shard] = max(index, out.get(shard, 0))
     return out
 
@@ -456,7 +460,7 @@ def format_token(parts: Mapping[int, int]) -> str:
     return ",".join(f"{shard}:{index}" for shard, index in sorted(parts.items()))
 
 
-def parse_read_params(query: Mapping[str, str]) -> ReadParams:
+def parse_read_params(query: Mapping[str, str], shard_count: int) -> ReadParams:
     consistency = query.get("consistency", "local")
     if consistency not in ("local", "linearizable"):
         raise ApiError("invalid_query", "consistency is local or linearizable",
@@ -464,7 +468,7 @@ def parse_read_params(query: Mapping[str, str]) -> ReadParams:
     token = query.get("min_token")
     return ReadParams(
         linearizable=consistency == "linearizable",
-        min_token=parse_token(token) if token else None,
+        min_token=parse_token(token, shard_count) if token else None,
         max_staleness_ms=query_int(query, "max_staleness_ms"),
     )
 

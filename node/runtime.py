@@ -10,6 +10,7 @@ batchers, stop Raft, close LMDB.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
 import logging
 import os
@@ -21,10 +22,11 @@ from aiohttp import web
 
 from . import frames, secret, wire
 from .config import NodeConfig
-from .http import NodeContext, create_app
+from .http import NodeContext, create_app, guard
 from .http import internal as internal_api
 from .metrics import Metrics
 from .replica import ReplicaService, ReplicaSettings
+from .settings import HttpSettings, NodeSettings
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +85,21 @@ async def start_runtime(config: NodeConfig) -> NodeRuntime:
     return NodeRuntime(config, services, context)
 
 
-async def _listen(app: web.Application, host: str, port: int) -> tuple[web.AppRunner, web.TCPSite]:
+def listener_settings(settings: NodeSettings) -> tuple[HttpSettings, HttpSettings]:
+    """The internal listener takes at most ``internal.connections_max`` connections; the public one
+    keeps that many descriptors free besides its own reserve, so both together never use them up."""
+    http, internal = settings.http, settings.internal
+    return (dataclasses.replace(http, connections_max=internal.connections_max),
+            dataclasses.replace(http, descriptors_reserved=http.descriptors_reserved
+                                + internal.connections_max))
+
+
+async def _listen(app: web.Application, host: str, port: int,
+                  http: HttpSettings) -> tuple[web.AppRunner, guard.GuardedSite]:
+    """Serve ``app`` behind the listener guard (bounded connections, a header deadline)."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=http_shutdown_s)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=http_backlog)
+    site = guard.GuardedSite(runner, host, port, http=http, reuse_address=True, backlog=http_backlog)
     await site.start()
     return runner, site
 
@@ -98,10 +111,13 @@ async def serve(config: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     runtime = await start_runtime(config)
+    guard.raise_descriptor_limit()
     internal_host, internal_port = config.internal_address
-    listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port),
-                 await _listen(create_app(runtime.context), config.settings.http.host,
-                               config.settings.http.port)]
+    internal_http, public_http = listener_settings(config.settings)
+    listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port,
+                               internal_http),
+                 await _listen(create_app(runtime.context), public_http.host, public_http.port,
+                               public_http)]
     log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
              config.settings.http.host, config.settings.http.port, internal_host, internal_port,
              sorted(runtime.services))

@@ -107,6 +107,12 @@ class HttpSettings:
     requests_in_flight_max: int = setting(2048, "requests served at once (503 overloaded)", minimum=1)
     consistency_wait_s: float = setting(2.0, "a read waits this long for min_token, a read barrier "
                                         "or linearizable (503 stale_replica)", minimum=0)
+    connections_max: int = setting(10_000, "open connections per listener; at the bound the oldest idle "
+                                   "one is closed for a new one", minimum=1)
+    header_timeout_s: float = setting(10.0, "a connection must send a request's headers within this, "
+                                      "from its opening or its previous response", minimum=0.1)
+    descriptors_reserved: int = setting(512, "file descriptors kept free of connections for the journal, "
+                                        "snapshots, LMDB, Raft and forwarding", minimum=16)
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +142,8 @@ class InternalSettings:
     replay_nonces_max: int = setting(1_000_000, "requests remembered within the window", minimum=1000)
     peer_status_timeout_s: float = setting(1.0, "GET /v1/cluster waits this long for each peer",
                                            minimum=0.1)
+    connections_max: int = setting(256, "open connections to the internal listener (other nodes, "
+                                   "tools); their descriptors come out of the public listener's", minimum=8)
 
 
 @dataclass(frozen=True, slots=True)

@@ -170,12 +170,17 @@ def test_post_defaults_its_id_from_the_pending_id():
     assert parse_post({"amount": 5}, "p1", None).amount == 5
 
 
+def test_min_token_naming_a_shard_that_does_not_exist_is_invalid():
+    assert code_of(parse_token, "0:5,2:1", 2) == "invalid_token"
+    assert code_of(parse_read_params, {"min_token": "999999:1"}, 2) == "invalid_token"
+
+
 def test_read_params_and_tokens():
-    assert parse_token("0:5,1:7,0:9") == {0: 9, 1: 7}
-    assert code_of(parse_token, "zero") == "invalid_token"
-    params = parse_read_params({"consistency": "linearizable", "max_staleness_ms": "50"})
+    assert parse_token("0:5,1:7,0:9", 2) == {0: 9, 1: 7}
+    assert code_of(parse_token, "zero", 2) == "invalid_token"
+    params = parse_read_params({"consistency": "linearizable", "max_staleness_ms": "50"}, 2)
     assert params.linearizable and params.max_staleness_ms == 50
-    assert code_of(parse_read_params, {"consistency": "strong"}) == "invalid_query"
+    assert code_of(parse_read_params, {"consistency": "strong"}, 2) == "invalid_query"
     assert code_of(parse_entries_query, {"limit": "1001"}) == "invalid_query"
     assert code_of(parse_entries_query, {"bogus": "1"}) == "invalid_query"
     assert parse_entries_query({}).limit == 100

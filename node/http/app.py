@@ -11,6 +11,7 @@ from aiohttp import web
 
 from . import internal, ops, reads, writes
 from .context import CONTEXT, NodeContext
+from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
 
 ID = "{id:[^/]+}"  # ids may hold braces ({tag}), raw or percent-encoded
@@ -66,7 +67,7 @@ def install(app: web.Application, ctx: NodeContext) -> None:
 async def start(ctx: NodeContext, host: str, port: int,
                 internal_port: int | None = None) -> list[web.AppRunner]:
     """Serve the node's API on ``host:port`` (and its internal listener on ``internal_port``) from
-    the running loop; ``await runner.cleanup()`` each runner returned."""
+    the running loop, each behind the listener guard; ``await runner.cleanup()`` each runner."""
     apps = [(create_app(ctx), port)]
     if internal_port is not None:
         apps.append((internal.create_app(ctx), internal_port))
@@ -74,7 +75,7 @@ async def start(ctx: NodeContext, host: str, port: int,
     for app, app_port in apps:
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
-        await web.TCPSite(runner, host, app_port, backlog=1024).start()
+        await GuardedSite(runner, host, app_port, http=ctx.settings.http, backlog=1024).start()
         runners.append(runner)
     return runners
 

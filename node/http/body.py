@@ -22,9 +22,24 @@ def too_large(bytes_max: int) -> ApiError:
 async def read_raw(request: web.Request, http: HttpSettings | None = None,
                    bytes_max: int | None = None) -> bytes:
     """The body, refused as soon as it passes ``bytes_max`` (default: the public ``body_bytes_max``;
-    a streamed body is not buffered whole first), or when it takes longer than ``body_read_timeout_s``."""
+    a streamed body is not buffered whole first), when it takes longer than ``body_read_timeout_s``,
+    or as ``malformed_body`` when it cannot be decoded."""
     limits = http or context_of(request).settings.http
-    bytes_max = limits.body_bytes_max if bytes_max is None else bytes_max
+    try:
+        return await _read_raw(request, limits, limits.body_bytes_max if bytes_max is None else bytes_max)
+    except web.RequestPayloadError as exc:
+        raise _undecodable(exc) from exc
+
+
+def _undecodable(exc: web.RequestPayloadError) -> ApiError:
+    """A body aiohttp could not decode: a Content-Encoding that does not decode, broken chunked
+    framing (the edge then closes the connection: see middleware.settle_broken_body)."""
+    cause = exc.__cause__ or exc
+    reason = getattr(cause, "message", None) or str(cause)
+    return ApiError("malformed_body", details={"reason": str(reason).strip()[:200]})
+
+
+async def _read_raw(request: web.Request, limits: HttpSettings, bytes_max: int) -> bytes:
     length = request.content_length
     if length is not None and length > bytes_max:
         raise too_large(bytes_max)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
+SHARD_RE = re.compile(r"[0-9]{1,9}")
+client_closed_status = 499  # recorded (never sent) when the client hung up first, as nginx does
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -44,15 +47,30 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
         return ApiError("body_too_large")
     if isinstance(exc, web.HTTPMethodNotAllowed):
-        return ApiError("method_not_allowed", details={"allowed": sorted(exc.allowed_methods)})
+        allowed = sorted(exc.allowed_methods)
+        return ApiError("method_not_allowed", details={"allowed": allowed},
+                        headers={"Allow": ", ".join(allowed)})
     if isinstance(exc, web.HTTPNotFound):
         return ApiError("not_found", "no such route")
     return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
 
 
+def _check_shard(request: web.Request, shard_count: int) -> None:
+    """A ``{shard}`` in the path names one of the cluster's shards, else the URL names nothing."""
+    raw = request.match_info.get("shard")
+    if raw is not None and not (SHARD_RE.fullmatch(raw) and int(raw) < shard_count):
+        raise ApiError("not_found", f"no shard {raw[:20]!r}", details={"shard": raw[:20]})
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
 async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
     ctx = context_of(request)
     try:
+        _check_shard(request, ctx.shard_count)
         async with asyncio.timeout(ctx.settings.http.request_timeout_s):
             return await handler(request)
     except ApiError as exc:
@@ -62,6 +80,10 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     except TimeoutError:
         return error_response(request, ApiError("timeout"))
     except Exception:
+        if _client_gone(request):  # it hung up (mid-body, say): nobody to answer, nothing broken
+            log.debug("client closed the connection", exc_info=True,
+                      extra={"route": route_name(request)})
+            return web.Response(status=client_closed_status)
         log.exception("unhandled error", extra={"route": route_name(request)})
         return error_response(request, ApiError("internal_error"))
 
@@ -87,11 +109,22 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
                 response = await _guarded(request, handler)
             finally:
                 state.in_flight -= bounded
+        if request.content.exception() is not None:
+            settle_broken_body(request, response)
         response.headers[REQUEST_ID_HEADER] = request_id
         _observe(request, route, response.status, time.perf_counter() - started)
         return response
     finally:
         request_id_var.reset(token)
+
+
+def settle_broken_body(request: web.Request, response: web.StreamResponse) -> None:
+    """The body failed (it did not decode, or the client hung up): aiohttp's parser has stopped at
+    the error, so the connection cannot carry another request and is closed after this response.
+    The body is marked finished, else aiohttp would try to drain it after the response and log
+    its error again, at ERROR level, for every such request."""
+    request.content.feed_eof()
+    response.force_close()
 
 
 def _observe(request: web.Request, route: str, status: int, seconds: float) -> None:

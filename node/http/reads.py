@@ -71,7 +71,7 @@ async def _read(request: web.Request, account_id: str,
     The handler has checked the query string's parameter names already."""
     ctx = context_of(request)
     parse.parse_id(account_id, "", "id")
-    params = parse.parse_read_params(request.query)
+    params = parse.parse_read_params(request.query, ctx.shard_count)
     svc = ctx.shards.get(ctx.shard_of(account_id))
     if svc is None:
         return await proxy_read(request, ctx.shard_of(account_id))
@@ -134,7 +134,7 @@ async def get_transaction(request: web.Request) -> web.Response:
     ctx = context_of(request)
     txid = parse.parse_id(request.match_info["id"], "", "id")
     parse.check_query(request.query, parse.READ_PARAMS)
-    params = parse.parse_read_params(request.query)
+    params = parse.parse_read_params(request.query, ctx.shard_count)
     headers: dict[str, str] = {}
     for svc in _hosted(ctx):
         await ensure_consistency(ctx, svc, params)
