@@ -460,6 +460,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="PostgreSQL connections per pg_ledger process")
     parser.add_argument("--pg-user", default="postgres", help="who runs PostgreSQL when root")
     args = parser.parse_args(argv)
+    if args.duration < 1 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--duration and --rounds take 1 or more, --warmup 0 or more (whole seconds)")
     for n in (args.connections, args.batch_connections):
         if n < args.threads or n % args.threads:
             parser.error(f"connections ({n}) must be a multiple of --threads ({args.threads}): "
@@ -561,7 +563,8 @@ def main(argv: list[str] | None = None,
     called once the ledgers are funded ("funded") and after the last run ("finished")."""
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    wrk_binary(), postgres_bindir()  # fail before starting anything
+    wrk_binary()  # fail before starting anything
+    postgres_bindir()
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         with start_systems(args) as systems:

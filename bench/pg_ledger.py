@@ -373,6 +373,9 @@ async def create_accounts(request: web.Request) -> web.Response:
     accounts = body.get("accounts") if isinstance(body, dict) else None
     if not isinstance(accounts, list) or not 0 < len(accounts) <= batch_items_max:
         raise Invalid("invalid_batch", f"accounts must be a list of 1..{batch_items_max}")
+    if not all(isinstance(a, dict) and a.get("normal", "debit") in ("debit", "credit")
+               for a in accounts):
+        raise Invalid("invalid_account", "an account is an object; normal is debit or credit")
     ids = [_text(a, "id", ID_RE, "invalid_id") for a in accounts]
     columns = (ids, [_text(a, "currency", CURRENCY_RE, "invalid_currency") for a in accounts],
                [a.get("normal", "debit") for a in accounts],
