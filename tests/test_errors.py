@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from raftledger.client import errors
 from raftledger.client.errors import (
     STATUS,
     Conflict,
@@ -75,9 +74,6 @@ def test_a_code_this_client_does_not_know_falls_into_its_status_family():
 
 
 def test_the_server_raises_the_same_classes_the_client_catches():
-    from raftledger.node import errors as node_errors
-
-    assert node_errors.ApiError is errors.LedgerError
     from raftledger.node.raft import fail_reason_error
 
     assert isinstance(fail_reason_error(4, None, 1.0), Unavailable)

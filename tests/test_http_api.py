@@ -21,8 +21,7 @@ import msgpack
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from raftledger.bench import loadgen
-from raftledger.node import openapi
-from raftledger.node.http import NodeContext, create_app
+from raftledger.node.http import NodeContext, create_app, openapi
 from raftledger.node.http.context import CONTEXT
 from raftledger.node.logs import JsonFormatter, request_id_var
 from raftledger.node.service import Committed

@@ -26,8 +26,7 @@ import pytest
 from aiohttp import web
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
-from raftledger.node import openapi
-from raftledger.node.http import NodeContext, create_app, guard
+from raftledger.node.http import NodeContext, create_app, guard, openapi
 from raftledger.node.http.middleware import EDGE
 from raftledger.node.runtime import listener_settings
 from raftledger.node.service import Committed

@@ -8,9 +8,9 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from raftledger.client.errors import STATUS, LedgerError
 from raftledger.cluster.router import routing_key, shard_for_account
-from raftledger.node.errors import STATUS, ApiError
-from raftledger.node.parse import (
+from raftledger.node.http.parse import (
     decode_body,
     parse_account,
     parse_accounts,
@@ -26,7 +26,7 @@ from raftledger.statemachine.commands import AccountFlag, Direction, EntrySpec
 
 
 def code_of(fn, *args, **kwargs) -> str:
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(LedgerError) as info:
         fn(*args, **kwargs)
     return info.value.code
 
@@ -76,12 +76,12 @@ def test_unknown_fields_are_reported_by_path():
     tx = json.loads(json.dumps(TRANSFER))
     tx["colour"] = "red"
     tx["entries"][1]["memo"] = "x"
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(LedgerError) as info:
         parse_transaction(tx)
     assert info.value.code == "unknown_field"
     assert info.value.details["fields"] == ["colour"]
     del tx["colour"]
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(LedgerError) as info:
         parse_transaction(tx)
     assert info.value.details["fields"] == ["entries[1].memo"]
 
@@ -209,11 +209,11 @@ def test_any_json_value_parses_or_raises_a_stable_api_error(value):
     for parser in (parse_transaction, parse_account, parse_accounts, parse_batch):
         try:
             parser(value)
-        except ApiError as exc:
+        except LedgerError as exc:
             assert exc.code in STATUS and 400 <= exc.status < 500
     try:
         parse_post(value, "p1", None)
-    except ApiError as exc:
+    except LedgerError as exc:
         assert exc.code in STATUS
 
 
@@ -222,7 +222,7 @@ def test_any_json_value_parses_or_raises_a_stable_api_error(value):
 def test_any_bytes_decode_or_raise_a_stable_api_error(raw, content_type):
     try:
         decode_body(raw, content_type)
-    except ApiError as exc:
+    except LedgerError as exc:
         assert exc.code in STATUS and 400 <= exc.status < 500
 
 
@@ -232,7 +232,7 @@ def test_ledger_shape_rules_apply_at_the_edge_with_field_paths():
         "invalid_command"
     assert code_of(parse_transaction, dict(TRANSFER, timeout_seconds=5)) == "invalid_timeout"
     one = dict(TRANSFER, entries=TRANSFER["entries"][:1])
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(LedgerError) as info:
         parse_batch({"transactions": [TRANSFER, one]})
     assert info.value.code == "too_few_entries" and info.value.status == 422
     deep = {"id": "a", "currency": "BRL", "metadata": {"a": [[[[[[[[1]]]]]]]]}}
@@ -271,6 +271,6 @@ def _shorthand(txid: str, **changes: object) -> dict:
     (parse_post, ({"amount": 0}, "hold", None), "invalid_amount", "amount"),
 ])
 def test_an_error_names_the_field_by_its_full_path(parse, args, code, field):
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(LedgerError) as info:
         parse(*args)
     assert (info.value.code, info.value.details["field"]) == (code, field)

@@ -6,17 +6,17 @@ import asyncio
 from typing import Any
 
 from aiohttp import web
+from raftledger.client.errors import LedgerError
 
-from .. import parse
-from ..errors import ApiError
 from ..settings import HttpSettings
+from . import parse
 from .context import context_of
 
 body_chunk_bytes = 64 * 1024
 
 
-def too_large(bytes_max: int) -> ApiError:
-    return ApiError("body_too_large", details={"bytes_max": bytes_max})
+def too_large(bytes_max: int) -> LedgerError:
+    return LedgerError("body_too_large", details={"bytes_max": bytes_max})
 
 
 async def read_raw(request: web.Request, http: HttpSettings | None = None,
@@ -31,12 +31,12 @@ async def read_raw(request: web.Request, http: HttpSettings | None = None,
         raise _undecodable(exc) from exc
 
 
-def _undecodable(exc: web.RequestPayloadError) -> ApiError:
+def _undecodable(exc: web.RequestPayloadError) -> LedgerError:
     """A body aiohttp could not decode: a Content-Encoding that does not decode, broken chunked
     framing (the edge then closes the connection: see middleware.settle_broken_body)."""
     cause = exc.__cause__ or exc
     reason = getattr(cause, "message", None) or str(cause)
-    return ApiError("malformed_body", details={"reason": str(reason).strip()[:200]})
+    return LedgerError("malformed_body", details={"reason": str(reason).strip()[:200]})
 
 
 async def _read_raw(request: web.Request, limits: HttpSettings, bytes_max: int) -> bytes:
@@ -52,7 +52,7 @@ async def _read_raw(request: web.Request, limits: HttpSettings, bytes_max: int) 
         async with asyncio.timeout(limits.body_read_timeout_s):
             return await _read_bounded(request, bytes_max)
     except TimeoutError:
-        raise ApiError("request_timeout",
+        raise LedgerError("request_timeout",
                        details={"timeout_s": limits.body_read_timeout_s}) from None
 
 

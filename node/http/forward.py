@@ -22,13 +22,12 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aiohttp
-from raftledger.client.errors import NotLeader, Unavailable, from_wire
+from raftledger.client.errors import LedgerError, NotLeader, Unavailable, from_wire
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
 from .. import wire
 from ..clock import Clock
-from ..errors import ApiError
 from ..logs import request_id_var
 from ..service import ShardService
 from .context import NodeContext
@@ -55,7 +54,7 @@ def _results(shard: int, outcome: Any) -> list[Rendered]:
 
 
 async def submit(ctx: NodeContext, shard: int, command: AnyCommand) -> ShardReply:
-    """Commit ``command`` on ``shard`` through its leader; raises ApiError when it cannot."""
+    """Commit ``command`` on ``shard`` through its leader; raises LedgerError when it cannot."""
 
     async def local(svc: ShardService) -> ShardReply:
         committed = await svc.submit(command)
@@ -110,7 +109,7 @@ async def _via_leader(ctx: NodeContext, shard: int,
             if exc.code == "overloaded":
                 ctx.metrics.overloaded(f"shard{shard}")
             raise
-    raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
+    raise LedgerError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
 async def _await_change(clock: Clock, changed: asyncio.Future[None], deadline: float,
@@ -119,7 +118,7 @@ async def _await_change(clock: Clock, changed: asyncio.Future[None], deadline: f
     if remaining > 0:
         await clock.wait(changed, remaining)  # never cancels the shared future
     if not changed.done():
-        raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
+        raise LedgerError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
 async def _unless_leader_moves(svc: ShardService, leader: str, changed: asyncio.Future[None],
@@ -149,7 +148,7 @@ async def _via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Await
     """A shard this node does not host: ask its hosts; one that does not lead names the leader."""
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
     if not hosts:
-        raise ApiError("unavailable", f"no node hosts shard {shard}", details={"shard": shard})
+        raise LedgerError("unavailable", f"no node hosts shard {shard}", details={"shard": shard})
     deadline = ctx.clock.monotonic() + ctx.settings.forwarding.leader_wait_s
     target: str | None = None
     for attempt in range(ctx.settings.forwarding.attempts_max * len(hosts)):
@@ -162,7 +161,7 @@ async def _via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Await
             if ctx.clock.monotonic() + unhosted_retry_s > deadline:
                 break
             await ctx.clock.sleep(unhosted_retry_s)  # no signal from a shard hosted elsewhere
-    raise ApiError("not_leader", details={"shard": shard}, retry_after_s=0.5)
+    raise LedgerError("not_leader", details={"shard": shard}, retry_after_s=0.5)
 
 
 async def _forward_submit(ctx: NodeContext, node: str, shard: int,
@@ -248,10 +247,10 @@ async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
                     timeout_s: float | None = None) -> Any:
     """One sealed request to a peer's internal listener; its opened answer, or an error:
     NotLeader when the peer could not be reached (nothing was sent: safe to look again) or
-    answered not_leader; ApiError otherwise."""
+    answered not_leader; LedgerError otherwise."""
     url = ctx.internal_url(node)
     if url is None or ctx.sealer is None:
-        raise ApiError("unavailable", f"no internal address for node {node!r}")
+        raise LedgerError("unavailable", f"no internal address for node {node!r}")
     sealed = ctx.sealer.seal_request("POST", wire.PREFIX + path, payload)
     headers = {**sealed.headers, FORWARDED_HEADER: ctx.node_id}
     request_id = request_id_var.get()
@@ -266,7 +265,7 @@ async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
     except aiohttp.ClientConnectorError as exc:
         raise NotLeader(message=f"node {node} is unreachable") from exc
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise ApiError("outcome_unknown", f"request to {node} failed: {type(exc).__name__}",
+        raise LedgerError("outcome_unknown", f"request to {node} failed: {type(exc).__name__}",
                        retry_after_s=1.0) from exc
 
 
@@ -277,7 +276,7 @@ def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int
     except wire.Unauthenticated as exc:
         log.error("node %s: %s (status %d); is it configured with this cluster's secret?", node, exc,
                   status)
-        raise ApiError("unavailable", f"node {node} did not authenticate") from exc
+        raise LedgerError("unavailable", f"node {node} did not authenticate") from exc
     if status == 200:
         return answer
     error = from_wire(status, answer, headers.get("Retry-After"))
@@ -285,7 +284,7 @@ def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int
         raise error
     # Anything else means the hop failed (a peer refused what this node checked already), not the
     # client's request.
-    raise ApiError("unavailable", f"node {node} answered {status} {error.code}: {error.message}")
+    raise LedgerError("unavailable", f"node {node} answered {status} {error.code}: {error.message}")
 
 
 async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
@@ -297,7 +296,7 @@ async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
         try:
             answer = await call_peer(ctx, node, "/status", None, ctx.settings.internal.peer_status_timeout_s)
             return dict(answer["shards"])
-        except (ApiError, KeyError, TypeError):
+        except (LedgerError, KeyError, TypeError):
             return None
 
     nodes = sorted(ctx.peers) or [ctx.node_id]

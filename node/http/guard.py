@@ -32,8 +32,8 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+from raftledger.client.errors import LedgerError, retry_after_header
 
-from ..errors import error_body, message_for, retry_after_header
 from ..metrics import Metrics
 from ..settings import HttpSettings
 from .context import CONTEXT
@@ -123,8 +123,7 @@ class _Seen:
 
 
 def refusal_response() -> bytes:
-    body = json_bytes(error_body("overloaded", message_for("overloaded"),
-                                 {"reason": "too many connections"}))
+    body = json_bytes(LedgerError("overloaded", details={"reason": "too many connections"}).body())
     head = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: "
             f"{retry_after_header(refused_retry_after_s)}\r\nConnection: close\r\n\r\n")

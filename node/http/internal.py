@@ -36,9 +36,9 @@ from raftledger.statemachine.commands import (
     batch_commands_max,
 )
 
-from .. import parse, wire
-from ..errors import ApiError, error_body
+from .. import wire
 from ..service import ShardService
+from . import parse
 from .body import read_raw
 from .context import NodeContext
 from .render import Rendered
@@ -54,8 +54,8 @@ Handler = Callable[[NodeContext, web.Request, Any], Awaitable[Any]]
 
 
 def _unauthenticated(reason: str) -> web.Response:
-    body = error_body("unauthorized", "the request is not sealed with this cluster's secret",
-                      {"reason": reason})
+    body = LedgerError("unauthorized", "the request is not sealed with this cluster's secret",
+                       details={"reason": reason}).body()
     return web.json_response(body, status=401)
 
 
@@ -75,8 +75,8 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
                         extra={"path": request.path, "peer": request.headers.get(wire.PEER_HEADER)})
             return _unauthenticated(str(exc))
         except wire.Busy as exc:
-            return _seal_error(ctx, b"", ApiError("overloaded", str(exc)))
-        except ApiError as exc:  # too large or too slow: refused before anything was opened
+            return _seal_error(ctx, b"", LedgerError("overloaded", str(exc)))
+        except LedgerError as exc:  # too large or too slow: refused before anything was opened
             return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
         try:
             answer = await handler(ctx, request, payload)
@@ -88,7 +88,7 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
     return handle
 
 
-def _seal_error(ctx: NodeContext, nonce: bytes, exc: ApiError) -> web.Response:
+def _seal_error(ctx: NodeContext, nonce: bytes, exc: LedgerError) -> web.Response:
     headers, body = ctx.sealer.seal_answer(nonce, exc.status, exc.body())
     return web.Response(status=exc.status, body=body, headers={**exc.headers(), **headers})
 
@@ -100,7 +100,7 @@ def _local_shard(ctx: NodeContext, request: web.Request) -> ShardService:
     raw = request.match_info["shard"]
     svc = ctx.shards.get(int(raw)) if raw.isdigit() and len(raw) <= 6 else None
     if svc is None:
-        raise ApiError("not_found", f"shard {raw[:16]!r} is not hosted here", details={"shard": raw[:16]})
+        raise LedgerError("not_found", f"shard {raw[:16]!r} is not hosted here", details={"shard": raw[:16]})
     return svc
 
 
@@ -109,10 +109,10 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
     proposed here only; one reply per command, in order."""
     svc = _local_shard(ctx, request)
     if not isinstance(encoded, list) or not all(isinstance(e, bytes) for e in encoded):
-        raise ApiError("malformed_body", "expected a list of encoded commands")
+        raise LedgerError("malformed_body", "expected a list of encoded commands")
     commands_max = ctx.settings.forwarding.commands_per_request_max
     if len(encoded) > commands_max:
-        raise ApiError("too_many_commands", details={"max": commands_max,
+        raise LedgerError("too_many_commands", details={"max": commands_max,
                                                      "count": len(encoded)})
     replies = await asyncio.gather(*(_submit_one(ctx, svc, e) for e in encoded))
     return {"replies": replies}
@@ -120,12 +120,12 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
 
 def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> Command | Batch:
     """The checks of the public edge, for a command that arrives already built: its shape, the
-    batch limit, and that it belongs to ``shard``. Raises ApiError."""
+    batch limit, and that it belongs to ``shard``. Raises LedgerError."""
     if isinstance(command, codec.Invalid):
-        raise ApiError("malformed_body", command.reason)
+        raise LedgerError("malformed_body", command.reason)
     if isinstance(command, Batch):
         if not command.commands or len(command.commands) > batch_commands_max:
-            raise ApiError("too_many_commands", details={"max": batch_commands_max,
+            raise LedgerError("too_many_commands", details={"max": batch_commands_max,
                                                          "count": len(command.commands)})
         for i, inner in enumerate(command.commands):
             _admit_one(ctx, shard, inner, f"commands[{i}]")
@@ -133,7 +133,7 @@ def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> 
     if isinstance(command, Command):  # type: ignore[misc, arg-type]
         _admit_one(ctx, shard, command, "")
         return command
-    raise ApiError("malformed_body", f"{type(command).__name__} is not a client command")
+    raise LedgerError("malformed_body", f"{type(command).__name__} is not a client command")
 
 
 def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> None:
@@ -146,7 +146,7 @@ def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> No
         return
     elsewhere = sorted({a for a in accounts if ctx.shard_of(a) != shard})
     if elsewhere:
-        raise ApiError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
+        raise LedgerError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
                                                "id": command.id})
 
 
@@ -209,7 +209,7 @@ async def bench_start(ctx: NodeContext, request: web.Request, params: Any) -> di
 async def bench_result(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
     task = _bench_runs.get(request.match_info["run"])
     if task is None:
-        raise ApiError("not_found", "no such run")
+        raise LedgerError("not_found", "no such run")
     if not task.done():
         return {"done": False}
     return {"done": True, **task.result()}
@@ -247,5 +247,5 @@ async def not_found(request: web.Request, handler: Callable[[web.Request], Await
         return await handler(request)
     except web.HTTPException as exc:
         code = "method_not_allowed" if exc.status == 405 else "not_found"
-        error = ApiError(code, exc.reason)
+        error = LedgerError(code, exc.reason)
         return web.json_response(error.body(), status=error.status)

@@ -11,8 +11,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from raftledger.client.errors import LedgerError
 
-from ..errors import ApiError
 from ..logs import new_request_id, request_id_var
 from .context import context_of
 from .render import error_response
@@ -43,23 +43,23 @@ def route_name(request: web.Request) -> str:
     return resource.canonical if resource is not None else "unmatched"
 
 
-def _http_error(exc: web.HTTPException) -> ApiError:
+def _http_error(exc: web.HTTPException) -> LedgerError:
     if isinstance(exc, web.HTTPRequestEntityTooLarge):
-        return ApiError("body_too_large")
+        return LedgerError("body_too_large")
     if isinstance(exc, web.HTTPMethodNotAllowed):
         allowed = sorted(exc.allowed_methods)
-        return ApiError("method_not_allowed", details={"allowed": allowed},
+        return LedgerError("method_not_allowed", details={"allowed": allowed},
                         headers={"Allow": ", ".join(allowed)})
     if isinstance(exc, web.HTTPNotFound):
-        return ApiError("not_found", "no such route")
-    return ApiError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
+        return LedgerError("not_found", "no such route")
+    return LedgerError("invalid_query" if exc.status == 400 else "internal_error", exc.reason)
 
 
 def _check_shard(request: web.Request, shard_count: int) -> None:
     """A ``{shard}`` in the path names one of the cluster's shards, else the URL names nothing."""
     raw = request.match_info.get("shard")
     if raw is not None and not (SHARD_RE.fullmatch(raw) and int(raw) < shard_count):
-        raise ApiError("not_found", f"no shard {raw[:20]!r}", details={"shard": raw[:20]})
+        raise LedgerError("not_found", f"no shard {raw[:20]!r}", details={"shard": raw[:20]})
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -73,19 +73,19 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
         _check_shard(request, ctx.shard_count)
         async with asyncio.timeout(ctx.settings.http.request_timeout_s):
             return await handler(request)
-    except ApiError as exc:
+    except LedgerError as exc:
         return error_response(request, exc)
     except web.HTTPException as exc:
         return error_response(request, _http_error(exc))
     except TimeoutError:
-        return error_response(request, ApiError("timeout"))
+        return error_response(request, LedgerError("timeout"))
     except Exception:
         if _client_gone(request):  # it hung up (mid-body, say): nobody to answer, nothing broken
             log.debug("client closed the connection", exc_info=True,
                       extra={"route": route_name(request)})
             return web.Response(status=client_closed_status)
         log.exception("unhandled error", extra={"route": route_name(request)})
-        return error_response(request, ApiError("internal_error"))
+        return error_response(request, LedgerError("internal_error"))
 
 
 @web.middleware
@@ -101,7 +101,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         if bounded and state.in_flight >= ctx.settings.http.requests_in_flight_max:
             ctx.metrics.overloaded("http")
-            response = error_response(request, ApiError(
+            response = error_response(request, LedgerError(
                 "overloaded", retry_after_s=ctx.settings.batching.overloaded_retry_after_s))
         else:
             state.in_flight += bounded

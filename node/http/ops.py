@@ -7,8 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
-from .. import openapi
 from ..metrics import CONTENT_TYPE
+from . import openapi
 from .context import NodeContext, context_of
 from .forward import peer_statuses
 from .render import respond

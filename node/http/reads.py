@@ -15,12 +15,12 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from raftledger.client.errors import STATUS, LedgerError
 from raftledger.statemachine.records import Transaction
 from raftledger.statemachine.store import QueryError, Reader
 
-from .. import parse
-from ..errors import STATUS, ApiError
 from ..service import ShardService
+from . import parse
 from .context import NodeContext, context_of
 from .forward import FORWARDED_HEADER, read_barrier
 from .render import respond
@@ -53,7 +53,7 @@ async def _wait_applied(ctx: NodeContext, svc: ShardService, index: int, wait_s:
 
 def _stale(ctx: NodeContext, svc: ShardService, details: dict[str, Any]) -> None:
     ctx.metrics.stale_reads.labels(str(svc.shard)).inc()
-    raise ApiError("stale_replica", details={"shard": svc.shard, "node": ctx.node_id, **details},
+    raise LedgerError("stale_replica", details={"shard": svc.shard, "node": ctx.node_id, **details},
                    retry_after_s=stale_retry_after_s,
                    headers=freshness_headers(ctx, svc, svc.applied_index()))
 
@@ -80,7 +80,7 @@ async def _read(request: web.Request, account_id: str,
         headers = freshness_headers(ctx, svc, reader.state().applied_index)
         try:
             body = _run_query(query, reader, account_id)
-        except ApiError as exc:  # a 404 says how fresh the replica that did not find it was
+        except LedgerError as exc:  # a 404 says how fresh the replica that did not find it was
             exc.extra_headers = headers
             raise
     return respond(request, 200, body, headers)
@@ -91,11 +91,11 @@ def _run_query(query: Callable[[Reader], Any], reader: Reader, account_id: str) 
         body = query(reader)
     except QueryError as exc:
         if exc.code == "account_not_found":
-            raise ApiError("not_found", str(exc), details={"account_id": account_id}) from exc
+            raise LedgerError("not_found", str(exc), details={"account_id": account_id}) from exc
         code = exc.code if exc.code in STATUS else "invalid_query"
-        raise ApiError(code, str(exc)) from exc
+        raise LedgerError(code, str(exc)) from exc
     if body is None:
-        raise ApiError("not_found", f"no account {account_id!r}", details={"account_id": account_id})
+        raise LedgerError("not_found", f"no account {account_id!r}", details={"account_id": account_id})
     return body
 
 
@@ -146,7 +146,7 @@ async def get_transaction(request: web.Request) -> web.Response:
     missing = [s for s in range(ctx.shard_count) if s not in ctx.shards]
     if missing and FORWARDED_HEADER not in request.headers:
         return await proxy_read(request, missing[0])
-    raise ApiError("transaction_not_found", details={"id": txid}, headers=headers)
+    raise LedgerError("transaction_not_found", details={"id": txid}, headers=headers)
 
 
 def _hosted(ctx: NodeContext) -> Iterable[ShardService]:
@@ -179,7 +179,7 @@ async def proxy_read(request: web.Request, shard: int) -> web.Response:
     ctx = context_of(request)
     nodes = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
     if FORWARDED_HEADER in request.headers or not nodes:
-        raise ApiError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
+        raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
     url = f"{ctx.peer_url(nodes[0])}{request.rel_url}"
     timeout = aiohttp.ClientTimeout(total=ctx.settings.forwarding.timeout_s)
     headers = {FORWARDED_HEADER: ctx.node_id, "Accept": request.headers.get("Accept", "*/*")}
@@ -190,5 +190,5 @@ async def proxy_read(request: web.Request, shard: int) -> web.Response:
             kept = {k: v for k, v in resp.headers.items() if k in PROXIED_HEADERS}
             return web.Response(status=resp.status, body=body, headers=kept)
     except (TimeoutError, aiohttp.ClientError) as exc:
-        raise ApiError("unavailable", f"read via {nodes[0]} failed after "
+        raise LedgerError("unavailable", f"read via {nodes[0]} failed after "
                        f"{time.monotonic() - started:.1f}s") from exc

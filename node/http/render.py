@@ -13,10 +13,10 @@ from typing import Any
 import msgpack
 import orjson
 from aiohttp import web
+from raftledger.client.errors import STATUS, LedgerError, message_for
 from raftledger.statemachine.records import Account, Result
 
-from ..errors import STATUS, ApiError, message_for
-from ..parse import MSGPACK_TYPES, media_type
+from .parse import MSGPACK_TYPES, media_type
 
 JSON_TYPE = "application/json"
 MSGPACK_TYPE = "application/msgpack"
@@ -134,7 +134,7 @@ def respond(request: web.Request, status: int, body: Any,
     return web.Response(status=status, body=data, content_type=content_type, headers=headers)
 
 
-def error_response(request: web.Request, exc: ApiError) -> web.Response:
+def error_response(request: web.Request, exc: LedgerError) -> web.Response:
     return respond(request, exc.status, exc.body(), exc.headers())
 
 

@@ -12,10 +12,10 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from aiohttp import web
+from raftledger.client.errors import LedgerError
 from raftledger.statemachine.commands import Batch, Command, CreateTransaction
 
-from .. import parse
-from ..errors import ApiError
+from . import parse
 from .body import read_json
 from .context import NodeContext, context_of
 from .forward import ShardReply, submit
@@ -30,7 +30,7 @@ def transaction_shard(ctx: NodeContext, command: CreateTransaction) -> int:
     """The one shard holding every account of the transaction (cross-shard is not supported yet)."""
     shards = {ctx.shard_of(e.account_id) for e in command.entries}
     if len(shards) > 1:
-        raise ApiError("cross_shard_not_supported",
+        raise LedgerError("cross_shard_not_supported",
                        details={"id": command.id, "shards": sorted(shards)})
     return shards.pop() if shards else 0
 
@@ -100,11 +100,11 @@ async def create_batch(request: web.Request) -> web.Response:
     for i, command in enumerate(commands):
         try:
             routed.append((transaction_shard(ctx, command), command))
-        except ApiError as exc:
+        except LedgerError as exc:
             routed.append((-1, command))
             early[i] = Rendered(exc.code, command.id, details=exc.details)
     if atomic and (early or len({s for s, _ in routed}) > 1):
-        raise ApiError("cross_shard_not_supported", "an atomic batch must stay on one shard",
+        raise LedgerError("cross_shard_not_supported", "an atomic batch must stay on one shard",
                        details={"shards": sorted({s for s, _ in routed if s >= 0})})
     return await _many(request, routed, atomic, "transaction", early)
 

@@ -8,9 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from raftledger.client.errors import STATUS
 from raftledger.statemachine.commands import batch_commands_max, entries_per_transaction_max
-
-from .errors import STATUS
 
 API_VERSION = "1.0.0"
 

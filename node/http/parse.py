@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import msgpack
+from raftledger.client.errors import LedgerError
 from raftledger.statemachine.commands import (
     AccountFlag,
     Command,
@@ -34,8 +35,6 @@ from raftledger.statemachine.commands import (
 )
 from raftledger.statemachine.store import statement_page_limit_default, statement_page_limit_max
 from raftledger.statemachine.validate import CURRENCY_RE, ID_RE, command_problem
-
-from .errors import ApiError
 
 body_depth_max = 32
 
@@ -71,7 +70,7 @@ def decode_body(raw: bytes, content_type: str | None, *, empty: Any = None) -> A
     if not raw.strip():
         if empty is not None:
             return empty
-        raise ApiError("malformed_json", "the body is empty")
+        raise LedgerError("malformed_json", "the body is empty")
     kind = media_type(content_type)
     if kind in MSGPACK_TYPES:
         value = _decode_msgpack(raw)
@@ -81,7 +80,7 @@ def decode_body(raw: bytes, content_type: str | None, *, empty: Any = None) -> A
         if raw.count(b"{") + raw.count(b"[") > body_depth_max:  # else it cannot nest too deep
             check_depth(value)
     else:
-        raise ApiError("unsupported_media_type", details={"content_type": kind})
+        raise LedgerError("unsupported_media_type", details={"content_type": kind})
     return value
 
 
@@ -93,7 +92,7 @@ def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     obj = dict(pairs)
     if len(obj) != len(pairs):
         counts = Counter(k for k, _ in pairs)
-        raise ApiError("duplicate_field", details={"fields": sorted(k for k, n in counts.items()
+        raise LedgerError("duplicate_field", details={"fields": sorted(k for k, n in counts.items()
                                                                     if n > 1)})
     return obj
 
@@ -104,18 +103,18 @@ def _decode_json(raw: bytes) -> Any:
         return json.loads(text, parse_float=Fraction, parse_constant=_reject_constant,
                           object_pairs_hook=_object_without_duplicates)
     except RecursionError as exc:
-        raise ApiError("too_deep", details={"depth_max": body_depth_max}) from exc
+        raise LedgerError("too_deep", details={"depth_max": body_depth_max}) from exc
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ApiError("malformed_json", details={"reason": str(exc)[:200]}) from exc
+        raise LedgerError("malformed_json", details={"reason": str(exc)[:200]}) from exc
 
 
 def _decode_msgpack(raw: bytes) -> Any:
     try:
         return msgpack.unpackb(raw, raw=False, strict_map_key=True, use_list=True)
     except RecursionError as exc:
-        raise ApiError("too_deep", details={"depth_max": body_depth_max}) from exc
+        raise LedgerError("too_deep", details={"depth_max": body_depth_max}) from exc
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise ApiError("malformed_body", details={"reason": str(exc)[:200]}) from exc
+        raise LedgerError("malformed_body", details={"reason": str(exc)[:200]}) from exc
 
 
 def check_depth(value: Any) -> None:
@@ -127,7 +126,7 @@ def check_depth(value: Any) -> None:
     while stack:
         item, depth = stack.pop()
         if depth > body_depth_max:
-            raise ApiError("too_deep", details={"depth_max": body_depth_max})
+            raise LedgerError("too_deep", details={"depth_max": body_depth_max})
         for child in item.values() if isinstance(item, dict) else item:
             if isinstance(child, dict | list):  # only containers nest: scalars are not walked
                 stack.append((child, depth + 1))
@@ -138,7 +137,7 @@ def check_depth(value: Any) -> None:
 
 def _object(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise ApiError("invalid_field", f"{where or 'the body'} must be an object",
+        raise LedgerError("invalid_field", f"{where or 'the body'} must be an object",
                        details={"field": where})
     return value
 
@@ -147,7 +146,7 @@ def _check_fields(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -
     if obj.keys() <= allowed:
         return
     unknown = sorted(str(k) for k in obj if k not in allowed)
-    raise ApiError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
+    raise LedgerError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
 
 
 def _join(where: str, name: str) -> str:
@@ -156,7 +155,7 @@ def _join(where: str, name: str) -> str:
 
 def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
     if name not in obj or obj[name] is None:
-        raise ApiError("missing_field", details={"field": _join(where, name)})
+        raise LedgerError("missing_field", details={"field": _join(where, name)})
     return obj[name]
 
 
@@ -166,13 +165,13 @@ def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
 
 def parse_id(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise ApiError("invalid_id", details={"field": _join(where, name)})
+        raise LedgerError("invalid_id", details={"field": _join(where, name)})
     return value
 
 
 def parse_currency(value: Any, where: str, name: str = "currency") -> str:
     if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
-        raise ApiError("invalid_currency", details={"field": _join(where, name)})
+        raise LedgerError("invalid_currency", details={"field": _join(where, name)})
     return value
 
 
@@ -184,13 +183,13 @@ def parse_amount(value: Any, where: str, name: str = "amount") -> int:
     elif isinstance(value, str) and not isinstance(value, Fraction) and DIGITS_RE.fullmatch(value):
         amount = int(value)
     if amount is None or not 0 < amount <= amount_max:
-        raise ApiError("invalid_amount", details={"field": _join(where, name)})
+        raise LedgerError("invalid_amount", details={"field": _join(where, name)})
     return amount
 
 
 def parse_direction(value: Any, where: str, name: str) -> Direction:
     if value not in ("debit", "credit"):
-        raise ApiError("invalid_field", "direction is debit or credit",
+        raise LedgerError("invalid_field", "direction is debit or credit",
                        details={"field": _join(where, name)})
     return Direction(value)
 
@@ -198,7 +197,7 @@ def parse_direction(value: Any, where: str, name: str) -> Direction:
 def parse_bool(value: Any, where: str, name: str) -> bool:
     if not isinstance(value, bool):
         field = _join(where, name)
-        raise ApiError("invalid_field", f"{field} must be true or false", details={"field": field})
+        raise LedgerError("invalid_field", f"{field} must be true or false", details={"field": field})
     return value
 
 
@@ -206,7 +205,7 @@ def parse_int_field(value: Any, where: str, name: str, low: int, high: int,
                     code: str = "invalid_field") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         field = _join(where, name)
-        raise ApiError(code, f"{field} must be an integer in [{low}, {high}]",
+        raise LedgerError(code, f"{field} must be an integer in [{low}, {high}]",
                        details={"field": field})
     return value
 
@@ -214,14 +213,14 @@ def parse_int_field(value: Any, where: str, name: str, low: int, high: int,
 def parse_text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
         field = _join(where, name)
-        raise ApiError("invalid_field", f"{field} is a string", details={"field": field})
+        raise LedgerError("invalid_field", f"{field} is a string", details={"field": field})
     return value
 
 
 def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, Any]:
     """An object; fractions are refused here, the rest by the ledger's own rules (``check``)."""
     if not isinstance(value, dict):
-        raise ApiError("invalid_metadata", details={"field": _join(where, name)})
+        raise LedgerError("invalid_metadata", details={"field": _join(where, name)})
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
@@ -230,19 +229,19 @@ def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, 
         elif isinstance(item, list):
             stack.extend(item)
         elif isinstance(item, Fraction | float):
-            raise ApiError("invalid_metadata", "numbers in metadata are integers; send decimals "
+            raise LedgerError("invalid_metadata", "numbers in metadata are integers; send decimals "
                            "as strings", details={"field": _join(where, name)})
     return value
 
 
 def parse_flags(value: Any, where: str, name: str = "flags") -> int:
     if not isinstance(value, list):
-        raise ApiError("invalid_field", "flags is a list of names",
+        raise LedgerError("invalid_field", "flags is a list of names",
                        details={"field": _join(where, name)})
     flags = 0
     for flag in value:
         if not isinstance(flag, str) or flag not in AccountFlag.__members__:
-            raise ApiError("invalid_flag", details={"field": _join(where, name), "flag": str(flag)[:64],
+            raise LedgerError("invalid_flag", details={"field": _join(where, name), "flag": str(flag)[:64],
                                                     "allowed": list(AccountFlag.__members__)})
         flags |= AccountFlag[flag]
     return flags
@@ -263,7 +262,7 @@ def check(command: C, where: str = "") -> C:
         code, details = problem
         if where and "field" in details:
             details = {**details, "field": _join(where, details["field"])}
-        raise ApiError(code.name, details=details)
+        raise LedgerError(code.name, details=details)
     return command
 
 
@@ -292,9 +291,9 @@ def parse_accounts(value: Any) -> tuple[list[CreateAccount], bool]:
 
 def _list_of_commands(value: Any, field: str) -> list[Any]:
     if not isinstance(value, list) or not value:
-        raise ApiError("invalid_field", f"{field} is a non-empty list", details={"field": field})
+        raise LedgerError("invalid_field", f"{field} is a non-empty list", details={"field": field})
     if len(value) > batch_commands_max:
-        raise ApiError("too_many_commands", details={"field": field, "max": batch_commands_max,
+        raise LedgerError("too_many_commands", details={"field": field, "max": batch_commands_max,
                                                      "count": len(value)})
     return value
 
@@ -304,13 +303,13 @@ def resolve_id(body_id: Any, header_key: str | None, where: str, default: str | 
     if body_id is not None:
         ident = parse_id(body_id, where, "id")
         if header_key is not None and header_key != ident:
-            raise ApiError("id_mismatch", details={"field": _join(where, "id")})
+            raise LedgerError("id_mismatch", details={"field": _join(where, "id")})
         return ident
     if header_key is not None:
         return parse_id(header_key, "", "Idempotency-Key")
     if default is not None:
         return parse_id(default, where, "id")
-    raise ApiError("missing_id", details={"field": _join(where, "id")})
+    raise LedgerError("missing_id", details={"field": _join(where, "id")})
 
 
 def parse_entry(value: Any, where: str) -> EntrySpec:
@@ -328,9 +327,9 @@ def _parse_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
     raw = _required(obj, "entries", where)
     field = _join(where, "entries")
     if not isinstance(raw, list):
-        raise ApiError("invalid_field", "entries is a list", details={"field": field})
+        raise LedgerError("invalid_field", "entries is a list", details={"field": field})
     if len(raw) > entries_per_transaction_max:
-        raise ApiError("too_many_entries", details={"field": field, "count": len(raw)})
+        raise LedgerError("too_many_entries", details={"field": field, "count": len(raw)})
     return tuple(parse_entry(e, f"{field}[{i}]") for i, e in enumerate(raw))
 
 
@@ -426,7 +425,7 @@ BALANCE_PARAMS = READ_PARAMS | {"at_seq", "at"}
 def check_query(query: Mapping[str, str], allowed: frozenset[str]) -> None:
     unknown = sorted(k for k in query if k not in allowed)
     if unknown:
-        raise ApiError("invalid_query", "unknown query parameters", details={"params": unknown})
+        raise LedgerError("invalid_query", "unknown query parameters", details={"params": unknown})
 
 
 def query_int(query: Mapping[str, str], name: str, low: int = 0, high: int = 2**63 - 1,
@@ -435,7 +434,7 @@ def query_int(query: Mapping[str, str], name: str, low: int = 0, high: int = 2**
     if raw is None or raw == "":
         return default
     if not DIGITS_RE.fullmatch(raw) or not low <= int(raw) <= high:
-        raise ApiError("invalid_query", f"{name} is an integer in [{low}, {high}]",
+        raise LedgerError("invalid_query", f"{name} is an integer in [{low}, {high}]",
                        details={"param": name})
     return int(raw)
 
@@ -447,10 +446,10 @@ def parse_token(raw: str, shard_count: int) -> dict[int, int]:
     for part in raw.split(","):
         match = TOKEN_PART_RE.fullmatch(part.strip())
         if match is None:
-            raise ApiError("invalid_token", details={"min_token": raw[:200]})
+            raise LedgerError("invalid_token", details={"min_token": raw[:200]})
         shard, index = int(match.group(1)), int(match.group(2))
         if shard >= shard_count:
-            raise ApiError("invalid_token", f"min_token names shard {shard}; the shards are 0 to "
+            raise LedgerError("invalid_token", f"min_token names shard {shard}; the shards are 0 to "
                            f"{shard_count - 1}", details={"min_token": raw[:200], "shard": shard})
         out[shard] = max(index, out.get(shard, 0))
     return out
@@ -463,7 +462,7 @@ def format_token(parts: Mapping[int, int]) -> str:
 def parse_read_params(query: Mapping[str, str], shard_count: int) -> ReadParams:
     consistency = query.get("consistency", "local")
     if consistency not in ("local", "linearizable"):
-        raise ApiError("invalid_query", "consistency is local or linearizable",
+        raise LedgerError("invalid_query", "consistency is local or linearizable",
                        details={"param": "consistency"})
     token = query.get("min_token")
     return ReadParams(
@@ -477,7 +476,7 @@ def parse_entries_query(query: Mapping[str, str]) -> EntriesQuery:
     check_query(query, ENTRIES_PARAMS)
     order = query.get("order", "asc")
     if order not in ("asc", "desc"):
-        raise ApiError("invalid_query", "order is asc or desc", details={"param": "order"})
+        raise LedgerError("invalid_query", "order is asc or desc", details={"param": "order"})
     limit = query_int(query, "limit", 1, statement_page_limit_max, statement_page_limit_default)
     assert limit is not None
     return EntriesQuery(
@@ -494,6 +493,6 @@ def parse_balance_query(query: Mapping[str, str]) -> tuple[int | None, int | Non
     check_query(query, BALANCE_PARAMS)
     at_seq, at_ns = query_int(query, "at_seq"), query_int(query, "at")
     if at_seq is not None and at_ns is not None:
-        raise ApiError("invalid_query", "give at_seq or at, not both", details={"param": "at"})
+        raise LedgerError("invalid_query", "give at_seq or at, not both", details={"param": "at"})
     return at_seq, at_ns
 
