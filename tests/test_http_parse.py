@@ -10,17 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from raftledger.client.errors import STATUS, LedgerError
 from raftledger.cluster.router import routing_key, shard_for_account
-from raftledger.node.http.parse import (
-    decode_body,
+from raftledger.node.http.bodies import (
     parse_account,
     parse_accounts,
     parse_batch,
-    parse_entries_query,
     parse_post,
-    parse_read_params,
-    parse_token,
     parse_transaction,
 )
+from raftledger.node.http.parse import decode_body, parse_entries_query, parse_read_params, parse_token
 from raftledger.statemachine.codes import ResultCode
 from raftledger.statemachine.commands import AccountFlag, Direction, EntrySpec
 

@@ -1,4 +1,4 @@
-"""Strict decoding of request bodies and query strings into typed ledger commands.
+"""Strict decoding of request bodies, the parsers of their fields, and query strings.
 
 The edge refuses bad input before it reaches a shard, with a stable code and the offending field:
 money is never a float (JSON numbers with a fraction or exponent are kept as text by the decoder's
@@ -21,17 +21,8 @@ from raftledger.client.errors import LedgerError
 from raftledger.statemachine.commands import (
     AccountFlag,
     Command,
-    CreateAccount,
-    CreateTransaction,
     Direction,
-    EntrySpec,
-    PostPending,
-    ReverseTransaction,
-    VoidPending,
     amount_max,
-    batch_commands_max,
-    entries_per_transaction_max,
-    timeout_seconds_max,
 )
 from raftledger.statemachine.store import statement_page_limit_default, statement_page_limit_max
 from raftledger.statemachine.validate import CURRENCY_RE, ID_RE, command_problem
@@ -44,14 +35,6 @@ TOKEN_PART_RE = re.compile(r"([0-9]{1,6}):([0-9]{1,20})")
 JSON_TYPES = ("application/json", "")
 MSGPACK_TYPES = ("application/msgpack", "application/x-msgpack")
 
-ACCOUNT_FIELDS = frozenset({"id", "currency", "normal", "flags", "metadata"})
-TRANSACTION_FIELDS = frozenset({"id", "entries", "pending", "timeout_seconds", "code", "metadata"})
-SHORTHAND_FIELDS = frozenset({"id", "debit_account_id", "credit_account_id", "amount", "currency",
-                              "pending", "timeout_seconds", "code", "metadata"})
-ENTRY_FIELDS = frozenset({"account_id", "direction", "amount", "currency"})
-BATCH_FIELDS = frozenset({"transactions", "atomic"})
-POST_FIELDS = frozenset({"id", "amount"})
-ID_ONLY_FIELDS = frozenset({"id"})
 
 
 class Fraction(str):
@@ -135,28 +118,15 @@ def check_depth(value: Any) -> None:
 # --- fields ---------------------------------------------------------------------------------------
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
+def object_at(value: Any, where: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise LedgerError("invalid_field", f"{where or 'the body'} must be an object",
                        details={"field": where})
     return value
 
 
-def _check_fields(obj: Mapping[str, Any], allowed: frozenset[str], where: str) -> None:
-    if obj.keys() <= allowed:
-        return
-    unknown = sorted(str(k) for k in obj if k not in allowed)
-    raise LedgerError("unknown_field", details={"fields": [_join(where, k) for k in unknown]})
-
-
-def _join(where: str, name: str) -> str:
+def join(where: str, name: str) -> str:
     return f"{where}.{name}" if where else name
-
-
-def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
-    if name not in obj or obj[name] is None:
-        raise LedgerError("missing_field", details={"field": _join(where, name)})
-    return obj[name]
 
 
 # Each field parser takes the value, where its object sits (``transactions[3]``, or "" at the top)
@@ -165,13 +135,13 @@ def _required(obj: Mapping[str, Any], name: str, where: str) -> Any:
 
 def parse_id(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str) or not ID_RE.fullmatch(value):
-        raise LedgerError("invalid_id", details={"field": _join(where, name)})
+        raise LedgerError("invalid_id", details={"field": join(where, name)})
     return value
 
 
 def parse_currency(value: Any, where: str, name: str = "currency") -> str:
     if not isinstance(value, str) or not CURRENCY_RE.fullmatch(value):
-        raise LedgerError("invalid_currency", details={"field": _join(where, name)})
+        raise LedgerError("invalid_currency", details={"field": join(where, name)})
     return value
 
 
@@ -183,20 +153,20 @@ def parse_amount(value: Any, where: str, name: str = "amount") -> int:
     elif isinstance(value, str) and not isinstance(value, Fraction) and DIGITS_RE.fullmatch(value):
         amount = int(value)
     if amount is None or not 0 < amount <= amount_max:
-        raise LedgerError("invalid_amount", details={"field": _join(where, name)})
+        raise LedgerError("invalid_amount", details={"field": join(where, name)})
     return amount
 
 
 def parse_direction(value: Any, where: str, name: str) -> Direction:
     if value not in ("debit", "credit"):
         raise LedgerError("invalid_field", "direction is debit or credit",
-                       details={"field": _join(where, name)})
+                       details={"field": join(where, name)})
     return Direction(value)
 
 
 def parse_bool(value: Any, where: str, name: str) -> bool:
     if not isinstance(value, bool):
-        field = _join(where, name)
+        field = join(where, name)
         raise LedgerError("invalid_field", f"{field} must be true or false", details={"field": field})
     return value
 
@@ -204,7 +174,7 @@ def parse_bool(value: Any, where: str, name: str) -> bool:
 def parse_int_field(value: Any, where: str, name: str, low: int, high: int,
                     code: str = "invalid_field") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        field = _join(where, name)
+        field = join(where, name)
         raise LedgerError(code, f"{field} must be an integer in [{low}, {high}]",
                        details={"field": field})
     return value
@@ -212,7 +182,7 @@ def parse_int_field(value: Any, where: str, name: str, low: int, high: int,
 
 def parse_text(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
-        field = _join(where, name)
+        field = join(where, name)
         raise LedgerError("invalid_field", f"{field} is a string", details={"field": field})
     return value
 
@@ -220,7 +190,7 @@ def parse_text(value: Any, where: str, name: str) -> str:
 def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, Any]:
     """An object; fractions are refused here, the rest by the ledger's own rules (``check``)."""
     if not isinstance(value, dict):
-        raise LedgerError("invalid_metadata", details={"field": _join(where, name)})
+        raise LedgerError("invalid_metadata", details={"field": join(where, name)})
     stack: list[Any] = [value]
     while stack:
         item = stack.pop()
@@ -230,18 +200,18 @@ def parse_metadata(value: Any, where: str, name: str = "metadata") -> dict[str, 
             stack.extend(item)
         elif isinstance(item, Fraction | float):
             raise LedgerError("invalid_metadata", "numbers in metadata are integers; send decimals "
-                           "as strings", details={"field": _join(where, name)})
+                           "as strings", details={"field": join(where, name)})
     return value
 
 
 def parse_flags(value: Any, where: str, name: str = "flags") -> int:
     if not isinstance(value, list):
         raise LedgerError("invalid_field", "flags is a list of names",
-                       details={"field": _join(where, name)})
+                       details={"field": join(where, name)})
     flags = 0
     for flag in value:
         if not isinstance(flag, str) or flag not in AccountFlag.__members__:
-            raise LedgerError("invalid_flag", details={"field": _join(where, name), "flag": str(flag)[:64],
+            raise LedgerError("invalid_flag", details={"field": join(where, name), "flag": str(flag)[:64],
                                                     "allowed": list(AccountFlag.__members__)})
         flags |= AccountFlag[flag]
     return flags
@@ -261,138 +231,9 @@ def check(command: C, where: str = "") -> C:
     if problem is not None:
         code, details = problem
         if where and "field" in details:
-            details = {**details, "field": _join(where, details["field"])}
+            details = {**details, "field": join(where, details["field"])}
         raise LedgerError(code.name, details=details)
     return command
-
-
-def parse_account(value: Any, where: str = "") -> CreateAccount:
-    obj = _object(value, where)
-    _check_fields(obj, ACCOUNT_FIELDS, where)
-    normal = obj.get("normal", "debit")
-    return check(CreateAccount(
-        id=parse_id(_required(obj, "id", where), where, "id"),
-        currency=parse_currency(_required(obj, "currency", where), where),
-        normal=parse_direction(normal, where, "normal"),
-        flags=parse_flags(obj.get("flags", []), where),
-        metadata=parse_metadata(obj.get("metadata", {}), where),
-    ), where)
-
-
-def parse_accounts(value: Any) -> tuple[list[CreateAccount], bool]:
-    """One account, or ``{"accounts": [...]}``; returns the commands and whether it was a list."""
-    obj = _object(value, "")
-    if "accounts" not in obj:
-        return [parse_account(obj)], False
-    _check_fields(obj, frozenset({"accounts"}), "")
-    items = _list_of_commands(obj["accounts"], "accounts")
-    return [parse_account(item, f"accounts[{i}]") for i, item in enumerate(items)], True
-
-
-def _list_of_commands(value: Any, field: str) -> list[Any]:
-    if not isinstance(value, list) or not value:
-        raise LedgerError("invalid_field", f"{field} is a non-empty list", details={"field": field})
-    if len(value) > batch_commands_max:
-        raise LedgerError("too_many_commands", details={"field": field, "max": batch_commands_max,
-                                                     "count": len(value)})
-    return value
-
-
-def resolve_id(body_id: Any, header_key: str | None, where: str, default: str | None = None) -> str:
-    """The id IS the idempotency key: body ``id`` and/or ``Idempotency-Key``, equal if both."""
-    if body_id is not None:
-        ident = parse_id(body_id, where, "id")
-        if header_key is not None and header_key != ident:
-            raise LedgerError("id_mismatch", details={"field": _join(where, "id")})
-        return ident
-    if header_key is not None:
-        return parse_id(header_key, "", "Idempotency-Key")
-    if default is not None:
-        return parse_id(default, where, "id")
-    raise LedgerError("missing_id", details={"field": _join(where, "id")})
-
-
-def parse_entry(value: Any, where: str) -> EntrySpec:
-    obj = _object(value, where)
-    _check_fields(obj, ENTRY_FIELDS, where)
-    return EntrySpec(
-        account_id=parse_id(_required(obj, "account_id", where), where, "account_id"),
-        direction=parse_direction(_required(obj, "direction", where), where, "direction"),
-        amount=parse_amount(_required(obj, "amount", where), where),
-        currency=parse_currency(_required(obj, "currency", where), where),
-    )
-
-
-def _parse_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
-    raw = _required(obj, "entries", where)
-    field = _join(where, "entries")
-    if not isinstance(raw, list):
-        raise LedgerError("invalid_field", "entries is a list", details={"field": field})
-    if len(raw) > entries_per_transaction_max:
-        raise LedgerError("too_many_entries", details={"field": field, "count": len(raw)})
-    return tuple(parse_entry(e, f"{field}[{i}]") for i, e in enumerate(raw))
-
-
-def _shorthand_entries(obj: Mapping[str, Any], where: str) -> tuple[EntrySpec, ...]:
-    amount = parse_amount(_required(obj, "amount", where), where)
-    currency = parse_currency(_required(obj, "currency", where), where)
-    debit = parse_id(_required(obj, "debit_account_id", where), where, "debit_account_id")
-    credit = parse_id(_required(obj, "credit_account_id", where), where, "credit_account_id")
-    return (EntrySpec(debit, Direction.debit, amount, currency),
-            EntrySpec(credit, Direction.credit, amount, currency))
-
-
-def parse_transaction(value: Any, header_key: str | None = None,
-                      where: str = "") -> CreateTransaction:
-    """A full transaction, or the shorthand transfer ``{id, debit_account_id, ...}``."""
-    obj = _object(value, where)
-    shorthand = "entries" not in obj and "debit_account_id" in obj
-    _check_fields(obj, SHORTHAND_FIELDS if shorthand else TRANSACTION_FIELDS, where)
-    ident = resolve_id(obj.get("id"), header_key, where)
-    entries = _shorthand_entries(obj, where) if shorthand else _parse_entries(obj, where)
-    pending = parse_bool(obj.get("pending", False), where, "pending")
-    timeout = parse_int_field(obj.get("timeout_seconds", 0), where, "timeout_seconds", 0,
-                              timeout_seconds_max, code="invalid_timeout")
-    code = parse_text(obj.get("code", ""), where, "code")
-    metadata = parse_metadata(obj.get("metadata", {}), where)
-    return check(CreateTransaction(ident, entries, pending, timeout, code, metadata), where)
-
-
-def parse_batch(value: Any) -> tuple[list[CreateTransaction], bool]:
-    obj = _object(value, "")
-    _check_fields(obj, BATCH_FIELDS, "")
-    items = _list_of_commands(_required(obj, "transactions", ""), "transactions")
-    atomic = parse_bool(obj.get("atomic", False), "", "atomic")
-    commands = [parse_transaction(item, None, f"transactions[{i}]") for i, item in enumerate(items)]
-    return commands, atomic
-
-
-def parse_post(value: Any, pending_id: str, header_key: str | None) -> PostPending:
-    obj = _object(value, "")
-    _check_fields(obj, POST_FIELDS, "")
-    pending_id = parse_id(pending_id, "", "pending_id")
-    amount = obj.get("amount")
-    return check(PostPending(
-        id=resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:post"),
-        pending_id=pending_id,
-        amount=None if amount is None else parse_amount(amount, ""),
-    ))
-
-
-def parse_void(value: Any, pending_id: str, header_key: str | None) -> VoidPending:
-    obj = _object(value, "")
-    _check_fields(obj, ID_ONLY_FIELDS, "")
-    pending_id = parse_id(pending_id, "", "pending_id")
-    ident = resolve_id(obj.get("id"), header_key, "", default=f"{pending_id}:void")
-    return check(VoidPending(id=ident, pending_id=pending_id))
-
-
-def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> ReverseTransaction:
-    obj = _object(value, "")
-    _check_fields(obj, ID_ONLY_FIELDS, "")
-    transaction_id = parse_id(transaction_id, "", "transaction_id")
-    ident = resolve_id(obj.get("id"), header_key, "", default=f"{transaction_id}:reverse")
-    return check(ReverseTransaction(id=ident, transaction_id=transaction_id))
 
 
 # --- query strings --------------------------------------------------------------------------------

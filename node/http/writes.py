@@ -15,7 +15,7 @@ from aiohttp import web
 from raftledger.client.errors import LedgerError
 from raftledger.statemachine.commands import Batch, Command, CreateTransaction
 
-from . import parse
+from . import bodies, parse
 from .body import read_json
 from .context import NodeContext, context_of
 from .forward import ShardReply, submit
@@ -78,7 +78,7 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
 
 async def create_accounts(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    commands, is_list = parse.parse_accounts(await read_json(request))
+    commands, is_list = bodies.parse_accounts(await read_json(request))
     routed: list[tuple[int, Command]] = [(ctx.shard_of(c.id), c) for c in commands]
     if not is_list:
         return await _single(request, routed[0][0], routed[0][1], "account")
@@ -87,14 +87,14 @@ async def create_accounts(request: web.Request) -> web.Response:
 
 async def create_transaction(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    command = parse.parse_transaction(await read_json(request),
+    command = bodies.parse_transaction(await read_json(request),
                                       request.headers.get(IDEMPOTENCY_HEADER))
     return await _single(request, transaction_shard(ctx, command), command, "transaction")
 
 
 async def create_batch(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    commands, atomic = parse.parse_batch(await read_json(request))
+    commands, atomic = bodies.parse_batch(await read_json(request))
     routed: list[tuple[int, Command]] = []
     early: dict[int, Rendered] = {}
     for i, command in enumerate(commands):
@@ -121,12 +121,12 @@ async def _on_transaction(request: web.Request,
 
 
 async def post_pending(request: web.Request) -> web.Response:
-    return await _on_transaction(request, parse.parse_post)
+    return await _on_transaction(request, bodies.parse_post)
 
 
 async def void_pending(request: web.Request) -> web.Response:
-    return await _on_transaction(request, parse.parse_void)
+    return await _on_transaction(request, bodies.parse_void)
 
 
 async def reverse_transaction(request: web.Request) -> web.Response:
-    return await _on_transaction(request, parse.parse_reverse)
+    return await _on_transaction(request, bodies.parse_reverse)
