@@ -7,7 +7,8 @@
         cluster.start_node(leader)           # same data, same ports
         cluster.wait_converged(0)
 
-Everything waits by polling with a deadline; only processes this object started are signalled, by pid.
+Everything waits by polling with a deadline (``wait_until``, for tests of real clusters too); only
+processes this object started are signalled, by pid.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
 from . import launcher
+from .launcher import wait_until
+
+__all__ = ["LocalCluster", "SubmitFailed", "wait_until"]
 
 submit_attempts_max = 200
 RETRYABLE = frozenset({"not_leader", "unavailable", "overloaded", "outcome_unknown"})

@@ -75,6 +75,27 @@ def ids_on_shard(shard: int, shards: int, prefix: str, count: int = 1) -> list[s
     return list(itertools.islice((i for i in found if shard_for_account(i, shards) == shard), count))
 
 
+def pair_on_shard(shard: int, shards: int, prefix: str) -> tuple[str, str]:
+    """Two account ids sharing a hash tag that routes to ``shard``: their transfers stay on it."""
+    for tag in itertools.count():
+        pair = (f"{prefix}a:{{t{tag}}}", f"{prefix}b:{{t{tag}}}")
+        if shard_for_account(pair[0], shards) == shard:
+            return pair
+    raise AssertionError("unreachable")
+
+
+def account_body(account_id: str, currency: str = "BRL", **fields: Any) -> dict[str, Any]:
+    """A ``POST /v1/accounts`` body."""
+    return {"id": account_id, "currency": currency, **fields}
+
+
+def transfer_body(tx_id: str, debit: str, credit: str, amount: int | str, currency: str = "BRL",
+                  **fields: Any) -> dict[str, Any]:
+    """A ``POST /v1/transactions`` shorthand transfer body."""
+    return {"id": tx_id, "debit_account_id": debit, "credit_account_id": credit, "amount": amount,
+            "currency": currency, **fields}
+
+
 # -- time ------------------------------------------------------------------------------------------------
 
 

@@ -8,38 +8,19 @@ import urllib.parse
 
 import pytest
 from raftledger.cluster.launcher import wait_until
-from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster, SubmitFailed
 from raftledger.node.settings import NodeSettings, SnapshotSettings
-from raftledger.statemachine.commands import CreateAccount, CreateTransaction, Direction, EntrySpec
+from raftledger.node.testing import pair_on_shard
+from raftledger.statemachine.testing import account, transfer
 
 pytestmark = pytest.mark.slow
 
-CURRENCY = "USD"
 compaction_entries_min = 50
-
-
-def account(account_id: str) -> CreateAccount:
-    return CreateAccount(id=account_id, currency=CURRENCY)
-
-
-def transfer(tx_id: str, debit: str, credit: str, amount: int = 1) -> CreateTransaction:
-    return CreateTransaction(id=tx_id, entries=(EntrySpec(debit, Direction.debit, amount, CURRENCY),
-                                                EntrySpec(credit, Direction.credit, amount, CURRENCY)))
-
-
-def accounts_on(shard: int, shards: int, prefix: str) -> tuple[str, str]:
-    """Two account ids that route to ``shard`` (a shared hash tag keeps them together)."""
-    for tag in range(1000):
-        ids = (f"{prefix}a:{{t{tag}}}", f"{prefix}b:{{t{tag}}}")
-        if shard_for_account(ids[0], shards) == shard:
-            return ids
-    raise AssertionError("no tag routes there")
 
 
 def open_accounts(cluster: LocalCluster, shard: int, prefix: str) -> tuple[str, str]:
     """Two accounts opened on ``shard`` (see ``accounts_on``)."""
-    a, b = accounts_on(shard, 2, prefix)
+    a, b = pair_on_shard(shard, 2, prefix)
     assert_ok(cluster.submit(shard, account(a)))
     assert_ok(cluster.submit(shard, account(b)))
     return a, b
@@ -89,7 +70,7 @@ def test_followers_of_both_shards_apply_the_leaders_writes(cluster):
     for shard in (0, 1):
         index, _ = cluster.wait_converged(shard)
         assert index > 20
-        a, b = accounts_on(shard, 2, "r")
+        a, b = pair_on_shard(shard, 2, "r")
         assert {credits_posted(cluster, n, b) for n in cluster.node_ids} == {100}
 
 
@@ -99,7 +80,7 @@ def write_stream(cluster: LocalCluster, shard: int, ids: list[str], a: str, b: s
         if stop.is_set():
             return
         try:
-            reply = cluster.submit(shard, transfer(tx_id, a, b), cancel=stop)
+            reply = cluster.submit(shard, transfer(tx_id, a, b, 1), cancel=stop)
         except SubmitFailed:
             continue
         if reply["results"][0]["code"] == "ok":
@@ -167,7 +148,7 @@ def test_stopped_follower_catches_up_by_snapshot(cluster):
     follower = next(n for n in cluster.node_ids if n != leader)
     cluster.stop(follower)
     for i in range(3 * compaction_entries_min):
-        assert_ok(cluster.submit(shard, transfer(f"s{i}", a, b)))
+        assert_ok(cluster.submit(shard, transfer(f"s{i}", a, b, 1)))
     wait_until(lambda: cluster.shard_status(shard)[leader]["journal_entries"] < compaction_entries_min,
                30, "the leader to compact its log")
     cluster.start_node(follower)
@@ -194,7 +175,7 @@ def test_restarting_every_node_keeps_acknowledged_data_and_invariants(cluster):
             assert credits_posted(cluster, node, b) == expected
     for node in cluster.node_ids:
         assert_ledger_balanced(cluster, node, 2)
-    replay = cluster.submit(0, transfer("w0.0", *accounts_on(0, 2, "w"), 3))
+    replay = cluster.submit(0, transfer("w0.0", *pair_on_shard(0, 2, "w"), 3))
     assert replay["results"][0]["replayed"]
 
 
@@ -205,7 +186,7 @@ def test_a_paused_leader_is_replaced_and_rejoins_after_resume(cluster):
     cluster.pause(paused)
     wait_until(lambda: cluster.leader(shard) != paused, 30, "a new leader")
     for i in range(10):
-        submit_via(cluster, shard, transfer(f"p{i}", a, b), exclude=paused)
+        submit_via(cluster, shard, transfer(f"p{i}", a, b, 1), exclude=paused)
     cluster.resume(paused)
     cluster.wait_converged(shard)
     assert credits_posted(cluster, paused, b) == 10

@@ -26,7 +26,7 @@ from raftledger.node.http.context import CONTEXT
 from raftledger.node.logs import JsonFormatter, request_id_var
 from raftledger.node.service import Committed
 from raftledger.node.settings import ForwardingSettings, HttpSettings, NodeSettings
-from raftledger.node.testing import DirectShard
+from raftledger.node.testing import DirectShard, account_body, transfer_body
 from raftledger.statemachine.store import LedgerStore
 
 SHARDS = 2
@@ -57,14 +57,14 @@ TAG = "{c1}"  # every account below shares this hash tag: one shard
 
 async def make_accounts(api: TestClient, *ids: str, **fields: Any) -> None:
     for ident in ids:
-        resp = await api.post("/v1/accounts", json={"id": ident, "currency": "BRL", **fields})
+        resp = await api.post("/v1/accounts", json=account_body(ident, **fields))
         assert resp.status == 201, await resp.text()
 
 
 def transfer(txid: str, amount: Any = 100, debit: str = f"a{TAG}",
              credit: str = f"b{TAG}") -> dict[str, Any]:
-    return {"id": txid, "debit_account_id": debit, "credit_account_id": credit,
-            "amount": amount, "currency": "BRL"}
+    """By default from a{TAG} to b{TAG}, the two accounts most tests open."""
+    return transfer_body(txid, debit, credit, amount)
 
 
 async def test_create_account_then_identical_again_is_200_replayed(api):

@@ -6,11 +6,9 @@ Processes are paused (SIGSTOP) or killed only by the pids this test's cluster st
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import aiohttp
 import pytest
 from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster
+from raftledger.node.testing import transfer_body, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +36,6 @@ async def http():
         yield session
 
 
-async def until(check: Callable[[], Awaitable[Any]], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(poll_s)  # poll interval
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 async def call(http: aiohttp.ClientSession, method: str, url: str, **kw: Any) -> tuple[int, Any,
                                                                                         Any]:
     async with http.request(method, url, **kw) as resp:
@@ -62,12 +51,7 @@ async def write(http: aiohttp.ClientSession, url: str, path: str, body: Any,
         except aiohttp.ClientError:
             return None
         return None if status == 503 else (status, data, headers)
-    return await until(attempt, timeout_s, f"POST {path} to succeed")
-
-
-def transfer(txid: str, debit: str, credit: str, amount: int = 10) -> dict[str, Any]:
-    return {"id": txid, "debit_account_id": debit, "credit_account_id": credit,
-            "amount": amount, "currency": "BRL"}
+    return await wait_until(attempt, timeout_s, f"POST {path} to succeed")
 
 
 async def open_pair(cluster: LocalCluster, http: aiohttp.ClientSession, tag: str) -> tuple[str, str, int]:
@@ -87,7 +71,7 @@ async def test_follower_read_with_token_of_acknowledged_write_always_sees_it(clu
     followers = [cluster.urls[n] for n in cluster.node_ids if n != leader]
     for n in range(30):
         status, _, headers = await write(http, urls[n % 3], "/v1/transactions",
-                                         transfer(f"rw{n}", a, b))
+                                         transfer_body(f"rw{n}", a, b, 10))
         assert status == 201
         token = headers["X-Ledger-Token"]
         reader = followers[n % len(followers)]
@@ -115,11 +99,11 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
             status, body, rh = await call(http, "GET", url, params={"max_staleness_ms": "500"})
             return status == 503 and body["error"]["code"] == "stale_replica" and \
                 "Retry-After" in rh
-        await until(refused, 15, "a stale_replica refusal")
+        await wait_until(refused, 15, "a stale_replica refusal")
 
         async def not_ready() -> bool:
             return (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 503
-        await until(not_ready, 15, "/readyz to report the missing leader")
+        await wait_until(not_ready, 15, "/readyz to report the missing leader")
         status, _, rh = await call(http, "GET", url)  # a local read is still served, and says so
         assert status == 200 and int(rh["X-Ledger-Staleness-Ms"]) > 500
     finally:
@@ -128,11 +112,11 @@ async def test_paused_leader_makes_bounded_staleness_reads_refused_then_served(c
 
     async def served() -> bool:
         return (await call(http, "GET", url, params={"max_staleness_ms": "500"}))[0] == 200
-    await until(served, 20, "bounded-staleness reads served again")
+    await wait_until(served, 20, "bounded-staleness reads served again")
 
     async def ready() -> bool:  # its leader is known again (an election may still be settling)
         return (await call(http, "GET", f"{cluster.urls[lone]}/readyz"))[0] == 200
-    await until(ready, 20, "/readyz to report ready again")
+    await wait_until(ready, 20, "/readyz to report ready again")
 
 
 async def test_writes_survive_the_leader_being_killed(cluster, http):
@@ -141,7 +125,7 @@ async def test_writes_survive_the_leader_being_killed(cluster, http):
     cluster.kill(leader)
     survivor = next(u for n, u in cluster.urls.items() if n != leader)
     status, body, headers = await write(http, survivor, "/v1/transactions",
-                                        transfer("after-kill", a, b, 25), timeout_s=30)
+                                        transfer_body("after-kill", a, b, 25), timeout_s=30)
     assert status == 201 and body["status"] == "posted"
     status, balance, _ = await call(http, "GET", f"{survivor}/v1/accounts/{b}/balance",
                                     params={"consistency": "linearizable"})
@@ -177,7 +161,7 @@ async def test_write_through_a_follower_moves_on_when_the_leader_is_paused(clust
     try:
         started = time.monotonic()
         status, body, _ = await call(http, "POST", cluster.urls[follower] + "/v1/transactions",
-                                     json=transfer("while-paused", a, b, 3))
+                                     json=transfer_body("while-paused", a, b, 3))
         elapsed = time.monotonic() - started
     finally:
         os.kill(cluster.pids[leader], signal.SIGCONT)
@@ -195,7 +179,7 @@ async def test_a_write_through_a_follower_waits_for_the_next_leader_when_the_lea
     # One request, no client retry: the follower waits (bounded) for the election's result and
     # forwards there, instead of answering not_leader while the dead leader is still its leader.
     status, body, _ = await call(http, "POST", cluster.urls[follower] + "/v1/transactions",
-                                 json=transfer("after-death", a, b, 7))
+                                 json=transfer_body("after-death", a, b, 7))
     assert status == 201, body
     assert cluster.leader(shard) != leader
 
@@ -204,7 +188,7 @@ async def test_a_hold_on_an_idle_shard_expires_by_itself_about_a_second_after_it
         cluster, http):
     a, b, shard = await open_pair(cluster, http, "ex")
     status, hold, _ = await write(http, cluster.urls["n0"], "/v1/transactions",
-                                  {**transfer("hold-1", a, b, 40), "pending": True,
+                                  {**transfer_body("hold-1", a, b, 40), "pending": True,
                                    "timeout_seconds": 1})
     assert status == 201 and hold["status"] == "pending", hold
     deadline_s = (hold["timestamp"] + 10**9) / 1e9
@@ -212,7 +196,7 @@ async def test_a_hold_on_an_idle_shard_expires_by_itself_about_a_second_after_it
         async def expired(url: str = url) -> bool:
             status, body, _ = await call(http, "GET", f"{url}/v1/transactions/hold-1")
             return status == 200 and body["status"] == "expired"
-        await until(expired, 15, f"the hold to expire on {url}")
+        await wait_until(expired, 15, f"the hold to expire on {url}")
         status, balance, _ = await call(http, "GET", f"{url}/v1/accounts/{a}/balance")
         assert balance["debits_pending"] == 0 and balance["debits_posted"] == 0
     assert time.time() - deadline_s < 5  # well within the time it took to look at every replica

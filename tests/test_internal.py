@@ -17,7 +17,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from raftledger.node import wire
 from raftledger.node.http import NodeContext, create_app
 from raftledger.node.http import internal as internal_api
-from raftledger.node.testing import DirectShard
+from raftledger.node.testing import DirectShard, ids_on_shard
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import Batch, CreateAccount, ExpireHolds
 from raftledger.statemachine.store import LedgerStore
@@ -25,12 +25,6 @@ from raftledger.statemachine.testing import account, transfer
 
 SHARDS = 2
 KEY = wire.internal_key(b"k" * 32)
-
-
-def on_shard(shard: int, prefix: str, count: int = 1) -> list[str]:
-    ctx = NodeContext("x", {}, SHARDS)
-    ids = (f"{prefix}{i}" for i in range(10_000))
-    return [i for i in ids if ctx.shard_of(i) == shard][:count]
 
 
 @pytest.fixture
@@ -79,7 +73,7 @@ def applied(stores: list[LedgerStore]) -> list[int]:
 
 async def test_an_unsigned_request_is_refused_and_applies_nothing(node):
     internal, _, stores = node
-    a = on_shard(0, "u")[0]
+    a = ids_on_shard(0, SHARDS, "u")[0]
     async with internal.post(wire.PREFIX + "/shards/0/submit",
                              data=wire.pack([codec.encode_command(account(a))])) as resp:
         assert resp.status == 401
@@ -91,7 +85,8 @@ async def test_a_request_sealed_with_another_key_is_refused_and_applies_nothing(
     internal, _, stores = node
     stranger = wire.Sealer(wire.internal_key(os.urandom(32)), "n2")
     status, body = await call(internal, "/shards/0/submit",
-                              [codec.encode_command(account(on_shard(0, "w")[0]))], sealer=stranger)
+                              [codec.encode_command(account(ids_on_shard(0, SHARDS, "w")[0]))],
+                              sealer=stranger)
     assert status == 401 and body["error"]["code"] == "unauthorized"
     assert applied(stores) == [0, 0]
 
@@ -99,7 +94,7 @@ async def test_a_request_sealed_with_another_key_is_refused_and_applies_nothing(
 async def test_a_sealed_body_cannot_be_moved_to_another_path_or_replayed(node):
     internal, _, stores = node
     sealer = wire.Sealer(KEY, "n2")
-    a = on_shard(0, "r")[0]
+    a = ids_on_shard(0, SHARDS, "r")[0]
     sealed = sealer.seal_request("POST", wire.PREFIX + "/shards/0/submit", [codec.encode_command(account(a))])
     async with internal.post(wire.PREFIX + "/shards/1/submit", data=sealed.body,
                              headers=sealed.headers) as resp:
@@ -138,10 +133,10 @@ def test_an_answer_is_bound_to_its_request_and_status():
 
 async def test_a_command_for_an_account_of_another_shard_is_refused_unapplied(node):
     internal, _, stores = node
-    foreign = on_shard(1, "f")[0]
+    foreign = ids_on_shard(1, SHARDS, "f")[0]
     [reply] = await submit(internal, 0, account(foreign))
     assert reply["error"]["code"] == "wrong_shard" and reply["error"]["details"]["accounts"] == [foreign]
-    a, b = on_shard(0, "x", 1)[0], on_shard(1, "y", 1)[0]
+    a, b = ids_on_shard(0, SHARDS, "x")[0], ids_on_shard(1, SHARDS, "y")[0]
     [reply] = await submit(internal, 0, transfer("cross", a, b, 5))  # a cross-shard transaction
     assert reply["error"]["code"] == "wrong_shard"
     assert applied(stores) == [0, 0]
@@ -149,7 +144,7 @@ async def test_a_command_for_an_account_of_another_shard_is_refused_unapplied(no
 
 async def test_a_batch_over_the_public_limit_is_refused_unapplied(node):
     internal, _, stores = node
-    ids = on_shard(0, "b", 1)
+    ids = ids_on_shard(0, SHARDS, "b")
     huge = Batch(tuple(CreateAccount(id=f"{ids[0]}.{i}", currency="USD") for i in range(20_000)))
     [reply] = await submit(internal, 0, huge)
     assert reply["error"]["code"] == "too_many_commands"
@@ -159,7 +154,7 @@ async def test_a_batch_over_the_public_limit_is_refused_unapplied(node):
 
 async def test_a_malformed_command_is_refused_before_it_is_proposed(node):
     internal, _, stores = node
-    a = on_shard(0, "m")[0]
+    a = ids_on_shard(0, SHARDS, "m")[0]
     replies = await submit(internal, 0, CreateAccount(id=a, currency="usd"))
     assert replies[0]["error"]["code"] == "invalid_currency"
     status, answer = await call(internal, "/shards/0/submit", [b"\x01\xc1", "not bytes"])
@@ -172,7 +167,7 @@ async def test_a_malformed_command_is_refused_before_it_is_proposed(node):
 
 async def test_a_self_transfer_or_a_leader_only_command_is_refused_unapplied(node):
     internal, _, stores = node
-    a = on_shard(0, "s")[0]
+    a = ids_on_shard(0, SHARDS, "s")[0]
     [own] = await submit(internal, 0, transfer("self", a, a, 5))
     assert own["error"]["code"] == "accounts_must_be_different"
     [expire] = await submit(internal, 0, ExpireHolds())  # proposed by a leader itself, never sent

@@ -8,21 +8,18 @@ follower refuses (503, so it is logged) shows up in that node's log as JSON with
 from __future__ import annotations
 
 import json
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from raftledger.cluster.testing import LocalCluster
+from raftledger.cluster.testing import LocalCluster, wait_until
 
 pytestmark = pytest.mark.slow
 
-poll_s = 0.05
 write_timeout_s = 20.0
 A, B = "a:{m}", "b:{m}"
 TRANSFERS = 5
@@ -40,16 +37,6 @@ def request(method: str, url: str, body: Any = None,
         return exc.code, dict(exc.headers), exc.read()
 
 
-def until(check: Callable[[], Any], timeout_s: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(poll_s)  # poll interval
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-
-
 def write(url: str, path: str, body: dict[str, Any]) -> int:
     """POST, retrying 503s and lost connections with the same id (ids are idempotency keys)."""
     def attempt() -> int | None:
@@ -58,7 +45,7 @@ def write(url: str, path: str, body: dict[str, Any]) -> int:
         except OSError:
             return None
         return None if status == 503 else status
-    return until(attempt, write_timeout_s, f"POST {path}")
+    return wait_until(attempt, write_timeout_s, f"POST {path}")
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -130,7 +117,7 @@ def test_node_logs_are_json_lines_with_the_request_id(cluster: LocalCluster):
             if request_id in line:
                 return json.loads(line)
         return None
-    record = until(logged, 10, "the refused request in the follower's log")
+    record = wait_until(logged, 10, "the refused request in the follower's log")
     assert record["request_id"] == request_id
     assert record["node"] == follower and record["status"] == 503
     lines = [line for line in cluster.log(follower).splitlines() if line.strip()]
