@@ -207,3 +207,21 @@ async def test_the_preferred_replica_wins_the_election(tmp_path):
         assert await group.leader() is group.services[2]
     finally:
         await group.stop_all()
+
+
+async def test_membership_changes_go_through_the_boundary(group):
+    """A replica removed from the group stops receiving entries; the rest go on committing."""
+    leader = await group.leader()
+    assert (await leader.submit(account("m1"))).outcome.ok
+    removed_i, removed = next((i, s) for i, s in group.services.items() if s is not leader)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[bool] = loop.create_future()
+    leader.raft.remove_member(removed.settings.self_address,
+                              lambda ok: loop.call_soon_threadsafe(done.set_result, ok))
+    assert await asyncio.wait_for(done, 10)
+    assert removed.settings.self_address not in leader.raft.members()
+    await group.stop(removed_i)
+    committed = await leader.submit(account("m2"))
+    assert committed.outcome.ok
+    for service in group.services.values():
+        await wait_until(lambda s=service: s.applied_index() >= committed.index, 10, "the rest to apply")
