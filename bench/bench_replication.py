@@ -20,8 +20,8 @@ import time
 from raftledger.bench.host import machine, process_cpu_s
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
-from raftledger.node.config import RaftTuning
 from raftledger.node.http.internal import BENCH_ENV
+from raftledger.node.settings import BatchingSettings, NodeSettings, SnapshotSettings
 
 SHARDS = 2
 NODES = 3
@@ -50,10 +50,11 @@ def run_shard(cluster: LocalCluster, shard: int, transfers: int, concurrency: in
 def run_case(batch: int, transfers: int, concurrency: int, durability: str, directory: str) -> dict:
     """One case on a fresh cluster in an empty ``directory`` (a reused one would answer every
     transfer of a repeated case as an idempotent replay)."""
-    raft = RaftTuning(batch_requests_max=batch, log_compaction_entries_min=100_000)
+    settings = NodeSettings(batching=BatchingSettings(requests_max=batch),
+                            snapshots=SnapshotSettings(log_compaction_entries_min=100_000))
     assert not os.path.exists(directory), directory
-    cluster = LocalCluster(directory, nodes=NODES, shards=SHARDS,
-                           durability=durability, raft=raft)
+    cluster = LocalCluster(directory, nodes=NODES, shards=SHARDS, durability=durability,
+                           settings=settings)
     with cluster, concurrent.futures.ThreadPoolExecutor(SHARDS) as pool:
         leaders = [cluster.leader(s) for s in range(SHARDS)]
         pids = [proc.pid for proc in cluster.procs.values()]

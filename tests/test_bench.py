@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 
+from raftledger.bench import bench_replication
 from raftledger.bench.load import run_load
+from raftledger.node.http.internal import BENCH_ENV
 from raftledger.node.testing import ReplicaGroup, consecutive_free_ports
 
 
@@ -64,3 +66,10 @@ def test_http_floor_serves_and_reports_the_servers_cpu(capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["requests"] > 0 and set(result["statuses"]) == {"201"}
     assert result["server_cpu_us_per_request"] > 0
+
+
+def test_bench_replication_runs_a_small_case_on_a_real_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv(BENCH_ENV, "1")
+    result = bench_replication.run_case(10, 40, 4, "none", str(tmp_path / "case"))
+    assert (result["transfers"], result["failures"]) == (40 * bench_replication.SHARDS, 0)
+    assert result["entries"] >= 40 * bench_replication.SHARDS // 10
