@@ -99,6 +99,7 @@ STATUS: dict[str, int] = {
     "transaction_not_posted": 422,
     "partial_amount_not_allowed": 422,
     "accounts_must_be_different": 422,
+    "transaction_aborted": 422,
     "cross_shard_not_supported": 422,
     "history_not_enabled": 422,
     "rate_limited": 429,

@@ -30,8 +30,11 @@ from .layout import (
     entry_hash_of,
     entry_key,
     entry_timestamp_of,
+    split_timed_key,
     unpack_account,
     unpack_entry,
+    unpack_leg,
+    unpack_open_decision,
     unpack_transaction,
 )
 from .ledger import (
@@ -48,6 +51,8 @@ from .records import (
     Balance,
     Entry,
     Event,
+    Leg,
+    OpenDecision,
     Outcome,
     Rejection,
     Transaction,
@@ -285,6 +290,34 @@ class Reader:
             return None
         deadline: int = U64.unpack_from(cursor.key())[0]
         return deadline
+
+    def leg(self, txid: str) -> Leg | None:
+        """This shard's leg of cross-shard transaction ``txid``, if it has one."""
+        raw = self.txn.get(txid.encode(), db=self.dbs.legs)
+        return None if raw is None else unpack_leg(raw)
+
+    def open_legs(self, prepared_before_ns: int, limit: int) -> list[Leg]:
+        """Legs prepared before the given time and not decided here yet, oldest first."""
+        out: list[Leg] = []
+        cursor = self.txn.cursor(db=self.dbs.open_legs)
+        for key, _ in cursor:
+            ts, txid = split_timed_key(key)
+            if ts >= prepared_before_ns or len(out) >= limit:
+                break
+            leg = self.leg(txid)
+            if leg is not None:
+                out.append(leg)
+        return out
+
+    def open_decisions(self, decided_before_ns: int, limit: int) -> list[OpenDecision]:
+        """Decisions taken here before the given time whose participants may not all have finished."""
+        out: list[OpenDecision] = []
+        cursor = self.txn.cursor(db=self.dbs.decisions)
+        for key, value in cursor:
+            if U64.unpack_from(key)[0] >= decided_before_ns or len(out) >= limit:
+                break
+            out.append(unpack_open_decision(key, value))
+        return out
 
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
         """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""
