@@ -120,7 +120,7 @@ def _protocol_to_wire(command: AnyCommand) -> list[Any]:
                 entries, command.pending, command.timeout_seconds, command.code, command.metadata,
                 list(command.shards), command.target, command.amount]
     if isinstance(command, Complete):
-        return [TAG_COMPLETE, command.id, command.timestamp]
+        return [TAG_COMPLETE, command.id]
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
@@ -158,8 +158,8 @@ def _decode_protocol(w: list[Any]) -> AnyCommand:
                       _want(w[7], bool, "pending"), _int(w[8], "timeout_seconds"), _want(w[9], str, "code"),
                       _want(w[10], dict, "metadata"), _shards(w[11]), _want(w[12], str, "target"),
                       _optional_int(w[13], "amount"))
-    if tag == TAG_COMPLETE and len(w) == 3:
-        return Complete(_want(w[1], str, "id"), _int(w[2], "timestamp"))
+    if tag == TAG_COMPLETE and len(w) == 2:
+        return Complete(_want(w[1], str, "id"))
     raise CodecError(f"unknown command tag {tag!r}")
 
 

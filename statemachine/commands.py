@@ -279,15 +279,13 @@ class Decide:
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
 class Complete:
-    """At the coordinator: every participant finished what the decision of ``id`` at ``timestamp``
-    asked for; the resolver no longer needs to drive it."""
+    """At the coordinator: every participant finished what decision ``id`` asked for; the resolver
+    no longer needs to drive it."""
 
     id: Final[str]
-    timestamp: Final[int]
 
-    def __init__(self, id: str, timestamp: int) -> None:
+    def __init__(self, id: str) -> None:
         self.id = id
-        self.timestamp = timestamp
 
 
 ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete

@@ -10,7 +10,7 @@ Sub-databases:
   meta         b"state"                          -> shard state (applied index, chain, counters)
   legs         transaction id (utf-8)            -> this shard's leg of a cross-shard transaction
   open_legs    prepared ns (u64) + transaction id -> b"" (legs prepared and not yet decided here)
-  decisions    decided ns (u64) + decision id     -> what the participants still have to finish
+  decisions    decision id (utf-8)               -> what the participants still have to finish
 
 Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
 unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
@@ -287,18 +287,17 @@ def unpack_leg(data: Raw) -> Leg:
 
 
 def pack_open_decision(d: OpenDecision, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
-    packed: bytes = packb([d.leg, d.digest, d.outcome, d.by, d.amount, list(d.participants)])
+    packed: bytes = packb([d.timestamp, d.leg, d.digest, d.outcome, d.by, d.amount, list(d.participants)])
     return packed
 
 
 def unpack_open_decision(key: Raw, data: Raw) -> OpenDecision:
-    ts, decision_id = split_timed_key(key)
-    leg, digest, outcome, by, amount, participants = msgpack.unpackb(data)
-    return OpenDecision(decision_id, ts, leg, digest, outcome, by, amount, tuple(participants))
+    ts, leg, digest, outcome, by, amount, participants = msgpack.unpackb(data)
+    return OpenDecision(bytes(key).decode(), ts, leg, digest, outcome, by, amount, tuple(participants))
 
 
 def timed_key(ns: int, transaction_id: str) -> bytes:
-    """A key of the open_legs and decisions tables: time order, then the id."""
+    """A key of the open_legs table: time order, then the id."""
     return U64.pack(ns) + transaction_id.encode()
 
 

@@ -88,6 +88,7 @@ from .validate import RULES_VERSION, Problem, command_problem, decide_problem, l
 
 balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
 NO_DEADLINE: Final = 2**64
+EXPIRY_SUFFIX: Final = "#expire"  # the open decision that expires a cross-shard hold's legs (no id has "#")
 FLAG_LIMIT_DEBITS: Final = int(AccountFlag.debits_must_not_exceed_credits)
 FLAG_LIMIT_CREDITS: Final = int(AccountFlag.credits_must_not_exceed_debits)
 FLAG_CLOSED: Final = int(AccountFlag.closed)
@@ -760,8 +761,8 @@ class Applier:
             self.cursors.expiries.put(expiry_key(tx.expires_at, tx.id), b"")
             self.expiry_floor = min(self.expiry_floor, tx.expires_at)
         outcome = LEG_HOLD if cmd.pending else LEG_POST
-        self._open_decision(cmd.id, ts, cmd.id, cmd.digest, outcome, cmd.id, None, cmd.shards)
-        return Result(ResultCode.ok, cmd.id, record=tx)
+        finish = self._open_decision(cmd.id, ts, cmd.id, cmd.digest, outcome, cmd.id, None, cmd.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
 
     def _decide_follow_up(self, cmd: Decide, ts: int) -> Result:
         """A post or void of a cross-shard hold: checked here, where the hold's record is."""
@@ -783,9 +784,9 @@ class Applier:
         self._store_decision(tx, cmd.digest)
         self._update(hold.with_status(status, resolved_by=cmd.id))
         self._drop_expiry(hold)
-        self._open_decision(cmd.id, ts, hold.id, self._digest_of(hold.id), LEG_POST if post else LEG_VOID,
-                            cmd.id, amount, hold.shards)
-        return Result(ResultCode.ok, cmd.id, record=tx)
+        finish = self._open_decision(cmd.id, ts, hold.id, self._digest_of(hold.id),
+                                     LEG_POST if post else LEG_VOID, cmd.id, amount, hold.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
 
     def _decide_reverse(self, cmd: Decide, ts: int) -> Result:
         """A reversal of a cross-shard transaction: its mirrored legs were prepared as a new one."""
@@ -803,8 +804,8 @@ class Applier:
                          reverses=orig.id, shards=cmd.shards)
         self._store_decision(tx, cmd.digest)
         self._update(orig.with_status(orig.status, reversed_by=cmd.id))
-        self._open_decision(cmd.id, ts, cmd.id, cmd.digest, LEG_POST, cmd.id, None, cmd.shards)
-        return Result(ResultCode.ok, cmd.id, record=tx)
+        finish = self._open_decision(cmd.id, ts, cmd.id, cmd.digest, LEG_POST, cmd.id, None, cmd.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
 
     def _store_decision(self, tx: Transaction, digest: bytes) -> None:
         """The home's record of a cross-shard transaction; its legs emit the events."""
@@ -820,14 +821,17 @@ class Applier:
         return bytes(raw) if rejection is None else rejection[0]
 
     def _open_decision(self, decision_id: str, ts: int, leg: str, digest: bytes, outcome: int, by: str,
-                       amount: int | None, participants: tuple[int, ...]) -> None:
-        """What the participants still have to apply; the resolver drives it until ``Complete``."""
+                       amount: int | None, participants: tuple[int, ...]) -> dict[str, Any]:
+        """What the participants still have to apply; the resolver drives it until ``Complete``.
+        Returns it as the ``finish`` a driver applies (in the decision's result details)."""
         record = OpenDecision(decision_id, ts, leg, digest, outcome, by, amount, participants)
-        self.cursors.decisions.put(timed_key(ts, decision_id), pack_open_decision(record, self.packb))
+        self.cursors.decisions.put(decision_id.encode(), pack_open_decision(record, self.packb))
+        return {"finish": {"decision": decision_id, "leg": leg, "digest": digest.hex(), "outcome": outcome,
+                           "by": by, "amount": amount, "participants": list(participants)}}
 
     def _complete(self, cmd: Complete) -> Result:
         cursor = self.cursors.decisions
-        if cursor.set_key(timed_key(cmd.timestamp, cmd.id)):
+        if cursor.set_key(cmd.id.encode()):
             cursor.delete()
         return Result(ResultCode.ok, cmd.id)
 
@@ -852,8 +856,8 @@ class Applier:
             expired = hold.with_status(STATUS_EXPIRED)
             self._update(expired)
             if hold.cross_shard:  # its legs expire on their shards, driven by the home's resolver
-                self._open_decision(hold.id, ts, hold.id, self._digest_of(hold.id), LEG_EXPIRE, hold.id,
-                                    None, hold.shards)
+                self._open_decision(hold.id + EXPIRY_SUFFIX, ts, hold.id, self._digest_of(hold.id),
+                                    LEG_EXPIRE, hold.id, None, hold.shards)
                 continue
             moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
                      for e in hold.entries]

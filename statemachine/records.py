@@ -319,7 +319,7 @@ class OpenDecision:
 
     Each participant in ``participants`` must apply ``FinishLeg(leg, digest, outcome, by, amount)``."""
 
-    id: str  # the decision's own id (the transaction, or a follow-up of it)
+    id: str  # the decision's own id: the transaction's, a follow-up's, or EXPIRY_SUFFIX appended
     timestamp: int
     leg: str  # the legs to finish: those of this transaction id
     digest: bytes  # ... placed for this payload

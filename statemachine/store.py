@@ -310,14 +310,14 @@ class Reader:
         return out
 
     def open_decisions(self, decided_before_ns: int, limit: int) -> list[OpenDecision]:
-        """Decisions taken here before the given time whose participants may not all have finished."""
+        """Decisions taken here before the given time whose participants may not all have finished
+        (only those in flight or interrupted are open: the table stays small)."""
         out: list[OpenDecision] = []
-        cursor = self.txn.cursor(db=self.dbs.decisions)
-        for key, value in cursor:
-            if U64.unpack_from(key)[0] >= decided_before_ns or len(out) >= limit:
-                break
-            out.append(unpack_open_decision(key, value))
-        return out
+        for key, value in self.txn.cursor(db=self.dbs.decisions):
+            decision = unpack_open_decision(key, value)
+            if decision.timestamp < decided_before_ns:
+                out.append(decision)
+        return sorted(out, key=lambda d: d.timestamp)[:limit]
 
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
         """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""

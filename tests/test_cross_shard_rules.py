@@ -144,7 +144,7 @@ def test_a_committed_transfer_holds_then_posts_on_each_side(cluster):
         home = r.transaction("x1")
         assert [d.id for d in r.open_decisions(2**63, 10)] == ["x1"]
     assert home.status == "posted" and home.to_json(HOME)["shards"] == [A, B]
-    assert c.one(HOME, Complete("x1", decided.record.timestamp)).ok
+    assert c.one(HOME, Complete("x1")).ok
     with c.stores[HOME].reader() as r:
         assert r.open_decisions(2**63, 10) == []
     with c.stores[A].reader() as r:
@@ -289,7 +289,7 @@ def test_the_protocol_commands_survive_the_codec():
     leg = PrepareLeg("t", 3, b"d" * 32, (EntrySpec("a", D, 5, "BRL"),), True, "c", {"k": 1}, (1, 2))
     entry = LegEntry("a", D, 5, "BRL", 4, b"h" * 32)
     decision = Decide("t", b"d" * 32, DECIDE_NEW, 0, {}, (entry,), True, 60, "c", {}, (1, 2), "", None)
-    for command in (leg, decision, FinishLeg("t", b"d" * 32, LEG_POST, "t:post", 3), Complete("t", 99)):
+    for command in (leg, decision, FinishLeg("t", b"d" * 32, LEG_POST, "t:post", 3), Complete("t")):
         assert decode_command(encode_command(command)) == command
 
 

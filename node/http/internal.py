@@ -5,8 +5,11 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
 - ``/internal/v1/shards/{shard}/submit`` — forwarded commands, committed here (this node leads the
   shard) or refused with ``not_leader``; never forwarded again. Each command is checked as a public
   request is: its shape (``parse.check``), the batch limit, and that every account it names lives on
-  this shard; a command that fails is answered with its error and never proposed.
+  this shard; a command that fails is answered with its error and never proposed. The steps of a
+  cross-shard transaction (``PrepareLeg``, ``Decide``, ``FinishLeg``, ``Complete``) arrive here too.
 - ``/internal/v1/shards/{shard}/barrier`` — a linearizable read index from the leader.
+- ``/internal/v1/shards/{shard}/transaction`` — a transaction's record on that shard (post / void /
+  reverse and the cross-shard protocol find their target with it).
 - ``/internal/v1/status`` — this node's replicas (role, term, indexes, fingerprint).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
@@ -31,8 +34,12 @@ from raftledger.statemachine.commands import (
     AnyCommand,
     Batch,
     Command,
+    Complete,
     CreateAccount,
     CreateTransaction,
+    Decide,
+    FinishLeg,
+    PrepareLeg,
     batch_commands_max,
 )
 
@@ -41,6 +48,7 @@ from ..service import ShardService
 from . import parse
 from .body import read_raw
 from .context import NodeContext
+from .reads import transaction_at
 from .render import Rendered
 
 log = logging.getLogger(__name__)
@@ -118,7 +126,7 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
     return {"replies": replies}
 
 
-def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> Command | Batch:
+def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> AnyCommand:
     """The checks of the public edge, for a command that arrives already built: its shape, the
     batch limit, and that it belongs to ``shard``. Raises LedgerError."""
     if isinstance(command, codec.Invalid):
@@ -130,24 +138,31 @@ def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> 
         for i, inner in enumerate(command.commands):
             _admit_one(ctx, shard, inner, f"commands[{i}]")
         return command
+    if isinstance(command, PrepareLeg):  # a step of a cross-shard transaction (cross_shard.py)
+        _only_here(ctx, shard, command.id, [e.account_id for e in command.entries])
+        return command
+    if isinstance(command, Decide | FinishLeg | Complete):  # checked by the state machine alone
+        return command
     if isinstance(command, Command):  # type: ignore[misc, arg-type]
         _admit_one(ctx, shard, command, "")
         return command
-    raise LedgerError("malformed_body", f"{type(command).__name__} is not a client command")
+    raise LedgerError("malformed_body", f"{type(command).__name__} is not a command peers send")
 
 
 def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> None:
     parse.check(command, where)
     if isinstance(command, CreateAccount):
-        accounts = [command.id]
+        _only_here(ctx, shard, command.id, [command.id])
     elif isinstance(command, CreateTransaction):
-        accounts = [e.account_id for e in command.entries]
-    else:  # post / void / reverse: found on the shard that holds their transaction
-        return
+        _only_here(ctx, shard, command.id, [e.account_id for e in command.entries])
+    # post / void / reverse: found on the shard that holds their transaction
+
+
+def _only_here(ctx: NodeContext, shard: int, command_id: str, accounts: list[str]) -> None:
     elsewhere = sorted({a for a in accounts if ctx.shard_of(a) != shard})
     if elsewhere:
         raise LedgerError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
-                                               "id": command.id})
+                                                  "id": command_id})
 
 
 async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> dict[str, Any]:
@@ -162,6 +177,15 @@ async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> di
     outcome = committed.outcome
     results = outcome if isinstance(outcome, list) else [outcome]
     return {"index": committed.index, "results": [Rendered.of(r, svc.shard).to_wire() for r in results]}
+
+
+async def transaction(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """A transaction's record on a shard hosted here (``reads.transaction_at``)."""
+    svc = _local_shard(ctx, request)
+    txid = payload.get("id") if isinstance(payload, dict) else None
+    if not isinstance(txid, str):
+        raise LedgerError("malformed_body", "expected {\"id\": <transaction id>}")
+    return {"record": await transaction_at(ctx, svc.shard, parse.parse_id(txid, "", "id"))}
 
 
 async def barrier(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
@@ -218,6 +242,7 @@ async def bench_result(ctx: NodeContext, request: web.Request, _: Any) -> dict[s
 ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/submit", submit),
     ("/shards/{shard}/barrier", barrier),
+    ("/shards/{shard}/transaction", transaction),
     ("/shards/{shard}/totals", totals),
     ("/status", status),
 )
