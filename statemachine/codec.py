@@ -23,6 +23,7 @@ import msgpack
 from .commands import (
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
     Complete,
     CreateAccount,
@@ -35,6 +36,7 @@ from .commands import (
     LegEntry,
     PostPending,
     PrepareLeg,
+    ProtocolCommand,
     Request,
     ReverseTransaction,
     VoidPending,
@@ -51,11 +53,12 @@ TAG_VOID_PENDING: Final = 4
 TAG_REVERSE: Final = 5
 TAG_BATCH: Final = 6
 TAG_EXPIRE_HOLDS: Final = 7  # standalone only: never inside a Batch
-# 8: SetSlots. The steps of a cross-shard transaction, standalone only:
+# 8: SetSlots. The steps of a cross-shard transaction (alone or in a Batch):
 TAG_PREPARE_LEG: Final = 9
 TAG_DECIDE: Final = 10
 TAG_FINISH_LEG: Final = 11
 TAG_COMPLETE: Final = 12
+TAG_CLAIM_ID: Final = 13
 
 DIRECTIONS: Final = (Direction.debit, Direction.credit)
 DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
@@ -121,6 +124,8 @@ def _protocol_to_wire(command: AnyCommand) -> list[Any]:
                 list(command.shards), command.target, command.amount]
     if isinstance(command, Complete):
         return [TAG_COMPLETE, command.id]
+    if isinstance(command, ClaimId):
+        return [TAG_CLAIM_ID, command.id, command.digest, command.at]
     raise CodecError(f"not a command: {type(command).__name__}")
 
 
@@ -140,7 +145,7 @@ def _leg_entry(raw: Any) -> LegEntry:
                     _want(raw[5], bytes, "hash"))
 
 
-def _decode_protocol(w: list[Any]) -> AnyCommand:
+def _decode_protocol(w: list[Any]) -> ProtocolCommand:
     """A step of a cross-shard transaction (``w[0]`` is one of their tags)."""
     tag = w[0]
     if tag == TAG_PREPARE_LEG and len(w) == 9:
@@ -160,6 +165,8 @@ def _decode_protocol(w: list[Any]) -> AnyCommand:
                       _optional_int(w[13], "amount"))
     if tag == TAG_COMPLETE and len(w) == 2:
         return Complete(_want(w[1], str, "id"))
+    if tag == TAG_CLAIM_ID and len(w) == 4:
+        return ClaimId(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "at"))
     raise CodecError(f"unknown command tag {tag!r}")
 
 
@@ -220,20 +227,24 @@ def _decode_one(w: Any) -> Command:
     raise CodecError(f"unknown command tag {tag!r}")
 
 
+def _decode_inner(w: Any) -> Command | ProtocolCommand:
+    """What a Batch may hold: a client command or a step of a cross-shard transaction."""
+    if isinstance(w, list) and w and type(w[0]) is int and TAG_PREPARE_LEG <= w[0] <= TAG_CLAIM_ID:
+        return _decode_protocol(w)
+    return _decode_one(w)
+
+
 def command_from_wire(w: Any) -> AnyCommand | Invalid:
-    """A command, a Batch of commands, ExpireHolds or a step of a cross-shard transaction; only
-    client commands go inside a Batch."""
+    """A command, a Batch of commands, ExpireHolds or a step of a cross-shard transaction."""
     try:
         if isinstance(w, list) and w:
             tag = w[0]
             if tag == TAG_BATCH and len(w) == 3:
-                inner = tuple(_decode_one(c) for c in _want(w[2], list, "commands"))
+                inner = tuple(_decode_inner(c) for c in _want(w[2], list, "commands"))
                 return Batch(inner, _want(w[1], bool, "atomic"))
             if type(tag) is int and tag == TAG_EXPIRE_HOLDS and len(w) == 1:
                 return ExpireHolds()
-            if type(tag) is int and TAG_PREPARE_LEG <= tag <= TAG_COMPLETE:
-                return _decode_protocol(w)
-        return _decode_one(w)
+        return _decode_inner(w)
     except CodecError as exc:
         return Invalid(str(exc))
 

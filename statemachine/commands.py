@@ -129,12 +129,13 @@ Command: TypeAlias = CreateAccount | CreateTransaction | PostPending | VoidPendi
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
 class Batch:
-    """Several commands applied in one go: each on its own, or all-or-none when ``atomic``."""
+    """Several commands applied in one go: each on its own, or all-or-none when ``atomic``. Clients'
+    batches hold client commands; a node driving cross-shard transactions batches their steps."""
 
-    commands: Final[tuple[Command, ...]]
+    commands: Final[tuple[Command | ProtocolCommand, ...]]
     atomic: Final[bool]
 
-    def __init__(self, commands: tuple[Command, ...], atomic: bool = False) -> None:
+    def __init__(self, commands: tuple[Command | ProtocolCommand, ...], atomic: bool = False) -> None:
         self.commands = commands
         self.atomic = atomic
 
@@ -288,7 +289,23 @@ class Complete:
         self.id = id
 
 
-ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class ClaimId:
+    """At the home of ``id``: the id is taken by a transaction recorded on shard ``at`` (a post, void
+    or reverse is recorded with its target, an atomic batch's items with its first), so that nobody
+    can use it for another payload here, and a lookup at the home finds where it is."""
+
+    id: Final[str]
+    digest: Final[bytes]
+    at: Final[int]
+
+    def __init__(self, id: str, digest: bytes, at: int) -> None:
+        self.id = id
+        self.digest = digest
+        self.at = at
+
+
+ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete | ClaimId
 
 AnyCommand: TypeAlias = Command | Batch | ExpireHolds | ProtocolCommand
 

@@ -34,6 +34,7 @@ from .commands import (
     AccountFlag,
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
     Complete,
     CreateAccount,
@@ -45,6 +46,7 @@ from .commands import (
     LegEntry,
     PostPending,
     PrepareLeg,
+    ProtocolCommand,
     ReverseTransaction,
     VoidPending,
 )
@@ -84,10 +86,11 @@ from .records import (
     Transaction,
     TxEntry,
 )
-from .validate import RULES_VERSION, Problem, command_problem, decide_problem, leg_problem
+from .validate import RULES_VERSION, Problem, claim_problem, command_problem, decide_problem, leg_problem
 
 balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
 NO_DEADLINE: Final = 2**64
+CLAIMED_AT: Final = "recorded_at"  # the shard a claimed id's transaction is recorded on (ClaimId)
 EXPIRY_SUFFIX: Final = "#expire"  # the open decision that expires a cross-shard hold's legs (no id has "#")
 FLAG_LIMIT_DEBITS: Final = int(AccountFlag.debits_must_not_exceed_credits)
 FLAG_LIMIT_CREDITS: Final = int(AccountFlag.credits_must_not_exceed_debits)
@@ -385,6 +388,13 @@ class Applier:
             return [self._apply_command(c, ts) for c in command.commands]
         if isinstance(command, ExpireHolds):
             return Result(ResultCode.ok, "")  # the expiry above is all it asks for
+        return self._apply_command(command, ts)
+
+    def _apply_command(self, command: Command | ProtocolCommand, ts: int) -> Result:
+        if isinstance(command, CreateTransaction):
+            return self._transaction(command, ts)
+        if isinstance(command, CreateAccount):
+            return self._create_account(command, ts)
         if isinstance(command, PrepareLeg):
             return self._prepare_leg(command, ts)
         if isinstance(command, FinishLeg):
@@ -393,14 +403,11 @@ class Applier:
             return self._decide(command, ts)
         if isinstance(command, Complete):
             return self._complete(command)
-        return self._apply_command(command, ts)
-
-    def _apply_command(self, command: Command, ts: int) -> Result:
-        if isinstance(command, CreateAccount):
-            return self._create_account(command, ts)
+        if isinstance(command, ClaimId):
+            return self._claim(command, ts)
         return self._transaction(command, ts)
 
-    def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
+    def _apply_atomic(self, commands: tuple[Command | ProtocolCommand, ...], ts: int) -> list[Result]:
         """All or none: when a command fails, every write of the batch is put back as it was."""
         plain, saved = self.cursors, self.state.copy()
         undo: list[tuple[Any, bytes, bytes | None]] = []
@@ -676,8 +683,12 @@ class Applier:
     def _applied_here(self, txid: str, digest: bytes) -> Result | None:
         """A transaction with this id applied on this shard as a single-shard one (its home, or data
         from before ids had homes): its outcome, or a conflict; never a second application."""
-        if self.cursors.idempotency.get(txid.encode()) is None:
+        raw = self.cursors.idempotency.get(txid.encode())
+        if raw is None:
             return None
+        rejection = decode_rejection(raw)
+        if rejection is not None and rejection[1] == ResultCode.ok:
+            return None  # a claim (ClaimId): the transaction is recorded on another shard
         return self._replay(txid, digest)
 
     def _finish_leg(self, cmd: FinishLeg, ts: int) -> Result:
@@ -687,6 +698,9 @@ class Applier:
         raw = self.cursors.legs.get(key)
         ending = cmd.outcome in (LEG_VOID, LEG_EXPIRE)
         if raw is None:
+            applied = self._applied_here(cmd.id, cmd.digest)
+            if applied is not None:  # it took the one-round path here (see _prepare_leg): done
+                return Result(applied.code, cmd.id, replayed=True)
             # Decided before this shard prepared (or the prepare was refused unseen): never will.
             ensure(ending, "a commit of a leg that was never prepared", cmd.id)
             tomb = Leg(cmd.id, LEG_ABORTED, -1, cmd.digest, (), False, "", {}, (), ts, cmd.by)
@@ -828,6 +842,19 @@ class Applier:
         self.cursors.decisions.put(decision_id.encode(), pack_open_decision(record, self.packb))
         return {"finish": {"decision": decision_id, "leg": leg, "digest": digest.hex(), "outcome": outcome,
                            "by": by, "amount": amount, "participants": list(participants)}}
+
+    def _claim(self, cmd: ClaimId, ts: int) -> Result:
+        """Take ``cmd.id`` here, at its home, for a transaction recorded on shard ``cmd.at``: stored
+        like a rejection whose code is ``ok``, so every path that checks an id here sees it."""
+        problem = claim_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        replay = self._replay(cmd.id, cmd.digest)
+        if replay is not None:
+            return replay
+        details = {CLAIMED_AT: cmd.at}
+        self.cursors.idempotency.put(cmd.id.encode(), msgpack.packb([cmd.digest, 0, ts, details]))
+        return Result(ResultCode.ok, cmd.id, details=details)
 
     def _complete(self, cmd: Complete) -> Result:
         cursor = self.cursors.decisions

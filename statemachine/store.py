@@ -18,6 +18,7 @@ import msgpack
 
 from . import hashing
 from .codec import CodecError, Invalid, decode_requests, entry_version
+from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
@@ -38,6 +39,7 @@ from .layout import (
     unpack_transaction,
 )
 from .ledger import (
+    CLAIMED_AT,
     EVENT_ACCOUNT,
     EVENT_HEAD,
     EVENT_TYPES,
@@ -276,7 +278,17 @@ class Reader:
         if rejection is None:
             return None
         _digest, code, ts, details = rejection
+        if code == ResultCode.ok:  # a claim: the transaction is recorded elsewhere (recorded_at)
+            return None
         return Rejection(txid, code, ts, details)
+
+    def recorded_at(self, txid: str) -> int | None:
+        """The shard that records ``txid`` when this one, its home, only holds a claim on it."""
+        idem = self.txn.get(txid.encode(), db=self.dbs.idempotency)
+        rejection = None if idem is None else decode_rejection(idem)
+        if rejection is None or rejection[1] != ResultCode.ok:
+            return None
+        return int(rejection[3][CLAIMED_AT])
 
     def earliest_hold_deadline(self) -> int | None:
         """The deadline (ns) of the pending hold that expires first, or None if no hold has one.

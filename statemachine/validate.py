@@ -22,6 +22,7 @@ from .codes import ResultCode
 from .commands import (
     DECIDE_KINDS,
     AccountFlag,
+    ClaimId,
     Command,
     CreateAccount,
     CreateTransaction,
@@ -218,6 +219,12 @@ def decide_problem(cmd: Decide) -> Problem | None:
     if len(cmd.digest) != digest_bytes or cmd.kind not in DECIDE_KINDS:
         return ResultCode.invalid_command, {"field": "decision"}
     return _id_problem(cmd.id, "id") or (_id_problem(cmd.target, "target") if cmd.target else None)
+
+
+def claim_problem(cmd: ClaimId) -> Problem | None:
+    if len(cmd.digest) != digest_bytes or cmd.at < 0:
+        return ResultCode.invalid_command, {"field": "claim"}
+    return _id_problem(cmd.id, "id")
 
 
 def command_problem(cmd: Command, rules: int = RULES_VERSION) -> Problem | None:

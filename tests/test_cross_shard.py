@@ -21,7 +21,7 @@ from raftledger.node.service import Committed
 from raftledger.node.settings import CrossShardSettings, ForwardingSettings, NodeSettings
 from raftledger.node.testing import DirectShard, FakeClock, account_body, ids_on_shard, transfer_body
 from raftledger.statemachine.audit import currency_totals, verify_store
-from raftledger.statemachine.commands import AnyCommand, Decide, FinishLeg, PrepareLeg
+from raftledger.statemachine.commands import AnyCommand, Batch, Decide, FinishLeg, PrepareLeg
 from raftledger.statemachine.store import LedgerStore
 
 SHARDS = 3
@@ -267,7 +267,8 @@ def on(kind: type, shard: int, what: str, times: int = 1) -> Fault:
     left = [times]
 
     def fault(at: int, command: AnyCommand) -> str | None:
-        if at == shard and isinstance(command, kind) and left[0] > 0:
+        steps = command.commands if isinstance(command, Batch) else (command,)
+        if at == shard and any(isinstance(c, kind) for c in steps) and left[0] > 0:
             left[0] -= 1
             return what
         return None
@@ -340,4 +341,106 @@ async def test_a_retry_racing_the_resolver_cannot_commit_after_the_abort(ledger)
     for account_id in (ALICE, BOB):
         bal = await ledger.balance(account_id)
         assert bal["balance"] == bal["debits_pending"] == bal["credits_pending"] == 0
+    ledger.audit()
+
+
+# -- atomic batches and ids claimed at their homes ------------------------------------------------------
+
+
+async def batch(ledger: Ledger, items: list[dict[str, Any]], atomic: bool = True) -> list[dict[str, Any]]:
+    resp = await ledger.client.post("/v1/transactions/batch", json={"transactions": items, "atomic": atomic})
+    assert resp.status == 200, await resp.text()
+    return (await resp.json())["results"]
+
+
+def plain_id(ledger: Ledger, prefix: str, shard: int) -> str:
+    """An untagged id whose home is ``shard``."""
+    return next(i for i in (f"{prefix}{n}" for n in range(200)) if ledger.ctx.shard_of(i) == shard)
+
+
+async def test_an_atomic_batch_across_shards_and_homes_commits_whole(ledger):
+    first, second = tx_id("a1"), tx_id("a2", B)
+    results = await batch(ledger, [pay(first, 10), pay(second, 20, debit=CAROL, credit=ALICE)])
+    assert [r["status"] for r in results] == [201, 201]
+    assert (await ledger.balance(ALICE))["balance"] == 10 - 20
+    for txid in (first, second):  # the second is claimed at its home (B), recorded with the first's
+        status, body = await ledger.transaction(txid)
+        assert status == 200 and body["id"] == txid
+    with ledger.shards[B].store.reader() as reader:
+        assert reader.recorded_at(second) == HOME
+    again = await batch(ledger, [pay(first, 10), pay(second, 20, debit=CAROL, credit=ALICE)])
+    assert [r.get("replayed") for r in again] == [True, True]
+    ledger.audit()
+
+
+async def test_an_atomic_batch_with_one_refusal_aborts_every_item(ledger):
+    poor = ids_on_shard(B, SHARDS, "poor")[0]
+    limited = account_body(poor, flags=["debits_must_not_exceed_credits"])
+    assert (await ledger.post("/v1/accounts", limited))[0] == 201
+    items = [pay(tx_id("r1"), 10), pay(tx_id("r2", A), 5, debit=poor), pay(tx_id("r3", B), 1, debit=CAROL)]
+    results = await batch(ledger, items)
+    assert [r["error"]["code"] for r in results] == ["linked_event_failed", "exceeds_credits",
+                                                    "linked_event_failed"]
+    assert results[0]["error"]["details"]["failed_index"] == 1
+    for account_id in (ALICE, BOB, CAROL, poor):
+        bal = await ledger.balance(account_id)
+        assert bal["balance"] == bal["debits_pending"] == bal["credits_pending"] == 0
+    for item in items:
+        assert (await ledger.transaction(item["id"]))[1]["status"] == "rejected"
+    again = await batch(ledger, items)
+    assert [r["error"]["code"] for r in again] == [r["error"]["code"] for r in results]
+    ledger.audit()
+
+
+async def test_an_atomic_batch_reusing_another_payloads_id_is_409_and_moves_nothing(ledger):
+    taken = tx_id("u1", A)
+    assert (await ledger.post("/v1/transactions", pay(taken, 1)))[0] == 201
+    results = await batch(ledger, [pay(tx_id("u2"), 10), pay(taken, 2)])
+    assert [r["status"] for r in results] == [422, 409]
+    assert results[0]["error"]["code"] == "linked_event_failed"
+    assert (await ledger.balance(ALICE))["balance"] == 1
+    ledger.audit()
+
+
+async def test_an_atomic_batch_fenced_by_the_resolver_aborts_whole_on_retry(ledger):
+    items = [pay(tx_id("z1"), 10), pay(tx_id("z2", A), 20, debit=CAROL)]
+    ledger.fail(on(PrepareLeg, B, "lost"))  # both legs on bob's shard, in one request
+    assert (await ledger.client.post("/v1/transactions/batch",
+                                     json={"transactions": items, "atomic": True})).status == 503
+    ledger.fail(None)
+    await ledger.clock.advance(3600)
+    await cross_shard.resolve_shard(ledger.ctx, B)  # one of bob's legs: the coordinator aborts it
+    results = await batch(ledger, items)
+    codes = [r["error"]["code"] for r in results]
+    assert "transaction_aborted" in codes and set(codes) <= {"transaction_aborted", "linked_event_failed"}
+    await ledger.resolve()
+    ledger.audit()
+
+
+async def test_a_follow_up_with_an_untagged_id_claims_it_at_its_home(ledger):
+    hold = tx_id("c1")
+    assert (await ledger.post("/v1/transactions", pay(hold, 30, pending=True)))[0] == 201
+    post = plain_id(ledger, "settle", A)
+    status, body, _ = await ledger.post(f"/v1/transactions/{hold}/post", {"id": post})
+    assert status == 201, body
+    got_status, got = await ledger.transaction(post)
+    assert got_status == 200 and got["pending_id"] == hold
+    reused = await ledger.post("/v1/transactions", pay(post, 5, debit=CAROL))
+    assert reused[0] == 409
+    other_hold = tx_id("c2")
+    assert (await ledger.post("/v1/transactions", pay(other_hold, 30, pending=True)))[0] == 201
+    twice = await ledger.post(f"/v1/transactions/{other_hold}/post", {"id": post})
+    assert twice[0] == 409 and twice[1]["error"]["code"] == "idempotency_key_reused"
+    await ledger.post(f"/v1/transactions/{other_hold}/void", {"id": tx_id("c2void")})
+    ledger.audit()
+
+
+async def test_a_single_shard_follow_up_with_an_id_homed_elsewhere_is_claimed_too(ledger):
+    hold = tx_id("s1", B)
+    assert (await ledger.post("/v1/transactions", pay(hold, 8, debit=CAROL, pending=True)))[0] == 201
+    void = plain_id(ledger, "undo", A)
+    status, body, _ = await ledger.post(f"/v1/transactions/{hold}/void", {"id": void})
+    assert status == 201 and body["status"] == "voided"
+    assert (await ledger.transaction(void))[1]["pending_id"] == hold
+    assert (await ledger.post("/v1/transactions", pay(void, 1)))[0] == 409
     ledger.audit()

@@ -23,6 +23,8 @@ from raftledger.statemachine.commands import (
     LEG_POST,
     LEG_VOID,
     AccountFlag,
+    Batch,
+    ClaimId,
     Complete,
     CreateTransaction,
     Decide,
@@ -282,14 +284,54 @@ def test_a_leg_of_an_id_applied_here_as_a_single_shard_transaction_is_never_appl
     assert replay.ok and replay.replayed
     other = c.one(A, PrepareLeg("old", HOME, b"x" * 32, legacy.entries, shards=(A,)))
     assert other.code is C.idempotency_key_reused
+    finished = c.one(A, FinishLeg("old", payload_hash(legacy), LEG_POST, "old"))  # no leg: nothing to do
+    assert finished.ok and finished.replayed
     assert c.balance(A, "alice") == (0, 1007, 0, 0)
+
+
+def test_a_claim_takes_an_id_at_its_home_for_a_transaction_recorded_elsewhere(cluster):
+    c = cluster
+    follow_up = VoidPending("v1", "somewhere")
+    digest = payload_hash(follow_up)
+    claimed = c.one(HOME, ClaimId("v1", digest, A))
+    assert claimed.ok and claimed.details == {"recorded_at": A}
+    again = c.one(HOME, ClaimId("v1", digest, A))
+    assert again.ok and again.replayed
+    assert c.one(HOME, ClaimId("v1", b"o" * 32, A)).code is C.idempotency_key_reused
+    assert c.one(HOME, account("h-funding")).ok and c.one(HOME, account("h-sink")).ok
+    reused = c.one(HOME, transfer("v1", "h-funding", "h-sink", 5))  # the id as a new transaction
+    assert reused.code is C.idempotency_key_reused
+    with c.stores[HOME].reader() as r:
+        assert r.transaction("v1") is None and r.recorded_at("v1") == A
+        assert r.recorded_at("nothing") is None
+    assert c.one(HOME, ClaimId("v1", b"short", A)).code is C.invalid_command
+
+
+def test_steps_batched_atomically_are_all_taken_or_none(cluster):
+    c = cluster
+    one, two = cross("ab1", 10), cross("ab2", 20)
+    p1, p2 = prepare(c, one), prepare(c, two)
+    decisions = [Decide(cmd.id, payload_hash(cmd), DECIDE_NEW, 0, {}, leg_entries(p), shards=SHARDS)
+                 for cmd, p in ((one, p1), (two, p2))]
+    fenced = c.one(HOME, Decide("ab2", payload_hash(two), DECIDE_NEW, int(C.transaction_aborted)))
+    assert fenced.code is C.transaction_aborted  # a resolver aborted ab2 first
+    results = c.shard[HOME].batch(Batch(tuple(decisions), atomic=True))
+    assert [r.code for r in results] == [C.linked_event_failed, C.transaction_aborted]
+    with c.stores[HOME].reader() as r:
+        assert r.transaction("ab1") is None  # taken back with the batch
+    for cmd in (one, two):
+        finish(c, cmd.id, payload_hash(cmd), LEG_VOID)
+    steps = Batch((ClaimId("ab3", b"d" * 32, A), Complete("ab1")))
+    assert [r.ok for r in c.shard[HOME].batch(steps)] == [True, True]
 
 
 def test_the_protocol_commands_survive_the_codec():
     leg = PrepareLeg("t", 3, b"d" * 32, (EntrySpec("a", D, 5, "BRL"),), True, "c", {"k": 1}, (1, 2))
     entry = LegEntry("a", D, 5, "BRL", 4, b"h" * 32)
     decision = Decide("t", b"d" * 32, DECIDE_NEW, 0, {}, (entry,), True, 60, "c", {}, (1, 2), "", None)
-    for command in (leg, decision, FinishLeg("t", b"d" * 32, LEG_POST, "t:post", 3), Complete("t")):
+    steps = (leg, decision, FinishLeg("t", b"d" * 32, LEG_POST, "t:post", 3), Complete("t"),
+             ClaimId("t", b"d" * 32, 2))
+    for command in (*steps, Batch(steps, atomic=True)):
         assert decode_command(encode_command(command)) == command
 
 

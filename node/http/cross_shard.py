@@ -1,16 +1,24 @@
 """Transactions whose accounts live on other shards than their home: two-phase commit over Raft groups.
 
 The node that received the request drives it (docs/design.md, "Cross-shard transactions"): every
-participant prepares its leg (holds), the home decides (the commit point), every participant
+participant prepares its leg (holds), the coordinator decides (the commit point), every participant
 finishes its leg, and only then is the client answered, with a token that names the decision and
 every finish, so a read of any leg with it sees the transaction finished everywhere. ``Complete``
-at the home follows, off the client's path. Each step is idempotent by transaction id; a step that
-cannot reach its shard is left to the resolvers (``resolve``), which run on every shard leader.
+at the coordinator follows, off the client's path. Each step is idempotent by transaction id; a
+step that cannot reach its shard is left to the resolvers (``resolve``), which run on every shard
+leader.
+
+The coordinator is the home of the transaction's id. An atomic batch is one run: its items'
+decisions are taken together, in one entry at the home of its first item, which records them all;
+each other item's id is claimed at its own home first (``ClaimId``), so that it stays unique in the
+ledger and a lookup there finds where it is recorded.
 
 What each step answers decides the next:
-- every prepare ok -> commit; a refusal (a ledger rule, another payload's leg) -> abort with the first
-  refusal in shard order; a prepare whose outcome is unknown -> no decision yet: the client gets 503
-  and retries with the same id (the legs already prepared replay), or the resolver aborts later;
+- every prepare ok -> commit; a refusal (a ledger rule) -> abort with the first refusal in shard
+  order (in an atomic batch, every item aborts); a prepare whose outcome is unknown -> no decision
+  yet: the client gets 503 and retries with the same id (the legs already prepared replay), or the
+  resolver aborts later;
+- a leg or claim of another payload under the id -> 409, nothing decided for this payload;
 - the decision replayed (a retry, a second driver, a resolver's abort) -> finish as it says.
 """
 
@@ -19,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from raftledger.client.errors import LedgerError, Unavailable
@@ -33,6 +41,8 @@ from raftledger.statemachine.commands import (
     LEG_HOLD,
     LEG_POST,
     LEG_VOID,
+    Batch,
+    ClaimId,
     Complete,
     CreateTransaction,
     Decide,
@@ -42,6 +52,7 @@ from raftledger.statemachine.commands import (
     LegEntry,
     PostPending,
     PrepareLeg,
+    ProtocolCommand,
     ReverseTransaction,
     VoidPending,
 )
@@ -53,15 +64,38 @@ from .render import Rendered
 log = logging.getLogger(__name__)
 
 FLIP = {Direction.debit: Direction.credit, Direction.credit: Direction.debit}
+REUSED = "idempotency_key_reused"
+
+Key = tuple[int, int]  # (the item's index in its run, a shard)
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the client is answered: the home's result, and every shard index that carried a step."""
+class Item:
+    """One transaction of a run: its legs to prepare and the decision its coordinator takes (a
+    template: the entries and the outcome come from what the legs answer)."""
 
-    result: Rendered
-    home: int
-    indexes: dict[int, int]
+    id: str
+    digest: bytes
+    home: int  # where its id lives: claimed there when its coordinator is another shard
+    prepares: dict[int, PrepareLeg]
+    decision: Decide
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What the client is answered: each item's result, and every shard index that carried a step."""
+
+    results: list[Rendered]
+    coordinator: int
+    indexes: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def result(self) -> Rendered:
+        return self.results[0]
+
+    def touched(self, indexes: dict[int, int]) -> None:
+        for shard, index in indexes.items():
+            self.indexes[shard] = max(index, self.indexes.get(shard, 0))
 
 
 def participants_of(ctx: NodeContext, entries: Sequence[EntrySpec]) -> dict[int, tuple[EntrySpec, ...]]:
@@ -78,57 +112,171 @@ def is_single_shard(ctx: NodeContext, command: CreateTransaction) -> bool:
     return all(ctx.shard_of(e.account_id) == home for e in command.entries)
 
 
-# -- a new transaction ----------------------------------------------------------------------------------
-
-
-async def create(ctx: NodeContext, command: CreateTransaction) -> Outcome:
+def new_item(ctx: NodeContext, command: CreateTransaction, coordinator: int) -> Item:
     legs = participants_of(ctx, command.entries)
     digest = payload_hash(command)
-    prepares = {shard: PrepareLeg(command.id, ctx.shard_of(command.id), digest, entries, command.pending,
+    prepares = {shard: PrepareLeg(command.id, coordinator, digest, entries, command.pending,
                                   command.code, command.metadata, tuple(legs))
                 for shard, entries in legs.items()}
     decision = Decide(command.id, digest, DECIDE_NEW, 0, pending=command.pending,
                       timeout_seconds=command.timeout_seconds, code=command.code,
                       metadata=command.metadata, shards=tuple(legs))
-    return await _two_phases(ctx, command.id, digest, prepares, decision)
+    return Item(command.id, digest, ctx.shard_of(command.id), prepares, decision)
+
+
+# -- new transactions ----------------------------------------------------------------------------------
+
+
+async def create(ctx: NodeContext, command: CreateTransaction) -> Outcome:
+    home = ctx.shard_of(command.id)
+    return await _run(ctx, [new_item(ctx, command, home)], home, atomic=False)
+
+
+async def create_atomic(ctx: NodeContext, commands: Sequence[CreateTransaction]) -> Outcome:
+    """An atomic batch whose transactions are not all single-shard at one home: all or none."""
+    coordinator = ctx.shard_of(commands[0].id)
+    return await _run(ctx, [new_item(ctx, c, coordinator) for c in commands], coordinator, atomic=True)
 
 
 async def reverse(ctx: NodeContext, command: ReverseTransaction, original: dict[str, Any]) -> Outcome:
-    """A new transaction mirroring every entry of a cross-shard one, decided at the original's home."""
+    """A new transaction mirroring every entry of a cross-shard one, decided at the original's home
+    (which checks and marks the original in the same step)."""
     mirrored = tuple(EntrySpec(e["account_id"], FLIP[Direction(e["direction"])], int(e["amount"]),
                                e["currency"]) for e in original["entries"])
     legs = participants_of(ctx, mirrored)
     digest = payload_hash(command)
-    home = ctx.shard_of(original["id"])
-    prepares = {shard: PrepareLeg(command.id, home, digest, entries, False, original["code"],
+    coordinator = ctx.shard_of(original["id"])
+    prepares = {shard: PrepareLeg(command.id, coordinator, digest, entries, False, original["code"],
                                   original["metadata"], tuple(legs))
                 for shard, entries in legs.items()}
     decision = Decide(command.id, digest, DECIDE_REVERSE, 0, shards=tuple(legs), target=original["id"])
-    return await _two_phases(ctx, command.id, digest, prepares, decision, home)
+    item = Item(command.id, digest, coordinator, prepares, decision)  # its id claimed by the caller
+    return await _run(ctx, [item], coordinator, atomic=False)
 
 
-async def _two_phases(ctx: NodeContext, txid: str, digest: bytes, prepares: dict[int, PrepareLeg],
-                      decision: Decide, home: int | None = None) -> Outcome:
-    home = ctx.shard_of(txid) if home is None else home
-    prepared = await _prepare(ctx, prepares)
-    replies = {s: r for s, r in prepared.items() if isinstance(r, ShardReply)}
-    refusal = next((r.results[0] for r in replies.values() if not r.results[0].ok), None)
-    unknown = next((r for r in prepared.values() if isinstance(r, BaseException)), None)
-    if refusal is None and unknown is not None:
-        raise _unknown(unknown, txid)  # no decision yet: a retry with the same id goes on from here
-    indexes = {s: r.index for s, r in replies.items()}
-    if refusal is not None and refusal.code == "idempotency_key_reused":
-        # The id is another payload's: nothing is decided for this one, its own legs go.
-        result = refusal
+async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bool) -> Outcome:
+    outcome = Outcome([], coordinator)
+    settled = await _claim_ids(ctx, items, coordinator, outcome)
+    failed = atomic and any(not r.ok for r in settled.values())
+    live = [i for i in range(len(items)) if i not in settled]
+    prepared: dict[Key, Rendered | Exception] = {}
+    if live and not failed:
+        steps: dict[Key, ProtocolCommand] = {(i, s): p for i in live for s, p in items[i].prepares.items()}
+        prepared, indexes = await _send(ctx, steps)
+        outcome.touched(indexes)
+    refusals = {i: _refusal(i, items[i], prepared) for i in live}
+    unknown = next((r for r in prepared.values() if isinstance(r, Exception)), None)
+    if unknown is not None and not any(refusals.values()):
+        raise _unknown(unknown, items[0].id)  # nothing decided: a retry with the same ids goes on
+    for i, refusal in refusals.items():
+        if refusal is not None and refusal.code == REUSED:  # the id is another payload's
+            settled[i] = refusal
+    if failed:  # an atomic run whose claim failed: nothing was prepared, every item aborts
+        linked = int(ResultCode.linked_event_failed)
+        decisions = {i: _aborted(items[i].decision, linked, {}) for i in live}
     else:
-        decided = await submit(ctx, home, _decision_from(decision, replies, refusal))
-        result = decided.results[0]
-        indexes[home] = decided.index
-    finishes = {s: FinishLeg(txid, digest, _leg_outcome(result), txid) for s in prepares}
-    finished = await _finish(ctx, finishes)
-    if len(finished) == len(finishes) and indexes.get(home):
-        _complete_later(ctx, home, txid)
-    return Outcome(result, home, indexes | finished)
+        decisions = {i: _decision_from(i, items[i], prepared, refusals[i]) for i in live if i not in settled}
+    decided = await _decide(ctx, coordinator, decisions, settled, atomic, outcome)
+    ends = decided | {i: settled[i] for i in live if i in settled}  # another payload's id: ours go
+    finishes: dict[Key, ProtocolCommand] = {
+        (i, s): FinishLeg(items[i].id, items[i].digest, _leg_outcome(result), items[i].id)
+        for i, result in ends.items() for s in items[i].prepares if (i, s) in prepared}
+    finished, indexes = await _send(ctx, finishes)
+    outcome.touched(indexes)
+    unfinished = [key for key, r in finished.items() if isinstance(r, Exception)]
+    for i, s in unfinished:
+        log.warning("leg %s on shard %d not finished now (%s); the resolver at shard %d will",
+                    items[i].id, s, finished[(i, s)], coordinator)
+    if decisions and not unfinished:
+        _complete_later(ctx, coordinator, [items[i].id for i in decisions])
+    outcome.results = [decided.get(i) or settled[i] for i in range(len(items))]
+    return outcome
+
+
+async def _claim_ids(ctx: NodeContext, items: list[Item], coordinator: int,
+                     outcome: Outcome) -> dict[int, Rendered]:
+    """Claim at its home each id whose coordinator is elsewhere. Returns the items settled by it:
+    the id is another payload's (409), or was applied before on the one-round path (its outcome)."""
+    claims: dict[Key, ProtocolCommand] = {(i, it.home): ClaimId(it.id, it.digest, coordinator)
+                                          for i, it in enumerate(items) if it.home != coordinator}
+    if not claims:
+        return {}
+    answered, indexes = await _send(ctx, claims)
+    outcome.touched(indexes)
+    settled = {}
+    for (i, _), result in answered.items():
+        if isinstance(result, Exception):
+            raise _unknown(result, items[i].id)
+        if not result.ok or result.record is not None:
+            settled[i] = result
+    return settled
+
+
+def _refusal(i: int, item: Item, prepared: dict[Key, Rendered | Exception]) -> Rendered | None:
+    """The first refusal among an item's legs, in shard order."""
+    answers = (prepared.get((i, s)) for s in sorted(item.prepares))
+    return next((r for r in answers if isinstance(r, Rendered) and not r.ok), None)
+
+
+def _decision_from(i: int, item: Item, prepared: dict[Key, Rendered | Exception],
+                   refusal: Rendered | None) -> Decide:
+    """The item's decision: commit with the entries its legs placed, or abort with its refusal."""
+    t = item.decision
+    if refusal is not None:
+        return _aborted(t, _code(refusal.code), dict(refusal.details))
+    entries = tuple(_leg_entry(e) for s in sorted(item.prepares)
+                    for e in prepared[(i, s)].record["entries"])  # type: ignore[union-attr, index]
+    return Decide(t.id, t.digest, t.kind, 0, {}, entries, t.pending, t.timeout_seconds, t.code, t.metadata,
+                  t.shards, t.target, t.amount)
+
+
+def _aborted(t: Decide, code: int, details: dict[str, Any]) -> Decide:
+    return Decide(t.id, t.digest, t.kind, code, details, (), t.pending, t.timeout_seconds, t.code,
+                  t.metadata, t.shards, t.target, t.amount)
+
+
+def _code(name: str) -> int:
+    """A refusal's code as the ledger stores it (an error of the edge becomes an abort)."""
+    code = ResultCode.__members__.get(name, ResultCode.transaction_aborted)
+    return int(code)
+
+
+async def _decide(ctx: NodeContext, coordinator: int, decisions: dict[int, Decide],
+                  settled: dict[int, Rendered], atomic: bool, outcome: Outcome) -> dict[int, Rendered]:
+    """Take the decisions at the coordinator, each on its own or, for an atomic run, all in one entry
+    (all committed or none); an atomic run that fails is then decided aborted item by item: the
+    first failure with its refusal, every other item ``linked_event_failed``."""
+    if not decisions:
+        return {}
+    if atomic:
+        failing = min([i for i, r in settled.items() if not r.ok]
+                      + [i for i, d in decisions.items() if d.outcome], default=None)
+        if failing is None:
+            results = _decided(await _send(ctx, _at(coordinator, decisions), atomic=True), outcome)
+            failing = next((i for i in sorted(results) if not results[i].ok), None)
+            if failing is None:
+                return results
+            refusal = results[failing]
+            decisions[failing] = _aborted(decisions[failing], _code(refusal.code), dict(refusal.details))
+        linked = int(ResultCode.linked_event_failed), {"failed_index": failing}
+        decisions = {i: d if i == failing else _aborted(d, *linked) for i, d in decisions.items()}
+    return _decided(await _send(ctx, _at(coordinator, decisions)), outcome)
+
+
+def _at(shard: int, decisions: dict[int, Decide]) -> dict[Key, ProtocolCommand]:
+    return {(i, shard): d for i, d in decisions.items()}
+
+
+def _decided(sent: tuple[dict[Key, Rendered | Exception], dict[int, int]], outcome: Outcome
+             ) -> dict[int, Rendered]:
+    answered, indexes = sent
+    outcome.touched(indexes)
+    results = {}
+    for (i, _), result in answered.items():
+        if isinstance(result, Exception):  # the decision may be taken: a retry or the resolver knows
+            raise _unknown(result, "the decision")
+        results[i] = result
+    return results
 
 
 def _leg_outcome(decided: Rendered) -> int:
@@ -139,75 +287,75 @@ def _leg_outcome(decided: Rendered) -> int:
     return LEG_HOLD if (decided.record or {}).get("pending") else LEG_POST
 
 
-def _decision_from(template: Decide, replies: dict[int, ShardReply], refusal: Rendered | None) -> Decide:
-    t = template
-    if refusal is not None:
-        code = int(ResultCode[refusal.code]) if refusal.code in ResultCode.__members__ else \
-            int(ResultCode.transaction_aborted)
-        return Decide(t.id, t.digest, t.kind, code, dict(refusal.details), (), t.pending, t.timeout_seconds,
-                      t.code, t.metadata, t.shards, t.target, t.amount)
-    entries = tuple(_leg_entry(e) for shard in sorted(replies)
-                    for e in replies[shard].results[0].record["entries"])  # type: ignore[index]
-    return Decide(t.id, t.digest, t.kind, 0, {}, entries, t.pending, t.timeout_seconds, t.code, t.metadata,
-                  t.shards, t.target, t.amount)
-
-
 def _leg_entry(e: dict[str, Any]) -> LegEntry:
     return LegEntry(e["account_id"], Direction(e["direction"]), int(e["amount"]), e["currency"],
                     int(e["seq"]), bytes.fromhex(e["hash"]))
 
 
-async def _prepare(ctx: NodeContext, prepares: dict[int, PrepareLeg]
-                   ) -> dict[int, ShardReply | BaseException]:
-    shards = list(prepares)
-    replies = await asyncio.gather(*(submit(ctx, s, prepares[s]) for s in shards), return_exceptions=True)
-    out: dict[int, ShardReply | BaseException] = {}
-    for shard, reply in zip(shards, replies, strict=True):
-        if isinstance(reply, LedgerError) and not reply.retryable:  # refused at the edge of that shard
-            reply = ShardReply(shard, 0, [Rendered(reply.code, prepares[shard].id, details=reply.details)])
-        elif isinstance(reply, BaseException) and not isinstance(reply, Exception):
-            raise reply
-        out[shard] = reply
-    return out
+async def _send(ctx: NodeContext, steps: dict[Key, ProtocolCommand], atomic: bool = False
+                ) -> tuple[dict[Key, Rendered | Exception], dict[int, int]]:
+    """Each step to its shard, one request per shard (a Batch when several): each step's result, or
+    the error that kept its shard from answering; and the index that carried each shard's steps."""
+    by_shard: dict[int, list[Key]] = {}
+    for key in steps:
+        by_shard.setdefault(key[1], []).append(key)
+    shards = sorted(by_shard)
 
+    async def one(shard: int) -> ShardReply:
+        keys = by_shard[shard]
+        if len(keys) == 1:
+            return await submit(ctx, shard, steps[keys[0]])
+        return await submit(ctx, shard, Batch(tuple(steps[k] for k in keys), atomic))
 
-async def _finish(ctx: NodeContext, finishes: dict[int, FinishLeg]) -> dict[int, int]:
-    """Finish every leg; a leg that cannot be reached now is finished by the home's resolver."""
-    shards = list(finishes)
-    replies = await asyncio.gather(*(submit(ctx, s, finishes[s]) for s in shards), return_exceptions=True)
+    replies = await asyncio.gather(*(one(s) for s in shards), return_exceptions=True)
+    answered: dict[Key, Rendered | Exception] = {}
     indexes = {}
     for shard, reply in zip(shards, replies, strict=True):
+        keys = by_shard[shard]
         if isinstance(reply, ShardReply):
             indexes[shard] = reply.index
+            answered.update(zip(keys, reply.results, strict=True))
+        elif isinstance(reply, LedgerError) and not reply.retryable:  # refused at that shard's edge
+            answered.update((k, Rendered(reply.code, steps[k].id, details=reply.details)) for k in keys)
         elif isinstance(reply, Exception):
-            log.warning("leg %s on shard %d not finished now (%s); its home's resolver will",
-                        finishes[shard].id, shard, reply)
+            answered.update((k, reply) for k in keys)
         else:
             raise reply
-    return indexes
+    return answered, indexes
 
 
-def _complete_later(ctx: NodeContext, home: int, decision_id: str) -> None:
-    """``Complete`` at the home, off the client's path (the resolver does it if this fails)."""
-    task = asyncio.get_running_loop().create_task(_complete(ctx, home, decision_id))
+def _complete_later(ctx: NodeContext, coordinator: int, decision_ids: list[str]) -> None:
+    """``Complete`` at the coordinator, off the client's path (the resolver does it if this fails)."""
+    task = asyncio.get_running_loop().create_task(_complete(ctx, coordinator, decision_ids))
     ctx.background.add(task)
     task.add_done_callback(ctx.background.discard)
 
 
-async def _complete(ctx: NodeContext, home: int, decision_id: str) -> None:
-    try:
-        await submit(ctx, home, Complete(decision_id))
-    except Exception as exc:  # noqa: BLE001 (the resolver completes it later)
-        log.info("complete of %s at shard %d postponed: %s", decision_id, home, exc)
+async def _complete(ctx: NodeContext, coordinator: int, decision_ids: list[str]) -> None:
+    steps: dict[Key, ProtocolCommand] = {(i, coordinator): Complete(d) for i, d in enumerate(decision_ids)}
+    answered, _ = await _send(ctx, steps)
+    for key, result in answered.items():
+        if isinstance(result, Exception):  # the resolver completes it later
+            log.info("complete of %s at shard %d postponed: %s", decision_ids[key[0]], coordinator, result)
 
 
 def _unknown(exc: BaseException, txid: str) -> LedgerError:
     if isinstance(exc, Unavailable):
         return exc
-    return LedgerError("outcome_unknown", f"{txid}: a participant did not answer; retry with the same id")
+    return LedgerError("outcome_unknown", f"{txid}: a shard did not answer; retry with the same id")
 
 
 # -- follow-ups ------------------------------------------------------------------------------------------
+
+
+async def claim(ctx: NodeContext, txid: str, digest: bytes, at: int) -> Rendered | None:
+    """Before a transaction is recorded on shard ``at``, not its id's home: take the id at its home.
+    Returns the answer to give instead (409: the id is another payload's), or None to go on."""
+    home = ctx.shard_of(txid)
+    if home == at:
+        return None
+    result = (await submit(ctx, home, ClaimId(txid, digest, at))).results[0]
+    return None if result.ok else result
 
 
 async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target: dict[str, Any]) -> Outcome:
@@ -219,16 +367,16 @@ async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target
                       target=target["id"], amount=amount)
     decided = await submit(ctx, home, decision)
     result = decided.results[0]
-    indexes = {home: decided.index}
+    outcome = Outcome([result], home, {home: decided.index})
     finish = result.details.get("finish") if result.ok and not result.replayed else None
     if finish is not None:
         leg = FinishLeg(finish["leg"], bytes.fromhex(finish["digest"]), finish["outcome"], finish["by"],
                         finish["amount"])
-        finished = await _finish(ctx, {s: leg for s in finish["participants"]})
-        if len(finished) == len(finish["participants"]):
-            _complete_later(ctx, home, finish["decision"])
-        indexes |= finished
-    return Outcome(result, home, indexes)
+        finished, indexes = await _send(ctx, {(0, s): leg for s in finish["participants"]})
+        outcome.touched(indexes)
+        if not any(isinstance(r, Exception) for r in finished.values()):
+            _complete_later(ctx, home, [finish["decision"]])
+    return outcome
 
 
 # -- resolvers: what crashes interrupted ------------------------------------------------------------------
@@ -258,8 +406,8 @@ async def resolve_shard(ctx: NodeContext, shard: int) -> None:
         legs = reader.open_legs(now - int(settings.prepare_timeout_s * 1e9), most)
     for d in decisions:
         finish = FinishLeg(d.leg, d.digest, d.outcome, d.by, d.amount)
-        finished = await _finish(ctx, {s: finish for s in d.participants})
-        if len(finished) == len(d.participants):
+        finished, _ = await _send(ctx, {(0, s): finish for s in d.participants})
+        if not any(isinstance(r, Exception) for r in finished.values()):
             await submit(ctx, shard, Complete(d.id))
             log.info("resolver: finished decision %s on shards %s", d.id, list(d.participants))
     for leg in legs:

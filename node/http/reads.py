@@ -16,7 +16,6 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from raftledger.client.errors import STATUS, LedgerError
-from raftledger.statemachine.records import Transaction
 from raftledger.statemachine.store import QueryError, Reader
 
 from ..service import ShardService
@@ -145,17 +144,22 @@ async def get_transaction(request: web.Request) -> web.Response:
         await ensure_consistency(ctx, svc, params)
         with svc.store.reader() as reader:
             record = reader.transaction(txid)
+            elsewhere = reader.recorded_at(txid)
             headers = freshness_headers(ctx, svc, reader.state().applied_index)
         if record is not None:
             return respond(request, 200, record.to_json(svc.shard), headers)
+        if elsewhere is not None:  # claimed here, recorded with its target or its atomic batch
+            found = await transaction_at(ctx, elsewhere, txid)
+            if found is not None:
+                return respond(request, 200, found, headers)
     raise LedgerError("transaction_not_found", details={"id": txid}, headers=headers)
 
 
 async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> dict[str, Any] | None:
-    """The record of ``txid`` on ``shard`` (API shape) or None, read on a replica of it here or on a
-    node hosting one. Found as applied, else after a read barrier: a record, once written, keeps
-    what post / void / reverse route by (its id, entries and shards), so a lagging replica is good
-    enough when it has it."""
+    """The record of ``txid`` on ``shard`` (API shape; a rejection's too) or None, read on a replica
+    of it here or on a node hosting one. Found as applied, else after a read barrier: a record, once
+    written, keeps what post / void / reverse route by (its id, entries and shards), so a lagging
+    replica is good enough when it has it."""
     svc = ctx.shards.get(shard)
     if svc is None:
         async def remote(node: str) -> dict[str, Any] | None:
@@ -168,7 +172,7 @@ async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> dict[str, A
             await _wait_applied(ctx, svc, index, ctx.settings.http.consistency_wait_s)
         with svc.store.reader() as reader:
             found = reader.transaction(txid)
-        if isinstance(found, Transaction):
+        if found is not None:
             return found.to_json(shard)
     return None
 
@@ -178,13 +182,10 @@ async def locate_transaction(ctx: NodeContext, txid: str) -> tuple[int, dict[str
     hosted shard (data from before ids had homes); else its home, where the ledger answers
     ``pending_not_found`` / ``transaction_not_found``."""
     home = ctx.shard_of(txid)
-    record = await transaction_at(ctx, home, txid)
-    if record is not None or ctx.shard_count == 1:
-        return home, record
-    for shard in sorted(s for s in ctx.shards if s != home):
+    for shard in [home, *sorted(s for s in ctx.shards if s != home and ctx.shard_count > 1)]:
         record = await transaction_at(ctx, shard, txid)
-        if record is not None:
-            return shard, record
+        if record is not None:  # a rejected one is not there to post, void or reverse: its shard says so
+            return shard, None if record["status"] == "rejected" else record
     return home, None
 
 

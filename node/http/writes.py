@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
+from raftledger.statemachine.codec import payload_hash
 from raftledger.statemachine.commands import (
     Batch,
     Command,
@@ -47,16 +48,22 @@ async def _single(request: web.Request, shard: int, command: Command, kind: str)
 
 
 def _answer(request: web.Request, result: Rendered, indexes: dict[int, int]) -> web.Response:
-    headers = {TOKEN_HEADER: parse.format_token(indexes)} if indexes else {}
-    return respond(request, result.status, result.body(), headers | replay_headers(result.replayed))
+    return respond(request, result.status, result.body(), _token(indexes) | replay_headers(result.replayed))
 
 
 async def _cross_shard(request: web.Request, outcome: Awaitable[cross_shard.Outcome]) -> web.Response:
-    ctx = context_of(request)
     done = await outcome
-    ctx.metrics.observe_results(done.home, "transaction", Counter([done.result.code]),
-                                int(done.result.replayed))
+    _observe_outcome(context_of(request), done)
     return _answer(request, done.result, done.indexes)
+
+
+def _observe_outcome(ctx: NodeContext, done: cross_shard.Outcome) -> None:
+    codes = Counter(r.code for r in done.results)
+    ctx.metrics.observe_results(done.coordinator, "transaction", codes, sum(r.replayed for r in done.results))
+
+
+def _token(indexes: dict[int, int]) -> dict[str, str]:
+    return {TOKEN_HEADER: parse.format_token(indexes)} if indexes else {}
 
 
 async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic: bool, kind: str,
@@ -86,8 +93,7 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
         for shard, index in touched.items():
             indexes[shard] = max(index, indexes.get(shard, 0))
     items = [results[i].item(i, kind) for i in range(len(routed))]
-    headers = {TOKEN_HEADER: parse.format_token(indexes)} if indexes else {}
-    return respond(request, 200, {"results": items}, headers)
+    return respond(request, 200, {"results": items}, _token(indexes))
 
 
 async def create_accounts(request: web.Request) -> web.Response:
@@ -111,16 +117,20 @@ async def create_transaction(request: web.Request) -> web.Response:
 
 
 async def create_batch(request: web.Request) -> web.Response:
+    """Single-shard items in one Batch per home, the others each by two-phase commit, concurrently;
+    an atomic batch not wholly at one home is one two-phase commit (``cross_shard.create_atomic``)."""
     ctx = context_of(request)
     commands, atomic = bodies.parse_batch(await read_json(request))
     single = [cross_shard.is_single_shard(ctx, c) for c in commands]
-    if atomic and not (all(single) and len({ctx.shard_of(c.id) for c in commands}) == 1):
-        raise LedgerError("cross_shard_not_supported", "an atomic batch must stay on one shard",
-                          details={"shards": sorted({ctx.shard_of(c.id) for c in commands})})
-    early = {i: _cross_shard_item(ctx, c) for i, (c, one) in enumerate(zip(commands, single, strict=True))
-             if not one}
     routed: list[tuple[int, Command]] = [(ctx.shard_of(c.id), c) for c in commands]
-    return await _many(request, routed, atomic, "transaction", early)
+    if atomic and not (all(single) and len({shard for shard, _ in routed}) == 1):
+        done = await cross_shard.create_atomic(ctx, commands)
+        _observe_outcome(ctx, done)
+        items = [result.item(i, "transaction") for i, result in enumerate(done.results)]
+        return respond(request, 200, {"results": items}, _token(done.indexes))
+    apart = {i: _cross_shard_item(ctx, c) for i, (c, one) in enumerate(zip(commands, single, strict=True))
+             if not one}
+    return await _many(request, routed, atomic, "transaction", apart)
 
 
 async def _cross_shard_item(ctx: NodeContext, command: CreateTransaction) -> tuple[Rendered, dict[int, int]]:
@@ -129,18 +139,23 @@ async def _cross_shard_item(ctx: NodeContext, command: CreateTransaction) -> tup
         done = await cross_shard.create(ctx, command)
     except LedgerError as exc:
         return Rendered(exc.code, command.id, details=exc.details), {}
+    _observe_outcome(ctx, done)
     return done.result, done.indexes
 
 
 async def _on_transaction(request: web.Request,
                           build: Callable[[Any, str, str | None], Command]) -> web.Response:
-    """post / void / reverse: a new command about an existing transaction, decided where that one's
-    record is (its home); a cross-shard one's legs are then finished on their shards."""
+    """post / void / reverse: a new command about an existing transaction, decided where that one is
+    recorded (its home); its own id is claimed at its own home first when that is another shard.
+    A cross-shard target's legs are then finished on their shards."""
     ctx = context_of(request)
     target = request.match_info["id"]
     command = build(await read_json(request, empty={}), target,
                     request.headers.get(IDEMPOTENCY_HEADER))
     shard, record = await locate_transaction(ctx, target)
+    taken = await cross_shard.claim(ctx, command.id, payload_hash(command), shard)
+    if taken is not None:
+        return _answer(request, taken, {})
     if record is None or not record["cross_shard"]:
         return await _single(request, shard, command, "transaction")
     if isinstance(command, ReverseTransaction):
