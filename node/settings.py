@@ -157,6 +157,8 @@ class CrossShardSettings:
                                       "by its home's resolver", minimum=0.1)
     resolver_interval_s: float = setting(1.0, "how often each shard leader's resolver looks", minimum=0.05)
     resolved_per_pass_max: int = setting(100, "decisions and legs one resolver pass takes on", minimum=1)
+    retry_max_s: float = setting(30.0, "a decision or leg the resolver failed to finish is tried again after "
+                                 "twice its last wait, at most this long", minimum=0.1)
 
 
 @dataclass(frozen=True, slots=True)

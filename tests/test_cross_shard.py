@@ -1,7 +1,8 @@
 """Cross-shard transactions through the HTTP API: two-phase commit driven by the node, on three real
 stores played by ``DirectShard`` (no Raft), so each step can be failed on purpose.
 
-Time is a ``FakeClock``: the resolver acts only when a test moves time past its timeouts. Every
+Time is a ``FakeClock`` and the resolver runs only when a test calls it (after moving time past its
+timeouts). Every
 test ends with the ledger audited: each store's own invariants, no hold left open, no decision
 left unfinished, and per currency the debits equal the credits over all shards.
 (The same protocol over Raft, with leaders killed: tests/test_cross_shard_cluster.py.)
@@ -101,8 +102,13 @@ class Ledger:
             assert debits_pending == credits_pending == 0, f"{currency}: holds left pending"
 
 
+async def no_background_resolver(ctx: NodeContext) -> None:
+    """In place of ``cross_shard.resolve``: here the resolver runs only when a test calls it."""
+
+
 @pytest.fixture
-async def ledger(tmp_path: Path):
+async def ledger(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(cross_shard, "resolve", no_background_resolver)
     stores = [LedgerStore(str(tmp_path / f"s{s}.lmdb"), shard=s, map_size=2**27) for s in range(SHARDS)]
     shards = {s: FaultyShard(store, s) for s, store in enumerate(stores)}
     clock = FakeClock()
@@ -443,4 +449,33 @@ async def test_a_single_shard_follow_up_with_an_id_homed_elsewhere_is_claimed_to
     assert status == 201 and body["status"] == "voided"
     assert (await ledger.transaction(void))[1]["pending_id"] == hold
     assert (await ledger.post("/v1/transactions", pay(void, 1)))[0] == 409
+    ledger.audit()
+
+
+async def test_the_resolver_backs_off_a_shard_it_cannot_reach_and_finishes_once_it_can(ledger):
+    txid = tx_id("bo")
+    attempts = []
+
+    def unreachable(shard: int, command: AnyCommand) -> str | None:
+        if shard == B and isinstance(command, FinishLeg):
+            attempts.append(command.id)
+            return "unreachable"
+        return None
+
+    ledger.fail(unreachable)
+    assert (await ledger.post("/v1/transactions", pay(txid)))[0] == 201
+    backoff = cross_shard.Backoff(ledger.ctx)
+    await ledger.clock.advance(3600)
+    await cross_shard.resolve_shard(ledger.ctx, HOME, backoff)
+    first_wait = backoff.waits[txid][1]
+    await cross_shard.resolve_shard(ledger.ctx, HOME, backoff)  # not due yet: not tried
+    assert len(attempts) == 2  # the driver's, then the resolver's first
+    await ledger.clock.advance(first_wait)
+    await cross_shard.resolve_shard(ledger.ctx, HOME, backoff)
+    assert len(attempts) == 3 and backoff.waits[txid][1] == 2 * first_wait
+    ledger.fail(None)
+    await ledger.clock.advance(2 * first_wait)
+    await cross_shard.resolve_shard(ledger.ctx, HOME, backoff)
+    assert txid not in backoff.waits
+    assert (await ledger.balance(BOB))["balance"] == -100
     ledger.audit()

@@ -56,7 +56,9 @@ from raftledger.statemachine.commands import (
     ReverseTransaction,
     VoidPending,
 )
+from raftledger.statemachine.records import OpenDecision
 
+from .. import faults
 from .context import NodeContext
 from .forward import ShardReply, submit
 from .render import Rendered
@@ -164,6 +166,7 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
         steps: dict[Key, ProtocolCommand] = {(i, s): p for i in live for s, p in items[i].prepares.items()}
         prepared, indexes = await _send(ctx, steps)
         outcome.touched(indexes)
+    faults.crash_point("cross_shard.prepared")
     refusals = {i: _refusal(i, items[i], prepared) for i in live}
     unknown = next((r for r in prepared.values() if isinstance(r, Exception)), None)
     if unknown is not None and not any(refusals.values()):
@@ -177,6 +180,7 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
     else:
         decisions = {i: _decision_from(i, items[i], prepared, refusals[i]) for i in live if i not in settled}
     decided = await _decide(ctx, coordinator, decisions, settled, atomic, outcome)
+    faults.crash_point("cross_shard.decided")
     ends = decided | {i: settled[i] for i in live if i in settled}  # another payload's id: ours go
     finishes: dict[Key, ProtocolCommand] = {
         (i, s): FinishLeg(items[i].id, items[i].digest, _leg_outcome(result), items[i].id)
@@ -382,36 +386,70 @@ async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target
 # -- resolvers: what crashes interrupted ------------------------------------------------------------------
 
 
+class Backoff:
+    """When each decision or leg a resolver failed on may be tried again: one pass later, then twice
+    the last wait each time, at most ``retry_max_s``."""
+
+    def __init__(self, ctx: NodeContext) -> None:
+        self.clock = ctx.clock
+        self.first_s = ctx.settings.cross_shard.resolver_interval_s
+        self.max_s = ctx.settings.cross_shard.retry_max_s
+        self.waits: dict[str, tuple[float, float]] = {}  # id -> (not before, last wait)
+
+    def due(self, key: str) -> bool:
+        return self.waits.get(key, (0.0, 0.0))[0] <= self.clock.monotonic()
+
+    def failed(self, key: str) -> float:
+        wait = min(self.max_s, 2 * self.waits.get(key, (0.0, self.first_s / 2))[1])
+        self.waits[key] = (self.clock.monotonic() + wait, wait)
+        return wait
+
+    def done(self, key: str) -> None:
+        self.waits.pop(key, None)
+
+
 async def resolve(ctx: NodeContext) -> None:
     """Forever: on every shard this node leads, finish the decisions and legs left open too long.
     A timer, not a poll of something that could signal: what it looks for is time passing."""
-    settings = ctx.settings.cross_shard
+    backoff = Backoff(ctx)
     while True:
-        await ctx.clock.sleep(settings.resolver_interval_s)
+        await ctx.clock.sleep(ctx.settings.cross_shard.resolver_interval_s)
         for shard, svc in sorted(ctx.shards.items()):
-            if not svc.is_leader():
-                continue
-            try:
-                await resolve_shard(ctx, shard)
-            except Exception:  # noqa: BLE001 (the next pass tries again)
-                log.warning("resolver: shard %d pass failed", shard, exc_info=True)
+            if svc.is_leader():
+                await resolve_shard(ctx, shard, backoff)
 
 
-async def resolve_shard(ctx: NodeContext, shard: int) -> None:
-    """One pass over one shard: its open decisions, then its open legs."""
+async def resolve_shard(ctx: NodeContext, shard: int, backoff: Backoff | None = None) -> None:
+    """One pass over one shard: its open decisions, then its open legs, each on its own (one that
+    fails waits its backoff; the others go on)."""
+    backoff = backoff or Backoff(ctx)
     settings = ctx.settings.cross_shard
     now, most = ctx.clock.time_ns(), settings.resolved_per_pass_max
     with ctx.shards[shard].store.reader() as reader:
         decisions = reader.open_decisions(now - int(settings.finish_timeout_s * 1e9), most)
         legs = reader.open_legs(now - int(settings.prepare_timeout_s * 1e9), most)
-    for d in decisions:
-        finish = FinishLeg(d.leg, d.digest, d.outcome, d.by, d.amount)
-        finished, _ = await _send(ctx, {(0, s): finish for s in d.participants})
-        if not any(isinstance(r, Exception) for r in finished.values()):
-            await submit(ctx, shard, Complete(d.id))
-            log.info("resolver: finished decision %s on shards %s", d.id, list(d.participants))
-    for leg in legs:
-        await _resolve_leg(ctx, shard, leg.id, leg.digest, leg.coordinator)
+    work = [(f"decision {d.id}", _finish_decision(ctx, shard, d)) for d in decisions if backoff.due(d.id)]
+    work += [(f"leg {leg.id}", _resolve_leg(ctx, shard, leg.id, leg.digest, leg.coordinator))
+             for leg in legs if backoff.due(leg.id)]
+    for what, step in work:
+        key = what.split(" ", 1)[1]
+        try:
+            await step
+        except Exception as exc:  # noqa: BLE001 (tried again after its backoff)
+            log.warning("resolver: %s on shard %d not finished (%s); again in %.1fs", what, shard, exc,
+                        backoff.failed(key))
+        else:
+            backoff.done(key)
+
+
+async def _finish_decision(ctx: NodeContext, shard: int, d: OpenDecision) -> None:
+    finish = FinishLeg(d.leg, d.digest, d.outcome, d.by, d.amount)
+    finished, _ = await _send(ctx, {(0, s): finish for s in d.participants})
+    failure = next((r for r in finished.values() if isinstance(r, Exception)), None)
+    if failure is not None:
+        raise failure
+    await submit(ctx, shard, Complete(d.id))
+    log.info("resolver: finished decision %s on shards %s", d.id, list(d.participants))
 
 
 async def _resolve_leg(ctx: NodeContext, shard: int, txid: str, digest: bytes, coordinator: int) -> None:

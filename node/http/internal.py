@@ -14,6 +14,8 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
   generator; served only when the node runs with ``RAFTLEDGER_BENCH=1``.
+- ``/internal/v1/faults`` — arms crash points (``raftledger.node.faults``); served only when the
+  node runs with ``RAFTLEDGER_FAULTS=1``.
 
 A request that does not authenticate gets 401 and touches nothing.
 """
@@ -43,7 +45,7 @@ from raftledger.statemachine.commands import (
     batch_commands_max,
 )
 
-from .. import wire
+from .. import faults, wire
 from ..service import ShardService
 from . import parse
 from .body import read_raw
@@ -174,6 +176,8 @@ async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> di
         if exc.retry_after_s is not None:
             error["details"] = {**error["details"], "retry_after_s": exc.retry_after_s}
         return {"error": error}
+    if faults.is_armed("leg.prepared") and _prepares(command):
+        faults.crash_point("leg.prepared")
     outcome = committed.outcome
     results = outcome if isinstance(outcome, list) else [outcome]
     return {"index": committed.index, "results": [Rendered.of(r, svc.shard).to_wire() for r in results]}
@@ -186,6 +190,23 @@ async def transaction(ctx: NodeContext, request: web.Request, payload: Any) -> d
     if not isinstance(txid, str):
         raise LedgerError("malformed_body", "expected {\"id\": <transaction id>}")
     return {"record": await transaction_at(ctx, svc.shard, parse.parse_id(txid, "", "id"))}
+
+
+def _prepares(command: AnyCommand) -> bool:
+    steps = command.commands if isinstance(command, Batch) else (command,)
+    return any(isinstance(c, PrepareLeg) for c in steps)
+
+
+async def arm_faults(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """Arm crash points (``raftledger.node.faults``); served only with ``RAFTLEDGER_FAULTS=1``."""
+    points = payload.get("crash") if isinstance(payload, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+        raise LedgerError("malformed_body", "expected {\"crash\": [<point>, ...]}")
+    try:
+        faults.arm(points)
+    except ValueError as exc:
+        raise LedgerError("malformed_body", str(exc)) from None
+    return {"armed": sorted(points)}
 
 
 async def barrier(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
@@ -259,6 +280,7 @@ def create_app(ctx: NodeContext) -> web.Application:
     app = web.Application(middlewares=[not_found], client_max_size=ctx.settings.internal.body_bytes_max)
     guard = wire.ReplayGuard(ctx.settings.internal.window_s, ctx.settings.internal.replay_nonces_max)
     routes = ROUTES + (BENCH_ROUTES if os.environ.get(BENCH_ENV) == "1" else ())
+    routes += (("/faults", arm_faults),) if faults.enabled() else ()
     for path, handler in routes:
         app.router.add_post(wire.PREFIX + path, sealed(ctx, guard, handler))
     return app
