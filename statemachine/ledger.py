@@ -692,7 +692,8 @@ class Applier:
         return self._replay(txid, digest)
 
     def _finish_leg(self, cmd: FinishLeg, ts: int) -> Result:
-        """Post, keep, void or expire this shard's leg, as its coordinator decided."""
+        """Post, keep, void or expire this shard's leg, as its coordinator decided. Its result has no
+        record: the coordinator's decision is the transaction's record."""
         ensure(cmd.outcome in LEG_OUTCOMES, "unknown leg outcome", cmd.id)
         key = cmd.id.encode()
         raw = self.cursors.legs.get(key)
@@ -713,13 +714,13 @@ class Applier:
             ensure(ending, "a commit of a refused leg", cmd.id)
             return Result(ResultCode.ok, cmd.id, replayed=True)
         if leg.status not in LEG_OPEN or (leg.status == LEG_HELD and cmd.outcome == LEG_HOLD):
-            return Result(ResultCode.ok, cmd.id, record=leg.as_transaction(), replayed=True)
+            return Result(ResultCode.ok, cmd.id, replayed=True)
         if leg.status == LEG_PREPARED:
             self._close_open_leg(leg)
         if cmd.outcome == LEG_HOLD:
             held = leg.finished(LEG_HELD, cmd.by)
             self.cursors.legs.put(key, pack_leg(held, self.packb))
-            return Result(ResultCode.ok, cmd.id, record=held.as_transaction())
+            return Result(ResultCode.ok, cmd.id)
         return self._end_leg(leg, cmd, ts)
 
     def _end_leg(self, leg: Leg, cmd: FinishLeg, ts: int) -> Result:
@@ -738,7 +739,7 @@ class Applier:
         event = {STATUS_POSTED: "transaction.posted", STATUS_VOIDED: "transaction.voided",
                  STATUS_EXPIRED: "transaction.expired"}[status]
         self._emit(event, ts, EVENT_TRANSACTION, pack_transaction(tx, self.packb))
-        return Result(ResultCode.ok, cmd.id, record=tx)
+        return Result(ResultCode.ok, cmd.id)
 
     def _close_open_leg(self, leg: Leg) -> None:
         cursor = self.cursors.open_legs

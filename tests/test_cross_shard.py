@@ -151,6 +151,8 @@ async def test_a_transfer_between_shards_posts_on_both_and_is_recorded_at_its_ho
     assert got_status == 200 and got["id"] == txid and got["shards"] == [A, B]
     with ledger.shards[A].store.reader() as reader:  # no record of it off its home: one lookup
         assert reader.transaction(txid) is None
+    status, back, _ = await ledger.post("/v1/transactions", pay(tx_id("t1back"), 50, debit=BOB, credit=ALICE))
+    assert status == 201 and [e["account_id"] for e in back["entries"]] == [BOB, ALICE]  # as sent
     ledger.audit()
 
 

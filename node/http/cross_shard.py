@@ -81,6 +81,7 @@ class Item:
     home: int  # where its id lives: claimed there when its coordinator is another shard
     prepares: dict[int, PrepareLeg]
     decision: Decide
+    order: tuple[int, ...]  # the shard of each entry, in the client's order (the record keeps it)
 
 
 @dataclass(slots=True)
@@ -123,7 +124,8 @@ def new_item(ctx: NodeContext, command: CreateTransaction, coordinator: int) -> 
     decision = Decide(command.id, digest, DECIDE_NEW, 0, pending=command.pending,
                       timeout_seconds=command.timeout_seconds, code=command.code,
                       metadata=command.metadata, shards=tuple(legs))
-    return Item(command.id, digest, ctx.shard_of(command.id), prepares, decision)
+    order = tuple(ctx.shard_of(e.account_id) for e in command.entries)
+    return Item(command.id, digest, ctx.shard_of(command.id), prepares, decision, order)
 
 
 # -- new transactions ----------------------------------------------------------------------------------
@@ -152,7 +154,8 @@ async def reverse(ctx: NodeContext, command: ReverseTransaction, original: dict[
                                   original["metadata"], tuple(legs))
                 for shard, entries in legs.items()}
     decision = Decide(command.id, digest, DECIDE_REVERSE, 0, shards=tuple(legs), target=original["id"])
-    item = Item(command.id, digest, coordinator, prepares, decision)  # its id claimed by the caller
+    order = tuple(ctx.shard_of(e.account_id) for e in mirrored)
+    item = Item(command.id, digest, coordinator, prepares, decision, order)  # its id claimed by the caller
     return await _run(ctx, [item], coordinator, atomic=False)
 
 
@@ -228,8 +231,8 @@ def _decision_from(i: int, item: Item, prepared: dict[Key, Rendered | Exception]
     t = item.decision
     if refusal is not None:
         return _aborted(t, _code(refusal.code), dict(refusal.details))
-    entries = tuple(_leg_entry(e) for s in sorted(item.prepares)
-                    for e in prepared[(i, s)].record["entries"])  # type: ignore[union-attr, index]
+    placed = {s: iter(prepared[(i, s)].record["entries"]) for s in item.prepares}  # type: ignore[union-attr]
+    entries = tuple(_leg_entry(next(placed[s])) for s in item.order)  # each leg keeps its entries' order
     return Decide(t.id, t.digest, t.kind, 0, {}, entries, t.pending, t.timeout_seconds, t.code, t.metadata,
                   t.shards, t.target, t.amount)
 
