@@ -121,7 +121,7 @@ def _protocol_to_wire(command: AnyCommand) -> list[Any]:
                    for e in command.entries]
         return [TAG_DECIDE, command.id, command.digest, command.kind, command.outcome, command.details,
                 entries, command.pending, command.timeout_seconds, command.code, command.metadata,
-                list(command.shards), command.target, command.amount]
+                list(command.shards), command.target, command.amount, command.local]
     if isinstance(command, Complete):
         return [TAG_COMPLETE, command.id]
     if isinstance(command, ClaimId):
@@ -156,13 +156,13 @@ def _decode_protocol(w: list[Any]) -> ProtocolCommand:
     if tag == TAG_FINISH_LEG and len(w) == 6:
         return FinishLeg(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "outcome"),
                          _want(w[4], str, "by"), _optional_int(w[5], "amount"))
-    if tag == TAG_DECIDE and len(w) == 14:
+    if tag == TAG_DECIDE and len(w) == 15:
         return Decide(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "kind"),
                       _int(w[4], "outcome"), _want(w[5], dict, "details"),
                       tuple(_leg_entry(e) for e in _want(w[6], list, "entries")),
                       _want(w[7], bool, "pending"), _int(w[8], "timeout_seconds"), _want(w[9], str, "code"),
                       _want(w[10], dict, "metadata"), _shards(w[11]), _want(w[12], str, "target"),
-                      _optional_int(w[13], "amount"))
+                      _optional_int(w[13], "amount"), _want(w[14], bool, "local"))
     if tag == TAG_COMPLETE and len(w) == 2:
         return Complete(_want(w[1], str, "id"))
     if tag == TAG_CLAIM_ID and len(w) == 4:

@@ -242,7 +242,9 @@ class LegEntry:
 class Decide:
     """At the coordinator (the home of ``id``): the commit point of a cross-shard transaction or
     follow-up. ``outcome`` is ``ok`` to commit, else the refusal to store; for a follow-up the home
-    checks ``target`` first, and a refusal it finds there replaces a commit."""
+    checks ``target`` first, and a refusal it finds there replaces a commit. When the coordinator is
+    a participant too, its leg is prepared in the same entry, just before (``local``): that leg's
+    refusal is the decision's, and its entries fill the placeholders (``seq`` 0) of ``entries``."""
 
     id: Final[str]
     digest: Final[bytes]
@@ -257,12 +259,13 @@ class Decide:
     shards: Final[tuple[int, ...]]
     target: Final[str]
     amount: Final[int | None]
+    local: Final[bool]  # this shard's own leg was prepared just before, in the same entry
 
     def __init__(self, id: str, digest: bytes, kind: int, outcome: int,
                  details: dict[str, Any] | None = None, entries: tuple[LegEntry, ...] = (),
                  pending: bool = False, timeout_seconds: int = 0, code: str = "",
                  metadata: dict[str, Any] | None = None, shards: tuple[int, ...] = (),
-                 target: str = "", amount: int | None = None) -> None:
+                 target: str = "", amount: int | None = None, local: bool = False) -> None:
         self.id = id
         self.digest = digest
         self.kind = kind
@@ -276,6 +279,7 @@ class Decide:
         self.shards = shards
         self.target = target
         self.amount = amount
+        self.local = local
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

@@ -335,6 +335,16 @@ def _check_balanced(moves: list[Move]) -> None:
             raise Rejected(ResultCode.unbalanced, {"currency": currency})
 
 
+def _local_entry(placeholder: LegEntry, placed: TxEntry | None, txid: str) -> LegEntry:
+    """A decision's placeholder for an entry of the coordinator's own leg, filled with that entry."""
+    ensure(placed is not None and (placed.account_id, placed.direction, placed.amount, placed.currency)
+           == (placeholder.account_id, placeholder.direction, placeholder.amount, placeholder.currency),
+           "a local leg that differs from its decision", txid)
+    assert placed is not None
+    return LegEntry(placed.account_id, placed.direction, placed.amount, placed.currency, placed.seq,
+                    placed.hash)
+
+
 def _tx_entries(entries: tuple[LegEntry, ...]) -> tuple[TxEntry, ...]:
     return tuple(TxEntry(e.account_id, e.direction, e.amount, e.currency, e.seq, e.hash) for e in entries)
 
@@ -754,6 +764,11 @@ class Applier:
         replay = self._replay(cmd.id, cmd.digest)
         if replay is not None:  # a second driver, a retry, or a resolver's abort got here first
             return replay
+        if cmd.local:
+            filled = self._with_local_leg(cmd)
+            if isinstance(filled, Result):
+                return filled
+            cmd = filled
         try:
             if cmd.kind == DECIDE_NEW:
                 return self._decide_new(cmd, ts)
@@ -764,6 +779,29 @@ class Applier:
             if cmd.kind in (DECIDE_NEW, DECIDE_REVERSE):  # its prepared legs are voided
                 self._open_decision(cmd.id, ts, cmd.id, cmd.digest, LEG_VOID, cmd.id, None, cmd.shards)
             return self._reject(cmd.id, cmd.digest, exc, ts)
+
+    def _with_local_leg(self, cmd: Decide) -> Decide | Result:
+        """The decision with this shard's own leg, prepared just before in the same entry: its
+        refusal (or abort) becomes the decision's; its entries fill the placeholders, in order."""
+        raw = self.cursors.legs.get(cmd.id.encode())
+        leg = unpack_leg(raw) if raw is not None else None
+        if leg is not None and leg.digest != cmd.digest:  # another payload's leg: not ours to decide
+            return Result(ResultCode.idempotency_key_reused, cmd.id)
+        outcome, details, entries = 0, {}, cmd.entries
+        if leg is None or leg.status == LEG_ABORTED:  # refused by its shape, or voided unseen before
+            outcome = int(ResultCode.transaction_aborted)
+        elif leg.status == LEG_REFUSED:
+            outcome, details = leg.refusal, dict(leg.details)
+        else:
+            placed = iter(leg.entries)
+            entries = tuple(_local_entry(e, next(placed, None), cmd.id) if e.seq == 0 else e
+                            for e in cmd.entries)
+            ensure(next(placed, None) is None, "a local leg with more entries than its decision", cmd.id)
+        if outcome:
+            entries = ()
+        return Decide(cmd.id, cmd.digest, cmd.kind, outcome or cmd.outcome, details or dict(cmd.details),
+                      entries, cmd.pending, cmd.timeout_seconds, cmd.code, cmd.metadata, cmd.shards,
+                      cmd.target, cmd.amount)
 
     def _decide_new(self, cmd: Decide, ts: int) -> Result:
         if cmd.outcome != ResultCode.ok:

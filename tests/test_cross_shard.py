@@ -481,3 +481,52 @@ async def test_the_resolver_backs_off_a_shard_it_cannot_reach_and_finishes_once_
     assert txid not in backoff.waits
     assert (await ledger.balance(BOB))["balance"] == -100
     ledger.audit()
+
+
+# -- the coordinator holds a leg: prepared in the decision's entry ----------------------------------------
+
+
+async def test_a_transaction_homed_on_one_of_its_shards_prepares_that_leg_with_the_decision(ledger):
+    txid = tx_id("l1", A)  # alice's shard is the coordinator
+    status, body, headers = await ledger.post("/v1/transactions", pay(txid, 30))
+    assert status == 201 and body["shards"] == [A, B]
+    assert [e["account_id"] for e in body["entries"]] == [ALICE, BOB]
+    assert all(e["seq"] > 0 and len(e["hash"]) == 64 for e in body["entries"])
+    assert set(dict(p.split(":") for p in headers["X-Ledger-Token"].split(","))) == {str(A), str(B)}
+    assert (await ledger.balance(ALICE))["balance"] == 30 and (await ledger.balance(BOB))["balance"] == -30
+    again = await ledger.post("/v1/transactions", pay(txid, 30))
+    assert again[0] == 201 and again[1] == body
+    ledger.audit()
+
+
+async def test_a_refusal_of_the_coordinators_own_leg_is_the_decision(ledger):
+    poor = ids_on_shard(A, SHARDS, "poor")[0]
+    limited = account_body(poor, flags=["debits_must_not_exceed_credits"])
+    assert (await ledger.post("/v1/accounts", limited))[0] == 201
+    txid = tx_id("l2", A)
+    status, body, _ = await ledger.post("/v1/transactions", pay(txid, 5, debit=poor))
+    assert status == 422 and body["error"]["code"] == "exceeds_credits"
+    assert (await ledger.balance(BOB))["credits_pending"] == 0  # bob's leg was voided
+    assert (await ledger.transaction(txid))[1]["code"] == "exceeds_credits"
+    ledger.audit()
+
+
+async def test_a_lost_answer_of_the_decision_with_its_local_leg_is_finished_by_the_resolver(ledger):
+    txid = tx_id("l3", A)
+    ledger.fail(on(Decide, A, "lost"))
+    assert (await ledger.post("/v1/transactions", pay(txid, 12)))[0] == 503
+    assert (await ledger.balance(ALICE))["debits_pending"] == 12  # prepared and decided, not finished
+    await ledger.resolve()
+    assert (await ledger.balance(ALICE))["balance"] == 12
+    again = await ledger.post("/v1/transactions", pay(txid, 12))
+    assert again[0] == 201 and again[2]["Idempotent-Replayed"] == "true"
+    ledger.audit()
+
+
+async def test_a_remote_leg_that_never_answered_leaves_the_coordinators_leg_unprepared(ledger):
+    txid = tx_id("l4", A)
+    ledger.fail(on(PrepareLeg, B, "unreachable"))
+    assert (await ledger.post("/v1/transactions", pay(txid, 12)))[0] == 503
+    assert (await ledger.balance(ALICE))["debits_pending"] == 0
+    assert (await ledger.post("/v1/transactions", pay(txid, 12)))[0] == 201
+    ledger.audit()

@@ -345,3 +345,35 @@ def test_replaying_the_logs_gives_every_shard_the_same_fingerprint(cluster, tmp_
             twin.apply_entry(index, payload)
         assert twin.fingerprint() == c.stores[i].fingerprint()
         twin.close()
+
+
+def test_a_decision_with_its_local_leg_takes_that_legs_entries_or_its_refusal(cluster):
+    c = cluster
+    assert c.one(HOME, account("h-alice")).ok  # the coordinator holds one leg itself
+    cmd = transfer("loc1", "h-alice", "bob", 25)
+    digest = payload_hash(cmd)
+    local_leg = PrepareLeg("loc1", HOME, digest, cmd.entries[:1], shards=(HOME, B))
+    remote = c.one(B, PrepareLeg("loc1", HOME, digest, cmd.entries[1:], shards=(HOME, B)))
+    record = remote.record
+    assert isinstance(record, Transaction)
+    placeholder = LegEntry("h-alice", D, 25, "BRL", 0, b"")
+    bob = record.entries[0]
+    decision = Decide("loc1", digest, DECIDE_NEW, 0, {}, (placeholder, LegEntry(
+        bob.account_id, bob.direction, bob.amount, bob.currency, bob.seq, bob.hash)), shards=(HOME, B),
+        local=True)
+    prepared, decided = c.shard[HOME].batch(Batch((local_leg, decision)))
+    assert prepared.ok and decided.ok
+    assert [(e.account_id, e.seq > 0) for e in decided.record.entries] == [("h-alice", True), ("bob", True)]
+    for shard in (HOME, B):
+        assert c.one(shard, FinishLeg("loc1", digest, LEG_POST, "loc1")).ok
+    assert c.one(HOME, Complete("loc1")).ok
+    limited = account("h-poor", flags=AccountFlag.debits_must_not_exceed_credits, normal=CR)
+    assert c.one(HOME, limited).ok
+    refused = transfer("loc2", "h-poor", "bob", 5)
+    digest = payload_hash(refused)
+    leg = PrepareLeg("loc2", HOME, digest, refused.entries[:1], shards=(HOME, B))
+    abort = Decide("loc2", digest, DECIDE_NEW, 0, {}, (LegEntry("h-poor", D, 5, "BRL", 0, b""),),
+                   shards=(HOME, B), local=True)
+    prepared, decided = c.shard[HOME].batch(Batch((leg, abort)))
+    assert prepared.code is C.exceeds_credits and decided.code is C.exceeds_credits
+    assert c.one(HOME, FinishLeg("loc2", digest, LEG_VOID, "loc2")).ok

@@ -164,9 +164,13 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
     settled = await _claim_ids(ctx, items, coordinator, outcome)
     failed = atomic and any(not r.ok for r in settled.values())
     live = [i for i in range(len(items)) if i not in settled]
+    # One transaction whose coordinator holds one of its legs: that leg is prepared in the decision's
+    # entry (one command and one round fewer for the coordinator), the others first.
+    local = coordinator if len(items) == 1 and coordinator in items[0].prepares else None
     prepared: dict[Key, Rendered | Exception] = {}
     if live and not failed:
-        steps: dict[Key, ProtocolCommand] = {(i, s): p for i in live for s, p in items[i].prepares.items()}
+        steps: dict[Key, ProtocolCommand] = {(i, s): p for i in live for s, p in items[i].prepares.items()
+                                             if s != local}
         prepared, indexes = await _send(ctx, steps)
         outcome.touched(indexes)
     faults.crash_point("cross_shard.prepared")
@@ -182,7 +186,10 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
         decisions = {i: _aborted(items[i].decision, linked, {}) for i in live}
     else:
         decisions = {i: _decision_from(i, items[i], prepared, refusals[i]) for i in live if i not in settled}
-    decided = await _decide(ctx, coordinator, decisions, settled, atomic, outcome)
+    if local is not None and decisions and decisions[0].local:
+        decided = await _decide_with_local_leg(ctx, items[0].prepares[local], decisions[0], prepared, outcome)
+    else:
+        decided = await _decide(ctx, coordinator, decisions, settled, atomic, outcome)
     faults.crash_point("cross_shard.decided")
     ends = decided | {i: settled[i] for i in live if i in settled}  # another payload's id: ours go
     finishes: dict[Key, ProtocolCommand] = {
@@ -231,10 +238,31 @@ def _decision_from(i: int, item: Item, prepared: dict[Key, Rendered | Exception]
     t = item.decision
     if refusal is not None:
         return _aborted(t, _code(refusal.code), dict(refusal.details))
-    placed = {s: iter(prepared[(i, s)].record["entries"]) for s in item.prepares}  # type: ignore[union-attr]
-    entries = tuple(_leg_entry(next(placed[s])) for s in item.order)  # each leg keeps its entries' order
+    placed = {s: iter(map(_leg_entry, prepared[(i, s)].record["entries"]))  # type: ignore[union-attr]
+              if (i, s) in prepared else iter(map(_placeholder, item.prepares[s].entries))
+              for s in item.prepares}
+    entries = tuple(next(placed[s]) for s in item.order)  # each leg keeps its entries' order
+    local = len(item.prepares) > len([s for s in item.prepares if (i, s) in prepared])
     return Decide(t.id, t.digest, t.kind, 0, {}, entries, t.pending, t.timeout_seconds, t.code, t.metadata,
-                  t.shards, t.target, t.amount)
+                  t.shards, t.target, t.amount, local)
+
+
+def _placeholder(e: EntrySpec) -> LegEntry:
+    """An entry of the coordinator's own leg, filled in when its decision is applied (seq 0)."""
+    return LegEntry(e.account_id, e.direction, e.amount, e.currency, 0, b"")
+
+
+async def _decide_with_local_leg(ctx: NodeContext, leg: PrepareLeg, decision: Decide,
+                                 prepared: dict[Key, Rendered | Exception], outcome: Outcome
+                                 ) -> dict[int, Rendered]:
+    """The coordinator's own leg and the decision, in one entry (``Decide.local``)."""
+    try:
+        reply = await submit(ctx, outcome.coordinator, Batch((leg, decision)))
+    except LedgerError as exc:
+        raise _unknown(exc, decision.id) from exc
+    outcome.touched({outcome.coordinator: reply.index})
+    prepared[(0, outcome.coordinator)] = reply.results[0]
+    return {0: reply.results[1]}
 
 
 def _aborted(t: Decide, code: int, details: dict[str, Any]) -> Decide:
