@@ -530,3 +530,16 @@ async def test_a_remote_leg_that_never_answered_leaves_the_coordinators_leg_unpr
     assert (await ledger.balance(ALICE))["debits_pending"] == 0
     assert (await ledger.post("/v1/transactions", pay(txid, 12)))[0] == 201
     ledger.audit()
+
+
+async def test_a_hold_from_an_atomic_batch_is_posted_where_the_batch_recorded_it(ledger):
+    first, hold = tx_id("ah1"), tx_id("ah2", B)  # the hold's home (B) only holds a claim
+    items = [pay(first, 1), pay(hold, 9, debit=CAROL, credit=ALICE, pending=True)]
+    assert [r["status"] for r in await batch(ledger, items)] == [201, 201]
+    status, body, _ = await ledger.post(f"/v1/transactions/{hold}/post", {"id": tx_id("ah2post", B)})
+    assert status == 201 and body["pending_id"] == hold, body
+    status, body, _ = await ledger.post(f"/v1/transactions/{tx_id('ah2post', B)}/reverse",
+                                        {"id": tx_id("ah2rev", A)})
+    assert status == 201, body
+    assert (await ledger.balance(ALICE))["balance"] == 1
+    ledger.audit()

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster
 from raftledger.node.faults import FAULTS_ENV
 from raftledger.node.settings import CrossShardSettings, NodeSettings
@@ -232,4 +233,28 @@ async def test_concurrent_transfers_between_limited_accounts_never_overdraw_and_
     for body, (status, _) in zip(plans[:40], answers[:40], strict=True):
         found, tx = await client.get(f"/v1/transactions/{body['id']}")
         assert found == 200 and tx["status"] == ("posted" if status == 201 else "rejected"), tx
+    client.conserved()
+
+
+async def test_follow_ups_claims_and_atomic_batches_across_shards_over_real_nodes(client):
+    """Every kind of step travels between real nodes: a hold homed on one of its shards (its leg
+    prepared with the decision), its post under an id homed elsewhere (claimed), a reversal, and an
+    atomic batch whose items have different homes."""
+    alice, bob = await open_accounts(client, "c5")
+    hold = f"c5.h{tag_of(A)}"
+    status, body = await client.write("/v1/transactions", transfer_body(hold, alice, bob, 70, pending=True))
+    assert status == 201 and body["status"] == "pending", body
+    post = next(f"c5.post{n}" for n in range(100) if shard_for_account(f"c5.post{n}", SHARDS) == HOME)
+    status, body = await client.write(f"/v1/transactions/{hold}/post", {"id": post, "amount": 50})
+    assert status == 201 and body["status"] == "posted", body
+    status, got = await client.get(f"/v1/transactions/{post}")
+    assert status == 200 and got["pending_id"] == hold
+    status, body = await client.write(f"/v1/transactions/{post}/reverse", {"id": f"c5.rev{tag_of(B)}"})
+    assert status == 201 and body["reverses"] == post, body
+    items = [transfer_body(f"c5.b1{tag_of(HOME)}", alice, bob, 5),
+             transfer_body(f"c5.b2{tag_of(B)}", bob, alice, 3)]
+    status, body = await client.write("/v1/transactions/batch", {"transactions": items, "atomic": True})
+    assert status == 200 and [r["status"] for r in body["results"]] == [201, 201], body
+    balances = await client.settled([alice, bob])
+    assert (balances[alice]["balance"], balances[bob]["balance"]) == (2, -2)
     client.conserved()

@@ -142,14 +142,14 @@ async def create_atomic(ctx: NodeContext, commands: Sequence[CreateTransaction])
     return await _run(ctx, [new_item(ctx, c, coordinator) for c in commands], coordinator, atomic=True)
 
 
-async def reverse(ctx: NodeContext, command: ReverseTransaction, original: dict[str, Any]) -> Outcome:
-    """A new transaction mirroring every entry of a cross-shard one, decided at the original's home
-    (which checks and marks the original in the same step)."""
+async def reverse(ctx: NodeContext, command: ReverseTransaction, original: dict[str, Any],
+                  coordinator: int) -> Outcome:
+    """A new transaction mirroring every entry of a cross-shard one, decided where the original is
+    recorded, ``coordinator`` (which checks and marks the original in the same step)."""
     mirrored = tuple(EntrySpec(e["account_id"], FLIP[Direction(e["direction"])], int(e["amount"]),
                                e["currency"]) for e in original["entries"])
     legs = participants_of(ctx, mirrored)
     digest = payload_hash(command)
-    coordinator = ctx.shard_of(original["id"])
     prepares = {shard: PrepareLeg(command.id, coordinator, digest, entries, False, original["code"],
                                   original["metadata"], tuple(legs))
                 for shard, entries in legs.items()}
@@ -393,9 +393,10 @@ async def claim(ctx: NodeContext, txid: str, digest: bytes, at: int) -> Rendered
     return None if result.ok else result
 
 
-async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target: dict[str, Any]) -> Outcome:
-    """Post or void a cross-shard hold: decided at the hold's home, then finished on its legs."""
-    home = ctx.shard_of(target["id"])
+async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target: dict[str, Any],
+                    home: int) -> Outcome:
+    """Post or void a cross-shard hold: decided where the hold is recorded (``home``: the home of its
+    id, or of its atomic batch's first item), then finished on its legs."""
     post = isinstance(command, PostPending)
     amount = command.amount if isinstance(command, PostPending) else None
     decision = Decide(command.id, payload_hash(command), DECIDE_POST if post else DECIDE_VOID, 0,

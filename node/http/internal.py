@@ -35,13 +35,19 @@ from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
     Complete,
     CreateAccount,
     CreateTransaction,
     Decide,
+    ExpireHolds,
     FinishLeg,
+    PostPending,
     PrepareLeg,
+    ProtocolCommand,
+    ReverseTransaction,
+    VoidPending,
     batch_commands_max,
 )
 
@@ -56,6 +62,8 @@ from .render import Rendered
 log = logging.getLogger(__name__)
 
 BENCH_ENV = "RAFTLEDGER_BENCH"
+
+CLIENT_COMMANDS = (CreateAccount, CreateTransaction, PostPending, VoidPending, ReverseTransaction)
 
 Handler = Callable[[NodeContext, web.Request, Any], Awaitable[Any]]
 
@@ -140,18 +148,20 @@ def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> 
         for i, inner in enumerate(command.commands):
             _admit_one(ctx, shard, inner, f"commands[{i}]")
         return command
+    if isinstance(command, ExpireHolds):
+        raise LedgerError("malformed_body", "ExpireHolds is not a command peers send")
+    _admit_one(ctx, shard, command, "")
+    return command
+
+
+def _admit_one(ctx: NodeContext, shard: int, command: Command | ProtocolCommand, where: str) -> None:
     if isinstance(command, PrepareLeg):  # a step of a cross-shard transaction (cross_shard.py)
         _only_here(ctx, shard, command.id, [e.account_id for e in command.entries])
-        return command
-    if isinstance(command, Decide | FinishLeg | Complete):  # checked by the state machine alone
-        return command
-    if isinstance(command, Command):  # type: ignore[misc, arg-type]
-        _admit_one(ctx, shard, command, "")
-        return command
-    raise LedgerError("malformed_body", f"{type(command).__name__} is not a command peers send")
-
-
-def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> None:
+        return
+    if isinstance(command, Decide | FinishLeg | Complete | ClaimId):  # the state machine checks these
+        return
+    if not isinstance(command, CLIENT_COMMANDS):
+        raise LedgerError("malformed_body", f"{type(command).__name__} is not a command peers send")
     parse.check(command, where)
     if isinstance(command, CreateAccount):
         _only_here(ctx, shard, command.id, [command.id])
@@ -189,7 +199,8 @@ async def transaction(ctx: NodeContext, request: web.Request, payload: Any) -> d
     txid = payload.get("id") if isinstance(payload, dict) else None
     if not isinstance(txid, str):
         raise LedgerError("malformed_body", "expected {\"id\": <transaction id>}")
-    return {"record": await transaction_at(ctx, svc.shard, parse.parse_id(txid, "", "id"))}
+    where, record = await transaction_at(ctx, svc.shard, parse.parse_id(txid, "", "id"))
+    return {"shard": where, "record": record}
 
 
 def _prepares(command: AnyCommand) -> bool:

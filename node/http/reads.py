@@ -130,7 +130,8 @@ async def get_entries(request: web.Request) -> web.Response:
 
 async def get_transaction(request: web.Request) -> web.Response:
     """At the home of the id (the shard of its tag, else of its hash), which records every
-    transaction's outcome; then the other hosted shards, where data from before ids had homes lives."""
+    transaction's outcome or, for a follow-up or batch item recorded elsewhere, says where (a claim);
+    then the other hosted shards, where data from before ids had homes lives."""
     ctx = context_of(request)
     txid = parse.parse_id(request.match_info["id"], "", "id")
     parse.check_query(request.query, parse.READ_PARAMS)
@@ -148,23 +149,27 @@ async def get_transaction(request: web.Request) -> web.Response:
             headers = freshness_headers(ctx, svc, reader.state().applied_index)
         if record is not None:
             return respond(request, 200, record.to_json(svc.shard), headers)
-        if elsewhere is not None:  # claimed here, recorded with its target or its atomic batch
-            found = await transaction_at(ctx, elsewhere, txid)
+        if elsewhere is not None:
+            _, found = await transaction_at(ctx, elsewhere, txid)
             if found is not None:
                 return respond(request, 200, found, headers)
     raise LedgerError("transaction_not_found", details={"id": txid}, headers=headers)
 
 
-async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> dict[str, Any] | None:
-    """The record of ``txid`` on ``shard`` (API shape; a rejection's too) or None, read on a replica
-    of it here or on a node hosting one. Found as applied, else after a read barrier: a record, once
-    written, keeps what post / void / reverse route by (its id, entries and shards), so a lagging
-    replica is good enough when it has it."""
+Found = tuple[int, dict[str, Any] | None]
+
+
+async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> Found:
+    """Where ``txid`` is recorded and its record (API shape; a rejection's too), looked for on
+    ``shard`` (following a claim there), read on a replica here or on a node hosting one; None if
+    absent. Found as applied, else after a read barrier: a record, once written, keeps what post /
+    void / reverse route by (its id, entries and shards), so a lagging replica is good enough when
+    it has it."""
     svc = ctx.shards.get(shard)
     if svc is None:
-        async def remote(node: str) -> dict[str, Any] | None:
+        async def remote(node: str) -> Found:
             answer = await call_peer(ctx, node, f"/shards/{shard}/transaction", {"id": txid})
-            return answer["record"]
+            return int(answer["shard"]), answer["record"]
         return await via_hosts(ctx, shard, remote)
     for linearizable in (False, True):
         if linearizable:
@@ -172,20 +177,23 @@ async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> dict[str, A
             await _wait_applied(ctx, svc, index, ctx.settings.http.consistency_wait_s)
         with svc.store.reader() as reader:
             found = reader.transaction(txid)
+            elsewhere = reader.recorded_at(txid)
         if found is not None:
-            return found.to_json(shard)
-    return None
+            return shard, found.to_json(shard)
+        if elsewhere is not None:  # claims never name a claim: one more read at most
+            return await transaction_at(ctx, elsewhere, txid)
+    return shard, None
 
 
-async def locate_transaction(ctx: NodeContext, txid: str) -> tuple[int, dict[str, Any] | None]:
-    """The shard holding ``txid`` and its record (for post/void/reverse): at its home; else on a
-    hosted shard (data from before ids had homes); else its home, where the ledger answers
-    ``pending_not_found`` / ``transaction_not_found``."""
+async def locate_transaction(ctx: NodeContext, txid: str) -> Found:
+    """The shard holding ``txid`` and its record (for post/void/reverse): at its home, or where its
+    home's claim says; else on a hosted shard (data from before ids had homes); else its home, where
+    the ledger answers ``pending_not_found`` / ``transaction_not_found``."""
     home = ctx.shard_of(txid)
     for shard in [home, *sorted(s for s in ctx.shards if s != home and ctx.shard_count > 1)]:
-        record = await transaction_at(ctx, shard, txid)
+        where, record = await transaction_at(ctx, shard, txid)
         if record is not None:  # a rejected one is not there to post, void or reverse: its shard says so
-            return shard, None if record["status"] == "rejected" else record
+            return where, None if record["status"] == "rejected" else record
     return home, None
 
 

@@ -159,9 +159,9 @@ async def _on_transaction(request: web.Request,
     if record is None or not record["cross_shard"]:
         return await _single(request, shard, command, "transaction")
     if isinstance(command, ReverseTransaction):
-        return await _cross_shard(request, cross_shard.reverse(ctx, command, record))
+        return await _cross_shard(request, cross_shard.reverse(ctx, command, record, shard))
     assert isinstance(command, PostPending | VoidPending)
-    return await _cross_shard(request, cross_shard.follow_up(ctx, command, record))
+    return await _cross_shard(request, cross_shard.follow_up(ctx, command, record, shard))
 
 
 async def post_pending(request: web.Request) -> web.Response:
