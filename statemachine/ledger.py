@@ -335,6 +335,16 @@ def _check_balanced(moves: list[Move]) -> None:
             raise Rejected(ResultCode.unbalanced, {"currency": currency})
 
 
+def _check_partial(hold: Transaction, amount: int | None) -> None:
+    """A partial post names one amount for every entry: the hold's entries must share theirs."""
+    if amount is not None:
+        amounts = {e.amount for e in hold.entries}
+        if len(amounts) != 1:
+            raise Rejected(ResultCode.partial_amount_not_allowed)
+        if amount > amounts.pop():
+            raise Rejected(ResultCode.amount_exceeds_pending)
+
+
 def _local_entry(placeholder: LegEntry, placed: TxEntry | None, txid: str) -> LegEntry:
     """A decision's placeholder for an entry of the coordinator's own leg, filled with that entry."""
     ensure(placed is not None and (placed.account_id, placed.direction, placed.amount, placed.currency)
@@ -603,12 +613,7 @@ class Applier:
         hold = self._pending_hold(cmd.pending_id)
         post = isinstance(cmd, PostPending)
         amount = cmd.amount if isinstance(cmd, PostPending) else None
-        if amount is not None:
-            amounts = {e.amount for e in hold.entries}
-            if len(amounts) != 1:
-                raise Rejected(ResultCode.partial_amount_not_allowed)
-            if amount > amounts.pop():
-                raise Rejected(ResultCode.amount_exceeds_pending)
+        _check_partial(hold, amount)
         if post:
             moves = [Move(e.account_id, e.direction, amount or e.amount, e.currency,
                           STATUS_POSTED, released=e.amount) for e in hold.entries]
@@ -823,12 +828,7 @@ class Applier:
         ensure(hold.cross_shard, "a cross-shard follow-up of a single-shard hold", cmd.id)
         post = cmd.kind == DECIDE_POST
         amount = cmd.amount if post else None
-        if amount is not None:
-            amounts = {e.amount for e in hold.entries}
-            if len(amounts) != 1:
-                raise Rejected(ResultCode.partial_amount_not_allowed)
-            if amount > amounts.pop():
-                raise Rejected(ResultCode.amount_exceeds_pending)
+        _check_partial(hold, amount)
         status = STATUS_POSTED if post else STATUS_VOIDED
         entries = tuple(TxEntry(e.account_id, e.direction, amount or e.amount, e.currency, e.seq, e.hash)
                         for e in hold.entries)

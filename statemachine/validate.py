@@ -139,14 +139,21 @@ def _entries_problem(cmd: CreateTransaction, rules: int) -> Problem | None:
         return ResultCode.too_few_entries, {"count": count}
     if count > entries_per_transaction_max:
         return ResultCode.too_many_entries, {"count": count}
-    for i, e in enumerate(cmd.entries):
+    problem = _entry_fields_problem(cmd.entries)
+    if problem:
+        return problem
+    return _self_transfer_problem(cmd.entries) if rules >= RULES_SELF_TRANSFER else None
+
+
+def _entry_fields_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
+    for i, e in enumerate(entries):
         if not valid_account_id(e.account_id):
             return ResultCode.invalid_id, {"field": f"entries[{i}].account_id"}
         if not valid_amount(e.amount):
             return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
         if not CURRENCIES.matches(e.currency):
             return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
-    return _self_transfer_problem(cmd.entries) if rules >= RULES_SELF_TRANSFER else None
+    return None
 
 
 def _self_transfer_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
@@ -205,14 +212,7 @@ def leg_problem(cmd: PrepareLeg) -> Problem | None:
         return problem
     if len(cmd.digest) != digest_bytes or not 0 < len(cmd.entries) <= entries_per_transaction_max:
         return ResultCode.invalid_command, {"field": "entries"}
-    for i, e in enumerate(cmd.entries):
-        if not valid_account_id(e.account_id):
-            return ResultCode.invalid_id, {"field": f"entries[{i}].account_id"}
-        if not valid_amount(e.amount):
-            return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
-        if not CURRENCIES.matches(e.currency):
-            return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
-    return None
+    return _entry_fields_problem(cmd.entries)
 
 
 def decide_problem(cmd: Decide) -> Problem | None:
