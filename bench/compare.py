@@ -14,7 +14,9 @@ Both get the same accounts (``--groups`` hash-tag groups of 8: ``a<i>:{g<k>}``, 
 group's ``fund:{g<k>}``), through their own HTTP API. Then wrk (``bench/transfers.lua``) drives each
 workload on each system with the same threads, connections and duration: transfers with unique ids
 and random amounts between two accounts of one group (one hash tag, so one raftledger shard), single
-(``POST /v1/transactions``) or in batches (``POST /v1/transactions/batch``). wrk thread *i* sends to
+(``POST /v1/transactions``) or in batches (``POST /v1/transactions/batch``); ``--workloads`` adds
+``cross`` (each transfer credits an account of a group on another raftledger shard: two-phase commit)
+and ``untagged`` (ids without the group's tag, so the id's home is any shard). wrk thread *i* sends to
 raftledger node *i* mod 3 (round-robin over the public URLs, as behind a load balancer: a node that
 does not lead the shard forwards the write); every thread sends to the one PostgreSQL port.
 
@@ -49,6 +51,7 @@ from typing import Any
 
 from raftledger.bench.host import machine, process_cpu_s
 from raftledger.cluster import launcher
+from raftledger.cluster.router import shard_for_account
 from raftledger.cluster.testing import LocalCluster
 
 NODES = 3
@@ -91,6 +94,7 @@ class Workload:
     name: str
     batch: int  # 0: one transfer per request
     connections: int
+    mode: str = "tagged"  # transfers.lua's BENCH_MODE: tagged, untagged or cross
 
     @property
     def transfers_per_request(self) -> int:
@@ -350,11 +354,24 @@ def tree_cpu_s(roots: list[int]) -> float:
 
 
 # -- wrk ---------------------------------------------------------------------------------------------
-def wrk_env(target: Target, workload: Workload, prefix: str, groups: int) -> dict[str, str]:
+def partner_groups(groups: int, shards: int) -> list[int]:
+    """For each group, the next group (cyclically) whose tag routes to another raftledger shard: a
+    transfer from one to the other is cross-shard."""
+    shard = [shard_for_account(f"a0:{{g{g}}}", shards) for g in range(groups)]
+    if len(set(shard)) < 2:
+        raise SystemExit(f"--groups {groups} all route to one shard: no cross-shard transfer exists")
+    return [next(h % groups for h in range(g + 1, g + groups) if shard[h % groups] != shard[g])
+            for g in range(groups)]
+
+
+def wrk_env(target: Target, workload: Workload, prefix: str, args: argparse.Namespace) -> dict[str, str]:
     hosts = ",".join(u.removeprefix("http://") for u in target.urls)
-    return {"BENCH_HOSTS": hosts, "BENCH_BATCH": str(workload.batch), "BENCH_PREFIX": prefix,
-            "BENCH_GROUPS": str(groups), "BENCH_PER_GROUP": str(per_group),
-            "BENCH_AMOUNT_MAX": str(amount_max), "BENCH_CURRENCY": currency}
+    env = {"BENCH_HOSTS": hosts, "BENCH_BATCH": str(workload.batch), "BENCH_PREFIX": prefix,
+           "BENCH_GROUPS": str(args.groups), "BENCH_PER_GROUP": str(per_group),
+           "BENCH_AMOUNT_MAX": str(amount_max), "BENCH_CURRENCY": currency, "BENCH_MODE": workload.mode}
+    if workload.mode == "cross":
+        env["BENCH_PARTNERS"] = ",".join(map(str, partner_groups(args.groups, args.shards)))
+    return env
 
 
 def wrk_argv(target: Target, workload: Workload, threads: int, duration_s: int) -> list[str]:
@@ -387,11 +404,11 @@ def command_line(argv: list[str], env: dict[str, str]) -> str:
 
 def measure(target: Target, workload: Workload, args: argparse.Namespace, round_no: int,
             run_id: str) -> Run:
-    tag = f"{run_id}r{round_no}{'b' if workload.batch else 's'}"
+    tag = f"{run_id}r{round_no}{workload.name.replace(' ', '')}"
     if args.warmup:
         run_wrk(wrk_argv(target, workload, args.threads, args.warmup),
-                wrk_env(target, workload, tag + "w", args.groups), args.warmup)
-    env = wrk_env(target, workload, tag + "m", args.groups)
+                wrk_env(target, workload, tag + "w", args), args.warmup)
+    env = wrk_env(target, workload, tag + "m", args)
     argv = wrk_argv(target, workload, args.threads, args.duration)
     load_avg = os.getloadavg()[0]
     roots = target.cpu_roots()
@@ -452,7 +469,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--connections", type=int, default=60, help="for single transfers")
     parser.add_argument("--batch-connections", type=int, default=6, help="for batches")
     parser.add_argument("--batch-size", type=int, default=100)
-    parser.add_argument("--workloads", default="single,batch", help="single, batch or both")
+    parser.add_argument("--workloads", default="single,batch",
+                        help="comma-separated: single, batch, cross (single transfers between accounts "
+                             "of two shards), untagged (single transfers whose ids have no hash tag)")
+    parser.add_argument("--shards", type=int, default=SHARDS, help="raftledger shards (3 nodes host each)")
     parser.add_argument("--groups", type=int, default=512,
                         help=f"hash-tag groups of {per_group} accounts")
     parser.add_argument("--pg-workers", type=int, default=2, help="pg_ledger server processes")
@@ -472,7 +492,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def workloads_of(args: argparse.Namespace) -> list[Workload]:
     known = {"single": Workload("single", 0, args.connections),
              "batch": Workload(f"batch of {args.batch_size}", args.batch_size,
-                               args.batch_connections)}
+                               args.batch_connections),
+             "cross": Workload("cross-shard", 0, args.connections, "cross"),
+             "untagged": Workload("untagged ids", 0, args.connections, "untagged")}
     return [known[name] for name in args.workloads.split(",")]
 
 
@@ -490,7 +512,7 @@ class Systems:
 def start_systems(args: argparse.Namespace) -> Iterator[Systems]:
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(tempfile.TemporaryDirectory(prefix="raftledger-compare-"))
-        cluster = LocalCluster(os.path.join(root, "raftledger"), nodes=NODES, shards=SHARDS,
+        cluster = LocalCluster(os.path.join(root, "raftledger"), nodes=NODES, shards=args.shards,
                                durability="fsync")
         stack.callback(cluster.close)
         cluster.start()
@@ -511,7 +533,7 @@ def start_systems(args: argparse.Namespace) -> Iterator[Systems]:
         facts = [f"PostgreSQL: {tool_version([os.path.join(pg.bindir, 'postgres'), '--version'])}, "
                  f"data in {root} (as user {args.pg_user if pg.as_user else 'self'}), "
                  f"{args.pg_workers} pg_ledger processes x {args.pg_pool} connections",
-                 f"raftledger: {NODES} nodes x {SHARDS} shards, fsync, shard leaders "
+                 f"raftledger: {NODES} nodes x {args.shards} shards, fsync, shard leaders "
                  f"{launcher.wait_for_leaders(cluster.plan)}"]
         yield Systems(targets, pg, cluster, facts)
 

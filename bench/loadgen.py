@@ -98,7 +98,7 @@ class Workload:
         names = self.names[group]
         debit = rng.randrange(accounts_per_group)
         credit = (debit + 1 + rng.randrange(accounts_per_group - 1)) % accounts_per_group
-        return {"id": f"{self.prefix}-t{next(self.seq)}", "debit_account_id": names[debit],
+        return {"id": f"{self.prefix}-t{next(self.seq)}:{{g{group}}}", "debit_account_id": names[debit],
                 "credit_account_id": names[credit], "amount": 1 + rng.randrange(amount_max),
                 "currency": "USD"}
 

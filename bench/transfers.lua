@@ -6,9 +6,14 @@
 -- Environment (all optional but BENCH_PREFIX):
 --   BENCH_HOSTS      host:port list; wrk thread i sends to host i mod n (default: the URL's host)
 --   BENCH_BATCH      0: POST /v1/transactions, one transfer; N: POST /v1/transactions/batch of N
---   BENCH_PREFIX     transaction ids are <prefix>.<thread>.<n>: unique while the prefix is
+--   BENCH_PREFIX     transaction ids are <prefix>.<thread>.<n>{g<k>}: unique while the prefix is,
+--                    with the tag of the debited account's group (the id's home is its shard)
 --   BENCH_GROUPS, BENCH_PER_GROUP   accounts a<i>:{g<k>}, i < per group, k < groups; a transfer
 --                    moves money between two accounts of one group (one hash tag: one shard)
+--   BENCH_MODE       "tagged" (the default, as above); "untagged": ids without the tag, so their
+--                    home is any shard (the cost of ids a client does not tag); "cross": the credited
+--                    account is from group BENCH_PARTNERS[k] (comma-separated, one per group), which
+--                    the caller chose on another shard: every transfer is cross-shard
 --   BENCH_AMOUNT_MAX amounts are 1..this; BENCH_CURRENCY the currency
 --
 -- Every response is checked: non-2xx answers, replays (Idempotent-Replayed / "replayed":true) and
@@ -26,9 +31,18 @@ local groups = tonumber(os.getenv("BENCH_GROUPS") or "512")
 local per_group = tonumber(os.getenv("BENCH_PER_GROUP") or "8")
 local amount_max = tonumber(os.getenv("BENCH_AMOUNT_MAX") or "1000")
 local currency = os.getenv("BENCH_CURRENCY") or "USD"
+local mode = os.getenv("BENCH_MODE") or "tagged"
+local partners = {}
+for p in string.gmatch(os.getenv("BENCH_PARTNERS") or "", "[^,]+") do
+  table.insert(partners, tonumber(p))
+end
+if mode == "cross" and #partners ~= groups then
+  error("BENCH_MODE=cross needs BENCH_PARTNERS with one group per group")
+end
+local id_shape = mode == "untagged" and '"%s.%d.%d"' or '"%s.%d.%d{g%d}"'
 local path = batch > 0 and "/v1/transactions/batch" or "/v1/transactions"
 local headers = {["Content-Type"] = "application/json"}
-local shape = '{"id":"%s.%d.%d","debit_account_id":"a%d:{g%d}","credit_account_id":"a%d:{g%d}",'
+local shape = '{"id":%s,"debit_account_id":"a%d:{g%d}","credit_account_id":"a%d:{g%d}",'
   .. '"amount":%d,"currency":"' .. currency .. '"}'
 
 local threads = {}
@@ -58,7 +72,9 @@ local function transfer()
   local g = math.random(0, groups - 1)
   local d = math.random(0, per_group - 1)
   local c = (d + math.random(1, per_group - 1)) % per_group
-  return string.format(shape, prefix, tid, seq, d, g, c, g, math.random(1, amount_max))
+  local h = mode == "cross" and partners[g + 1] or g
+  local id = string.format(id_shape, prefix, tid, seq, g)
+  return string.format(shape, id, d, g, c, h, math.random(1, amount_max))
 end
 
 function request()

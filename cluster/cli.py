@@ -19,7 +19,7 @@ from raftledger.node.secret import generate as generate_secret
 from raftledger.node.settings import DURABILITY_MODES
 
 DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
-DEMO_TRANSFER = "demo-transfer-1"
+DEMO_TRANSFER = "demo-transfer-1:{demo}"
 DEMO_AMOUNT = 1500
 DEMO_CURRENCY = "USD"
 demo_attempts_max = 20

@@ -147,6 +147,21 @@ class InternalSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CrossShardSettings:
+    """Transactions across shards (two-phase commit) and the resolvers that finish interrupted ones."""
+
+    SECTION: ClassVar[str] = "cross_shard"
+    prepare_timeout_s: float = setting(30.0, "a leg prepared this long without a decision is resolved: its "
+                                       "coordinator decides (abort, if it had not)", minimum=1)
+    finish_timeout_s: float = setting(5.0, "a decision whose legs are not all finished after this is driven "
+                                      "by its home's resolver", minimum=0.1)
+    resolver_interval_s: float = setting(1.0, "how often each shard leader's resolver looks", minimum=0.05)
+    resolved_per_pass_max: int = setting(100, "decisions and legs one resolver pass takes on", minimum=1)
+    retry_max_s: float = setting(30.0, "a decision or leg the resolver failed to finish is tried again after "
+                                 "twice its last wait, at most this long", minimum=0.1)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Every section, each with its defaults unless the node file sets it."""
 
@@ -156,11 +171,12 @@ class NodeSettings:
     http: HttpSettings = field(default_factory=HttpSettings)
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     internal: InternalSettings = field(default_factory=InternalSettings)
+    cross_shard: CrossShardSettings = field(default_factory=CrossShardSettings)
 
 
 # Each section is the NodeSettings attribute of its own name.
 SECTIONS: tuple[type, ...] = (BatchingSettings, RaftSettings, SnapshotSettings, HttpSettings,
-                              ForwardingSettings, InternalSettings)
+                              ForwardingSettings, InternalSettings, CrossShardSettings)
 
 
 def _value_problem(cls: type, name: str, value: Any) -> str | None:

@@ -10,6 +10,12 @@ entries alone what the apply path keeps: each account's totals (folding entry st
 seqs and its hash chain. From the transactions table it re-derives what must be pending (the holds
 still open) and which holds must have an expiry. A bug in the apply helpers therefore shows here
 as a disagreement instead of being repeated by the check.
+
+A shard holding legs of cross-shard transactions is not balanced by itself: per currency, its debits
+exceed its credits by the net of the entries its legs placed and finished (the other shards' legs
+balance them). The auditor folds those entries separately, from the legs table and the entries
+alone, and checks the shard's totals against that net; the balance over all shards is checked by
+adding every shard's ``currency_totals``.
 """
 
 from __future__ import annotations
@@ -37,7 +43,13 @@ _OFFSET = struct.Struct(">Q")  # an outbox key
 # A transaction record is msgpack [id, status, code, metadata, timestamp, pending, timeout_seconds,
 # pending_id, reverses, reversed_by, resolved_by, entries], an entry of it [account id, direction
 # byte, amount, currency, seq, hash] (layout.pack_transaction).
+# A cross-shard transaction's record at its home has a 13th field, its shards; its entries live on
+# those shards, as legs (msgpack [id, status, coordinator, digest, entries, pending, code, metadata,
+# shards, timestamp, finished by, refusal, details], layout.pack_leg).
 _TX_ID, _TX_STATUS, _TX_TIMESTAMP, _TX_PENDING, _TX_TIMEOUT, _TX_ENTRIES = 0, 1, 4, 5, 6, 11
+_TX_SHARDS = 12
+_LEG_ID, _LEG_STATUS, _LEG_ENTRIES, _LEG_TIMESTAMP, _LEG_FINISHED_BY = 0, 1, 4, 9, 10
+_LEG_OPEN = ("prepared", "held")
 _TOTAL = 16
 _PENDING, _POSTED, _VOIDED, _EXPIRED = range(4)  # entry status bytes
 _DEBIT, _CREDIT = 0, 1  # direction bytes
@@ -173,8 +185,9 @@ def _entries(reader: Reader, num: int) -> Iterator[tuple[int, Raw]]:
         yield seq, value
 
 
-def _audit_account(reader: Reader, acct: _Account) -> tuple[list[str], int]:
-    """Problems of one account, and how many entries it has."""
+def _audit_account(reader: Reader, acct: _Account,
+                   legs: _LegFold | None = None) -> tuple[list[str], int]:
+    """Problems of one account, and how many entries it has; entries of legs also go to ``legs``."""
     if acct.normal not in (_DEBIT, _CREDIT):
         return [f"{acct.id}: normal side {acct.normal} unknown"], 0
     problems: list[str] = []
@@ -201,6 +214,8 @@ def _audit_account(reader: Reader, acct: _Account) -> tuple[list[str], int]:
                 problems.append(f"{acct.id} before seq {seq}: {problem}")
         group = e.transaction_id
         fold.add(e)
+        if legs is not None and e.transaction_id in legs.ids:
+            legs.add(acct.currency, e)
         problems.extend(_entry_problems(acct, seq, e, fold))
     if seq != acct.seq:
         problems.append(f"{acct.id}: row says seq {acct.seq}, entries end at {seq}")
@@ -212,6 +227,47 @@ def _audit_account(reader: Reader, acct: _Account) -> tuple[list[str], int]:
     if problem:
         problems.append(f"{acct.id}: {problem}")
     return problems, count
+
+
+class _LegFold:
+    """Per currency, the totals the entries of this shard's legs (placed and finished) add up to."""
+
+    def __init__(self, ids: set[str]) -> None:
+        self.ids = ids
+        self.folds: dict[str, _Fold] = {}
+
+    def add(self, currency: str, e: _Entry) -> None:
+        self.folds.setdefault(currency, _Fold()).add(e)
+
+    def net(self, currency: str) -> tuple[int, int]:
+        """(posted, pending) debits minus credits."""
+        dp, cp, dpe, cpe = self.folds[currency].totals() if currency in self.folds else (0, 0, 0, 0)
+        return dp - cp, dpe - cpe
+
+
+def _legs(reader: Reader) -> Iterator[list[Any]]:
+    for _key, value in reader.txn.cursor(db=reader.dbs.legs):
+        yield msgpack.unpackb(value)
+
+
+def _leg_problems(reader: Reader, legs: list[list[Any]], by_id: dict[str, _Account]) -> Iterator[str]:
+    """An open leg's entries are stored as its holds; the open_legs index lists the prepared ones."""
+    expected: set[bytes] = set()
+    for leg in legs:
+        txid = leg[_LEG_ID]
+        if leg[_LEG_STATUS] == "prepared":
+            expected.add(leg[_LEG_TIMESTAMP].to_bytes(8, "big") + txid.encode())
+        for account_id, direction, amount, _currency, seq, digest in leg[_LEG_ENTRIES]:
+            acct = by_id.get(account_id)
+            key = None if acct is None else _ENTRY_KEY.pack(acct.num, seq)
+            raw = None if key is None else reader.txn.get(key, db=reader.dbs.entries)
+            e = None if raw is None else _decode_entry(raw)
+            if e is None or (e.transaction_id, e.direction, e.amount, e.hash, e.status) != (
+                    txid, direction, amount, digest, _PENDING):
+                yield f"leg {txid}: its hold entry {account_id} seq {seq} is not as stored"
+    stored = {bytes(key) for key in reader.txn.cursor(db=reader.dbs.open_legs).iternext(values=False)}
+    for key in sorted(expected ^ stored):
+        yield f"open legs: {key[8:].decode()} listed {key in stored}, prepared {key in expected}"
 
 
 # ---- the whole store ----------------------------------------------------------------------------
@@ -266,13 +322,19 @@ def _transaction_problems(reader: Reader, tx: list[Any], by_id: dict[str, _Accou
         yield f"transaction {txid}: no idempotency record"
 
 
-def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Account]) -> Iterator[str]:
-    """Pending totals are the open holds; a hold has an expiry iff it has a deadline."""
+def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Account],
+                   open_legs: list[list[Any]]) -> Iterator[str]:
+    """Pending totals are the open holds and open legs; a hold has an expiry iff it has a deadline
+    (a cross-shard hold at its home, whose entries are legs elsewhere, too)."""
     pending: dict[str, list[int]] = {}
     expected: set[bytes] = set()
+    for leg in open_legs:
+        for account_id, direction, amount, _currency, _seq, _digest in leg[_LEG_ENTRIES]:
+            pending.setdefault(account_id, [0, 0])[direction] += amount
     for tx in holds:
         txid, ts, timeout, entries = tx[_TX_ID], tx[_TX_TIMESTAMP], tx[_TX_TIMEOUT], tx[_TX_ENTRIES]
-        for account_id, direction, amount, _currency, _seq, _digest in entries:
+        local = [] if len(tx) > _TX_SHARDS else entries  # a cross-shard hold's entries are legs
+        for account_id, direction, amount, _currency, _seq, _digest in local:
             pending.setdefault(account_id, [0, 0])[direction] += amount
         if timeout:
             expected.add((ts + timeout * _NS_PER_SECOND).to_bytes(8, "big") + txid.encode())
@@ -310,25 +372,34 @@ def verify_store(reader: Reader) -> list[str]:
     by_id: dict[str, _Account] = {}
     nums: set[int] = set()
     counted = 0
+    legs = list(_legs(reader))
+    leg_ids = {leg[_LEG_ID] for leg in legs} | {leg[_LEG_FINISHED_BY] for leg in legs
+                                                if leg[_LEG_FINISHED_BY]}
+    leg_fold = _LegFold(leg_ids)
     for acct in _accounts(reader):
         by_id[acct.id] = acct
         if acct.num in nums:
             problems.append(f"{acct.id}: account num {acct.num} used twice")
         nums.add(acct.num)
-        found, count = _audit_account(reader, acct)
+        found, count = _audit_account(reader, acct, leg_fold)
         problems.extend(found)
         counted += count
     stored = reader.txn.stat(reader.dbs.entries)["entries"]
     if counted != stored:
         problems.append(f"entries: the table holds {stored}, the accounts' ranges {counted}")
     for currency, (dp, cp, dpe, cpe) in currency_totals(reader).items():
-        if dp != cp or dpe != cpe:
-            problems.append(f"{currency}: debits {dp}/{dpe} != credits {cp}/{cpe} (posted/pending)")
+        if (dp - cp, dpe - cpe) != leg_fold.net(currency):
+            problems.append(f"{currency}: debits {dp}/{dpe} - credits {cp}/{cpe} (posted/pending) != "
+                            f"the net of the legs' entries {leg_fold.net(currency)}")
     holds: list[list[Any]] = []
     for tx in _transactions(reader):
-        problems.extend(_transaction_problems(reader, tx, by_id))
+        cross_shard = len(tx) > _TX_SHARDS
+        if not cross_shard:  # a cross-shard record's entries are its legs, on their own shards
+            problems.extend(_transaction_problems(reader, tx, by_id))
         if tx[_TX_PENDING] and tx[_TX_STATUS] == "pending":  # a hold, still open
             holds.append(tx)
-    problems.extend(_hold_problems(reader, holds, by_id))
+    open_legs = [leg for leg in legs if leg[_LEG_STATUS] in _LEG_OPEN]
+    problems.extend(_hold_problems(reader, holds, by_id, open_legs))
+    problems.extend(_leg_problems(reader, open_legs, by_id))
     problems.extend(_state_problems(reader, nums))
     return problems

@@ -23,13 +23,20 @@ import msgpack
 from .commands import (
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
+    Complete,
     CreateAccount,
     CreateTransaction,
+    Decide,
     Direction,
     EntrySpec,
     ExpireHolds,
+    FinishLeg,
+    LegEntry,
     PostPending,
+    PrepareLeg,
+    ProtocolCommand,
     Request,
     ReverseTransaction,
     VoidPending,
@@ -46,6 +53,12 @@ TAG_VOID_PENDING: Final = 4
 TAG_REVERSE: Final = 5
 TAG_BATCH: Final = 6
 TAG_EXPIRE_HOLDS: Final = 7  # standalone only: never inside a Batch
+# 8: SetSlots. The steps of a cross-shard transaction (alone or in a Batch):
+TAG_PREPARE_LEG: Final = 9
+TAG_DECIDE: Final = 10
+TAG_FINISH_LEG: Final = 11
+TAG_COMPLETE: Final = 12
+TAG_CLAIM_ID: Final = 13
 
 DIRECTIONS: Final = (Direction.debit, Direction.credit)
 DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
@@ -89,7 +102,72 @@ def command_to_wire(command: AnyCommand) -> list[Any]:
         return [TAG_BATCH, command.atomic, [command_to_wire(c) for c in command.commands]]
     if isinstance(command, ExpireHolds):
         return [TAG_EXPIRE_HOLDS]
+    return _protocol_to_wire(command)
+
+
+def _entry_specs_to_wire(entries: tuple[EntrySpec, ...]) -> list[Any]:
+    return [[e.account_id, _dir_byte(e.direction), e.amount, e.currency] for e in entries]
+
+
+def _protocol_to_wire(command: AnyCommand) -> list[Any]:
+    if isinstance(command, PrepareLeg):
+        return [TAG_PREPARE_LEG, command.id, command.coordinator, command.digest,
+                _entry_specs_to_wire(command.entries), command.pending, command.code, command.metadata,
+                list(command.shards)]
+    if isinstance(command, FinishLeg):
+        return [TAG_FINISH_LEG, command.id, command.digest, command.outcome, command.by, command.amount]
+    if isinstance(command, Decide):
+        entries = [[e.account_id, _dir_byte(e.direction), e.amount, e.currency, e.seq, e.hash]
+                   for e in command.entries]
+        return [TAG_DECIDE, command.id, command.digest, command.kind, command.outcome, command.details,
+                entries, command.pending, command.timeout_seconds, command.code, command.metadata,
+                list(command.shards), command.target, command.amount, command.local]
+    if isinstance(command, Complete):
+        return [TAG_COMPLETE, command.id]
+    if isinstance(command, ClaimId):
+        return [TAG_CLAIM_ID, command.id, command.digest, command.at]
     raise CodecError(f"not a command: {type(command).__name__}")
+
+
+def _shards(value: Any) -> tuple[int, ...]:
+    return tuple(_int(s, "shard") for s in _want(value, list, "shards"))
+
+
+def _optional_int(value: Any, what: str) -> int | None:
+    return None if value is None else _int(value, what)
+
+
+def _leg_entry(raw: Any) -> LegEntry:
+    if not isinstance(raw, list) or len(raw) != 6:
+        raise CodecError("leg entry: wrong shape")
+    spec = _entry(raw[:4])
+    return LegEntry(spec.account_id, spec.direction, spec.amount, spec.currency, _int(raw[4], "seq"),
+                    _want(raw[5], bytes, "hash"))
+
+
+def _decode_protocol(w: list[Any]) -> ProtocolCommand:
+    """A step of a cross-shard transaction (``w[0]`` is one of their tags)."""
+    tag = w[0]
+    if tag == TAG_PREPARE_LEG and len(w) == 9:
+        entries = tuple(_entry(e) for e in _want(w[4], list, "entries"))
+        return PrepareLeg(_want(w[1], str, "id"), _int(w[2], "coordinator"), _want(w[3], bytes, "digest"),
+                          entries, _want(w[5], bool, "pending"), _want(w[6], str, "code"),
+                          _want(w[7], dict, "metadata"), _shards(w[8]))
+    if tag == TAG_FINISH_LEG and len(w) == 6:
+        return FinishLeg(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "outcome"),
+                         _want(w[4], str, "by"), _optional_int(w[5], "amount"))
+    if tag == TAG_DECIDE and len(w) == 15:
+        return Decide(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "kind"),
+                      _int(w[4], "outcome"), _want(w[5], dict, "details"),
+                      tuple(_leg_entry(e) for e in _want(w[6], list, "entries")),
+                      _want(w[7], bool, "pending"), _int(w[8], "timeout_seconds"), _want(w[9], str, "code"),
+                      _want(w[10], dict, "metadata"), _shards(w[11]), _want(w[12], str, "target"),
+                      _optional_int(w[13], "amount"), _want(w[14], bool, "local"))
+    if tag == TAG_COMPLETE and len(w) == 2:
+        return Complete(_want(w[1], str, "id"))
+    if tag == TAG_CLAIM_ID and len(w) == 4:
+        return ClaimId(_want(w[1], str, "id"), _want(w[2], bytes, "digest"), _int(w[3], "at"))
+    raise CodecError(f"unknown command tag {tag!r}")
 
 
 def _want(value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -149,17 +227,24 @@ def _decode_one(w: Any) -> Command:
     raise CodecError(f"unknown command tag {tag!r}")
 
 
+def _decode_inner(w: Any) -> Command | ProtocolCommand:
+    """What a Batch may hold: a client command or a step of a cross-shard transaction."""
+    if isinstance(w, list) and w and type(w[0]) is int and TAG_PREPARE_LEG <= w[0] <= TAG_CLAIM_ID:
+        return _decode_protocol(w)
+    return _decode_one(w)
+
+
 def command_from_wire(w: Any) -> AnyCommand | Invalid:
-    """A command, a Batch of commands, or ExpireHolds; the last two are never inside a Batch."""
+    """A command, a Batch of commands, ExpireHolds or a step of a cross-shard transaction."""
     try:
         if isinstance(w, list) and w:
             tag = w[0]
             if tag == TAG_BATCH and len(w) == 3:
-                inner = tuple(_decode_one(c) for c in _want(w[2], list, "commands"))
+                inner = tuple(_decode_inner(c) for c in _want(w[2], list, "commands"))
                 return Batch(inner, _want(w[1], bool, "atomic"))
             if type(tag) is int and tag == TAG_EXPIRE_HOLDS and len(w) == 1:
                 return ExpireHolds()
-        return _decode_one(w)
+        return _decode_inner(w)
     except CodecError as exc:
         return Invalid(str(exc))
 

@@ -43,6 +43,8 @@ class ResultCode(IntEnum):
     invalid_metadata = 29
     accounts_must_be_different = 30
 
+    transaction_aborted = 31
+
     @property
     def is_ok(self) -> bool:
         return self is ResultCode.ok
@@ -80,4 +82,6 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.invalid_timeout: "timeout_seconds needs pending=true and 0 <= timeout < 2**31",
     ResultCode.invalid_metadata: "metadata must be a JSON object of bounded size",
     ResultCode.accounts_must_be_different: "an account is on both the debit and the credit side",
+    ResultCode.transaction_aborted: "the cross-shard transaction did not complete in time and was rolled "
+                                    "back; send it again with a new id",
 }

@@ -129,12 +129,13 @@ Command: TypeAlias = CreateAccount | CreateTransaction | PostPending | VoidPendi
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
 class Batch:
-    """Several commands applied in one go: each on its own, or all-or-none when ``atomic``."""
+    """Several commands applied in one go: each on its own, or all-or-none when ``atomic``. Clients'
+    batches hold client commands; a node driving cross-shard transactions batches their steps."""
 
-    commands: Final[tuple[Command, ...]]
+    commands: Final[tuple[Command | ProtocolCommand, ...]]
     atomic: Final[bool]
 
-    def __init__(self, commands: tuple[Command, ...], atomic: bool = False) -> None:
+    def __init__(self, commands: tuple[Command | ProtocolCommand, ...], atomic: bool = False) -> None:
         self.commands = commands
         self.atomic = atomic
 
@@ -156,7 +157,161 @@ class ExpireHolds:
         return ""
 
 
-AnyCommand: TypeAlias = Command | Batch | ExpireHolds
+# ---- cross-shard transactions: the steps of two-phase commit (docs/design.md) ----------------------
+
+LEG_POST: Final = 1  # post the leg's holds (a committed posted transaction, or a post follow-up)
+LEG_HOLD: Final = 2  # keep them as a hold (a committed pending transaction)
+LEG_VOID: Final = 3  # void them (an abort, or a void follow-up)
+LEG_EXPIRE: Final = 4  # expire them (the cross-shard hold expired at its home)
+LEG_OUTCOMES: Final = (LEG_POST, LEG_HOLD, LEG_VOID, LEG_EXPIRE)
+
+DECIDE_NEW: Final = 0  # a new cross-shard transaction
+DECIDE_POST: Final = 1  # a post of a cross-shard hold (``target``)
+DECIDE_VOID: Final = 2  # a void of a cross-shard hold
+DECIDE_REVERSE: Final = 3  # a reversal of a cross-shard posted transaction (its legs are mirrored)
+DECIDE_KINDS: Final = (DECIDE_NEW, DECIDE_POST, DECIDE_VOID, DECIDE_REVERSE)
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class PrepareLeg:
+    """On a participant: place its entries of a cross-shard transaction as holds, fully validated."""
+
+    id: Final[str]
+    coordinator: Final[int]
+    digest: Final[bytes]  # of the client's command: a leg of another payload with this id is a conflict
+    entries: Final[tuple[EntrySpec, ...]]
+    pending: Final[bool]
+    code: Final[str]
+    metadata: Final[dict[str, Any]]
+    shards: Final[tuple[int, ...]]
+
+    def __init__(self, id: str, coordinator: int, digest: bytes, entries: tuple[EntrySpec, ...],
+                 pending: bool = False, code: str = "", metadata: dict[str, Any] | None = None,
+                 shards: tuple[int, ...] = ()) -> None:
+        self.id = id
+        self.coordinator = coordinator
+        self.digest = digest
+        self.entries = entries
+        self.pending = pending
+        self.code = code
+        self.metadata = {} if metadata is None else metadata
+        self.shards = shards
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class FinishLeg:
+    """On a participant: post, keep, void or expire the holds of leg ``id`` (of payload ``digest``);
+    the new entries belong to transaction ``by`` (``id`` itself, or a follow-up's id)."""
+
+    id: Final[str]
+    digest: Final[bytes]
+    outcome: Final[int]
+    by: Final[str]
+    amount: Final[int | None]  # a partial post
+
+    def __init__(self, id: str, digest: bytes, outcome: int, by: str, amount: int | None = None) -> None:
+        self.id = id
+        self.digest = digest
+        self.outcome = outcome
+        self.by = by
+        self.amount = amount
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class LegEntry:
+    """An entry of a cross-shard transaction as its participant placed it (seq and hash included)."""
+
+    account_id: Final[str]
+    direction: Final[Direction]
+    amount: Final[int]
+    currency: Final[str]
+    seq: Final[int]
+    hash: Final[bytes]
+
+    def __init__(self, account_id: str, direction: Direction, amount: int, currency: str, seq: int,
+                 hash: bytes) -> None:
+        self.account_id = account_id
+        self.direction = direction
+        self.amount = amount
+        self.currency = currency
+        self.seq = seq
+        self.hash = hash
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class Decide:
+    """At the coordinator (the home of ``id``): the commit point of a cross-shard transaction or
+    follow-up. ``outcome`` is ``ok`` to commit, else the refusal to store; for a follow-up the home
+    checks ``target`` first, and a refusal it finds there replaces a commit. When the coordinator is
+    a participant too, its leg is prepared in the same entry, just before (``local``): that leg's
+    refusal is the decision's, and its entries fill the placeholders (``seq`` 0) of ``entries``."""
+
+    id: Final[str]
+    digest: Final[bytes]
+    kind: Final[int]
+    outcome: Final[int]  # a ResultCode value
+    details: Final[dict[str, Any]]
+    entries: Final[tuple[LegEntry, ...]]
+    pending: Final[bool]
+    timeout_seconds: Final[int]
+    code: Final[str]
+    metadata: Final[dict[str, Any]]
+    shards: Final[tuple[int, ...]]
+    target: Final[str]
+    amount: Final[int | None]
+    local: Final[bool]  # this shard's own leg was prepared just before, in the same entry
+
+    def __init__(self, id: str, digest: bytes, kind: int, outcome: int,
+                 details: dict[str, Any] | None = None, entries: tuple[LegEntry, ...] = (),
+                 pending: bool = False, timeout_seconds: int = 0, code: str = "",
+                 metadata: dict[str, Any] | None = None, shards: tuple[int, ...] = (),
+                 target: str = "", amount: int | None = None, local: bool = False) -> None:
+        self.id = id
+        self.digest = digest
+        self.kind = kind
+        self.outcome = outcome
+        self.details = {} if details is None else details
+        self.entries = entries
+        self.pending = pending
+        self.timeout_seconds = timeout_seconds
+        self.code = code
+        self.metadata = {} if metadata is None else metadata
+        self.shards = shards
+        self.target = target
+        self.amount = amount
+        self.local = local
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class Complete:
+    """At the coordinator: every participant finished what decision ``id`` asked for; the resolver
+    no longer needs to drive it."""
+
+    id: Final[str]
+
+    def __init__(self, id: str) -> None:
+        self.id = id
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class ClaimId:
+    """At the home of ``id``: the id is taken by a transaction recorded on shard ``at`` (a post, void
+    or reverse is recorded with its target, an atomic batch's items with its first), so that nobody
+    can use it for another payload here, and a lookup at the home finds where it is."""
+
+    id: Final[str]
+    digest: Final[bytes]
+    at: Final[int]
+
+    def __init__(self, id: str, digest: bytes, at: int) -> None:
+        self.id = id
+        self.digest = digest
+        self.at = at
+
+
+ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete | ClaimId
+
+AnyCommand: TypeAlias = Command | Batch | ExpireHolds | ProtocolCommand
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

@@ -8,6 +8,9 @@ Sub-databases:
   outbox       offset (u64)                      -> [type, timestamp, kind, record bytes]
   expiries     deadline ns (u64) + transaction id -> b""
   meta         b"state"                          -> shard state (applied index, chain, counters)
+  legs         transaction id (utf-8)            -> this shard's leg of a cross-shard transaction
+  open_legs    prepared ns (u64) + transaction id -> b"" (legs prepared and not yet decided here)
+  decisions    decision id (utf-8)               -> what the participants still have to finish
 
 Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
 unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
@@ -24,9 +27,10 @@ import msgpack
 
 from .codec import DIRECTION_BYTE, DIRECTIONS
 from .commands import Direction
-from .records import Account, Transaction, TxEntry
+from .records import Account, Leg, OpenDecision, Transaction, TxEntry
 
-DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta")
+DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta",
+                   "legs", "open_legs", "decisions")
 STATE_KEY: Final = b"state"
 
 Raw = bytes | memoryview  # what LMDB hands back
@@ -245,20 +249,60 @@ class ShardState:
 def pack_transaction(tx: Transaction, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
     entries = [[e.account_id, DIRECTION_BYTE[e.direction], e.amount, e.currency, e.seq, e.hash]
                for e in tx.entries]
-    packed: bytes = packb([tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending,
-                           tx.timeout_seconds, tx.pending_id, tx.reverses, tx.reversed_by,
-                           tx.resolved_by, entries])
+    fields = [tx.id, tx.status, tx.code, tx.metadata, tx.timestamp, tx.pending, tx.timeout_seconds,
+              tx.pending_id, tx.reverses, tx.reversed_by, tx.resolved_by, entries]
+    if tx.shards:  # a cross-shard transaction's record at its home (older records have 12 fields)
+        fields.append(list(tx.shards))
+    packed: bytes = packb(fields)
     return packed
 
 
+def _tx_entries(entries: list[Any]) -> tuple[TxEntry, ...]:
+    return tuple(TxEntry(a, DIRECTIONS[d], amt, cur, seq, h) for a, d, amt, cur, seq, h in entries)
+
+
 def unpack_transaction(data: Raw) -> Transaction:
+    fields = msgpack.unpackb(data)
     (txid, status, code, metadata, ts, pending, timeout, pending_id, reverses, reversed_by,
-     resolved_by, entries) = msgpack.unpackb(data)
-    return Transaction(
-        txid, status,
-        tuple(TxEntry(a, DIRECTIONS[d], amt, cur, seq, h) for a, d, amt, cur, seq, h in entries),
-        code, metadata, ts, pending, timeout, pending_id, reverses, reversed_by, resolved_by,
-    )
+     resolved_by, entries) = fields[:12]
+    shards = tuple(fields[12]) if len(fields) > 12 else ()
+    return Transaction(txid, status, _tx_entries(entries), code, metadata, ts, pending, timeout,
+                       pending_id, reverses, reversed_by, resolved_by, shards)
+
+
+def pack_leg(leg: Leg, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
+    entries = [[e.account_id, DIRECTION_BYTE[e.direction], e.amount, e.currency, e.seq, e.hash]
+               for e in leg.entries]
+    packed: bytes = packb([leg.id, leg.status, leg.coordinator, leg.digest, entries, leg.pending, leg.code,
+                           leg.metadata, list(leg.shards), leg.timestamp, leg.finished_by, leg.refusal,
+                           leg.details])
+    return packed
+
+
+def unpack_leg(data: Raw) -> Leg:
+    (txid, status, coordinator, digest, entries, pending, code, metadata, shards, ts, finished_by,
+     refusal, details) = msgpack.unpackb(data)
+    return Leg(txid, status, coordinator, digest, _tx_entries(entries), pending, code, metadata,
+               tuple(shards), ts, finished_by, refusal, details)
+
+
+def pack_open_decision(d: OpenDecision, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
+    packed: bytes = packb([d.timestamp, d.leg, d.digest, d.outcome, d.by, d.amount, list(d.participants)])
+    return packed
+
+
+def unpack_open_decision(key: Raw, data: Raw) -> OpenDecision:
+    ts, leg, digest, outcome, by, amount, participants = msgpack.unpackb(data)
+    return OpenDecision(bytes(key).decode(), ts, leg, digest, outcome, by, amount, tuple(participants))
+
+
+def timed_key(ns: int, transaction_id: str) -> bytes:
+    """A key of the open_legs table: time order, then the id."""
+    return U64.pack(ns) + transaction_id.encode()
+
+
+def split_timed_key(key: Raw) -> tuple[int, str]:
+    return U64.unpack_from(key)[0], bytes(key[8:]).decode()
 
 
 def expiry_key(deadline_ns: int, transaction_id: str) -> bytes:

@@ -23,15 +23,30 @@ from . import hashing
 from .codec import DIRECTION_BYTE, Invalid, canonical, payload_hash
 from .codes import ResultCode
 from .commands import (
+    DECIDE_NEW,
+    DECIDE_POST,
+    DECIDE_REVERSE,
+    LEG_EXPIRE,
+    LEG_HOLD,
+    LEG_OUTCOMES,
+    LEG_POST,
+    LEG_VOID,
     AccountFlag,
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
+    Complete,
     CreateAccount,
     CreateTransaction,
+    Decide,
     Direction,
     ExpireHolds,
+    FinishLeg,
+    LegEntry,
     PostPending,
+    PrepareLeg,
+    ProtocolCommand,
     ReverseTransaction,
     VoidPending,
 )
@@ -45,25 +60,38 @@ from .layout import (
     entry_key,
     expiry_key,
     pack_entry_fields,
+    pack_leg,
+    pack_open_decision,
     pack_transaction,
+    timed_key,
     total_limit,
     unpack_account,
+    unpack_leg,
     unpack_transaction,
 )
 from .records import (
+    LEG_ABORTED,
+    LEG_HELD,
+    LEG_OPEN,
+    LEG_PREPARED,
+    LEG_REFUSED,
     STATUS_EXPIRED,
     STATUS_PENDING,
     STATUS_POSTED,
     STATUS_VOIDED,
+    Leg,
+    OpenDecision,
     Outcome,
     Result,
     Transaction,
     TxEntry,
 )
-from .validate import RULES_VERSION, Problem, command_problem
+from .validate import RULES_VERSION, Problem, claim_problem, command_problem, decide_problem, leg_problem
 
 balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
 NO_DEADLINE: Final = 2**64
+CLAIMED_AT: Final = "recorded_at"  # the shard a claimed id's transaction is recorded on (ClaimId)
+EXPIRY_SUFFIX: Final = "#expire"  # the open decision that expires a cross-shard hold's legs (no id has "#")
 FLAG_LIMIT_DEBITS: Final = int(AccountFlag.debits_must_not_exceed_credits)
 FLAG_LIMIT_CREDITS: Final = int(AccountFlag.credits_must_not_exceed_debits)
 FLAG_CLOSED: Final = int(AccountFlag.closed)
@@ -104,6 +132,9 @@ class Dbs(NamedTuple):
     outbox: Any
     expiries: Any
     meta: Any
+    legs: Any
+    open_legs: Any
+    decisions: Any
 
 
 class Cursors:
@@ -114,25 +145,32 @@ class Cursors:
     """
 
     def __init__(self, accounts: Any, entries: Any, transactions: Any, idempotency: Any,
-                 outbox: Any, expiries: Any) -> None:
+                 outbox: Any, expiries: Any, legs: Any, open_legs: Any, decisions: Any) -> None:
         self.accounts = accounts
         self.entries = entries
         self.transactions = transactions
         self.idempotency = idempotency
         self.outbox = outbox
         self.expiries = expiries
+        self.legs = legs
+        self.open_legs = open_legs
+        self.decisions = decisions
 
     @staticmethod
     def open(txn: lmdb.Transaction, dbs: Dbs) -> Cursors:
         return Cursors(txn.cursor(db=dbs.accounts), txn.cursor(db=dbs.entries),
                        txn.cursor(db=dbs.transactions), txn.cursor(db=dbs.idempotency),
-                       txn.cursor(db=dbs.outbox), txn.cursor(db=dbs.expiries))
+                       txn.cursor(db=dbs.outbox), txn.cursor(db=dbs.expiries),
+                       txn.cursor(db=dbs.legs), txn.cursor(db=dbs.open_legs),
+                       txn.cursor(db=dbs.decisions))
 
     def recording(self, undo: list[tuple[Any, bytes, bytes | None]]) -> Cursors:
         """The same cursors, remembering in ``undo`` every value they overwrite or delete."""
         return Cursors(Recording(self.accounts, undo), Recording(self.entries, undo),
                        Recording(self.transactions, undo), Recording(self.idempotency, undo),
-                       Recording(self.outbox, undo), Recording(self.expiries, undo))
+                       Recording(self.outbox, undo), Recording(self.expiries, undo),
+                       Recording(self.legs, undo), Recording(self.open_legs, undo),
+                       Recording(self.decisions, undo))
 
 
 class Recording:
@@ -243,12 +281,15 @@ def _effective_timestamp(proposed: int, last: int) -> int:
     return max(proposed, last + 1)
 
 
-def _check_moved(before: list[AccountRow], after: dict[str, AccountRow], moves: int) -> None:
+def _check_moved(before: list[AccountRow], after: dict[str, AccountRow], moves: int,
+                 balanced: bool = True) -> None:
     """Postconditions of one set of moves, on the rows as they were and as the moves left them.
 
     Per currency, the posted debits they added equal the posted credits, and the same for pending
-    (ARCHITECTURE invariant 1, on what was applied rather than what was asked); each account's seq
-    grew by one per entry. ``before`` holds rows the moves did not touch (``_load_row`` copies).
+    (ARCHITECTURE invariant 1, on what was applied rather than what was asked), unless the moves are
+    one shard's leg of a cross-shard transaction (not ``balanced``: the other legs balance them);
+    each account's seq grew by one per entry. ``before`` holds rows the moves did not touch
+    (``_load_row`` copies).
     """
     currency = before[0].currency
     mixed = False
@@ -260,6 +301,8 @@ def _check_moved(before: list[AccountRow], after: dict[str, AccountRow], moves: 
         pending += (new.debits_pending - old.debits_pending) - (new.credits_pending - old.credits_pending)
         grown += new.seq - old.seq
     ensure(grown == moves, "account seqs did not grow by one per entry")
+    if not balanced:
+        return
     if mixed:
         _check_moved_per_currency(before, after)
     else:
@@ -290,6 +333,30 @@ def _check_balanced(moves: list[Move]) -> None:
     for currency, value in net.items():
         if value:
             raise Rejected(ResultCode.unbalanced, {"currency": currency})
+
+
+def _check_partial(hold: Transaction, amount: int | None) -> None:
+    """A partial post names one amount for every entry: the hold's entries must share theirs."""
+    if amount is not None:
+        amounts = {e.amount for e in hold.entries}
+        if len(amounts) != 1:
+            raise Rejected(ResultCode.partial_amount_not_allowed)
+        if amount > amounts.pop():
+            raise Rejected(ResultCode.amount_exceeds_pending)
+
+
+def _local_entry(placeholder: LegEntry, placed: TxEntry | None, txid: str) -> LegEntry:
+    """A decision's placeholder for an entry of the coordinator's own leg, filled with that entry."""
+    ensure(placed is not None and (placed.account_id, placed.direction, placed.amount, placed.currency)
+           == (placeholder.account_id, placeholder.direction, placeholder.amount, placeholder.currency),
+           "a local leg that differs from its decision", txid)
+    assert placed is not None
+    return LegEntry(placed.account_id, placed.direction, placed.amount, placed.currency, placed.seq,
+                    placed.hash)
+
+
+def _tx_entries(entries: tuple[LegEntry, ...]) -> tuple[TxEntry, ...]:
+    return tuple(TxEntry(e.account_id, e.direction, e.amount, e.currency, e.seq, e.hash) for e in entries)
 
 
 class Applier:
@@ -343,12 +410,24 @@ class Applier:
             return Result(ResultCode.ok, "")  # the expiry above is all it asks for
         return self._apply_command(command, ts)
 
-    def _apply_command(self, command: Command, ts: int) -> Result:
+    def _apply_command(self, command: Command | ProtocolCommand, ts: int) -> Result:
+        if isinstance(command, CreateTransaction):
+            return self._transaction(command, ts)
         if isinstance(command, CreateAccount):
             return self._create_account(command, ts)
+        if isinstance(command, PrepareLeg):
+            return self._prepare_leg(command, ts)
+        if isinstance(command, FinishLeg):
+            return self._finish_leg(command, ts)
+        if isinstance(command, Decide):
+            return self._decide(command, ts)
+        if isinstance(command, Complete):
+            return self._complete(command)
+        if isinstance(command, ClaimId):
+            return self._claim(command, ts)
         return self._transaction(command, ts)
 
-    def _apply_atomic(self, commands: tuple[Command, ...], ts: int) -> list[Result]:
+    def _apply_atomic(self, commands: tuple[Command | ProtocolCommand, ...], ts: int) -> list[Result]:
         """All or none: when a command fails, every write of the batch is put back as it was."""
         plain, saved = self.cursors, self.state.copy()
         undo: list[tuple[Any, bytes, bytes | None]] = []
@@ -429,8 +508,10 @@ class Applier:
 
     # ---- moves --------------------------------------------------------------------------------
 
-    def _move(self, moves: list[Move], txid: str, ts: int, new_entries: bool) -> list[TxEntry]:
-        """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits.
+    def _move(self, moves: list[Move], txid: str, ts: int, new_entries: bool,
+              balanced: bool = True) -> list[TxEntry]:
+        """Append ``moves`` to their accounts, all or none. ``new_entries`` enforces closed/limits;
+        ``balanced`` is False for a cross-shard transaction's leg (the other legs balance it).
 
         Every entry carries the request's own timestamp, which the shard's strictly increasing
         timestamps put at or after every earlier entry of the account (checked here rather than
@@ -459,7 +540,7 @@ class Applier:
             problem = _limits_problem(row)
             if problem and (new_entries or problem[0] is ResultCode.overflow):
                 raise Rejected(*problem)
-        _check_moved(before, rows, len(moves))
+        _check_moved(before, rows, len(moves), balanced)
         entries = self.cursors.entries
         for key, value in staged:
             # A stale row (an old seq) would otherwise overwrite entries silently.
@@ -532,12 +613,7 @@ class Applier:
         hold = self._pending_hold(cmd.pending_id)
         post = isinstance(cmd, PostPending)
         amount = cmd.amount if isinstance(cmd, PostPending) else None
-        if amount is not None:
-            amounts = {e.amount for e in hold.entries}
-            if len(amounts) != 1:
-                raise Rejected(ResultCode.partial_amount_not_allowed)
-            if amount > amounts.pop():
-                raise Rejected(ResultCode.amount_exceeds_pending)
+        _check_partial(hold, amount)
         if post:
             moves = [Move(e.account_id, e.direction, amount or e.amount, e.currency,
                           STATUS_POSTED, released=e.amount) for e in hold.entries]
@@ -581,6 +657,250 @@ class Applier:
         return Transaction(cmd.id, STATUS_POSTED, tuple(entries), orig.code, orig.metadata, ts,
                            reverses=orig.id)
 
+    # ---- cross-shard transactions: the steps of two-phase commit (docs/design.md) -------------
+
+    def _prepare_leg(self, cmd: PrepareLeg, ts: int) -> Result:
+        """Place this shard's entries of a cross-shard transaction as holds, or record why not."""
+        problem = leg_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        key = cmd.id.encode()
+        raw = self.cursors.legs.get(key)
+        if raw is not None:
+            return self._replay_leg(unpack_leg(raw), cmd.digest)
+        applied = self._applied_here(cmd.id, cmd.digest)
+        if applied is not None:
+            return applied
+        moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_PENDING) for e in cmd.entries]
+        try:
+            entries = self._move(moves, cmd.id, ts, new_entries=True, balanced=False)
+        except Rejected as exc:
+            refused = Leg(cmd.id, LEG_REFUSED, cmd.coordinator, cmd.digest, (), cmd.pending, cmd.code,
+                          cmd.metadata, cmd.shards, ts, "", int(exc.code), exc.details)
+            self.cursors.legs.put(key, pack_leg(refused, self.packb))
+            return Result(exc.code, cmd.id, details=exc.details)
+        leg = Leg(cmd.id, LEG_PREPARED, cmd.coordinator, cmd.digest, tuple(entries), cmd.pending,
+                  cmd.code, cmd.metadata, cmd.shards, ts)
+        self.cursors.legs.put(key, pack_leg(leg, self.packb))
+        self.cursors.open_legs.put(timed_key(ts, cmd.id), b"")
+        return Result(ResultCode.ok, cmd.id, record=leg.as_transaction())
+
+    @staticmethod
+    def _replay_leg(leg: Leg, digest: bytes) -> Result:
+        if leg.digest != digest:
+            return Result(ResultCode.idempotency_key_reused, leg.id)
+        if leg.status == LEG_ABORTED:
+            return Result(ResultCode.transaction_aborted, leg.id, replayed=True)
+        if leg.status == LEG_REFUSED:
+            return Result(ResultCode(leg.refusal), leg.id, replayed=True, details=leg.details)
+        return Result(ResultCode.ok, leg.id, record=leg.as_transaction(), replayed=True)
+
+    def _applied_here(self, txid: str, digest: bytes) -> Result | None:
+        """A transaction with this id applied on this shard as a single-shard one (its home, or data
+        from before ids had homes): its outcome, or a conflict; never a second application."""
+        raw = self.cursors.idempotency.get(txid.encode())
+        if raw is None:
+            return None
+        rejection = decode_rejection(raw)
+        if rejection is not None and rejection[1] == ResultCode.ok:
+            return None  # a claim (ClaimId): the transaction is recorded on another shard
+        return self._replay(txid, digest)
+
+    def _finish_leg(self, cmd: FinishLeg, ts: int) -> Result:
+        """Post, keep, void or expire this shard's leg, as its coordinator decided. Its result has no
+        record: the coordinator's decision is the transaction's record."""
+        ensure(cmd.outcome in LEG_OUTCOMES, "unknown leg outcome", cmd.id)
+        key = cmd.id.encode()
+        raw = self.cursors.legs.get(key)
+        ending = cmd.outcome in (LEG_VOID, LEG_EXPIRE)
+        if raw is None:
+            applied = self._applied_here(cmd.id, cmd.digest)
+            if applied is not None:  # it took the one-round path here (see _prepare_leg): done
+                return Result(applied.code, cmd.id, replayed=True)
+            # Decided before this shard prepared (or the prepare was refused unseen): never will.
+            ensure(ending, "a commit of a leg that was never prepared", cmd.id)
+            tomb = Leg(cmd.id, LEG_ABORTED, -1, cmd.digest, (), False, "", {}, (), ts, cmd.by)
+            self.cursors.legs.put(key, pack_leg(tomb, self.packb))
+            return Result(ResultCode.ok, cmd.id)
+        leg = unpack_leg(raw)
+        if leg.digest != cmd.digest:  # another payload's leg under this id: not this decision's
+            return Result(ResultCode.idempotency_key_reused, cmd.id)
+        if leg.status in (LEG_REFUSED, LEG_ABORTED):
+            ensure(ending, "a commit of a refused leg", cmd.id)
+            return Result(ResultCode.ok, cmd.id, replayed=True)
+        if leg.status not in LEG_OPEN or (leg.status == LEG_HELD and cmd.outcome == LEG_HOLD):
+            return Result(ResultCode.ok, cmd.id, replayed=True)
+        if leg.status == LEG_PREPARED:
+            self._close_open_leg(leg)
+        if cmd.outcome == LEG_HOLD:
+            held = leg.finished(LEG_HELD, cmd.by)
+            self.cursors.legs.put(key, pack_leg(held, self.packb))
+            return Result(ResultCode.ok, cmd.id)
+        return self._end_leg(leg, cmd, ts)
+
+    def _end_leg(self, leg: Leg, cmd: FinishLeg, ts: int) -> Result:
+        """The entries that post, void or expire an open leg's holds, under transaction ``cmd.by``."""
+        status = {LEG_POST: STATUS_POSTED, LEG_VOID: STATUS_VOIDED, LEG_EXPIRE: STATUS_EXPIRED}[cmd.outcome]
+        amount = cmd.amount
+        moves = [Move(e.account_id, e.direction, amount or e.amount, e.currency, status,
+                      released=e.amount if status == STATUS_POSTED else 0) for e in leg.entries]
+        try:  # reserved funds move as decided: no limit or closed account can refuse it now
+            entries = self._move(moves, cmd.by, ts, new_entries=False, balanced=False)
+        except Rejected as exc:
+            raise InvariantViolation(f"finishing leg {leg.id} failed: {exc.code.name}") from exc
+        self.cursors.legs.put(leg.id.encode(), pack_leg(leg.finished(status, cmd.by), self.packb))
+        tx = Transaction(cmd.by, status, tuple(entries), leg.code, leg.metadata, ts, shards=leg.shards,
+                         pending_id=leg.id if cmd.by != leg.id else None)
+        event = {STATUS_POSTED: "transaction.posted", STATUS_VOIDED: "transaction.voided",
+                 STATUS_EXPIRED: "transaction.expired"}[status]
+        self._emit(event, ts, EVENT_TRANSACTION, pack_transaction(tx, self.packb))
+        return Result(ResultCode.ok, cmd.id)
+
+    def _close_open_leg(self, leg: Leg) -> None:
+        cursor = self.cursors.open_legs
+        if cursor.set_key(timed_key(leg.timestamp, leg.id)):
+            cursor.delete()
+
+    def _decide(self, cmd: Decide, ts: int) -> Result:
+        """The commit point of a cross-shard transaction or follow-up, at its home."""
+        problem = decide_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        replay = self._replay(cmd.id, cmd.digest)
+        if replay is not None:  # a second driver, a retry, or a resolver's abort got here first
+            return replay
+        if cmd.local:
+            filled = self._with_local_leg(cmd)
+            if isinstance(filled, Result):
+                return filled
+            cmd = filled
+        try:
+            if cmd.kind == DECIDE_NEW:
+                return self._decide_new(cmd, ts)
+            if cmd.kind == DECIDE_REVERSE:
+                return self._decide_reverse(cmd, ts)
+            return self._decide_follow_up(cmd, ts)
+        except Rejected as exc:
+            if cmd.kind in (DECIDE_NEW, DECIDE_REVERSE):  # its prepared legs are voided
+                self._open_decision(cmd.id, ts, cmd.id, cmd.digest, LEG_VOID, cmd.id, None, cmd.shards)
+            return self._reject(cmd.id, cmd.digest, exc, ts)
+
+    def _with_local_leg(self, cmd: Decide) -> Decide | Result:
+        """The decision with this shard's own leg, prepared just before in the same entry: its
+        refusal (or abort) becomes the decision's; its entries fill the placeholders, in order."""
+        raw = self.cursors.legs.get(cmd.id.encode())
+        leg = unpack_leg(raw) if raw is not None else None
+        if leg is not None and leg.digest != cmd.digest:  # another payload's leg: not ours to decide
+            return Result(ResultCode.idempotency_key_reused, cmd.id)
+        outcome, details, entries = 0, {}, cmd.entries
+        if leg is None or leg.status == LEG_ABORTED:  # refused by its shape, or voided unseen before
+            outcome = int(ResultCode.transaction_aborted)
+        elif leg.status == LEG_REFUSED:
+            outcome, details = leg.refusal, dict(leg.details)
+        else:
+            placed = iter(leg.entries)
+            entries = tuple(_local_entry(e, next(placed, None), cmd.id) if e.seq == 0 else e
+                            for e in cmd.entries)
+            ensure(next(placed, None) is None, "a local leg with more entries than its decision", cmd.id)
+        if outcome:
+            entries = ()
+        return Decide(cmd.id, cmd.digest, cmd.kind, outcome or cmd.outcome, details or dict(cmd.details),
+                      entries, cmd.pending, cmd.timeout_seconds, cmd.code, cmd.metadata, cmd.shards,
+                      cmd.target, cmd.amount)
+
+    def _decide_new(self, cmd: Decide, ts: int) -> Result:
+        if cmd.outcome != ResultCode.ok:
+            raise Rejected(ResultCode(cmd.outcome), dict(cmd.details))
+        status = STATUS_PENDING if cmd.pending else STATUS_POSTED
+        tx = Transaction(cmd.id, status, _tx_entries(cmd.entries), cmd.code, cmd.metadata, ts, cmd.pending,
+                         cmd.timeout_seconds, shards=cmd.shards)
+        self._store_decision(tx, cmd.digest)
+        if tx.expires_at is not None:  # the home expires a cross-shard hold; its resolver, the legs
+            self.cursors.expiries.put(expiry_key(tx.expires_at, tx.id), b"")
+            self.expiry_floor = min(self.expiry_floor, tx.expires_at)
+        outcome = LEG_HOLD if cmd.pending else LEG_POST
+        finish = self._open_decision(cmd.id, ts, cmd.id, cmd.digest, outcome, cmd.id, None, cmd.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
+
+    def _decide_follow_up(self, cmd: Decide, ts: int) -> Result:
+        """A post or void of a cross-shard hold: checked here, where the hold's record is."""
+        hold = self._pending_hold(cmd.target)
+        ensure(hold.cross_shard, "a cross-shard follow-up of a single-shard hold", cmd.id)
+        post = cmd.kind == DECIDE_POST
+        amount = cmd.amount if post else None
+        _check_partial(hold, amount)
+        status = STATUS_POSTED if post else STATUS_VOIDED
+        entries = tuple(TxEntry(e.account_id, e.direction, amount or e.amount, e.currency, e.seq, e.hash)
+                        for e in hold.entries)
+        tx = Transaction(cmd.id, status, entries, hold.code, hold.metadata, ts, pending_id=hold.id,
+                         shards=hold.shards)
+        self._store_decision(tx, cmd.digest)
+        self._update(hold.with_status(status, resolved_by=cmd.id))
+        self._drop_expiry(hold)
+        finish = self._open_decision(cmd.id, ts, hold.id, self._digest_of(hold.id),
+                                     LEG_POST if post else LEG_VOID, cmd.id, amount, hold.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
+
+    def _decide_reverse(self, cmd: Decide, ts: int) -> Result:
+        """A reversal of a cross-shard transaction: its mirrored legs were prepared as a new one."""
+        orig = self._load_tx(cmd.target)
+        if orig is None:
+            raise Rejected(ResultCode.transaction_not_found, {"transaction_id": cmd.target})
+        if orig.pending or orig.status != STATUS_POSTED:
+            raise Rejected(ResultCode.transaction_not_posted, {"transaction_id": orig.id,
+                                                               "status": orig.status})
+        if orig.reversed_by is not None:
+            raise Rejected(ResultCode.already_reversed, {"reversed_by": orig.reversed_by})
+        if cmd.outcome != ResultCode.ok:
+            raise Rejected(ResultCode(cmd.outcome), dict(cmd.details))
+        tx = Transaction(cmd.id, STATUS_POSTED, _tx_entries(cmd.entries), orig.code, orig.metadata, ts,
+                         reverses=orig.id, shards=cmd.shards)
+        self._store_decision(tx, cmd.digest)
+        self._update(orig.with_status(orig.status, reversed_by=cmd.id))
+        finish = self._open_decision(cmd.id, ts, cmd.id, cmd.digest, LEG_POST, cmd.id, None, cmd.shards)
+        return Result(ResultCode.ok, cmd.id, record=tx, details=finish)
+
+    def _store_decision(self, tx: Transaction, digest: bytes) -> None:
+        """The home's record of a cross-shard transaction; its legs emit the events."""
+        key = tx.id.encode()
+        self.cursors.transactions.put(key, pack_transaction(tx, self.packb))
+        self.cursors.idempotency.put(key, digest)
+
+    def _digest_of(self, txid: str) -> bytes:
+        raw = self.cursors.idempotency.get(txid.encode())
+        ensure(raw is not None, "a transaction without idempotency record", txid)
+        assert raw is not None
+        rejection = decode_rejection(raw)
+        return bytes(raw) if rejection is None else rejection[0]
+
+    def _open_decision(self, decision_id: str, ts: int, leg: str, digest: bytes, outcome: int, by: str,
+                       amount: int | None, participants: tuple[int, ...]) -> dict[str, Any]:
+        """What the participants still have to apply; the resolver drives it until ``Complete``.
+        Returns it as the ``finish`` a driver applies (in the decision's result details)."""
+        record = OpenDecision(decision_id, ts, leg, digest, outcome, by, amount, participants)
+        self.cursors.decisions.put(decision_id.encode(), pack_open_decision(record, self.packb))
+        return {"finish": {"decision": decision_id, "leg": leg, "digest": digest.hex(), "outcome": outcome,
+                           "by": by, "amount": amount, "participants": list(participants)}}
+
+    def _claim(self, cmd: ClaimId, ts: int) -> Result:
+        """Take ``cmd.id`` here, at its home, for a transaction recorded on shard ``cmd.at``: stored
+        like a rejection whose code is ``ok``, so every path that checks an id here sees it."""
+        problem = claim_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.id, details=problem[1])
+        replay = self._replay(cmd.id, cmd.digest)
+        if replay is not None:
+            return replay
+        details = {CLAIMED_AT: cmd.at}
+        self.cursors.idempotency.put(cmd.id.encode(), msgpack.packb([cmd.digest, 0, ts, details]))
+        return Result(ResultCode.ok, cmd.id, details=details)
+
+    def _complete(self, cmd: Complete) -> Result:
+        cursor = self.cursors.decisions
+        if cursor.set_key(cmd.id.encode()):
+            cursor.delete()
+        return Result(ResultCode.ok, cmd.id)
+
     # ---- expiry -------------------------------------------------------------------------------
 
     def _expire_due(self, ts: int) -> None:
@@ -599,11 +919,15 @@ class Applier:
             hold = self._load_tx(bytes(key[8:]).decode())
             ensure(hold is not None and hold.status == STATUS_PENDING, "expiry of a non-hold")
             assert hold is not None
+            expired = hold.with_status(STATUS_EXPIRED)
+            self._update(expired)
+            if hold.cross_shard:  # its legs expire on their shards, driven by the home's resolver
+                self._open_decision(hold.id + EXPIRY_SUFFIX, ts, hold.id, self._digest_of(hold.id),
+                                    LEG_EXPIRE, hold.id, None, hold.shards)
+                continue
             moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
                      for e in hold.entries]
             self._move(moves, hold.id, ts, new_entries=False)
-            expired = hold.with_status(STATUS_EXPIRED)
-            self._update(expired)
             self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired, self.packb))
 
     def _drop_expiry(self, hold: Transaction) -> None:

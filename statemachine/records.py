@@ -185,11 +185,13 @@ class Transaction:
     reverses: Final[str | None]
     reversed_by: Final[str | None]
     resolved_by: Final[str | None]
+    shards: Final[tuple[int, ...]]  # a cross-shard transaction's shards (its home holds this record)
 
     def __init__(self, id: str, status: str, entries: tuple[TxEntry, ...], code: str,
                  metadata: dict[str, Any], timestamp: int, pending: bool = False,
                  timeout_seconds: int = 0, pending_id: str | None = None, reverses: str | None = None,
-                 reversed_by: str | None = None, resolved_by: str | None = None) -> None:
+                 reversed_by: str | None = None, resolved_by: str | None = None,
+                 shards: tuple[int, ...] = ()) -> None:
         self.id = id
         self.status = status
         self.entries = entries
@@ -202,6 +204,11 @@ class Transaction:
         self.reverses = reverses
         self.reversed_by = reversed_by
         self.resolved_by = resolved_by
+        self.shards = shards
+
+    @property
+    def cross_shard(self) -> bool:
+        return bool(self.shards)
 
     def with_status(self, status: str, *, resolved_by: str | None = None,
                     reversed_by: str | None = None) -> Transaction:
@@ -212,7 +219,7 @@ class Transaction:
         """
         return Transaction(self.id, status, self.entries, self.code, self.metadata, self.timestamp,
                            self.pending, self.timeout_seconds, self.pending_id, self.reverses,
-                           reversed_by, resolved_by)
+                           reversed_by, resolved_by, self.shards)
 
     @property
     def initial_status(self) -> str:
@@ -240,8 +247,86 @@ class Transaction:
             "reverses": self.reverses,
             "reversed_by": self.reversed_by,
             "resolved_by": self.resolved_by,
-            "shards": [shard],
+            "shards": list(self.shards) if self.shards else [shard],
+            "cross_shard": bool(self.shards),
         }
+
+
+LEG_PREPARED: Final = "prepared"  # holds placed, no decision yet
+LEG_REFUSED: Final = "refused"  # the prepare was refused (its code and details kept)
+LEG_ABORTED: Final = "aborted"  # a void arrived before any prepare: a later prepare is refused
+LEG_HELD: Final = "held"  # committed as a hold: waits for a post, a void or an expiry
+LEG_OPEN: Final = (LEG_PREPARED, LEG_HELD)
+
+
+@dataclass(init=False, slots=True)
+class Leg:
+    """A participant's part of a cross-shard transaction: its entries, placed as holds and later
+    posted, kept, voided or expired (``status`` then names that: posted, voided, expired)."""
+
+    id: Final[str]
+    status: Final[str]
+    coordinator: Final[int]
+    digest: Final[bytes]
+    entries: Final[tuple[TxEntry, ...]]
+    pending: Final[bool]
+    code: Final[str]
+    metadata: Final[dict[str, Any]]
+    shards: Final[tuple[int, ...]]
+    timestamp: Final[int]  # when it was prepared
+    finished_by: Final[str]  # the transaction whose entries finished it ("" while open)
+    refusal: Final[int]  # the ResultCode of a refused prepare (0 otherwise)
+    details: Final[dict[str, Any]]
+
+    def __init__(self, id: str, status: str, coordinator: int, digest: bytes,
+                 entries: tuple[TxEntry, ...], pending: bool, code: str, metadata: dict[str, Any],
+                 shards: tuple[int, ...], timestamp: int, finished_by: str = "", refusal: int = 0,
+                 details: dict[str, Any] | None = None) -> None:
+        self.id = id
+        self.status = status
+        self.coordinator = coordinator
+        self.digest = digest
+        self.entries = entries
+        self.pending = pending
+        self.code = code
+        self.metadata = metadata
+        self.shards = shards
+        self.timestamp = timestamp
+        self.finished_by = finished_by
+        self.refusal = refusal
+        self.details = {} if details is None else details
+
+    def finished(self, status: str, by: str) -> Leg:
+        return Leg(self.id, status, self.coordinator, self.digest, self.entries, self.pending, self.code,
+                   self.metadata, self.shards, self.timestamp, by, self.refusal, self.details)
+
+    def as_transaction(self) -> Transaction:
+        """The leg as the transaction record a participant answers with (its own entries)."""
+        status = STATUS_PENDING if self.status in LEG_OPEN else self.status
+        return Transaction(self.id, status, self.entries, self.code, self.metadata, self.timestamp,
+                           self.pending, shards=self.shards)
+
+    def to_json(self, shard: int) -> dict[str, Any]:
+        return {"id": self.id, "status": self.status, "shard": shard, "coordinator": self.coordinator,
+                "shards": list(self.shards), "entries": [e.to_json() for e in self.entries],
+                "pending": self.pending, "timestamp": self.timestamp,
+                "finished_by": self.finished_by or None}
+
+
+@dataclass(frozen=True, slots=True)
+class OpenDecision:
+    """At a coordinator: a decision whose participants may not all have finished their legs yet.
+
+    Each participant in ``participants`` must apply ``FinishLeg(leg, digest, outcome, by, amount)``."""
+
+    id: str  # the decision's own id: the transaction's, a follow-up's, or EXPIRY_SUFFIX appended
+    timestamp: int
+    leg: str  # the legs to finish: those of this transaction id
+    digest: bytes  # ... placed for this payload
+    outcome: int  # commands.LEG_*
+    by: str
+    amount: int | None
+    participants: tuple[int, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,6 +18,7 @@ import msgpack
 
 from . import hashing
 from .codec import CodecError, Invalid, decode_requests, entry_version
+from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
@@ -30,11 +31,15 @@ from .layout import (
     entry_hash_of,
     entry_key,
     entry_timestamp_of,
+    split_timed_key,
     unpack_account,
     unpack_entry,
+    unpack_leg,
+    unpack_open_decision,
     unpack_transaction,
 )
 from .ledger import (
+    CLAIMED_AT,
     EVENT_ACCOUNT,
     EVENT_HEAD,
     EVENT_TYPES,
@@ -48,6 +53,8 @@ from .records import (
     Balance,
     Entry,
     Event,
+    Leg,
+    OpenDecision,
     Outcome,
     Rejection,
     Transaction,
@@ -271,7 +278,17 @@ class Reader:
         if rejection is None:
             return None
         _digest, code, ts, details = rejection
+        if code == ResultCode.ok:  # a claim: the transaction is recorded elsewhere (recorded_at)
+            return None
         return Rejection(txid, code, ts, details)
+
+    def recorded_at(self, txid: str) -> int | None:
+        """The shard that records ``txid`` when this one, its home, only holds a claim on it."""
+        idem = self.txn.get(txid.encode(), db=self.dbs.idempotency)
+        rejection = None if idem is None else decode_rejection(idem)
+        if rejection is None or rejection[1] != ResultCode.ok:
+            return None
+        return int(rejection[3][CLAIMED_AT])
 
     def earliest_hold_deadline(self) -> int | None:
         """The deadline (ns) of the pending hold that expires first, or None if no hold has one.
@@ -285,6 +302,34 @@ class Reader:
             return None
         deadline: int = U64.unpack_from(cursor.key())[0]
         return deadline
+
+    def leg(self, txid: str) -> Leg | None:
+        """This shard's leg of cross-shard transaction ``txid``, if it has one."""
+        raw = self.txn.get(txid.encode(), db=self.dbs.legs)
+        return None if raw is None else unpack_leg(raw)
+
+    def open_legs(self, prepared_before_ns: int, limit: int) -> list[Leg]:
+        """Legs prepared before the given time and not decided here yet, oldest first."""
+        out: list[Leg] = []
+        cursor = self.txn.cursor(db=self.dbs.open_legs)
+        for key, _ in cursor:
+            ts, txid = split_timed_key(key)
+            if ts >= prepared_before_ns or len(out) >= limit:
+                break
+            leg = self.leg(txid)
+            if leg is not None:
+                out.append(leg)
+        return out
+
+    def open_decisions(self, decided_before_ns: int, limit: int) -> list[OpenDecision]:
+        """Decisions taken here before the given time whose participants may not all have finished
+        (only those in flight or interrupted are open: the table stays small)."""
+        out: list[OpenDecision] = []
+        for key, value in self.txn.cursor(db=self.dbs.decisions):
+            decision = unpack_open_decision(key, value)
+            if decision.timestamp < decided_before_ns:
+                out.append(decision)
+        return sorted(out, key=lambda d: d.timestamp)[:limit]
 
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
         """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""

@@ -20,13 +20,17 @@ import msgpack
 
 from .codes import ResultCode
 from .commands import (
+    DECIDE_KINDS,
     AccountFlag,
+    ClaimId,
     Command,
     CreateAccount,
     CreateTransaction,
+    Decide,
     Direction,
     EntrySpec,
     PostPending,
+    PrepareLeg,
     ReverseTransaction,
     VoidPending,
     amount_max,
@@ -135,14 +139,21 @@ def _entries_problem(cmd: CreateTransaction, rules: int) -> Problem | None:
         return ResultCode.too_few_entries, {"count": count}
     if count > entries_per_transaction_max:
         return ResultCode.too_many_entries, {"count": count}
-    for i, e in enumerate(cmd.entries):
+    problem = _entry_fields_problem(cmd.entries)
+    if problem:
+        return problem
+    return _self_transfer_problem(cmd.entries) if rules >= RULES_SELF_TRANSFER else None
+
+
+def _entry_fields_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
+    for i, e in enumerate(entries):
         if not valid_account_id(e.account_id):
             return ResultCode.invalid_id, {"field": f"entries[{i}].account_id"}
         if not valid_amount(e.amount):
             return ResultCode.invalid_amount, {"field": f"entries[{i}].amount"}
         if not CURRENCIES.matches(e.currency):
             return ResultCode.invalid_currency, {"field": f"entries[{i}].currency"}
-    return _self_transfer_problem(cmd.entries) if rules >= RULES_SELF_TRANSFER else None
+    return None
 
 
 def _self_transfer_problem(entries: tuple[EntrySpec, ...]) -> Problem | None:
@@ -188,6 +199,32 @@ def follow_up_problem(cmd: PostPending | VoidPending | ReverseTransaction) -> Pr
     if isinstance(cmd, PostPending) and cmd.amount is not None and not valid_amount(cmd.amount):
         return ResultCode.invalid_amount, {"field": "amount"}
     return None
+
+
+digest_bytes: Final = 32
+
+
+def leg_problem(cmd: PrepareLeg) -> Problem | None:
+    """A leg's shape: one to ``entries_per_transaction_max`` entries of well-formed accounts,
+    amounts and currencies, and a digest (the client's command was checked whole by its node)."""
+    problem = _id_problem(cmd.id, "id")
+    if problem:
+        return problem
+    if len(cmd.digest) != digest_bytes or not 0 < len(cmd.entries) <= entries_per_transaction_max:
+        return ResultCode.invalid_command, {"field": "entries"}
+    return _entry_fields_problem(cmd.entries)
+
+
+def decide_problem(cmd: Decide) -> Problem | None:
+    if len(cmd.digest) != digest_bytes or cmd.kind not in DECIDE_KINDS:
+        return ResultCode.invalid_command, {"field": "decision"}
+    return _id_problem(cmd.id, "id") or (_id_problem(cmd.target, "target") if cmd.target else None)
+
+
+def claim_problem(cmd: ClaimId) -> Problem | None:
+    if len(cmd.digest) != digest_bytes or cmd.at < 0:
+        return ResultCode.invalid_command, {"field": "claim"}
+    return _id_problem(cmd.id, "id")
 
 
 def command_problem(cmd: Command, rules: int = RULES_VERSION) -> Problem | None:

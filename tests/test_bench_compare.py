@@ -16,7 +16,8 @@ from raftledger.statemachine import hashing
 
 TINY = ["--rounds", "1", "--duration", "1", "--warmup", "0", "--threads", "3",
         "--connections", "6", "--batch-connections", "3", "--groups", "16",
-        "--pg-workers", "1", "--pg-pool", "2"]
+        "--pg-workers", "1", "--pg-pool", "2", "--workloads", "single,batch,cross,untagged"]
+WORKLOADS = ["single", "batch of 100", "cross-shard", "untagged ids"]
 CHAIN_ACCOUNT = "a1:{g3}"
 
 
@@ -91,14 +92,14 @@ def test_compare_drives_both_systems_without_errors_and_postgres_conserves_money
     assert status == 0, out
 
     runs = table_rows(out, "round")
-    assert {(r[1], r[2]) for r in runs} == {(w, s) for w in ("single", "batch of 100")
+    assert {(r[1], r[2]) for r in runs} == {(w, s) for w in WORKLOADS
                                             for s in ("raftledger", "PostgreSQL")}, out
     for _, workload, system, requests_s, transfers_s, p50, p99, errors, *_ in runs:
         assert float(transfers_s.replace(",", "")) > 0, (workload, system, out)
         assert float(requests_s.replace(",", "")) > 0 and 0 < float(p50) <= float(p99)
         assert errors == "0", (workload, system, out)
     ratios = table_rows(out, "workload")
-    assert [r[0] for r in ratios] == ["single", "batch of 100"]
+    assert [r[0] for r in ratios] == WORKLOADS
     assert all(float(r[2]) > 0 for r in ratios), out
     assert "wrk --threads=3 --connections=6" in out and "machine:" in out
 
@@ -128,3 +129,13 @@ def test_postgres_ledger_refuses_malformed_transfers_before_the_database():
     with pytest.raises(pg_ledger.Invalid) as exc:
         pg_ledger.parse_transfer(good, header_id="t2")
     assert exc.value.code == "idempotency_key_mismatch"
+
+
+def test_cross_shard_partners_live_on_another_shard():
+    from raftledger.cluster.router import shard_for_account
+
+    partners = compare.partner_groups(16, 3)
+    for g, h in enumerate(partners):
+        assert shard_for_account(f"a0:{{g{g}}}", 3) != shard_for_account(f"a0:{{g{h}}}", 3)
+    with pytest.raises(SystemExit):
+        compare.partner_groups(1, 3)

@@ -63,8 +63,9 @@ async def make_accounts(api: TestClient, *ids: str, **fields: Any) -> None:
 
 def transfer(txid: str, amount: Any = 100, debit: str = f"a{TAG}",
              credit: str = f"b{TAG}") -> dict[str, Any]:
-    """By default from a{TAG} to b{TAG}, the two accounts most tests open."""
-    return transfer_body(txid, debit, credit, amount)
+    """By default from a{TAG} to b{TAG}, the two accounts most tests open, with an id of the same tag:
+    a single-shard transaction (cross-shard ones: tests/test_cross_shard.py)."""
+    return transfer_body(txid if "{" in txid else txid + TAG, debit, credit, amount)
 
 
 async def test_create_account_then_identical_again_is_200_replayed(api):
@@ -93,8 +94,8 @@ async def test_transfer_read_balance_and_statement(api):
         assert header in bal.headers
     statement = await (await api.get(f"/v1/accounts/a{TAG}/entries")).json()
     assert [e["seq"] for e in statement["entries"]] == [1] and statement["next"] is None
-    got = await api.get("/v1/transactions/t1")
-    assert got.status == 200 and (await got.json())["id"] == "t1"
+    got = await api.get(f"/v1/transactions/t1{TAG}")
+    assert got.status == 200 and (await got.json())["id"] == f"t1{TAG}"
 
 
 async def test_totals_beyond_64_bits_are_exact_json_integers(api):
@@ -141,7 +142,7 @@ async def test_a_transfer_from_an_account_to_itself_is_422_and_takes_no_id(api):
 
 async def test_identical_retry_is_replayed_and_different_payload_is_409(api):
     await make_accounts(api, f"a{TAG}", f"b{TAG}")
-    first = await api.post("/v1/transactions", json=transfer("t2"), headers={"Idempotency-Key": "t2"})
+    first = await api.post("/v1/transactions", json=transfer("t2"), headers={"Idempotency-Key": f"t2{TAG}"})
     again = await api.post("/v1/transactions", json=transfer("t2"))
     assert first.status == again.status == 201
     assert again.headers["Idempotent-Replayed"] == "true"
@@ -166,13 +167,13 @@ async def test_pending_post_void_reverse(api):
     await make_accounts(api, f"a{TAG}", f"b{TAG}")
     hold = dict(transfer("h1", 100), pending=True)
     assert (await api.post("/v1/transactions", json=hold)).status == 201
-    posted = await api.post("/v1/transactions/h1/post", json={"amount": 60})
+    posted = await api.post(f"/v1/transactions/h1{TAG}/post", json={"amount": 60})
     assert posted.status == 201, await posted.text()
-    assert (await posted.json())["id"] == "h1:post"
-    assert (await api.post("/v1/transactions/h1/void")).status == 422
-    reversed_ = await api.post("/v1/transactions/h1:post/reverse")
+    assert (await posted.json())["id"] == f"h1{TAG}:post"
+    assert (await api.post(f"/v1/transactions/h1{TAG}/void")).status == 422
+    reversed_ = await api.post(f"/v1/transactions/h1{TAG}:post/reverse")
     assert reversed_.status == 201, await reversed_.text()
-    twice = await api.post("/v1/transactions/h1:post/reverse", json={"id": "r2"})
+    twice = await api.post(f"/v1/transactions/h1{TAG}:post/reverse", json={"id": f"r2{TAG}"})
     assert (await twice.json())["error"]["code"] == "already_reversed"
 
 
@@ -188,19 +189,8 @@ async def test_batch_independent_and_atomic(api):
               "atomic": True}
     results = (await (await api.post("/v1/transactions/batch", json=atomic)).json())["results"]
     assert [r["error"]["code"] for r in results] == ["linked_event_failed", "account_not_found"]
-    assert (await api.get("/v1/transactions/b4")).status == 404  # all or none
+    assert (await api.get(f"/v1/transactions/b4{TAG}")).status == 404  # all or none
     assert (await (await api.get(f"/v1/accounts/a{TAG}")).json())["seq"] == 2
-
-
-async def test_cross_shard_transaction_is_refused(api):
-    ids = [f"x{i}" for i in range(40)]
-    shards = {i: NodeContext("n", {}, SHARDS).shard_of(i) for i in ids}
-    one = next(i for i in ids if shards[i] == 0)
-    other = next(i for i in ids if shards[i] == 1)
-    await make_accounts(api, one, other)
-    resp = await api.post("/v1/transactions", json=transfer("xs", debit=one, credit=other))
-    assert resp.status == 422
-    assert (await resp.json())["error"]["code"] == "cross_shard_not_supported"
 
 
 async def test_many_accounts_in_one_request_span_shards(api):
@@ -217,7 +207,7 @@ async def test_seed_routes(api):
     assert resp.status == 201
     assert (await (await api.get(f"/contas/a{TAG}/saldo")).json())["balance"] == 100
     extrato = await (await api.get(f"/contas/a{TAG}/extrato", params={"order": "desc"})).json()
-    assert extrato["entries"][0]["transaction_id"] == "pt1"
+    assert extrato["entries"][0]["transaction_id"] == f"pt1{TAG}"
 
 
 async def test_statement_cursor_pages_through_every_entry(api):
@@ -240,7 +230,7 @@ async def test_msgpack_in_and_out(api):
     resp = await api.post("/v1/transactions", data=msgpack.packb(transfer("mp1")),
                           headers={"Content-Type": "application/msgpack"})
     assert resp.status == 201 and resp.content_type == "application/msgpack"
-    assert msgpack.unpackb(await resp.read())["id"] == "mp1"
+    assert msgpack.unpackb(await resp.read())["id"] == f"mp1{TAG}"
 
 
 async def test_bounded_staleness_read_is_refused_when_leader_not_heard_from(api):

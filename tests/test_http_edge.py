@@ -323,7 +323,7 @@ async def test_405_answers_allow_header(serve):
 
 
 @pytest.mark.parametrize("path", [f"/v1/accounts/a{TAG}", f"/v1/accounts/a{TAG}/balance",
-                                  f"/v1/accounts/a{TAG}/entries", "/v1/transactions/t1"])
+                                  f"/v1/accounts/a{TAG}/entries", f"/v1/transactions/t1{TAG}"])
 async def test_min_token_naming_a_shard_that_does_not_exist_is_400_invalid_token(serve, path):
     served = await serve()
     async with served.http.post(served.url + "/v1/accounts",

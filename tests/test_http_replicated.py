@@ -106,7 +106,7 @@ async def test_write_on_any_node_reaches_the_leader_and_follower_reads_with_toke
         assert status == 201, body
     for n in range(20):
         status, body, headers = await post(cluster, follower, "/v1/transactions", {
-            "id": f"t{n}", "debit_account_id": f"a{TAG}", "credit_account_id": f"b{TAG}",
+            "id": f"t{n}{TAG}", "debit_account_id": f"a{TAG}", "credit_account_id": f"b{TAG}",
             "amount": 10, "currency": "BRL"})
         assert status == 201, body
         token = headers["X-Ledger-Token"]
@@ -122,7 +122,7 @@ async def test_write_on_any_node_reaches_the_leader_and_follower_reads_with_toke
 async def test_replayed_write_through_another_node_is_idempotent(cluster):
     for ident in (f"a{TAG}", f"b{TAG}"):
         await post(cluster, 0, "/v1/accounts", {"id": ident, "currency": "BRL"})
-    body = {"id": "once", "debit_account_id": f"a{TAG}", "credit_account_id": f"b{TAG}",
+    body = {"id": f"once{TAG}", "debit_account_id": f"a{TAG}", "credit_account_id": f"b{TAG}",
             "amount": 5, "currency": "BRL"}
     first = await post(cluster, 0, "/v1/transactions", body)
     second = await post(cluster, 1, "/v1/transactions", body)

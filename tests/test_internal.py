@@ -19,7 +19,20 @@ from raftledger.node.http import NodeContext, create_app
 from raftledger.node.http import internal as internal_api
 from raftledger.node.testing import DirectShard, ids_on_shard
 from raftledger.statemachine import codec
-from raftledger.statemachine.commands import Batch, CreateAccount, ExpireHolds
+from raftledger.statemachine.commands import (
+    DECIDE_NEW,
+    LEG_VOID,
+    Batch,
+    ClaimId,
+    Complete,
+    CreateAccount,
+    Decide,
+    Direction,
+    EntrySpec,
+    ExpireHolds,
+    FinishLeg,
+    PrepareLeg,
+)
 from raftledger.statemachine.store import LedgerStore
 from raftledger.statemachine.testing import account, transfer
 
@@ -173,6 +186,23 @@ async def test_a_self_transfer_or_a_leader_only_command_is_refused_unapplied(nod
     [expire] = await submit(internal, 0, ExpireHolds())  # proposed by a leader itself, never sent
     assert expire["error"]["code"] == "malformed_body"
     assert applied(stores) == [0, 0]
+
+
+async def test_the_steps_of_a_cross_shard_transaction_are_admitted_alone_or_batched(node):
+    internal, _, stores = node
+    here, there = ids_on_shard(0, SHARDS, "x")[0], ids_on_shard(1, SHARDS, "x")[0]
+    digest = b"d" * 32
+    leg = PrepareLeg("x1", 0, digest, (EntrySpec(here, Direction.debit, 5, "BRL"),), shards=(0, 1))
+    steps = [ClaimId("x9", digest, 1), Batch((leg, Decide("x1", digest, DECIDE_NEW, 0, local=True))),
+             FinishLeg("x1", digest, LEG_VOID, "x1"), Complete("x1")]
+    for step in steps:
+        [reply] = await submit(internal, 0, step)
+        assert "error" not in reply, (step, reply)
+    elsewhere = PrepareLeg("x2", 0, digest, (EntrySpec(there, Direction.debit, 5, "BRL"),), shards=(1,))
+    for step in (elsewhere, Batch((elsewhere,))):
+        [reply] = await submit(internal, 0, step)
+        assert reply["error"]["code"] == "wrong_shard"
+    assert applied(stores) == [len(steps), 0]
 
 
 async def test_a_shard_in_the_path_that_is_not_a_hosted_number_is_a_404(node):

@@ -87,7 +87,7 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
     assert not any(pid_alive(p) for p in pids)
     with running_up(data_dir, base) as second:
         assert any("resuming the cluster" in line for line in second.lines)
-        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
+        assert any("demo-transfer-1:{demo}: ok (replayed)" in line for line in second.lines), second.lines
 
 
 def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_port(tmp_path):
@@ -106,7 +106,7 @@ def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_
         json.dump(plan, f)
     os.remove(os.path.join(data_dir, "cluster.secret"))
     with running_up(data_dir, base) as second:
-        assert any("demo-transfer-1: ok (replayed)" in line for line in second.lines), second.lines
+        assert any("demo-transfer-1:{demo}: ok (replayed)" in line for line in second.lines), second.lines
     with open(path) as f:
         upgraded = json.load(f)
     assert upgraded["version"] == 2 and all(n["internal"] for n in upgraded["nodes"])

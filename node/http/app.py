@@ -4,12 +4,13 @@ listener (``internal.create_app``), each served on its own port."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 
 import uvloop
 from aiohttp import web
 
-from . import internal, ops, reads, writes
+from . import cross_shard, internal, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -61,7 +62,18 @@ def install(app: web.Application, ctx: NodeContext) -> None:
     async def close_client(_: web.Application) -> None:
         await ctx.close()
 
+    app.cleanup_ctx.append(partial(_resolvers, ctx))
     app.on_cleanup.append(close_client)
+
+
+async def _resolvers(ctx: NodeContext, _: web.Application) -> AsyncIterator[None]:
+    """The cross-shard resolver runs while the API serves (docs/design.md)."""
+    task = asyncio.get_running_loop().create_task(cross_shard.resolve(ctx), name="cross-shard-resolver")
+    yield
+    task.cancel()
+    for pending in [task, *ctx.background]:
+        pending.cancel()
+    await asyncio.gather(task, *ctx.background, return_exceptions=True)
 
 
 async def start(ctx: NodeContext, host: str, port: int,

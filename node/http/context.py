@@ -39,6 +39,7 @@ class NodeContext:
     metrics: Metrics = None  # type: ignore[assignment]  # None: made in __post_init__
     session: aiohttp.ClientSession | None = None
     forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
+    background: set[Any] = field(default_factory=set)  # asyncio tasks off the request path
 
     def __post_init__(self) -> None:
         if self.metrics is None:

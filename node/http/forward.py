@@ -86,7 +86,7 @@ async def _via_leader(ctx: NodeContext, shard: int,
     """Run on the local replica if it leads, else on the leader node; wait out elections (bounded)."""
     svc = ctx.shards.get(shard)
     if svc is None:
-        return await _via_hosts(ctx, shard, remote)
+        return await via_hosts(ctx, shard, remote)
     clock = ctx.clock
     deadline = clock.monotonic() + ctx.settings.forwarding.leader_wait_s
     hint: str | None = None
@@ -144,7 +144,7 @@ async def _unless_leader_moves(svc: ShardService, leader: str, changed: asyncio.
             task.cancel()
 
 
-async def _via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Awaitable[T]]) -> T:
+async def via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Awaitable[T]]) -> T:
     """A shard this node does not host: ask its hosts; one that does not lead names the leader."""
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
     if not hosts:

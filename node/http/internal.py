@@ -5,12 +5,17 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
 - ``/internal/v1/shards/{shard}/submit`` — forwarded commands, committed here (this node leads the
   shard) or refused with ``not_leader``; never forwarded again. Each command is checked as a public
   request is: its shape (``parse.check``), the batch limit, and that every account it names lives on
-  this shard; a command that fails is answered with its error and never proposed.
+  this shard; a command that fails is answered with its error and never proposed. The steps of a
+  cross-shard transaction (``PrepareLeg``, ``Decide``, ``FinishLeg``, ``Complete``) arrive here too.
 - ``/internal/v1/shards/{shard}/barrier`` — a linearizable read index from the leader.
+- ``/internal/v1/shards/{shard}/transaction`` — a transaction's record on that shard (post / void /
+  reverse and the cross-shard protocol find their target with it).
 - ``/internal/v1/status`` — this node's replicas (role, term, indexes, fingerprint).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
   generator; served only when the node runs with ``RAFTLEDGER_BENCH=1``.
+- ``/internal/v1/faults`` — arms crash points (``raftledger.node.faults``); served only when the
+  node runs with ``RAFTLEDGER_FAULTS=1``.
 
 A request that does not authenticate gets 401 and touches nothing.
 """
@@ -30,22 +35,35 @@ from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
     AnyCommand,
     Batch,
+    ClaimId,
     Command,
+    Complete,
     CreateAccount,
     CreateTransaction,
+    Decide,
+    ExpireHolds,
+    FinishLeg,
+    PostPending,
+    PrepareLeg,
+    ProtocolCommand,
+    ReverseTransaction,
+    VoidPending,
     batch_commands_max,
 )
 
-from .. import wire
+from .. import faults, wire
 from ..service import ShardService
 from . import parse
 from .body import read_raw
 from .context import NodeContext
+from .reads import transaction_at
 from .render import Rendered
 
 log = logging.getLogger(__name__)
 
 BENCH_ENV = "RAFTLEDGER_BENCH"
+
+CLIENT_COMMANDS = (CreateAccount, CreateTransaction, PostPending, VoidPending, ReverseTransaction)
 
 Handler = Callable[[NodeContext, web.Request, Any], Awaitable[Any]]
 
@@ -118,7 +136,7 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
     return {"replies": replies}
 
 
-def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> Command | Batch:
+def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> AnyCommand:
     """The checks of the public edge, for a command that arrives already built: its shape, the
     batch limit, and that it belongs to ``shard``. Raises LedgerError."""
     if isinstance(command, codec.Invalid):
@@ -130,24 +148,33 @@ def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> 
         for i, inner in enumerate(command.commands):
             _admit_one(ctx, shard, inner, f"commands[{i}]")
         return command
-    if isinstance(command, Command):  # type: ignore[misc, arg-type]
-        _admit_one(ctx, shard, command, "")
-        return command
-    raise LedgerError("malformed_body", f"{type(command).__name__} is not a client command")
+    if isinstance(command, ExpireHolds):
+        raise LedgerError("malformed_body", "ExpireHolds is not a command peers send")
+    _admit_one(ctx, shard, command, "")
+    return command
 
 
-def _admit_one(ctx: NodeContext, shard: int, command: Command, where: str) -> None:
+def _admit_one(ctx: NodeContext, shard: int, command: Command | ProtocolCommand, where: str) -> None:
+    if isinstance(command, PrepareLeg):  # a step of a cross-shard transaction (cross_shard.py)
+        _only_here(ctx, shard, command.id, [e.account_id for e in command.entries])
+        return
+    if isinstance(command, Decide | FinishLeg | Complete | ClaimId):  # the state machine checks these
+        return
+    if not isinstance(command, CLIENT_COMMANDS):
+        raise LedgerError("malformed_body", f"{type(command).__name__} is not a command peers send")
     parse.check(command, where)
     if isinstance(command, CreateAccount):
-        accounts = [command.id]
+        _only_here(ctx, shard, command.id, [command.id])
     elif isinstance(command, CreateTransaction):
-        accounts = [e.account_id for e in command.entries]
-    else:  # post / void / reverse: found on the shard that holds their transaction
-        return
+        _only_here(ctx, shard, command.id, [e.account_id for e in command.entries])
+    # post / void / reverse: found on the shard that holds their transaction
+
+
+def _only_here(ctx: NodeContext, shard: int, command_id: str, accounts: list[str]) -> None:
     elsewhere = sorted({a for a in accounts if ctx.shard_of(a) != shard})
     if elsewhere:
         raise LedgerError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
-                                               "id": command.id})
+                                                  "id": command_id})
 
 
 async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> dict[str, Any]:
@@ -159,9 +186,38 @@ async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> di
         if exc.retry_after_s is not None:
             error["details"] = {**error["details"], "retry_after_s": exc.retry_after_s}
         return {"error": error}
+    if faults.is_armed("leg.prepared") and _prepares(command):
+        faults.crash_point("leg.prepared")
     outcome = committed.outcome
     results = outcome if isinstance(outcome, list) else [outcome]
     return {"index": committed.index, "results": [Rendered.of(r, svc.shard).to_wire() for r in results]}
+
+
+async def transaction(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """A transaction's record on a shard hosted here (``reads.transaction_at``)."""
+    svc = _local_shard(ctx, request)
+    txid = payload.get("id") if isinstance(payload, dict) else None
+    if not isinstance(txid, str):
+        raise LedgerError("malformed_body", "expected {\"id\": <transaction id>}")
+    where, record = await transaction_at(ctx, svc.shard, parse.parse_id(txid, "", "id"))
+    return {"shard": where, "record": record}
+
+
+def _prepares(command: AnyCommand) -> bool:
+    steps = command.commands if isinstance(command, Batch) else (command,)
+    return any(isinstance(c, PrepareLeg) for c in steps)
+
+
+async def arm_faults(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """Arm crash points (``raftledger.node.faults``); served only with ``RAFTLEDGER_FAULTS=1``."""
+    points = payload.get("crash") if isinstance(payload, dict) else None
+    if not isinstance(points, list) or not all(isinstance(p, str) for p in points):
+        raise LedgerError("malformed_body", "expected {\"crash\": [<point>, ...]}")
+    try:
+        faults.arm(points)
+    except ValueError as exc:
+        raise LedgerError("malformed_body", str(exc)) from None
+    return {"armed": sorted(points)}
 
 
 async def barrier(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
@@ -218,6 +274,7 @@ async def bench_result(ctx: NodeContext, request: web.Request, _: Any) -> dict[s
 ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/submit", submit),
     ("/shards/{shard}/barrier", barrier),
+    ("/shards/{shard}/transaction", transaction),
     ("/shards/{shard}/totals", totals),
     ("/status", status),
 )
@@ -234,6 +291,7 @@ def create_app(ctx: NodeContext) -> web.Application:
     app = web.Application(middlewares=[not_found], client_max_size=ctx.settings.internal.body_bytes_max)
     guard = wire.ReplayGuard(ctx.settings.internal.window_s, ctx.settings.internal.replay_nonces_max)
     routes = ROUTES + (BENCH_ROUTES if os.environ.get(BENCH_ENV) == "1" else ())
+    routes += (("/faults", arm_faults),) if faults.enabled() else ()
     for path, handler in routes:
         app.router.add_post(wire.PREFIX + path, sealed(ctx, guard, handler))
     return app

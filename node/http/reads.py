@@ -10,19 +10,18 @@ A shard not hosted here is read on a node that hosts it (the request is proxied 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 from aiohttp import web
 from raftledger.client.errors import STATUS, LedgerError
-from raftledger.statemachine.records import Transaction
 from raftledger.statemachine.store import QueryError, Reader
 
 from ..service import ShardService
 from . import parse
 from .context import NodeContext, context_of
-from .forward import FORWARDED_HEADER, read_barrier
+from .forward import FORWARDED_HEADER, call_peer, read_barrier, via_hosts
 from .render import respond
 
 NODE_HEADER = "X-Ledger-Node"
@@ -130,48 +129,72 @@ async def get_entries(request: web.Request) -> web.Response:
 
 
 async def get_transaction(request: web.Request) -> web.Response:
-    """Search the hosted shards (a transaction lives on the shard of its accounts)."""
+    """At the home of the id (the shard of its tag, else of its hash), which records every
+    transaction's outcome or, for a follow-up or batch item recorded elsewhere, says where (a claim);
+    then the other hosted shards, where data from before ids had homes lives."""
     ctx = context_of(request)
     txid = parse.parse_id(request.match_info["id"], "", "id")
     parse.check_query(request.query, parse.READ_PARAMS)
     params = parse.parse_read_params(request.query, ctx.shard_count)
+    home = ctx.shard_of(txid)
+    forwarded = FORWARDED_HEADER in request.headers
+    if home not in ctx.shards and not forwarded:
+        return await proxy_read(request, home)
     headers: dict[str, str] = {}
-    for svc in _hosted(ctx):
+    for svc in sorted(ctx.shards.values(), key=lambda svc: svc.shard != home):
         await ensure_consistency(ctx, svc, params)
         with svc.store.reader() as reader:
             record = reader.transaction(txid)
+            elsewhere = reader.recorded_at(txid)
             headers = freshness_headers(ctx, svc, reader.state().applied_index)
         if record is not None:
             return respond(request, 200, record.to_json(svc.shard), headers)
-    missing = [s for s in range(ctx.shard_count) if s not in ctx.shards]
-    if missing and FORWARDED_HEADER not in request.headers:
-        return await proxy_read(request, missing[0])
+        if elsewhere is not None:
+            _, found = await transaction_at(ctx, elsewhere, txid)
+            if found is not None:
+                return respond(request, 200, found, headers)
     raise LedgerError("transaction_not_found", details={"id": txid}, headers=headers)
 
 
-def _hosted(ctx: NodeContext) -> Iterable[ShardService]:
-    return (ctx.shards[s] for s in sorted(ctx.shards))
+Found = tuple[int, dict[str, Any] | None]
 
 
-async def locate_transaction(ctx: NodeContext, txid: str) -> int:
-    """The shard holding ``txid`` (for post/void/reverse).
-
-    One shard: it. Otherwise look in the hosted replicas, first as applied, then after a read
-    barrier, so a just-created hold is found on a lagging follower. Not found anywhere: route by the
-    id's hash, where the ledger answers ``pending_not_found`` / ``transaction_not_found``.
-    """
-    if ctx.shard_count == 1:
-        return 0
+async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> Found:
+    """Where ``txid`` is recorded and its record (API shape; a rejection's too), looked for on
+    ``shard`` (following a claim there), read on a replica here or on a node hosting one; None if
+    absent. Found as applied, else after a read barrier: a record, once written, keeps what post /
+    void / reverse route by (its id, entries and shards), so a lagging replica is good enough when
+    it has it."""
+    svc = ctx.shards.get(shard)
+    if svc is None:
+        async def remote(node: str) -> Found:
+            answer = await call_peer(ctx, node, f"/shards/{shard}/transaction", {"id": txid})
+            return int(answer["shard"]), answer["record"]
+        return await via_hosts(ctx, shard, remote)
     for linearizable in (False, True):
-        for svc in _hosted(ctx):
-            if linearizable:
-                await _wait_applied(ctx, svc, await read_barrier(ctx, svc.shard),
-                                    ctx.settings.http.consistency_wait_s)
-            with svc.store.reader() as reader:
-                found = reader.transaction(txid)
-            if isinstance(found, Transaction):
-                return svc.shard
-    return ctx.shard_of(txid)
+        if linearizable:
+            index = await read_barrier(ctx, shard)
+            await _wait_applied(ctx, svc, index, ctx.settings.http.consistency_wait_s)
+        with svc.store.reader() as reader:
+            found = reader.transaction(txid)
+            elsewhere = reader.recorded_at(txid)
+        if found is not None:
+            return shard, found.to_json(shard)
+        if elsewhere is not None:  # claims never name a claim: one more read at most
+            return await transaction_at(ctx, elsewhere, txid)
+    return shard, None
+
+
+async def locate_transaction(ctx: NodeContext, txid: str) -> Found:
+    """The shard holding ``txid`` and its record (for post/void/reverse): at its home, or where its
+    home's claim says; else on a hosted shard (data from before ids had homes); else its home, where
+    the ledger answers ``pending_not_found`` / ``transaction_not_found``."""
+    home = ctx.shard_of(txid)
+    for shard in [home, *sorted(s for s in ctx.shards if s != home and ctx.shard_count > 1)]:
+        where, record = await transaction_at(ctx, shard, txid)
+        if record is not None:  # a rejected one is not there to post, void or reverse: its shard says so
+            return where, None if record["status"] == "rejected" else record
+    return home, None
 
 
 async def proxy_read(request: web.Request, shard: int) -> web.Response:

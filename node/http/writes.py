@@ -8,14 +8,22 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
-from raftledger.statemachine.commands import Batch, Command, CreateTransaction
+from raftledger.statemachine.codec import payload_hash
+from raftledger.statemachine.commands import (
+    Batch,
+    Command,
+    CreateTransaction,
+    PostPending,
+    ReverseTransaction,
+    VoidPending,
+)
 
-from . import bodies, parse
+from . import bodies, cross_shard, parse
 from .body import read_json
 from .context import NodeContext, context_of
 from .forward import ShardReply, submit
@@ -24,21 +32,6 @@ from .render import Rendered, replay_headers, respond
 
 TOKEN_HEADER = "X-Ledger-Token"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-
-
-def transaction_shard(ctx: NodeContext, command: CreateTransaction) -> int:
-    """The one shard holding every account of the transaction (cross-shard is not supported yet)."""
-    shards = {ctx.shard_of(e.account_id) for e in command.entries}
-    if len(shards) > 1:
-        raise LedgerError("cross_shard_not_supported",
-                       details={"id": command.id, "shards": sorted(shards)})
-    return shards.pop() if shards else 0
-
-
-def token_headers(replies: Sequence[ShardReply]) -> dict[str, str]:
-    if not replies:
-        return {}  # nothing was written (every item was refused before reaching a shard)
-    return {TOKEN_HEADER: parse.format_token({r.shard: r.index for r in replies})}
 
 
 def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
@@ -51,29 +44,56 @@ async def _single(request: web.Request, shard: int, command: Command, kind: str)
     ctx = context_of(request)
     reply = await submit(ctx, shard, command)
     _observe(ctx, reply, kind)
-    result = reply.results[0]
-    headers = token_headers([reply]) | replay_headers(result.replayed)
-    return respond(request, result.status, result.body(), headers)
+    return _answer(request, reply.results[0], {reply.shard: reply.index})
 
 
-async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic: bool,
-                kind: str, early: dict[int, Rendered] | None = None) -> web.Response:
-    """Commands grouped by shard, one Batch per shard, results put back in request order."""
+def _answer(request: web.Request, result: Rendered, indexes: dict[int, int]) -> web.Response:
+    return respond(request, result.status, result.body(), _token(indexes) | replay_headers(result.replayed))
+
+
+async def _cross_shard(request: web.Request, outcome: Awaitable[cross_shard.Outcome]) -> web.Response:
+    done = await outcome
+    _observe_outcome(context_of(request), done)
+    return _answer(request, done.result, done.indexes)
+
+
+def _observe_outcome(ctx: NodeContext, done: cross_shard.Outcome) -> None:
+    codes = Counter(r.code for r in done.results)
+    ctx.metrics.observe_results(done.coordinator, "transaction", codes, sum(r.replayed for r in done.results))
+
+
+def _token(indexes: dict[int, int]) -> dict[str, str]:
+    return {TOKEN_HEADER: parse.format_token(indexes)} if indexes else {}
+
+
+async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic: bool, kind: str,
+                apart: Mapping[int, Coroutine[Any, Any, tuple[Rendered, dict[int, int]]]] | None = None
+                ) -> web.Response:
+    """Commands grouped by shard, one Batch per shard, results put back in request order. ``apart``
+    are the items run on their own (cross-shard), concurrently with the batches."""
     ctx = context_of(request)
-    early = early or {}
+    apart = apart or {}
     groups: dict[int, list[int]] = {}
     for i, (shard, _) in enumerate(routed):
-        if i not in early:
+        if i not in apart:
             groups.setdefault(shard, []).append(i)
     shards = sorted(groups)
-    replies = await asyncio.gather(*(
+    replies = asyncio.gather(*(
         submit(ctx, s, Batch(tuple(routed[i][1] for i in groups[s]), atomic)) for s in shards))
-    results: dict[int, Rendered] = dict(early)
-    for shard, reply in zip(shards, replies, strict=True):
+    alone = asyncio.gather(*apart.values())
+    batches, outcomes = await asyncio.gather(replies, alone)
+    results: dict[int, Rendered] = {}
+    indexes: dict[int, int] = {}
+    for shard, reply in zip(shards, batches, strict=True):
         _observe(ctx, reply, kind)
         results.update(zip(groups[shard], reply.results, strict=True))
+        indexes[shard] = reply.index
+    for i, (result, touched) in zip(apart, outcomes, strict=True):
+        results[i] = result
+        for shard, index in touched.items():
+            indexes[shard] = max(index, indexes.get(shard, 0))
     items = [results[i].item(i, kind) for i in range(len(routed))]
-    return respond(request, 200, {"results": items}, token_headers(replies))
+    return respond(request, 200, {"results": items}, _token(indexes))
 
 
 async def create_accounts(request: web.Request) -> web.Response:
@@ -86,38 +106,62 @@ async def create_accounts(request: web.Request) -> web.Response:
 
 
 async def create_transaction(request: web.Request) -> web.Response:
+    """At the home of its id (docs/design.md, "Transaction ids have a home"): in one round when its
+    accounts live there too, else by two-phase commit with the home as coordinator."""
     ctx = context_of(request)
     command = bodies.parse_transaction(await read_json(request),
                                       request.headers.get(IDEMPOTENCY_HEADER))
-    return await _single(request, transaction_shard(ctx, command), command, "transaction")
+    if cross_shard.is_single_shard(ctx, command):
+        return await _single(request, ctx.shard_of(command.id), command, "transaction")
+    return await _cross_shard(request, cross_shard.create(ctx, command))
 
 
 async def create_batch(request: web.Request) -> web.Response:
+    """Single-shard items in one Batch per home, the others each by two-phase commit, concurrently;
+    an atomic batch not wholly at one home is one two-phase commit (``cross_shard.create_atomic``)."""
     ctx = context_of(request)
     commands, atomic = bodies.parse_batch(await read_json(request))
-    routed: list[tuple[int, Command]] = []
-    early: dict[int, Rendered] = {}
-    for i, command in enumerate(commands):
-        try:
-            routed.append((transaction_shard(ctx, command), command))
-        except LedgerError as exc:
-            routed.append((-1, command))
-            early[i] = Rendered(exc.code, command.id, details=exc.details)
-    if atomic and (early or len({s for s, _ in routed}) > 1):
-        raise LedgerError("cross_shard_not_supported", "an atomic batch must stay on one shard",
-                       details={"shards": sorted({s for s, _ in routed if s >= 0})})
-    return await _many(request, routed, atomic, "transaction", early)
+    single = [cross_shard.is_single_shard(ctx, c) for c in commands]
+    routed: list[tuple[int, Command]] = [(ctx.shard_of(c.id), c) for c in commands]
+    if atomic and not (all(single) and len({shard for shard, _ in routed}) == 1):
+        done = await cross_shard.create_atomic(ctx, commands)
+        _observe_outcome(ctx, done)
+        items = [result.item(i, "transaction") for i, result in enumerate(done.results)]
+        return respond(request, 200, {"results": items}, _token(done.indexes))
+    apart = {i: _cross_shard_item(ctx, c) for i, (c, one) in enumerate(zip(commands, single, strict=True))
+             if not one}
+    return await _many(request, routed, atomic, "transaction", apart)
+
+
+async def _cross_shard_item(ctx: NodeContext, command: CreateTransaction) -> tuple[Rendered, dict[int, int]]:
+    """One item of a batch that is not single-shard: its outcome, or its error as its result."""
+    try:
+        done = await cross_shard.create(ctx, command)
+    except LedgerError as exc:
+        return Rendered(exc.code, command.id, details=exc.details), {}
+    _observe_outcome(ctx, done)
+    return done.result, done.indexes
 
 
 async def _on_transaction(request: web.Request,
                           build: Callable[[Any, str, str | None], Command]) -> web.Response:
-    """post / void / reverse: a new command about an existing transaction, on that one's shard."""
+    """post / void / reverse: a new command about an existing transaction, decided where that one is
+    recorded (its home); its own id is claimed at its own home first when that is another shard.
+    A cross-shard target's legs are then finished on their shards."""
     ctx = context_of(request)
     target = request.match_info["id"]
     command = build(await read_json(request, empty={}), target,
                     request.headers.get(IDEMPOTENCY_HEADER))
-    shard = await locate_transaction(ctx, target)
-    return await _single(request, shard, command, "transaction")
+    shard, record = await locate_transaction(ctx, target)
+    taken = await cross_shard.claim(ctx, command.id, payload_hash(command), shard)
+    if taken is not None:
+        return _answer(request, taken, {})
+    if record is None or not record["cross_shard"]:
+        return await _single(request, shard, command, "transaction")
+    if isinstance(command, ReverseTransaction):
+        return await _cross_shard(request, cross_shard.reverse(ctx, command, record, shard))
+    assert isinstance(command, PostPending | VoidPending)
+    return await _cross_shard(request, cross_shard.follow_up(ctx, command, record, shard))
 
 
 async def post_pending(request: web.Request) -> web.Response:
