@@ -159,7 +159,10 @@ SCHEMAS: dict[str, Any] = {
         "entries": {"type": "array", "items": {"type": "object"}}, "timestamp": INT,
         "pending_id": {"type": ["string", "null"]}, "reverses": {"type": ["string", "null"]},
         "reversed_by": {"type": ["string", "null"]},
-        "shards": {"type": "array", "items": INT}}},
+        "shards": {"type": "array", "items": INT,
+                   "description": "the shards of its accounts (its legs, when cross_shard)"},
+        "cross_shard": {"type": "boolean",
+                        "description": "committed by two-phase commit across shards (docs/design.md)"}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),
