@@ -33,12 +33,12 @@ from .commands import (
     EntrySpec,
     ExpireHolds,
     FinishLeg,
-    LegEntry,
     PostPending,
     PrepareLeg,
     ProtocolCommand,
     Request,
     ReverseTransaction,
+    TxEntry,
     VoidPending,
 )
 from .validate import RULES_VERSION
@@ -137,11 +137,11 @@ def _optional_int(value: Any, what: str) -> int | None:
     return None if value is None else _int(value, what)
 
 
-def _leg_entry(raw: Any) -> LegEntry:
+def _leg_entry(raw: Any) -> TxEntry:
     if not isinstance(raw, list) or len(raw) != 6:
         raise CodecError("leg entry: wrong shape")
     spec = _entry(raw[:4])
-    return LegEntry(spec.account_id, spec.direction, spec.amount, spec.currency, _int(raw[4], "seq"),
+    return TxEntry(spec.account_id, spec.direction, spec.amount, spec.currency, _int(raw[4], "seq"),
                     _want(raw[5], bytes, "hash"))
 
 

@@ -218,8 +218,9 @@ class FinishLeg:
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
-class LegEntry:
-    """An entry of a cross-shard transaction as its participant placed it (seq and hash included)."""
+class TxEntry:
+    """An entry as its shard placed it (seq and hash included): in a transaction's record, and in the
+    decision of a cross-shard one, as each participant placed it."""
 
     account_id: Final[str]
     direction: Final[Direction]
@@ -237,6 +238,17 @@ class LegEntry:
         self.seq = seq
         self.hash = hash
 
+    def to_json(self) -> dict[str, Any]:
+        # Enum members' _value_ is a plain attribute; .value is a property, five times slower.
+        return {
+            "account_id": self.account_id,
+            "direction": self.direction._value_,
+            "amount": self.amount,
+            "currency": self.currency,
+            "seq": self.seq,
+            "hash": self.hash.hex(),
+        }
+
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
 class Decide:
@@ -251,7 +263,7 @@ class Decide:
     kind: Final[int]
     outcome: Final[int]  # a ResultCode value
     details: Final[dict[str, Any]]
-    entries: Final[tuple[LegEntry, ...]]
+    entries: Final[tuple[TxEntry, ...]]
     pending: Final[bool]
     timeout_seconds: Final[int]
     code: Final[str]
@@ -262,7 +274,7 @@ class Decide:
     local: Final[bool]  # this shard's own leg was prepared just before, in the same entry
 
     def __init__(self, id: str, digest: bytes, kind: int, outcome: int,
-                 details: dict[str, Any] | None = None, entries: tuple[LegEntry, ...] = (),
+                 details: dict[str, Any] | None = None, entries: tuple[TxEntry, ...] = (),
                  pending: bool = False, timeout_seconds: int = 0, code: str = "",
                  metadata: dict[str, Any] | None = None, shards: tuple[int, ...] = (),
                  target: str = "", amount: int | None = None, local: bool = False) -> None:

@@ -26,8 +26,8 @@ from typing import Any, Final
 import msgpack
 
 from .codec import DIRECTION_BYTE, DIRECTIONS
-from .commands import Direction
-from .records import Account, Leg, OpenDecision, Transaction, TxEntry
+from .commands import Direction, TxEntry
+from .records import Account, Leg, OpenDecision, Transaction
 
 DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta",
                    "legs", "open_legs", "decisions")

@@ -43,11 +43,11 @@ from .commands import (
     Direction,
     ExpireHolds,
     FinishLeg,
-    LegEntry,
     PostPending,
     PrepareLeg,
     ProtocolCommand,
     ReverseTransaction,
+    TxEntry,
     VoidPending,
 )
 from .layout import (
@@ -84,7 +84,6 @@ from .records import (
     Outcome,
     Result,
     Transaction,
-    TxEntry,
 )
 from .validate import RULES_VERSION, Problem, claim_problem, command_problem, decide_problem, leg_problem
 
@@ -345,18 +344,13 @@ def _check_partial(hold: Transaction, amount: int | None) -> None:
             raise Rejected(ResultCode.amount_exceeds_pending)
 
 
-def _local_entry(placeholder: LegEntry, placed: TxEntry | None, txid: str) -> LegEntry:
+def _local_entry(placeholder: TxEntry, placed: TxEntry | None, txid: str) -> TxEntry:
     """A decision's placeholder for an entry of the coordinator's own leg, filled with that entry."""
     ensure(placed is not None and (placed.account_id, placed.direction, placed.amount, placed.currency)
            == (placeholder.account_id, placeholder.direction, placeholder.amount, placeholder.currency),
            "a local leg that differs from its decision", txid)
     assert placed is not None
-    return LegEntry(placed.account_id, placed.direction, placed.amount, placed.currency, placed.seq,
-                    placed.hash)
-
-
-def _tx_entries(entries: tuple[LegEntry, ...]) -> tuple[TxEntry, ...]:
-    return tuple(TxEntry(e.account_id, e.direction, e.amount, e.currency, e.seq, e.hash) for e in entries)
+    return placed
 
 
 class Applier:
@@ -812,7 +806,7 @@ class Applier:
         if cmd.outcome != ResultCode.ok:
             raise Rejected(ResultCode(cmd.outcome), dict(cmd.details))
         status = STATUS_PENDING if cmd.pending else STATUS_POSTED
-        tx = Transaction(cmd.id, status, _tx_entries(cmd.entries), cmd.code, cmd.metadata, ts, cmd.pending,
+        tx = Transaction(cmd.id, status, cmd.entries, cmd.code, cmd.metadata, ts, cmd.pending,
                          cmd.timeout_seconds, shards=cmd.shards)
         self._store_decision(tx, cmd.digest)
         if tx.expires_at is not None:  # the home expires a cross-shard hold; its resolver, the legs
@@ -853,7 +847,7 @@ class Applier:
             raise Rejected(ResultCode.already_reversed, {"reversed_by": orig.reversed_by})
         if cmd.outcome != ResultCode.ok:
             raise Rejected(ResultCode(cmd.outcome), dict(cmd.details))
-        tx = Transaction(cmd.id, STATUS_POSTED, _tx_entries(cmd.entries), orig.code, orig.metadata, ts,
+        tx = Transaction(cmd.id, STATUS_POSTED, cmd.entries, orig.code, orig.metadata, ts,
                          reverses=orig.id, shards=cmd.shards)
         self._store_decision(tx, cmd.digest)
         self._update(orig.with_status(orig.status, reversed_by=cmd.id))

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from .codes import MESSAGES, ResultCode
-from .commands import AccountFlag, Direction, flags_to_names
+from .commands import AccountFlag, Direction, TxEntry, flags_to_names
 
 STATUS_PENDING: Final = "pending"
 STATUS_POSTED: Final = "posted"
@@ -139,36 +139,6 @@ class Entry:
         if self.released:
             out["released"] = self.released
         return out
-
-
-@dataclass(init=False, slots=True, unsafe_hash=True)
-class TxEntry:
-    account_id: Final[str]
-    direction: Final[Direction]
-    amount: Final[int]
-    currency: Final[str]
-    seq: Final[int]
-    hash: Final[bytes]
-
-    def __init__(self, account_id: str, direction: Direction, amount: int, currency: str, seq: int,
-                 hash: bytes) -> None:
-        self.account_id = account_id
-        self.direction = direction
-        self.amount = amount
-        self.currency = currency
-        self.seq = seq
-        self.hash = hash
-
-    def to_json(self) -> dict[str, Any]:
-        # Enum members' _value_ is a plain attribute; .value is a property, five times slower.
-        return {
-            "account_id": self.account_id,
-            "direction": self.direction._value_,
-            "amount": self.amount,
-            "currency": self.currency,
-            "seq": self.seq,
-            "hash": self.hash.hex(),
-        }
 
 
 @dataclass(init=False, slots=True)

@@ -32,10 +32,10 @@ from raftledger.statemachine.commands import (
     EntrySpec,
     ExpireHolds,
     FinishLeg,
-    LegEntry,
     PostPending,
     PrepareLeg,
     ReverseTransaction,
+    TxEntry,
     VoidPending,
 )
 from raftledger.statemachine.layout import InvariantViolation
@@ -108,12 +108,12 @@ def legs_on(cmd: CreateTransaction, shard: int) -> tuple[EntrySpec, ...]:
     return tuple(e for e in cmd.entries if owner[e.account_id] == shard)
 
 
-def leg_entries(results: dict[int, Result]) -> tuple[LegEntry, ...]:
+def leg_entries(results: dict[int, Result]) -> tuple[TxEntry, ...]:
     out = []
     for shard in SHARDS:
         record = results[shard].record
         assert isinstance(record, Transaction)
-        out += [LegEntry(e.account_id, e.direction, e.amount, e.currency, e.seq, e.hash)
+        out += [TxEntry(e.account_id, e.direction, e.amount, e.currency, e.seq, e.hash)
                 for e in record.entries]
     return tuple(out)
 
@@ -327,7 +327,7 @@ def test_steps_batched_atomically_are_all_taken_or_none(cluster):
 
 def test_the_protocol_commands_survive_the_codec():
     leg = PrepareLeg("t", 3, b"d" * 32, (EntrySpec("a", D, 5, "BRL"),), True, "c", {"k": 1}, (1, 2))
-    entry = LegEntry("a", D, 5, "BRL", 4, b"h" * 32)
+    entry = TxEntry("a", D, 5, "BRL", 4, b"h" * 32)
     decision = Decide("t", b"d" * 32, DECIDE_NEW, 0, {}, (entry,), True, 60, "c", {}, (1, 2), "", None)
     steps = (leg, decision, FinishLeg("t", b"d" * 32, LEG_POST, "t:post", 3), Complete("t"),
              ClaimId("t", b"d" * 32, 2))
@@ -356,9 +356,9 @@ def test_a_decision_with_its_local_leg_takes_that_legs_entries_or_its_refusal(cl
     remote = c.one(B, PrepareLeg("loc1", HOME, digest, cmd.entries[1:], shards=(HOME, B)))
     record = remote.record
     assert isinstance(record, Transaction)
-    placeholder = LegEntry("h-alice", D, 25, "BRL", 0, b"")
+    placeholder = TxEntry("h-alice", D, 25, "BRL", 0, b"")
     bob = record.entries[0]
-    decision = Decide("loc1", digest, DECIDE_NEW, 0, {}, (placeholder, LegEntry(
+    decision = Decide("loc1", digest, DECIDE_NEW, 0, {}, (placeholder, TxEntry(
         bob.account_id, bob.direction, bob.amount, bob.currency, bob.seq, bob.hash)), shards=(HOME, B),
         local=True)
     prepared, decided = c.shard[HOME].batch(Batch((local_leg, decision)))
@@ -372,7 +372,7 @@ def test_a_decision_with_its_local_leg_takes_that_legs_entries_or_its_refusal(cl
     refused = transfer("loc2", "h-poor", "bob", 5)
     digest = payload_hash(refused)
     leg = PrepareLeg("loc2", HOME, digest, refused.entries[:1], shards=(HOME, B))
-    abort = Decide("loc2", digest, DECIDE_NEW, 0, {}, (LegEntry("h-poor", D, 5, "BRL", 0, b""),),
+    abort = Decide("loc2", digest, DECIDE_NEW, 0, {}, (TxEntry("h-poor", D, 5, "BRL", 0, b""),),
                    shards=(HOME, B), local=True)
     prepared, decided = c.shard[HOME].batch(Batch((leg, abort)))
     assert prepared.code is C.exceeds_credits and decided.code is C.exceeds_credits

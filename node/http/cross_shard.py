@@ -49,11 +49,11 @@ from raftledger.statemachine.commands import (
     Direction,
     EntrySpec,
     FinishLeg,
-    LegEntry,
     PostPending,
     PrepareLeg,
     ProtocolCommand,
     ReverseTransaction,
+    TxEntry,
     VoidPending,
 )
 from raftledger.statemachine.records import OpenDecision
@@ -247,9 +247,9 @@ def _decision_from(i: int, item: Item, prepared: dict[Key, Rendered | Exception]
                   t.shards, t.target, t.amount, local)
 
 
-def _placeholder(e: EntrySpec) -> LegEntry:
+def _placeholder(e: EntrySpec) -> TxEntry:
     """An entry of the coordinator's own leg, filled in when its decision is applied (seq 0)."""
-    return LegEntry(e.account_id, e.direction, e.amount, e.currency, 0, b"")
+    return TxEntry(e.account_id, e.direction, e.amount, e.currency, 0, b"")
 
 
 async def _decide_with_local_leg(ctx: NodeContext, leg: PrepareLeg, decision: Decide,
@@ -322,8 +322,8 @@ def _leg_outcome(decided: Rendered) -> int:
     return LEG_HOLD if (decided.record or {}).get("pending") else LEG_POST
 
 
-def _leg_entry(e: dict[str, Any]) -> LegEntry:
-    return LegEntry(e["account_id"], Direction(e["direction"]), int(e["amount"]), e["currency"],
+def _leg_entry(e: dict[str, Any]) -> TxEntry:
+    return TxEntry(e["account_id"], Direction(e["direction"]), int(e["amount"]), e["currency"],
                     int(e["seq"]), bytes.fromhex(e["hash"]))
 
 
