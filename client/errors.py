@@ -20,7 +20,7 @@ again" from "the cluster could not do it now"::
     │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields
     │   ├── PayloadTooLarge      413
     │   ├── UnsupportedMediaType 415
-    │   ├── WrongShard           421  a node-to-node request reached a shard that does not own it
+    │   ├── WrongShard           421  a command reached a shard that does not own its accounts' slots
     │   ├── RuleViolation        422  a ledger rule refused it (exceeds_credits, account_not_found...)
     │   └── RateLimited          429  retryable, after retry_after_s
     ├── Unavailable              503  retryable, after retry_after_s
@@ -133,7 +133,6 @@ MESSAGES: dict[str, str] = {
     "request_timeout": "the request body did not arrive in time",
     "body_too_large": "the body is too large",
     "unsupported_media_type": "send application/json or application/msgpack",
-    "wrong_shard": "the command names an account that lives on another shard",
     "cross_shard_not_supported": "the accounts of this transaction live on different shards",
     "history_not_enabled": "point-in-time balances need the account flag 'history'",
     "rate_limited": "too many requests",

@@ -2,7 +2,7 @@
 
 A member's number and name never change meaning: they are stored in idempotency records, replicated in
 the log and exposed over HTTP. New codes get new numbers at the end. The HTTP layer maps them to status
-codes in a single table (``raftledger.node.errors``).
+codes in a single table (``raftledger.client.errors.STATUS``).
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ class ResultCode(IntEnum):
     invalid_timeout = 28
     invalid_metadata = 29
     accounts_must_be_different = 30
+    wrong_shard = 31
 
     @property
     def is_ok(self) -> bool:
@@ -80,4 +81,5 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.invalid_timeout: "timeout_seconds needs pending=true and 0 <= timeout < 2**31",
     ResultCode.invalid_metadata: "metadata must be a JSON object of bounded size",
     ResultCode.accounts_must_be_different: "an account is on both the debit and the credit side",
+    ResultCode.wrong_shard: "the command names an account whose slot another shard owns",
 }

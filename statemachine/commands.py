@@ -156,7 +156,30 @@ class ExpireHolds:
         return ""
 
 
-AnyCommand: TypeAlias = Command | Batch | ExpireHolds
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class SetSlots:
+    """The hash slots this shard owns from now on, as the cluster map gave them at ``epoch``.
+
+    Proposed by a shard's leader when the map gives its shard a newer epoch than the store holds; it
+    applies only if ``epoch`` is newer than the stored one, so a late or repeated one changes nothing.
+    Once a shard has slots it refuses accounts of every other slot (``wrong_shard``). Never inside a
+    Batch, never accepted from a client or a peer.
+    """
+
+    epoch: Final[int]
+    ranges: Final[tuple[tuple[int, int], ...]]  # inclusive (first, last), ascending, disjoint
+
+    def __init__(self, epoch: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        self.epoch = epoch
+        self.ranges = ranges
+
+    @property
+    def id(self) -> str:
+        """Not a field: the empty id its Result carries (as ``ExpireHolds``)."""
+        return ""
+
+
+AnyCommand: TypeAlias = Command | Batch | ExpireHolds | SetSlots
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)
