@@ -8,7 +8,8 @@ the shard count, how the 4096 hash slots are first laid out over the shards (``s
 (optionally) which nodes host which shard — by default every node hosts every shard. The
 ``[cluster]`` section is what the map is bootstrapped from: it is the same in every node's file.
 Tables named after a concern (``[http]``, ``[batching]``, ``[raft]``, ``[snapshots]``, ``[forwarding]``,
-``[internal]``) set the limits of ``raftledger.node.settings``; docs/configuration.md lists them all::
+``[internal]``, ``[meta]``) set the limits of ``raftledger.node.settings``; docs/configuration.md
+lists them all::
 
     node_id = "n0"
     data_dir = "data/n0"
