@@ -13,12 +13,12 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
-from raftledger.statemachine.commands import Batch, Command, CreateTransaction
+from raftledger.statemachine.commands import Batch, Command, CreateAccount, CreateTransaction
 
 from . import bodies, parse
 from .body import read_json
 from .context import NodeContext, context_of
-from .forward import ShardReply, submit
+from .forward import Route, ShardReply, submit
 from .reads import locate_transaction
 from .render import Rendered, replay_headers, respond
 
@@ -35,10 +35,26 @@ def transaction_shard(ctx: NodeContext, command: CreateTransaction) -> int:
     return shards.pop() if shards else 0
 
 
+def router(ctx: NodeContext) -> Route:
+    """The shard of a client command by the node's current map (to route it again after
+    ``wrong_shard``): an account's, or the one shard of a transaction's accounts."""
+    def route(command: Command) -> int:
+        if isinstance(command, CreateTransaction):
+            return transaction_shard(ctx, command)
+        if isinstance(command, CreateAccount):
+            return ctx.shard_of(command.id)
+        raise LedgerError("wrong_shard", details={"id": command.id})  # never refused so: not routed
+    return route
+
+
 def token_headers(replies: Sequence[ShardReply]) -> dict[str, str]:
     if not replies:
         return {}  # nothing was written (every item was refused before reaching a shard)
-    return {TOKEN_HEADER: parse.format_token({r.shard: r.index for r in replies})}
+    tokens: dict[int, int] = {}
+    for reply in replies:
+        for shard, index in reply.tokens().items():
+            tokens[shard] = max(index, tokens.get(shard, 0))
+    return {TOKEN_HEADER: parse.format_token(tokens)}
 
 
 def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
@@ -49,7 +65,7 @@ def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
 
 async def _single(request: web.Request, shard: int, command: Command, kind: str) -> web.Response:
     ctx = context_of(request)
-    reply = await submit(ctx, shard, command)
+    reply = await submit(ctx, shard, command, router(ctx))
     _observe(ctx, reply, kind)
     result = reply.results[0]
     headers = token_headers([reply]) | replay_headers(result.replayed)
@@ -66,8 +82,9 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
         if i not in early:
             groups.setdefault(shard, []).append(i)
     shards = sorted(groups)
+    route = router(ctx)
     replies = await asyncio.gather(*(
-        submit(ctx, s, Batch(tuple(routed[i][1] for i in groups[s]), atomic)) for s in shards))
+        submit(ctx, s, Batch(tuple(routed[i][1] for i in groups[s]), atomic), route) for s in shards))
     results: dict[int, Rendered] = dict(early)
     for shard, reply in zip(shards, replies, strict=True):
         _observe(ctx, reply, kind)
