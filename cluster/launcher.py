@@ -361,12 +361,26 @@ def wait_until(predicate: Any, timeout_s: float, what: str,
     raise LaunchError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def ready_leaders(plan: Plan) -> dict[int, str] | None:
+    """Shard -> leader once every node that answers has a cluster map and every shard a leader whose
+    store holds its slots from the map (it takes client commands); else None."""
+    found: dict[int, str | None] = {s: None for s in range(plan.cluster.shards)}
+    for node in plan.cluster.nodes:
+        status = node_status(plan, node.id)
+        if status is None:
+            continue
+        if not status.get("map_epoch"):
+            return None
+        for shard, info in status.get("shards", {}).items():
+            if info["role"] == "leader" and info.get("slots_epoch"):
+                found[int(shard)] = node.id
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
 def wait_for_leaders(plan: Plan, timeout_s: float = ready_timeout_s,
                      cancel: threading.Event | None = None) -> dict[int, str]:
-    def all_led() -> dict[int, str] | None:
-        found = leaders(plan)
-        return found if all(found.values()) else None  # type: ignore[return-value]
-    return wait_until(all_led, timeout_s, "a leader on every shard", cancel)
+    return wait_until(lambda: ready_leaders(plan), timeout_s,
+                      "a cluster map on every node and a leader with its slots on every shard", cancel)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = stop_timeout_s) -> int:
