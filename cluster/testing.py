@@ -53,10 +53,15 @@ class SubmitFailed(RuntimeError):
 class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
                  durability: str = "fsync", settings: NodeSettings | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
-        """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits)."""
-        self.plan = launcher.new_plan(str(root), nodes=nodes, shards=shards, durability=durability,
-                                      port_base=None, settings=settings)
+                 preexec_fn: Callable[[], None] | None = None, resume: bool = False) -> None:
+        """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits);
+        ``resume`` starts the cluster planned in ``root/cluster.json`` (upgrading it as ``raftledger
+        up`` does) instead of planning a new one."""
+        plan = launcher.load_plan(str(root)) if resume else None
+        if resume and plan is None:
+            raise launcher.LaunchError(f"no {launcher.CLUSTER_FILE} in {root}")
+        self.plan = plan or launcher.new_plan(str(root), nodes=nodes, shards=shards,
+                                              durability=durability, port_base=None, settings=settings)
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
 
