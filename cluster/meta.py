@@ -200,7 +200,7 @@ class MetaService:
                 continue
             except LedgerError as exc:
                 log.warning("metadata group: bootstrap not applied (%s); retrying", exc)
-            await self.clock.wait(changed, self.timeouts.slots_retry_s)
+            await self.clock.wait(changed, self.timeouts.retry_s)
 
     # -- proposals (event loop) --------------------------------------------------------------------
     async def propose(self, command: MapCommand) -> Outcome:

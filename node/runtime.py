@@ -106,7 +106,7 @@ async def start_runtime(config: NodeConfig) -> NodeRuntime:
                           metrics=metrics, settings=config.settings, maps=follower, meta=meta)
     runtime = NodeRuntime(config, services, context, meta)
     loop = asyncio.get_running_loop()
-    retry_s = config.settings.meta.slots_retry_s
+    retry_s = config.settings.meta.retry_s
     runtime.tasks += [loop.create_task(keep_slots(svc, follower, retry_s), name=f"slots-{shard}")
                       for shard, svc in services.items()]
     if meta is None:

@@ -152,8 +152,7 @@ class InternalSettings:
 
 @dataclass(frozen=True, slots=True)
 class MetaSettings:
-    """The metadata Raft group (the cluster map) and how every node follows it. Its Raft timings and
-    log compaction are those of ``[raft]`` and ``[snapshots]``."""
+    """The metadata Raft group (the cluster map; its Raft timings are `[raft]`'s) and its followers."""
 
     SECTION: ClassVar[str] = "meta"
     long_poll_s: float = setting(10.0, "a node that hosts no member asks a host for a newer map; the "
@@ -162,8 +161,9 @@ class MetaSettings:
                                     minimum=0.01)
     propose_timeout_s: float = setting(5.0, "a change of the map not applied by then answers "
                                        "outcome_unknown", minimum=0.1)
-    slots_retry_s: float = setting(1.0, "a shard leader whose SetSlots failed proposes it again after "
-                                   "this (a new map or leader retries at once)", minimum=0.01)
+    retry_s: float = setting(1.0, "a shard leader whose SetSlots failed, or a metadata leader whose "
+                             "bootstrap failed, tries again after this (a new map or leader: at once)",
+                             minimum=0.01)
 
 
 @dataclass(frozen=True, slots=True)
