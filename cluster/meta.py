@@ -89,7 +89,7 @@ class MetaService:
     """This node's member of the metadata group: the map as applied here, and proposals to it."""
 
     def __init__(self, settings: MemberSettings, first_map: ClusterMap,
-                 address_to_node: dict[str, str], on_map: Callable[[ClusterMap], None],
+                 address_to_node: dict[str, str], on_map: Callable[[ClusterMap], object],
                  timeouts: MetaSettings | None = None, loop: asyncio.AbstractEventLoop | None = None,
                  clock: Clock = SYSTEM_CLOCK) -> None:
         """``first_map``: what the leader bootstraps an empty group with; ``on_map`` receives every
