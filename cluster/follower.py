@@ -32,6 +32,7 @@ class MapFollower:
     def __init__(self, current: ClusterMap | None = None, clock: Clock = SYSTEM_CLOCK) -> None:
         self.current = current
         self.clock = clock
+        self.closed = False  # the node is stopping: waits for a newer map end at once
         self._next: asyncio.Future[None] | None = None
 
     @property
@@ -55,15 +56,23 @@ class MapFollower:
             waiting.set_result(None)
         return True
 
+    def close(self) -> None:
+        """The node is stopping: wake every waiter, and make later waits end at once (a host's long
+        polls answer instead of holding its shutdown)."""
+        self.closed = True
+        waiting, self._next = self._next, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
     async def wait_epoch(self, epoch: int, timeout_s: float) -> bool:
         """Wait until the map held is at ``epoch`` or newer, at most ``timeout_s``; True if it is."""
         deadline = self.clock.monotonic() + timeout_s
-        while self.epoch < epoch:
+        while self.epoch < epoch and not self.closed:
             remaining = deadline - self.clock.monotonic()
             if remaining <= 0:
                 return False
             await self.clock.wait(self.changed(), remaining)  # never cancels the shared future
-        return True
+        return self.epoch >= epoch
 
 
 async def long_poll(follower: MapFollower, hosts: Callable[[], Sequence[str]], ask: Ask,

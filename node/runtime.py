@@ -60,6 +60,7 @@ class NodeRuntime:
         return self.config.node_id
 
     async def close(self) -> None:
+        self.context.maps.close()
         for task in self.tasks:
             task.cancel()
         for service in self.services.values():

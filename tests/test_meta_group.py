@@ -98,6 +98,11 @@ async def test_a_follower_takes_only_newer_maps_and_wakes_its_waiters():
     assert not follower.update(ClusterMap(1, first.nodes, ()))  # not newer: ignored
     assert follower.update(ClusterMap(2, first.nodes, first.shards))
     assert await waiter and follower.epoch == 2
+    held = asyncio.ensure_future(follower.wait_epoch(3, 60.0))  # a long poll a host is holding
+    await asyncio.sleep(0)
+    follower.close()  # the node stops: the poll is answered now, not in a minute
+    assert await asyncio.wait_for(held, 1.0) is False
+    assert await follower.wait_epoch(3, 60.0) is False
 
 
 async def test_long_polling_moves_to_a_host_that_answers_and_waits_only_when_none_does():
