@@ -21,7 +21,7 @@ RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
 
 USER raftledger
 VOLUME ["/data"]
-EXPOSE 8080 7000 9000 9001
+EXPOSE 8080 7000 9000 9001 9100
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=5s --timeout=2s --retries=3 \
     CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=2)"

@@ -6,7 +6,10 @@ done; only ``LedgerStore.apply_entry`` is timed, one Raft entry per batch, with 
 set up as a node process sets it (``node.runtime.tune_gc``).
 
     python -m raftledger.bench.bench_statemachine [--accounts 10000] [--commands 200000] \
-        [--batch-sizes 1,100,1000] [--sync]
+        [--batch-sizes 1,100,1000] [--sync] [--slots]
+
+``--slots`` first gives the store every hash slot (``SetSlots``), as a node's shards always have:
+each account of each command is then checked against the shard's slots.
 """
 
 from __future__ import annotations
@@ -28,12 +31,18 @@ from raftledger.statemachine.commands import (
     EntrySpec,
     PostPending,
     Request,
+    SetSlots,
     VoidPending,
 )
 from raftledger.statemachine.store import LedgerStore
 
 hold_share = 0.05
 resolve_share = 0.05
+
+
+def own_every_slot(store: LedgerStore) -> None:
+    index = store.applied_index() + 1
+    store.apply_entry(index, encode_requests([Request(time.time_ns(), SetSlots(1, ((0, 4095),)))]))
 
 
 def open_accounts(store: LedgerStore, count: int) -> None:
@@ -69,8 +78,11 @@ def workload(count: int, accounts: int, seed: int) -> list[Command]:
     return out
 
 
-def run(batch_size: int, commands: list[Command], path: str, accounts: int, sync: bool) -> dict[str, float]:
+def run(batch_size: int, commands: list[Command], path: str, accounts: int, sync: bool,
+        slots: bool = False) -> dict[str, float]:
     store = LedgerStore(path, sync=sync)
+    if slots:
+        own_every_slot(store)
     open_accounts(store, accounts)
     payloads = []
     ts = time.time_ns()
@@ -98,18 +110,19 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=200_000)
     parser.add_argument("--batch-sizes", default="1,100,1000")
     parser.add_argument("--sync", action="store_true", help="fsync every LMDB commit")
+    parser.add_argument("--slots", action="store_true", help="own every hash slot, as a node's shard does")
     parser.add_argument("--dir", default=None, help="where to put the LMDB files (default: a temp dir)")
     args = parser.parse_args()
     tune_gc()
     root = tempfile.mkdtemp(dir=args.dir)
-    print(f"accounts={args.accounts} sync={args.sync} dir={root}")
+    print(f"accounts={args.accounts} sync={args.sync} slots={args.slots} dir={root}")
     print(f"{'batch':>6} {'commands':>9} {'seconds':>8} {'commands/s':>11} {'per cpu-s':>10} "
           f"{'us/entry':>9} {'rejected':>8}")
     try:
         for size in (int(s) for s in args.batch_sizes.split(",")):
             count = args.commands if size > 1 else min(args.commands, 20_000)
             commands = workload(count, args.accounts, seed=size)
-            r = run(size, commands, f"{root}/b{size}.lmdb", args.accounts, args.sync)
+            r = run(size, commands, f"{root}/b{size}.lmdb", args.accounts, args.sync, args.slots)
             print(f"{r['batch']:>6} {r['commands']:>9} {r['seconds']:>8.2f} {r['per_s']:>11,.0f} "
                   f"{r['per_cpu_s']:>10,.0f} {r['entry_us']:>9,.0f} {r['rejected']:>8}")
     finally:

@@ -32,10 +32,11 @@ def percentile(sorted_values: list[float], q: float) -> float:
 
 
 async def run_load(service: Any, *, transfers: int, concurrency: int, prefix: str,
-                   accounts: int = accounts_default) -> dict[str, Any]:
-    """Create ``accounts`` accounts, then ``transfers`` two-entry transfers, ``concurrency`` in flight."""
+                   accounts: int = accounts_default, tag: str = "") -> dict[str, Any]:
+    """Create ``accounts`` accounts, then ``transfers`` two-entry transfers, ``concurrency`` in flight.
+    Every id ends with ``tag`` (a ``{tag}`` whose slot the shard owns, on a shard that has slots)."""
     transfers, concurrency = min(transfers, transfers_max), min(concurrency, concurrency_max)
-    ids = [f"{prefix}{i}" for i in range(accounts)]
+    ids = [f"{prefix}{i}{tag}" for i in range(accounts)]
     await asyncio.gather(*(service.submit(CreateAccount(id=a, currency=CURRENCY)) for a in ids))
     rng = random.Random(prefix)
     latencies: list[float] = []
@@ -50,7 +51,7 @@ async def run_load(service: Any, *, transfers: int, concurrency: int, prefix: st
             credit = (debit + 1 + rng.randrange(accounts - 1)) % accounts
             started = time.perf_counter()
             try:
-                committed = await service.submit(transfer(f"{prefix}t{i}", ids[debit], ids[credit]))
+                committed = await service.submit(transfer(f"{prefix}t{i}{tag}", ids[debit], ids[credit]))
                 outcome = committed.outcome
                 # A replay did no work: counting it would flatter the figures (a reused directory).
                 reason = None if outcome.ok and not outcome.replayed else \

@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import orjson
 from raftledger.bench.host import process_cpu_s
-from raftledger.cluster.router import shard_for_account
+from raftledger.cluster.router import route, shard_for_account, table_of
 
 accounts_per_group = 8
 setup_chunk_accounts = 500
@@ -75,6 +75,7 @@ class Workload:
     shard_count: int = 1
     names: list[list[str]] = field(init=False)  # account ids by group, made once
     shard_groups: dict[int, list[int]] | None = None  # --direct: shard -> the groups it holds
+    slot_table: tuple[int, ...] | None = None  # --direct: the cluster map's slot -> shard
 
     def __post_init__(self) -> None:
         self.names = [[f"{self.prefix}-{n}:{{g{g}}}" for n in range(accounts_per_group)]
@@ -88,8 +89,9 @@ class Workload:
         if self.shard_groups is None:
             self.shard_groups = {}
             for g, names in enumerate(self.names):
-                self.shard_groups.setdefault(shard_for_account(names[0], self.shard_count),
-                                             []).append(g)
+                shard = route(self.slot_table, names[0]) if self.slot_table is not None else \
+                    shard_for_account(names[0], self.shard_count)
+                self.shard_groups.setdefault(shard, []).append(g)
         return self.shard_groups[shard]
 
     def transfer(self, rng: random.Random, shard: int | None = None) -> dict[str, Any]:
@@ -208,6 +210,10 @@ async def find_leaders(session: aiohttp.ClientSession, work: Workload) -> None:
     urls = {n["id"]: n["url"] for n in view["nodes"]}
     work.shard_count = len(view["shards"])
     work.leader_urls = {s["id"]: urls[s["leader"]] for s in view["shards"]}
+    async with session.get(work.urls[0] + "/v1/cluster/map") as resp:
+        cluster_map = await resp.json()  # route as the nodes do
+    work.slot_table = table_of({s["id"]: [tuple(r) for r in s["slot_ranges"]]
+                                for s in cluster_map["shards"]})
 
 
 async def run(args: argparse.Namespace, pids: list[int] | None = None) -> dict:

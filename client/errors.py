@@ -20,7 +20,7 @@ again" from "the cluster could not do it now"::
     │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields
     │   ├── PayloadTooLarge      413
     │   ├── UnsupportedMediaType 415
-    │   ├── WrongShard           421  a node-to-node request reached a shard that does not own it
+    │   ├── WrongShard           421  a command reached a shard that does not own its accounts' slots
     │   ├── RuleViolation        422  a ledger rule refused it (exceeds_credits, account_not_found...)
     │   └── RateLimited          429  retryable, after retry_after_s
     ├── Unavailable              503  retryable, after retry_after_s

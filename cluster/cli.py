@@ -102,7 +102,8 @@ def _plan(args: argparse.Namespace) -> launcher.Plan:
     plan = launcher.load_plan(args.data_dir)
     if plan is not None:
         print(f"resuming the cluster in {plan.data_dir} ({len(plan.cluster.nodes)} nodes, "
-              f"{plan.cluster.shards} shards, durability {plan.durability})")
+              f"{plan.cluster.shards} shards, durability {plan.durability}, slot layout "
+              f"{plan.cluster.slot_layout})")
         return plan
     if args.nodes < 1 or args.shards < 1:
         raise launcher.LaunchError("--nodes and --shards must be at least 1")
@@ -113,7 +114,8 @@ def _plan(args: argparse.Namespace) -> launcher.Plan:
 def _print_endpoints(plan: launcher.Plan) -> None:
     for node in plan.cluster.nodes:
         raft = ", ".join(f"shard {s} {a}" for s, a in sorted(node.raft.items()))
-        print(f"{node.id}: {node.http}  (internal {node.internal}; raft: {raft}; "
+        meta = f"; cluster map raft: {node.meta}" if node.meta else ""
+        print(f"{node.id}: {node.http}  (internal {node.internal}; raft: {raft}{meta}; "
               f"pid {plan.pids.get(node.id)})")
     print(f"cluster file: {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)}")
     print(f"cluster secret: {plan.secret_file} (node-to-node traffic is sealed with it)", flush=True)

@@ -1,11 +1,17 @@
 """A local multi-process cluster on loopback: plan it, write its configs, start, watch and stop it.
 
 ``raftledger up`` and ``raftledger.cluster.testing`` both use this module. The plan (node ids, HTTP URLs,
-internal and Raft addresses, placement) is written to ``<data-dir>/cluster.json`` together with the
-node pids; the cluster secret is generated once into ``<data-dir>/cluster.secret`` (mode 0600), never
-into cluster.json. A second start on the same data directory reuses both, so the cluster comes back
-with its data. A plan written before nodes had an internal listener and a secret (version 1) is
-upgraded in place on its next start.
+internal and Raft addresses, the metadata group's hosts, placement, slot layout) is written to
+``<data-dir>/cluster.json`` together with the node pids; the cluster secret is generated once into
+``<data-dir>/cluster.secret`` (mode 0600), never into cluster.json. A second start on the same data
+directory reuses both, so the cluster comes back with its data.
+
+A new cluster hosts the metadata group (the cluster map) on its first three nodes (all, when fewer)
+and lays the hash slots out evenly. Plans written before that are upgraded in place on their next
+start: version 1 (before internal listeners and a secret) and version 2 (before the map) get meta
+addresses, and the ``modulo`` slot layout, which keeps every account on the shard that routing by
+``sha256 % shards`` gave it; a shard count that does not divide 4096 cannot be carried over and is
+refused (``upgrade_layout``).
 
 Node-to-node calls made from here (status, raw submits in tests, shard totals) use the internal
 protocol, sealed with the cluster secret (``call_internal``).
@@ -31,10 +37,12 @@ from typing import Any
 from raftledger.node import secret, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
+from raftledger.statemachine.slots import SLOTS
 
 CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
-PLAN_VERSION = 2
+PLAN_VERSION = 3
+META_HOSTS = 3  # nodes of a new plan that host the metadata group (the first ones)
 CALLER_ID = "raftledger-cli"  # the sender named in internal requests made from here
 HOST = "127.0.0.1"
 ready_timeout_s = 60.0
@@ -117,25 +125,31 @@ class Plan:
     def to_json(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION, "durability": self.durability, "shards": self.cluster.shards,
-            "secret_file": self.secret_file,
+            "slot_layout": self.cluster.slot_layout, "secret_file": self.secret_file,
             "settings": {cls.SECTION: _changed(getattr(self.settings, cls.SECTION)) for cls in SECTIONS},
             "placement": {str(s): list(r) for s, r in self.cluster.placement.items()},
             "nodes": [{"id": n.id, "http": n.http, "internal": n.internal,
-                       "raft": {str(s): a for s, a in n.raft.items()},
+                       "raft": {str(s): a for s, a in n.raft.items()}, "meta": n.meta,
                        "pid": self.pids.get(n.id)} for n in self.cluster.nodes],
         }
 
     @classmethod
     def from_json(cls, data_dir: str, raw: dict[str, Any]) -> Plan:
-        """A plan of this version, or of version 1 (before internal listeners: each node gets a free
-        port for one; the secret is generated when first needed)."""
-        if raw.get("version") not in (1, PLAN_VERSION):
-            raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: unknown version {raw.get('version')!r}")
+        """A plan of this version, or of an earlier one: version 1 (before internal listeners: each
+        node gets a free port for one; the secret is generated when first needed) and versions 1 and
+        2 (before the cluster map: ``upgrade_layout``)."""
+        version = raw.get("version")
+        if version not in (1, 2, PLAN_VERSION):
+            raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: unknown version {version!r}")
         nodes = tuple(NodeSpec(n["id"], n["http"], n.get("internal") or f"{HOST}:{free_port()}",
-                               {int(s): a for s, a in n["raft"].items()})
+                               {int(s): a for s, a in n["raft"].items()}, n.get("meta"))
                       for n in raw["nodes"])
         placement = {int(s): tuple(r) for s, r in raw["placement"].items()}
-        cluster = ClusterSpec(int(raw["shards"]), nodes, placement)
+        shards = int(raw["shards"])
+        if version == PLAN_VERSION:
+            cluster = ClusterSpec(shards, nodes, placement, str(raw["slot_layout"]))
+        else:
+            cluster = upgrade_layout(ClusterSpec(shards, nodes, placement), data_dir)
         sections = raw.get("settings") or _sections_of_version_1(raw.get("raft") or {})
         problems: list[str] = []
         settings = load_sections(sections, problems)
@@ -149,20 +163,39 @@ def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
     """Node i serves HTTP on port_base + i (free ports when port_base is None); internal and Raft
     ports are free ones."""
     taken = {port_base + i for i in range(nodes)} if port_base is not None else set()
-    ports = iter(free_ports(nodes * (shards + 2), avoid=taken))
+    ports = iter(free_ports(nodes * (shards + 3), avoid=taken))
     specs = []
     for i in range(nodes):
         http_port = next(ports) if port_base is None else port_base + i
         raft_ports = {s: f"{HOST}:{next(ports)}" for s in range(shards)}
+        meta = f"{HOST}:{next(ports)}" if i < META_HOSTS else None
         specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", f"{HOST}:{next(ports)}",
-                              raft_ports))
+                              raft_ports, meta))
     ids = tuple(n.id for n in specs)
-    cluster = ClusterSpec(shards, tuple(specs), {s: ids for s in range(shards)})
+    cluster = ClusterSpec(shards, tuple(specs), {s: ids for s in range(shards)}, "even")
     plan = Plan(os.path.abspath(data_dir), durability, cluster, settings or NodeSettings())
     problems = validate(plan.node_config(ids[0])) if ids else ["no nodes"]
     if problems:
         raise LaunchError("invalid cluster:\n  - " + "\n  - ".join(problems))
     return plan
+
+
+def upgrade_layout(cluster: ClusterSpec, data_dir: str) -> ClusterSpec:
+    """A cluster planned before the map: its first three nodes host the metadata group (on free
+    ports), and its slots are laid out ``modulo`` the shard count, which routes every account where
+    ``sha256 % shards`` did; refused when the shard count does not divide 4096."""
+    if SLOTS % cluster.shards:
+        raise LaunchError(
+            f"{data_dir}/{CLUSTER_FILE}: this cluster was created before the cluster map, with "
+            f"{cluster.shards} shards. It routed accounts by sha256 % {cluster.shards}, and the map's "
+            f"{SLOTS} hash slots can keep that routing only when the shard count divides {SLOTS}. "
+            "Keep it on the release that created it, or create a new cluster (another --data-dir) "
+            "and load its accounts and transactions into it through the API (README, \"Upgrades\").")
+    used = {int(a.rsplit(":", 1)[1]) for n in cluster.nodes for a in (n.internal, *n.raft.values())}
+    fresh = iter(free_ports(META_HOSTS, avoid=used))
+    nodes = tuple(dataclasses.replace(n, meta=n.meta or f"{HOST}:{next(fresh)}")
+                  if i < META_HOSTS else n for i, n in enumerate(cluster.nodes))
+    return dataclasses.replace(cluster, nodes=nodes, slot_layout="modulo")
 
 
 # cluster.json of version 1 kept a few tunings under "raft"; where each went.
@@ -225,7 +258,8 @@ def busy_ports(plan: Plan) -> list[str]:
     """Ports of the plan that something else holds (a resumed plan reuses its ports)."""
     busy = []
     for node in plan.cluster.nodes:
-        addresses = [node.http.removeprefix("http://"), node.internal, *node.raft.values()]
+        addresses = [node.http.removeprefix("http://"), node.internal, *node.raft.values(),
+                     *([node.meta] if node.meta else [])]
         busy += [a for a in addresses if not port_is_free(int(a.rsplit(":", 1)[1]))]
     return busy
 
@@ -327,12 +361,26 @@ def wait_until(predicate: Any, timeout_s: float, what: str,
     raise LaunchError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
+def ready_leaders(plan: Plan) -> dict[int, str] | None:
+    """Shard -> leader once every node that answers has a cluster map and every shard a leader whose
+    store holds its slots from the map (it takes client commands); else None."""
+    found: dict[int, str | None] = {s: None for s in range(plan.cluster.shards)}
+    for node in plan.cluster.nodes:
+        status = node_status(plan, node.id)
+        if status is None:
+            continue
+        if not status.get("map_epoch"):
+            return None
+        for shard, info in status.get("shards", {}).items():
+            if info["role"] == "leader" and info.get("slots_epoch"):
+                found[int(shard)] = node.id
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
 def wait_for_leaders(plan: Plan, timeout_s: float = ready_timeout_s,
                      cancel: threading.Event | None = None) -> dict[int, str]:
-    def all_led() -> dict[int, str] | None:
-        found = leaders(plan)
-        return found if all(found.values()) else None  # type: ignore[return-value]
-    return wait_until(all_led, timeout_s, "a leader on every shard", cancel)
+    return wait_until(lambda: ready_leaders(plan), timeout_s,
+                      "a cluster map on every node and a leader with its slots on every shard", cancel)
 
 
 def stop_process(proc: subprocess.Popen, timeout_s: float = stop_timeout_s) -> int:

@@ -9,6 +9,9 @@
 
 Everything waits by polling with a deadline (``wait_until``, for tests of real clusters too); only
 processes this object started are signalled, by pid.
+
+``MetaGroup`` is the metadata Raft group in this process (members on free loopback ports), as
+``raftledger.node.testing.ReplicaGroup`` is a shard's.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from raftledger.node.settings import NodeSettings
+from raftledger.node import frames
+from raftledger.node.raft import MemberSettings
+from raftledger.node.settings import MetaSettings, NodeSettings
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand
 
 from . import launcher
+from .follower import MapFollower
 from .launcher import wait_until
+from .map import ClusterMap
+from .meta import META_GROUP, MetaService
 
-__all__ = ["LocalCluster", "SubmitFailed", "wait_until"]
+__all__ = ["LocalCluster", "MetaGroup", "SubmitFailed", "wait_until"]
 
 submit_attempts_max = 200
 RETRYABLE = frozenset({"not_leader", "unavailable", "overloaded", "outcome_unknown"})
@@ -45,10 +53,15 @@ class SubmitFailed(RuntimeError):
 class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
                  durability: str = "fsync", settings: NodeSettings | None = None,
-                 preexec_fn: Callable[[], None] | None = None) -> None:
-        """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits)."""
-        self.plan = launcher.new_plan(str(root), nodes=nodes, shards=shards, durability=durability,
-                                      port_base=None, settings=settings)
+                 preexec_fn: Callable[[], None] | None = None, resume: bool = False) -> None:
+        """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits);
+        ``resume`` starts the cluster planned in ``root/cluster.json`` (upgrading it as ``raftledger
+        up`` does) instead of planning a new one."""
+        plan = launcher.load_plan(str(root)) if resume else None
+        if resume and plan is None:
+            raise launcher.LaunchError(f"no {launcher.CLUSTER_FILE} in {root}")
+        self.plan = plan or launcher.new_plan(str(root), nodes=nodes, shards=shards,
+                                              durability=durability, port_base=None, settings=settings)
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
 
@@ -70,9 +83,9 @@ class LocalCluster:
             raise RuntimeError(f"{node_id} is already running")
         self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn)
         launcher.save_plan(self.plan)
-        if wait:
-            launcher.wait_until(lambda: self.status(node_id), launcher.ready_timeout_s,
-                                f"{node_id} to answer")
+        if wait:  # answering, and routing: it has the cluster map
+            launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),
+                                launcher.ready_timeout_s, f"{node_id} to answer with a cluster map")
 
     def kill(self, node_id: str) -> None:
         """SIGKILL: no drain, no flush beyond what already reached the disk."""
@@ -200,3 +213,54 @@ class LocalCluster:
 
     def get(self, node_id: str, path: str) -> tuple[int, Any]:
         return launcher.http_json("GET", self.urls[node_id] + path)
+
+
+class MetaGroup:
+    """The metadata Raft group's members in this process, each with the ``MapFollower`` it feeds.
+
+    ``settings`` fields go to every member's ``MemberSettings`` (``durability=...``, ``raft=...``,
+    ``snapshots=...``); members are named ``n0``, ``n1``... after their position."""
+
+    def __init__(self, root: str | Path, first_map: ClusterMap, size: int = 3,
+                 secret: bytes = bytes(range(32)), timeouts: MetaSettings | None = None,
+                 **settings: Any) -> None:
+        self.root = str(root)
+        self.first_map = first_map
+        self.raft_key = frames.shard_key(secret, META_GROUP)
+        self.addresses = [f"{launcher.HOST}:{port}" for port in launcher.free_ports(size)]
+        self.timeouts = timeouts or MetaSettings()
+        self.overrides = settings
+        self.members: dict[int, MetaService] = {}
+        self.followers: dict[int, MapFollower] = {}
+
+    def settings(self, i: int) -> MemberSettings:
+        return MemberSettings(
+            shard=META_GROUP, self_address=self.addresses[i],
+            partner_addresses=tuple(a for j, a in enumerate(self.addresses) if j != i),
+            directory=os.path.join(self.root, f"meta{i}"), raft_key=self.raft_key, **self.overrides)
+
+    def start(self, i: int) -> MetaService:
+        follower = self.followers[i] = MapFollower()
+        names = {a: f"n{j}" for j, a in enumerate(self.addresses)}
+        self.members[i] = MetaService(self.settings(i), self.first_map, names, follower.update,
+                                      self.timeouts)
+        return self.members[i]
+
+    def start_all(self) -> None:
+        for i in range(len(self.addresses)):
+            self.start(i)
+
+    async def stop(self, i: int) -> None:
+        await self.members.pop(i).close()
+
+    async def stop_all(self) -> None:
+        for i in list(self.members):
+            await self.stop(i)
+
+    def leader(self) -> MetaService | None:
+        leaders = [m for m in self.members.values() if m.is_leader()]
+        return leaders[0] if len(leaders) == 1 else None
+
+    def epochs(self) -> dict[int, int]:
+        """Member -> the epoch of the map its follower holds."""
+        return {i: self.followers[i].epoch for i in self.members}

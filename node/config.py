@@ -1,10 +1,15 @@
 """Node and cluster bootstrap configuration (TOML), validated before anything starts.
 
 A node file names the node, its data directory, the cluster secret, the durability mode and the whole
-cluster: every node's id, HTTP URL, internal address and one Raft address per shard it hosts, the
-shard count, and (optionally) which nodes host which shard — by default every node hosts every shard.
+cluster: every node's id, HTTP URL, internal address, one Raft address per shard it hosts and, on the
+nodes that host the metadata Raft group (the cluster map; usually three), its Raft address ``meta``;
+the shard count, how the 4096 hash slots are first laid out over the shards (``slot_layout``:
+``even`` ranges, or ``modulo`` for clusters upgraded from routing by ``sha256 % shards``), and
+(optionally) which nodes host which shard — by default every node hosts every shard. The
+``[cluster]`` section is what the map is bootstrapped from: it is the same in every node's file.
 Tables named after a concern (``[http]``, ``[batching]``, ``[raft]``, ``[snapshots]``, ``[forwarding]``,
-``[internal]``) set the limits of ``raftledger.node.settings``; docs/configuration.md lists them all::
+``[internal]``, ``[meta]``) set the limits of ``raftledger.node.settings``; docs/configuration.md
+lists them all::
 
     node_id = "n0"
     data_dir = "data/n0"
@@ -17,11 +22,13 @@ Tables named after a concern (``[http]``, ``[batching]``, ``[raft]``, ``[snapsho
     log_compaction_entries_min = 5000
     [cluster]
     shards = 2
+    slot_layout = "even"            # or "modulo" (only when shards divides 4096)
     [[cluster.nodes]]
     id = "n0"
     http = "http://127.0.0.1:8080"
     internal = "127.0.0.1:7080"     # node-to-node protocol (its own listener, sealed with the secret)
     raft = { 0 = "127.0.0.1:9000", 1 = "127.0.0.1:9001" }
+    meta = "127.0.0.1:9100"         # this node hosts a member of the metadata group
     [cluster.placement]             # optional
     0 = ["n0", "n1", "n2"]
 
@@ -46,6 +53,8 @@ ADDRESS_PATTERN = re.compile(r"^[A-Za-z0-9.-]+:(\d{1,5})$")
 shards_max = 1024
 nodes_max = 64
 port_max = 65535
+SLOTS = 4096  # statemachine.slots.SLOTS (not imported: the config is read before anything else)
+SLOT_LAYOUTS = ("even", "modulo")
 
 
 class ConfigError(ValueError):
@@ -58,6 +67,7 @@ class NodeSpec:
     http: str
     internal: str  # "host:port" of the node-to-node listener
     raft: dict[int, str]  # shard -> "host:port"
+    meta: str | None = None  # "host:port" of its metadata group member, if it hosts one
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +75,11 @@ class ClusterSpec:
     shards: int
     nodes: tuple[NodeSpec, ...]
     placement: dict[int, tuple[str, ...]]  # shard -> node ids (filled in: every shard present)
+    slot_layout: str = "even"  # how the map first lays out the slots
+
+    def meta_hosts(self) -> list[NodeSpec]:
+        """The nodes hosting a member of the metadata Raft group."""
+        return [n for n in self.nodes if n.meta]
 
     def node(self, node_id: str) -> NodeSpec:
         return next(n for n in self.nodes if n.id == node_id)
@@ -101,6 +116,11 @@ class NodeConfig:
     def internal_address(self) -> tuple[str, int]:
         host, port = self.cluster.node(self.node_id).internal.rsplit(":", 1)
         return host, int(port)
+
+    @property
+    def meta_address(self) -> str | None:
+        """This node's Raft address in the metadata group (None: it only follows the map)."""
+        return self.cluster.node(self.node_id).meta
 
     def hosted_shards(self) -> list[int]:
         return [s for s in range(self.cluster.shards) if self.node_id in self.cluster.replicas(s)]
@@ -158,6 +178,21 @@ def validate_cluster(cluster: ClusterSpec) -> list[str]:
         problems.append(f"cluster.nodes must list 1..{nodes_max} nodes")
     problems += _node_problems(cluster)
     problems += _placement_problems(cluster)
+    problems += _map_problems(cluster)
+    return problems
+
+
+def _map_problems(cluster: ClusterSpec) -> list[str]:
+    problems: list[str] = []
+    if cluster.nodes and not cluster.meta_hosts():
+        problems.append("no node has a meta address: the metadata Raft group (the cluster map) needs "
+                        'at least one; give the first three nodes meta = "host:port"')
+    if cluster.slot_layout not in SLOT_LAYOUTS:
+        problems.append(f"cluster.slot_layout must be one of {', '.join(SLOT_LAYOUTS)}, "
+                        f"not {cluster.slot_layout!r}")
+    elif cluster.slot_layout == "modulo" and cluster.shards >= 1 and SLOTS % cluster.shards:
+        problems.append(f"cluster.slot_layout modulo needs a shard count that divides {SLOTS}, "
+                        f"not {cluster.shards}")
     return problems
 
 
@@ -174,6 +209,8 @@ def _node_problems(cluster: ClusterSpec) -> list[str]:
         if not node.http.startswith(("http://", "https://")):
             problems.append(f"node {node.id}: http {node.http!r} must be an http(s):// URL")
         listeners = [(f"shard {s} raft", a) for s, a in node.raft.items()]
+        if node.meta is not None:
+            listeners.append(("meta raft", node.meta))
         for what, address in [("internal", node.internal), *listeners]:
             match = ADDRESS_PATTERN.match(address)
             if match is None or not 0 < int(match.group(1)) <= port_max:
@@ -214,7 +251,14 @@ def _parse_cluster(raw: Any, problems: list[str]) -> ClusterSpec:
     placement = {int(k): tuple(v) for k, v in _int_keys(raw.get("placement", {}), problems).items()}
     for shard in range(shards):
         placement.setdefault(shard, tuple(n.id for n in nodes))
-    return ClusterSpec(shards, nodes, placement)
+    unknown = sorted(set(raw) - CLUSTER_KEYS)
+    if unknown:
+        problems.append(f"[cluster] has unknown settings {unknown}; known: {sorted(CLUSTER_KEYS)}")
+    return ClusterSpec(shards, nodes, placement, str(raw.get("slot_layout", "even")))
+
+
+CLUSTER_KEYS = frozenset({"shards", "nodes", "placement", "slot_layout"})
+NODE_KEYS = frozenset({"id", "http", "internal", "raft", "meta"})
 
 
 def _parse_node(raw: Any, position: int, problems: list[str]) -> NodeSpec:
@@ -224,9 +268,15 @@ def _parse_node(raw: Any, position: int, problems: list[str]) -> NodeSpec:
     raft = raw.get("raft", {})
     if isinstance(raft, list):
         raft = dict(enumerate(raft))
+    unknown = sorted(set(raw) - NODE_KEYS)
+    if unknown:
+        problems.append(f"cluster.nodes[{position}] has unknown settings {unknown}; "
+                        f"known: {sorted(NODE_KEYS)}")
+    meta = raw.get("meta")
     return NodeSpec(id=str(raw.get("id", f"?{position}")), http=str(raw.get("http", "")),
                     internal=str(raw.get("internal", "")),
-                    raft={int(k): str(v) for k, v in _int_keys(raft, problems).items()})
+                    raft={int(k): str(v) for k, v in _int_keys(raft, problems).items()},
+                    meta=None if meta is None else str(meta))
 
 
 def _int_keys(raw: Any, problems: list[str]) -> dict[int, Any]:
@@ -262,11 +312,14 @@ def dump_toml(config: NodeConfig) -> str:
     for cls in SECTIONS:
         section = section_toml(getattr(config.settings, cls.SECTION))
         lines += ["", *section] if section else []
-    lines += ["", "[cluster]", f"shards = {config.cluster.shards}"]
+    lines += ["", "[cluster]", f"shards = {config.cluster.shards}",
+              f"slot_layout = {_q(config.cluster.slot_layout)}"]
     for node in config.cluster.nodes:
         raft = ", ".join(f'"{s}" = {_q(a)}' for s, a in sorted(node.raft.items()))
         lines += ["", "[[cluster.nodes]]", f"id = {_q(node.id)}", f"http = {_q(node.http)}",
                   f"internal = {_q(node.internal)}", f"raft = {{ {raft} }}"]
+        if node.meta is not None:
+            lines.append(f"meta = {_q(node.meta)}")
     lines += ["", "[cluster.placement]"]
     for shard, replicas in sorted(config.cluster.placement.items()):
         lines.append(f'"{shard}" = [{", ".join(_q(r) for r in replicas)}]')

@@ -97,7 +97,7 @@ class Observers:
 class MemberSettings:
     """One replica's place in its shard's Raft group."""
 
-    shard: int
+    shard: int  # a data shard, or a negative id for the metadata group (cluster.meta.META_GROUP)
     self_address: str  # "host:port" of this replica's Raft endpoint
     partner_addresses: tuple[str, ...]
     directory: str  # holds the journal, its meta and the snapshot dump
@@ -294,8 +294,9 @@ class _Member(SyncObj):
 
     def _state_changed(self, old: int, new: int) -> None:
         names = ("follower", "candidate", "leader")
-        log.info("shard %d: %s -> %s (term %d)", self.settings.shard, names[old], names[new],
-                 self.raftCurrentTerm)
+        shard = self.settings.shard
+        group = f"shard {shard}" if shard >= 0 else "metadata group"  # cluster.meta.META_GROUP
+        log.info("%s: %s -> %s (term %d)", group, names[old], names[new], self.raftCurrentTerm)
 
     @replicated
     def apply_batch(self, payload: bytes) -> int:

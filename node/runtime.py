@@ -1,7 +1,10 @@
 """One running node: its shard replicas, its public API, its internal listener, and clean shutdown.
 
 ``start_runtime`` reads the cluster secret and opens a ``ReplicaService`` per hosted shard (each on its
-own Raft port, its traffic sealed with the secret) on the running loop. ``serve`` runs a node until
+own Raft port, its traffic sealed with the secret) on the running loop. The node follows the cluster
+map (``cluster.follower.MapFollower``): as a member of the metadata group when its config names a
+``meta`` address (``cluster.meta.MetaService``), else by long-polling the group's hosts; each hosted
+shard keeps its slots in step with the map (``cluster.shard_slots.keep_slots``). ``serve`` runs a node until
 SIGTERM/SIGINT: the public API (``raftledger.node.http``) on the node's HTTP address and the internal
 listener (``raftledger.node.http.internal``) on its internal address; then stop accepting, drain the
 batchers, stop Raft, close LMDB.
@@ -16,14 +19,20 @@ import logging
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from aiohttp import web
+from raftledger.cluster import meta as cluster_meta
+from raftledger.cluster.follower import MapFollower, long_poll
+from raftledger.cluster.map import ClusterMap, initial_map
+from raftledger.cluster.shard_slots import keep_slots
 
 from . import frames, secret, wire
 from .config import NodeConfig
 from .http import NodeContext, create_app, guard
 from .http import internal as internal_api
+from .http.forward import call_peer
 from .metrics import Metrics
 from .replica import ReplicaService, ReplicaSettings
 from .settings import HttpSettings, NodeSettings
@@ -43,16 +52,23 @@ class NodeRuntime:
     config: NodeConfig
     services: dict[int, ReplicaService]
     context: NodeContext
+    meta: cluster_meta.MetaService | None = None
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # following the map, keeping slots
 
     @property
     def node_id(self) -> str:
         return self.config.node_id
 
     async def close(self) -> None:
+        self.context.maps.close()
+        for task in self.tasks:
+            task.cancel()
         for service in self.services.values():
             await service.drain()
         for service in self.services.values():
             await service.close()
+        if self.meta is not None:
+            await self.meta.close()
 
 
 def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes) -> ReplicaSettings:
@@ -66,7 +82,7 @@ def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes) -> R
         raft_key=frames.shard_key(cluster_secret, shard), durability=config.durability,
         preferred_leader=cluster.preferred_leader(shard) == config.node_id, raft=settings.raft,
         snapshots=settings.snapshots, address_to_node=cluster.address_to_node(shard),
-        batching=settings.batching)
+        batching=settings.batching, slots_required=True)
 
 
 async def start_runtime(config: NodeConfig) -> NodeRuntime:
@@ -78,11 +94,42 @@ async def start_runtime(config: NodeConfig) -> NodeRuntime:
                                       metrics=metrics)
                 for shard in config.hosted_shards()}
     cluster = config.cluster
+    follower = MapFollower()
+    meta = None
+    if config.meta_address is not None:
+        meta = cluster_meta.MetaService(
+            cluster_meta.member_settings(config, cluster_secret), initial_map(cluster),
+            {n.meta: n.id for n in cluster.meta_hosts() if n.meta}, follower.update,
+            config.settings.meta)
     context = NodeContext(config.node_id, services, cluster.shards, peers=cluster.http_urls(),
                           placement=dict(cluster.placement), internal_urls=cluster.internal_urls(),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
-                          metrics=metrics, settings=config.settings)
-    return NodeRuntime(config, services, context)
+                          metrics=metrics, settings=config.settings, maps=follower, meta=meta)
+    runtime = NodeRuntime(config, services, context, meta)
+    loop = asyncio.get_running_loop()
+    retry_s = config.settings.meta.retry_s
+    runtime.tasks += [loop.create_task(keep_slots(svc, follower, retry_s), name=f"slots-{shard}")
+                      for shard, svc in services.items()]
+    if meta is None:
+        runtime.tasks.append(loop.create_task(follow_map(context, config), name="map-follower"))
+    return runtime
+
+
+async def follow_map(ctx: NodeContext, config: NodeConfig) -> None:
+    """A node hosting no member of the metadata group long-polls its hosts for the map."""
+    long_poll_s = config.settings.meta.long_poll_s
+    configured = [n.id for n in config.cluster.meta_hosts()]
+
+    def hosts() -> list[str]:
+        current = ctx.maps.current
+        return [n.id for n in current.meta_hosts()] if current is not None else configured
+
+    async def ask(host: str, epoch: int) -> ClusterMap | None:
+        answer: Any = await call_peer(ctx, host, "/map", {"epoch": epoch},
+                                      timeout_s=long_poll_s + ctx.settings.forwarding.timeout_s)
+        return None if answer["map"] is None else ClusterMap.from_wire(answer["map"])
+
+    await long_poll(ctx.maps, hosts, ask, config.settings.meta.follow_retry_s)
 
 
 def listener_settings(settings: NodeSettings) -> tuple[HttpSettings, HttpSettings]:

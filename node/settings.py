@@ -129,6 +129,10 @@ class ForwardingSettings:
     commands_per_request_max: int = setting(512, "commands coalesced into one forwarded request",
                                             minimum=1)
     bytes_per_request_max: int = setting(8 << 20, "... and their encoded bytes", minimum=1024)
+    map_wait_s: float = setting(5.0, "a write a shard refused as wrong_shard waits this long for this "
+                                "node's map to reach the epoch the shard named, then is routed again",
+                                minimum=0)
+    reroutes_max: int = setting(3, "times one write is routed again after wrong_shard", minimum=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +166,22 @@ class CrossShardSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class MetaSettings:
+    """The metadata Raft group (the cluster map; its Raft timings are `[raft]`'s) and its followers."""
+
+    SECTION: ClassVar[str] = "meta"
+    long_poll_s: float = setting(10.0, "a node that hosts no member asks a host for a newer map; the "
+                                 "host answers at once when it has one, else after this", minimum=0.1)
+    follow_retry_s: float = setting(1.0, "after no host answered a follower, before it asks again",
+                                    minimum=0.01)
+    propose_timeout_s: float = setting(5.0, "a change of the map not applied by then answers "
+                                       "outcome_unknown", minimum=0.1)
+    retry_s: float = setting(1.0, "a shard leader whose SetSlots failed, or a metadata leader whose "
+                             "bootstrap failed, tries again after this (a new map or leader: at once)",
+                             minimum=0.01)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Every section, each with its defaults unless the node file sets it."""
 
@@ -172,11 +192,13 @@ class NodeSettings:
     forwarding: ForwardingSettings = field(default_factory=ForwardingSettings)
     internal: InternalSettings = field(default_factory=InternalSettings)
     cross_shard: CrossShardSettings = field(default_factory=CrossShardSettings)
+    meta: MetaSettings = field(default_factory=MetaSettings)
 
 
 # Each section is the NodeSettings attribute of its own name.
 SECTIONS: tuple[type, ...] = (BatchingSettings, RaftSettings, SnapshotSettings, HttpSettings,
-                              ForwardingSettings, InternalSettings, CrossShardSettings)
+                              ForwardingSettings, InternalSettings, CrossShardSettings,
+                              MetaSettings)
 
 
 def _value_problem(cls: type, name: str, value: Any) -> str | None:

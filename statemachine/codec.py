@@ -38,13 +38,14 @@ from .commands import (
     ProtocolCommand,
     Request,
     ReverseTransaction,
+    SetSlots,
     TxEntry,
     VoidPending,
 )
 from .validate import RULES_VERSION
 
 VERSION: Final = RULES_VERSION  # written
-VERSIONS: Final = (1, 2)  # read
+VERSIONS: Final = (1, 2, 3)  # read
 
 TAG_CREATE_ACCOUNT: Final = 1
 TAG_CREATE_TRANSACTION: Final = 2
@@ -53,7 +54,8 @@ TAG_VOID_PENDING: Final = 4
 TAG_REVERSE: Final = 5
 TAG_BATCH: Final = 6
 TAG_EXPIRE_HOLDS: Final = 7  # standalone only: never inside a Batch
-# 8: SetSlots. The steps of a cross-shard transaction (alone or in a Batch):
+TAG_SET_SLOTS: Final = 8  # standalone only: never inside a Batch
+# The steps of a cross-shard transaction (alone or in a Batch):
 TAG_PREPARE_LEG: Final = 9
 TAG_DECIDE: Final = 10
 TAG_FINISH_LEG: Final = 11
@@ -102,6 +104,8 @@ def command_to_wire(command: AnyCommand) -> list[Any]:
         return [TAG_BATCH, command.atomic, [command_to_wire(c) for c in command.commands]]
     if isinstance(command, ExpireHolds):
         return [TAG_EXPIRE_HOLDS]
+    if isinstance(command, SetSlots):
+        return [TAG_SET_SLOTS, command.epoch, [[first, last] for first, last in command.ranges]]
     return _protocol_to_wire(command)
 
 
@@ -227,6 +231,18 @@ def _decode_one(w: Any) -> Command:
     raise CodecError(f"unknown command tag {tag!r}")
 
 
+def _range(raw: Any) -> tuple[int, int]:
+    if not (type(raw) is list and len(raw) == 2 and type(raw[0]) is int and type(raw[1]) is int):
+        raise CodecError("slot range: wrong shape")
+    return raw[0], raw[1]
+
+
+def _decode_set_slots(w: list[Any]) -> SetSlots:
+    epoch = _int(w[1], "epoch")
+    ranges = tuple([_range(r) for r in _want(w[2], list, "ranges")])
+    return SetSlots(epoch, ranges)
+
+
 def _decode_inner(w: Any) -> Command | ProtocolCommand:
     """What a Batch may hold: a client command or a step of a cross-shard transaction."""
     if isinstance(w, list) and w and type(w[0]) is int and TAG_PREPARE_LEG <= w[0] <= TAG_CLAIM_ID:
@@ -235,7 +251,8 @@ def _decode_inner(w: Any) -> Command | ProtocolCommand:
 
 
 def command_from_wire(w: Any) -> AnyCommand | Invalid:
-    """A command, a Batch of commands, ExpireHolds or a step of a cross-shard transaction."""
+    """A command, a Batch of commands (client commands or steps of a cross-shard transaction),
+    ExpireHolds or SetSlots; the last two are never inside a Batch."""
     try:
         if isinstance(w, list) and w:
             tag = w[0]
@@ -244,6 +261,8 @@ def command_from_wire(w: Any) -> AnyCommand | Invalid:
                 return Batch(inner, _want(w[1], bool, "atomic"))
             if type(tag) is int and tag == TAG_EXPIRE_HOLDS and len(w) == 1:
                 return ExpireHolds()
+            if type(tag) is int and tag == TAG_SET_SLOTS and len(w) == 3:
+                return _decode_set_slots(w)
         return _decode_inner(w)
     except CodecError as exc:
         return Invalid(str(exc))

@@ -2,7 +2,7 @@
 
 A member's number and name never change meaning: they are stored in idempotency records, replicated in
 the log and exposed over HTTP. New codes get new numbers at the end. The HTTP layer maps them to status
-codes in a single table (``raftledger.node.errors``).
+codes in a single table (``raftledger.client.errors.STATUS``).
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ class ResultCode(IntEnum):
     invalid_timeout = 28
     invalid_metadata = 29
     accounts_must_be_different = 30
-
-    transaction_aborted = 31
+    wrong_shard = 31
+    transaction_aborted = 32
 
     @property
     def is_ok(self) -> bool:
@@ -82,6 +82,7 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.invalid_timeout: "timeout_seconds needs pending=true and 0 <= timeout < 2**31",
     ResultCode.invalid_metadata: "metadata must be a JSON object of bounded size",
     ResultCode.accounts_must_be_different: "an account is on both the debit and the credit side",
+    ResultCode.wrong_shard: "the command names an account whose slot another shard owns",
     ResultCode.transaction_aborted: "the cross-shard transaction did not complete in time and was rolled "
                                     "back; send it again with a new id",
 }

@@ -157,6 +157,30 @@ class ExpireHolds:
         return ""
 
 
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class SetSlots:
+    """The hash slots this shard owns from now on, as the cluster map gave them at ``epoch``.
+
+    Proposed by a shard's leader when the map gives its shard a newer epoch than the store holds; it
+    applies only if ``epoch`` is newer than the stored one, so a late or repeated one changes nothing.
+    Once a shard has slots it refuses accounts of every other slot (``wrong_shard``). Never inside a
+    Batch, never accepted from a client or a peer.
+    """
+
+    epoch: Final[int]
+    ranges: Final[tuple[tuple[int, int], ...]]  # inclusive (first, last), ascending, disjoint
+
+    def __init__(self, epoch: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        self.epoch = epoch
+        self.ranges = ranges
+
+    @property
+    def id(self) -> str:
+        """Not a field: the empty id its Result carries (as ``ExpireHolds``)."""
+        return ""
+
+
+
 # ---- cross-shard transactions: the steps of two-phase commit (docs/design.md) ----------------------
 
 LEG_POST: Final = 1  # post the leg's holds (a committed posted transaction, or a post follow-up)
@@ -323,7 +347,7 @@ class ClaimId:
 
 ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete | ClaimId
 
-AnyCommand: TypeAlias = Command | Batch | ExpireHolds | ProtocolCommand
+AnyCommand: TypeAlias = Command | Batch | ExpireHolds | SetSlots | ProtocolCommand
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

@@ -11,6 +11,9 @@ Sub-databases:
   legs         transaction id (utf-8)            -> this shard's leg of a cross-shard transaction
   open_legs    prepared ns (u64) + transaction id -> b"" (legs prepared and not yet decided here)
   decisions    decision id (utf-8)               -> what the participants still have to finish
+               b"slots"                          -> msgpack [epoch, [[first, last], ...]]: the hash
+                                                    slots this shard owns, as of that map epoch
+                                                    (absent: no slots yet, every account accepted)
 
 Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
 unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
@@ -28,10 +31,12 @@ import msgpack
 from .codec import DIRECTION_BYTE, DIRECTIONS
 from .commands import Direction, TxEntry
 from .records import Account, Leg, OpenDecision, Transaction
+from .slots import owned_table
 
 DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta",
                    "legs", "open_legs", "decisions")
 STATE_KEY: Final = b"state"
+SLOTS_KEY: Final = b"slots"
 
 Raw = bytes | memoryview  # what LMDB hands back
 
@@ -244,6 +249,27 @@ class ShardState:
     def copy(self) -> ShardState:
         return ShardState(self.applied_index, self.last_timestamp, self.next_account_num,
                           self.next_offset, self.chain)
+
+
+class OwnedSlots:
+    """The slots a shard owns (``SetSlots``): the map epoch they came from, the ranges, and a
+    4096-byte table (1: owned) for the apply path's per-account check."""
+
+    def __init__(self, epoch: int, ranges: tuple[tuple[int, int], ...]) -> None:
+        self.epoch = epoch
+        self.ranges = ranges
+        self.table = owned_table(ranges)
+
+    def pack(self) -> bytes:
+        packed: bytes = msgpack.packb([self.epoch, [[a, b] for a, b in self.ranges]])
+        return packed
+
+    @staticmethod
+    def unpack(data: Raw | None) -> OwnedSlots | None:
+        if data is None:
+            return None
+        epoch, ranges = msgpack.unpackb(bytes(data))
+        return OwnedSlots(epoch, tuple((int(a), int(b)) for a, b in ranges))
 
 
 def pack_transaction(tx: Transaction, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:

@@ -47,14 +47,17 @@ from .commands import (
     PrepareLeg,
     ProtocolCommand,
     ReverseTransaction,
+    SetSlots,
     TxEntry,
     VoidPending,
 )
 from .layout import (
     ENTRY_STATUS_BYTE,
+    SLOTS_KEY,
     U64,
     AccountRow,
     InvariantViolation,
+    OwnedSlots,
     ShardState,
     ensure,
     entry_key,
@@ -85,6 +88,7 @@ from .records import (
     Result,
     Transaction,
 )
+from .slots import ranges_problem, slot_of
 from .validate import RULES_VERSION, Problem, claim_problem, command_problem, decide_problem, leg_problem
 
 balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
@@ -365,7 +369,9 @@ class Applier:
 
     def __init__(self, txn: lmdb.Transaction, dbs: Dbs, state: ShardState, expiry_floor: int = 0,
                  committed_rows: dict[str, AccountRow] | None = None,
-                 rules: int = RULES_VERSION) -> None:
+                 rules: int = RULES_VERSION, slots: OwnedSlots | None = None) -> None:
+        self.txn = txn
+        self.dbs = dbs
         self.cursors = Cursors.open(txn, dbs)
         self.committed_rows: dict[str, AccountRow] = {} if committed_rows is None else committed_rows
         self.written: dict[str, AccountRow] = {}
@@ -377,6 +383,9 @@ class Applier:
         # before it skip the expiry scan. Inserting a deadline lowers it; a scan raises it.
         self.expiry_floor = expiry_floor
         self.rules = rules  # the entry's rules version (validate.RULES_VERSION and earlier)
+        # The slots this shard owns (None: none set yet, every account is accepted); SetSlots
+        # replaces it, and the store keeps the new one once the entry commits.
+        self.slots = slots
 
     # ---- entry point --------------------------------------------------------------------------
 
@@ -402,6 +411,8 @@ class Applier:
             return [self._apply_command(c, ts) for c in command.commands]
         if isinstance(command, ExpireHolds):
             return Result(ResultCode.ok, "")  # the expiry above is all it asks for
+        if isinstance(command, SetSlots):
+            return self._set_slots(command)
         return self._apply_command(command, ts)
 
     def _apply_command(self, command: Command | ProtocolCommand, ts: int) -> Result:
@@ -453,12 +464,45 @@ class Applier:
                 Result(ResultCode.linked_event_failed, c.id, details={"failed_index": len(results) - 1})
                 for i, c in enumerate(commands)]
 
+    # ---- slots --------------------------------------------------------------------------------
+
+    def _set_slots(self, cmd: SetSlots) -> Result:
+        """Own ``cmd.ranges`` from now on, if ``cmd.epoch`` is newer than the slots stored."""
+        problem = ranges_problem(cmd.ranges)
+        if problem is not None or cmd.epoch < 1:
+            return Result(ResultCode.invalid_command, "",
+                          details={"reason": problem or "epoch must be at least 1"})
+        current = self.slots
+        if current is not None and cmd.epoch <= current.epoch:
+            return Result(ResultCode.ok, "", details={"epoch": current.epoch, "applied": False})
+        slots = OwnedSlots(cmd.epoch, cmd.ranges)
+        self.txn.put(SLOTS_KEY, slots.pack(), db=self.dbs.meta)
+        self.slots = slots
+        return Result(ResultCode.ok, "", details={"epoch": cmd.epoch, "applied": True})
+
+    def _misrouted(self, command_id: str, account_ids: list[str]) -> Result | None:
+        """``wrong_shard`` (nothing stored) when this shard has slots and one of the accounts is in a
+        slot it does not own; the details carry the slots' epoch, for the sender to wait for."""
+        slots = self.slots
+        if slots is None:
+            return None
+        table = slots.table
+        foreign = [a for a in account_ids if not table[slot_of(a)]]
+        if not foreign:
+            return None
+        return Result(ResultCode.wrong_shard, command_id,
+                      details={"epoch": slots.epoch, "accounts": sorted(set(foreign))[:16]})
+
     # ---- accounts -----------------------------------------------------------------------------
 
     def _create_account(self, cmd: CreateAccount, ts: int) -> Result:
         problem = command_problem(cmd, self.rules)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
+        if self.slots is not None:
+            misrouted = self._misrouted(cmd.id, [cmd.id])
+            if misrouted is not None:
+                return misrouted
         existing = self._find_row(cmd.id)
         metadata_bytes = msgpack.packb(canonical(cmd.metadata))
         if existing is not None:
@@ -569,6 +613,10 @@ class Applier:
         problem = command_problem(cmd, self.rules)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
+        if self.slots is not None and isinstance(cmd, CreateTransaction):
+            misrouted = self._misrouted(cmd.id, [e.account_id for e in cmd.entries])
+            if misrouted is not None:
+                return misrouted
         digest = payload_hash(cmd, self.packb)
         replay = self._replay(cmd.id, digest)
         if replay is not None:
@@ -665,6 +713,10 @@ class Applier:
         applied = self._applied_here(cmd.id, cmd.digest)
         if applied is not None:
             return applied
+        if self.slots is not None:  # a leg routed by an older map: nothing recorded, the driver routes again
+            misrouted = self._misrouted(cmd.id, [e.account_id for e in cmd.entries])
+            if misrouted is not None:
+                return misrouted
         moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_PENDING) for e in cmd.entries]
         try:
             entries = self._move(moves, cmd.id, ts, new_entries=True, balanced=False)
@@ -882,6 +934,10 @@ class Applier:
         problem = claim_problem(cmd)
         if problem:
             return Result(problem[0], cmd.id, details=problem[1])
+        if self.slots is not None:  # an id is claimed at its home: the shard of its slot
+            misrouted = self._misrouted(cmd.id, [cmd.id])
+            if misrouted is not None:
+                return misrouted
         replay = self._replay(cmd.id, cmd.digest)
         if replay is not None:
             return replay

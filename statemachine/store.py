@@ -22,10 +22,12 @@ from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
     DB_NAMES,
+    SLOTS_KEY,
     STATE_KEY,
     U64,
     AccountRow,
     InvariantViolation,
+    OwnedSlots,
     Raw,
     ShardState,
     entry_hash_of,
@@ -91,6 +93,7 @@ class LedgerStore:
         with self.env.begin(write=True) as txn:
             self.dbs = Dbs(*(self.env.open_db(name.encode(), txn=txn) for name in DB_NAMES))
         self._state = self._read_state()
+        self._slots = self._read_slots()
         self._expiry_floor = 0  # unknown until the first request scans the expiries
         # Account rows as committed, decoded: hot accounts skip the LMDB read and the unpacking.
         # Only this store's apply writes the accounts table, and it updates the cache after commit.
@@ -100,8 +103,17 @@ class LedgerStore:
         with self.env.begin() as txn:
             return ShardState.unpack(txn.get(STATE_KEY, db=self.dbs.meta))
 
+    def _read_slots(self) -> OwnedSlots | None:
+        with self.env.begin() as txn:
+            return OwnedSlots.unpack(txn.get(SLOTS_KEY, db=self.dbs.meta))
+
     def applied_index(self) -> int:
         return self._state.applied_index
+
+    def slots(self) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """(map epoch, ranges) of the slots this shard owns as applied; (0, ()) before any."""
+        slots = self._slots
+        return (0, ()) if slots is None else (slots.epoch, slots.ranges)
 
     def last_timestamp(self) -> int:
         return self._state.last_timestamp
@@ -132,13 +144,14 @@ class LedgerStore:
                         requests: list[tuple[int, AnyCommand | Invalid]], rules: int) -> list[Outcome]:
         state = self._state.copy()
         with self.env.begin(write=True) as txn:
-            applier = Applier(txn, self.dbs, state, self._expiry_floor, self._rows, rules)
+            applier = Applier(txn, self.dbs, state, self._expiry_floor, self._rows, rules, self._slots)
             outcomes = applier.apply_requests(requests)
             state = applier.state
             state.applied_index = index
             state.chain = hashing.shard_chain(state.chain, index, payload, result_codes(outcomes))
             txn.put(STATE_KEY, state.pack(), db=self.dbs.meta)
         self._state = state
+        self._slots = applier.slots
         self._expiry_floor = applier.expiry_floor
         if len(self._rows) + len(applier.written) > rows_cached_max:
             self._rows.clear()
@@ -196,6 +209,11 @@ class Reader:
 
     def state(self) -> ShardState:
         return ShardState.unpack(self.txn.get(STATE_KEY, db=self.dbs.meta))
+
+    def slots(self) -> tuple[int, tuple[tuple[int, int], ...]]:
+        """(map epoch, ranges) of the slots this shard owns; (0, ()) before any ``SetSlots``."""
+        slots = OwnedSlots.unpack(self.txn.get(SLOTS_KEY, db=self.dbs.meta))
+        return (0, ()) if slots is None else (slots.epoch, slots.ranges)
 
     def account(self, account_id: str) -> Account | None:
         raw = self.txn.get(account_id.encode(), db=self.dbs.accounts)

@@ -39,8 +39,11 @@ from .commands import (
     timeout_seconds_max,
 )
 
-RULES_VERSION: Final = 2  # the rules this code applies to the entries it proposes
+RULES_VERSION: Final = 3  # the rules this code applies to the entries it proposes
 RULES_SELF_TRANSFER: Final = 2  # from this version, an account may not be on both sides
+# From this version a shard may hold slots (SetSlots) and refuse accounts of other slots. Older code
+# would apply SetSlots as an invalid command and keep accepting every account: it must stop instead.
+RULES_SLOTS: Final = 3
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")

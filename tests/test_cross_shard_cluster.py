@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,15 +39,14 @@ def tag_of(shard: int, salt: str = "h") -> str:
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     settings = NodeSettings(cross_shard=CrossShardSettings(prepare_timeout_s=2, finish_timeout_s=1,
                                                            resolver_interval_s=0.2))
-    with pytest.MonkeyPatch.context() as env:
+    with pytest.MonkeyPatch.context() as env:  # for every node started, restarts included
         env.setenv(FAULTS_ENV, "1")
         cluster = LocalCluster(Path(tmp_path_factory.mktemp("xs")), nodes=3, shards=SHARDS,
                                settings=settings)
-        cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.close()
+        try:
+            yield cluster.start()
+        finally:
+            cluster.close()
 
 
 @pytest.fixture
@@ -257,4 +257,18 @@ async def test_follow_ups_claims_and_atomic_batches_across_shards_over_real_node
     assert status == 200 and [r["status"] for r in body["results"]] == [201, 201], body
     balances = await client.settled([alice, bob])
     assert (balances[alice]["balance"], balances[bob]["balance"]) == (2, -2)
+    client.conserved()
+
+
+async def test_a_cross_shard_hold_expires_at_its_home_and_its_legs_are_released_by_themselves(client):
+    alice, bob = await open_accounts(client, "c6")
+    hold = f"c6.h{tag_of(HOME)}"
+    body = {**transfer_body(hold, alice, bob, 30), "pending": True, "timeout_seconds": 1}
+    status, created = await client.write("/v1/transactions", body)
+    assert status == 201 and created["status"] == "pending", created
+    balances = await client.settled([alice, bob])  # nothing else is written to these shards
+    assert time.time() - (created["timestamp"] / 1e9 + 1) < 10  # released soon after the deadline
+    assert balances[alice]["balance"] == balances[bob]["balance"] == 0
+    status, tx = await client.get(f"/v1/transactions/{hold}")
+    assert status == 200 and tx["status"] == "expired"
     client.conserved()

@@ -18,6 +18,7 @@ def test_every_compose_node_config_validates_and_names_itself() -> None:
         loaded = config.load(str(f))
         assert loaded.node_id == f.stem
         assert {n.id for n in loaded.cluster.nodes} == {"n0", "n1", "n2"}
+        assert [n.meta for n in loaded.cluster.nodes] == ["n0:9100", "n1:9100", "n2:9100"]
         assert loaded.secret_file == "/run/secrets/cluster_secret"
 
 
@@ -29,4 +30,5 @@ def test_compose_mounts_each_node_config_and_the_dockerfile_copies_every_package
     dockerfile = (ROOT / "Dockerfile").read_text()
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     copied = set(re.findall(r"^COPY (\w+)/ ", dockerfile, re.MULTILINE))
+    assert "9100" in re.findall(r"^EXPOSE (.*)$", dockerfile, re.MULTILINE)[0].split()
     assert {folder for folder in packages.values()} <= copied

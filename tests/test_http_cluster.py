@@ -188,13 +188,13 @@ async def test_a_hold_on_an_idle_shard_expires_by_itself_about_a_second_after_it
         cluster, http):
     a, b, shard = await open_pair(cluster, http, "ex")
     status, hold, _ = await write(http, cluster.urls["n0"], "/v1/transactions",
-                                  {**transfer_body("hold-1", a, b, 40), "pending": True,
+                                  {**transfer_body("hold-1:{ex}", a, b, 40), "pending": True,
                                    "timeout_seconds": 1})
     assert status == 201 and hold["status"] == "pending", hold
     deadline_s = (hold["timestamp"] + 10**9) / 1e9
     for url in cluster.urls.values():  # nothing else is written to the shard from here on
         async def expired(url: str = url) -> bool:
-            status, body, _ = await call(http, "GET", f"{url}/v1/transactions/hold-1")
+            status, body, _ = await call(http, "GET", f"{url}/v1/transactions/hold-1%3A%7Bex%7D")
             return status == 200 and body["status"] == "expired"
         await wait_until(expired, 15, f"the hold to expire on {url}")
         status, balance, _ = await call(http, "GET", f"{url}/v1/accounts/{a}/balance")

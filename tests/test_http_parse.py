@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from raftledger.client.errors import STATUS, LedgerError
-from raftledger.cluster.router import routing_key, shard_for_account
+from raftledger.cluster.router import modulo_table, route, routing_key, shard_for_account, slot_of
 from raftledger.node.http.bodies import (
     parse_account,
     parse_accounts,
@@ -187,8 +187,11 @@ def test_routing_hashes_the_tag_only_and_is_stable():
     assert routing_key("alice:{u42}") == "u42"
     assert routing_key("a{}b") == "a{}b"
     assert shard_for_account("alice:{u42}", 8) == shard_for_account("bob:{u42}", 8)
-    # Pinned: the map must not change between releases or processes.
-    assert [shard_for_account(f"acct-{i}", 4) for i in range(8)] == [3, 2, 0, 2, 1, 0, 2, 1]
+    # Pinned: slots must not change between releases or processes.
+    assert [slot_of(f"acct-{i}") for i in range(8)] == [31, 1990, 1436, 1274, 2697, 3312, 1874, 2117]
+    assert [shard_for_account(f"acct-{i}", 4) for i in range(8)] == [0, 1, 1, 1, 2, 3, 1, 2]
+    # The modulo layout routes as sha256 % 4 did before the cluster map.
+    assert [route(modulo_table(4), f"acct-{i}") for i in range(8)] == [3, 2, 0, 2, 1, 0, 2, 1]
     assert shard_for_account("x", 1) == 0
 
 

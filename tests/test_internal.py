@@ -149,6 +149,7 @@ async def test_a_command_for_an_account_of_another_shard_is_refused_unapplied(no
     foreign = ids_on_shard(1, SHARDS, "f")[0]
     [reply] = await submit(internal, 0, account(foreign))
     assert reply["error"]["code"] == "wrong_shard" and reply["error"]["details"]["accounts"] == [foreign]
+    assert reply["error"]["details"]["epoch"] == 1  # the map it was judged by
     a, b = ids_on_shard(0, SHARDS, "x")[0], ids_on_shard(1, SHARDS, "y")[0]
     [reply] = await submit(internal, 0, transfer("cross", a, b, 5))  # a cross-shard transaction
     assert reply["error"]["code"] == "wrong_shard"

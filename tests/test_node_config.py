@@ -20,7 +20,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def three_nodes(shards: int = 2) -> NodeConfig:
     nodes = tuple(NodeSpec(f"n{i}", f"http://127.0.0.1:{8080 + i}", f"127.0.0.1:{7080 + i}",
-                           {s: f"127.0.0.1:{9000 + 10 * i + s}" for s in range(shards)})
+                           {s: f"127.0.0.1:{9000 + 10 * i + s}" for s in range(shards)},
+                           meta=f"127.0.0.1:{9100 + i}")
                   for i in range(3))
     placement = {s: ("n0", "n1", "n2") for s in range(shards)}
     settings = NodeSettings(http=HttpSettings(port=8081), batching=BatchingSettings(linger_ms=3.5),
@@ -57,7 +58,7 @@ def test_a_node_without_secret_file_or_internal_address_is_refused(tmp_path):
 
 def test_placement_defaults_to_every_node_hosting_every_shard():
     raw = {"node_id": "a", "data_dir": "d", "secret_file": "s", "cluster": {"shards": 2, "nodes": [
-        {"id": "a", "http": "http://h:1", "internal": "h:7", "raft": ["h:2", "h:3"]},
+        {"id": "a", "http": "http://h:1", "internal": "h:7", "raft": ["h:2", "h:3"], "meta": "h:9"},
         {"id": "b", "http": "http://h:4", "internal": "h:8", "raft": {"0": "h:5", "1": "h:6"}}]}}
     config = parse(raw)
     assert config.cluster.placement == {0: ("a", "b"), 1: ("a", "b")}
@@ -100,6 +101,31 @@ def test_placement_on_an_unknown_node_or_without_raft_address_is_refused(tmp_pat
     message = refused(dataclasses.replace(good, cluster=cluster), tmp_path)
     assert "shard 0 placement names unknown node 'n9'" in message
     assert "node n0 hosts shard 1 but has no raft address for it" in message
+
+
+def test_meta_addresses_and_the_slot_layout_are_checked(tmp_path):
+    good = three_nodes(shards=3)
+    nodes = [dataclasses.replace(n, meta=None) for n in good.cluster.nodes]
+    message = refused(dataclasses.replace(good, cluster=dataclasses.replace(
+        good.cluster, nodes=tuple(nodes), slot_layout="modulo")), tmp_path)
+    assert "no node has a meta address" in message
+    assert "cluster.slot_layout modulo needs a shard count that divides 4096, not 3" in message
+    nodes = list(good.cluster.nodes)
+    nodes[1] = dataclasses.replace(nodes[1], meta=nodes[0].raft[2])
+    nodes[2] = dataclasses.replace(nodes[2], meta="nowhere")
+    message = refused(dataclasses.replace(good, cluster=dataclasses.replace(
+        good.cluster, nodes=tuple(nodes), slot_layout="striped")), tmp_path)
+    assert "address 127.0.0.1:9002 is used twice (n0 shard 2 raft and n1 meta raft)" in message
+    assert "node n2: meta raft address 'nowhere' must be host:port" in message
+    assert "cluster.slot_layout must be one of even, modulo, not 'striped'" in message
+    loaded = parse({"node_id": "a", "data_dir": "d", "secret_file": "s", "cluster": {
+        "shards": 4, "slot_layout": "modulo", "nodes": [
+            {"id": "a", "http": "http://h:1", "internal": "h:7", "raft": ["h:2", "h:3", "h:4", "h:5"],
+             "meta": "h:9"}]}})
+    assert loaded.cluster.slot_layout == "modulo" and loaded.meta_address == "h:9"
+    with pytest.raises(ConfigError, match=r"cluster.nodes\[0\] has unknown settings \['metta'\]"):
+        parse({"node_id": "a", "data_dir": "d", "secret_file": "s", "cluster": {"nodes": [
+            {"id": "a", "http": "http://h:1", "internal": "h:7", "raft": ["h:2"], "metta": "h:9"}]}})
 
 
 def test_bad_durability_and_foreign_node_id_are_refused(tmp_path):

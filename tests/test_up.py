@@ -109,7 +109,8 @@ def test_up_resumes_a_cluster_planned_before_nodes_had_a_secret_and_an_internal_
         assert any("demo-transfer-1:{demo}: ok (replayed)" in line for line in second.lines), second.lines
     with open(path) as f:
         upgraded = json.load(f)
-    assert upgraded["version"] == 2 and all(n["internal"] for n in upgraded["nodes"])
+    assert upgraded["version"] == 3 and all(n["internal"] for n in upgraded["nodes"])
+    assert all(n["meta"] for n in upgraded["nodes"]) and upgraded["slot_layout"] == "modulo"
     assert os.path.exists(os.path.join(data_dir, "cluster.secret"))
 
 

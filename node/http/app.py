@@ -34,6 +34,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", f"/contas/{ID}/saldo", reads.get_balance),
     ("GET", f"/contas/{ID}/extrato", reads.get_entries),
     ("GET", "/v1/cluster", ops.cluster),
+    ("GET", "/v1/cluster/map", ops.cluster_map),
     ("GET", "/healthz", ops.healthz),
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),

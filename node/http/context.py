@@ -1,4 +1,5 @@
-"""What the HTTP side of one node knows: its id, its hosted shard replicas, its peers, its settings."""
+"""What the HTTP side of one node knows: its id, its hosted shard replicas, its peers, its settings, and
+the cluster map it routes by."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from raftledger.cluster.router import shard_for_account
+from raftledger.client.errors import LedgerError
+from raftledger.cluster.follower import MapFollower
+from raftledger.cluster.map import ClusterMap, ShardEntry, layout_ranges
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..metrics import Metrics
@@ -25,6 +28,11 @@ class NodeContext:
     (this one included) to the base URL of its HTTP API and ``internal_urls`` to the base URL of its
     internal listener, whose requests ``sealer`` seals with the cluster secret; ``placement`` lists,
     per shard, the nodes hosting a replica (default: every peer).
+
+    ``maps`` holds the cluster map this node routes by (``shard_of``) and signals its changes; a node
+    follows the map of its cluster (``node/runtime.py``). Without one, the context routes by a fixed
+    map of ``shard_count`` shards laid out evenly (tests and tools). ``meta`` is this node's member of
+    the metadata group, when it hosts one (a ``raftledger.cluster.meta.MetaService``).
     """
 
     node_id: str
@@ -40,15 +48,33 @@ class NodeContext:
     session: aiohttp.ClientSession | None = None
     forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
     background: set[Any] = field(default_factory=set)  # asyncio tasks off the request path
+    maps: MapFollower = None  # type: ignore[assignment]  # None: a fixed even map, made in __post_init__
+    meta: Any = None  # cluster.meta.MetaService on a node hosting a member of the metadata group
 
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = Metrics(self.node_id)
+        if self.maps is None:
+            self.maps = MapFollower(fixed_map(self.shard_count, self.placement, self.peers),
+                                    clock=self.clock)
+
+    @property
+    def cluster_map(self) -> ClusterMap:
+        """The map this node routes by; raises 503 ``unavailable`` while it has none."""
+        current = self.maps.current
+        if current is None:
+            raise LedgerError("unavailable", "this node has no cluster map yet", retry_after_s=1.0)
+        return current
 
     def shard_of(self, account_id: str) -> int:
-        return int(shard_for_account(account_id, self.shard_count))
+        """The shard the current map gives the account (or transaction id) to."""
+        return self.cluster_map.shard_of(account_id)
 
     def nodes_of(self, shard: int) -> Sequence[str]:
+        current = self.maps.current
+        entry = None if current is None else current.shard(shard)
+        if entry is not None and entry.replicas:
+            return entry.replicas
         if self.placement is not None and shard in self.placement:
             return self.placement[shard]
         return sorted(self.peers)
@@ -68,6 +94,14 @@ class NodeContext:
     async def close(self) -> None:
         if self.session is not None:
             await self.session.close()
+
+
+def fixed_map(shard_count: int, placement: Mapping[int, Sequence[str]] | None = None,
+              peers: Mapping[str, str] | None = None) -> ClusterMap:
+    """A map of ``shard_count`` shards laid out evenly, at epoch 1 (for contexts that follow none)."""
+    ranges = layout_ranges(shard_count, "even")
+    replicas = {s: tuple((placement or {}).get(s, sorted(peers or {}))) for s in range(shard_count)}
+    return ClusterMap(1, (), tuple(ShardEntry(s, replicas[s], 1, ranges[s]) for s in range(shard_count)))
 
 
 CONTEXT = web.AppKey("raftledger_node", NodeContext)

@@ -56,6 +56,7 @@ from raftledger.statemachine.commands import (
     TxEntry,
     VoidPending,
 )
+from raftledger.statemachine.ledger import EXPIRY_SUFFIX
 from raftledger.statemachine.records import OpenDecision
 
 from .. import faults
@@ -174,6 +175,7 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
         prepared, indexes = await _send(ctx, steps)
         outcome.touched(indexes)
     faults.crash_point("cross_shard.prepared")
+    await _unless_misrouted(ctx, items, prepared)
     refusals = {i: _refusal(i, items[i], prepared) for i in live}
     unknown = next((r for r in prepared.values() if isinstance(r, Exception)), None)
     if unknown is not None and not any(refusals.values()):
@@ -224,6 +226,20 @@ async def _claim_ids(ctx: NodeContext, items: list[Item], coordinator: int,
         if not result.ok or result.record is not None:
             settled[i] = result
     return settled
+
+
+async def _unless_misrouted(ctx: NodeContext, items: list[Item], prepared: dict[Key, Rendered | Exception]
+                            ) -> None:
+    """A leg refused as ``wrong_shard`` was planned by an older map: decide nothing; once this node's
+    map caught up, answer 503 so that the client's retry (same id) is planned by the new one. Legs
+    prepared meanwhile replay or, where the new plan has no leg, are voided by their resolvers."""
+    misrouted = [r for r in prepared.values() if isinstance(r, Rendered) and r.code == "wrong_shard"]
+    if not misrouted:
+        return
+    epoch = max(int(r.details.get("epoch", 0)) for r in misrouted)
+    await ctx.maps.wait_epoch(epoch, ctx.settings.forwarding.map_wait_s)
+    raise LedgerError("unavailable", f"{items[0].id}: the cluster map moved an account; retry with the "
+                      "same id", details={"epoch": epoch}, retry_after_s=0.1)
 
 
 def _refusal(i: int, item: Item, prepared: dict[Key, Rendered | Exception]) -> Rendered | None:
@@ -457,8 +473,11 @@ async def resolve_shard(ctx: NodeContext, shard: int, backoff: Backoff | None = 
     backoff = backoff or Backoff(ctx)
     settings = ctx.settings.cross_shard
     now, most = ctx.clock.time_ns(), settings.resolved_per_pass_max
+    finished_by = now - int(settings.finish_timeout_s * 1e9)
     with ctx.shards[shard].store.reader() as reader:
-        decisions = reader.open_decisions(now - int(settings.finish_timeout_s * 1e9), most)
+        # An expired cross-shard hold has no driver: its legs are released at once.
+        decisions = [d for d in reader.open_decisions(now, most)
+                     if d.timestamp < finished_by or d.id.endswith(EXPIRY_SUFFIX)]
         legs = reader.open_legs(now - int(settings.prepare_timeout_s * 1e9), most)
     work = [(f"decision {d.id}", _finish_decision(ctx, shard, d)) for d in decisions if backoff.due(d.id)]
     work += [(f"leg {leg.id}", _resolve_leg(ctx, shard, leg.id, leg.digest, leg.coordinator))
@@ -489,6 +508,9 @@ async def _resolve_leg(ctx: NodeContext, shard: int, txid: str, digest: bytes, c
     still running cannot commit any more), then this leg is finished as decided."""
     fence = Decide(txid, digest, DECIDE_NEW, int(ResultCode.transaction_aborted))
     decided = (await submit(ctx, coordinator, fence)).results[0]
-    await submit(ctx, shard, FinishLeg(txid, digest, _leg_outcome(decided), txid))
+    outcome = _leg_outcome(decided)
+    if shard not in (decided.record or {}).get("shards", [shard]):  # not a participant of that decision
+        outcome = LEG_VOID
+    await submit(ctx, shard, FinishLeg(txid, digest, outcome, txid))
     log.info("resolver: leg %s on shard %d finished as decided at shard %d (%s)", txid, shard, coordinator,
              decided.code)

@@ -11,20 +11,30 @@ A leader that is dead, deposed or unreachable is not retried at once: the write 
 and goes there. Retries happen only when the command was surely not applied by the leader tried
 (it refused it, or the connection was refused) or its outcome no longer matters (another leader was
 elected meanwhile: the id makes the second attempt answer the first's outcome).
+
+A command is routed by this node's cluster map. The shard it reaches refuses it as ``wrong_shard``
+when the receiving node's map (``admit``) or the slots the shard's store holds say another shard owns
+one of its accounts; nothing is applied then, and the refusal names the epoch it judged by. Given a
+``route``, ``submit`` waits (bounded by ``forwarding.map_wait_s``, woken by the map follower) for this
+node's map to reach that epoch and sends the refused commands where ``route`` now says, at most
+``forwarding.reroutes_max`` times. A forwarded request names the epoch it was routed by, and a
+receiver with an older map catches up first, so two nodes never bounce a command between them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import aiohttp
-from raftledger.client.errors import LedgerError, NotLeader, Unavailable, from_wire
+from raftledger.client.errors import LedgerError, NotLeader, Unavailable, WrongShard, from_wire
+from raftledger.cluster.map import MapCommand, Outcome
+from raftledger.cluster.map import encode_command as encode_map_command
 from raftledger.statemachine import codec
-from raftledger.statemachine.commands import AnyCommand
+from raftledger.statemachine.commands import AnyCommand, Batch, Command
 
 from .. import wire
 from ..clock import Clock
@@ -39,6 +49,7 @@ FORWARDED_HEADER = "X-Ledger-Forwarded"
 unhosted_retry_s = 0.1  # between rounds over the hosts of a shard this node does not host
 
 T = TypeVar("T")
+Route = Callable[[Command], int]  # the shard a client command belongs to, by the current map
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +57,12 @@ class ShardReply:
     shard: int
     index: int
     results: list[Rendered]
+    # Other shards that applied some of the results (commands routed again): shard -> log index.
+    also: Mapping[int, int] = field(default_factory=dict)
+
+    def tokens(self) -> dict[int, int]:
+        """shard -> log index of every entry that carried these results."""
+        return {**self.also, self.shard: max(self.index, self.also.get(self.shard, 0))}
 
 
 def _results(shard: int, outcome: Any) -> list[Rendered]:
@@ -53,8 +70,79 @@ def _results(shard: int, outcome: Any) -> list[Rendered]:
     return [Rendered.of(r, shard) for r in items]
 
 
-async def submit(ctx: NodeContext, shard: int, command: AnyCommand) -> ShardReply:
-    """Commit ``command`` on ``shard`` through its leader; raises LedgerError when it cannot."""
+async def submit(ctx: NodeContext, shard: int, command: AnyCommand, route: Route | None = None,
+                 attempt: int = 0) -> ShardReply:
+    """Commit ``command`` on ``shard`` through its leader; raises LedgerError when it cannot.
+
+    With ``route``, commands the shard refuses as ``wrong_shard`` are routed again by a newer map
+    (module docstring); without it the refusal is the answer."""
+    try:
+        reply = await _submit_once(ctx, shard, command)
+    except WrongShard as exc:  # the receiver's map refused the request whole: nothing was applied
+        if route is None or not isinstance(command, Command | Batch):  # type: ignore[misc, arg-type]
+            raise
+        await _await_map(ctx, exc.details, attempt)
+        return await _routed(ctx, command, route, attempt + 1)
+    refused = [i for i, r in enumerate(reply.results) if r.code == "wrong_shard"]
+    if route is None or not refused or not isinstance(command, Command | Batch):  # type: ignore[misc, arg-type]
+        return reply
+    await _await_map(ctx, max((reply.results[i].details for i in refused), key=_epoch_of), attempt)
+    if not isinstance(command, Batch) or command.atomic:  # nothing was applied: route it all again
+        return await _routed(ctx, command, route, attempt + 1)
+    again = await _routed(ctx, Batch(tuple(command.commands[i] for i in refused)), route, attempt + 1)
+    results = list(reply.results)
+    for i, result in zip(refused, again.results, strict=True):
+        results[i] = result
+    also = {s: i for s, i in again.tokens().items() if s != shard or i > reply.index}
+    return ShardReply(shard, reply.index, results, {**reply.also, **also})
+
+
+def _epoch_of(details: Mapping[str, Any]) -> int:
+    epoch = details.get("epoch")
+    return epoch if isinstance(epoch, int) and not isinstance(epoch, bool) else 0
+
+
+async def _await_map(ctx: NodeContext, details: Mapping[str, Any], attempt: int) -> None:
+    """Wait for this node's map to reach the epoch a refusal named (bounded); 503 when it does not
+    or when the command was routed again too often."""
+    epoch = _epoch_of(details)
+    if attempt >= ctx.settings.forwarding.reroutes_max:
+        raise LedgerError("unavailable", f"routed again {attempt} times; the cluster map is changing",
+                          details={"epoch": epoch}, retry_after_s=1.0)
+    if not await ctx.maps.wait_epoch(epoch, ctx.settings.forwarding.map_wait_s):
+        raise LedgerError("unavailable", f"this node's cluster map did not reach epoch {epoch}",
+                          details={"epoch": epoch, "map_epoch": ctx.maps.epoch}, retry_after_s=1.0)
+
+
+async def _routed(ctx: NodeContext, command: Command | Batch, route: Route, attempt: int) -> ShardReply:
+    """Submit ``command`` where ``route`` sends it now; a non-atomic batch whose commands now belong
+    to several shards is split, and its results put back in order."""
+    if not isinstance(command, Batch):
+        return await submit(ctx, route(command), command, route, attempt)
+    groups: dict[int, list[int]] = {}
+    for i, inner in enumerate(command.commands):
+        groups.setdefault(route(inner), []).append(i)
+    if len(groups) == 1:
+        return await submit(ctx, next(iter(groups)), command, route, attempt)
+    if command.atomic:  # the map moved some of its accounts: the retry plans it anew (cross-shard)
+        raise LedgerError("unavailable", "the cluster map moved accounts of this atomic batch; send it again",
+                          details={"shards": sorted(groups)}, retry_after_s=0.1)
+    shards = sorted(groups)
+    replies = await asyncio.gather(*(submit(ctx, s, Batch(tuple(command.commands[i] for i in groups[s])),
+                                            route, attempt) for s in shards))
+    results: list[Rendered | None] = [None] * len(command.commands)
+    tokens: dict[int, int] = {}
+    for s, reply in zip(shards, replies, strict=True):
+        for i, result in zip(groups[s], reply.results, strict=True):
+            results[i] = result
+        for shard, index in reply.tokens().items():
+            tokens[shard] = max(index, tokens.get(shard, 0))
+    first = replies[0]
+    return ShardReply(first.shard, first.index, [r for r in results if r is not None],
+                      {s: i for s, i in tokens.items() if s != first.shard})
+
+
+async def _submit_once(ctx: NodeContext, shard: int, command: AnyCommand) -> ShardReply:
 
     async def local(svc: ShardService) -> ShardReply:
         committed = await svc.submit(command)
@@ -218,7 +306,9 @@ class Forwarder:
 
     async def _send(self, items: list[tuple[bytes, asyncio.Future[dict[str, Any]]]]) -> None:
         try:
-            reply = await call_peer(self.ctx, self.node, f"/shards/{self.shard}/submit",
+            # The epoch routed by: a receiver with an older map catches up before it judges.
+            reply = await call_peer(self.ctx, self.node,
+                                    f"/shards/{self.shard}/submit?epoch={self.ctx.maps.epoch}",
                                     [encoded for encoded, _ in items])
             for (_, future), one in zip(items, reply["replies"], strict=True):
                 _settle(future, one)
@@ -302,3 +392,27 @@ async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
     nodes = sorted(ctx.peers) or [ctx.node_id]
     answers = await asyncio.gather(*(one(n) for n in nodes))
     return dict(zip(nodes, answers, strict=True))
+
+
+async def propose_map(ctx: NodeContext, command: MapCommand) -> Outcome:
+    """Apply a change of the cluster map through the metadata group's leader, wherever it runs:
+    here, or on the host this node's member names, or on the first host that answers."""
+    meta = ctx.meta
+    if meta is not None and meta.is_leader():
+        return await meta.propose(command)  # type: ignore[no-any-return]
+    hint = None if meta is None else meta.leader_node_id()
+    hosts = [n.id for n in ctx.cluster_map.meta_hosts()]
+    candidates = list(dict.fromkeys(h for h in (hint, *hosts) if h and h != ctx.node_id))
+    payload = encode_map_command(command)
+    for _ in range(2 * len(candidates)):
+        if not candidates:
+            break
+        node = candidates.pop(0)
+        try:
+            answer = await call_peer(ctx, node, "/meta/propose", payload)
+        except NotLeader as exc:  # unreachable, or not the leader (which it may name)
+            if exc.leader not in (None, node, ctx.node_id):
+                candidates.insert(0, exc.leader)  # type: ignore[arg-type]
+            continue
+        return Outcome(bool(answer["ok"]), int(answer["epoch"]), str(answer.get("reason", "")))
+    raise LedgerError("not_leader", "no leader of the metadata group answered", retry_after_s=1.0)

@@ -2,15 +2,23 @@
 
 Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
 
-- ``/internal/v1/shards/{shard}/submit`` — forwarded commands, committed here (this node leads the
-  shard) or refused with ``not_leader``; never forwarded again. Each command is checked as a public
-  request is: its shape (``parse.check``), the batch limit, and that every account it names lives on
-  this shard; a command that fails is answered with its error and never proposed. The steps of a
-  cross-shard transaction (``PrepareLeg``, ``Decide``, ``FinishLeg``, ``Complete``) arrive here too.
+- ``/internal/v1/shards/{shard}/submit[?epoch=E]`` — forwarded commands, committed here (this node
+  leads the shard) or refused with ``not_leader``; never forwarded again. Each command is checked as a
+  public request is: its shape (``parse.check``), the batch limit, and that every account it names
+  lives on this shard by this node's map (``wrong_shard`` otherwise, with this map's ``epoch`` in the
+  details); a command that fails is answered with its error and never proposed. ``epoch`` is the map
+  epoch the sender routed by: a receiver whose map is older first waits (bounded) to catch up. The
+  steps of a cross-shard transaction (``PrepareLeg``, ``Decide``, ``FinishLeg``, ``Complete``,
+  ``ClaimId``) arrive here too, alone or batched.
 - ``/internal/v1/shards/{shard}/barrier`` — a linearizable read index from the leader.
-- ``/internal/v1/shards/{shard}/transaction`` — a transaction's record on that shard (post / void /
-  reverse and the cross-shard protocol find their target with it).
-- ``/internal/v1/status`` — this node's replicas (role, term, indexes, fingerprint).
+- ``/internal/v1/shards/{shard}/transaction`` — where a transaction is recorded and its record,
+  looked for on that shard (post / void / reverse and the cross-shard protocol find their target so).
+- ``/internal/v1/status`` — this node's replicas (role, term, indexes, fingerprint), its map epoch
+  and its member of the metadata group.
+- ``/internal/v1/map`` ``{"epoch": E}`` — the cluster map, as soon as this node's is newer than
+  ``E``, else after ``meta.long_poll_s`` (``{"map": null}`` while it has none).
+- ``/internal/v1/meta/propose`` — a map command (``cluster.map.encode_command``), applied through
+  this node's member of the metadata group if it leads it (``not_leader`` with a hint otherwise).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
   generator; served only when the node runs with ``RAFTLEDGER_BENCH=1``.
@@ -30,6 +38,7 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
+from raftledger.cluster.map import MapError, decode_command
 from raftledger.statemachine import codec
 from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
@@ -56,6 +65,7 @@ from ..service import ShardService
 from . import parse
 from .body import read_raw
 from .context import NodeContext
+from .forward import FORWARDED_HEADER, propose_map
 from .reads import transaction_at
 from .render import Rendered
 
@@ -132,6 +142,9 @@ async def submit(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[s
     if len(encoded) > commands_max:
         raise LedgerError("too_many_commands", details={"max": commands_max,
                                                      "count": len(encoded)})
+    sender_epoch = request.query.get("epoch", "")
+    if sender_epoch.isdigit() and len(sender_epoch) <= 18:  # routed by a newer map than ours: catch up
+        await ctx.maps.wait_epoch(int(sender_epoch), ctx.settings.forwarding.map_wait_s)
     replies = await asyncio.gather(*(_submit_one(ctx, svc, e) for e in encoded))
     return {"replies": replies}
 
@@ -171,10 +184,12 @@ def _admit_one(ctx: NodeContext, shard: int, command: Command | ProtocolCommand,
 
 
 def _only_here(ctx: NodeContext, shard: int, command_id: str, accounts: list[str]) -> None:
-    elsewhere = sorted({a for a in accounts if ctx.shard_of(a) != shard})
+    """Refuse a command naming an account that this node's map gives to another shard."""
+    current = ctx.cluster_map
+    elsewhere = sorted({a for a in accounts if current.shard_of(a) != shard})
     if elsewhere:
         raise LedgerError("wrong_shard", details={"shard": shard, "accounts": elsewhere[:16],
-                                                  "id": command_id})
+                                                  "id": command_id, "epoch": current.epoch})
 
 
 async def _submit_one(ctx: NodeContext, svc: ShardService, encoded: bytes) -> dict[str, Any]:
@@ -231,8 +246,36 @@ def replica_status(svc: ShardService) -> dict[str, Any]:
 
 
 async def status(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
-    return {"node": ctx.node_id, "pid": os.getpid(),
+    return {"node": ctx.node_id, "pid": os.getpid(), "map_epoch": ctx.maps.epoch,
+            "meta": None if ctx.meta is None else ctx.meta.status(),
             "shards": {str(s): replica_status(svc) for s, svc in sorted(ctx.shards.items())}}
+
+
+async def cluster_map(ctx: NodeContext, request: web.Request, params: Any) -> dict[str, Any]:
+    """A long poll: this node's map once it is newer than the caller's epoch, or after a bounded
+    wait whatever it is (None while this node has none)."""
+    held = params.get("epoch") if isinstance(params, dict) else None
+    if isinstance(held, bool) or not isinstance(held, int):
+        raise LedgerError("malformed_body", "expected {\"epoch\": <int>}")
+    await ctx.maps.wait_epoch(held + 1, ctx.settings.meta.long_poll_s)
+    current = ctx.maps.current
+    return {"map": None if current is None else current.to_wire()}
+
+
+async def meta_propose(ctx: NodeContext, request: web.Request, encoded: Any) -> dict[str, Any]:
+    """A map command, applied through the metadata group's leader: this node's member, or (for a
+    request that no node forwarded yet) the leader wherever it runs."""
+    if not isinstance(encoded, bytes):
+        raise LedgerError("malformed_body", "expected an encoded map command")
+    try:
+        command = decode_command(encoded)
+    except MapError as exc:
+        raise LedgerError("malformed_body", str(exc)) from None
+    if FORWARDED_HEADER not in request.headers:
+        return dict((await propose_map(ctx, command)).to_wire())
+    if ctx.meta is None:
+        raise LedgerError("not_leader", f"node {ctx.node_id} hosts no member of the metadata group")
+    return dict((await ctx.meta.propose(command)).to_wire())
 
 
 async def totals(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
@@ -256,9 +299,10 @@ async def bench_start(ctx: NodeContext, request: web.Request, params: Any) -> di
 
     svc = _local_shard(ctx, request)
     run = f"{svc.shard}.{len(_bench_runs)}"
+    tag = next(t for t in (f"{{b{n}}}" for n in range(100_000)) if ctx.shard_of(t) == svc.shard)
     _bench_runs[run] = asyncio.create_task(run_load(
         svc, transfers=int(params["transfers"]), concurrency=int(params["concurrency"]),
-        prefix=str(params["prefix"])))
+        prefix=str(params["prefix"]), tag=tag))
     return {"run": run}
 
 
@@ -277,6 +321,8 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/transaction", transaction),
     ("/shards/{shard}/totals", totals),
     ("/status", status),
+    ("/map", cluster_map),
+    ("/meta/propose", meta_propose),
 )
 BENCH_ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/bench", bench_start),

@@ -124,9 +124,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/contas/{id}/extrato": {"get": dict(ENTRIES, summary="Alias of the entries route")},
     "/v1/cluster": {"get": _op("Every shard's replicas: role, term, commit, applied, lag",
                                "operations", errors=())},
+    "/v1/cluster/map": {"get": _op("The cluster map this node routes by: nodes, shards, slot ranges",
+                                   "operations", 200, _ref("ClusterMap"), errors=(503,))},
     "/healthz": {"get": _op("The process is alive", "operations", errors=())},
-    "/readyz": {"get": _op("Every hosted shard has a leader and this replica is caught up",
-                           "operations", errors=(503,))},
+    "/readyz": {"get": _op("This node has a cluster map, every hosted shard a leader, and this "
+                           "replica is caught up", "operations", errors=(503,))},
     "/metrics": {"get": {"summary": "Prometheus metrics", "tags": ["operations"],
                          "responses": {"200": {"description": "text exposition format",
                                                "content": {"text/plain": {}}}}}},
@@ -163,6 +165,15 @@ SCHEMAS: dict[str, Any] = {
                    "description": "the shards of its accounts (its legs, when cross_shard)"},
         "cross_shard": {"type": "boolean",
                         "description": "committed by two-phase commit across shards (docs/design.md)"}}},
+    "ClusterMap": {"type": "object", "required": ["epoch", "slots", "nodes", "shards"], "properties": {
+        "epoch": INT, "slots": INT,
+        "nodes": {"type": "array", "items": {"type": "object", "properties": {
+            "id": {"type": "string"}, "url": {"type": "string"},
+            "state": {"enum": ["up", "draining", "removed"]}}}},
+        "shards": {"type": "array", "items": {"type": "object", "properties": {
+            "id": INT, "replicas": {"type": "array", "items": {"type": "string"}}, "epoch": INT,
+            "slot_ranges": {"type": "array", "items": {
+                "type": "array", "items": INT, "minItems": 2, "maxItems": 2}}}}}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),

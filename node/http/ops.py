@@ -1,4 +1,4 @@
-"""Operations routes: liveness, readiness, the cluster view, metrics and the API description."""
+"""Operations routes: liveness, readiness, the cluster view and map, metrics and the API description."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ def shard_readiness(ctx: NodeContext) -> dict[str, dict[str, Any]]:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """Every hosted shard has a known leader and this replica is caught up with its commit index."""
+    """This node has a cluster map, and every hosted shard has a known leader and this replica is
+    caught up with its commit index."""
     ctx = context_of(request)
     shards = shard_readiness(ctx)
-    ready = all(s["ready"] for s in shards.values())
-    body = {"ready": ready, "node": ctx.node_id, "shards": shards}
+    has_map = ctx.maps.current is not None
+    ready = has_map and all(s["ready"] for s in shards.values())
+    body = {"ready": ready, "node": ctx.node_id, "map": {"epoch": ctx.maps.epoch, "ready": has_map},
+            "shards": shards}
     return respond(request, 200 if ready else 503, body, None if ready else {"Retry-After": "1"})
 
 
@@ -65,6 +68,11 @@ async def cluster(request: web.Request) -> web.Response:
     nodes = [{"id": n, "url": ctx.peers.get(n), "reachable": statuses.get(n) is not None}
              for n in sorted(statuses)]
     return respond(request, 200, {"node": ctx.node_id, "nodes": nodes, "shards": shards})
+
+
+async def cluster_map(request: web.Request) -> web.Response:
+    """The cluster map this node routes by (503 ``unavailable`` while it has none)."""
+    return respond(request, 200, context_of(request).cluster_map.to_json())
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -17,6 +17,7 @@ from raftledger.statemachine.codec import payload_hash
 from raftledger.statemachine.commands import (
     Batch,
     Command,
+    CreateAccount,
     CreateTransaction,
     PostPending,
     ReverseTransaction,
@@ -26,12 +27,22 @@ from raftledger.statemachine.commands import (
 from . import bodies, cross_shard, parse
 from .body import read_json
 from .context import NodeContext, context_of
-from .forward import ShardReply, submit
+from .forward import Route, ShardReply, submit
 from .reads import locate_transaction
 from .render import Rendered, replay_headers, respond
 
 TOKEN_HEADER = "X-Ledger-Token"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
+
+
+def router(ctx: NodeContext) -> Route:
+    """Where a client command goes by the node's current map (to route it again after
+    ``wrong_shard``): an account to its shard, a transaction to the home of its id."""
+    def route(command: Command) -> int:
+        if isinstance(command, CreateTransaction | CreateAccount):
+            return ctx.shard_of(command.id)
+        raise LedgerError("wrong_shard", details={"id": command.id})  # never refused so: not routed
+    return route
 
 
 def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
@@ -42,9 +53,9 @@ def _observe(ctx: NodeContext, reply: ShardReply, kind: str) -> None:
 
 async def _single(request: web.Request, shard: int, command: Command, kind: str) -> web.Response:
     ctx = context_of(request)
-    reply = await submit(ctx, shard, command)
+    reply = await submit(ctx, shard, command, router(ctx))
     _observe(ctx, reply, kind)
-    return _answer(request, reply.results[0], {reply.shard: reply.index})
+    return _answer(request, reply.results[0], reply.tokens())
 
 
 def _answer(request: web.Request, result: Rendered, indexes: dict[int, int]) -> web.Response:
@@ -78,8 +89,9 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
         if i not in apart:
             groups.setdefault(shard, []).append(i)
     shards = sorted(groups)
+    route = router(ctx)
     replies = asyncio.gather(*(
-        submit(ctx, s, Batch(tuple(routed[i][1] for i in groups[s]), atomic)) for s in shards))
+        submit(ctx, s, Batch(tuple(routed[i][1] for i in groups[s]), atomic), route) for s in shards))
     alone = asyncio.gather(*apart.values())
     batches, outcomes = await asyncio.gather(replies, alone)
     results: dict[int, Rendered] = {}
@@ -87,11 +99,11 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
     for shard, reply in zip(shards, batches, strict=True):
         _observe(ctx, reply, kind)
         results.update(zip(groups[shard], reply.results, strict=True))
-        indexes[shard] = reply.index
-    for i, (result, touched) in zip(apart, outcomes, strict=True):
-        results[i] = result
+    for touched in [r.tokens() for r in batches] + [t for _, t in outcomes]:
         for shard, index in touched.items():
             indexes[shard] = max(index, indexes.get(shard, 0))
+    for i, (result, _) in zip(apart, outcomes, strict=True):
+        results[i] = result
     items = [results[i].item(i, kind) for i in range(len(routed))]
     return respond(request, 200, {"results": items}, _token(indexes))
 

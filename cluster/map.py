@@ -1,0 +1,431 @@
+"""The replicated cluster map: what every node must agree on, and the commands that change it.
+
+The map holds every node (id, public URL, internal address, Raft addresses, state), every shard
+(replica set, the epoch at which its replicas or slots last changed, its slot ranges) and, through
+those ranges, the owner of each of the 4096 hash slots (``table``: slot -> shard). Its ``epoch``
+increases by one with every change. ``sections`` is a generic section -> key -> value store for what
+later work records in the map (API token hashes, feed consumers' settings): ``PutValue`` sets or
+removes one value, and a section of its own needs no new command. Sections are never shown publicly.
+
+The map lives in the metadata Raft group (``raftledger.cluster.meta``): a command is msgpack
+(``encode_command``), applied by the pure ``apply`` on every member in log order, so the log alone
+decides. Commands:
+
+- ``Bootstrap(map)``: the first map, derived from the node files (``initial_map``); applies only to
+  an empty map (epoch 0), so every host may propose it and only the first one counts.
+- ``PutNode(node)``: add a node or replace its addresses.
+- ``SetNodeState(node, state)``: ``up`` | ``draining`` | ``removed``.
+- ``SetReplicas(shard, replicas)``: a shard's replica set (a new shard id starts with no slots).
+- ``AssignSlots(first, last, shard)``: the slots ``first..last`` belong to ``shard`` from now on.
+- ``PutValue(section, key, value)``: one value of a section (``None`` removes it).
+
+A command that cannot apply (an unknown node, a range outside the slots...) is refused with a reason,
+changes nothing and keeps the epoch. A shard whose replicas or slots change takes the new epoch as
+its own, which is what its leader compares with the slots its store holds (``SetSlots``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import msgpack
+from raftledger.node.config import ClusterSpec
+from raftledger.statemachine.slots import (
+    SLOTS,
+    even_ranges,
+    modulo_assignment,
+    ranges_of,
+    ranges_problem,
+)
+
+from .router import route, table_of
+
+NODE_UP = "up"
+NODE_DRAINING = "draining"
+NODE_REMOVED = "removed"
+NODE_STATES = (NODE_UP, NODE_DRAINING, NODE_REMOVED)
+LAYOUT_EVEN = "even"
+LAYOUT_MODULO = "modulo"
+SLOT_LAYOUTS = (LAYOUT_EVEN, LAYOUT_MODULO)
+
+Range = tuple[int, int]
+
+
+class MapError(ValueError):
+    """A map or a map command that is malformed (not a refusal: those are outcomes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class NodeEntry:
+    id: str
+    url: str  # public HTTP API
+    internal: str  # "host:port" of the node-to-node listener
+    raft: tuple[tuple[int, str], ...] = ()  # (shard, "host:port"), by shard
+    meta: str | None = None  # its metadata group Raft address, if it hosts a member
+    state: str = NODE_UP
+
+    def raft_address(self, shard: int) -> str | None:
+        return dict(self.raft).get(shard)
+
+
+@dataclass(frozen=True, slots=True)
+class ShardEntry:
+    id: int
+    replicas: tuple[str, ...]
+    epoch: int  # the map epoch at which its replicas or slots last changed
+    slot_ranges: tuple[Range, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterMap:
+    epoch: int = 0
+    nodes: tuple[NodeEntry, ...] = ()
+    shards: tuple[ShardEntry, ...] = ()
+    sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    table: tuple[int, ...] = field(init=False, repr=False, compare=False)  # slot -> shard (-1: none)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "table", table_of({s.id: s.slot_ranges for s in self.shards}))
+
+    @property
+    def empty(self) -> bool:
+        return self.epoch == 0
+
+    def shard_of(self, account_id: str) -> int:
+        """The shard that owns the account's slot (-1 when no shard does)."""
+        return route(self.table, account_id)
+
+    def shard(self, shard_id: int) -> ShardEntry | None:
+        return next((s for s in self.shards if s.id == shard_id), None)
+
+    def node(self, node_id: str) -> NodeEntry | None:
+        return next((n for n in self.nodes if n.id == node_id), None)
+
+    def meta_hosts(self) -> list[NodeEntry]:
+        return [n for n in self.nodes if n.meta and n.state != NODE_REMOVED]
+
+    def problems(self) -> list[str]:
+        """What makes this map unusable for routing (empty when every slot has exactly one owner)."""
+        problems = [f"shard {s.id}: {p}" for s in self.shards if (p := ranges_problem(s.slot_ranges))]
+        owners = [0] * SLOTS
+        for s in self.shards:
+            for first, last in s.slot_ranges:
+                for slot in range(max(first, 0), min(last, SLOTS - 1) + 1):
+                    owners[slot] += 1
+        unowned = sum(1 for n in owners if n == 0)
+        shared = sum(1 for n in owners if n > 1)
+        if unowned or shared:
+            problems.append(f"{unowned} slots have no shard and {shared} more than one")
+        return problems
+
+    # -- views -------------------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """``GET /v1/cluster/map`` (API.md); addresses and sections stay inside the cluster."""
+        return {"epoch": self.epoch, "slots": SLOTS,
+                "nodes": [{"id": n.id, "url": n.url, "state": n.state} for n in self.nodes],
+                "shards": [{"id": s.id, "replicas": list(s.replicas), "epoch": s.epoch,
+                            "slot_ranges": [list(r) for r in s.slot_ranges]} for s in self.shards]}
+
+    def to_wire(self) -> dict[str, Any]:
+        """Everything, as plain data (msgpack between nodes, in snapshots and in Bootstrap)."""
+        return {"epoch": self.epoch,
+                "nodes": [[n.id, n.url, n.internal, [list(r) for r in n.raft], n.meta, n.state]
+                          for n in self.nodes],
+                "shards": [[s.id, list(s.replicas), s.epoch, [list(r) for r in s.slot_ranges]]
+                           for s in self.shards],
+                "sections": {k: dict(v) for k, v in self.sections.items()}}
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> ClusterMap:
+        try:
+            nodes = tuple(NodeEntry(str(i), str(u), str(a), tuple((int(s), str(r)) for s, r in raft),
+                                    None if m is None else str(m), str(st))
+                          for i, u, a, raft, m, st in raw["nodes"])
+            shards = tuple(ShardEntry(int(i), tuple(str(r) for r in reps), int(e),
+                                      tuple((int(a), int(b)) for a, b in ranges))
+                           for i, reps, e, ranges in raw["shards"])
+            sections = {str(k): dict(v) for k, v in raw.get("sections", {}).items()}
+            return cls(int(raw["epoch"]), nodes, shards, sections)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise MapError(f"malformed map: {exc!r}") from None
+
+    def pack(self) -> bytes:
+        packed: bytes = msgpack.packb(self.to_wire())
+        return packed
+
+    @classmethod
+    def unpack(cls, data: bytes) -> ClusterMap:
+        return cls.from_wire(msgpack.unpackb(data, strict_map_key=False))
+
+
+EMPTY = ClusterMap()
+
+
+def layout_ranges(shards: int, layout: str) -> list[tuple[Range, ...]]:
+    """Per shard, its slot ranges in ``layout`` (``even`` or ``modulo``)."""
+    if layout == LAYOUT_EVEN:
+        return even_ranges(shards)
+    if layout == LAYOUT_MODULO:
+        assignment = modulo_assignment(shards)
+        return [ranges_of(assignment, s) for s in range(shards)]
+    raise MapError(f"slot layout must be one of {SLOT_LAYOUTS}, not {layout!r}")
+
+
+def initial_map(spec: ClusterSpec) -> ClusterMap:
+    """The map a cluster starts with, from the ``[cluster]`` section every node file carries (its
+    epoch is 0: ``Bootstrap`` makes it 1)."""
+    nodes = tuple(NodeEntry(n.id, n.http, n.internal, tuple(sorted(n.raft.items())), n.meta)
+                  for n in spec.nodes)
+    ranges = layout_ranges(spec.shards, spec.slot_layout)
+    shards = tuple(ShardEntry(s, tuple(spec.replicas(s)), 0, ranges[s]) for s in range(spec.shards))
+    return ClusterMap(0, nodes, shards)
+
+
+# -- commands --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Bootstrap:
+    map: ClusterMap
+
+
+@dataclass(frozen=True, slots=True)
+class PutNode:
+    node: NodeEntry
+
+
+@dataclass(frozen=True, slots=True)
+class SetNodeState:
+    node: str
+    state: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetReplicas:
+    shard: int
+    replicas: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AssignSlots:
+    first: int
+    last: int
+    shard: int
+
+
+@dataclass(frozen=True, slots=True)
+class PutValue:
+    section: str
+    key: str
+    value: Any  # msgpack-able; None removes the key
+
+
+MapCommand: TypeAlias = Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a command did: ``ok`` and the map's epoch after it, or why it was refused."""
+
+    ok: bool
+    epoch: int
+    reason: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"ok": self.ok, "epoch": self.epoch, "reason": self.reason}
+
+
+class _Refused(Exception):
+    pass
+
+
+def apply(current: ClusterMap, command: MapCommand) -> tuple[ClusterMap, Outcome]:
+    """The map after ``command`` (pure); a refused command returns ``current`` unchanged."""
+    epoch = current.epoch + 1
+    try:
+        if isinstance(command, Bootstrap):
+            if not current.empty:
+                raise _Refused(f"the map exists (epoch {current.epoch})")
+            changed = _bootstrap(command.map, epoch)
+        elif isinstance(command, PutNode):
+            changed = _put_node(current, command.node)
+        elif isinstance(command, SetNodeState):
+            changed = _set_node_state(current, command.node, command.state)
+        elif isinstance(command, SetReplicas):
+            changed = _set_replicas(current, command.shard, command.replicas, epoch)
+        elif isinstance(command, AssignSlots):
+            changed = _assign_slots(current, command, epoch)
+        else:
+            changed = _put_value(current, command)
+    except _Refused as refused:
+        return current, Outcome(False, current.epoch, str(refused))
+    return dataclasses.replace(changed, epoch=epoch), Outcome(True, epoch)
+
+
+def _bootstrap(first: ClusterMap, epoch: int) -> ClusterMap:
+    problems = first.problems()
+    if problems:
+        raise _Refused("; ".join(problems))
+    return dataclasses.replace(first, shards=tuple(dataclasses.replace(s, epoch=epoch)
+                                                   for s in first.shards))
+
+
+def _put_node(current: ClusterMap, node: NodeEntry) -> ClusterMap:
+    if not node.id or node.state not in NODE_STATES:
+        raise _Refused(f"node {node.id!r} with state {node.state!r}")
+    others = [n for n in current.nodes if n.id != node.id]
+    return dataclasses.replace(current, nodes=tuple(sorted([*others, node], key=lambda n: n.id)))
+
+
+def _set_node_state(current: ClusterMap, node_id: str, state: str) -> ClusterMap:
+    node = current.node(node_id)
+    if node is None:
+        raise _Refused(f"no node {node_id!r}")
+    if state not in NODE_STATES:
+        raise _Refused(f"state must be one of {NODE_STATES}, not {state!r}")
+    return _put_node(current, dataclasses.replace(node, state=state))
+
+
+def _set_replicas(current: ClusterMap, shard_id: int, replicas: tuple[str, ...],
+                  epoch: int) -> ClusterMap:
+    unknown = [r for r in replicas if (n := current.node(r)) is None or n.state == NODE_REMOVED]
+    if unknown or not replicas or len(set(replicas)) != len(replicas) or shard_id < 0:
+        raise _Refused(f"shard {shard_id}: replicas {list(replicas)} (unknown or removed: {unknown})")
+    shard = current.shard(shard_id) or ShardEntry(shard_id, (), epoch)
+    return _with_shards(current, [dataclasses.replace(shard, replicas=replicas, epoch=epoch)])
+
+
+def _assign_slots(current: ClusterMap, command: AssignSlots, epoch: int) -> ClusterMap:
+    first, last = command.first, command.last
+    problem = ranges_problem(((first, last),))
+    if problem is not None:
+        raise _Refused(problem)
+    target = current.shard(command.shard)
+    if target is None:
+        raise _Refused(f"no shard {command.shard}")
+    changed = []
+    for shard in current.shards:
+        kept = _without(shard.slot_ranges, first, last)
+        if shard.id == command.shard:
+            kept = _merged([*kept, (first, last)])
+        if kept != shard.slot_ranges:
+            changed.append(dataclasses.replace(shard, slot_ranges=kept, epoch=epoch))
+    return _with_shards(current, changed)
+
+
+def _put_value(current: ClusterMap, command: PutValue) -> ClusterMap:
+    if not command.section or not command.key:
+        raise _Refused("a section and a key are required")
+    sections = {k: dict(v) for k, v in current.sections.items()}
+    values = sections.setdefault(command.section, {})
+    if command.value is None:
+        values.pop(command.key, None)
+    else:
+        values[command.key] = command.value
+    return dataclasses.replace(current, sections={k: v for k, v in sections.items() if v})
+
+
+def _with_shards(current: ClusterMap, changed: list[ShardEntry]) -> ClusterMap:
+    by_id = {s.id: s for s in current.shards} | {s.id: s for s in changed}
+    return dataclasses.replace(current, shards=tuple(by_id[i] for i in sorted(by_id)))
+
+
+def _without(ranges: tuple[Range, ...], first: int, last: int) -> tuple[Range, ...]:
+    out: list[Range] = []
+    for a, b in ranges:
+        if b < first or a > last:
+            out.append((a, b))
+            continue
+        if a < first:
+            out.append((a, first - 1))
+        if b > last:
+            out.append((last + 1, b))
+    return tuple(out)
+
+
+def _merged(ranges: list[Range]) -> tuple[Range, ...]:
+    out: list[Range] = []
+    for a, b in sorted(ranges):
+        if out and a <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return tuple(out)
+
+
+# -- encoding (msgpack: [tag, fields...]) ----------------------------------------------------------
+
+TAG_BOOTSTRAP = 1
+TAG_PUT_NODE = 2
+TAG_SET_NODE_STATE = 3
+TAG_SET_REPLICAS = 4
+TAG_ASSIGN_SLOTS = 5
+TAG_PUT_VALUE = 6
+
+
+def _node_wire(node: NodeEntry) -> list[Any]:
+    return [node.id, node.url, node.internal, [list(r) for r in node.raft], node.meta, node.state]
+
+
+def command_to_wire(command: MapCommand) -> list[Any]:
+    if isinstance(command, Bootstrap):
+        return [TAG_BOOTSTRAP, command.map.to_wire()]
+    if isinstance(command, PutNode):
+        return [TAG_PUT_NODE, _node_wire(command.node)]
+    if isinstance(command, SetNodeState):
+        return [TAG_SET_NODE_STATE, command.node, command.state]
+    if isinstance(command, SetReplicas):
+        return [TAG_SET_REPLICAS, command.shard, list(command.replicas)]
+    if isinstance(command, AssignSlots):
+        return [TAG_ASSIGN_SLOTS, command.first, command.last, command.shard]
+    return [TAG_PUT_VALUE, command.section, command.key, command.value]
+
+
+def command_from_wire(raw: Any) -> MapCommand:
+    """A map command; raises MapError for anything else."""
+    try:
+        tag, *fields = raw
+        if tag == TAG_BOOTSTRAP:
+            return Bootstrap(ClusterMap.from_wire(fields[0]))
+        if tag == TAG_PUT_NODE:
+            node = ClusterMap.from_wire({"epoch": 0, "nodes": [fields[0]], "shards": []}).nodes[0]
+            return PutNode(node)
+        if tag == TAG_SET_NODE_STATE:
+            return SetNodeState(_text(fields[0]), _text(fields[1]))
+        if tag == TAG_SET_REPLICAS:
+            return SetReplicas(_whole(fields[0]), tuple(_text(r) for r in fields[1]))
+        if tag == TAG_ASSIGN_SLOTS:
+            return AssignSlots(_whole(fields[0]), _whole(fields[1]), _whole(fields[2]))
+        if tag == TAG_PUT_VALUE:
+            return PutValue(_text(fields[0]), _text(fields[1]), fields[2])
+    except (TypeError, ValueError, IndexError) as exc:
+        raise MapError(f"malformed map command: {exc!r}") from None
+    raise MapError(f"unknown map command {raw!r:.80}")
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, not {type(value).__name__}")
+    return value
+
+
+def _whole(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"expected an integer, not {type(value).__name__}")
+    return value
+
+
+def encode_command(command: MapCommand) -> bytes:
+    packed: bytes = msgpack.packb(command_to_wire(command))
+    return packed
+
+
+def decode_command(data: bytes) -> MapCommand:
+    try:
+        raw = msgpack.unpackb(data, strict_map_key=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise MapError(f"undecodable map command: {exc}") from None
+    return command_from_wire(raw)

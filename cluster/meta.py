@@ -1,0 +1,245 @@
+"""The metadata Raft group: the cluster map, replicated like a shard, hosted by a few nodes.
+
+The nodes whose ``[[cluster.nodes]]`` entry names a ``meta`` Raft address each run one member
+(``MetaService``) through the same PySyncObj boundary as the data shards (``node/raft.py``): the same
+durable journal, and the same sealed transport under a key of its own (``frames.shard_key`` of the
+secret for ``META_GROUP``, which is no data shard's id). Its log carries map commands
+(``raftledger.cluster.map``); every member applies them in order, on the tick thread (they are small),
+to the map it holds, and hands each new map to the node's ``MapFollower``.
+
+- **Bootstrap.** While the map is empty, the group's leader proposes the map derived from the node
+  files (``initial_map`` of ``[cluster]``); the command applies only to an empty map, so a second
+  proposal (a new leader that had not applied the first yet) changes nothing.
+- **Changes** are proposed on the leader (``propose``); other nodes reach it over the internal
+  protocol (``/internal/v1/meta/propose``). A proposal answers once its entry is applied here, with
+  the command's outcome and the map's epoch.
+- **Snapshots** hold the whole map: PySyncObj's dump file is ``MAGIC | applied index | length of
+  PySyncObj's own meta | that meta (pickle) | the map (msgpack)``, written on the tick thread (the
+  state is a few kilobytes) and installed the same way on a member that catches up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pickle
+import struct
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from raftledger.client.errors import LedgerError, NotLeader, OutcomeUnknown, Unavailable
+from raftledger.node import frames
+from raftledger.node.clock import SYSTEM_CLOCK, Clock
+from raftledger.node.config import NodeConfig
+from raftledger.node.files import fsync_dir
+from raftledger.node.raft import SERIALIZER_STATE, MemberHooks, MemberSettings, RaftMember
+from raftledger.node.settings import MetaSettings
+
+from .map import EMPTY, Bootstrap, ClusterMap, MapCommand, MapError, Outcome, apply, decode_command
+from .map import encode_command as encode_map_command
+
+log = logging.getLogger(__name__)
+
+META_GROUP = -1  # the group's id wherever a shard id is expected (its Raft key, its logs)
+MAGIC = b"RLMETA01"
+HEADER = struct.Struct("<8sQI")  # magic, applied index, length of PySyncObj's meta
+outcomes_kept_max = 1024  # outcomes of applied entries kept for the proposals waiting on them
+
+
+def member_settings(config: NodeConfig, cluster_secret: bytes) -> MemberSettings:
+    """This node's member of the metadata group (its config must name a ``meta`` address)."""
+    own = config.meta_address
+    if own is None:
+        raise ValueError(f"node {config.node_id} hosts no member of the metadata group")
+    hosts = config.cluster.meta_hosts()
+    settings = config.settings
+    return MemberSettings(
+        shard=META_GROUP, self_address=own,
+        partner_addresses=tuple(n.meta for n in hosts if n.id != config.node_id and n.meta),
+        directory=os.path.join(config.data_dir, "meta"),
+        raft_key=frames.shard_key(cluster_secret, META_GROUP), durability=config.durability,
+        preferred_leader=hosts[0].id == config.node_id, raft=settings.raft,
+        snapshots=settings.snapshots)
+
+
+def write_dump(path: str, applied_index: int, meta: Any, cluster_map: ClusterMap, sync: bool) -> None:
+    meta_bytes = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    with open(path, "wb") as f:
+        f.write(HEADER.pack(MAGIC, applied_index, len(meta_bytes)) + meta_bytes + cluster_map.pack())
+        f.flush()
+        if sync:
+            os.fsync(f.fileno())
+
+
+def read_dump(path: str) -> tuple[int, Any, ClusterMap]:
+    """(applied index, PySyncObj's meta, the map) of a dump."""
+    with open(path, "rb") as f:
+        data = f.read()
+    magic, applied_index, meta_len = HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise MapError(f"{path}: not a metadata group snapshot")
+    meta = pickle.loads(data[HEADER.size:HEADER.size + meta_len])
+    return applied_index, meta, ClusterMap.unpack(data[HEADER.size + meta_len:])
+
+
+class MetaService:
+    """This node's member of the metadata group: the map as applied here, and proposals to it."""
+
+    def __init__(self, settings: MemberSettings, first_map: ClusterMap,
+                 address_to_node: dict[str, str], on_map: Callable[[ClusterMap], object],
+                 timeouts: MetaSettings | None = None, loop: asyncio.AbstractEventLoop | None = None,
+                 clock: Clock = SYSTEM_CLOCK) -> None:
+        """``first_map``: what the leader bootstraps an empty group with; ``on_map`` receives every
+        new map on the event loop."""
+        self.settings = settings
+        self.first_map = first_map
+        self.address_to_node = address_to_node
+        self.timeouts = timeouts or MetaSettings()
+        self.loop = loop or asyncio.get_running_loop()
+        self.clock = clock
+        self._on_map = on_map
+        self.map = EMPTY  # as applied here; replaced on the tick thread only
+        self.applied_index = 0
+        self._outcomes: dict[int, Outcome] = {}
+        self._lock = threading.Lock()
+        self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
+        self._next_leader: asyncio.Future[None] = self.loop.create_future()
+        self.raft = RaftMember(settings, MemberHooks(
+            apply=self._apply, apply_backlog=lambda: 0, snapshot_serialize=self._serialize,
+            snapshot_deserialize=self._deserialize, snapshot_check=self._check,
+            snapshot_busy=lambda: self._dump_state != SERIALIZER_STATE.NOT_SERIALIZING,
+            on_leader_change=self._leader_changed_threadsafe))
+        self._tasks = [self.loop.create_task(self._bootstrap(), name="meta-bootstrap")]
+
+    # -- applying (tick thread) -------------------------------------------------------------------
+    def _apply(self, index: int, payload: bytes) -> None:
+        if index <= self.applied_index:
+            return
+        try:
+            command = decode_command(payload)
+        except MapError as exc:  # applied as a refusal, the same on every member
+            new, outcome = self.map, Outcome(False, self.map.epoch, str(exc))
+        else:
+            new, outcome = apply(self.map, command)
+        self.map, self.applied_index = new, index
+        with self._lock:
+            self._outcomes[index] = outcome
+            if len(self._outcomes) > outcomes_kept_max:
+                del self._outcomes[next(iter(self._outcomes))]
+        if outcome.ok:
+            self._publish(new)
+
+    def _publish(self, new: ClusterMap) -> None:
+        with contextlib.suppress(RuntimeError):  # loop closed: nobody follows any more
+            self.loop.call_soon_threadsafe(self._on_map, new)
+
+    # -- snapshots (tick thread; the state is small, so they are written inline) --------------------
+    def _serialize(self, tmp_file: str, meta: Any) -> None:
+        try:
+            write_dump(tmp_file, self.applied_index, meta, self.map, self.settings.sync)
+            state = SERIALIZER_STATE.SUCCESS
+        except OSError:
+            log.exception("metadata group: snapshot failed")
+            state = SERIALIZER_STATE.FAILED
+        with self._lock:
+            self._dump_state = state
+
+    def _check(self) -> int:
+        """SUCCESS/FAILED once, then NOT_SERIALIZING; PySyncObj renamed the dump in place by now."""
+        with self._lock:
+            state, self._dump_state = self._dump_state, SERIALIZER_STATE.NOT_SERIALIZING
+        if state == SERIALIZER_STATE.SUCCESS and self.settings.sync:
+            fsync_dir(os.path.dirname(os.path.abspath(self.settings.dump_file)))
+        return state
+
+    def _deserialize(self, dump_file: str) -> Any:
+        """Load a dump (ours at start, or the leader's): the map it holds replaces ours."""
+        try:
+            applied_index, meta, loaded = read_dump(dump_file)
+        except Exception:
+            log.critical("metadata group: loading the snapshot %s failed", dump_file, exc_info=True)
+            raise
+        self.map, self.applied_index = loaded, applied_index
+        if not loaded.empty:
+            self._publish(loaded)
+        return meta
+
+    # -- leadership ---------------------------------------------------------------------------------
+    def is_leader(self) -> bool:
+        return self.raft.is_leader()
+
+    def leader_node_id(self) -> str | None:
+        address = self.raft.leader_address()
+        return None if address is None else self.address_to_node.get(address, address)
+
+    def leader_changed(self) -> asyncio.Future[None]:
+        """Resolves at the next newly known (leader, term); shared: never cancel it."""
+        return self._next_leader
+
+    def _leader_changed_threadsafe(self) -> None:  # tick thread
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(self._leader_changed)
+
+    def _leader_changed(self) -> None:
+        changed, self._next_leader = self._next_leader, self.loop.create_future()
+        changed.set_result(None)
+
+    async def _bootstrap(self) -> None:
+        """While the map is empty, its leader proposes the first one."""
+        while self.map.empty:
+            changed = self.leader_changed()
+            if not self.is_leader():
+                await changed
+                continue
+            try:
+                outcome = await self.propose(Bootstrap(self.first_map))
+                log.info("metadata group: bootstrap %s", outcome)
+                continue
+            except LedgerError as exc:
+                log.warning("metadata group: bootstrap not applied (%s); retrying", exc)
+            await self.clock.wait(changed, self.timeouts.retry_s)
+
+    # -- proposals (event loop) --------------------------------------------------------------------
+    async def propose(self, command: MapCommand) -> Outcome:
+        """Apply ``command`` through this member, which must lead the group; its outcome once it is
+        applied here. Raises NotLeader, Overloaded or OutcomeUnknown."""
+        if not self.is_leader():
+            raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
+        future: asyncio.Future[Outcome] = self.loop.create_future()
+
+        def committed(index: int | None, error: Unavailable | None) -> None:  # tick thread
+            with self._lock:
+                outcome = None if index is None else self._outcomes.pop(index, None)
+            failure = error or (OutcomeUnknown(message="map change applied, outcome not kept")
+                                if outcome is None else None)
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_settle, future, outcome, failure)
+
+        self.raft.propose(encode_map_command(command), committed)
+        if not await self.clock.wait(future, self.timeouts.propose_timeout_s):
+            raise OutcomeUnknown(message="the map change was not applied in time")
+        return future.result()
+
+    # -- views and shutdown ------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        raft = self.raft
+        return {"role": "leader" if self.is_leader() else "follower", "term": raft.term,
+                "commit_index": raft.commit_index, "applied_index": self.applied_index,
+                "leader": self.leader_node_id(), "epoch": self.map.epoch}
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.to_thread(self.raft.close)
+
+
+def _settle(future: asyncio.Future[Outcome], outcome: Outcome | None, error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(outcome)  # type: ignore[arg-type]
