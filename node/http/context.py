@@ -48,6 +48,7 @@ class NodeContext:
     session: aiohttp.ClientSession | None = None
     forwarders: dict[tuple[str, int], Any] = field(default_factory=dict)  # forward.Forwarder
     background: set[Any] = field(default_factory=set)  # asyncio tasks off the request path
+    completions: dict[int, list[str]] = field(default_factory=dict)  # coordinator -> decisions to Complete
     maps: MapFollower = None  # type: ignore[assignment]  # None: a fixed even map, made in __post_init__
     meta: Any = None  # cluster.meta.MetaService on a node hosting a member of the metadata group
 

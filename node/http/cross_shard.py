@@ -55,6 +55,7 @@ from raftledger.statemachine.commands import (
     ReverseTransaction,
     TxEntry,
     VoidPending,
+    batch_commands_max,
 )
 from raftledger.statemachine.ledger import EXPIRY_SUFFIX
 from raftledger.statemachine.records import OpenDecision
@@ -376,18 +377,33 @@ async def _send(ctx: NodeContext, steps: dict[Key, ProtocolCommand], atomic: boo
 
 
 def _complete_later(ctx: NodeContext, coordinator: int, decision_ids: list[str]) -> None:
-    """``Complete`` at the coordinator, off the client's path (the resolver does it if this fails)."""
-    task = asyncio.get_running_loop().create_task(_complete(ctx, coordinator, decision_ids))
+    """``Complete`` at the coordinator, off the client's path (the resolver does it if this fails).
+    One sender per coordinator: what concurrent requests queue meanwhile travels as one Batch."""
+    queued = ctx.completions.get(coordinator)
+    if queued is not None:
+        queued.extend(decision_ids)
+        return
+    ctx.completions[coordinator] = list(decision_ids)
+    task = asyncio.get_running_loop().create_task(_send_completions(ctx, coordinator))
     ctx.background.add(task)
     task.add_done_callback(ctx.background.discard)
 
 
-async def _complete(ctx: NodeContext, coordinator: int, decision_ids: list[str]) -> None:
-    steps: dict[Key, ProtocolCommand] = {(i, coordinator): Complete(d) for i, d in enumerate(decision_ids)}
-    answered, _ = await _send(ctx, steps)
-    for key, result in answered.items():
-        if isinstance(result, Exception):  # the resolver completes it later
-            log.info("complete of %s at shard %d postponed: %s", decision_ids[key[0]], coordinator, result)
+async def _send_completions(ctx: NodeContext, coordinator: int) -> None:
+    queued = ctx.completions[coordinator]
+    try:
+        while queued:
+            decision_ids = queued[:batch_commands_max]
+            del queued[:batch_commands_max]
+            steps: dict[Key, ProtocolCommand] = {
+                (i, coordinator): Complete(d) for i, d in enumerate(decision_ids)}
+            answered, _ = await _send(ctx, steps)
+            for key, result in answered.items():
+                if isinstance(result, Exception):  # the resolver completes it later
+                    log.info("complete of %s at shard %d postponed: %s", decision_ids[key[0]],
+                             coordinator, result)
+    finally:
+        del ctx.completions[coordinator]
 
 
 def _unknown(exc: BaseException, txid: str) -> LedgerError:
