@@ -34,12 +34,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from raftledger.client.discovery import CLUSTER_FILE
 from raftledger.node import secret, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
 from raftledger.statemachine.slots import SLOTS
 
-CLUSTER_FILE = "cluster.json"
 SECRET_FILE = "cluster.secret"
 PLAN_VERSION = 3
 META_HOSTS = 3  # nodes of a new plan that host the metadata group (the first ones)
