@@ -17,7 +17,8 @@ again" from "the cluster could not do it now"::
     │   ├── NotFound             404  not_found, transaction_not_found
     │   ├── MethodNotAllowed     405
     │   ├── RequestTimeout       408  the body did not arrive in time
-    │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields
+    │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields,
+    │   │                             quorum_at_risk, change_in_progress (membership)...
     │   ├── PayloadTooLarge      413
     │   ├── UnsupportedMediaType 415
     │   ├── WrongShard           421  a command reached a shard that does not own its accounts' slots
@@ -72,10 +73,23 @@ STATUS: dict[str, int] = {
     "forbidden": 403,
     "not_found": 404,
     "transaction_not_found": 404,
+    "node_not_found": 404,
+    "not_a_replica": 404,
     "method_not_allowed": 405,
     "request_timeout": 408,
     "idempotency_key_reused": 409,
     "exists_with_different_fields": 409,
+    "quorum_at_risk": 409,
+    "change_in_progress": 409,
+    "last_replica": 409,
+    "node_exists": 409,
+    "node_removed": 409,
+    "node_not_up": 409,
+    "node_cannot_host": 409,
+    "node_hosts_replicas": 409,
+    "node_hosts_meta": 409,
+    "address_in_use": 409,
+    "map_change_refused": 409,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "wrong_shard": 421,
@@ -134,6 +148,19 @@ MESSAGES: dict[str, str] = {
     "body_too_large": "the body is too large",
     "unsupported_media_type": "send application/json or application/msgpack",
     "wrong_shard": "the command names an account that lives on another shard",
+    "node_not_found": "no such node in the cluster map",
+    "not_a_replica": "the node hosts no replica of the shard",
+    "quorum_at_risk": "the shard's remaining healthy replicas could not form a majority",
+    "change_in_progress": "another membership change of the shard is in progress",
+    "last_replica": "the shard's last replica cannot be removed",
+    "node_exists": "a node with this id is registered with other addresses",
+    "node_removed": "the node was removed; its id is never used again",
+    "node_not_up": "the node is not up",
+    "node_cannot_host": "the node has no Raft address for the shard",
+    "node_hosts_replicas": "the node still hosts replicas",
+    "node_hosts_meta": "the node hosts a member of the metadata group",
+    "address_in_use": "another node uses this address",
+    "map_change_refused": "the cluster map refused the change",
     "history_not_enabled": "point-in-time balances need the account flag 'history'",
     "rate_limited": "too many requests",
     "internal_error": "the node failed to serve the request; it was logged",

@@ -18,6 +18,16 @@ decides. Commands:
 - ``SetReplicas(shard, replicas)``: a shard's replica set (a new shard id starts with no slots).
 - ``AssignSlots(first, last, shard)``: the slots ``first..last`` belong to ``shard`` from now on.
 - ``PutValue(section, key, value)``: one value of a section (``None`` removes it).
+- ``StartReplicaChange(shard, node, adding)``: the first step of adding or removing one replica
+  (``raftledger.node.http.membership``): the replica set changes at once and the shard records the
+  change as in progress (``ShardEntry.change``) until ``FinishReplicaChange(shard, node)``. While one
+  is in progress, a change naming another node is refused: one membership change at a time per
+  shard, as Raft itself requires. A change naming the same node replaces it (an add undone by a
+  remove, or the reverse).
+
+Nodes: ``PutNode`` refuses a node that was removed (its id is never reused) and addresses another
+node uses; ``SetNodeState(node, "removed")`` is refused while the node hosts a replica or a member of
+the metadata group.
 
 A command that cannot apply (an unknown node, a range outside the slots...) is refused with a reason,
 changes nothing and keeps the epoch. A shard whose replicas or slots change takes the new epoch as
@@ -77,6 +87,12 @@ class ShardEntry:
     replicas: tuple[str, ...]
     epoch: int  # the map epoch at which its replicas or slots last changed
     slot_ranges: tuple[Range, ...] = ()
+    change: str = ""  # a membership change in progress: "add:<node>" or "remove:<node>"
+
+    def change_of(self, node_id: str) -> str | None:
+        """``add`` or ``remove`` when the change in progress names ``node_id``."""
+        op, _, node = self.change.partition(":")
+        return op if self.change and node == node_id else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,16 +142,15 @@ class ClusterMap:
         """``GET /v1/cluster/map`` (API.md); addresses and sections stay inside the cluster."""
         return {"epoch": self.epoch, "slots": SLOTS,
                 "nodes": [{"id": n.id, "url": n.url, "state": n.state} for n in self.nodes],
-                "shards": [{"id": s.id, "replicas": list(s.replicas), "epoch": s.epoch,
-                            "slot_ranges": [list(r) for r in s.slot_ranges]} for s in self.shards]}
+                "shards": [_shard_json(s) for s in self.shards]}
 
     def to_wire(self) -> dict[str, Any]:
         """Everything, as plain data (msgpack between nodes, in snapshots and in Bootstrap)."""
         return {"epoch": self.epoch,
                 "nodes": [[n.id, n.url, n.internal, [list(r) for r in n.raft], n.meta, n.state]
                           for n in self.nodes],
-                "shards": [[s.id, list(s.replicas), s.epoch, [list(r) for r in s.slot_ranges]]
-                           for s in self.shards],
+                "shards": [[s.id, list(s.replicas), s.epoch, [list(r) for r in s.slot_ranges],
+                            s.change] for s in self.shards],
                 "sections": {k: dict(v) for k, v in self.sections.items()}}
 
     @classmethod
@@ -145,8 +160,9 @@ class ClusterMap:
                                     None if m is None else str(m), str(st))
                           for i, u, a, raft, m, st in raw["nodes"])
             shards = tuple(ShardEntry(int(i), tuple(str(r) for r in reps), int(e),
-                                      tuple((int(a), int(b)) for a, b in ranges))
-                           for i, reps, e, ranges in raw["shards"])
+                                      tuple((int(a), int(b)) for a, b in ranges),
+                                      str(change[0]) if change else "")
+                           for i, reps, e, ranges, *change in raw["shards"])
             sections = {str(k): dict(v) for k, v in raw.get("sections", {}).items()}
             return cls(int(raw["epoch"]), nodes, shards, sections)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -162,6 +178,15 @@ class ClusterMap:
 
 
 EMPTY = ClusterMap()
+
+
+def _shard_json(shard: ShardEntry) -> dict[str, Any]:
+    out: dict[str, Any] = {"id": shard.id, "replicas": list(shard.replicas), "epoch": shard.epoch,
+                           "slot_ranges": [list(r) for r in shard.slot_ranges]}
+    if shard.change:
+        op, _, node = shard.change.partition(":")
+        out["change"] = {"op": op, "node": node}
+    return out
 
 
 def layout_ranges(shards: int, layout: str) -> list[tuple[Range, ...]]:
@@ -223,7 +248,21 @@ class PutValue:
     value: Any  # msgpack-able; None removes the key
 
 
-MapCommand: TypeAlias = Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
+@dataclass(frozen=True, slots=True)
+class StartReplicaChange:
+    shard: int
+    node: str
+    adding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FinishReplicaChange:
+    shard: int
+    node: str
+
+
+MapCommand: TypeAlias = (Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
+                         | StartReplicaChange | FinishReplicaChange)
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,6 +297,10 @@ def apply(current: ClusterMap, command: MapCommand) -> tuple[ClusterMap, Outcome
             changed = _set_replicas(current, command.shard, command.replicas, epoch)
         elif isinstance(command, AssignSlots):
             changed = _assign_slots(current, command, epoch)
+        elif isinstance(command, StartReplicaChange):
+            changed = _start_replica_change(current, command, epoch)
+        elif isinstance(command, FinishReplicaChange):
+            changed = _finish_replica_change(current, command)
         else:
             changed = _put_value(current, command)
     except _Refused as refused:
@@ -273,10 +316,23 @@ def _bootstrap(first: ClusterMap, epoch: int) -> ClusterMap:
                                                    for s in first.shards))
 
 
+def node_addresses(node: NodeEntry) -> list[str]:
+    """Every host:port a node listens on (its public URL's included)."""
+    public = node.url.split("://", 1)[-1].rstrip("/")
+    return [public, node.internal, *(a for _, a in node.raft), *([node.meta] if node.meta else [])]
+
+
 def _put_node(current: ClusterMap, node: NodeEntry) -> ClusterMap:
     if not node.id or node.state not in NODE_STATES:
         raise _Refused(f"node {node.id!r} with state {node.state!r}")
+    known = current.node(node.id)
+    if known is not None and known.state == NODE_REMOVED and node.state != NODE_REMOVED:
+        raise _Refused(f"node {node.id!r} was removed; a removed node's id is never used again")
     others = [n for n in current.nodes if n.id != node.id]
+    taken = {a: n.id for n in others for a in node_addresses(n)}
+    clashes = sorted(a for a in set(node_addresses(node)) if a in taken)
+    if clashes:
+        raise _Refused(f"node {node.id!r}: addresses {clashes} belong to node {taken[clashes[0]]!r}")
     return dataclasses.replace(current, nodes=tuple(sorted([*others, node], key=lambda n: n.id)))
 
 
@@ -286,6 +342,12 @@ def _set_node_state(current: ClusterMap, node_id: str, state: str) -> ClusterMap
         raise _Refused(f"no node {node_id!r}")
     if state not in NODE_STATES:
         raise _Refused(f"state must be one of {NODE_STATES}, not {state!r}")
+    if state == NODE_REMOVED:
+        hosted = [s.id for s in current.shards if node_id in s.replicas]
+        if hosted:
+            raise _Refused(f"node {node_id!r} still hosts replicas of shards {hosted}")
+        if node.meta:
+            raise _Refused(f"node {node_id!r} hosts a member of the metadata group")
     return _put_node(current, dataclasses.replace(node, state=state))
 
 
@@ -296,6 +358,39 @@ def _set_replicas(current: ClusterMap, shard_id: int, replicas: tuple[str, ...],
         raise _Refused(f"shard {shard_id}: replicas {list(replicas)} (unknown or removed: {unknown})")
     shard = current.shard(shard_id) or ShardEntry(shard_id, (), epoch)
     return _with_shards(current, [dataclasses.replace(shard, replicas=replicas, epoch=epoch)])
+
+
+def _start_replica_change(current: ClusterMap, command: StartReplicaChange,
+                          epoch: int) -> ClusterMap:
+    shard = current.shard(command.shard)
+    if shard is None:
+        raise _Refused(f"no shard {command.shard}")
+    node_id = command.node
+    if shard.change and shard.change_of(node_id) is None:
+        raise _Refused(f"shard {shard.id}: change {shard.change} is in progress")
+    if command.adding:
+        node = current.node(node_id)
+        if node is None or node.state != NODE_UP:
+            raise _Refused(f"node {node_id!r} is not an up node of the map")
+        if node.raft_address(shard.id) is None:
+            raise _Refused(f"node {node_id!r} has no Raft address for shard {shard.id}")
+        replicas = shard.replicas if node_id in shard.replicas else (*shard.replicas, node_id)
+    else:
+        if node_id not in shard.replicas and shard.change_of(node_id) is None:
+            raise _Refused(f"node {node_id!r} is not a replica of shard {shard.id}")
+        replicas = tuple(r for r in shard.replicas if r != node_id)
+        if not replicas:
+            raise _Refused(f"node {node_id!r} holds the last replica of shard {shard.id}")
+    change = f"{'add' if command.adding else 'remove'}:{node_id}"
+    return _with_shards(current, [dataclasses.replace(shard, replicas=replicas, epoch=epoch,
+                                                      change=change)])
+
+
+def _finish_replica_change(current: ClusterMap, command: FinishReplicaChange) -> ClusterMap:
+    shard = current.shard(command.shard)
+    if shard is None or shard.change_of(command.node) is None:
+        raise _Refused(f"shard {command.shard}: no change of node {command.node!r} in progress")
+    return _with_shards(current, [dataclasses.replace(shard, change="")])
 
 
 def _assign_slots(current: ClusterMap, command: AssignSlots, epoch: int) -> ClusterMap:
@@ -364,6 +459,8 @@ TAG_SET_NODE_STATE = 3
 TAG_SET_REPLICAS = 4
 TAG_ASSIGN_SLOTS = 5
 TAG_PUT_VALUE = 6
+TAG_START_REPLICA_CHANGE = 7
+TAG_FINISH_REPLICA_CHANGE = 8
 
 
 def _node_wire(node: NodeEntry) -> list[Any]:
@@ -381,6 +478,10 @@ def command_to_wire(command: MapCommand) -> list[Any]:
         return [TAG_SET_REPLICAS, command.shard, list(command.replicas)]
     if isinstance(command, AssignSlots):
         return [TAG_ASSIGN_SLOTS, command.first, command.last, command.shard]
+    if isinstance(command, StartReplicaChange):
+        return [TAG_START_REPLICA_CHANGE, command.shard, command.node, command.adding]
+    if isinstance(command, FinishReplicaChange):
+        return [TAG_FINISH_REPLICA_CHANGE, command.shard, command.node]
     return [TAG_PUT_VALUE, command.section, command.key, command.value]
 
 
@@ -401,6 +502,12 @@ def command_from_wire(raw: Any) -> MapCommand:
             return AssignSlots(_whole(fields[0]), _whole(fields[1]), _whole(fields[2]))
         if tag == TAG_PUT_VALUE:
             return PutValue(_text(fields[0]), _text(fields[1]), fields[2])
+        if tag == TAG_START_REPLICA_CHANGE:
+            if not isinstance(fields[2], bool):
+                raise TypeError("adding must be a boolean")
+            return StartReplicaChange(_whole(fields[0]), _text(fields[1]), fields[2])
+        if tag == TAG_FINISH_REPLICA_CHANGE:
+            return FinishReplicaChange(_whole(fields[0]), _text(fields[1]))
     except (TypeError, ValueError, IndexError) as exc:
         raise MapError(f"malformed map command: {exc!r}") from None
     raise MapError(f"unknown map command {raw!r:.80}")

@@ -109,6 +109,10 @@ class MemberSettings:
     raft: RaftSettings = field(default_factory=RaftSettings)
     snapshots: SnapshotSettings = field(default_factory=SnapshotSettings)
     observers: Observers = field(default_factory=Observers)
+    # A replica joining a running group stands for no election before it has heard from a leader:
+    # its members refuse its connections until the group adds it, and an empty replica that kept
+    # raising its term meanwhile would depose the leader the moment it is added (no pre-vote here).
+    await_leader: bool = False
 
     @property
     def sync(self) -> bool:
@@ -232,17 +236,32 @@ class RaftMember:
 
     def add_member(self, address: str, done: Callable[[bool], None]) -> None:
         """Start a membership change adding ``address`` (one change at a time, on the leader);
-        ``done(ok)`` once it is committed or refused."""
+        ``done(ok)`` once it is committed or refused. PySyncObj puts the new configuration in force
+        when the entry is appended, and refuses (``ok`` False) a change while the previous one is
+        uncommitted, before the new leader's no-op is applied, or one that changes nothing."""
         self._member.addNodeToCluster(address, callback=lambda _, reason: done(
             reason == FAIL_REASON.SUCCESS))
 
     def remove_member(self, address: str, done: Callable[[bool], None]) -> None:
+        """As ``add_member``; a leader cannot remove itself (transfer its leadership first)."""
         self._member.removeNodeFromCluster(address, callback=lambda _, reason: done(
+            reason == FAIL_REASON.SUCCESS))
+
+    def transfer_leadership(self, address: str | None, done: Callable[[bool], None]) -> None:
+        """On the leader: ask ``address`` (None: the most caught-up connected follower) to start an
+        election now (Raft's TimeoutNow). ``done(True)`` means only that the request was sent;
+        refused when the target is not fully caught up."""
+        self._member.transferLeadership(address, callback=lambda _, reason: done(
             reason == FAIL_REASON.SUCCESS))
 
     def members(self) -> list[str]:
         """This replica and the partners it currently knows."""
         return [self.settings.self_address, *(n.address for n in self._member.otherNodes)]
+
+    def follower_contacts(self) -> dict[str, tuple[float | None, int]]:
+        """On the leader: per follower address, seconds since it last answered (None: never, since
+        this replica leads) and the last log index known to match the leader's."""
+        return self._member.follower_contacts()
 
     def close(self) -> None:
         """Stop the tick thread (the journal is flushed first)."""
@@ -254,6 +273,7 @@ class _Member(SyncObj):
         self.settings = settings
         self.hooks = hooks
         self._seen_leader: tuple[Any, int] | None = None  # (leader node, term) last reported
+        self._awaiting_leader = settings.await_leader
         self.raft_key = settings.raft_key  # read by SecureTransport
         super().__init__(settings.self_address, list(settings.partner_addresses), self._conf(),
                          transportClass=SecureTransport)
@@ -284,6 +304,19 @@ class _Member(SyncObj):
     @property
     def transport(self) -> SecureTransport:
         return self._SyncObj__transport  # type: ignore[attr-defined, no-any-return]
+
+    def follower_contacts(self) -> dict[str, tuple[float | None, int]]:
+        if not self._isLeader():
+            return {}
+        try:
+            answered = dict(self._SyncObj__lastResponseTime)  # type: ignore[attr-defined]
+            matched = dict(self._SyncObj__raftMatchIndex)  # type: ignore[attr-defined]
+            others = list(self.otherNodes)
+        except RuntimeError:  # resized by the tick thread while copying
+            return {}
+        now = raft_clock()
+        return {n.address: (None if n not in answered else max(0.0, now - answered[n]),
+                            int(matched.get(n, 0))) for n in others}
 
     def postpone_election(self) -> None:
         """Installing a large snapshot keeps the tick thread busy for seconds; the leader's messages
@@ -335,6 +368,11 @@ class _Member(SyncObj):
         if self.journal.bytes_held > self.settings.snapshots.log_compaction_bytes_max and \
                 not self.hooks.snapshot_busy():
             self.forceLogCompaction()
+        if self._awaiting_leader:
+            if self._SyncObj__raftLeader is None:  # type: ignore[attr-defined]
+                self.postpone_election()
+            else:
+                self._awaiting_leader = False
         super()._onTick(timeToWait)
         if self.hooks.on_leader_change is not None:
             self._note_leader()

@@ -8,6 +8,15 @@ shard keeps its slots in step with the map (``cluster.shard_slots.keep_slots``).
 SIGTERM/SIGINT: the public API (``raftledger.node.http``) on the node's HTTP address and the internal
 listener (``raftledger.node.http.internal``) on its internal address; then stop accepting, drain the
 batchers, stop Raft, close LMDB.
+
+**Replicas follow the map.** Which shards a node hosts, and who its partners are, is what the map
+says (``Replicas.reconcile``, on every new map): a shard the map gives the node starts a replica (an
+empty one waits to be contacted by the group's leader, which sends it a snapshot and the log), a
+shard the map takes away is drained, stopped and its directory set aside (``shard-N.removed-E``,
+never deleted), so a later add starts empty. Every map is saved (``cluster-map.bin``): a restarted
+node starts the replicas its last map named, even before the metadata group answers. The node files'
+placement counts only on a node's first start, when the map is the one it bootstraps; a node started
+with ``--join URL`` registers itself through that URL and starts no replica until the map names it.
 """
 
 from __future__ import annotations
@@ -22,14 +31,17 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 from aiohttp import web
+from raftledger.client.errors import LedgerError, from_wire
 from raftledger.cluster import meta as cluster_meta
 from raftledger.cluster.follower import MapFollower, long_poll
-from raftledger.cluster.map import ClusterMap, initial_map
+from raftledger.cluster.map import NODE_REMOVED, ClusterMap, MapError, initial_map
 from raftledger.cluster.shard_slots import keep_slots
 
 from . import frames, secret, wire
 from .config import NodeConfig
+from .files import write_file_durably
 from .http import NodeContext, create_app, guard
 from .http import internal as internal_api
 from .http.forward import call_peer
@@ -43,6 +55,9 @@ gil_switch_interval_s = 0.0005
 gc_young_threshold = 50_000
 http_shutdown_s = 2.0
 http_backlog = 1024
+MAP_FILE = "cluster-map.bin"
+join_timeout_s = 120.0  # a node started with --join keeps trying to register for this long
+join_retry_s = 1.0
 
 
 @dataclass
@@ -53,7 +68,8 @@ class NodeRuntime:
     services: dict[int, ReplicaService]
     context: NodeContext
     meta: cluster_meta.MetaService | None = None
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # following the map, keeping slots
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # following the map
+    replicas: Replicas | None = None
 
     @property
     def node_id(self) -> str:
@@ -63,6 +79,8 @@ class NodeRuntime:
         self.context.maps.close()
         for task in self.tasks:
             task.cancel()
+        if self.replicas is not None:
+            self.replicas.close()
         for service in self.services.values():
             await service.drain()
         for service in self.services.values():
@@ -71,30 +89,150 @@ class NodeRuntime:
             await self.meta.close()
 
 
-def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes) -> ReplicaSettings:
-    cluster = config.cluster
-    own = cluster.node(config.node_id).raft[shard]
-    partners = tuple(cluster.node(n).raft[shard] for n in cluster.replicas(shard) if n != config.node_id)
+def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes,
+                     cluster_map: ClusterMap | None = None) -> ReplicaSettings:
+    """A replica of ``shard`` on this node, its partners as ``cluster_map`` names them (as the node
+    files do without one). A replica with no journal yet, started by a map, waits for the group's
+    leader to contact it (``MemberSettings.await_leader``)."""
     settings = config.settings
-    return ReplicaSettings(
-        shard=shard, self_address=own, partner_addresses=partners,
-        directory=os.path.join(config.data_dir, f"shard-{shard}"),
-        raft_key=frames.shard_key(cluster_secret, shard), durability=config.durability,
-        preferred_leader=cluster.preferred_leader(shard) == config.node_id, raft=settings.raft,
-        snapshots=settings.snapshots, address_to_node=cluster.address_to_node(shard),
+    directory = os.path.join(config.data_dir, f"shard-{shard}")
+    common: dict[str, Any] = dict(
+        shard=shard, directory=directory, raft_key=frames.shard_key(cluster_secret, shard),
+        durability=config.durability, raft=settings.raft, snapshots=settings.snapshots,
         batching=settings.batching, slots_required=True)
+    entry = None if cluster_map is None else cluster_map.shard(shard)
+    if cluster_map is None or entry is None:
+        cluster = config.cluster
+        own = cluster.node(config.node_id).raft[shard]
+        partners = tuple(cluster.node(n).raft[shard] for n in cluster.replicas(shard)
+                         if n != config.node_id)
+        return ReplicaSettings(self_address=own, partner_addresses=partners,
+                               preferred_leader=cluster.preferred_leader(shard) == config.node_id,
+                               address_to_node=cluster.address_to_node(shard), **common)
+    addresses = replica_addresses(cluster_map, shard)
+    own = next((a for a, n in addresses.items() if n == config.node_id), None)
+    if own is None:
+        raise MapError(f"the map gives node {config.node_id} shard {shard} without a Raft address")
+    fresh = not os.path.exists(os.path.join(directory, "raft.journal"))
+    return ReplicaSettings(
+        self_address=own, partner_addresses=tuple(a for a in addresses if a != own),
+        preferred_leader=entry.replicas[shard % len(entry.replicas)] == config.node_id,
+        address_to_node=addresses, await_leader=fresh, **common)
 
 
-async def start_runtime(config: NodeConfig) -> NodeRuntime:
-    """Open every hosted shard replica on the running loop (the tick threads start here)."""
+def replica_addresses(cluster_map: ClusterMap, shard: int) -> dict[str, str]:
+    """Raft address -> node id of every replica the map gives ``shard``."""
+    entry = cluster_map.shard(shard)
+    out: dict[str, str] = {}
+    for node_id in entry.replicas if entry is not None else ():
+        node = cluster_map.node(node_id)
+        address = None if node is None else node.raft_address(shard)
+        if address is not None:
+            out[address] = node_id
+    return out
+
+
+def hosted_by_map(cluster_map: ClusterMap, node_id: str) -> set[int]:
+    node = cluster_map.node(node_id)
+    if node is None or node.state == NODE_REMOVED:
+        return set()
+    return {s.id for s in cluster_map.shards if node_id in s.replicas}
+
+
+def load_saved_map(data_dir: str) -> ClusterMap | None:
+    """The last map this node saw (None before its first)."""
+    try:
+        with open(os.path.join(data_dir, MAP_FILE), "rb") as f:
+            return ClusterMap.unpack(f.read())
+    except FileNotFoundError:
+        return None
+    except (OSError, MapError, ValueError) as exc:
+        log.warning("the saved cluster map is unreadable (%s); waiting for the metadata group", exc)
+        return None
+
+
+class Replicas:
+    """Starts and stops this node's shard replicas as the map says (module docstring)."""
+
+    def __init__(self, config: NodeConfig, cluster_secret: bytes, services: dict[int, ReplicaService],
+                 follower: MapFollower, metrics: Metrics) -> None:
+        self.config = config
+        self.cluster_secret = cluster_secret
+        self.services = services  # shared with the NodeContext: what the API serves
+        self.follower = follower
+        self.metrics = metrics
+        self.slot_keepers: dict[int, asyncio.Task[None]] = {}
+        self._lock = asyncio.Lock()
+
+    def start(self, shard: int, cluster_map: ClusterMap | None) -> None:
+        settings = replica_settings(self.config, shard, self.cluster_secret, cluster_map)
+        service = ReplicaService(settings, self.config.node_id, metrics=self.metrics)
+        self.services[shard] = service
+        retry_s = self.config.settings.meta.retry_s
+        self.slot_keepers[shard] = asyncio.get_running_loop().create_task(
+            keep_slots(service, self.follower, retry_s), name=f"slots-{shard}")
+        log.info("shard %d: replica started (partners %s)", shard, list(settings.partner_addresses))
+
+    async def stop(self, shard: int, epoch: int) -> None:
+        """Stop serving ``shard`` (no new request finds it), drain, close, set its data aside."""
+        service = self.services.pop(shard)
+        keeper = self.slot_keepers.pop(shard, None)
+        if keeper is not None:
+            keeper.cancel()
+        await service.drain()
+        await service.close()
+        directory = service.settings.directory
+        if os.path.isdir(directory):
+            os.replace(directory, f"{directory}.removed-{epoch}")
+        log.info("shard %d: replica stopped; the map (epoch %d) no longer places it here", shard, epoch)
+
+    async def reconcile(self, cluster_map: ClusterMap) -> None:
+        """Save the map, then start and stop replicas to match it (one reconciliation at a time)."""
+        async with self._lock:
+            await asyncio.to_thread(write_file_durably, os.path.join(self.config.data_dir, MAP_FILE),
+                                    cluster_map.pack())
+            wanted = hosted_by_map(cluster_map, self.config.node_id)
+            for shard in sorted(wanted - set(self.services)):
+                self.start(shard, cluster_map)
+            for shard in sorted(set(self.services) - wanted):
+                await self.stop(shard, cluster_map.epoch)
+            for shard, service in self.services.items():  # new partners get names, not addresses
+                service.settings.address_to_node.update(replica_addresses(cluster_map, shard))
+
+    async def follow(self) -> None:
+        """Forever (cancel to stop): reconcile with every newer map."""
+        while not self.follower.closed:
+            changed = self.follower.changed()
+            current = self.follower.current
+            if current is not None and not current.empty:
+                try:
+                    await self.reconcile(current)
+                except (OSError, MapError, LedgerError):
+                    log.exception("replicas: reconciling with map epoch %d failed", current.epoch)
+            await changed
+
+    def close(self) -> None:
+        for keeper in self.slot_keepers.values():
+            keeper.cancel()
+
+
+async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
+    """Open the replicas this node hosts on the running loop (the tick threads start here): those of
+    its last saved map, else (first start) those of its node file, none when it joins a cluster."""
     cluster_secret = secret.load(config.secret_file)
     os.makedirs(config.data_dir, exist_ok=True)
     metrics = Metrics(config.node_id)
-    services = {shard: ReplicaService(replica_settings(config, shard, cluster_secret), config.node_id,
-                                      metrics=metrics)
-                for shard in config.hosted_shards()}
-    cluster = config.cluster
+    saved = load_saved_map(config.data_dir)
     follower = MapFollower()
+    services: dict[int, ReplicaService] = {}
+    replicas = Replicas(config, cluster_secret, services, follower, metrics)
+    if saved is not None:
+        first = sorted(hosted_by_map(saved, config.node_id))
+    else:
+        first = [] if join else config.hosted_shards()
+    for shard in first:
+        replicas.start(shard, saved)
+    cluster = config.cluster
     meta = None
     if config.meta_address is not None:
         meta = cluster_meta.MetaService(
@@ -105,14 +243,44 @@ async def start_runtime(config: NodeConfig) -> NodeRuntime:
                           placement=dict(cluster.placement), internal_urls=cluster.internal_urls(),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
                           metrics=metrics, settings=config.settings, maps=follower, meta=meta)
-    runtime = NodeRuntime(config, services, context, meta)
+    runtime = NodeRuntime(config, services, context, meta, replicas=replicas)
     loop = asyncio.get_running_loop()
-    retry_s = config.settings.meta.retry_s
-    runtime.tasks += [loop.create_task(keep_slots(svc, follower, retry_s), name=f"slots-{shard}")
-                      for shard, svc in services.items()]
+    if saved is not None:
+        # Route by it until the metadata group answers, and let no older map (a member replaying its
+        # log) undo what it says: the follower takes only newer maps.
+        follower.update(saved)
+    runtime.tasks.append(loop.create_task(replicas.follow(), name="replicas"))
     if meta is None:
         runtime.tasks.append(loop.create_task(follow_map(context, config), name="map-follower"))
     return runtime
+
+
+async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
+    """Register this node (its addresses from its node file) through any node's public API
+    (``POST /v1/cluster/nodes``), retrying while the cluster cannot answer; raises LedgerError when
+    it refuses (a removed id, an id or an address another node holds)."""
+    own = config.cluster.node(config.node_id)
+    body = {"id": own.id, "url": own.http, "internal": own.internal,
+            "raft": {str(s): a for s, a in sorted(own.raft.items())}}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + join_timeout_s
+    last: Exception | None = None
+    async with aiohttp.ClientSession() as session:
+        while loop.time() < deadline:
+            try:
+                async with session.post(url.rstrip("/") + "/v1/cluster/nodes", json=body,
+                                        timeout=aiohttp.ClientTimeout(total=30)) as resp:
+                    answer = await resp.json(content_type=None)
+                    if resp.status in (200, 201):
+                        return dict(answer)
+                    last = from_wire(resp.status, answer, resp.headers.get("Retry-After"))
+                    if not last.retryable:
+                        raise last
+            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                last = exc
+            log.warning("join %s: not registered yet (%s); retrying", url, last)
+            await asyncio.sleep(join_retry_s)  # another process: nothing here can signal it
+    raise LedgerError("unavailable", f"could not register with {url} in {join_timeout_s:.0f}s: {last}")
 
 
 async def follow_map(ctx: NodeContext, config: NodeConfig) -> None:
@@ -151,13 +319,14 @@ async def _listen(app: web.Application, host: str, port: int,
     return runner, site
 
 
-async def serve(config: NodeConfig) -> None:
-    """Run one node until SIGTERM/SIGINT, then shut down in order."""
+async def serve(config: NodeConfig, join: str | None = None) -> None:
+    """Run one node until SIGTERM/SIGINT, then shut down in order. With ``join`` (a node's URL),
+    register with that cluster once the listeners are up; a refusal stops the node."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runtime = await start_runtime(config)
+    runtime = await start_runtime(config, join=join is not None)
     guard.raise_descriptor_limit()
     internal_host, internal_port = config.internal_address
     internal_http, public_http = listener_settings(config.settings)
@@ -168,8 +337,13 @@ async def serve(config: NodeConfig) -> None:
     log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
              config.settings.http.host, config.settings.http.port, internal_host, internal_port,
              sorted(runtime.services))
+    failed: LedgerError | None = None
     try:
-        await stop.wait()
+        if join is not None:
+            registered = await _join_or_stop(config, join, stop)
+            failed = registered if isinstance(registered, LedgerError) else None
+        if failed is None:
+            await stop.wait()
     finally:
         log.info("node %s stopping", config.node_id)
         for _, site in reversed(listeners):
@@ -177,6 +351,26 @@ async def serve(config: NodeConfig) -> None:
         await runtime.close()  # drain batchers, stop Raft, close LMDB
         for runner, _ in reversed(listeners):
             await runner.cleanup()
+    if failed is not None:
+        raise SystemExit(f"node {config.node_id}: joining the cluster failed: {failed.message}")
+
+
+async def _join_or_stop(config: NodeConfig, url: str, stop: asyncio.Event) -> LedgerError | None:
+    """Register (``join_cluster``) unless the node is stopped first; the refusal, if refused."""
+    joining = asyncio.ensure_future(join_cluster(config, url))
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({joining, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not joining.done():
+        joining.cancel()
+        return None
+    try:
+        answer = joining.result()
+    except LedgerError as exc:
+        log.error("node %s: joining through %s refused: %s", config.node_id, url, exc)
+        return exc
+    log.info("node %s: registered through %s (map epoch %s)", config.node_id, url, answer.get("epoch"))
+    return None
 
 
 def tune_gc() -> None:
@@ -191,7 +385,7 @@ def tune_gc() -> None:
     gc.set_threshold(gc_young_threshold, 20, 20)
 
 
-def run(config: NodeConfig) -> None:
+def run(config: NodeConfig, join: str | None = None) -> None:
     import uvloop
 
     # The Raft tick threads block in syscalls (poll, send, fdatasync) many times per tick; each time they
@@ -199,4 +393,4 @@ def run(config: NodeConfig) -> None:
     # interval keeps heartbeats and acks timely under load.
     sys.setswitchinterval(gil_switch_interval_s)
     tune_gc()
-    uvloop.run(serve(config))
+    uvloop.run(serve(config, join))

@@ -23,6 +23,8 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "NewBatch": bodies.parse_batch,
     "PostPending": lambda body: bodies.parse_post(body, "hold-1", None),
     "FollowUp": lambda body: bodies.parse_void(body, "hold-1", None),
+    "NewNode": lambda body: bodies.parse_new_node(body, 2),
+    "NewReplica": bodies.parse_new_replica,
 }
 
 

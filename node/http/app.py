@@ -10,7 +10,7 @@ from functools import partial
 import uvloop
 from aiohttp import web
 
-from . import cross_shard, internal, ops, reads, writes
+from . import cross_shard, internal, membership, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -33,8 +33,12 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/transacoes", writes.create_transaction),
     ("GET", f"/contas/{ID}/saldo", reads.get_balance),
     ("GET", f"/contas/{ID}/extrato", reads.get_entries),
-    ("GET", "/v1/cluster", ops.cluster),
+    ("GET", "/v1/cluster", membership.cluster_status),
     ("GET", "/v1/cluster/map", ops.cluster_map),
+    ("POST", "/v1/cluster/nodes", membership.register_node),
+    ("DELETE", "/v1/cluster/nodes/{node}", membership.remove_node),
+    ("POST", "/v1/shards/{shard}/replicas", membership.add_replica),
+    ("DELETE", "/v1/shards/{shard}/replicas/{node}", membership.remove_replica),
     ("GET", "/healthz", ops.healthz),
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),

@@ -12,11 +12,14 @@ rules and documented in the body's description.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from raftledger.client.errors import LedgerError
+from raftledger.cluster.map import NodeEntry
+from raftledger.node.config import ADDRESS_PATTERN, NODE_ID_PATTERN, shards_max
 from raftledger.statemachine.commands import (
     AccountFlag,
     CreateAccount,
@@ -310,5 +313,94 @@ def parse_reverse(value: Any, transaction_id: str, header_key: str | None) -> Re
                                     transaction_id))
 
 
+URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+:\d{1,5}/?$")
+NODE_ID = {"type": "string", "pattern": NODE_ID_PATTERN.pattern}
+ADDRESS = {"type": "string", "pattern": ADDRESS_PATTERN.pattern}
+
+
+# -- membership (node/http/membership.py) ------------------------------------------------------------
+
+
+def parse_node_id(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not NODE_ID_PATTERN.fullmatch(value):
+        field = parse.join(where, name)
+        raise LedgerError("invalid_field", f"{field} must be 1-64 chars of A-Z a-z 0-9 _ . -",
+                          details={"field": field})
+    return value
+
+
+def parse_address(value: Any, where: str, name: str) -> str:
+    match = ADDRESS_PATTERN.fullmatch(value) if isinstance(value, str) else None
+    if match is None or not 0 < int(match.group(1)) <= 65535:
+        field = parse.join(where, name)
+        raise LedgerError("invalid_field", f"{field} must be host:port", details={"field": field})
+    return str(value)
+
+
+def parse_url(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not URL_RE.fullmatch(value):
+        field = parse.join(where, name)
+        raise LedgerError("invalid_field", f"{field} must be http(s)://host:port",
+                          details={"field": field})
+    return value.rstrip("/")
+
+
+def parse_raft(value: Any, where: str, name: str) -> tuple[tuple[int, str], ...]:
+    field = parse.join(where, name)
+    if not isinstance(value, dict) or not 0 < len(value) <= shards_max:
+        raise LedgerError("invalid_field", f"{field} maps shard ids to host:port",
+                          details={"field": field})
+    out = []
+    for key, address in value.items():
+        if not (isinstance(key, str) and key.isdigit() and len(key) <= 6):
+            raise LedgerError("invalid_field", f"{field} keys are shard ids", details={"field": field})
+        out.append((int(key), parse_address(address, field, key)))
+    return tuple(sorted(out))
+
+
+NEW_NODE = Body("NewNode", "A node to register: where its API, its internal listener and its Raft "
+                "replicas listen. It can host a replica of a shard only when it names a Raft "
+                "address for that shard.", (
+                    Field("id", parse_node_id, NODE_ID, required=True),
+                    Field("url", parse_url, {"type": "string", "format": "uri"}, required=True),
+                    Field("internal", parse_address, ADDRESS, required=True),
+                    Field("raft", parse_raft, {"type": "object", "additionalProperties": ADDRESS,
+                                               "description": "shard id -> host:port"}),
+                    Field("raft_host", parse_address, {
+                        **ADDRESS, "description": "instead of raft: shard s listens on this host "
+                                                  "at this port + s, for every shard"}),
+                ), examples=({"id": "n3", "url": "http://127.0.0.1:8083", "internal": "127.0.0.1:7083",
+                              "raft": {"0": "127.0.0.1:9030", "1": "127.0.0.1:9031"}},))
+
+NEW_REPLICA = Body("NewReplica", "The node that is to host a new replica of the shard.", (
+    Field("node", parse_node_id, NODE_ID, required=True),
+), examples=({"node": "n3"},))
+
+
+def parse_new_node(value: Any, shards: int) -> NodeEntry:
+    """A node to register, its Raft addresses spelled out for each of the ``shards``."""
+    node_id, url, internal, raft, raft_host = NEW_NODE.read(value)
+    return NodeEntry(node_id, url, internal, _raft_of(raft, raft_host, shards))
+
+
+def parse_new_replica(value: Any) -> str:
+    [node_id] = NEW_REPLICA.read(value)
+    return str(node_id)
+
+
+def _raft_of(raft: tuple[tuple[int, str], ...] | None, raft_host: str | None,
+             shards: int) -> tuple[tuple[int, str], ...]:
+    if (raft is None) == (raft_host is None):
+        raise LedgerError("invalid_field", "give exactly one of raft and raft_host",
+                          details={"field": "raft"})
+    if raft is not None:
+        return raft
+    host, port = str(raft_host).rsplit(":", 1)
+    if int(port) + shards - 1 > 65535:
+        raise LedgerError("invalid_field", "raft_host: the port of the last shard passes 65535",
+                          details={"field": "raft_host"})
+    return tuple((s, f"{host}:{int(port) + s}") for s in range(shards))
+
+
 BODIES: Mapping[str, Body] = {b.name: b for b in (ACCOUNT, ACCOUNTS, ENTRY, TRANSACTION, TRANSFER, BATCH,
-                                                  POST, FOLLOW_UP)}
+                                                  POST, FOLLOW_UP, NEW_NODE, NEW_REPLICA)}

@@ -11,7 +11,7 @@ import aiohttp
 from aiohttp import web
 from raftledger.client.errors import LedgerError
 from raftledger.cluster.follower import MapFollower
-from raftledger.cluster.map import ClusterMap, ShardEntry, layout_ranges
+from raftledger.cluster.map import NODE_REMOVED, ClusterMap, NodeEntry, ShardEntry, layout_ranges
 
 from ..clock import SYSTEM_CLOCK, Clock
 from ..metrics import Metrics
@@ -30,8 +30,10 @@ class NodeContext:
     per shard, the nodes hosting a replica (default: every peer).
 
     ``maps`` holds the cluster map this node routes by (``shard_of``) and signals its changes; a node
-    follows the map of its cluster (``node/runtime.py``). Without one, the context routes by a fixed
-    map of ``shard_count`` shards laid out evenly (tests and tools). ``meta`` is this node's member of
+    follows the map of its cluster (``node/runtime.py``). Addresses come from the map first (nodes
+    that joined after this node's file was written are only there), then from the node file.
+    Without a map, the context routes by a fixed map of ``shard_count`` shards laid out evenly
+    (tests and tools). ``meta`` is this node's member of
     the metadata group, when it hosts one (a ``raftledger.cluster.meta.MetaService``).
     """
 
@@ -81,10 +83,24 @@ class NodeContext:
         return sorted(self.peers)
 
     def peer_url(self, node_id: str) -> str | None:
-        return self.peers.get(node_id)
+        node = self._mapped(node_id)
+        return node.url if node is not None else self.peers.get(node_id)
 
     def internal_url(self, node_id: str) -> str | None:
-        return self.internal_urls.get(node_id)
+        node = self._mapped(node_id)
+        return f"http://{node.internal}" if node is not None and node.internal \
+            else self.internal_urls.get(node_id)
+
+    def node_ids(self) -> list[str]:
+        """Every node of the cluster this node knows of (the map's, less removed ones, and its file's)."""
+        current = self.maps.current
+        mapped = [] if current is None else [n.id for n in current.nodes if n.state != NODE_REMOVED]
+        removed = set() if current is None else {n.id for n in current.nodes if n.state == NODE_REMOVED}
+        return sorted({*mapped, *(n for n in self.peers if n not in removed)})
+
+    def _mapped(self, node_id: str) -> NodeEntry | None:
+        current = self.maps.current
+        return None if current is None else current.node(node_id)
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:

@@ -389,7 +389,7 @@ async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
         except (LedgerError, KeyError, TypeError):
             return None
 
-    nodes = sorted(ctx.peers) or [ctx.node_id]
+    nodes = ctx.node_ids() or [ctx.node_id]
     answers = await asyncio.gather(*(one(n) for n in nodes))
     return dict(zip(nodes, answers, strict=True))
 

@@ -20,12 +20,15 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
 - ``/internal/v1/meta/propose`` — a map command (``cluster.map.encode_command``), applied through
   this node's member of the metadata group if it leads it (``not_leader`` with a hint otherwise).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
+- ``/internal/v1/shards/{shard}/membership`` — on the shard's leader: its view of the group
+  (members, last contact, match index), or one Raft membership step (``membership.leader_op``).
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
   generator; served only when the node runs with ``RAFTLEDGER_BENCH=1``.
 - ``/internal/v1/faults`` — arms crash points (``raftledger.node.faults``); served only when the
   node runs with ``RAFTLEDGER_FAULTS=1``.
 
-A request that does not authenticate gets 401 and touches nothing.
+A request that does not authenticate gets 401 and touches nothing; one from a node the map marks
+removed gets 403 ``forbidden``.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
-from raftledger.cluster.map import MapError, decode_command
+from raftledger.cluster.map import NODE_REMOVED, MapError, decode_command
 from raftledger.statemachine import codec
 from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
@@ -62,7 +65,7 @@ from raftledger.statemachine.commands import (
 
 from .. import faults, wire
 from ..service import ShardService
-from . import parse
+from . import membership, parse
 from .body import read_raw
 from .context import NodeContext
 from .forward import FORWARDED_HEADER, propose_map
@@ -95,7 +98,7 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
     async def handle(request: web.Request) -> web.Response:
         try:
             raw = await read_raw(request, ctx.settings.http, ctx.settings.internal.body_bytes_max)
-            _, nonce, payload = ctx.sealer.open_request(  # type: ignore[union-attr]
+            peer, nonce, payload = ctx.sealer.open_request(  # type: ignore[union-attr]
                 request.method, request.path_qs, request.headers, raw, guard)
         except wire.Unauthenticated as exc:
             ctx.metrics.internal_refused.labels("unauthenticated").inc()
@@ -106,6 +109,9 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
             return _seal_error(ctx, b"", LedgerError("overloaded", str(exc)))
         except LedgerError as exc:  # too large or too slow: refused before anything was opened
             return web.json_response(exc.body(), status=exc.status, headers=exc.headers())
+        refused = _removed_sender(ctx, peer)
+        if refused is not None:
+            return _seal_error(ctx, nonce, refused)
         try:
             answer = await handler(ctx, request, payload)
         except LedgerError as exc:
@@ -114,6 +120,15 @@ def sealed(ctx: NodeContext, guard: wire.ReplayGuard, handler: Handler
         return web.Response(status=200, body=body, headers=headers)
 
     return handle
+
+
+def _removed_sender(ctx: NodeContext, peer: str) -> LedgerError | None:
+    """A node the map marks removed takes no further part in the cluster."""
+    node = None if ctx.maps.current is None else ctx.maps.current.node(peer)
+    if node is None or node.state != NODE_REMOVED:
+        return None
+    return LedgerError("forbidden", f"node {peer} was removed from the cluster",
+                       details={"reason": "node_removed", "node": peer})
 
 
 def _seal_error(ctx: NodeContext, nonce: bytes, exc: LedgerError) -> web.Response:
@@ -278,6 +293,12 @@ async def meta_propose(ctx: NodeContext, request: web.Request, encoded: Any) -> 
     return dict((await ctx.meta.propose(command)).to_wire())
 
 
+async def shard_membership(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """The shard's group as its leader sees it, or one membership step run by the leader
+    (``membership.leader_op``)."""
+    return await membership.leader_op(ctx, _local_shard(ctx, request), payload)
+
+
 async def totals(ctx: NodeContext, request: web.Request, _: Any) -> dict[str, Any]:
     """Per-currency sums over every account of a shard, for ledger invariant checks."""
     svc = _local_shard(ctx, request)
@@ -320,6 +341,7 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/barrier", barrier),
     ("/shards/{shard}/transaction", transaction),
     ("/shards/{shard}/totals", totals),
+    ("/shards/{shard}/membership", shard_membership),
     ("/status", status),
     ("/map", cluster_map),
     ("/meta/propose", meta_propose),

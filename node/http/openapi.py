@@ -11,7 +11,7 @@ from typing import Any
 
 from raftledger.client.errors import STATUS
 
-from .bodies import BODIES, ID_PATTERN
+from .bodies import BODIES, ID_PATTERN, NODE_ID
 
 API_VERSION = "1.0.0"
 
@@ -41,6 +41,10 @@ ENTRIES_QUERY = [_param(n, schema={"type": "integer", "minimum": 0})
     _param("limit", schema={"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
     _param("order", schema={"enum": ["asc", "desc"], "default": "asc"}),
 ]
+SHARD_PARAM = _param("shard", "path", {"type": "integer", "minimum": 0})
+NODE_PARAM = _param("node", "path", NODE_ID)
+FORCE = _param("force", schema={"type": "boolean", "default": False},
+               description="go ahead although the shard's healthy replicas would not be a majority")
 BALANCE_QUERY = [_param("at_seq", schema={"type": "integer", "minimum": 0}),
                  _param("at", schema={"type": "integer", "minimum": 0},
                         description="nanoseconds since the epoch")]
@@ -122,8 +126,24 @@ PATHS: dict[str, dict[str, Any]] = {
     "/transacoes": {"post": dict(TX_CREATE, summary="Alias of POST /v1/transactions")},
     "/contas/{id}/saldo": {"get": dict(BALANCE, summary="Alias of the balance route")},
     "/contas/{id}/extrato": {"get": dict(ENTRIES, summary="Alias of the entries route")},
-    "/v1/cluster": {"get": _op("Every shard's replicas: role, term, commit, applied, lag",
-                               "operations", errors=())},
+    "/v1/cluster": {"get": _op("The map's epoch, nodes and slot ranges; every shard's replicas: role, "
+                               "term, commit and applied index, lag, last contact; changes in "
+                               "progress", "operations", 200, _ref("ClusterStatus"), errors=(503,))},
+    "/v1/cluster/nodes": {"post": _op(
+        "Register a node (201; 200 when registered with the same addresses)", "membership", 201,
+        _ref("Node"), (400, 409, 503), body=_ref("NewNode"))},
+    "/v1/cluster/nodes/{node}": {"delete": _op(
+        "Mark a node removed (refused while it hosts replicas or a metadata group member)",
+        "membership", 200, _ref("Node"), (400, 404, 409, 503), [NODE_PARAM])},
+    "/v1/shards/{shard}/replicas": {"post": _op(
+        "Add a replica: 200 once it caught up and votes, 202 with progress when the request's time "
+        "ran out first (send it again); refused with 409 quorum_at_risk unless force=true",
+        "membership", 200, _ref("ReplicaChange"), (400, 404, 409, 503), [SHARD_PARAM, FORCE],
+        body=_ref("NewReplica"))},
+    "/v1/shards/{shard}/replicas/{node}": {"delete": _op(
+        "Remove a replica (its leadership moves first); refused with 409 quorum_at_risk when the "
+        "remaining healthy replicas could not form a majority, unless force=true", "membership", 200,
+        _ref("ReplicaChange"), (400, 404, 409, 503), [SHARD_PARAM, NODE_PARAM, FORCE])},
     "/v1/cluster/map": {"get": _op("The cluster map this node routes by: nodes, shards, slot ranges",
                                    "operations", 200, _ref("ClusterMap"), errors=(503,))},
     "/healthz": {"get": _op("The process is alive", "operations", errors=())},
@@ -172,8 +192,33 @@ SCHEMAS: dict[str, Any] = {
             "state": {"enum": ["up", "draining", "removed"]}}}},
         "shards": {"type": "array", "items": {"type": "object", "properties": {
             "id": INT, "replicas": {"type": "array", "items": {"type": "string"}}, "epoch": INT,
+            "change": {"type": "object", "description": "a membership change in progress (only "
+                       "while one is)", "properties": {"op": {"enum": ["add", "remove"]},
+                                                      "node": {"type": "string"}}},
             "slot_ranges": {"type": "array", "items": {
                 "type": "array", "items": INT, "minItems": 2, "maxItems": 2}}}}}}},
+    "Node": {"type": "object", "properties": {
+        "id": {"type": "string"}, "url": {"type": "string"}, "internal": {"type": "string"},
+        "state": {"enum": ["up", "draining", "removed"]}, "epoch": INT,
+        "raft": {"type": "object", "additionalProperties": {"type": "string"}}}},
+    "ReplicaChange": {"type": "object", "properties": {
+        "shard": INT, "node": {"type": "string"}, "state": {"enum": ["done", "catching_up"]},
+        "replicas": {"type": "array", "items": {"type": "string"}}, "epoch": INT,
+        "applied_index": INT, "target_index": INT, "leader": {"type": ["string", "null"]},
+        "fingerprint": {"type": ["object", "null"]}}},
+    "ClusterStatus": {"type": "object", "properties": {
+        "node": {"type": "string"}, "epoch": INT, "slots": INT,
+        "nodes": {"type": "array", "items": {"type": "object"}},
+        "shards": {"type": "array", "items": {"type": "object", "properties": {
+            "id": INT, "leader": {"type": ["string", "null"]}, "epoch": INT,
+            "commit_index": {"type": ["integer", "null"]},
+            "slot_ranges": {"type": "array", "items": {"type": "array", "items": INT}},
+            "change": {"type": ["object", "null"]},
+            "replicas": {"type": "array", "items": {"type": "object", "properties": {
+                "node": {"type": "string"}, "reachable": {"type": "boolean"},
+                "role": {"enum": ["leader", "follower"]}, "term": INT, "commit_index": INT,
+                "applied_index": INT, "lag": INT,
+                "last_contact_ms": {"type": ["number", "null"]}}}}}}}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),

@@ -1,4 +1,5 @@
-"""Operations routes: liveness, readiness, the cluster view and map, metrics and the API description."""
+"""Operations routes: liveness, readiness, the cluster map, metrics and the API description (the
+cluster's status is ``membership.cluster_status``)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from aiohttp import web
 from ..metrics import CONTENT_TYPE
 from . import openapi
 from .context import NodeContext, context_of
-from .forward import peer_statuses
 from .render import respond
 
 ready_lag_max = 1000
@@ -42,32 +42,6 @@ async def readyz(request: web.Request) -> web.Response:
     body = {"ready": ready, "node": ctx.node_id, "map": {"epoch": ctx.maps.epoch, "ready": has_map},
             "shards": shards}
     return respond(request, 200 if ready else 503, body, None if ready else {"Retry-After": "1"})
-
-
-def _replica(node: str, status: dict[str, Any] | None) -> dict[str, Any]:
-    if status is None:
-        return {"node": node, "reachable": False}
-    keys = ("role", "term", "commit_index", "applied_index", "lag")
-    return {"node": node, **{k: status.get(k) for k in keys}}
-
-
-async def cluster(request: web.Request) -> web.Response:
-    """Every shard's replicas with role, term, commit and applied index, lag (asks every peer)."""
-    ctx = context_of(request)
-    statuses = await peer_statuses(ctx)
-    shards = []
-    for shard in range(ctx.shard_count):
-        replicas = []
-        for node in ctx.nodes_of(shard) or sorted(statuses):
-            answer = statuses.get(node)
-            if answer is None or str(shard) in answer:
-                replicas.append(_replica(node, None if answer is None else answer[str(shard)]))
-        leaders = [r["node"] for r in replicas if r.get("role") == "leader"]
-        shards.append({"id": shard, "leader": leaders[0] if leaders else None,
-                       "replicas": replicas})
-    nodes = [{"id": n, "url": ctx.peers.get(n), "reachable": statuses.get(n) is not None}
-             for n in sorted(statuses)]
-    return respond(request, 200, {"node": ctx.node_id, "nodes": nodes, "shards": shards})
 
 
 async def cluster_map(request: web.Request) -> web.Response:
