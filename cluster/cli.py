@@ -1,4 +1,5 @@
-"""The ``raftledger`` command: ``node`` runs one node, ``up`` runs a local cluster of them."""
+"""The ``raftledger`` command: ``node`` runs one node, ``up`` runs a local cluster of them, ``cluster``
+administers a running one (``raftledger.cluster.admin``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from raftledger.cluster import launcher
+from raftledger.cluster import admin, launcher
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
 from raftledger.node.secret import generate as generate_secret
@@ -31,6 +32,8 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run one node")
     node.add_argument("--config", required=True, help="node TOML file")
+    node.add_argument("--join", metavar="URL", default=None,
+                      help="register this node with the cluster that URL's node belongs to")
     up = sub.add_parser("up", help="run a local cluster on loopback")
     up.add_argument("--nodes", type=int, default=3)
     up.add_argument("--shards", type=int, default=2)
@@ -40,10 +43,13 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
+    admin.add_parser(sub)
     args = parser.parse_args(argv)
     try:
         if args.command == "node":
-            run_node(args.config)
+            run_node(args.config, args.join)
+        elif args.command == "cluster":
+            sys.exit(admin.run(args))
         elif args.command == "secret":
             write_secret(args.path)
         else:
@@ -61,12 +67,12 @@ def write_secret(path: str) -> None:
     print(f"wrote a new cluster secret to {path}; name it as secret_file in every node's config")
 
 
-def run_node(path: str) -> None:
+def run_node(path: str, join: str | None = None) -> None:
     from raftledger.node import config, logs, runtime
 
     node_config = config.load(path)
     logs.configure(node_config.node_id, logging.INFO)  # JSON lines on stderr, with the request id
-    runtime.run(node_config)
+    runtime.run(node_config, join)
 
 
 # -- up ---------------------------------------------------------------------------------------------
@@ -93,6 +99,10 @@ def run_up(args: argparse.Namespace) -> int:
         print("stopping nodes...", flush=True)
         for proc in procs.values():
             launcher.stop_process(proc)
+        plan = launcher.load_plan(plan.data_dir) or plan  # with the nodes `cluster add-node` added
+        for node_id, pid in plan.pids.items():
+            if node_id not in procs:
+                launcher.stop_pid(pid, launcher.node_config_path(plan, node_id))
         plan.pids.clear()
         launcher.save_plan(plan)
     return 0

@@ -155,7 +155,8 @@ class Plan:
         settings = load_sections(sections, problems)
         if problems:
             raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: " + "; ".join(problems))
-        return cls(data_dir, raw["durability"], cluster, settings)
+        pids = {n["id"]: int(n["pid"]) for n in raw["nodes"] if isinstance(n.get("pid"), int)}
+        return cls(data_dir, raw["durability"], cluster, settings, pids)
 
 
 def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
@@ -248,7 +249,7 @@ def write_node_config(plan: Plan, node_id: str) -> str:
     plan.sealer()  # the secret the config names exists before the node reads it
     config = plan.node_config(node_id)
     os.makedirs(config.data_dir, exist_ok=True)
-    path = os.path.join(config.data_dir, "node.toml")
+    path = node_config_path(plan, node_id)
     with open(path, "w") as f:
         f.write(dump_toml(config))
     return path
@@ -265,18 +266,98 @@ def busy_ports(plan: Plan) -> list[str]:
 
 
 def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
-               preexec_fn: Callable[[], None] | None = None) -> subprocess.Popen:
+               preexec_fn: Callable[[], None] | None = None, join: str | None = None) -> subprocess.Popen:
     """Start one node process; ``preexec_fn`` runs in the child before it execs (tests use it to
-    set resource limits)."""
+    set resource limits); ``join``: the URL of a node of the cluster it registers with."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path],
+            [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path,
+             *(["--join", join] if join else [])],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             preexec_fn=preexec_fn)
     plan.pids[node_id] = proc.pid
     return proc
+
+
+def plan_node(plan: Plan, node_id: str) -> NodeSpec:
+    """A new node for ``plan`` (``raftledger cluster add-node``): an HTTP, an internal and a Raft
+    port per shard, all free and none the plan already uses; it hosts nothing until the map says."""
+    used = {int(a.rsplit(":", 1)[1]) for n in plan.cluster.nodes
+            for a in (n.http, n.internal, *n.raft.values(), *([n.meta] if n.meta else []))}
+    ports = iter(free_ports(plan.cluster.shards + 2, avoid=used))
+    return NodeSpec(node_id, f"http://{HOST}:{next(ports)}", f"{HOST}:{next(ports)}",
+                    {s: f"{HOST}:{next(ports)}" for s in range(plan.cluster.shards)})
+
+
+def with_node(plan: Plan, node: NodeSpec) -> None:
+    """Add ``node`` to the plan; its placement stays as it is (the map places replicas)."""
+    plan.cluster = dataclasses.replace(plan.cluster, nodes=(*plan.cluster.nodes, node))
+
+
+def without_node(plan: Plan, node_id: str, placement: dict[int, tuple[str, ...]]) -> None:
+    """Drop a removed node from the plan; ``placement`` (the map's replica sets) replaces the plan's,
+    which named it."""
+    plan.cluster = dataclasses.replace(
+        plan.cluster, nodes=tuple(n for n in plan.cluster.nodes if n.id != node_id),
+        placement={s: placement.get(s, r) for s, r in plan.cluster.placement.items()})
+    plan.pids.pop(node_id, None)
+
+
+def stop_pid(pid: int, config_path: str, timeout_s: float = stop_timeout_s) -> bool:
+    """SIGTERM the node process this cluster recorded (perhaps not a child of this process), wait
+    for it to go (bounded), then SIGKILL; True once it is gone. A pid whose command line does not
+    name ``config_path`` is some other process now: it is left alone."""
+    if not _runs(pid, config_path):
+        return True
+    deadline = time.monotonic() + timeout_s
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return True
+        while time.monotonic() < deadline:
+            if not _alive(pid):
+                return True
+            time.sleep(poll_s)
+        deadline = time.monotonic() + timeout_s
+    return not _alive(pid)
+
+
+def _runs(pid: int, config_path: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return config_path.encode() in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
+def node_config_path(plan: Plan, node_id: str) -> str:
+    """Where ``write_node_config`` puts a node's file (its process names it on its command line)."""
+    return os.path.join(plan.node_config(node_id).data_dir, "node.toml")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # a child of ours: reap it
+        if finished:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 # -- HTTP helpers (stdlib only, so the launcher needs no event loop) -------------------------------

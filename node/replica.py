@@ -243,6 +243,7 @@ class ReplicaService:
         return {"shard": self.shard, "node": self.node_id,
                 "role": "leader" if self.is_leader() else "follower",
                 "term": raft.term, "commit_index": commit, "applied_index": applied,
+                "raft_applied_index": self.raft_applied_index(),
                 "lag": max(0, commit - self.raft_applied_index()), "leader": self.leader_node_id(),
                 "journal_entries": len(raft.journal), "snapshots_installed": self.snapshotter.installed,
                 "snapshots_written": self.snapshotter.completed,

@@ -301,7 +301,8 @@ async def _caught_up(ctx: NodeContext, shard: int, node_id: str, view: dict[str,
     target = int(view["commit_index"])
     while True:
         status = await _replica_status(ctx, node_id, shard)
-        applied = -1 if status is None else int(status["applied_index"])
+        # PySyncObj's own entries (a leader's no-op, membership changes) never reach the store.
+        applied = -1 if status is None else int(status.get("raft_applied_index", status["applied_index"]))
         caught_up = applied >= target and status is not None and status.get("leader") == view["leader"]
         if caught_up or ctx.clock.monotonic() >= deadline:
             break
@@ -438,7 +439,8 @@ def _replica_row(node: str, status: dict[str, Any] | None, leader_commit: int | 
     if status is None:
         return {"node": node, "reachable": False}
     applied = int(status["applied_index"])
-    lag = int(status.get("lag", 0)) if leader_commit is None else max(0, leader_commit - applied)
+    handled = int(status.get("raft_applied_index", applied))  # with PySyncObj's own entries
+    lag = int(status.get("lag", 0)) if leader_commit is None else max(0, leader_commit - handled)
     age = status.get("leader_contact_age_ms")
     return {"node": node, "reachable": True, "role": status["role"], "term": status["term"],
             "commit_index": status["commit_index"], "applied_index": applied, "lag": lag,
@@ -462,10 +464,8 @@ async def cluster_status(request: web.Request) -> web.Response:
     ctx = context_of(request)
     current = ctx.cluster_map
     statuses = await peer_statuses(ctx)
-    nodes = [{"id": n.id, "url": n.url, "state": n.state, "reachable": statuses.get(n.id) is not None}
-             for n in current.nodes] or [{"id": n, "url": ctx.peer_url(n), "state": NODE_UP,
-                                          "reachable": statuses.get(n) is not None}
-                                         for n in sorted(statuses)]
+    nodes = [{"id": n.id, "url": n.url, "state": n.state, "meta": n.meta is not None,
+              "reachable": statuses.get(n.id) is not None} for n in current.nodes]
     return respond(request, 200, {"node": ctx.node_id, "epoch": current.epoch, "slots": SLOTS,
                                   "nodes": nodes,
                                   "shards": [_shard_view(e, statuses) for e in current.shards]})

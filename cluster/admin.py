@@ -1,0 +1,353 @@
+"""``raftledger cluster ...``: the membership commands an operator runs against a live cluster.
+
+- ``status`` — shards x replicas (role, term, commit and applied index, lag, last contact with the
+  leader), the map's epoch, slot ranges and any membership change in progress.
+- ``add-node`` — on a local cluster of ``raftledger up``: plans the next node (next id, free ports),
+  starts it with ``--join``, waits until the map lists it, records it (and its pid) in cluster.json.
+- ``add-replica SHARD NODE`` — returns once the new replica caught up and votes, showing its progress.
+- ``remove-replica SHARD NODE [--force]`` — refused (``quorum_at_risk``) when the healthy replicas left
+  would not be a majority, unless forced.
+- ``remove-node NODE [--force]`` — moves each of its replicas to a node that hosts none of that shard
+  (else removes it, with the same safety), marks it removed, then stops it when this machine runs it
+  (cluster.json has its pid), or says it may be stopped.
+
+Each change is a request the nodes make safe to repeat (docs/operations.md): a command that failed
+half-way is finished by running it again. Commands retry while the cluster answers "not now" (503),
+within ``--timeout``. Every HTTP call goes through ``request``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+from raftledger.client.discovery import Target
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from . import launcher
+from .cli_common import EXIT_OK, CommandFailed, add_target_options, emit, run_command, target
+
+http_timeout_s = 30.0  # one request; an add answers 202 with its progress before this
+command_timeout_s = 300.0
+retry_s = 0.5
+progress_poll_s = 0.5
+join_wait_s = 90.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    body: Any
+
+    @property
+    def error(self) -> dict[str, Any]:
+        error = self.body.get("error") if isinstance(self.body, dict) else None
+        return error if isinstance(error, dict) else {"code": f"http_{self.status}", "message": ""}
+
+    def failure(self) -> CommandFailed:
+        return CommandFailed(f"{self.error.get('code')}: {self.error.get('message')}")
+
+
+def request(where: Target, method: str, path: str, json_body: Any = None,
+            params: dict[str, str] | None = None, timeout_s: float = http_timeout_s) -> Answer:
+    """One request to the first endpoint that answers (the others are tried when one cannot be
+    reached); its status and decoded body."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    data = None if json_body is None else json.dumps(json_body).encode()
+    headers = {"Content-Type": "application/json"} if data is not None else {}
+    if where.token:
+        headers["Authorization"] = f"Bearer {where.token}"
+    unreachable = []
+    for endpoint in where.endpoints:
+        req = urllib.request.Request(endpoint + path + query, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as response:
+                return Answer(response.status, _decoded(response.read()))
+        except urllib.error.HTTPError as exc:
+            return Answer(exc.code, _decoded(exc.read()))
+        except (OSError, TimeoutError) as exc:
+            unreachable.append(f"{endpoint} ({exc})")
+    raise CommandFailed("no endpoint answered: " + "; ".join(unreachable))
+
+
+def _decoded(raw: bytes) -> Any:
+    try:
+        return json.loads(raw or b"null")
+    except ValueError:
+        return raw.decode(errors="replace")
+
+
+def until_done(where: Target, method: str, path: str, json_body: Any = None,
+               params: dict[str, str] | None = None, timeout_s: float = command_timeout_s,
+               accept: tuple[int, ...] = (200, 201)) -> Answer:
+    """The request, sent again while the cluster answers 503 (or cannot be reached), within
+    ``timeout_s``: every membership request is safe to repeat. A 4xx is the answer."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            answer = request(where, method, path, json_body, params)
+        except CommandFailed:
+            if time.monotonic() >= deadline:
+                raise
+        else:
+            if answer.status in accept:
+                return answer
+            if answer.status < 500 and answer.status not in (202,):
+                raise answer.failure()
+            if time.monotonic() >= deadline:
+                raise CommandFailed(f"not done within {timeout_s:.0f}s: {answer.error.get('code')}: "
+                                    f"{answer.error.get('message')}; run the same command again")
+        time.sleep(retry_s)  # the cluster said "not now": nothing here can be signalled
+
+
+def get(where: Target, path: str) -> Any:
+    answer = until_done(where, "GET", path, timeout_s=30.0)
+    return answer.body
+
+
+# -- status ------------------------------------------------------------------------------------------
+
+
+def status(args: argparse.Namespace) -> int:
+    body = get(target(args), "/v1/cluster")
+    emit(args, body, lambda console: _print_status(console, body))
+    return EXIT_OK
+
+
+def _print_status(console: Console, body: dict[str, Any]) -> None:
+    console.print(f"cluster map epoch [bold]{body['epoch']}[/bold], {body['slots']} slots "
+                  f"(asked node {body['node']})")
+    nodes = Table("node", "url", "state", "reachable", title="nodes")
+    for n in body["nodes"]:
+        nodes.add_row(n["id"], str(n["url"]), n["state"], "yes" if n["reachable"] else "[red]no[/red]")
+    console.print(nodes)
+    table = Table("shard", "slots", "node", "role", "term", "commit", "applied", "lag",
+                  "last contact", title="replicas")
+    table.columns[1].no_wrap = True
+    for shard in body["shards"]:
+        slots = ", ".join(f"{a}-{b}" for a, b in shard["slot_ranges"]) or "-"
+        change = shard.get("change")
+        label = f"{shard['id']}" + (f" ({change['op']} {change['node']})" if change else "")
+        for i, r in enumerate(shard["replicas"]):
+            if not r.get("reachable"):
+                table.add_row(label if i == 0 else "", slots if i == 0 else "", r["node"],
+                              "[red]unreachable[/red]", *[""] * 5)
+                continue
+            contact = "-" if r["last_contact_ms"] is None else f"{r['last_contact_ms']:.0f} ms"
+            role = f"[bold]{r['role']}[/bold]" if r["role"] == "leader" else r["role"]
+            table.add_row(label if i == 0 else "", slots if i == 0 else "", r["node"], role,
+                          str(r["term"]), str(r["commit_index"]), str(r["applied_index"]),
+                          str(r["lag"]), contact)
+    console.print(table)
+
+
+# -- replicas ----------------------------------------------------------------------------------------
+
+
+def add_replica(args: argparse.Namespace) -> int:
+    where = target(args)
+    params = {"force": "true"} if args.force else None
+    answer = _with_progress(args, where, args.shard, args.node, lambda: until_done(
+        where, "POST", f"/v1/shards/{args.shard}/replicas", {"node": args.node}, params,
+        timeout_s=args.timeout))
+    body = answer.body
+    emit(args, body, lambda console: console.print(
+        f"shard {body['shard']}: replica on {body['node']} caught up (applied {body['applied_index']} "
+        f"of {body['target_index']}) and votes; replicas now {', '.join(body['replicas'])}"))
+    return EXIT_OK
+
+
+def _with_progress(args: argparse.Namespace, where: Target, shard: int, node: str,
+                   call: Any) -> Answer:
+    """Run ``call`` (the add) while showing how far the new replica has applied (not with --json)."""
+    if args.json:
+        return call()  # type: ignore[no-any-return]
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: _capture(result, call), daemon=True)
+    worker.start()
+    with Progress(TextColumn("shard {task.fields[shard]} on {task.fields[node]}"), BarColumn(),
+                  TextColumn("{task.completed:.0f}/{task.total:.0f} applied")) as progress:
+        task = progress.add_task("catching up", total=1, shard=shard, node=node)
+        while worker.is_alive():
+            seen = _replica_progress(where, shard, node)
+            if seen is not None:
+                progress.update(task, completed=seen[0], total=max(seen[1], 1))
+            worker.join(progress_poll_s)
+    if "error" in result:
+        raise result["error"]
+    return result["answer"]  # type: ignore[no-any-return]
+
+
+def _capture(result: dict[str, Any], call: Any) -> None:
+    try:
+        result["answer"] = call()
+    except Exception as exc:  # handed to the main thread, raised there
+        result["error"] = exc
+
+
+def _replica_progress(where: Target, shard: int, node: str) -> tuple[int, int] | None:
+    """(applied index of the replica on ``node``, the leader's commit index), if both are known."""
+    try:
+        answer = request(where, "GET", "/v1/cluster", timeout_s=5.0)
+    except CommandFailed:
+        return None
+    shards = answer.body.get("shards", []) if isinstance(answer.body, dict) else []
+    entry = next((s for s in shards if s.get("id") == shard), None)
+    row = None if entry is None else next((r for r in entry["replicas"] if r["node"] == node), None)
+    if entry is None or row is None or not row.get("reachable") or entry.get("commit_index") is None:
+        return None
+    return int(row["applied_index"]), int(entry["commit_index"])
+
+
+def remove_replica(args: argparse.Namespace) -> int:
+    where = target(args)
+    body = _remove_replica(where, args.shard, args.node, args.force, args.timeout)
+    emit(args, body, lambda console: console.print(
+        f"shard {body['shard']}: replica on {body['node']} removed; replicas now "
+        f"{', '.join(body['replicas'])} (leader {body['leader']})"))
+    return EXIT_OK
+
+
+def _remove_replica(where: Target, shard: int, node: str, force: bool, timeout_s: float) -> Any:
+    params = {"force": "true"} if force else None
+    return until_done(where, "DELETE", f"/v1/shards/{shard}/replicas/{node}", params=params,
+                      timeout_s=timeout_s).body
+
+
+# -- nodes -------------------------------------------------------------------------------------------
+
+
+def add_node(args: argparse.Namespace) -> int:
+    plan = launcher.load_plan(args.data_dir or "./data")
+    if plan is None:
+        raise ValueError(f"add-node starts a node of a local cluster: no {launcher.CLUSTER_FILE} in "
+                         f"{args.data_dir or './data'} (for a cluster run elsewhere, start the node "
+                         "with `raftledger node --config FILE --join URL`)")
+    where = target(args)
+    known = {n["id"] for n in get(where, "/v1/cluster/map")["nodes"]} | {n.id for n in plan.cluster.nodes}
+    node = launcher.plan_node(plan, next_node_id(known))
+    launcher.with_node(plan, node)
+    proc = launcher.start_node(plan, node.id, join=where.endpoints[0])
+    launcher.save_plan(plan)
+    deadline = time.monotonic() + join_wait_s
+    while not any(n["id"] == node.id for n in get(where, "/v1/cluster/map")["nodes"]):
+        if proc.poll() is not None or time.monotonic() >= deadline:
+            raise CommandFailed(f"node {node.id} did not join (see {plan.node_config(node.id).data_dir}"
+                                f"/node.log); it is recorded in {launcher.CLUSTER_FILE}")
+        time.sleep(retry_s)  # the new process registers itself: nothing here is signalled
+    body = {"id": node.id, "url": node.http, "pid": proc.pid}
+    emit(args, body, lambda console: console.print(node.id))
+    return EXIT_OK
+
+
+def next_node_id(known: set[str]) -> str:
+    """``n<k>`` with k one past the largest number any node (removed ones too) ever had."""
+    numbers = [int(n[1:]) for n in known if n.startswith("n") and n[1:].isdigit()]
+    return f"n{max(numbers, default=-1) + 1}"
+
+
+def remove_node(args: argparse.Namespace) -> int:
+    where = target(args)
+    steps = _empty_node(where, args.node, args.force, args.timeout)
+    until_done(where, "DELETE", f"/v1/cluster/nodes/{args.node}", timeout_s=args.timeout)
+    stopped = _stop_if_local(args, where, args.node)
+    body = {"node": args.node, "state": "removed", "steps": steps, "stopped": stopped}
+    emit(args, body, lambda console: _print_removed(console, body))
+    return EXIT_OK
+
+
+def _empty_node(where: Target, node: str, force: bool, timeout_s: float) -> list[dict[str, Any]]:
+    """Move each replica the node holds to an up node without one of that shard, else remove it."""
+    cluster_map = get(where, "/v1/cluster/map")
+    entry = next((n for n in get(where, "/v1/cluster")["nodes"] if n["id"] == node), None)
+    if entry is None:
+        raise CommandFailed(f"node_not_found: no node {node!r} in the cluster map")
+    if entry.get("meta"):
+        raise CommandFailed(f"node_hosts_meta: node {node} hosts a member of the metadata group, "
+                            "which cannot be moved yet")
+    steps = []
+    for shard in cluster_map["shards"]:
+        if node not in shard["replicas"]:
+            continue
+        spare = [n["id"] for n in cluster_map["nodes"]
+                 if n["state"] == "up" and n["id"] != node and n["id"] not in shard["replicas"]]
+        moved_to = None
+        for candidate in spare:
+            answer = until_done(where, "POST", f"/v1/shards/{shard['id']}/replicas", {"node": candidate},
+                                timeout_s=timeout_s, accept=(200, 409))
+            if answer.status == 200:
+                moved_to = candidate
+                break
+            if answer.error.get("code") not in ("node_cannot_host", "node_not_up"):
+                raise answer.failure()
+        _remove_replica(where, shard["id"], node, force, timeout_s)
+        steps.append({"shard": shard["id"], "moved_to": moved_to})
+    return steps
+
+
+def _stop_if_local(args: argparse.Namespace, where: Target, node: str) -> bool:
+    plan = launcher.load_plan(args.data_dir or "./data")
+    if plan is None or node not in {n.id for n in plan.cluster.nodes}:
+        return False
+    pid = plan.pids.get(node)
+    stopped = pid is not None and launcher.stop_pid(pid, launcher.node_config_path(plan, node))
+    placement = {s["id"]: tuple(s["replicas"]) for s in get(where, "/v1/cluster/map")["shards"]}
+    launcher.without_node(plan, node, placement)
+    launcher.save_plan(plan)
+    return stopped
+
+
+def _print_removed(console: Console, body: dict[str, Any]) -> None:
+    for step in body["steps"]:
+        where = f"moved to {step['moved_to']}" if step["moved_to"] else "removed"
+        console.print(f"shard {step['shard']}: its replica on {body['node']} {where}")
+    tail = "stopped" if body["stopped"] else "not run from here: it may be stopped now"
+    console.print(f"node {body['node']} removed from the cluster; {tail}")
+
+
+# -- the command line --------------------------------------------------------------------------------
+
+
+def add_parser(sub: Any) -> None:
+    """``raftledger cluster <command>`` (registered by ``raftledger.cluster.cli``)."""
+    cluster = sub.add_parser("cluster", help="administer a running cluster: status and membership")
+    commands = cluster.add_subparsers(dest="cluster_command", required=True)
+    show = commands.add_parser("status", help="shards x replicas, the map's epoch and slot ranges")
+    add_target_options(show)
+    show.set_defaults(handler=status)
+    node = commands.add_parser("add-node", help="start a new node of a local cluster; it joins")
+    add_target_options(node)
+    node.set_defaults(handler=add_node)
+    for name, handler, help_text in (
+            ("add-replica", add_replica, "add a replica of SHARD on NODE (returns once it caught up)"),
+            ("remove-replica", remove_replica, "remove the replica of SHARD on NODE")):
+        parser = commands.add_parser(name, help=help_text)
+        parser.add_argument("shard", type=int)
+        parser.add_argument("node")
+        _change_options(parser)
+        parser.set_defaults(handler=handler)
+    gone = commands.add_parser("remove-node", help="move or remove its replicas, then remove NODE")
+    gone.add_argument("node")
+    _change_options(gone)
+    gone.set_defaults(handler=remove_node)
+
+
+def _change_options(parser: argparse.ArgumentParser) -> None:
+    add_target_options(parser)
+    parser.add_argument("--force", action="store_true",
+                        help="go ahead although the healthy replicas left would not be a majority")
+    parser.add_argument("--timeout", type=float, default=command_timeout_s,
+                        help=f"seconds to keep trying (default {command_timeout_s:.0f})")
+
+
+def run(args: argparse.Namespace) -> int:
+    return run_command(args, args.handler)
