@@ -33,9 +33,9 @@ first it answers 202 with the progress, and the same request waits again.
 
 **Healthy** replicas are the leader and the followers that answered it within
 ``2 * raft.election_timeout_max_s``. A remove is refused when the healthy replicas left would not be a
-majority of the current members (the group keeps committing while the removed replica is stopped
-and still counted); an add when the healthy members would not be a majority of the larger group (it
-would stall until the new replica caught up).
+majority of the group left (PySyncObj puts a configuration in force when its entry is appended, so
+that group commits the change); an add when the healthy members would not be a majority of the
+larger group (it would stall until the new replica caught up).
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def _quorum_check(ctx: NodeContext, view: dict[str, Any], removing: str | None) 
     if removing is None:
         left, needed = healthy, (len(members) + 1) // 2 + 1
     else:
-        left, needed = healthy - {removing}, len(members) // 2 + 1
+        left, needed = healthy - {removing}, (len(members) - 1) // 2 + 1
     if len(left) < needed:
         names = {m["address"]: m["node"] for m in view["members"]}
         raise LedgerError("quorum_at_risk", f"{len(left)} healthy replicas would remain where "
