@@ -37,6 +37,7 @@ from . import launcher
 from .cli_common import EXIT_OK, CommandFailed, add_target_options, emit, run_command, target
 
 http_timeout_s = 30.0  # one request; an add answers 202 with its progress before this
+health_timeout_s = 1.0
 command_timeout_s = 300.0
 retry_s = 0.5
 progress_poll_s = 0.5
@@ -67,7 +68,7 @@ def request(where: Target, method: str, path: str, json_body: Any = None,
     if where.token:
         headers["Authorization"] = f"Bearer {where.token}"
     unreachable = []
-    for endpoint in where.endpoints:
+    for endpoint in _by_liveness(where):
         req = urllib.request.Request(endpoint + path + query, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout_s) as response:
@@ -77,6 +78,26 @@ def request(where: Target, method: str, path: str, json_body: Any = None,
         except (OSError, TimeoutError) as exc:
             unreachable.append(f"{endpoint} ({exc})")
     raise CommandFailed("no endpoint answered: " + "; ".join(unreachable))
+
+
+_live: dict[tuple[str, ...], list[str]] = {}
+
+
+def _by_liveness(where: Target) -> list[str]:
+    """The endpoints, those that answer ``/healthz`` at once first (asked once per command): a hung
+    node accepts connections and answers nothing, and would hold every request for its timeout."""
+    if where.endpoints not in _live:
+        answering = [e for e in where.endpoints if _healthy(e)]
+        _live[where.endpoints] = answering + [e for e in where.endpoints if e not in answering]
+    return _live[where.endpoints]
+
+
+def _healthy(endpoint: str) -> bool:
+    try:
+        with urllib.request.urlopen(endpoint + "/healthz", timeout=health_timeout_s) as response:
+            return bool(response.status == 200)
+    except (OSError, TimeoutError):
+        return False
 
 
 def _decoded(raw: bytes) -> Any:
