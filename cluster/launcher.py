@@ -318,11 +318,11 @@ def stop_pid(pid: int, config_path: str, timeout_s: float = stop_timeout_s) -> b
         except ProcessLookupError:
             return True
         while time.monotonic() < deadline:
-            if not _alive(pid):
+            if not is_running(pid):
                 return True
             time.sleep(poll_s)
         deadline = time.monotonic() + timeout_s
-    return not _alive(pid)
+    return not is_running(pid)
 
 
 def _runs(pid: int, config_path: str) -> bool:
@@ -338,7 +338,8 @@ def node_config_path(plan: Plan, node_id: str) -> str:
     return os.path.join(plan.node_config(node_id).data_dir, "node.toml")
 
 
-def _alive(pid: int) -> bool:
+def is_running(pid: int) -> bool:
+    """The process runs (a child that exited is reaped; a zombie does not count)."""
     try:
         finished, _ = os.waitpid(pid, os.WNOHANG)  # a child of ours: reap it
         if finished:

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 import threading
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +17,7 @@ import pytest
 from raftledger.cluster import launcher
 from raftledger.cluster.map import StartReplicaChange, encode_command
 from raftledger.cluster.testing import LocalCluster, wait_until
+from raftledger.node import secret, wire
 from raftledger.node.settings import NodeSettings, SnapshotSettings
 from raftledger.node.testing import pair_on_shard, transfer_body
 
@@ -261,3 +264,39 @@ def test_a_remove_that_would_leave_no_healthy_majority_is_refused_unless_forced(
         assert gone["replicas"] == [n for n in ("n0", "n1", "n2") if n != followers[0]]
     finally:
         local.resume(followers[0])
+
+
+def test_remove_node_moves_its_replicas_stops_it_and_the_cluster_refuses_it_afterwards(local):
+    added = cli(local, "add-node")
+    assert cli(local, "add-replica", "1", added["id"])["state"] == "done"
+    assert cli(local, "remove-replica", "1", "n2")["replicas"] == ["n0", "n1", added["id"]]
+    gone = cli(local, "remove-node", added["id"])
+    assert gone["state"] == "removed" and gone["stopped"]
+    assert gone["steps"] == [{"shard": 1, "moved_to": "n2"}]  # the one up node without shard 1
+    assert replicas_of(local, 1) == ["n0", "n1", "n2"]
+    assert not launcher.is_running(added["pid"])
+    with open(os.path.join(local.data_dir, "cluster.json")) as f:
+        assert added["id"] not in {n["id"] for n in json.load(f)["nodes"]}
+    node = next(n for n in cluster_map(local)["nodes"] if n["id"] == added["id"])
+    assert node["state"] == "removed"
+    again, answer = api(local, "POST", "/v1/cluster/nodes", {
+        "id": added["id"], "url": "http://127.0.0.1:1", "internal": "127.0.0.1:2",
+        "raft_host": "127.0.0.1:3"})
+    assert (again, answer["error"]["code"]) == (409, "node_removed")
+    status, refusal = _internal_as(local, added["id"], "n0", "/status")
+    assert status == 403 and refusal["error"]["details"]["reason"] == "node_removed"
+    assert cli(local, "add-node")["id"] == "n4"  # a removed node's id is never handed out again
+
+
+def _internal_as(cluster: LocalCluster, sender: str, node: str, path: str) -> tuple[int, Any]:
+    """A request to ``node``'s internal listener sealed with the cluster's secret as ``sender``."""
+    sealer = wire.Sealer(wire.internal_key(secret.load(cluster.plan.secret_file)), sender)
+    sealed = sealer.seal_request("POST", wire.PREFIX + path, None)
+    url = f"http://{cluster.plan.cluster.node(node).internal}{wire.PREFIX}{path}"
+    request = urllib.request.Request(url, data=sealed.body, method="POST", headers=sealed.headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            status, headers, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, headers, body = exc.code, exc.headers, exc.read()
+    return status, sealer.open_answer(sealed, status, headers, body)
