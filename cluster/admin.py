@@ -28,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-from raftledger.client.discovery import Target
+from raftledger.client.discovery import CLUSTER_FILE, Target
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
@@ -250,7 +250,7 @@ def _remove_replica(where: Target, shard: int, node: str, force: bool, timeout_s
 def add_node(args: argparse.Namespace) -> int:
     plan = launcher.load_plan(args.data_dir or "./data")
     if plan is None:
-        raise ValueError(f"add-node starts a node of a local cluster: no {launcher.CLUSTER_FILE} in "
+        raise ValueError(f"add-node starts a node of a local cluster: no {CLUSTER_FILE} in "
                          f"{args.data_dir or './data'} (for a cluster run elsewhere, start the node "
                          "with `raftledger node --config FILE --join URL`)")
     where = target(args)
@@ -263,7 +263,7 @@ def add_node(args: argparse.Namespace) -> int:
     while not any(n["id"] == node.id for n in get(where, "/v1/cluster/map")["nodes"]):
         if proc.poll() is not None or time.monotonic() >= deadline:
             raise CommandFailed(f"node {node.id} did not join (see {plan.node_config(node.id).data_dir}"
-                                f"/node.log); it is recorded in {launcher.CLUSTER_FILE}")
+                                f"/node.log); it is recorded in {CLUSTER_FILE}")
         time.sleep(retry_s)  # the new process registers itself: nothing here is signalled
     body = {"id": node.id, "url": node.http, "pid": proc.pid}
     emit(args, body, lambda console: console.print(node.id))

@@ -110,12 +110,12 @@ def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes,
                                preferred_leader=cluster.preferred_leader(shard) == config.node_id,
                                address_to_node=cluster.address_to_node(shard), **common)
     addresses = replica_addresses(cluster_map, shard)
-    own = next((a for a, n in addresses.items() if n == config.node_id), None)
-    if own is None:
+    mine = next((a for a, n in addresses.items() if n == config.node_id), None)
+    if mine is None:
         raise MapError(f"the map gives node {config.node_id} shard {shard} without a Raft address")
     fresh = not os.path.exists(os.path.join(directory, "raft.journal"))
     return ReplicaSettings(
-        self_address=own, partner_addresses=tuple(a for a in addresses if a != own),
+        self_address=mine, partner_addresses=tuple(a for a in addresses if a != mine),
         preferred_leader=entry.replicas[shard % len(entry.replicas)] == config.node_id,
         address_to_node=addresses, await_leader=fresh, **common)
 
@@ -273,9 +273,10 @@ async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
                     answer = await resp.json(content_type=None)
                     if resp.status in (200, 201):
                         return dict(answer)
-                    last = from_wire(resp.status, answer, resp.headers.get("Retry-After"))
-                    if not last.retryable:
-                        raise last
+                    refusal = from_wire(resp.status, answer, resp.headers.get("Retry-After"))
+                    if not refusal.retryable:
+                        raise refusal
+                    last = refusal
             except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
                 last = exc
             log.warning("join %s: not registered yet (%s); retrying", url, last)

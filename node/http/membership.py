@@ -111,9 +111,15 @@ def _other_change(entry: ShardEntry, node_id: str) -> None:
 
 
 async def _propose(ctx: NodeContext, command: MapCommand) -> int:
-    """Apply a map command; its epoch, once this node's map has it. A refusal is a 409."""
+    """Apply a map command; its epoch, once this node's map has it. A refusal is a 409: the one of a
+    change that another request started meanwhile says so."""
     outcome = await propose_map(ctx, command)
     if not outcome.ok:
+        await ctx.maps.wait_epoch(outcome.epoch, ctx.settings.forwarding.map_wait_s)
+        if isinstance(command, StartReplicaChange):
+            entry = ctx.cluster_map.shard(command.shard)
+            if entry is not None:
+                _other_change(entry, command.node)
         raise LedgerError("map_change_refused", outcome.reason, details={"epoch": outcome.epoch})
     await ctx.maps.wait_epoch(outcome.epoch, ctx.settings.forwarding.map_wait_s)
     return outcome.epoch
@@ -203,7 +209,7 @@ async def _raft_change(ctx: NodeContext, svc: ShardService, op: str, address: st
         done: asyncio.Future[bool] = loop.create_future()
 
         def settled(ok: bool, done: asyncio.Future[bool] = done) -> None:  # tick thread
-            loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ok))
+            loop.call_soon_threadsafe(_settle, done, ok)
 
         (raft.add_member if op == "add" else raft.remove_member)(address, settled)
         if await ctx.clock.wait(done, ctx.settings.batching.commit_timeout_s) and done.result():
@@ -215,11 +221,15 @@ async def _raft_change(ctx: NodeContext, svc: ShardService, op: str, address: st
                       f"{membership_attempts_max} times; send the request again", retry_after_s=1.0)
 
 
+def _settle(done: asyncio.Future[bool], ok: bool) -> None:
+    if not done.done():
+        done.set_result(ok)
+
+
 async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None) -> bool:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
-    _raft(svc).transfer_leadership(
-        address, lambda ok: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(ok)))
+    _raft(svc).transfer_leadership(address, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
     return bool(await ctx.clock.wait(done, transfer_wait_s) and done.result())
 
 
@@ -266,10 +276,16 @@ async def add_replica(request: web.Request) -> web.Response:
     if not progress["caught_up"]:
         return respond(request, 202, {"shard": entry.id, "node": node_id, "state": "catching_up",
                                       **progress, "replicas": _replicas(ctx, entry.id)})
-    if ctx.cluster_map.shard(entry.id).change_of(node_id) == "add":  # type: ignore[union-attr]
+    if _in_progress(ctx, entry.id, node_id) == "add":
         await _propose(ctx, FinishReplicaChange(entry.id, node_id))
     return respond(request, 200, {"shard": entry.id, "node": node_id, "state": "done", **progress,
                                   "replicas": _replicas(ctx, entry.id), "epoch": ctx.maps.epoch})
+
+
+def _in_progress(ctx: NodeContext, shard: int, node_id: str) -> str | None:
+    """The change of ``node_id`` the shard records as in progress, by this node's map now."""
+    entry = ctx.cluster_map.shard(shard)
+    return None if entry is None else entry.change_of(node_id)
 
 
 def _replicas(ctx: NodeContext, shard: int) -> list[str]:
@@ -337,7 +353,7 @@ async def remove_replica(request: web.Request) -> web.Response:
             await _hand_over(ctx, entry.id, node_id, view, force)
         await _propose(ctx, StartReplicaChange(entry.id, node_id, adding=False))
     view = await _remove_member(ctx, entry.id, node_id, address)
-    if ctx.cluster_map.shard(entry.id).change_of(node_id) == "remove":  # type: ignore[union-attr]
+    if _in_progress(ctx, entry.id, node_id) == "remove":
         await _propose(ctx, FinishReplicaChange(entry.id, node_id))
     return respond(request, 200, {"shard": entry.id, "node": node_id, "state": "done",
                                   "replicas": _replicas(ctx, entry.id), "leader": view["leader"],
