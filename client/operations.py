@@ -40,12 +40,16 @@ def _quoted(ident: str) -> str:
     return quote(ident, safe="")
 
 
+def _replayed(reply: Reply) -> bool:
+    return reply.header("idempotent-replayed") == "true"
+
+
 def _account(reply: Reply) -> Account:
-    return Account.from_json(reply.json())
+    return Account.from_json(reply.json(), _replayed(reply))
 
 
 def _transaction(reply: Reply) -> Transaction:
-    return Transaction.from_json(reply.json())
+    return Transaction.from_json(reply.json(), _replayed(reply))
 
 
 def _balance(reply: Reply) -> Balance:

@@ -1,6 +1,9 @@
 """What the client returns: frozen, typed views of the API's objects (API.md), built from their JSON.
 
 Money is ``int`` everywhere (minor units; balances reach 2**127, which Python's integers hold).
+``replayed`` (on what a write returns) says the ledger answered from the stored outcome of an
+earlier request with the same id, which may be an earlier attempt of the same call; it takes no
+part in equality, so a replay equals the first answer.
 Fields a newer server adds are ignored; a field the API names but an answer lacks takes its
 documented empty value.
 """
@@ -8,7 +11,7 @@ documented empty value.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 from .errors import LedgerError, from_wire
@@ -43,14 +46,16 @@ class Account:
     head: str
     shard: int
     timestamp: int
+    replayed: bool = field(default=False, compare=False)
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Account:
+    def from_json(cls, raw: Mapping[str, Any], replayed: bool = False) -> Account:
         return cls(str(raw["id"]), str(raw["currency"]), str(raw.get("normal", "debit")),
                    tuple(raw.get("flags") or ()), dict(raw.get("metadata") or {}),
                    _int(raw, "debits_posted"), _int(raw, "credits_posted"), _int(raw, "debits_pending"),
                    _int(raw, "credits_pending"), _int(raw, "balance"), _int(raw, "available"),
-                   _int(raw, "seq"), str(raw.get("head", "")), _int(raw, "shard"), _int(raw, "timestamp"))
+                   _int(raw, "seq"), str(raw.get("head", "")), _int(raw, "shard"), _int(raw, "timestamp"),
+                   replayed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,9 +137,10 @@ class Transaction:
     resolved_by: str | None
     shards: tuple[int, ...]
     cross_shard: bool
+    replayed: bool = field(default=False, compare=False)
 
     @classmethod
-    def from_json(cls, raw: Mapping[str, Any]) -> Transaction:
+    def from_json(cls, raw: Mapping[str, Any], replayed: bool = False) -> Transaction:
         expires = raw.get("expires_at")
         return cls(str(raw["id"]), str(raw.get("status", "")),
                    tuple(TransactionEntry.from_json(e) for e in raw.get("entries") or ()),
@@ -143,7 +149,7 @@ class Transaction:
                    int(expires) if expires else None, _opt_str(raw, "pending_id"),
                    _opt_str(raw, "reverses"), _opt_str(raw, "reversed_by"),
                    _opt_str(raw, "resolved_by"), tuple(int(s) for s in raw.get("shards") or ()),
-                   bool(raw.get("cross_shard", False)))
+                   bool(raw.get("cross_shard", False)), replayed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +183,8 @@ def batch_items(raw: Any, kind: str, build: type[Account] | type[Transaction]) -
     for item in raw.get("results", []) if isinstance(raw, dict) else []:
         status = int(item.get("status", 0))
         error = None if "error" not in item else from_wire(status, {"error": item["error"]})
-        value = build.from_json(item[kind]) if error is None and kind in item else None
+        replayed = bool(item.get("replayed", False))
+        value = build.from_json(item[kind], replayed) if error is None and kind in item else None
         items.append(BatchItem(int(item["index"]), str(item.get("id", "")), status, value, error,
-                               bool(item.get("replayed", False))))
+                               replayed))
     return items

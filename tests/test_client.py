@@ -79,6 +79,7 @@ def test_accounts_are_created_once_and_read_back(ledger: Client) -> None:
     first = ledger.create_account(id="acct:{m1}", currency=USD, normal="credit", metadata={"name": "A"})
     again = ledger.create_account(id="acct:{m1}", currency=USD, normal="credit", metadata={"name": "A"})
     assert first == again and first.metadata == {"name": "A"} and first.balance == 0
+    assert not first.replayed and again.replayed
     read = ledger.get_account("acct:{m1}")
     assert read.id == "acct:{m1}" and read.normal == "credit" and read.shard == first.shard
     with pytest.raises(Conflict) as conflict:
@@ -124,7 +125,8 @@ def test_a_generated_id_keeps_the_transaction_on_its_accounts_shard(ledger: Clie
 def test_given_id_is_the_idempotency_key(ledger: Client) -> None:
     cash, alice = open_pair(ledger, "m5")
     first = ledger.transfer(cash, alice, 7, USD, id="pay-1:{m5}")
-    assert ledger.transfer(cash, alice, 7, USD, id="pay-1:{m5}") == first
+    again = ledger.transfer(cash, alice, 7, USD, id="pay-1:{m5}")
+    assert again == first and again.replayed and not first.replayed
     with pytest.raises(Conflict) as reused:
         ledger.transfer(cash, alice, 8, USD, id="pay-1:{m5}")
     assert reused.value.code == "idempotency_key_reused"
