@@ -62,7 +62,8 @@ NOT_APPLIED = frozenset({"overloaded", "rate_limited"})
 # -- what the core asks a transport to do, and what it gets back ----------------------------------
 @dataclass(frozen=True, slots=True)
 class Send:
-    """One HTTP attempt. ``url`` is absolute; ``timeout_s`` bounds the whole exchange."""
+    """One HTTP attempt. ``url`` is absolute; ``timeout_s`` bounds the attempt (the asyncio
+    transport: the whole exchange; the synchronous one: each socket operation)."""
 
     method: str
     url: str

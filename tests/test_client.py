@@ -24,6 +24,7 @@ from raftledger.client import (
     RuleViolation,
 )
 from raftledger.client.core import Reply, Send, TransportFailure
+from raftledger.cluster.launcher import free_port
 from raftledger.cluster.testing import LocalCluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -72,6 +73,25 @@ class Recorder:
     def failures(self) -> list[TransportFailure]:
         with self.lock:
             return [o for _, o in self.sends if isinstance(o, TransportFailure)]
+
+
+def test_a_client_finds_the_cluster_from_its_data_dir(cluster: LocalCluster,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RAFTLEDGER_ENDPOINTS", raising=False)
+    with Client(data_dir=cluster.data_dir) as ledger:
+        assert set(ledger.session.endpoints) == set(cluster.urls.values())
+        assert ledger.cluster_map()["epoch"] >= 1
+
+
+def test_a_dead_endpoint_is_passed_over(cluster: LocalCluster) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    with Client([dead, *cluster.urls.values()]) as ledger:
+        recorder = Recorder(ledger)
+        assert ledger.request("GET", "/healthz")["status"] == "ok"
+        ledger.create_account(id="x:{m0}", currency=USD)
+        assert ledger.get_account("x:{m0}").id == "x:{m0}"
+        failed = [(s.url, o) for s, o in recorder.sends if isinstance(o, TransportFailure)]
+        assert failed and all(url.startswith(dead) and not o.sent for url, o in failed)
 
 
 # -- every method ------------------------------------------------------------------------------------
