@@ -57,6 +57,7 @@ USER_AGENT = "raftledger-client/0.1"
 # Codes of answers that say the request was not carried out (a write may be sent again without
 # risking a second outcome); any other retryable answer to a write leaves its outcome open.
 NOT_APPLIED = frozenset({"overloaded", "rate_limited"})
+refresh_nodes_max = 3  # nodes asked for the map in one refresh
 
 
 # -- what the core asks a transport to do, and what it gets back ----------------------------------
@@ -250,6 +251,10 @@ class Session:
             self._down[url] = self.clock() + self.down_s
             self.map_stale = True
 
+    def refreshing(self) -> None:
+        """A map refresh starts now (the next waits ``map_refresh_min_s``)."""
+        self._refreshed_at = self.clock()
+
     def needs_refresh(self) -> bool:
         if not self.map_stale:
             return False
@@ -408,15 +413,14 @@ def _final(op: Operation[Any], last: LedgerError | None, may_have_applied: bool,
 def refresh(session: Session, deadline: float) -> Program[None]:
     """Read the cluster map and the shards' leaders from the first node that answers (a few at
     most); failing that, routing goes on by what is known."""
-    session._refreshed_at = session.clock()
-    for url in session.candidates(Operation("GET", "", decode_json))[:3]:
+    session.refreshing()
+    unrouted: Operation[Any] = Operation("GET", "", decode_json)
+    headers = session.headers(unrouted, uuid.uuid4().hex)
+    for url in session.candidates(unrouted)[:refresh_nodes_max]:
         remaining = deadline - session.clock()
         if remaining <= 0:
             return
         timeout_s = min(session.policy.attempt_timeout_s, remaining)
-        headers = {"Accept": "application/json", "User-Agent": USER_AGENT}
-        if session.token:
-            headers["Authorization"] = f"Bearer {session.token}"
         answer = yield Send("GET", url + "/v1/cluster/map", headers, None, timeout_s)
         if not isinstance(answer, Reply) or answer.status != 200:
             if isinstance(answer, TransportFailure):
