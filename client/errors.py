@@ -340,7 +340,8 @@ def from_wire(status: int | None, body: Any, retry_after: str | float | None = N
                                           else "internal_error"),
                  "message": f"HTTP {status} without an error body"}
     code = error["code"]
-    details = error.get("details") if isinstance(error.get("details"), dict) else {}
+    raw_details = error.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     retry = _seconds(retry_after if retry_after is not None else details.get("retry_after_s"))
     cls = class_of(code, status)
     exc = cls.__new__(cls, code)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-import urllib.parse
 from typing import Any
 
+from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import launcher
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -22,7 +21,7 @@ DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
 DEMO_TRANSFER = "demo-transfer-1:{demo}"
 DEMO_AMOUNT = 1500
 DEMO_CURRENCY = "USD"
-demo_attempts_max = 20
+demo_deadline_s = 30.0
 watch_period_s = 0.5
 
 
@@ -132,38 +131,23 @@ def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
 
 # -- demo: two accounts and a transfer, then the balances -------------------------------------------
 def demo(plan: launcher.Plan) -> None:
-    """Through the public HTTP API of the first node."""
-    url = plan.cluster.nodes[0].http
-    for account_id in DEMO_ACCOUNTS:
-        account: dict[str, Any] = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
-        _api_post(url, "/v1/accounts", account, f"account {account_id}")
-    body: dict[str, Any] = {"id": DEMO_TRANSFER, "debit_account_id": DEMO_ACCOUNTS[0],
-            "credit_account_id": DEMO_ACCOUNTS[1], "amount": DEMO_AMOUNT, "currency": DEMO_CURRENCY}
-    _api_post(url, "/v1/transactions", body, f"transfer {DEMO_TRANSFER}")
-    for account_id in DEMO_ACCOUNTS:
-        quoted = urllib.parse.quote(account_id, safe="")
-        status, _, acct = launcher.http_request(
-            "GET", f"{url}/v1/accounts/{quoted}/balance?consistency=linearizable")
-        if status != 200:
-            raise launcher.LaunchError(f"GET balance of {account_id}: {status} {acct}")
-        print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
-              f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
-
-
-def _api_post(url: str, path: str, body: dict[str, Any], what: str) -> None:
-    for _ in range(demo_attempts_max):
+    """Through the public HTTP API, with the client library (it retries with the same ids while
+    the cluster settles, so a demo run again on a resumed cluster replays instead of repeating)."""
+    policy = RetryPolicy(deadline_s=demo_deadline_s)
+    with Client([n.http for n in plan.cluster.nodes], policy=policy) as ledger:
         try:
-            status, headers, reply = launcher.http_request("POST", url + path,
-                                                           json.dumps(body).encode())
-        except OSError:
-            continue
-        if status in (200, 201):
-            replayed = headers.get("Idempotent-Replayed") == "true"
-            print(f"  POST {path} {what}: ok{' (replayed)' if replayed else ''}")
-            return
-        if status < 500:
-            raise launcher.LaunchError(f"POST {path} {what}: {status} {reply}")
-    raise launcher.LaunchError(f"POST {path} {what}: cluster unavailable")
+            for account_id in DEMO_ACCOUNTS:
+                account = ledger.create_account(id=account_id, currency=DEMO_CURRENCY, normal="credit")
+                print(f"  account {account_id}: ok{' (replayed)' if account.replayed else ''}")
+            tx = ledger.transfer(DEMO_ACCOUNTS[0], DEMO_ACCOUNTS[1], DEMO_AMOUNT, DEMO_CURRENCY,
+                                 id=DEMO_TRANSFER)
+            print(f"  transfer {DEMO_TRANSFER}: ok{' (replayed)' if tx.replayed else ''}")
+            for account_id in DEMO_ACCOUNTS:
+                balance = ledger.balance(account_id, consistency="linearizable")
+                print(f"  {account_id}: balance {balance.balance} {DEMO_CURRENCY} "
+                      f"(debits {balance.debits_posted}, credits {balance.credits_posted})")
+        except LedgerError as exc:
+            raise launcher.LaunchError(f"demo: {exc.code}: {exc.message}") from None
 
 
 if __name__ == "__main__":

@@ -181,7 +181,9 @@ SCHEMAS: dict[str, Any] = {
                                          "error": {"type": "object"}}}}}},
 }
 
-HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...]. Every read answers "
+HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...], and as routing hints "
+               "X-Ledger-Map-Epoch (the map the node routed by) and X-Ledger-Leader: "
+               "<shard>=<node>[,...] (the leaders it knows). Every read answers "
                "X-Ledger-Node, X-Ledger-Applied-Index and X-Ledger-Staleness-Ms (-1: no leader "
                "heard from). Errors: {error: {code, message, details}}; 503s carry Retry-After.")
 
