@@ -336,7 +336,8 @@ def test_a_leader_killed_under_retrying_writes_applies_each_exactly_once(own_clu
             wait_until(lambda: len(recorder.sends) >= 60, wait_s, "writes under way")
             own_cluster.kill(leader)  # SIGKILL while writes are in flight to it
         acked = run_writers(ledger, cash, alice, 40, kill_mid_stream)
-        assert recorder.failures(), "no write met the dead leader: the test proved nothing"
+        # A write was on its way to the leader when it died: its outcome was open, and retried.
+        assert any(f.sent for f in recorder.failures()), "no write met the dying leader"
         assert own_cluster.leader(shard) != leader
         assert_applied_once(ledger, alice, acked)
         assert len(acked) == writers * 40
