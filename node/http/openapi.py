@@ -137,7 +137,7 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/admin/verify": {"get": _op(
         "This node's replicas, each audited: hash chains, balances from entries, per-currency totals, "
         "open cross-shard legs older than grace_s, fingerprint", "admin", 200, _ref("VerifyReport"),
-        (400,), [_param("grace_s", schema={"type": "integer", "minimum": 0, "default": 30})])},
+        (400,), [_param("grace_s", schema={"type": "integer", "minimum": 0, "default": 60})])},
     "/v1/admin/shards/{shard}/fingerprint": {"get": _op(
         "This replica's fingerprint right after the last entry at or below index (waits, bounded, "
         "until applied; 409 fingerprint_not_kept when too far back)", "admin", 200,
