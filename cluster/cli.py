@@ -11,7 +11,8 @@ import threading
 from typing import Any
 
 from raftledger.client import Client, LedgerError, RetryPolicy
-from raftledger.cluster import launcher
+from raftledger.cluster import backup, launcher, verify
+from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
 from raftledger.node.secret import generate as generate_secret
@@ -39,8 +40,13 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
+    verify.add_parser(sub)
+    backup.add_parsers(sub)
     args = parser.parse_args(argv)
+    admin = {"verify": verify.run, "backup": backup.run_backup, "restore": backup.run_restore}
     try:
+        if args.command in admin:
+            sys.exit(run_command(args, admin[args.command]))
         if args.command == "node":
             run_node(args.config)
         elif args.command == "secret":
@@ -98,6 +104,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> launcher.Plan:
+    if backup.pending_restore(args.data_dir):
+        print(f"starting the cluster restored in {args.data_dir} (nodes and shards from the backup)")
+        return backup.plan_from_restore(args.data_dir, port_base=args.port_base,
+                                        durability=args.durability)
     plan = launcher.load_plan(args.data_dir)
     if plan is not None:
         print(f"resuming the cluster in {plan.data_dir} ({len(plan.cluster.nodes)} nodes, "
