@@ -90,6 +90,7 @@ STATUS: dict[str, int] = {
     "node_hosts_meta": 409,
     "address_in_use": 409,
     "map_change_refused": 409,
+    "fingerprint_not_kept": 409,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "wrong_shard": 421,
@@ -162,6 +163,7 @@ MESSAGES: dict[str, str] = {
     "address_in_use": "another node uses this address",
     "map_change_refused": "the cluster map refused the change",
     "history_not_enabled": "point-in-time balances need the account flag 'history'",
+    "fingerprint_not_kept": "this replica no longer remembers its fingerprint at that index",
     "rate_limited": "too many requests",
     "internal_error": "the node failed to serve the request; it was logged",
     "unavailable": "the shard is unavailable; retry",
@@ -367,7 +369,8 @@ def from_wire(status: int | None, body: Any, retry_after: str | float | None = N
                                           else "internal_error"),
                  "message": f"HTTP {status} without an error body"}
     code = error["code"]
-    details = error.get("details") if isinstance(error.get("details"), dict) else {}
+    raw_details = error.get("details")
+    details: dict[str, Any] = raw_details if isinstance(raw_details, dict) else {}
     retry = _seconds(retry_after if retry_after is not None else details.get("retry_after_s"))
     cls = class_of(code, status)
     exc = cls.__new__(cls, code)

@@ -4,16 +4,17 @@ administers a running one (``raftledger.cluster.admin``)."""
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-import urllib.parse
 from typing import Any
 
-from raftledger.cluster import admin, launcher
+from raftledger.client import Client, LedgerError, RetryPolicy
+from raftledger.cluster import admin as cluster_admin
+from raftledger.cluster import backup, launcher, verify
+from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
 from raftledger.node.secret import generate as generate_secret
@@ -23,7 +24,7 @@ DEMO_ACCOUNTS = ("alice:{demo}", "bob:{demo}")
 DEMO_TRANSFER = "demo-transfer-1:{demo}"
 DEMO_AMOUNT = 1500
 DEMO_CURRENCY = "USD"
-demo_attempts_max = 20
+demo_deadline_s = 30.0
 watch_period_s = 0.5
 
 
@@ -43,13 +44,18 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
-    admin.add_parser(sub)
+    verify.add_parser(sub)
+    backup.add_parsers(sub)
+    cluster_admin.add_parser(sub)
     args = parser.parse_args(argv)
+    admin = {"verify": verify.run, "backup": backup.run_backup, "restore": backup.run_restore}
     try:
+        if args.command in admin:
+            sys.exit(run_command(args, admin[args.command]))
         if args.command == "node":
             run_node(args.config, args.join)
         elif args.command == "cluster":
-            sys.exit(admin.run(args))
+            sys.exit(cluster_admin.run(args))
         elif args.command == "secret":
             write_secret(args.path)
         else:
@@ -109,6 +115,10 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> launcher.Plan:
+    if backup.pending_restore(args.data_dir):
+        print(f"starting the cluster restored in {args.data_dir} (nodes and shards from the backup)")
+        return backup.plan_from_restore(args.data_dir, port_base=args.port_base,
+                                        durability=args.durability)
     plan = launcher.load_plan(args.data_dir)
     if plan is not None:
         print(f"resuming the cluster in {plan.data_dir} ({len(plan.cluster.nodes)} nodes, "
@@ -142,38 +152,23 @@ def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
 
 # -- demo: two accounts and a transfer, then the balances -------------------------------------------
 def demo(plan: launcher.Plan) -> None:
-    """Through the public HTTP API of the first node."""
-    url = plan.cluster.nodes[0].http
-    for account_id in DEMO_ACCOUNTS:
-        account: dict[str, Any] = {"id": account_id, "currency": DEMO_CURRENCY, "normal": "credit"}
-        _api_post(url, "/v1/accounts", account, f"account {account_id}")
-    body: dict[str, Any] = {"id": DEMO_TRANSFER, "debit_account_id": DEMO_ACCOUNTS[0],
-            "credit_account_id": DEMO_ACCOUNTS[1], "amount": DEMO_AMOUNT, "currency": DEMO_CURRENCY}
-    _api_post(url, "/v1/transactions", body, f"transfer {DEMO_TRANSFER}")
-    for account_id in DEMO_ACCOUNTS:
-        quoted = urllib.parse.quote(account_id, safe="")
-        status, _, acct = launcher.http_request(
-            "GET", f"{url}/v1/accounts/{quoted}/balance?consistency=linearizable")
-        if status != 200:
-            raise launcher.LaunchError(f"GET balance of {account_id}: {status} {acct}")
-        print(f"  {account_id}: balance {acct['balance']} {DEMO_CURRENCY} "
-              f"(debits {acct['debits_posted']}, credits {acct['credits_posted']})")
-
-
-def _api_post(url: str, path: str, body: dict[str, Any], what: str) -> None:
-    for _ in range(demo_attempts_max):
+    """Through the public HTTP API, with the client library (it retries with the same ids while
+    the cluster settles, so a demo run again on a resumed cluster replays instead of repeating)."""
+    policy = RetryPolicy(deadline_s=demo_deadline_s)
+    with Client([n.http for n in plan.cluster.nodes], policy=policy) as ledger:
         try:
-            status, headers, reply = launcher.http_request("POST", url + path,
-                                                           json.dumps(body).encode())
-        except OSError:
-            continue
-        if status in (200, 201):
-            replayed = headers.get("Idempotent-Replayed") == "true"
-            print(f"  POST {path} {what}: ok{' (replayed)' if replayed else ''}")
-            return
-        if status < 500:
-            raise launcher.LaunchError(f"POST {path} {what}: {status} {reply}")
-    raise launcher.LaunchError(f"POST {path} {what}: cluster unavailable")
+            for account_id in DEMO_ACCOUNTS:
+                account = ledger.create_account(id=account_id, currency=DEMO_CURRENCY, normal="credit")
+                print(f"  account {account_id}: ok{' (replayed)' if account.replayed else ''}")
+            tx = ledger.transfer(DEMO_ACCOUNTS[0], DEMO_ACCOUNTS[1], DEMO_AMOUNT, DEMO_CURRENCY,
+                                 id=DEMO_TRANSFER)
+            print(f"  transfer {DEMO_TRANSFER}: ok{' (replayed)' if tx.replayed else ''}")
+            for account_id in DEMO_ACCOUNTS:
+                balance = ledger.balance(account_id, consistency="linearizable")
+                print(f"  {account_id}: balance {balance.balance} {DEMO_CURRENCY} "
+                      f"(debits {balance.debits_posted}, credits {balance.credits_posted})")
+        except LedgerError as exc:
+            raise launcher.LaunchError(f"demo: {exc.code}: {exc.message}") from None
 
 
 if __name__ == "__main__":

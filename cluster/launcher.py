@@ -30,11 +30,14 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from multidict import CIMultiDict
+from raftledger.client.core import Send, TransportFailure
 from raftledger.client.discovery import CLUSTER_FILE
+from raftledger.client.transport import SyncTransport
 from raftledger.node import secret, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
@@ -361,18 +364,21 @@ def _zombie(pid: int) -> bool:
         return False
 
 
-# -- HTTP helpers (stdlib only, so the launcher needs no event loop) -------------------------------
+# -- raw HTTP (the client library's transport, so the launcher needs no event loop) --------------------
+_raw = SyncTransport()  # kept-alive connections, shared by the helpers below
+
+
 def http_request(method: str, url: str, body: bytes | None = None,
                  content_type: str = "application/json",
-                 timeout_s: float = http_timeout_s) -> tuple[int, dict[str, str], Any]:
-    """(status, headers, decoded JSON body or text) for one request; HTTP errors are answers too."""
-    request = urllib.request.Request(url, data=body, method=method,
-                                     headers={"Content-Type": content_type} if body else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            return response.status, dict(response.headers), _decode(response.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), _decode(exc.read())
+                 timeout_s: float = http_timeout_s) -> tuple[int, Mapping[str, str], Any]:
+    """(status, headers (case-insensitive), decoded JSON body or text) of one request sent as it is
+    (tests send malformed bodies through it; API calls go through ``raftledger.client``); HTTP
+    errors are answers too. Raises OSError when no answer came."""
+    headers = {"Content-Type": content_type} if body else {}
+    answer = _raw.send(Send(method, url, headers, body, timeout_s))
+    if isinstance(answer, TransportFailure):
+        raise OSError(f"{method} {url}: {answer.reason}")
+    return answer.status, CIMultiDict(answer.headers), _decode(answer.body)
 
 
 def _decode(raw: bytes) -> Any:

@@ -6,6 +6,8 @@
         cluster.kill(leader)                 # SIGKILL (pause/resume: SIGSTOP/SIGCONT)
         cluster.start_node(leader)           # same data, same ports
         cluster.wait_converged(0)
+        with cluster.client() as ledger:     # the public API, through the client library
+            ledger.create_account(id="b", currency="USD")
 
 Everything waits by polling with a deadline (``wait_until``, for tests of real clusters too); only
 processes this object started are signalled, by pid.
@@ -26,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from raftledger.client import Client
 from raftledger.node import frames
 from raftledger.node.raft import MemberSettings
 from raftledger.node.settings import MetaSettings, NodeSettings
@@ -212,7 +215,12 @@ class LocalCluster:
         return dict(body)
 
     def get(self, node_id: str, path: str) -> tuple[int, Any]:
+        """One GET to that node alone (what it answers, unlike a client that picks a node)."""
         return launcher.http_json("GET", self.urls[node_id] + path)
+
+    def client(self, **options: Any) -> Client:
+        """A ``raftledger.client.Client`` of this cluster (every node as an endpoint)."""
+        return Client(list(self.urls.values()), **options)
 
 
 class MetaGroup:

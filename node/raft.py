@@ -761,3 +761,24 @@ class SecureTransport(TCPTransport):
             callback(node, message)
 
         super().setOnMessageReceivedCallback(received)
+
+
+# -- restoring a group from a backup ---------------------------------------------------------------
+
+restored_log_index_min = 2  # PySyncObj's dump names two entries: the last applied and the one before
+
+
+def restored_dump_meta(applied_index: int, member_addresses: list[str]) -> tuple[Any, ...]:
+    """PySyncObj's part of a dump file for a group started from a backup (``cluster/backup.py``).
+
+    A dump's meta is ``(last applied entry, the entry before, the members)``, each entry
+    ``(command, index, term)`` (``SyncObj.__tryLogCompaction``). Loading it makes the log start right
+    after ``applied_index``, so the first entry the new group commits is above what the restored
+    store holds (the store skips entries at or below its applied index). The entries are PySyncObj
+    no-ops of term 0, the term a fresh journal starts at: every member of the new group loads the
+    same two, and the first election (term 1) proceeds as in a new cluster.
+    """
+    index = max(applied_index, restored_log_index_min)
+    no_op = _syncobj._bchr(_syncobj._COMMAND_TYPE.NO_OP)
+    members = {_syncobj.TCPNode(address) for address in member_addresses}
+    return (no_op, index, 0), (no_op, index - 1, 0), members

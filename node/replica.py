@@ -37,6 +37,7 @@ from raftledger.statemachine.store import LedgerStore
 
 from .applier import Applier
 from .clock import SYSTEM_CLOCK, Clock
+from .fingerprints import FingerprintHistory
 from .raft import MemberHooks, MemberSettings, RaftMember
 from .service import Committed
 from .settings import BatchingSettings
@@ -116,6 +117,7 @@ class ReplicaService:
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
         self.slot = StoreSlot(settings.directory, self.shard, sync=settings.sync, retire=self._retire,
                               reserve_ahead_min_bytes=settings.snapshots.disk_reserve_min_bytes)
+        self.fingerprints = FingerprintHistory(self.slot.current.fingerprint())
         self.applier = Applier(self.slot, self._applied_threadsafe)
         self.snapshotter = Snapshotter(self.slot, settings.dump_file, self.applier, sync=settings.sync,
                                        settings=settings.snapshots)
@@ -127,7 +129,7 @@ class ReplicaService:
             on_leader_change=self._leader_changed_threadsafe,
             on_fsync=None if metrics is None else partial(metrics.observe_fsync, self.shard)),
             overloaded_retry_after_s=self.batching.overloaded_retry_after_s)
-        self.snapshotter.on_installed = self.raft.postpone_election
+        self.snapshotter.on_installed = self._snapshot_installed
         self._tasks = [self.loop.create_task(self._batcher(), name=f"batcher-{self.shard}"),
                        self.loop.create_task(self._expire_holds(), name=f"expiry-{self.shard}")]
 
@@ -369,7 +371,12 @@ class ReplicaService:
                     await self.submit(ExpireHolds())
 
     # -- applied-index waiters ------------------------------------------------------------------------
+    def _snapshot_installed(self) -> None:  # tick thread, the applier idle
+        self.fingerprints.reset(self.store.fingerprint())
+        self.raft.postpone_election()
+
     def _applied_threadsafe(self, index: int) -> None:  # apply thread
+        self.fingerprints.record(self.store.fingerprint())
         if self._want_applied:
             self.loop.call_soon_threadsafe(self._release_waiters, index)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -158,15 +158,18 @@ class LedgerStore:
         self._rows.update(applier.written)
         return outcomes
 
-    def copy_to_fd(self, fd: int) -> int:
+    def copy_to_fd(self, fd: int, before_copy: Callable[[tuple[int, str]], None] | None = None) -> int:
         """A consistent, compacted copy of the whole store; returns the applied index inside it.
 
-        Safe from any thread: the copy and the index come from one read transaction.
+        Safe from any thread: the copy and the index come from one read transaction. ``before_copy``
+        receives the copy's fingerprint before the first byte is written (a backup streams it).
         """
         with self.env.begin() as txn:
-            index = ShardState.unpack(txn.get(STATE_KEY, db=self.dbs.meta)).applied_index
+            state = ShardState.unpack(txn.get(STATE_KEY, db=self.dbs.meta))
+            if before_copy is not None:
+                before_copy((state.applied_index, state.chain.hex()))
             self.env.copyfd(fd, compact=True, txn=txn)
-        return index
+        return state.applied_index
 
     def close(self) -> None:
         self.env.close()

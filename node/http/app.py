@@ -10,7 +10,7 @@ from functools import partial
 import uvloop
 from aiohttp import web
 
-from . import cross_shard, internal, membership, ops, reads, writes
+from . import admin, cross_shard, internal, membership, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -43,6 +43,11 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),
     ("GET", "/openapi.json", ops.openapi_json),
+    ("GET", "/v1/admin/verify", admin.verify),
+    ("GET", "/v1/admin/shards/{shard}/fingerprint", admin.fingerprint),
+    ("GET", "/v1/admin/shards/{shard}/totals", admin.totals),
+    ("GET", "/v1/admin/shards/{shard}/backup", admin.backup_shard),
+    ("GET", "/v1/admin/cluster/map", admin.cluster_map),
 )
 
 

@@ -21,6 +21,8 @@ log = logging.getLogger("raftledger.http")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
+# Routes whose work grows with the ledger (a whole shard streamed or audited): no request timeout.
+UNTIMED_ROUTES = frozenset({"/v1/admin/verify", "/v1/admin/shards/{shard}/backup"})
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 SHARD_RE = re.compile(r"[0-9]{1,9}")
@@ -71,7 +73,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     ctx = context_of(request)
     try:
         _check_shard(request, ctx.shard_count)
-        async with asyncio.timeout(ctx.settings.http.request_timeout_s):
+        untimed = route_name(request) in UNTIMED_ROUTES
+        async with asyncio.timeout(None if untimed else ctx.settings.http.request_timeout_s):
             return await handler(request)
     except LedgerError as exc:
         return error_response(request, exc)

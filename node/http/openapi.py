@@ -28,6 +28,7 @@ def _param(name: str, where: str = "query", schema: dict[str, Any] | None = None
 
 
 PATH_ID = _param("id", "path", {"type": "string", "pattern": ID_PATTERN})
+SHARD = _param("shard", "path", {"type": "integer", "minimum": 0})
 IDEMPOTENCY = _param("Idempotency-Key", "header", {"type": "string", "pattern": ID_PATTERN},
                      "the id of the new transaction; equal to the body id when both are sent")
 CONSISTENCY = [
@@ -153,6 +154,30 @@ PATHS: dict[str, dict[str, Any]] = {
                          "responses": {"200": {"description": "text exposition format",
                                                "content": {"text/plain": {}}}}}},
     "/openapi.json": {"get": _op("This document", "operations", errors=())},
+    "/v1/admin/verify": {"get": _op(
+        "This node's replicas, each audited: hash chains, balances from entries, per-currency totals, "
+        "open cross-shard legs older than grace_s, fingerprint", "admin", 200, _ref("VerifyReport"),
+        (400,), [_param("grace_s", schema={"type": "integer", "minimum": 0, "default": 60})])},
+    "/v1/admin/shards/{shard}/fingerprint": {"get": _op(
+        "This replica's fingerprint right after the last entry at or below index (waits, bounded, "
+        "until applied; 409 fingerprint_not_kept when too far back)", "admin", 200,
+        _ref("Fingerprint"), (400, 404, 409, 503),
+        [SHARD, _param("index", schema={"type": "integer", "minimum": 0}),
+         _param("wait_s", schema={"type": "integer", "minimum": 0, "maximum": 30, "default": 10})])},
+    "/v1/admin/shards/{shard}/totals": {"get": _op(
+        "Per-currency sums over every account of this node's replica", "admin", 200,
+        {"type": "object"}, (404,), [SHARD])},
+    "/v1/admin/shards/{shard}/backup": {"get": {
+        "summary": "A consistent copy of this replica's LMDB store, streamed; X-Ledger-Applied-Index "
+                   "and X-Ledger-Fingerprint name the point it was taken at", "tags": ["admin"],
+        "parameters": [SHARD], "responses": {
+            "200": {"description": "the store", "content": {"application/octet-stream": {}}},
+            "404": {"description": "no replica of the shard here", "content": _json(_ref("Error"))}}}},
+    "/v1/admin/cluster/map": {"get": {
+        "summary": "The whole cluster map (msgpack), its epoch in X-Ledger-Map-Epoch", "tags": ["admin"],
+        "parameters": [], "responses": {
+            "200": {"description": "the map", "content": {"application/octet-stream": {}}},
+            "503": {"description": "no map yet", "content": _json(_ref("Error"))}}}},
 }
 
 INT = {"type": "integer"}
@@ -219,6 +244,17 @@ SCHEMAS: dict[str, Any] = {
                 "role": {"enum": ["leader", "follower"]}, "term": INT, "commit_index": INT,
                 "applied_index": INT, "lag": INT,
                 "last_contact_ms": {"type": ["number", "null"]}}}}}}}}},
+    "VerifyReport": {"type": "object", "properties": {
+        "node": {"type": "string"}, "map_epoch": INT, "replicas": {"type": "array", "items": {
+            "type": "object", "properties": {
+                **{k: INT for k in ("shard", "applied_index", "accounts", "entries", "transactions",
+                                    "problems_count")},
+                "node": {"type": "string"}, "role": {"type": "string"}, "fingerprint": {"type": "string"},
+                "currencies": {"type": "object"}, "open_legs": {"type": "array"},
+                "problems": {"type": "array", "items": {"type": "string"}}}}}}},
+    "Fingerprint": {"type": "object", "properties": {
+        "shard": INT, "node": {"type": "string"}, "asked": INT, "index": INT,
+        "fingerprint": {"type": "string"}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),
@@ -226,7 +262,9 @@ SCHEMAS: dict[str, Any] = {
                                          "error": {"type": "object"}}}}}},
 }
 
-HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...]. Every read answers "
+HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...], and as routing hints "
+               "X-Ledger-Map-Epoch (the map the node routed by) and X-Ledger-Leader: "
+               "<shard>=<node>[,...] (the leaders it knows). Every read answers "
                "X-Ledger-Node, X-Ledger-Applied-Index and X-Ledger-Staleness-Ms (-1: no leader "
                "heard from). Errors: {error: {code, message, details}}; 503s carry Retry-After.")
 

@@ -1,7 +1,10 @@
 """Write handlers: parse, route to a shard, commit through its leader, render.
 
 Every write answers ``X-Ledger-Token: <shard>:<index>[,...]``, the Raft index that carried it on each
-shard it touched: pass it as ``min_token`` to read your writes on any replica.
+shard it touched: pass it as ``min_token`` to read your writes on any replica. It also answers the
+routing hints a client follows (the client library does): ``X-Ledger-Leader: <shard>=<node>[,...]``,
+the leader this node knows of each of those shards it hosts, and ``X-Ledger-Map-Epoch``, the epoch of
+the cluster map this node routed by.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from .reads import locate_transaction
 from .render import Rendered, replay_headers, respond
 
 TOKEN_HEADER = "X-Ledger-Token"
+LEADER_HEADER = "X-Ledger-Leader"
+EPOCH_HEADER = "X-Ledger-Map-Epoch"
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 
@@ -59,7 +64,8 @@ async def _single(request: web.Request, shard: int, command: Command, kind: str)
 
 
 def _answer(request: web.Request, result: Rendered, indexes: dict[int, int]) -> web.Response:
-    return respond(request, result.status, result.body(), _token(indexes) | replay_headers(result.replayed))
+    headers = _token(request, indexes) | replay_headers(result.replayed)
+    return respond(request, result.status, result.body(), headers)
 
 
 async def _cross_shard(request: web.Request, outcome: Awaitable[cross_shard.Outcome]) -> web.Response:
@@ -73,8 +79,22 @@ def _observe_outcome(ctx: NodeContext, done: cross_shard.Outcome) -> None:
     ctx.metrics.observe_results(done.coordinator, "transaction", codes, sum(r.replayed for r in done.results))
 
 
-def _token(indexes: dict[int, int]) -> dict[str, str]:
-    return {TOKEN_HEADER: parse.format_token(indexes)} if indexes else {}
+def _token(request: web.Request, indexes: dict[int, int]) -> dict[str, str]:
+    """The write's token and the routing hints (module docstring)."""
+    ctx = context_of(request)
+    headers = {EPOCH_HEADER: str(ctx.maps.epoch)}
+    if not indexes:
+        return headers
+    headers[TOKEN_HEADER] = parse.format_token(indexes)
+    leaders = []
+    for shard in sorted(indexes):
+        svc = ctx.shards.get(shard)
+        leader = None if svc is None else ctx.node_id if svc.is_leader() else svc.leader_node_id()
+        if leader is not None:
+            leaders.append(f"{shard}={leader}")
+    if leaders:
+        headers[LEADER_HEADER] = ",".join(leaders)
+    return headers
 
 
 async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic: bool, kind: str,
@@ -105,7 +125,7 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
     for i, (result, _) in zip(apart, outcomes, strict=True):
         results[i] = result
     items = [results[i].item(i, kind) for i in range(len(routed))]
-    return respond(request, 200, {"results": items}, _token(indexes))
+    return respond(request, 200, {"results": items}, _token(request, indexes))
 
 
 async def create_accounts(request: web.Request) -> web.Response:
@@ -139,7 +159,7 @@ async def create_batch(request: web.Request) -> web.Response:
         done = await cross_shard.create_atomic(ctx, commands)
         _observe_outcome(ctx, done)
         items = [result.item(i, "transaction") for i, result in enumerate(done.results)]
-        return respond(request, 200, {"results": items}, _token(done.indexes))
+        return respond(request, 200, {"results": items}, _token(request, done.indexes))
     apart = {i: _cross_shard_item(ctx, c) for i, (c, one) in enumerate(zip(commands, single, strict=True))
              if not one}
     return await _many(request, routed, atomic, "transaction", apart)

@@ -1,0 +1,116 @@
+"""``LedgerClient``: the asyncio client, an async context manager, with the methods of ``Client``
+over the same core (``client.core.run``) and an aiohttp transport."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, TypeVar
+
+from . import operations as ops
+from .core import Consistency, Operation, RetryPolicy, Session, run
+from .discovery import discover
+from .transport import AsyncTransport
+from .types import Account, Balance, BatchItem, Entry, Transaction
+
+T = TypeVar("T")
+
+
+class LedgerClient:
+    """An asyncio ledger client for one cluster: ``Client(["http://127.0.0.1:8080", ...])``, or with no URL
+    from ``RAFTLEDGER_ENDPOINTS`` or ``<data_dir or ./data>/cluster.json``; the token from the
+    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header).
+
+    Use it as ``async with LedgerClient(...) as ledger:`` (or ``await ledger.close()``), from one
+    event loop.
+    Reads default to session consistency (``consistency="session"``): they see this client's own
+    writes on any replica. Writes are retried within ``policy.deadline_s``; see ``client.core``."""
+
+    def __init__(self, endpoints: Sequence[str] | None = None, token: str | None = None, *,
+                 data_dir: str | None = None, policy: RetryPolicy | None = None,
+                 consistency: Consistency = "session") -> None:
+        found = discover(endpoints, token, data_dir)
+        self.session = Session(found.endpoints, found.token, policy=policy, consistency=consistency)
+        self.transport = AsyncTransport()
+
+    async def __aenter__(self) -> LedgerClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self.transport.close()
+
+    async def run(self, op: Operation[T]) -> T:
+        return await self.transport.drive(run(op, self.session))
+
+    async def request(self, method: str, path: str, *, json: Any = None,
+                params: Mapping[str, str | int] | None = None, idempotent: bool | None = None) -> Any:
+        """Any route of the API; the decoded JSON answer, or the error tree's exception."""
+        return await self.run(ops.request(method, path, json, params, idempotent))
+
+    # -- accounts -----------------------------------------------------------------------------------
+    async def create_account(self, **fields: Any) -> Account:
+        return await self.run(ops.create_account(fields))
+
+    async def create_accounts(self, accounts: Sequence[Mapping[str, Any]]) -> list[BatchItem[Account]]:
+        return await self.run(ops.create_accounts(accounts))
+
+    async def get_account(self, id: str, *, consistency: Consistency | None = None,  # noqa: A002
+                    max_staleness_ms: int | None = None) -> Account:
+        return await self.run(ops.get_account(id, consistency, max_staleness_ms))
+
+    async def balance(self, id: str, at_seq: int | None = None, at: int | None = None, *,  # noqa: A002
+                consistency: Consistency | None = None, max_staleness_ms: int | None = None) -> Balance:
+        return await self.run(ops.balance(id, at_seq, at, consistency, max_staleness_ms))
+
+    async def entries(self, id: str, *, order: str = "asc", after_seq: int | None = None,  # noqa: A002
+                before_seq: int | None = None, from_ns: int | None = None, to_ns: int | None = None,
+                page_size: int = ops.statement_page_size_default, consistency: Consistency | None = None,
+                max_staleness_ms: int | None = None) -> AsyncIterator[Entry]:
+        """Every entry of the account's statement, page after page, in ``order``."""
+        statement = ops.Statement(id, order=order, after_seq=after_seq, before_seq=before_seq,
+                                  from_ns=from_ns, to_ns=to_ns, page_size=page_size,
+                                  consistency=consistency, max_staleness_ms=max_staleness_ms)
+        page = statement.next_page()
+        while page is not None:
+            for entry in statement.take(await self.run(page)):
+                yield entry
+            page = statement.next_page()
+
+    # -- transactions -------------------------------------------------------------------------------
+    async def transfer(self, debit_account_id: str, credit_account_id: str, amount: int, currency: str,
+                 id: str | None = None, **fields: Any) -> Transaction:  # noqa: A002
+        return await self.run(ops.create_transaction(
+            {"id": id, "debit_account_id": debit_account_id, "credit_account_id": credit_account_id,
+             "amount": amount, "currency": currency, **fields}))
+
+    async def create_transaction(self, entries: Sequence[Mapping[str, Any]], id: str | None = None,  # noqa: A002
+                           **fields: Any) -> Transaction:
+        return await self.run(ops.create_transaction({"id": id, "entries": list(entries), **fields}))
+
+    async def create_transactions(self, transactions: Sequence[Mapping[str, Any]],
+                            atomic: bool = False) -> list[BatchItem[Transaction]]:
+        return await self.run(ops.create_transactions(transactions, atomic))
+
+    async def post(self, id: str, amount: int | None = None, *, post_id: str | None = None) -> Transaction:  # noqa: A002
+        return await self.run(ops.follow_up("post", id, post_id, amount))
+
+    async def void(self, id: str, *, void_id: str | None = None) -> Transaction:  # noqa: A002
+        return await self.run(ops.follow_up("void", id, void_id))
+
+    async def reverse(self, id: str, *, reverse_id: str | None = None) -> Transaction:  # noqa: A002
+        return await self.run(ops.follow_up("reverse", id, reverse_id))
+
+    async def get_transaction(self, id: str, *, consistency: Consistency | None = None,  # noqa: A002
+                        max_staleness_ms: int | None = None) -> Transaction:
+        return await self.run(ops.get_transaction(id, consistency, max_staleness_ms))
+
+    # -- cluster ------------------------------------------------------------------------------------
+    async def cluster_status(self) -> dict[str, Any]:
+        """``GET /v1/cluster``: every shard's replicas with role, term, indexes and lag."""
+        return dict(await self.run(ops.cluster_status()))
+
+    async def cluster_map(self) -> dict[str, Any]:
+        """``GET /v1/cluster/map``: the map the nodes route by (epoch, nodes, slot ranges)."""
+        return dict(await self.run(ops.cluster_map()))

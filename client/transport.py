@@ -1,0 +1,172 @@
+"""The two thin transports under the core (``client.core``): each performs one ``Send`` and nothing
+else. ``SyncTransport`` uses the standard library's ``http.client`` with kept-alive connections per
+node; ``AsyncTransport`` an aiohttp session. Neither retries, routes or decodes: the core does."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import socket
+import threading
+import time
+from typing import TypeVar
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from .core import Outcome, Program, Reply, Send, Sleep, TransportFailure
+
+T = TypeVar("T")
+
+idle_connections_max = 16  # kept-alive connections per node, per client
+# A node closes a connection idle for its header timeout (10 s by default); one idle longer than
+# this is not reused, so a request rarely meets a connection the node has just closed.
+idle_s_max = 5.0
+
+
+class _Stale:
+    """A kept-alive connection turned out closed (or the node closed it while we sent)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class SyncTransport:
+    """Blocking HTTP/1.1 with a small pool of kept-alive connections per node; thread-safe."""
+
+    def __init__(self) -> None:
+        self._idle: dict[str, list[tuple[http.client.HTTPConnection, float]]] = {}
+        self._lock = threading.Lock()
+
+    def drive(self, program: Program[T]) -> T:
+        """Run a core program to its end: send what it asks, sleep when it asks."""
+        outcome: Outcome = None
+        while True:
+            try:
+                action = program.send(outcome)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if isinstance(action, Sleep):
+                time.sleep(action.seconds)
+                outcome = None
+            else:
+                outcome = self.send(action)
+
+    def send(self, request: Send) -> Reply | TransportFailure:
+        parts = urlsplit(request.url)
+        origin = f"{parts.scheme}://{parts.netloc}"
+        path = parts.path + (f"?{parts.query}" if parts.query else "")
+        conn = self._idle_connection(origin)
+        if conn is not None:
+            answer = self._exchange(origin, conn, request, path)
+            if not isinstance(answer, _Stale):
+                return answer
+        # A new connection; after a kept-alive one failed, the request may have reached the node.
+        fresh = self._exchange(origin, self._new_connection(parts.scheme, parts.netloc), request, path)
+        if isinstance(fresh, _Stale):
+            return TransportFailure(fresh.reason, sent=True)
+        if isinstance(fresh, TransportFailure) and conn is not None:
+            return TransportFailure(fresh.reason, sent=True)
+        return fresh
+
+    def _exchange(self, origin: str, conn: http.client.HTTPConnection, request: Send,
+                  path: str) -> Reply | TransportFailure | _Stale:
+        conn.timeout = request.timeout_s
+        if conn.sock is not None:
+            conn.sock.settimeout(request.timeout_s)
+        try:
+            conn.request(request.method, path or "/", body=request.body, headers=dict(request.headers))
+            response = conn.getresponse()
+            body = response.read()
+        except (ConnectionRefusedError, socket.gaierror) as exc:
+            conn.close()
+            return TransportFailure(f"{type(exc).__name__}: {exc}", sent=False)
+        except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError) as exc:
+            conn.close()
+            return _Stale(f"{type(exc).__name__}: {exc}")
+        except (OSError, http.client.HTTPException) as exc:
+            conn.close()
+            return TransportFailure(f"{type(exc).__name__}: {exc}", sent=True)
+        headers = {k.lower(): v for k, v in response.getheaders()}
+        if response.will_close:
+            conn.close()
+        else:
+            self._release(origin, conn)
+        return Reply(response.status, headers, body)
+
+    def _idle_connection(self, origin: str) -> http.client.HTTPConnection | None:
+        """A kept-alive connection used recently enough that the node has not closed it."""
+        now = time.monotonic()
+        with self._lock:
+            idle = self._idle.get(origin, [])
+            while idle:
+                conn, since = idle.pop()
+                if now - since < idle_s_max:
+                    return conn
+                conn.close()
+        return None
+
+    @staticmethod
+    def _new_connection(scheme: str, netloc: str) -> http.client.HTTPConnection:
+        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        return cls(netloc)
+
+    def _release(self, origin: str, conn: http.client.HTTPConnection) -> None:
+        with self._lock:
+            idle = self._idle.setdefault(origin, [])
+            if len(idle) < idle_connections_max:
+                idle.append((conn, time.monotonic()))
+                return
+        conn.close()
+
+    def close(self) -> None:
+        with self._lock:
+            pools, self._idle = list(self._idle.values()), {}
+        for idle in pools:
+            for conn, _ in idle:
+                conn.close()
+
+
+class AsyncTransport:
+    """aiohttp, one session (its connection pool) per client."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+
+    async def drive(self, program: Program[T]) -> T:
+        outcome: Outcome = None
+        while True:
+            try:
+                action = program.send(outcome)
+            except StopIteration as stop:
+                return stop.value  # type: ignore[no-any-return]
+            if isinstance(action, Sleep):
+                await asyncio.sleep(action.seconds)
+                outcome = None
+            else:
+                outcome = await self.send(action)
+
+    async def send(self, request: Send) -> Reply | TransportFailure:
+        session = self._open()
+        timeout = aiohttp.ClientTimeout(total=request.timeout_s)
+        try:
+            async with session.request(request.method, request.url, data=request.body,
+                                       headers=dict(request.headers), timeout=timeout) as response:
+                body = await response.read()
+                headers = {k.lower(): v for k, v in response.headers.items()}
+                return Reply(response.status, headers, body)
+        except aiohttp.ClientConnectorError as exc:  # the connection could not be made
+            return TransportFailure(f"{type(exc).__name__}: {exc}", sent=False)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            return TransportFailure(f"{type(exc).__name__}: {exc}", sent=True)
+
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(keepalive_timeout=idle_s_max)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
