@@ -13,21 +13,18 @@
 
 Each change is a request the nodes make safe to repeat (docs/operations.md): a command that failed
 half-way is finished by running it again. Commands retry while the cluster answers "not now" (503),
-within ``--timeout``. Every HTTP call goes through ``request``.
+within ``--timeout``. Every HTTP call goes through ``request`` (the client library).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
-from dataclasses import dataclass
 from typing import Any
 
+from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.client.discovery import CLUSTER_FILE, Target
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
@@ -36,103 +33,72 @@ from rich.table import Table
 from . import launcher
 from .cli_common import EXIT_OK, CommandFailed, add_target_options, emit, run_command, target
 
-http_timeout_s = 30.0  # one request; an add answers 202 with its progress before this
+http_timeout_s = 20.0  # one attempt: a node answers every request within [http] request_timeout_s
+read_timeout_s = 30.0
 health_timeout_s = 1.0
 command_timeout_s = 300.0
 retry_s = 0.5
 progress_poll_s = 0.5
+progress_timeout_s = 5.0
 join_wait_s = 90.0
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    status: int
-    body: Any
+class Refused(CommandFailed):
+    """The cluster refused (a 4xx), or did not finish within the command's time; ``code`` is the
+    error's stable code."""
 
-    @property
-    def error(self) -> dict[str, Any]:
-        error = self.body.get("error") if isinstance(self.body, dict) else None
-        return error if isinstance(error, dict) else {"code": f"http_{self.status}", "message": ""}
+    def __init__(self, error: LedgerError) -> None:
+        super().__init__(f"{error.code}: {error.message}")
+        self.code = error.code
 
-    def failure(self) -> CommandFailed:
-        return CommandFailed(f"{self.error.get('code')}: {self.error.get('message')}")
+
+_clients: dict[tuple[Target, float], Client] = {}
 
 
 def request(where: Target, method: str, path: str, json_body: Any = None,
-            params: dict[str, str] | None = None, timeout_s: float = http_timeout_s) -> Answer:
-    """One request to the first endpoint that answers (the others are tried when one cannot be
-    reached); its status and decoded body."""
-    query = f"?{urllib.parse.urlencode(params)}" if params else ""
-    data = None if json_body is None else json.dumps(json_body).encode()
-    headers = {"Content-Type": "application/json"} if data is not None else {}
-    if where.token:
-        headers["Authorization"] = f"Bearer {where.token}"
-    unreachable = []
-    for endpoint in _by_liveness(where):
-        req = urllib.request.Request(endpoint + path + query, data=data, method=method, headers=headers)
-        try:
-            with urllib.request.urlopen(req, timeout=timeout_s) as response:
-                return Answer(response.status, _decoded(response.read()))
-        except urllib.error.HTTPError as exc:
-            return Answer(exc.code, _decoded(exc.read()))
-        except (OSError, TimeoutError) as exc:
-            unreachable.append(f"{endpoint} ({exc})")
-    raise CommandFailed("no endpoint answered: " + "; ".join(unreachable))
-
-
-_live: dict[tuple[str, ...], list[str]] = {}
+            params: dict[str, str] | None = None, timeout_s: float = command_timeout_s) -> Any:
+    """One request through the client library, sent again while the cluster answers "not now" or
+    not at all, within ``timeout_s`` (every membership request is safe to repeat); the decoded
+    answer, or ``Refused``."""
+    client = _clients.get((where, timeout_s))
+    if client is None:
+        policy = RetryPolicy(deadline_s=timeout_s, attempt_timeout_s=http_timeout_s)
+        client = _clients[(where, timeout_s)] = Client(_by_liveness(where), where.token, policy=policy)
+    try:
+        return client.request(method, path, json=json_body, params=params, idempotent=True)
+    except LedgerError as exc:
+        raise Refused(exc) from None
 
 
 def _by_liveness(where: Target) -> list[str]:
-    """The endpoints, those that answer ``/healthz`` at once first (asked once per command): a hung
-    node accepts connections and answers nothing, and would hold every request for its timeout."""
-    if where.endpoints not in _live:
-        answering = [e for e in where.endpoints if _healthy(e)]
-        _live[where.endpoints] = answering + [e for e in where.endpoints if e not in answering]
-    return _live[where.endpoints]
-
-
-def _healthy(endpoint: str) -> bool:
-    try:
-        with urllib.request.urlopen(endpoint + "/healthz", timeout=health_timeout_s) as response:
-            return bool(response.status == 200)
-    except (OSError, TimeoutError):
-        return False
-
-
-def _decoded(raw: bytes) -> Any:
-    try:
-        return json.loads(raw or b"null")
-    except ValueError:
-        return raw.decode(errors="replace")
+    """The endpoints, those that answer ``/healthz`` at once first: a hung node accepts connections
+    and answers nothing, and would hold a request for a whole attempt."""
+    policy = RetryPolicy(deadline_s=health_timeout_s, attempt_timeout_s=health_timeout_s, attempts_max=1)
+    answering = []
+    for endpoint in where.endpoints:
+        with Client([endpoint], where.token, policy=policy) as probe, contextlib.suppress(LedgerError):
+            probe.request("GET", "/healthz")
+            answering.append(endpoint)
+    return answering + [e for e in where.endpoints if e not in answering]
 
 
 def until_done(where: Target, method: str, path: str, json_body: Any = None,
-               params: dict[str, str] | None = None, timeout_s: float = command_timeout_s,
-               accept: tuple[int, ...] = (200, 201)) -> Answer:
-    """The request, sent again while the cluster answers 503 (or cannot be reached), within
-    ``timeout_s``: every membership request is safe to repeat. A 4xx is the answer."""
+               params: dict[str, str] | None = None, timeout_s: float = command_timeout_s) -> Any:
+    """``request``, sent again while the answer says the change is still under way (202: a new
+    replica catching up), within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
     while True:
-        try:
-            answer = request(where, method, path, json_body, params)
-        except CommandFailed:
-            if time.monotonic() >= deadline:
-                raise
-        else:
-            if answer.status in accept:
-                return answer
-            if answer.status < 500 and answer.status not in (202,):
-                raise answer.failure()
-            if time.monotonic() >= deadline:
-                raise CommandFailed(f"not done within {timeout_s:.0f}s: {answer.error.get('code')}: "
-                                    f"{answer.error.get('message')}; run the same command again")
-        time.sleep(retry_s)  # the cluster said "not now": nothing here can be signalled
+        answer = request(where, method, path, json_body, params, timeout_s)
+        if not (isinstance(answer, dict) and answer.get("state") == "catching_up"):
+            return answer
+        if time.monotonic() >= deadline:
+            raise CommandFailed(f"not done within {timeout_s:.0f}s: the replica has applied "
+                                f"{answer['applied_index']} of {answer['target_index']}; run the "
+                                "same command again to go on waiting")
 
 
 def get(where: Target, path: str) -> Any:
-    answer = until_done(where, "GET", path, timeout_s=30.0)
-    return answer.body
+    return request(where, "GET", path, timeout_s=read_timeout_s)
 
 
 # -- status ------------------------------------------------------------------------------------------
@@ -177,10 +143,9 @@ def _print_status(console: Console, body: dict[str, Any]) -> None:
 def add_replica(args: argparse.Namespace) -> int:
     where = target(args)
     params = {"force": "true"} if args.force else None
-    answer = _with_progress(args, where, args.shard, args.node, lambda: until_done(
+    body = _with_progress(args, where, args.shard, args.node, lambda: until_done(
         where, "POST", f"/v1/shards/{args.shard}/replicas", {"node": args.node}, params,
         timeout_s=args.timeout))
-    body = answer.body
     emit(args, body, lambda console: console.print(
         f"shard {body['shard']}: replica on {body['node']} caught up (applied {body['applied_index']} "
         f"of {body['target_index']}) and votes; replicas now {', '.join(body['replicas'])}"))
@@ -188,7 +153,7 @@ def add_replica(args: argparse.Namespace) -> int:
 
 
 def _with_progress(args: argparse.Namespace, where: Target, shard: int, node: str,
-                   call: Any) -> Answer:
+                   call: Any) -> Any:
     """Run ``call`` (the add) while showing how far the new replica has applied (not with --json)."""
     if args.json:
         return call()  # type: ignore[no-any-return]
@@ -205,7 +170,7 @@ def _with_progress(args: argparse.Namespace, where: Target, shard: int, node: st
             worker.join(progress_poll_s)
     if "error" in result:
         raise result["error"]
-    return result["answer"]  # type: ignore[no-any-return]
+    return result["answer"]
 
 
 def _capture(result: dict[str, Any], call: Any) -> None:
@@ -218,10 +183,10 @@ def _capture(result: dict[str, Any], call: Any) -> None:
 def _replica_progress(where: Target, shard: int, node: str) -> tuple[int, int] | None:
     """(applied index of the replica on ``node``, the leader's commit index), if both are known."""
     try:
-        answer = request(where, "GET", "/v1/cluster", timeout_s=5.0)
+        answer = request(where, "GET", "/v1/cluster", timeout_s=progress_timeout_s)
     except CommandFailed:
         return None
-    shards = answer.body.get("shards", []) if isinstance(answer.body, dict) else []
+    shards = answer.get("shards", []) if isinstance(answer, dict) else []
     entry = next((s for s in shards if s.get("id") == shard), None)
     row = None if entry is None else next((r for r in entry["replicas"] if r["node"] == node), None)
     if entry is None or row is None or not row.get("reachable") or entry.get("commit_index") is None:
@@ -241,7 +206,7 @@ def remove_replica(args: argparse.Namespace) -> int:
 def _remove_replica(where: Target, shard: int, node: str, force: bool, timeout_s: float) -> Any:
     params = {"force": "true"} if force else None
     return until_done(where, "DELETE", f"/v1/shards/{shard}/replicas/{node}", params=params,
-                      timeout_s=timeout_s).body
+                      timeout_s=timeout_s)
 
 
 # -- nodes -------------------------------------------------------------------------------------------
@@ -303,13 +268,15 @@ def _empty_node(where: Target, node: str, force: bool, timeout_s: float) -> list
                  if n["state"] == "up" and n["id"] != node and n["id"] not in shard["replicas"]]
         moved_to = None
         for candidate in spare:
-            answer = until_done(where, "POST", f"/v1/shards/{shard['id']}/replicas", {"node": candidate},
-                                timeout_s=timeout_s, accept=(200, 409))
-            if answer.status == 200:
-                moved_to = candidate
-                break
-            if answer.error.get("code") not in ("node_cannot_host", "node_not_up"):
-                raise answer.failure()
+            try:
+                until_done(where, "POST", f"/v1/shards/{shard['id']}/replicas", {"node": candidate},
+                           timeout_s=timeout_s)
+            except Refused as refused:
+                if refused.code in ("node_cannot_host", "node_not_up"):
+                    continue  # try the next spare
+                raise
+            moved_to = candidate
+            break
         _remove_replica(where, shard["id"], node, force, timeout_s)
         steps.append({"shard": shard["id"], "moved_to": moved_to})
     return steps
@@ -371,4 +338,9 @@ def _change_options(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_command(args, args.handler)
+    try:
+        return run_command(args, args.handler)
+    finally:
+        for client in _clients.values():
+            client.close()
+        _clients.clear()

@@ -41,6 +41,15 @@ def cli(cluster: LocalCluster, *args: str, expect: int = 0) -> Any:
     return json.loads(out.stdout)
 
 
+def cli_text(cluster: LocalCluster, *args: str) -> str:
+    """``raftledger cluster ARGS`` as a person runs it: what it prints (it must succeed)."""
+    out = subprocess.run([sys.executable, "-m", "raftledger.cluster.cli", "cluster", *args,
+                          "--data-dir", cluster.data_dir], capture_output=True, text=True,
+                         timeout=cli_timeout_s, env={**os.environ, "COLUMNS": "200"})
+    assert out.returncode == 0, (out.stdout, out.stderr)
+    return out.stdout
+
+
 def api(cluster: LocalCluster, method: str, path: str, body: Any = None, node: str = "n0") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
     status, _, answer = launcher.http_request(method, cluster.urls[node] + path, data, timeout_s=30.0)
@@ -268,7 +277,8 @@ def test_a_remove_that_would_leave_no_healthy_majority_is_refused_unless_forced(
 
 def test_remove_node_moves_its_replicas_stops_it_and_the_cluster_refuses_it_afterwards(local):
     added = cli(local, "add-node")
-    assert cli(local, "add-replica", "1", added["id"])["state"] == "done"
+    shown = cli_text(local, "add-replica", "1", added["id"])
+    assert f"shard 1: replica on {added['id']} caught up" in shown and "and votes" in shown
     assert cli(local, "remove-replica", "1", "n2")["replicas"] == ["n0", "n1", added["id"]]
     gone = cli(local, "remove-node", added["id"])
     assert gone["state"] == "removed" and gone["stopped"]
@@ -286,6 +296,8 @@ def test_remove_node_moves_its_replicas_stops_it_and_the_cluster_refuses_it_afte
     status, refusal = _internal_as(local, added["id"], "n0", "/status")
     assert status == 403 and refusal["error"]["details"]["reason"] == "node_removed"
     assert cli(local, "add-node")["id"] == "n4"  # a removed node's id is never handed out again
+    table = cli_text(local, "status")
+    assert "removed" in table and "leader" in table and "2048-4095" in table
 
 
 def _internal_as(cluster: LocalCluster, sender: str, node: str, path: str) -> tuple[int, Any]:
