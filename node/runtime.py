@@ -79,8 +79,10 @@ class NodeRuntime:
         self.context.maps.close()
         for task in self.tasks:
             task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         if self.replicas is not None:
             self.replicas.close()
+            await asyncio.gather(*self.replicas.retiring, return_exceptions=True)
         for service in self.services.values():
             await service.drain()
         for service in self.services.values():
@@ -162,6 +164,7 @@ class Replicas:
         self.follower = follower
         self.metrics = metrics
         self.slot_keepers: dict[int, asyncio.Task[None]] = {}
+        self.retiring: set[asyncio.Future[None]] = set()
         self._lock = asyncio.Lock()
 
     def start(self, shard: int, cluster_map: ClusterMap | None) -> None:
@@ -174,17 +177,25 @@ class Replicas:
         log.info("shard %d: replica started (partners %s)", shard, list(settings.partner_addresses))
 
     async def stop(self, shard: int, epoch: int) -> None:
-        """Stop serving ``shard`` (no new request finds it), drain, close, set its data aside."""
+        """Stop serving ``shard`` (no new request finds it), drain, close, set its data aside; a
+        shutdown meanwhile waits for it (``retiring``) instead of leaving it half closed."""
         service = self.services.pop(shard)
         keeper = self.slot_keepers.pop(shard, None)
         if keeper is not None:
             keeper.cancel()
+        retire = asyncio.ensure_future(self._retire(service, epoch))
+        self.retiring.add(retire)
+        retire.add_done_callback(self.retiring.discard)
+        await asyncio.shield(retire)
+
+    async def _retire(self, service: ReplicaService, epoch: int) -> None:
         await service.drain()
         await service.close()
         directory = service.settings.directory
         if os.path.isdir(directory):
             os.replace(directory, f"{directory}.removed-{epoch}")
-        log.info("shard %d: replica stopped; the map (epoch %d) no longer places it here", shard, epoch)
+        log.info("shard %d: replica stopped; the map (epoch %d) no longer places it here",
+                 service.shard, epoch)
 
     async def reconcile(self, cluster_map: ClusterMap) -> None:
         """Save the map, then start and stop replicas to match it (one reconciliation at a time)."""
@@ -209,7 +220,7 @@ class Replicas:
                     await self.reconcile(current)
                 except (OSError, MapError, LedgerError):
                     log.exception("replicas: reconciling with map epoch %d failed", current.epoch)
-            await changed
+            await asyncio.wait({changed})  # shared by every waiter: never cancelled from here
 
     def close(self) -> None:
         for keeper in self.slot_keepers.values():
