@@ -165,6 +165,7 @@ class Replicas:
         self.metrics = metrics
         self.slot_keepers: dict[int, asyncio.Task[None]] = {}
         self.retiring: set[asyncio.Future[None]] = set()
+        self.acted_epoch = 0  # the epoch of the last map reconciled with: older ones are ignored
         self._lock = asyncio.Lock()
 
     def start(self, shard: int, cluster_map: ClusterMap | None) -> None:
@@ -200,6 +201,9 @@ class Replicas:
     async def reconcile(self, cluster_map: ClusterMap) -> None:
         """Save the map, then start and stop replicas to match it (one reconciliation at a time)."""
         async with self._lock:
+            if cluster_map.epoch < self.acted_epoch:
+                return
+            self.acted_epoch = cluster_map.epoch
             await asyncio.to_thread(write_file_durably, os.path.join(self.config.data_dir, MAP_FILE),
                                     cluster_map.pack())
             wanted = hosted_by_map(cluster_map, self.config.node_id)
@@ -257,9 +261,9 @@ async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
     runtime = NodeRuntime(config, services, context, meta, replicas=replicas)
     loop = asyncio.get_running_loop()
     if saved is not None:
-        # Route by it until the metadata group answers, and let no older map (a member replaying its
-        # log) undo what it says: the follower takes only newer maps.
-        follower.update(saved)
+        replicas.acted_epoch = saved.epoch  # a member replaying its log must not undo it
+        if meta is None:
+            follower.update(saved)  # route by it until the metadata group's hosts answer
     runtime.tasks.append(loop.create_task(replicas.follow(), name="replicas"))
     if meta is None:
         runtime.tasks.append(loop.create_task(follow_map(context, config), name="map-follower"))
