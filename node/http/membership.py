@@ -197,10 +197,14 @@ def view_of(ctx: NodeContext, svc: ShardService) -> dict[str, Any]:
 
 
 async def _raft_change(ctx: NodeContext, svc: ShardService, op: str, address: str) -> bool:
-    """Add or remove one member through the PySyncObj boundary; False when it was so already."""
+    """Add or remove one member through the PySyncObj boundary; False when it was so already.
+    PySyncObj puts a configuration in force when its entry is appended: a read barrier (an entry
+    committed after it) shows it committed when this call did not see it commit itself."""
     raft = _raft(svc)
+    barrier_s = ctx.settings.batching.commit_timeout_s
     present = address in raft.members()
     if (op == "add") == present:
+        await svc.read_barrier(barrier_s)
         return False
     loop = asyncio.get_running_loop()
     for _ in range(membership_attempts_max):
@@ -212,9 +216,10 @@ async def _raft_change(ctx: NodeContext, svc: ShardService, op: str, address: st
             loop.call_soon_threadsafe(_settle, done, ok)
 
         (raft.add_member if op == "add" else raft.remove_member)(address, settled)
-        if await ctx.clock.wait(done, ctx.settings.batching.commit_timeout_s) and done.result():
+        if await ctx.clock.wait(done, barrier_s) and done.result():
             return True
-        if (op == "add") == (address in raft.members()):  # it went through after all
+        if (op == "add") == (address in raft.members()):  # appended after all: once it commits
+            await svc.read_barrier(barrier_s)
             return True
         await ctx.clock.sleep(membership_retry_s)  # the previous change or the leader's no-op commits
     raise LedgerError("unavailable", f"shard {svc.shard}: the Raft membership change was refused "
