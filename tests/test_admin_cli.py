@@ -251,7 +251,16 @@ def test_a_change_left_half_done_blocks_others_and_is_finished_by_sending_it_aga
     shown = next(s for s in cli(local, "status")["shards"] if s["id"] == 1)
     assert shown["change"] is None and [r["node"] for r in shown["replicas"]] == ["n0", "n1"]
     converged(local, 1, ["n0", "n1"])
-    again = cli(local, "add-replica", "1", "n2")  # and it may come back: an empty replica catches up
+    # It may come back, and an add left half-done is finished the same way: the map names n2 again,
+    # n2 starts an empty replica that waits for the group, which does not count it yet.
+    status, outcome = local.call("n0", "/meta/propose", encode_command(StartReplicaChange(1, "n2", True)))
+    assert status == 200 and outcome["ok"], outcome
+    wait_until(lambda: "1" in (local.status("n2") or {"shards": {}})["shards"], 30,
+               "n2 to start an empty replica of shard 1")
+    leader = local.leader(1)
+    _, view = local.call(leader, "/shards/1/membership", {"op": "view"})
+    assert sorted(m["node"] for m in view["members"]) == ["n0", "n1"]
+    again = cli(local, "add-replica", "1", "n2")
     assert again["state"] == "done" and replicas_of(local, 1) == ["n0", "n1", "n2"]
     converged(local, 1, ["n0", "n1", "n2"])
 
