@@ -119,7 +119,8 @@ def _print_status(console: Console, body: dict[str, Any]) -> None:
     console.print(nodes)
     table = Table("shard", "slots", "node", "role", "term", "commit", "applied", "lag",
                   "last contact", title="replicas")
-    table.columns[1].no_wrap = True
+    for column in (table.columns[1], table.columns[3]):  # slot ranges and roles stay whole
+        column.no_wrap = True
     for shard in body["shards"]:
         slots = ", ".join(f"{a}-{b}" for a, b in shard["slot_ranges"]) or "-"
         change = shard.get("change")
@@ -147,8 +148,9 @@ def add_replica(args: argparse.Namespace) -> int:
         where, "POST", f"/v1/shards/{args.shard}/replicas", {"node": args.node}, params,
         timeout_s=args.timeout))
     emit(args, body, lambda console: console.print(
-        f"shard {body['shard']}: replica on {body['node']} caught up (applied {body['applied_index']} "
-        f"of {body['target_index']}) and votes; replicas now {', '.join(body['replicas'])}"))
+        f"shard {body['shard']}: replica on {body['node']} caught up (applied index {body['applied_index']}; "
+        f"the leader had committed {body['target_index']} when it joined) and votes; replicas now "
+        f"{', '.join(body['replicas'])}"))
     return EXIT_OK
 
 
