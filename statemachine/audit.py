@@ -40,6 +40,7 @@ _ENTRY_KEY = struct.Struct(">QQ")
 _STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
 _STATE_KEY = b"state"  # in the meta table
 _OFFSET = struct.Struct(">Q")  # an outbox key
+_FEED_FLOOR_KEY = b"feed_floor"  # in meta: the first outbox offset compaction kept
 # A transaction record is msgpack [id, status, code, metadata, timestamp, pending, timeout_seconds,
 # pending_id, reverses, reversed_by, resolved_by, entries], an entry of it [account id, direction
 # byte, amount, currency, seq, hash] (layout.pack_transaction).
@@ -350,18 +351,23 @@ def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Acc
 
 
 def _state_problems(reader: Reader, nums: set[int]) -> Iterator[str]:
-    """The shard's counters: account nums below the next one, outbox offsets dense from 1 (nothing
-    trims the outbox; retention would move the first offset)."""
+    """The shard's counters: account nums below the next one, outbox offsets dense from the first one
+    still held (1 until compaction moved it) to the last one written."""
     raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
     next_num, next_offset = (1, 1) if raw is None else _STATE.unpack(raw)[2:4]
     if nums and max(nums) >= next_num:
         yield f"shard state: next account num {next_num}, yet {max(nums)} is taken"
     cursor = reader.txn.cursor(db=reader.dbs.outbox)
     count = reader.txn.stat(reader.dbs.outbox)["entries"]
-    first = _OFFSET.unpack(cursor.key())[0] if cursor.first() else 1
-    last = _OFFSET.unpack(cursor.key())[0] if cursor.last() else 0
-    if (count, first, last) != (next_offset - 1, 1, next_offset - 1):
-        yield f"outbox: {count} events from offset {first} to {last}, not 1 to {next_offset - 1}"
+    floor_raw = reader.txn.get(_FEED_FLOOR_KEY, db=reader.dbs.meta)
+    floor = 1 if floor_raw is None else _OFFSET.unpack(floor_raw)[0]
+    if not 1 <= floor <= next_offset:
+        yield f"outbox: first held offset {floor} outside 1..{next_offset}"
+    held = next_offset - floor
+    first = _OFFSET.unpack(cursor.key())[0] if cursor.first() else floor
+    last = _OFFSET.unpack(cursor.key())[0] if cursor.last() else floor - 1
+    if (count, first, last) != (held, floor, next_offset - 1):
+        yield f"outbox: {count} events from offset {first} to {last}, not {floor} to {next_offset - 1}"
 
 
 def verify_store(reader: Reader) -> list[str]:
