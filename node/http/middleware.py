@@ -21,6 +21,9 @@ log = logging.getLogger("raftledger.http")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
+# Long-lived answers (Server-Sent Events): no request timeout, and a bound of their own
+# ([feed] streams_max) instead of a share of the in-flight requests.
+STREAM_ROUTES = frozenset({"/v1/feed/stream"})
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 SHARD_RE = re.compile(r"[0-9]{1,9}")
@@ -71,7 +74,8 @@ async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse
     ctx = context_of(request)
     try:
         _check_shard(request, ctx.shard_count)
-        async with asyncio.timeout(ctx.settings.http.request_timeout_s):
+        streaming = route_name(request) in STREAM_ROUTES
+        async with asyncio.timeout(None if streaming else ctx.settings.http.request_timeout_s):
             return await handler(request)
     except LedgerError as exc:
         return error_response(request, exc)
@@ -96,7 +100,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request_id_var.set(request_id)
     started = time.perf_counter()
     route = route_name(request)
-    bounded = int(route not in UNBOUNDED_ROUTES)
+    bounded = int(route not in UNBOUNDED_ROUTES and route not in STREAM_ROUTES)
     response: web.StreamResponse
     try:
         if bounded and state.in_flight >= ctx.settings.http.requests_in_flight_max:
