@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -38,6 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--durability", choices=DURABILITY_MODES, default="fsync")
     up.add_argument("--port-base", type=int, default=8080)
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
+    up.add_argument("--feed-nats", metavar="URL", help="export the change feed to NATS JetStream at URL "
+                    "(e.g. nats://127.0.0.1:4222)")
+    up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
+    up.add_argument("--feed-webhook-secret", metavar="S", help="the key of the webhook's signatures")
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     args = parser.parse_args(argv)
@@ -99,6 +104,24 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> launcher.Plan:
+    plan = _planned(args)
+    feed = _feed_options(args)
+    if feed:  # on a resumed cluster too: the options replace what its plan had
+        feed_settings = dataclasses.replace(plan.settings.feed, **feed)
+        plan.settings = dataclasses.replace(plan.settings, feed=feed_settings)
+    return plan
+
+
+def _feed_options(args: argparse.Namespace) -> dict[str, str]:
+    """The [feed] settings the exporters' options give (docs/feed.md)."""
+    if bool(args.feed_webhook) != bool(args.feed_webhook_secret):
+        raise launcher.LaunchError("--feed-webhook and --feed-webhook-secret go together")
+    options = {"nats_url": args.feed_nats, "webhook_url": args.feed_webhook,
+               "webhook_secret": args.feed_webhook_secret}
+    return {name: value for name, value in options.items() if value}
+
+
+def _planned(args: argparse.Namespace) -> launcher.Plan:
     plan = launcher.load_plan(args.data_dir)
     if plan is not None:
         print(f"resuming the cluster in {plan.data_dir} ({len(plan.cluster.nodes)} nodes, "

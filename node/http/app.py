@@ -69,7 +69,10 @@ def install(app: web.Application, ctx: NodeContext) -> None:
         await ctx.close()
 
     app.cleanup_ctx.append(partial(_resolvers, ctx))
+    from ..feed.exporter import background  # node.feed builds on node.http: imported after it
+
     feed.install(app, ctx)
+    app.cleanup_ctx.append(partial(background, ctx))
     app.on_cleanup.append(close_client)
 
 

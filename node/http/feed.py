@@ -42,7 +42,6 @@ EVENT_ID_RE = re.compile(r"(?:([0-9]{1,9}):)?([0-9]{1,19})")
 page_limit_default = 100
 long_poll_wakeups_max = 100_000  # a long-poll re-reads at most this often before answering
 stream_page_events = 256  # events a stream reads, then writes, at a time
-DLQ_PREFIX = "dlq."  # consumers that hold back retention for dead-lettered batches (node/feed)
 
 
 @dataclass(slots=True)
