@@ -8,3 +8,7 @@
 
 ``background(ctx)`` runs them while the node serves its API.
 """
+
+# node.feed builds on node.http, whose package imports the routes, which import node.feed: loading
+# node.http first makes every import order work.
+from .. import http as _http  # noqa: E402, F401

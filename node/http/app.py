@@ -10,6 +10,7 @@ from functools import partial
 import uvloop
 from aiohttp import web
 
+from ..feed import exporter
 from . import cross_shard, feed, internal, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
@@ -38,6 +39,8 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("PUT", "/v1/feed/consumers/{name}/offsets", feed.put_offsets),
     ("GET", "/v1/feed/consumers/{name}", feed.get_consumer),
     ("DELETE", "/v1/feed/consumers/{name}", feed.delete_consumer),
+    ("GET", "/v1/feed/dlq", feed.list_dead_letters),
+    ("POST", "/v1/feed/dlq/redrive", feed.redrive_dead_letters),
     ("GET", "/v1/cluster", ops.cluster),
     ("GET", "/v1/cluster/map", ops.cluster_map),
     ("GET", "/healthz", ops.healthz),
@@ -69,10 +72,8 @@ def install(app: web.Application, ctx: NodeContext) -> None:
         await ctx.close()
 
     app.cleanup_ctx.append(partial(_resolvers, ctx))
-    from ..feed.exporter import background  # node.feed builds on node.http: imported after it
-
     feed.install(app, ctx)
-    app.cleanup_ctx.append(partial(background, ctx))
+    app.cleanup_ctx.append(partial(exporter.background, ctx))
     app.on_cleanup.append(close_client)
 
 

@@ -27,6 +27,8 @@ from raftledger.client.errors import LedgerError
 from raftledger.statemachine.commands import SetFeedOffset
 from raftledger.statemachine.validate import valid_id
 
+from ..feed import exporter
+from ..feed.sinks import DeliveryFailed, configured_sinks
 from ..metrics import FeedPosition
 from ..service import ShardService
 from . import forward, parse
@@ -364,24 +366,106 @@ async def _position(request: web.Request, ctx: NodeContext, shard: int, name: st
 
 
 async def peer_get(ctx: NodeContext, shard: int, path: str, query: Mapping[str, str]) -> Any:
-    """A public GET answered by a node hosting ``shard`` (each host in turn); its decoded JSON body.
-    A 404 answers as an empty position, which is what a shard without the consumer has."""
+    """A consumer's position read on a node hosting ``shard``; a 404 there is an empty position."""
+    status, body = await peer_request(ctx, shard, "GET", path, query)
+    if status == 404:
+        return {"shards": {str(shard): {"shard": shard, "offset": None, "updated_at": None,
+                                        "first_offset": None, "last_offset": None, "lag": None}}}
+    return body
+
+
+async def peer_request(ctx: NodeContext, shard: int, method: str, path: str,
+                       query: Mapping[str, str]) -> tuple[int, Any]:
+    """A public request answered by a node hosting ``shard`` (each host in turn, until one answers
+    200 or 404): its status and decoded JSON body."""
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
     timeout = aiohttp.ClientTimeout(total=ctx.settings.forwarding.timeout_s)
-    last: Exception | None = None
+    last: Any = None
     for node in hosts:
         try:
-            async with ctx.client().get(f"{ctx.peer_url(node)}{path}", params=dict(query), timeout=timeout,
-                                        headers={forward.FORWARDED_HEADER: ctx.node_id}) as resp:
+            async with ctx.client().request(method, f"{ctx.peer_url(node)}{path}", params=dict(query),
+                                            timeout=timeout,
+                                            headers={forward.FORWARDED_HEADER: ctx.node_id}) as resp:
                 body = await resp.json(content_type=None)
-                if resp.status == 404:
-                    return {"shards": {str(shard): {"shard": shard, "offset": None, "updated_at": None,
-                                                    "first_offset": None, "last_offset": None,
-                                                    "lag": None}}}
-                if resp.status == 200:
-                    return body
-                last = LedgerError("unavailable", f"{node} answered {resp.status}",
-                                   details={"shard": shard, "answer": body})
+                if resp.status in (200, 404):
+                    return resp.status, body
+                last = f"{node} answered {resp.status}: {str(body)[:200]}"
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
-            last = exc
+            last = f"{node}: {type(exc).__name__}"
     raise LedgerError("unavailable", f"no host of shard {shard} answered ({last})", details={"shard": shard})
+
+
+# -- the dead-letter store of the exporters (node/feed/exporter.py) ------------------------------------
+DLQ_PARAMS = frozenset({"shard", "sink"})
+
+
+def _dlq_shards(request: web.Request, ctx: NodeContext) -> list[int]:
+    parse.check_query(request.query, DLQ_PARAMS)
+    sink = request.query.get("sink")
+    if sink is not None and sink not in ("webhook", "nats"):
+        raise LedgerError("invalid_query", "sink is webhook or nats", details={"param": "sink"})
+    return [_shard_param(request.query, ctx)] if "shard" in request.query else list(range(ctx.shard_count))
+
+
+async def list_dead_letters(request: web.Request) -> web.Response:
+    """Every dead-lettered batch of every shard (as its replicas list them), oldest first per sink."""
+    ctx = context_of(request)
+    shards = _dlq_shards(request, ctx)
+    sink = request.query.get("sink")
+
+    async def of_shard(shard: int) -> list[dict[str, Any]]:
+        svc = ctx.shards.get(shard)
+        if svc is None:
+            _, body = await peer_request(ctx, shard, "GET", "/v1/feed/dlq", {"shard": str(shard)})
+            return list(body["dead_letters"])
+        with svc.store.reader() as reader:
+            return [d.to_json() for d in exporter.dead_letters(reader)]
+
+    found = [d for letters in await asyncio.gather(*(of_shard(s) for s in shards)) for d in letters
+             if sink is None or d["sink"] == sink]
+    return respond(request, 200, {"dead_letters": found})
+
+
+async def redrive_dead_letters(request: web.Request) -> web.Response:
+    """Send every dead-lettered batch (of a shard, of a sink, or all) again, once each; those
+    delivered leave the store, the others stay with the reason."""
+    ctx = context_of(request)
+    shards = _dlq_shards(request, ctx)
+    sink_name = request.query.get("sink")
+
+    async def of_shard(shard: int) -> dict[str, list[dict[str, Any]]]:
+        svc = ctx.shards.get(shard)
+        if svc is None:
+            query = {"shard": str(shard), **({"sink": sink_name} if sink_name else {})}
+            _, body = await peer_request(ctx, shard, "POST", "/v1/feed/dlq/redrive", query)
+            return {"redriven": body["redriven"], "failed": body["failed"]}
+        return await _redrive_shard(ctx, svc, sink_name)
+
+    done: dict[str, list[dict[str, Any]]] = {"redriven": [], "failed": []}
+    for outcome in await asyncio.gather(*(of_shard(s) for s in shards)):
+        done["redriven"] += outcome["redriven"]
+        done["failed"] += outcome["failed"]
+    return respond(request, 200, done)
+
+
+async def _redrive_shard(ctx: NodeContext, svc: ShardService,
+                         sink_name: str | None) -> dict[str, list[dict[str, Any]]]:
+    sinks = {sink.name: sink for sink in configured_sinks(ctx)}
+    with svc.store.reader() as reader:
+        letters = [d for d in exporter.dead_letters(reader) if sink_name is None or d.sink == sink_name]
+    done: dict[str, list[dict[str, Any]]] = {"redriven": [], "failed": []}
+    try:
+        for letter in letters:  # in order, one at a time: a receiver sees them as they were written
+            sink = sinks.get(letter.sink)
+            try:
+                if sink is None:
+                    raise LedgerError("unavailable", f"no {letter.sink} sink is configured on {ctx.node_id}")
+                await exporter.redrive(ctx, svc, sink, letter)
+            except (DeliveryFailed, LedgerError) as exc:
+                done["failed"].append({**letter.to_json(), "error": str(exc)})
+            else:
+                done["redriven"].append(letter.to_json())
+    finally:
+        for sink in sinks.values():
+            await sink.close()
+    return done

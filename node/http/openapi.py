@@ -58,6 +58,8 @@ FEED_QUERY = [FEED_SHARD, FEED_AFTER,
                                  "most [feed] wait_ms_max)")]
 LAST_EVENT_ID = _param("Last-Event-ID", "header", {"type": "string", "pattern": "^([0-9]+:)?[0-9]+$"},
                        "resume after this event id (<shard>:<offset>); it takes precedence over after")
+DLQ_QUERY = [_param("shard", schema={"type": "integer", "minimum": 0}),
+             _param("sink", schema={"enum": ["webhook", "nats"]})]
 CONSUMER_NAME = _param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
 
 
@@ -162,6 +164,14 @@ PATHS: dict[str, dict[str, Any]] = {
                                  *CONSISTENCY]),
         "delete": _op("Forget a durable consumer on every shard (it no longer holds back retention)",
                       "feed", 200, _ref("ConsumerCommit"), (400, 503), [CONSUMER_NAME])},
+    "/v1/feed/dlq": {"get": _op(
+        "The exporters' dead-lettered batches (events kept until re-driven)", "feed", 200,
+        _ref("DeadLetters"), (400, 503), DLQ_QUERY)},
+    "/v1/feed/dlq/redrive": {"post": _op(
+        "Send every dead-lettered batch again, once each; the delivered ones leave the store", "feed",
+        200, {"type": "object", "properties": {"redriven": {"type": "array", "items": _ref("DeadLetter")},
+                                               "failed": {"type": "array", "items": _ref("DeadLetter")}}},
+        (400, 503), DLQ_QUERY)},
     "/v1/cluster": {"get": _op("Every shard's replicas: role, term, commit, applied, lag",
                                "operations", errors=())},
     "/v1/cluster/map": {"get": _op("The cluster map this node routes by: nodes, shards, slot ranges",
@@ -234,6 +244,11 @@ SCHEMAS: dict[str, Any] = {
             "shard": INT, "offset": {"type": ["integer", "null"]},
             "updated_at": {"type": ["integer", "null"]}, "first_offset": INT, "last_offset": INT,
             "lag": {"type": ["integer", "null"]}}}}}},
+    "DeadLetter": {"type": "object", "properties": {
+        "sink": {"type": "string"}, "shard": INT, "first": INT, "last": INT, "events": INT,
+        "since": INT, "error": {"type": "string", "description": "why a re-drive failed"}}},
+    "DeadLetters": {"type": "object", "properties": {"dead_letters": {"type": "array",
+                                                                      "items": _ref("DeadLetter")}}},
     "ConsumerCommit": {"type": "object", "properties": {
         "name": {"type": "string"}, "offsets": {"type": "object"},
         "shards": {"type": "object", "description": "shard -> {applied, ...} as each shard answered"}}},
