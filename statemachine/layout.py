@@ -187,9 +187,9 @@ def pack_balances(row: AccountRow) -> bytes:
                          cpe >> 64, cpe & M64)
 
 
-def unpack_balances(data: Raw) -> tuple[int, int, int, int, int]:
-    """(seq, debits_posted, credits_posted, debits_pending, credits_pending)."""
-    seq, dp1, dp0, cp1, cp0, dpe1, dpe0, cpe1, cpe0 = BALANCES.unpack(data)
+def unpack_balances(data: Raw, pos: int = 0) -> tuple[int, int, int, int, int]:
+    """(seq, debits_posted, credits_posted, debits_pending, credits_pending) of the record at ``pos``."""
+    seq, dp1, dp0, cp1, cp0, dpe1, dpe0, cpe1, cpe0 = BALANCES.unpack_from(data, pos)
     return seq, dp1 << 64 | dp0, cp1 << 64 | cp0, dpe1 << 64 | dpe0, cpe1 << 64 | cpe0
 
 

@@ -117,7 +117,8 @@ FLAG_HISTORY: Final = int(AccountFlag.history)
 EVENT_ACCOUNT: Final = 0
 EVENT_TRANSACTION: Final = 1
 # A transaction and, after it, the balances of its accounts right after the event (from RULES_FEED):
-# u32 length of the packed transaction, the transaction, msgpack [[account id, BALANCES bytes], ...].
+# u32 length of the packed transaction, the transaction, then one BALANCES record per account, in the
+# order the accounts first appear in the transaction's entries.
 EVENT_TRANSACTION_BALANCES: Final = 2
 feed_compaction_events_max: Final = 10_000  # events one CompactFeed drops (the leader proposes more)
 EVENT_TYPES: Final = ("account.created", "transaction.posted", "transaction.pending",
@@ -1098,22 +1099,18 @@ class Applier:
 
     def _emit_transaction(self, event_type: str, ts: int, tx: Transaction, packed: bytes) -> None:
         """A transaction's event; from RULES_FEED with each of its accounts' balances right after it
-        (the rows this entry wrote last are those, as the event is emitted when its moves are done)."""
+        (the rows this entry wrote last are those, as the event is emitted when its moves are done),
+        in the order the accounts first appear in its entries."""
         if self.rules < RULES_FEED:
             self._emit(event_type, ts, EVENT_TRANSACTION, packed)
             return
-        balances = []
-        seen: set[str] = set()
-        for e in tx.entries:
-            account_id = e.account_id
-            if account_id not in seen:
-                seen.add(account_id)
-                row = self.written.get(account_id)
-                ensure(row is not None, "an event's account was not moved by it", account_id)
-                assert row is not None
-                balances.append([account_id, pack_balances(row)])
-        record = U32.pack(len(packed)) + packed + self.packb(balances)
-        self._emit(event_type, ts, EVENT_TRANSACTION_BALANCES, record)
+        written = self.written
+        try:
+            balances = b"".join([pack_balances(written[account_id])
+                                 for account_id in dict.fromkeys([e.account_id for e in tx.entries])])
+        except KeyError as exc:
+            raise InvariantViolation(f"an event's account was not moved by it: {exc}") from exc
+        self._emit(event_type, ts, EVENT_TRANSACTION_BALANCES, U32.pack(len(packed)) + packed + balances)
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:
         offset = self.state.next_offset

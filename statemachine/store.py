@@ -21,6 +21,7 @@ from .codec import CodecError, Invalid, decode_requests, entry_version
 from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
+    BALANCES,
     CONSUMER,
     DB_NAMES,
     FEED_FLOOR_KEY,
@@ -383,15 +384,18 @@ class Reader:
         if kind != EVENT_TRANSACTION_BALANCES:
             return Event(offset, event_type, ts, unpack_transaction(record).to_json(self.shard))
         size = U32.unpack_from(record)[0]
-        data = unpack_transaction(record[U32.size:U32.size + size]).to_json(self.shard)
-        data["balances"] = [self._balance_after(account_id, packed, ts)
-                            for account_id, packed in msgpack.unpackb(record[U32.size + size:])]
+        tx = unpack_transaction(record[U32.size:U32.size + size])
+        data = tx.to_json(self.shard)
+        at = U32.size + size
+        accounts = dict.fromkeys(e.account_id for e in tx.entries)
+        data["balances"] = [self._balance_after(account_id, record, at + i * BALANCES.size, ts)
+                            for i, account_id in enumerate(accounts)]
         return Event(offset, event_type, ts, data)
 
-    def _balance_after(self, account_id: str, packed: bytes, ts: int) -> dict[str, Any]:
+    def _balance_after(self, account_id: str, record: bytes, pos: int, ts: int) -> dict[str, Any]:
         """An account's balances as an event recorded them; currency and side never change."""
         acct = self._need_account(account_id)
-        seq, dp, cp, dpe, cpe = unpack_balances(packed)
+        seq, dp, cp, dpe, cpe = unpack_balances(record, pos)
         return Balance(account_id, acct.currency, acct.normal, dp, cp, dpe, cpe, seq, ts).to_json()
 
     def consumers(self) -> dict[str, tuple[int, int]]:
