@@ -13,7 +13,7 @@ import threading
 import urllib.parse
 from typing import Any
 
-from raftledger.cluster import launcher
+from raftledger.cluster import feed_cli, launcher
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
 from raftledger.node.secret import generate as generate_secret
@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
                     "(e.g. nats://127.0.0.1:4222)")
     up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
     up.add_argument("--feed-webhook-secret", metavar="S", help="the key of the webhook's signatures")
+    feed_cli.add_commands(sub.add_parser("feed", help="the change feed: raftledger feed dlq list|redrive"))
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     args = parser.parse_args(argv)
@@ -51,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
             run_node(args.config)
         elif args.command == "secret":
             write_secret(args.path)
+        elif args.command == "feed":
+            sys.exit(feed_cli.run(args))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:

@@ -11,10 +11,11 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from raftledger.cluster import cli
 from raftledger.node.http import NodeContext, create_app
 from raftledger.node.settings import FeedSettings, NodeSettings
 from raftledger.node.testing import DirectShard, account_body, transfer_body
-from raftledger.statemachine.commands import CompactFeed
+from raftledger.statemachine.commands import CompactFeed, SetFeedOffset
 from raftledger.statemachine.store import LedgerStore
 
 SHARDS = 2
@@ -232,3 +233,27 @@ async def test_bad_offsets_bodies_are_400_with_stable_codes(api, body, code):
 async def test_a_bad_consumer_name_is_400(api):
     resp = await api.put("/v1/feed/consumers/" + "x" * 129 + "/offsets", json={"offsets": {"0": 0}})
     assert resp.status == 400 and (await resp.json())["error"]["code"] == "invalid_id"
+
+
+def run_cli(*argv: str) -> int:
+    try:
+        cli.main(list(argv))
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    return 0
+
+
+async def test_feed_dlq_commands_list_and_redrive_through_the_api(api, capsys):
+    shard = await funded(api)
+    await api.shards[shard].submit(SetFeedOffset("dlq.webhook.2-3", 1))  # as the exporter stores one
+    url = str(api.make_url(""))
+    assert await asyncio.to_thread(run_cli, "feed", "dlq", "list", "--json", "--endpoint", url) == 0
+    listed = json.loads(capsys.readouterr().out)["dead_letters"]
+    assert [(d["sink"], d["shard"], d["first"], d["last"]) for d in listed] == [("webhook", shard, 2, 3)]
+    # no webhook is configured on this node: the batch fails again and stays
+    assert await asyncio.to_thread(run_cli, "feed", "dlq", "redrive", "--json", "--endpoint", url) == 1
+    failed = json.loads(capsys.readouterr().out)["failed"]
+    assert failed[0]["first"] == 2 and "webhook" in failed[0]["error"]
+    await api.shards[shard].submit(CompactFeed(through=3, age_min_ns=0))
+    status, page = await feed(api, shard=shard, after=1)  # the dead letter holds its events
+    assert status == 200 and page["first_offset"] == 2
