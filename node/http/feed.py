@@ -233,7 +233,7 @@ def _redirect_to_host(request: web.Request, ctx: NodeContext, shard: int, after:
     if not hosts:
         raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
     url = request.rel_url.update_query({"shard": str(shard), "after": str(after)})
-    raise web.HTTPTemporaryRedirect(f"{ctx.peer_url(hosts[0])}{url}")
+    return web.Response(status=307, headers={"Location": f"{ctx.peer_url(hosts[0])}{url}"})
 
 
 # -- durable consumers ---------------------------------------------------------------------------------
