@@ -350,6 +350,21 @@ async def test_dead_lettered_batches_are_listed_and_arrive_on_redrive(
     status, body = await request(http, cluster, "GET", "/v1/feed/dlq")
     assert status == 200 and body["dead_letters"] == []
     assert receiver.bad_signatures == 0
+    totals = await sink_totals(http, cluster)
+    assert totals["dead_lettered"] >= len(waiting) and totals["delivered"] > 0 and totals["failed"] > 0
+
+
+async def sink_totals(http: aiohttp.ClientSession, cluster: LocalCluster) -> dict[str, float]:
+    """The webhook exporter's counters, summed over the live nodes' /metrics."""
+    totals = {"delivered": 0.0, "failed": 0.0, "dead_lettered": 0.0}
+    for node in live(cluster):
+        async with http.get(cluster.urls[node] + "/metrics") as resp:
+            text = await resp.text()
+        for line in text.splitlines():
+            for name in totals:
+                if line.startswith(f"raftledger_feed_sink_{name}_total{{") and 'sink="webhook"' in line:
+                    totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 # -- retention --------------------------------------------------------------------------------------
