@@ -166,3 +166,18 @@ def test_feed_commands_round_trip_through_the_codec() -> None:
     assert isinstance(codec.command_from_wire([codec.TAG_SET_FEED_OFFSET, "c", "1", False]), codec.Invalid)
     batch = codec.command_from_wire([codec.TAG_BATCH, False, [[codec.TAG_COMPACT_FEED, 1, 1]]])
     assert isinstance(batch, codec.Invalid)  # never inside a Batch
+
+
+def test_the_auditor_notices_an_event_whose_balances_are_not_its_entries(ledger: Harness) -> None:
+    opened(ledger)
+    assert ledger.one(transfer("t1", "bank", "alice", 100)).ok
+    assert ledger.one(transfer("t2", "bank", "alice", 50)).ok
+    with ledger.store.reader() as r:
+        assert verify_store(r) == []
+    key = (4).to_bytes(8, "big")  # t1's event: claim alice had 101 after it
+    with ledger.store.env.begin(write=True) as txn:
+        value = bytearray(txn.get(key, db=ledger.store.dbs.outbox))
+        value[-40:-32] = (101).to_bytes(8, "big")  # alice's record is last; its credits_posted, low half
+        txn.put(key, bytes(value), db=ledger.store.dbs.outbox)
+    with ledger.store.reader() as r:
+        assert any(p.startswith("event 4: alice") for p in verify_store(r))
