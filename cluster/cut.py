@@ -250,15 +250,20 @@ def settled_totals(cuts: dict[int, ShardCut]) -> dict[str, Totals]:
     return dict(sorted(sums.items()))
 
 
+def decision_for(shard: int, leg: LegView, home: ShardCut | None) -> DecisionView | None:
+    """The latest of the home's open decisions that finishes this leg (its own, or a follow-up's)."""
+    decided = [] if home is None else [
+        d for d in home.decisions.values()
+        if d.leg == leg.id and d.digest == leg.digest and shard in d.participants]
+    return max(decided, key=lambda d: d.timestamp, default=None)
+
+
 def settling(shard: int, leg: LegView, home: ShardCut | None) -> tuple[int, int | None]:
     """(outcome, amount) an open leg is finished with: its home's latest open decision for it,
     else as it is (a hold kept) or voided (prepared, and decided nowhere: its transaction aborts)."""
-    decided = [] if home is None else sorted(
-        (d for d in home.decisions.values()
-         if d.leg == leg.id and d.digest == leg.digest and shard in d.participants),
-        key=lambda d: d.timestamp)
-    if decided:
-        return decided[-1].outcome, decided[-1].amount
+    decided = decision_for(shard, leg, home)
+    if decided is not None:
+        return decided.outcome, decided.amount
     return (LEG_HOLD if leg.status == LEG_HELD else LEG_VOID), None
 
 
