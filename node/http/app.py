@@ -50,6 +50,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/verify", admin.verify),
     ("GET", "/v1/admin/shards/{shard}/fingerprint", admin.fingerprint),
     ("GET", "/v1/admin/shards/{shard}/totals", admin.totals),
+    ("GET", "/v1/admin/shards/{shard}/cut", admin.cut),
     ("GET", "/v1/admin/shards/{shard}/backup", admin.backup_shard),
     ("GET", "/v1/admin/cluster/map", admin.cluster_map),
 )
