@@ -37,7 +37,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 from urllib.parse import urlencode
 
 from raftledger.cluster.router import route, table_of
@@ -71,6 +71,7 @@ class Send:
     headers: Mapping[str, str]
     body: bytes | None
     timeout_s: float
+    stream: bool = False  # a 2xx answer's body is left unread, for the caller (``Reply.stream``)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,13 +79,23 @@ class Sleep:
     seconds: float
 
 
+class BodyStream(Protocol):
+    """The body of a streamed answer, read as it arrives; closing it ends the connection."""
+
+    def read(self, size: int) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An HTTP answer; ``headers`` keys are lowercase."""
+    """An HTTP answer; ``headers`` keys are lowercase. A streamed 2xx answer (``Send.stream``) has
+    an empty ``body`` and its ``stream`` to read instead."""
 
     status: int
     headers: Mapping[str, str]
     body: bytes
+    stream: BodyStream | None = None
 
     def header(self, name: str) -> str | None:
         return self.headers.get(name.lower())
@@ -149,6 +160,7 @@ class Operation(Generic[T]):
     write_id: str | None = None
     consistency: Consistency | None = None  # reads; None: the session's default
     max_staleness_ms: int | None = None
+    stream: bool = False  # the answer's body is the caller's to read (``Reply.stream``)
 
 
 def decode_json(reply: Reply) -> Any:
@@ -356,7 +368,7 @@ def run(op: Operation[T], session: Session) -> Program[T]:
         url = min(candidates, key=lambda u: tried.get(u, 0))  # the best one tried least
         tried[url] = tried.get(url, 0) + 1
         outcome = yield Send(op.method, url + session.target(op), headers, body,
-                             min(policy.attempt_timeout_s, remaining))
+                             min(policy.attempt_timeout_s, remaining), op.stream)
         if isinstance(outcome, Reply):
             session.learn_reply(outcome)
             if 200 <= outcome.status < 300:

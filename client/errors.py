@@ -19,6 +19,7 @@ again" from "the cluster could not do it now"::
     │   ├── RequestTimeout       408  the body did not arrive in time
     │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields,
     │   │                             quorum_at_risk, change_in_progress (membership)...
+    │   ├── Gone                 410  feed_compacted: the feed no longer holds the events asked for
     │   ├── PayloadTooLarge      413
     │   ├── UnsupportedMediaType 415
     │   ├── WrongShard           421  a command reached a shard that does not own its accounts' slots
@@ -91,6 +92,7 @@ STATUS: dict[str, int] = {
     "address_in_use": 409,
     "map_change_refused": 409,
     "fingerprint_not_kept": 409,
+    "feed_compacted": 410,
     "body_too_large": 413,
     "unsupported_media_type": 415,
     "wrong_shard": 421,
@@ -116,6 +118,7 @@ STATUS: dict[str, int] = {
     "accounts_must_be_different": 422,
     "transaction_aborted": 422,
     "history_not_enabled": 422,
+    "feed_offset_out_of_range": 422,
     "rate_limited": 429,
     "internal_error": 500,
     "unavailable": 503,
@@ -164,6 +167,7 @@ MESSAGES: dict[str, str] = {
     "map_change_refused": "the cluster map refused the change",
     "history_not_enabled": "point-in-time balances need the account flag 'history'",
     "fingerprint_not_kept": "this replica no longer remembers its fingerprint at that index",
+    "feed_compacted": "the feed no longer holds these events; start again from the earliest offset held",
     "rate_limited": "too many requests",
     "internal_error": "the node failed to serve the request; it was logged",
     "unavailable": "the shard is unavailable; retry",
@@ -258,6 +262,10 @@ class Conflict(Rejected):
     status = 409
 
 
+class Gone(Rejected):
+    status = 410
+
+
 class PayloadTooLarge(Rejected):
     status = 413
 
@@ -330,7 +338,7 @@ class InternalError(LedgerError):
 
 _BY_STATUS: dict[int, type[LedgerError]] = {
     400: InvalidRequest, 401: Unauthorized, 403: Forbidden, 404: NotFound, 405: MethodNotAllowed,
-    408: RequestTimeout, 409: Conflict, 413: PayloadTooLarge, 415: UnsupportedMediaType,
+    408: RequestTimeout, 409: Conflict, 410: Gone, 413: PayloadTooLarge, 415: UnsupportedMediaType,
     421: WrongShard, 422: RuleViolation, 429: RateLimited, 503: Unavailable, 500: InternalError,
 }
 _BY_CODE: dict[str, type[LedgerError]] = {

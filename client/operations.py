@@ -74,6 +74,15 @@ def request(method: str, path: str, json: Any = None, params: Mapping[str, str |
                      "write" if safe else "admin", body=json, params=dict(params or {}))
 
 
+def stream(path: str, params: Mapping[str, str | int] | None = None) -> Operation[Reply]:
+    """``GET path`` whose answer is read as it arrives (``Reply.stream``), retried as a read."""
+    return Operation("GET", path, _reply, kind="read", params=dict(params or {}), stream=True)
+
+
+def _reply(reply: Reply) -> Reply:
+    return reply
+
+
 def create_account(fields: Mapping[str, Any]) -> Operation[Account]:
     account_id = str(fields.get("id", ""))
     return Operation("POST", "/v1/accounts", _account, kind="write", body=dict(fields),

@@ -5,10 +5,11 @@ hands it to the core (``client.core.run``) through a blocking ``http.client`` tr
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 from . import operations as ops
-from .core import Consistency, Operation, RetryPolicy, Session, run
+from .core import Consistency, Operation, Reply, RetryPolicy, Session, run
 from .discovery import discover
 from .transport import SyncTransport
 from .types import Account, Balance, BatchItem, Entry, Transaction
@@ -48,6 +49,17 @@ class Client:
                 params: Mapping[str, str | int] | None = None, idempotent: bool | None = None) -> Any:
         """Any route of the API; the decoded JSON answer, or the error tree's exception."""
         return self.run(ops.request(method, path, json, params, idempotent))
+
+    @contextmanager
+    def stream(self, path: str, *, params: Mapping[str, str | int] | None = None) -> Iterator[Reply]:
+        """``GET path`` with its body read as it arrives (a shard's copy for a backup): read the
+        answer's ``stream``; its connection is closed when the block ends."""
+        reply = self.run(ops.stream(path, params))
+        assert reply.stream is not None, "a streamed 2xx answer carries its stream"
+        try:
+            yield reply
+        finally:
+            reply.stream.close()
 
     # -- accounts -----------------------------------------------------------------------------------
     def create_account(self, **fields: Any) -> Account:

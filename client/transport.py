@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import io
 import socket
 import threading
 import time
@@ -29,6 +30,22 @@ class _Stale:
 
     def __init__(self, reason: str) -> None:
         self.reason = reason
+
+
+class _Stream:
+    """A streamed answer's body: read from the response; closing it closes its connection (never
+    kept alive: the caller may stop before the end)."""
+
+    def __init__(self, response: http.client.HTTPResponse, conn: http.client.HTTPConnection) -> None:
+        self._response = response
+        self._conn = conn
+
+    def read(self, size: int) -> bytes:
+        return self._response.read(size)
+
+    def close(self) -> None:
+        self._response.close()
+        self._conn.close()
 
 
 class SyncTransport:
@@ -77,6 +94,9 @@ class SyncTransport:
         try:
             conn.request(request.method, path or "/", body=request.body, headers=dict(request.headers))
             response = conn.getresponse()
+            if request.stream and 200 <= response.status < 300:
+                headers = {k.lower(): v for k, v in response.getheaders()}
+                return Reply(response.status, headers, b"", _Stream(response, conn))
             body = response.read()
         except (ConnectionRefusedError, socket.gaierror) as exc:
             conn.close()
@@ -154,6 +174,8 @@ class AsyncTransport:
                                        headers=dict(request.headers), timeout=timeout) as response:
                 body = await response.read()
                 headers = {k.lower(): v for k, v in response.headers.items()}
+                if request.stream and 200 <= response.status < 300:  # read whole: no blocking reads here
+                    return Reply(response.status, headers, b"", io.BytesIO(body))
                 return Reply(response.status, headers, body)
         except aiohttp.ClientConnectorError as exc:  # the connection could not be made
             return TransportFailure(f"{type(exc).__name__}: {exc}", sent=False)

@@ -2,7 +2,11 @@
 
 **Backup.** For every shard, one replica (its leader when known) streams a compacted copy of its LMDB
 store taken in one read transaction (``GET /v1/admin/shards/{s}/backup``): the copy is the shard
-exactly as it was after one applied log index, while writes go on. The whole cluster map comes from
+exactly as it was after one applied log index, while writes go on. Every shard is asked at the same
+moment, and the copies are taken again (``cut_attempts_max`` times at most) until they form a
+consistent cut across shards (``raftledger.cluster.cut``: no cross-shard decision without its
+participants' prepares, no leg finished before its home's decision, no decision completed before
+its legs finished), checked from the copies themselves. The whole cluster map comes from
 ``GET /v1/admin/cluster/map``. Each file is written as it arrives (never held in memory), hashed,
 then opened read-only and checked: its applied index and fingerprint are those the node announced,
 and the shard passes the same audit ``raftledger verify`` runs. ``manifest.json`` is written last:
@@ -33,15 +37,19 @@ import os
 import shutil
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import IO, Any
+from typing import Any
 
 import lmdb
+from raftledger.client import LedgerError
+from raftledger.client.core import BodyStream
 from raftledger.cluster import launcher
-from raftledger.cluster.cli_common import EXIT_OK, CommandFailed, add_target_options, console, emit, target
+from raftledger.cluster.cli_common import EXIT_OK, CommandFailed, add_target_options, console, emit
+from raftledger.cluster.cut import ShardCut, cut_problems, summarize
 from raftledger.cluster.map import NODE_REMOVED, ClusterMap, MapError, NodeEntry
 from raftledger.cluster.meta import write_dump as write_meta_dump
-from raftledger.cluster.verify import Http, HttpFailure, cluster_map, node_urls
+from raftledger.cluster.verify import Nodes, cluster_map, node_urls, nodes_for
 from raftledger.node.config import ClusterSpec, NodeSpec, validate
 from raftledger.node.files import fsync_dir
 from raftledger.node.raft import restored_dump_meta, restored_log_index_min
@@ -64,6 +72,7 @@ MAP_EPOCH_HEADER = "X-Ledger-Map-Epoch"
 NODE_HEADER = "X-Ledger-Node"
 chunk_bytes = 1 << 20
 problems_shown_max = 5
+cut_attempts_max = 5  # copies of every shard at once, until they form a consistent cut
 
 
 def shard_file(shard: int) -> str:
@@ -84,7 +93,7 @@ def read_copy(path: str, shard: int) -> Iterator[Reader]:
         env.close()
 
 
-def _save(response: IO[bytes], path: str, progress: Progress | None, label: str) -> tuple[int, str]:
+def _save(response: BodyStream, path: str, progress: Progress | None, label: str) -> tuple[int, str]:
     """Write a response to ``path`` chunk by chunk; (bytes, sha256)."""
     digest, size = hashlib.sha256(), 0
     task = None if progress is None else progress.add_task(label, total=None)
@@ -128,23 +137,43 @@ def _require_empty(directory: str, what: str) -> None:
 
 def run_backup(args: argparse.Namespace) -> int:
     _require_empty(args.dir, "a backup is written into a new or empty directory")
-    found = target(args)
-    http = Http(found.token)
-    cmap = cluster_map(http, found.endpoints)
-    urls = node_urls(cmap)
-    os.makedirs(args.dir, exist_ok=True)
-    started = time.time_ns()
-    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  transient=True, disable=args.json, console=console()) as progress:
-        map_entry = _backup_map(http, urls, args.dir)
-        leaders = _leaders(http, found.endpoints)
-        shards = [_backup_shard(http, urls, args.dir, shard, leaders.get(shard["id"]), progress)
-                  for shard in cmap["shards"]]
+    with nodes_for(args) as (nodes, endpoints):
+        cmap = cluster_map(nodes, endpoints)
+        urls = node_urls(cmap)
+        os.makedirs(args.dir, exist_ok=True)
+        started = time.time_ns()
+        with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                      transient=True, disable=args.json, console=console()) as progress:
+            map_entry = _backup_map(nodes, urls, args.dir)
+            leaders = _leaders(nodes, endpoints)
+            shards, attempts = _consistent_copies(nodes, urls, args.dir, cmap["shards"], leaders, progress)
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "created_at_ns": started,
                 "map": map_entry, "shards": shards}
     _write_json_durably(os.path.join(args.dir, MANIFEST), manifest)
-    emit(args, manifest, lambda c: _render_manifest(c, args.dir, manifest))
+    emit(args, manifest, lambda c: _render_manifest(c, args.dir, manifest, attempts))
     return EXIT_OK
+
+
+def _consistent_copies(nodes: Nodes, urls: dict[str, str], directory: str, shards: list[dict[str, Any]],
+                       leaders: dict[int, str], progress: Progress) -> tuple[list[dict[str, Any]], int]:
+    """One copy of every shard, all asked for at the same moment, taken again until the copies form
+    a consistent cut; (manifest entries, attempts). CommandFailed when none did."""
+    def copy(shard: dict[str, Any]) -> tuple[dict[str, Any], ShardCut]:
+        return _backup_shard(nodes, urls, directory, shard, leaders.get(shard["id"]), progress)
+
+    problems: list[str] = []
+    for attempt in range(1, cut_attempts_max + 1):
+        with ThreadPoolExecutor(max_workers=max(1, len(shards))) as pool:
+            copies = list(pool.map(copy, shards))
+        problems = cut_problems({cut.shard: cut for _, cut in copies})
+        if not problems:
+            return [entry for entry, _ in copies], attempt
+    for shard in shards:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, shard_file(shard["id"])))
+    raise CommandFailed(f"the shards' copies did not form a consistent cut in {cut_attempts_max} attempts "
+                        f"(cross-shard transactions kept crossing them); the last: "
+                        + "; ".join(problems[:problems_shown_max]))
 
 
 def _write_json_durably(path: str, data: Any) -> None:
@@ -156,30 +185,31 @@ def _write_json_durably(path: str, data: Any) -> None:
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
-def _backup_map(http: Http, urls: dict[str, str], directory: str) -> dict[str, Any]:
+def _backup_map(nodes: Nodes, urls: dict[str, str], directory: str) -> dict[str, Any]:
     failures = []
     for node, url in sorted(urls.items()):
         try:
-            with http.open(url, "/v1/admin/cluster/map") as response:
-                epoch = int(response.headers[MAP_EPOCH_HEADER])
-                size, sha = _save(response, os.path.join(directory, MAP_FILE), None, "map")
+            with nodes.stream(url, "/v1/admin/cluster/map") as reply:
+                epoch = int(reply.header(MAP_EPOCH_HEADER) or "")
+                assert reply.stream is not None
+                size, sha = _save(reply.stream, os.path.join(directory, MAP_FILE), None, "map")
             return {"file": MAP_FILE, "epoch": epoch, "bytes": size, "sha256": sha, "node": node}
-        except (OSError, HttpFailure, KeyError, ValueError) as exc:
+        except (OSError, LedgerError, ValueError) as exc:
             failures.append(f"{node}: {exc}")
     raise CommandFailed("no node gave the cluster map: " + "; ".join(failures))
 
 
-def _leaders(http: Http, endpoints: tuple[str, ...]) -> dict[int, str]:
+def _leaders(nodes: Nodes, endpoints: tuple[str, ...]) -> dict[int, str]:
     """Shard -> leader, to copy from (a leader never installs a snapshot under the copy)."""
     for url in endpoints:
-        with contextlib.suppress(OSError, HttpFailure, KeyError, TypeError):
-            view = http.json(url, "/v1/cluster")
+        with contextlib.suppress(LedgerError, KeyError, TypeError):
+            view = nodes.get(url, "/v1/cluster")
             return {int(s["id"]): s["leader"] for s in view["shards"] if s.get("leader")}
     return {}
 
 
-def _backup_shard(http: Http, urls: dict[str, str], directory: str, shard: dict[str, Any],
-                  leader: str | None, progress: Progress) -> dict[str, Any]:
+def _backup_shard(nodes: Nodes, urls: dict[str, str], directory: str, shard: dict[str, Any],
+                  leader: str | None, progress: Progress) -> tuple[dict[str, Any], ShardCut]:
     """The shard from its leader, else from another replica; the first whole, checked copy wins."""
     shard_id = shard["id"]
     sources = sorted(shard["replicas"], key=lambda n: n != leader)
@@ -188,19 +218,22 @@ def _backup_shard(http: Http, urls: dict[str, str], directory: str, shard: dict[
         if node not in urls:
             continue
         try:
-            return _copy_shard(http, urls[node], directory, shard_id, progress)
-        except (OSError, HttpFailure, KeyError, ValueError, lmdb.Error, CommandFailed) as exc:
+            return _copy_shard(nodes, urls[node], directory, shard_id, progress)
+        except (OSError, LedgerError, KeyError, ValueError, lmdb.Error, CommandFailed) as exc:
             failures.append(f"{node}: {exc}")
     raise CommandFailed(f"shard {shard_id}: no replica gave a good copy: " + "; ".join(failures))
 
 
-def _copy_shard(http: Http, url: str, directory: str, shard_id: int, progress: Progress) -> dict[str, Any]:
+def _copy_shard(nodes: Nodes, url: str, directory: str, shard_id: int,
+                progress: Progress) -> tuple[dict[str, Any], ShardCut]:
+    """The copy on disk, checked; its manifest entry and its cross-shard state, read whole."""
     path = os.path.join(directory, shard_file(shard_id))
-    with http.open(url, f"/v1/admin/shards/{shard_id}/backup") as response:
-        index = int(response.headers[APPLIED_INDEX_HEADER])
-        chain = response.headers[FINGERPRINT_HEADER]
-        node = response.headers[NODE_HEADER]
-        size, sha = _save(response, path, progress, f"shard {shard_id} from {node}")
+    with nodes.stream(url, f"/v1/admin/shards/{shard_id}/backup") as reply:
+        index = int(reply.header(APPLIED_INDEX_HEADER) or "")
+        chain = reply.header(FINGERPRINT_HEADER) or ""
+        node = reply.header(NODE_HEADER) or ""
+        assert reply.stream is not None
+        size, sha = _save(reply.stream, path, progress, f"shard {shard_id} from {node}")
     with read_copy(path, shard_id) as reader:
         state = reader.state()
         if (state.applied_index, state.chain.hex()) != (index, chain):
@@ -211,18 +244,20 @@ def _copy_shard(http: Http, url: str, directory: str, shard_id: int, progress: P
             raise CommandFailed(f"the copy fails its audit: {'; '.join(problems[:problems_shown_max])}")
         counts = {name: reader.txn.stat(getattr(reader.dbs, name))["entries"]
                   for name in ("accounts", "entries", "transactions")}
-    return {"shard": shard_id, "node": node, "applied_index": index, "fingerprint": chain,
-            "file": shard_file(shard_id), "bytes": size, "sha256": sha, **counts}
+        cut = summarize(reader, 0, node)
+    return ({"shard": shard_id, "node": node, "applied_index": index, "fingerprint": chain,
+             "file": shard_file(shard_id), "bytes": size, "sha256": sha, **counts}, cut)
 
 
-def _render_manifest(c: Any, directory: str, manifest: dict[str, Any]) -> None:
+def _render_manifest(c: Any, directory: str, manifest: dict[str, Any], attempts: int) -> None:
     m = manifest["map"]
     c.print(f"cluster map: epoch {m['epoch']} ({m['bytes']} bytes)")
     for s in manifest["shards"]:
         c.print(f"shard {s['shard']}: from {s['node']} at index {s['applied_index']}, fingerprint "
                 f"{s['fingerprint'][:16]}, {s['accounts']} accounts, {s['transactions']} transactions, "
                 f"{s['bytes']} bytes")
-    c.print(f"backup written to {directory} ({MANIFEST})")
+    c.print(f"backup written to {directory} ({MANIFEST}); the shards' copies form a consistent cut "
+            f"(attempt {attempts} of {cut_attempts_max})")
 
 
 # -- restore -----------------------------------------------------------------------------------------

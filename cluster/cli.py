@@ -4,6 +4,7 @@ administers a running one (``raftledger.cluster.admin``)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ from typing import Any
 
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import admin as cluster_admin
-from raftledger.cluster import backup, launcher, verify
+from raftledger.cluster import backup, feed_cli, launcher, verify
 from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -42,6 +43,11 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--durability", choices=DURABILITY_MODES, default="fsync")
     up.add_argument("--port-base", type=int, default=8080)
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
+    up.add_argument("--feed-nats", metavar="URL", help="export the change feed to NATS JetStream at URL "
+                    "(e.g. nats://127.0.0.1:4222)")
+    up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
+    up.add_argument("--feed-webhook-secret", metavar="S", help="the key of the webhook's signatures")
+    feed_cli.add_commands(sub.add_parser("feed", help="the change feed: raftledger feed dlq list|redrive"))
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     verify.add_parser(sub)
@@ -58,6 +64,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(cluster_admin.run(args))
         elif args.command == "secret":
             write_secret(args.path)
+        elif args.command == "feed":
+            sys.exit(feed_cli.run(args))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:
@@ -115,6 +123,24 @@ def run_up(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> launcher.Plan:
+    plan = _planned(args)
+    feed = _feed_options(args)
+    if feed:  # on a resumed cluster too: the options replace what its plan had
+        feed_settings = dataclasses.replace(plan.settings.feed, **feed)
+        plan.settings = dataclasses.replace(plan.settings, feed=feed_settings)
+    return plan
+
+
+def _feed_options(args: argparse.Namespace) -> dict[str, str]:
+    """The [feed] settings the exporters' options give (docs/feed.md)."""
+    if bool(args.feed_webhook) != bool(args.feed_webhook_secret):
+        raise launcher.LaunchError("--feed-webhook and --feed-webhook-secret go together")
+    options = {"nats_url": args.feed_nats, "webhook_url": args.feed_webhook,
+               "webhook_secret": args.feed_webhook_secret}
+    return {name: value for name, value in options.items() if value}
+
+
+def _planned(args: argparse.Namespace) -> launcher.Plan:
     if backup.pending_restore(args.data_dir):
         print(f"starting the cluster restored in {args.data_dir} (nodes and shards from the backup)")
         return backup.plan_from_restore(args.data_dir, port_base=args.port_base,

@@ -8,12 +8,15 @@ shard's cross-shard legs, holds and expiries), so only small reports cross the w
 - the replicas of a shard must have one fingerprint at one index: replicas apply at different speeds,
   so each is asked for its fingerprint at the highest index any of them reported
   (``.../fingerprint?index=N``, answered once applied, from a bounded history);
-- per currency, debits must equal credits over all shards, posted and pending. Shards report at
-  their own points of their own logs, so a cross-shard transaction in flight between two reports
-  unbalances one reading; the sums are read again (``.../totals``) a few times, and only an
-  imbalance that persists is a problem;
-- a cross-shard leg still holding funds longer than ``--grace-s`` must agree with its home: held for
-  a transaction that is still pending there, never left open once the home decided otherwise.
+- per currency, debits must equal credits over all shards, posted and pending, exactly. Every shard
+  is read at once (``.../cut``, one replica each, its leader when it has one), and the readings are
+  checked to fit together as one consistent cut (``raftledger.cluster.cut``: no decision without
+  its participants' prepares, no leg finished before its home decided); a reading that does not fit
+  is taken again. On a consistent cut the sums balance once every open cross-shard leg is settled
+  as its home decided (an undecided one voided), with no allowance for anything in flight;
+- a cross-shard leg still holding funds longer than ``--grace-s`` after its home decided (or, with
+  no decision, after it was prepared) is a problem: the resolvers finish legs well within it. A hold
+  kept that long must still be pending at its home.
 
 Exit 0 when all agree, 1 on any problem, 2 when the cluster cannot be found.
 """
@@ -21,16 +24,16 @@ Exit 0 when all agree, 1 on any problem, 2 when the cluster cannot be found.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import Any
 
+from raftledger.client import Client, LedgerError, RetryPolicy
+from raftledger.client.core import Reply
 from raftledger.cluster.cli_common import (
     EXIT_FAILED,
     EXIT_OK,
@@ -39,70 +42,79 @@ from raftledger.cluster.cli_common import (
     emit,
     target,
 )
+from raftledger.cluster.cut import (
+    LEG_HELD,
+    LEG_HOLD,
+    OPEN,
+    OUTCOME_NAMES,
+    TOTALS,
+    ShardCut,
+    cut_problems,
+    decision_for,
+    imbalances,
+    settled_totals,
+)
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 http_timeout_s = 120.0  # an audit of a large shard takes a while
-balance_rounds_max = 5
-balance_retry_s = 0.5
+node_attempts_max = 3  # a node that refuses the connection is tried again this often
 grace_s_default = 60
 fingerprint_chars_shown = 16
-
-
-class HttpFailure(Exception):
-    """A node answered with an error status; ``error`` is its error body (or text)."""
-
-    def __init__(self, url: str, status: int, error: Any) -> None:
-        super().__init__(f"{url}: {status} {error}")
-        self.status = status
-        self.error = error
-
-    @property
-    def code(self) -> str | None:
-        body = self.error.get("error") if isinstance(self.error, dict) else None
-        return body.get("code") if isinstance(body, dict) else None
+cut_readings_max = 10  # readings of every shard at once, until one is a consistent cut
+recent_window_s = 300  # a cut keeps the cross-shard steps of the last 5 minutes ...
+judged_window_s = 150  # ... and judges those of the last 2.5 (each step's cause is in the window)
+problems_shown_max = 3
 
 
 @dataclass
-class Http:
-    """Every HTTP call of the admin commands goes through ``open`` (one place to change transport)."""
+class Nodes:
+    """Every HTTP call of the admin commands, through the client library: one client per node, so
+    that each call goes to the node it names (a node that cannot be reached raises ``Unavailable``,
+    an error answer its ``LedgerError``)."""
 
     token: str | None
     timeout_s: float = http_timeout_s
+    _clients: dict[str, Client] = field(default_factory=dict)
 
-    @contextmanager
-    def open(self, base_url: str, path: str, params: dict[str, Any] | None = None) -> Iterator[IO[bytes]]:
-        """The response to ``GET base_url + path``, to read; HttpFailure on an error status, OSError
-        when the node cannot be reached."""
-        url = base_url.rstrip("/") + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
-        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
-        try:
-            response = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                              timeout=self.timeout_s)
-        except urllib.error.HTTPError as exc:
-            raw = exc.read()
-            try:
-                error = json.loads(raw)
-            except ValueError:
-                error = raw[:200].decode(errors="replace")
-            raise HttpFailure(url, exc.code, error) from None
-        with response:
-            yield response
+    def client(self, url: str) -> Client:
+        if url not in self._clients:
+            policy = RetryPolicy(deadline_s=self.timeout_s, attempt_timeout_s=self.timeout_s,
+                                 attempts_max=node_attempts_max)
+            self._clients[url] = Client([url], self.token, policy=policy, consistency="local")
+        return self._clients[url]
 
-    def json(self, base_url: str, path: str, params: dict[str, Any] | None = None) -> Any:
-        with self.open(base_url, path, params) as response:
-            return json.load(response)
+    def get(self, url: str, path: str, params: dict[str, Any] | None = None) -> Any:
+        return self.client(url).request("GET", path, params=params)
+
+    def stream(self, url: str, path: str) -> AbstractContextManager[Reply]:
+        return self.client(url).stream(path)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            client.close()
 
 
-def cluster_map(http: Http, endpoints: tuple[str, ...]) -> dict[str, Any]:
+@contextmanager
+def nodes_for(args: argparse.Namespace) -> Iterator[tuple[Nodes, tuple[str, ...]]]:
+    """The clients of one admin command and the endpoints it was pointed at."""
+    found = target(args)
+    nodes = Nodes(found.token)
+    try:
+        yield nodes, found.endpoints
+    finally:
+        nodes.close()
+
+
+def cluster_map(nodes: Nodes, endpoints: tuple[str, ...]) -> dict[str, Any]:
     """The public cluster map from the first endpoint that answers."""
     failures = []
     for url in endpoints:
         try:
-            found: dict[str, Any] = http.json(url, "/v1/cluster/map")
+            found: dict[str, Any] = nodes.get(url, "/v1/cluster/map")
             return found
-        except (OSError, HttpFailure) as exc:
+        except LedgerError as exc:
             failures.append(f"{url}: {exc}")
     raise CommandFailed("no node answered with the cluster map: " + "; ".join(failures))
 
@@ -117,36 +129,37 @@ class Verification:
     replicas: list[dict[str, Any]] = field(default_factory=list)
     shards: dict[int, dict[str, Any]] = field(default_factory=dict)
     currencies: dict[str, dict[str, int]] = field(default_factory=dict)
+    cut: dict[int, int] = field(default_factory=dict)  # shard -> applied index of its reading
 
     def to_json(self) -> dict[str, Any]:
         return {"ok": not self.problems, "problems": self.problems, "replicas": self.replicas,
                 "shards": {str(s): v for s, v in sorted(self.shards.items())},
-                "currencies": self.currencies}
+                "currencies": self.currencies, "cut": {str(s): i for s, i in sorted(self.cut.items())}}
 
 
 def add_parser(sub: Any) -> None:
     parser = sub.add_parser("verify", help="audit every replica and compare them (exit 1 on a problem)")
     add_target_options(parser)
     parser.add_argument("--grace-s", type=int, default=grace_s_default,
-                        help="cross-shard legs younger than this may be in flight and are not judged")
+                        help="cross-shard legs decided (or prepared) more recently than this may be "
+                             "in flight and are not judged")
 
 
 def run(args: argparse.Namespace) -> int:
-    found = target(args)
-    http = Http(found.token)
-    cmap = cluster_map(http, found.endpoints)
-    result = verify_cluster(http, cmap, args.grace_s)
+    with nodes_for(args) as (nodes, endpoints):
+        cmap = cluster_map(nodes, endpoints)
+        result = verify_cluster(nodes, cmap, args.grace_s)
     emit(args, result.to_json(), lambda console: render(console, result))
     return EXIT_OK if not result.problems else EXIT_FAILED
 
 
-def verify_cluster(http: Http, cmap: dict[str, Any], grace_s: int) -> Verification:
+def verify_cluster(nodes: Nodes, cmap: dict[str, Any], grace_s: int) -> Verification:
     result = Verification()
     urls = node_urls(cmap)
     for node_id, url in sorted(urls.items()):
         try:
-            report = http.json(url, "/v1/admin/verify", {"grace_s": grace_s})
-        except (OSError, HttpFailure) as exc:
+            report = nodes.get(url, "/v1/admin/verify", {"grace_s": grace_s})
+        except LedgerError as exc:
             result.problems.append(f"node {node_id} did not report ({exc}); its replicas are not verified")
             continue
         for replica in report["replicas"]:
@@ -156,13 +169,19 @@ def verify_cluster(http: Http, cmap: dict[str, Any], grace_s: int) -> Verificati
             if hidden > 0:
                 result.problems.append(f"shard {replica['shard']} on {node_id}: {hidden} more problems")
     for shard in cmap["shards"]:
-        _compare_replicas(http, urls, result, shard)
-    _check_balance(http, urls, result)
-    _check_open_legs(http, urls, result)
+        _compare_replicas(nodes, urls, result, shard)
+    cuts = consistent_cut(nodes, urls, cmap, result)
+    if cuts is not None:
+        result.cut = {s: c.applied_index for s, c in cuts.items()}
+        settled = settled_totals(cuts)
+        result.currencies = {c: dict(zip(TOTALS, t, strict=True)) for c, t in settled.items()}
+        result.problems.extend(imbalances(settled))
+        _check_open_legs(nodes, urls, cuts, grace_s, result)
     return result
 
 
-def _compare_replicas(http: Http, urls: dict[str, str], result: Verification, shard: dict[str, Any]) -> None:
+def _compare_replicas(nodes: Nodes, urls: dict[str, str], result: Verification,
+                      shard: dict[str, Any]) -> None:
     """Every listed replica reported, and all have one fingerprint at the highest reported index."""
     shard_id = shard["id"]
     reports = [r for r in result.replicas if r["shard"] == shard_id]
@@ -176,8 +195,8 @@ def _compare_replicas(http: Http, urls: dict[str, str], result: Verification, sh
     for report in reports:
         node = report["node"]
         try:
-            answer = http.json(urls[node], f"/v1/admin/shards/{shard_id}/fingerprint", {"index": index})
-        except (OSError, HttpFailure) as exc:
+            answer = nodes.get(urls[node], f"/v1/admin/shards/{shard_id}/fingerprint", {"index": index})
+        except LedgerError as exc:
             result.problems.append(f"shard {shard_id} on {node}: no fingerprint at index {index} ({exc})")
             continue
         fingerprints[node] = answer["fingerprint"]
@@ -187,69 +206,99 @@ def _compare_replicas(http: Http, urls: dict[str, str], result: Verification, sh
         result.problems.append(f"shard {shard_id}: replicas differ at index {index}: {shown}")
 
 
-def _sum_currencies(readings: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
-    sums: dict[str, dict[str, int]] = {}
-    for reading in readings:
-        for currency, totals in reading["currencies"].items():
-            acc = sums.setdefault(currency, dict.fromkeys(totals, 0))
-            for name, value in totals.items():
-                acc[name] += int(value)
-    return dict(sorted(sums.items()))
+# -- one consistent cut of every shard -----------------------------------------------------------------
+
+def consistent_cut(nodes: Nodes, urls: dict[str, str], cmap: dict[str, Any],
+                   result: Verification) -> dict[int, ShardCut] | None:
+    """Every shard read at once, again until the readings fit together (bounded); None, with the
+    reason among the problems, when no reading of some shard came or none fitted."""
+    leaders = {r["shard"]: r["node"] for r in result.replicas if r["role"] == "leader"}
+    problems: list[str] = []
+    for _ in range(cut_readings_max):
+        started_ns = time.time_ns()
+        cuts, failures = read_every_shard(nodes, urls, cmap, leaders, started_ns - recent_window_s * 10**9)
+        if failures:
+            result.problems.extend(failures)
+            return None
+        problems = cut_problems(cuts, started_ns - judged_window_s * 10**9)
+        if not problems:
+            return cuts
+    result.problems.append(f"no consistent cut of the shards in {cut_readings_max} readings; the last: "
+                           + "; ".join(problems[:problems_shown_max]))
+    return None
 
 
-def _imbalances(sums: dict[str, dict[str, int]]) -> list[str]:
-    out = []
-    for currency, t in sums.items():
-        posted = t["debits_posted"] - t["credits_posted"]
-        pending = t["debits_pending"] - t["credits_pending"]
-        if posted or pending:
-            out.append(f"{currency}: debits exceed credits by {posted} posted and {pending} pending "
-                       "over all shards")
-    return out
-
-
-def _check_balance(http: Http, urls: dict[str, str], result: Verification) -> None:
-    """Per currency over all shards, one replica each (a leader when one reported): read again while
-    an imbalance could be a cross-shard transaction in flight between the shards' readings."""
-    chosen: dict[int, dict[str, Any]] = {}
-    for replica in sorted(result.replicas, key=lambda r: r["role"] != "leader"):
-        chosen.setdefault(replica["shard"], replica)
-    readings = list(chosen.values())
-    for _ in range(balance_rounds_max):
-        result.currencies = _sum_currencies(readings)
-        imbalances = _imbalances(result.currencies)
-        if not imbalances:
-            return
-        time.sleep(balance_retry_s)  # other processes' writes settle; nothing here to wait on
-        try:
-            readings = [http.json(urls[r["node"]], f"/v1/admin/shards/{r['shard']}/totals")
-                        for r in chosen.values()]
-        except (OSError, HttpFailure) as exc:
-            result.problems.append(f"totals could not be read again ({exc})")
-            break
-    result.problems.extend(imbalances)
-
-
-def _check_open_legs(http: Http, urls: dict[str, str], result: Verification) -> None:
-    """A leg holding funds past the grace period agrees with its transaction at its home."""
-    base = next(iter(urls.values()), None)
-    for replica in result.replicas:
-        for leg in replica["open_legs"]:
-            where = f"shard {replica['shard']} on {replica['node']}: leg {leg['id']} ({leg['status']})"
-            quoted = urllib.parse.quote(leg["id"], safe="")
+def read_every_shard(nodes: Nodes, urls: dict[str, str], cmap: dict[str, Any], leaders: dict[int, str],
+                     since_ns: int) -> tuple[dict[int, ShardCut], list[str]]:
+    """One reading per shard, all asked at the same moment (a thread each), from its leader first."""
+    def one(shard: dict[str, Any]) -> ShardCut | str:
+        failures = []
+        for node in sorted(shard["replicas"], key=lambda n: n != leaders.get(shard["id"])):
+            if node not in urls:
+                continue
             try:
-                record = http.json(base or "", f"/v1/transactions/{quoted}", {"consistency": "linearizable"})
-            except HttpFailure as exc:
-                if exc.code == "transaction_not_found":
-                    result.problems.append(f"{where}: no decision at its home shard {leg['coordinator']}")
-                else:
-                    result.problems.append(f"{where}: its home could not be asked ({exc})")
+                return ShardCut.from_json(nodes.get(urls[node], f"/v1/admin/shards/{shard['id']}/cut",
+                                                    {"since_ns": since_ns}))
+            except LedgerError as exc:
+                failures.append(f"{node}: {exc}")
+        return f"shard {shard['id']}: no replica gave its cross-shard state ({'; '.join(failures)})"
+
+    with ThreadPoolExecutor(max_workers=max(1, len(cmap["shards"]))) as pool:
+        readings = list(pool.map(one, cmap["shards"]))
+    cuts = {r.shard: r for r in readings if isinstance(r, ShardCut)}
+    return cuts, [r for r in readings if isinstance(r, str)]
+
+
+def _check_open_legs(nodes: Nodes, urls: dict[str, str], cuts: dict[int, ShardCut], grace_s: int,
+                     result: Verification) -> None:
+    """A leg holding funds longer than the grace period after its home decided (or, undecided,
+    after it was prepared); a hold kept that long is still pending at its home."""
+    now_ns = time.time_ns()
+    for shard, cut in sorted(cuts.items()):
+        for leg in cut.legs.values():
+            if leg.status not in OPEN:
                 continue
-            except OSError as exc:
-                result.problems.append(f"{where}: its home could not be asked ({exc})")
+            home = cuts.get(leg.coordinator)
+            decided = decision_for(shard, leg, home)
+            since_ns = leg.timestamp if decided is None else decided.timestamp
+            if now_ns - since_ns <= grace_s * 10**9:
                 continue
-            if record.get("status") != "pending" or leg["status"] != "held":
-                result.problems.append(f"{where}: still open although its home says {record.get('status')}")
+            where = f"shard {shard}: leg {leg.id} ({leg.status})"
+            age_s = (now_ns - since_ns) // 10**9
+            if decided is not None and decided.outcome != LEG_HOLD:
+                result.problems.append(f"{where}: its home shard {leg.coordinator} decided to "
+                                       f"{OUTCOME_NAMES[decided.outcome]} it {age_s}s ago; still open")
+            elif leg.status != LEG_HELD:
+                state = "has not decided" if decided is None else "kept it as a hold"
+                result.problems.append(f"{where}: prepared {age_s}s ago and its home shard "
+                                       f"{leg.coordinator} {state}; still prepared")
+            elif home is not None:
+                problem = _hold_still_pending(nodes, urls, leg.id, home)
+                if problem:
+                    result.problems.append(f"{where}: {problem}")
+
+
+def _hold_still_pending(nodes: Nodes, urls: dict[str, str], txid: str, home: ShardCut) -> str | None:
+    """A held leg with no open decision: its transaction was pending at its home at the cut (a post,
+    void or expiry recorded since, after the home's reading, is not judged)."""
+    base = urls.get(home.node) or next(iter(urls.values()))
+    quoted = urllib.parse.quote(txid, safe="")
+    try:
+        record = nodes.get(base, f"/v1/transactions/{quoted}", {"consistency": "linearizable"})
+        if record.get("status") == "pending":
+            return None
+        changed_ns = record.get("expires_at") if record.get("status") == "expired" else None
+        if record.get("resolved_by"):
+            by = urllib.parse.quote(record["resolved_by"], safe="")
+            resolved = nodes.get(base, f"/v1/transactions/{by}", {"consistency": "linearizable"})
+            changed_ns = resolved.get("timestamp")
+    except LedgerError as exc:
+        if exc.code == "transaction_not_found":
+            return f"no decision at its home shard {home.shard}"
+        return f"its home could not be asked ({exc})"
+    if changed_ns is not None and changed_ns > home.last_timestamp:
+        return None
+    return f"still held although its home shard {home.shard} says {record.get('status')}"
 
 
 def render(console: Console, result: Verification) -> None:
@@ -265,12 +314,11 @@ def render(console: Console, result: Verification) -> None:
         same = len(set(seen["fingerprints"].values())) <= 1
         console.print(f"shard {shard}: {len(seen['fingerprints'])} replicas compared at index "
                       f"{seen['index']}: {'same fingerprint' if same else '[red]DIFFERENT[/red]'}")
-    totals = Table(title="per currency, all shards")
+    totals = Table(title="per currency, all shards (one consistent cut, open legs settled as decided)")
     for column in ("currency", "debits posted", "credits posted", "debits pending", "credits pending"):
         totals.add_column(column)
     for currency, t in result.currencies.items():
-        totals.add_row(currency, *(str(t[k]) for k in ("debits_posted", "credits_posted",
-                                                        "debits_pending", "credits_pending")))
+        totals.add_row(currency, *(str(t[k]) for k in TOTALS))
     console.print(totals)
     for problem in result.problems:
         console.print(f"[red]problem:[/red] {escape(problem)}")

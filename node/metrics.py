@@ -58,6 +58,16 @@ class Metrics:
         self.leader_changes = Counter("raftledger_leader_changes_total",
                                       "leader changes seen by this replica", ["shard"], registry=r)
         self._shard_series: dict[int, _ShardSeries] = {}
+        self.sink_delivered = Counter("raftledger_feed_sink_delivered_total",
+                                      "events an exporter delivered", ["sink", "shard"], registry=r)
+        self.sink_failed = Counter("raftledger_feed_sink_failed_total",
+                                   "failed delivery attempts of an exporter", ["sink", "shard"], registry=r)
+        self.sink_dead_lettered = Counter("raftledger_feed_sink_dead_lettered_total",
+                                          "events an exporter moved to the dead-letter store",
+                                          ["sink", "shard"], registry=r)
+        self.sink_lag = Gauge("raftledger_feed_sink_lag", "events written and not yet delivered by an "
+                              "exporter (on the shard's leader)", ["sink", "shard"], registry=r)
+        self._sinks: dict[tuple[str, int], FeedSinkSeries] = {}
 
     # -- hooks for the Raft glue (fsync and leader changes are called on a shard's tick thread) ---
     def _series(self, shard: int) -> _ShardSeries:
@@ -112,6 +122,22 @@ class Metrics:
         """Export per-shard Raft state from ``statuses()`` (shard -> ShardService.status())."""
         self.registry.register(_ShardCollector(statuses))
 
+    def watch_feed(self, positions: Callable[[], Mapping[int, FeedPosition]]) -> None:
+        """Export each hosted shard's feed bounds and every durable consumer's lag, read at scrape
+        time from ``positions()`` (shard -> its bounds and consumers, as this replica applied them)."""
+        self.registry.register(_FeedCollector(positions))
+
+    def feed_sink(self, sink: str, shard: int) -> FeedSinkSeries:
+        """The counters and lag gauge of one exporter on one shard (made on first use)."""
+        key = (sink, shard)
+        series = self._sinks.get(key)
+        if series is None:
+            labels = (sink, str(shard))
+            series = self._sinks[key] = FeedSinkSeries(
+                self.sink_delivered.labels(*labels), self.sink_failed.labels(*labels),
+                self.sink_dead_lettered.labels(*labels), self.sink_lag.labels(*labels))
+        return series
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -123,6 +149,45 @@ class _ShardSeries:
     fsync: Any
     queue_depth: Any
     leader_changes: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FeedSinkSeries:
+    delivered: Any
+    failed: Any
+    dead_lettered: Any
+    lag: Any
+
+
+@dataclass(frozen=True, slots=True)
+class FeedPosition:
+    """A shard's feed as one replica applied it: first offset held, last written, consumer offsets."""
+
+    first: int
+    last: int
+    consumers: Mapping[str, int]
+
+
+class _FeedCollector(Collector):
+    def __init__(self, positions: Callable[[], Mapping[int, FeedPosition]]) -> None:
+        self.positions = positions
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        positions = self.positions()
+        first = GaugeMetricFamily("raftledger_feed_first_offset", "first event offset still held",
+                                  labels=["shard"])
+        last = GaugeMetricFamily("raftledger_feed_last_offset", "last event offset written", labels=["shard"])
+        lag = GaugeMetricFamily("raftledger_feed_consumer_lag", "events written after a durable "
+                                "consumer's offset", labels=["shard", "consumer"])
+        for shard, position in sorted(positions.items()):
+            first.add_metric([str(shard)], float(position.first))
+            last.add_metric([str(shard)], float(position.last))
+            for name, offset in sorted(position.consumers.items()):
+                lag.add_metric([str(shard), name], float(position.last - offset))
+        yield from (first, last, lag)
 
 
 SHARD_GAUGES = (

@@ -16,7 +16,7 @@ import heapq
 import itertools
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,8 @@ class ReplicaService:
         self._accepting = True
         self.entries_proposed = 0
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
+        self._store_leases = 0  # worker-thread readers of the store (``store_lease``)
+        self._closes_deferred: list[Callable[[], None]] = []
         self.slot = StoreSlot(settings.directory, self.shard, sync=settings.sync, retire=self._retire,
                               reserve_ahead_min_bytes=settings.snapshots.disk_reserve_min_bytes)
         self.fingerprints = FingerprintHistory(self.slot.current.fingerprint())
@@ -137,6 +139,21 @@ class ReplicaService:
     @property
     def store(self) -> LedgerStore:
         return self.slot.current
+
+    @contextlib.contextmanager
+    def store_lease(self) -> Iterator[LedgerStore]:
+        """The current store, kept open until the block ends even if a snapshot install replaces it
+        meanwhile: for reads on worker threads (an audit, a backup copy), which the loop thread's
+        close of a replaced store would pull out from under them. Taken and left on the loop thread."""
+        self._store_leases += 1
+        try:
+            yield self.store
+        finally:
+            self._store_leases -= 1
+            if not self._store_leases:
+                closes, self._closes_deferred = self._closes_deferred, []
+                for close in closes:
+                    close()
 
     def is_leader(self) -> bool:
         return self.raft.is_leader()
@@ -388,10 +405,17 @@ class ReplicaService:
         self._want_applied = bool(self._waiters)
 
     def _retire(self, close: Callable[[], None]) -> None:
-        """Close a replaced store on the loop thread, between callbacks, where no reader holds it."""
+        """Close a replaced store on the loop thread, between callbacks, where no reader holds it
+        (once the last worker-thread lease is left, if one is held)."""
         try:
-            self.loop.call_soon_threadsafe(close)
+            self.loop.call_soon_threadsafe(self._close_unleased, close)
         except RuntimeError:  # loop closed
+            close()
+
+    def _close_unleased(self, close: Callable[[], None]) -> None:
+        if self._store_leases:
+            self._closes_deferred.append(close)
+        else:
             close()
 
     # -- shutdown -------------------------------------------------------------------------------------

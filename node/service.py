@@ -8,6 +8,7 @@ What it raises is the one error tree (``raftledger.client.errors``): ``NotLeader
 from __future__ import annotations
 
 import asyncio
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -28,6 +29,10 @@ class ShardService(Protocol):
 
     @property
     def store(self) -> LedgerStore: ...
+
+    def store_lease(self) -> AbstractContextManager[LedgerStore]:
+        """The current store, kept open while held (on the loop thread) for a worker thread's reads,
+        even if a snapshot install replaces it meanwhile."""
 
     async def submit(self, command: AnyCommand) -> Committed:
         """Propose through this replica's batcher; raises NotLeader on a follower, Overloaded when full."""

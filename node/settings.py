@@ -182,6 +182,44 @@ class MetaSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class FeedSettings:
+    """The change feed: long-polls and streams, retention, and the exporters each shard leader runs
+    (docs/feed.md). An exporter is on when its URL is set; every node of a cluster should say the same."""
+
+    SECTION: ClassVar[str] = "feed"
+    page_events_max: int = setting(1000, "events in one answer of GET /v1/feed (its limit)", minimum=1,
+                                   maximum=10_000)
+    wait_ms_max: int = setting(10_000, "a long-poll waits at most this long for new events (keep it below "
+                               "[http] request_timeout_s and [forwarding] timeout_s)", minimum=0)
+    stream_heartbeat_s: float = setting(15.0, "an idle event stream sends a comment this often",
+                                        minimum=0.05)
+    streams_max: int = setting(256, "event streams served at once by a node (503 overloaded beyond)",
+                               minimum=1)
+    retention_age_min_s: float = setting(86_400.0, "an event is kept at least this long after it was "
+                                         "written, and until every consumer has passed it", minimum=0)
+    compaction_interval_s: float = setting(10.0, "how often a shard leader looks for events to drop",
+                                           minimum=0.05)
+    nats_url: str = setting("", "NATS server of the JetStream exporter (e.g. nats://127.0.0.1:4222); "
+                            "empty: off", minimum=None)
+    nats_subject_prefix: str = setting("raftledger", "events go to <prefix>.<shard>.<event type>",
+                                       minimum=None)
+    nats_stream: str = setting("RAFTLEDGER", "the JetStream stream, created over <prefix>.> if missing",
+                               minimum=None)
+    webhook_url: str = setting("", "endpoint the webhook exporter POSTs batches of events to; empty: off",
+                               minimum=None)
+    webhook_secret: str = setting("", "key of the batches' HMAC-SHA256 signature (required with a URL)",
+                                  minimum=None)
+    webhook_attempts_max: int = setting(8, "a batch that failed this many times goes to the dead-letter "
+                                        "store and the exporter moves on", minimum=1)
+    webhook_timeout_s: float = setting(10.0, "one POST of a batch", minimum=0.1)
+    export_batch_events_max: int = setting(100, "events an exporter sends (NATS) or POSTs (webhook) "
+                                           "before it commits its offset", minimum=1, maximum=10_000)
+    export_backoff_initial_s: float = setting(0.2, "an exporter's first wait after a failure; then "
+                                              "doubled, with jitter", minimum=0.001)
+    export_backoff_max_s: float = setting(30.0, "... up to this", minimum=0.001)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Every section, each with its defaults unless the node file sets it."""
 
@@ -193,12 +231,13 @@ class NodeSettings:
     internal: InternalSettings = field(default_factory=InternalSettings)
     cross_shard: CrossShardSettings = field(default_factory=CrossShardSettings)
     meta: MetaSettings = field(default_factory=MetaSettings)
+    feed: FeedSettings = field(default_factory=FeedSettings)
 
 
 # Each section is the NodeSettings attribute of its own name.
 SECTIONS: tuple[type, ...] = (BatchingSettings, RaftSettings, SnapshotSettings, HttpSettings,
                               ForwardingSettings, InternalSettings, CrossShardSettings,
-                              MetaSettings)
+                              MetaSettings, FeedSettings)
 
 
 def _value_problem(cls: type, name: str, value: Any) -> str | None:
@@ -248,6 +287,8 @@ def load_sections(raw: dict[str, Any], problems: list[str]) -> NodeSettings:
     if raft.election_timeout_min_s >= raft.election_timeout_max_s or \
             raft.preferred_election_timeout_min_s >= raft.preferred_election_timeout_max_s:
         problems.append("raft: each election_timeout_min_s must be below its max_s")
+    if settings.feed.webhook_url and not settings.feed.webhook_secret:
+        problems.append("feed: webhook_url needs a webhook_secret (batches are signed with it)")
     return settings
 
 

@@ -16,6 +16,7 @@ multi-process cluster in ``raftledger.cluster.testing``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import itertools
@@ -180,6 +181,7 @@ class DirectShard:
         self.contact_age_ms: float | None = 0.0
         self._clock = start_ns_default
         self._changed: asyncio.Future[None] | None = None
+        self._applied: asyncio.Event | None = None  # set (and replaced) by each submit
 
     @property
     def leading(self) -> bool:
@@ -203,6 +205,9 @@ class DirectShard:
         index = self.store.applied_index() + 1
         outcomes = self.store.apply_entry(index, encode_requests([Request(self._clock, command)]))
         assert outcomes is not None
+        if self._applied is not None:
+            applied, self._applied = self._applied, None
+            applied.set()
         return Committed(outcomes[0], index)
 
     def is_leader(self) -> bool:
@@ -223,7 +228,18 @@ class DirectShard:
         return self.contact_age_ms
 
     async def wait_applied(self, index: int, timeout_s: float) -> bool:
-        return self.applied_index() >= index
+        """Until a submit applies ``index`` (bounded), as a replica waits for its apply thread."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while self.applied_index() < index:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            if self._applied is None:
+                self._applied = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait(), remaining)
+        return True
 
     async def read_barrier(self, timeout_s: float) -> int:
         if not self.leading:

@@ -40,6 +40,14 @@ _ENTRY_KEY = struct.Struct(">QQ")
 _STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
 _STATE_KEY = b"state"  # in the meta table
 _OFFSET = struct.Struct(">Q")  # an outbox key
+_FEED_FLOOR_KEY = b"feed_floor"  # in meta: the first outbox offset compaction kept
+# An outbox value: type code, kind, timestamp (">BBQ"), then the record. Kind 2 (from rules 4): u32
+# length of the packed transaction, the transaction, then per account of its entries (in the order
+# they first appear) its seq and four totals as u64 halves (">9Q"), right after the event.
+_EVENT_HEAD = struct.Struct(">BBQ")
+_EVENT_WITH_BALANCES = 2
+_U32 = struct.Struct(">I")
+_BALANCES = struct.Struct(">QQQQQQQQQ")
 # A transaction record is msgpack [id, status, code, metadata, timestamp, pending, timeout_seconds,
 # pending_id, reverses, reversed_by, resolved_by, entries], an entry of it [account id, direction
 # byte, amount, currency, seq, hash] (layout.pack_transaction).
@@ -350,18 +358,53 @@ def _hold_problems(reader: Reader, holds: list[list[Any]], by_id: dict[str, _Acc
 
 
 def _state_problems(reader: Reader, nums: set[int]) -> Iterator[str]:
-    """The shard's counters: account nums below the next one, outbox offsets dense from 1 (nothing
-    trims the outbox; retention would move the first offset)."""
+    """The shard's counters: account nums below the next one, outbox offsets dense from the first one
+    still held (1 until compaction moved it) to the last one written."""
     raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
     next_num, next_offset = (1, 1) if raw is None else _STATE.unpack(raw)[2:4]
     if nums and max(nums) >= next_num:
         yield f"shard state: next account num {next_num}, yet {max(nums)} is taken"
     cursor = reader.txn.cursor(db=reader.dbs.outbox)
     count = reader.txn.stat(reader.dbs.outbox)["entries"]
-    first = _OFFSET.unpack(cursor.key())[0] if cursor.first() else 1
-    last = _OFFSET.unpack(cursor.key())[0] if cursor.last() else 0
-    if (count, first, last) != (next_offset - 1, 1, next_offset - 1):
-        yield f"outbox: {count} events from offset {first} to {last}, not 1 to {next_offset - 1}"
+    floor_raw = reader.txn.get(_FEED_FLOOR_KEY, db=reader.dbs.meta)
+    floor = 1 if floor_raw is None else _OFFSET.unpack(floor_raw)[0]
+    if not 1 <= floor <= next_offset:
+        yield f"outbox: first held offset {floor} outside 1..{next_offset}"
+    held = next_offset - floor
+    first = _OFFSET.unpack(cursor.key())[0] if cursor.first() else floor
+    last = _OFFSET.unpack(cursor.key())[0] if cursor.last() else floor - 1
+    if (count, first, last) != (held, floor, next_offset - 1):
+        yield f"outbox: {count} events from offset {first} to {last}, not {floor} to {next_offset - 1}"
+
+
+def _event_problems(reader: Reader, by_id: dict[str, _Account]) -> Iterator[str]:
+    """Each event's balances are those its accounts' entries had right after it: the entry at the
+    recorded seq belongs to the event's transaction and has the recorded balance (and totals, on an
+    account that keeps them)."""
+    for key, value in reader.txn.cursor(db=reader.dbs.outbox):
+        _, kind, _ = _EVENT_HEAD.unpack_from(value)
+        if kind != _EVENT_WITH_BALANCES:
+            continue
+        offset, pos = _OFFSET.unpack(key)[0], _EVENT_HEAD.size
+        size = _U32.unpack_from(value, pos)[0]
+        tx = msgpack.unpackb(bytes(value[pos + _U32.size:pos + _U32.size + size]))
+        pos += _U32.size + size
+        for account_id in dict.fromkeys(e[0] for e in tx[_TX_ENTRIES]):
+            seq, *halves = _BALANCES.unpack_from(value, pos)
+            pos += _BALANCES.size
+            totals = tuple(halves[i] << 64 | halves[i + 1] for i in range(0, 8, 2))
+            acct = by_id.get(account_id)
+            entries = reader.dbs.entries
+            raw = None if acct is None else reader.txn.get(_ENTRY_KEY.pack(acct.num, seq), db=entries)
+            if acct is None or raw is None:
+                yield f"event {offset}: {account_id} has no entry {seq}"
+                continue
+            entry = _decode_entry(raw)
+            dp, cp = totals[0], totals[1]
+            balance = dp - cp if acct.normal == _DEBIT else cp - dp
+            if entry.transaction_id != tx[_TX_ID] or entry.balance_after != balance or \
+                    entry.totals not in (None, totals):
+                yield f"event {offset}: {account_id} at seq {seq} is not as its entry says"
 
 
 def verify_store(reader: Reader) -> list[str]:
@@ -402,4 +445,5 @@ def verify_store(reader: Reader) -> list[str]:
     problems.extend(_hold_problems(reader, holds, by_id, open_legs))
     problems.extend(_leg_problems(reader, open_legs, by_id))
     problems.extend(_state_problems(reader, nums))
+    problems.extend(_event_problems(reader, by_id))
     return problems

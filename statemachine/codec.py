@@ -25,6 +25,7 @@ from .commands import (
     Batch,
     ClaimId,
     Command,
+    CompactFeed,
     Complete,
     CreateAccount,
     CreateTransaction,
@@ -38,6 +39,7 @@ from .commands import (
     ProtocolCommand,
     Request,
     ReverseTransaction,
+    SetFeedOffset,
     SetSlots,
     TxEntry,
     VoidPending,
@@ -45,7 +47,7 @@ from .commands import (
 from .validate import RULES_VERSION
 
 VERSION: Final = RULES_VERSION  # written
-VERSIONS: Final = (1, 2, 3)  # read
+VERSIONS: Final = (1, 2, 3, 4)  # read
 
 TAG_CREATE_ACCOUNT: Final = 1
 TAG_CREATE_TRANSACTION: Final = 2
@@ -61,6 +63,9 @@ TAG_DECIDE: Final = 10
 TAG_FINISH_LEG: Final = 11
 TAG_COMPLETE: Final = 12
 TAG_CLAIM_ID: Final = 13
+# The change feed (standalone only: never inside a Batch):
+TAG_SET_FEED_OFFSET: Final = 14
+TAG_COMPACT_FEED: Final = 15
 
 DIRECTIONS: Final = (Direction.debit, Direction.credit)
 DIRECTION_BYTE: Final = {Direction.debit: 0, Direction.credit: 1}
@@ -106,6 +111,10 @@ def command_to_wire(command: AnyCommand) -> list[Any]:
         return [TAG_EXPIRE_HOLDS]
     if isinstance(command, SetSlots):
         return [TAG_SET_SLOTS, command.epoch, [[first, last] for first, last in command.ranges]]
+    if isinstance(command, SetFeedOffset):
+        return [TAG_SET_FEED_OFFSET, command.consumer, command.offset, command.remove]
+    if isinstance(command, CompactFeed):
+        return [TAG_COMPACT_FEED, command.through, command.age_min_ns]
     return _protocol_to_wire(command)
 
 
@@ -252,7 +261,7 @@ def _decode_inner(w: Any) -> Command | ProtocolCommand:
 
 def command_from_wire(w: Any) -> AnyCommand | Invalid:
     """A command, a Batch of commands (client commands or steps of a cross-shard transaction),
-    ExpireHolds or SetSlots; the last two are never inside a Batch."""
+    ExpireHolds, SetSlots, SetFeedOffset or CompactFeed; the last four are never inside a Batch."""
     try:
         if isinstance(w, list) and w:
             tag = w[0]
@@ -263,6 +272,11 @@ def command_from_wire(w: Any) -> AnyCommand | Invalid:
                 return ExpireHolds()
             if type(tag) is int and tag == TAG_SET_SLOTS and len(w) == 3:
                 return _decode_set_slots(w)
+            if type(tag) is int and tag == TAG_SET_FEED_OFFSET and len(w) == 4:
+                return SetFeedOffset(_want(w[1], str, "consumer"), _int(w[2], "offset"),
+                                     _want(w[3], bool, "remove"))
+            if type(tag) is int and tag == TAG_COMPACT_FEED and len(w) == 3:
+                return CompactFeed(_int(w[1], "through"), _int(w[2], "age_min_ns"))
         return _decode_inner(w)
     except CodecError as exc:
         return Invalid(str(exc))

@@ -44,6 +44,7 @@ class ResultCode(IntEnum):
     accounts_must_be_different = 30
     wrong_shard = 31
     transaction_aborted = 32
+    feed_offset_out_of_range = 33
 
     @property
     def is_ok(self) -> bool:
@@ -85,4 +86,6 @@ MESSAGES: dict[ResultCode, str] = {
     ResultCode.wrong_shard: "the command names an account whose slot another shard owns",
     ResultCode.transaction_aborted: "the cross-shard transaction did not complete in time and was rolled "
                                     "back; send it again with a new id",
+    ResultCode.feed_offset_out_of_range: "a consumer's offset must be between the first event the shard "
+                                         "still holds (minus one) and its last event",
 }

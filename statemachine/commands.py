@@ -180,6 +180,47 @@ class SetSlots:
         return ""
 
 
+# ---- the change feed: durable consumers and retention (docs/design.md, "Change feed") ------------
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class SetFeedOffset:
+    """A durable consumer of this shard's feed has processed every event up to ``offset`` (0: none);
+    ``remove`` forgets the consumer, so that it no longer holds back retention. Standalone only."""
+
+    consumer: Final[str]
+    offset: Final[int]
+    remove: Final[bool]
+
+    def __init__(self, consumer: str, offset: int = 0, remove: bool = False) -> None:
+        self.consumer = consumer
+        self.offset = offset
+        self.remove = remove
+
+    @property
+    def id(self) -> str:
+        """Not a field: the consumer's name, which its Result carries."""
+        return self.consumer
+
+
+@dataclass(init=False, slots=True, unsafe_hash=True)
+class CompactFeed:
+    """Drop the oldest outbox events, up to ``through``, that every consumer has processed and that
+    were written at least ``age_min_ns`` before this request's timestamp. Proposed by the leader
+    (as ``ExpireHolds``), never accepted from a client or a peer; standalone only."""
+
+    through: Final[int]
+    age_min_ns: Final[int]
+
+    def __init__(self, through: int, age_min_ns: int) -> None:
+        self.through = through
+        self.age_min_ns = age_min_ns
+
+    @property
+    def id(self) -> str:
+        """Not a field: the empty id its Result carries (as ``ExpireHolds``)."""
+        return ""
+
 
 # ---- cross-shard transactions: the steps of two-phase commit (docs/design.md) ----------------------
 
@@ -347,7 +388,8 @@ class ClaimId:
 
 ProtocolCommand: TypeAlias = PrepareLeg | FinishLeg | Decide | Complete | ClaimId
 
-AnyCommand: TypeAlias = Command | Batch | ExpireHolds | SetSlots | ProtocolCommand
+AnyCommand: TypeAlias = (Command | Batch | ExpireHolds | SetSlots | ProtocolCommand | SetFeedOffset
+                         | CompactFeed)
 
 
 @dataclass(init=False, slots=True, unsafe_hash=True)

@@ -5,7 +5,8 @@ Sub-databases:
   entries      account num (u64) + seq (u64)     -> entry record
   transactions transaction id (utf-8)            -> transaction record (msgpack)
   idempotency  transaction id (utf-8)            -> [payload hash, result code, timestamp, details]
-  outbox       offset (u64)                      -> [type, timestamp, kind, record bytes]
+  outbox       offset (u64)                      -> [type, kind, timestamp, record bytes]: an event of
+                                                    the change feed (kinds in ``ledger``, EVENT_*)
   expiries     deadline ns (u64) + transaction id -> b""
   meta         b"state"                          -> shard state (applied index, chain, counters)
   legs         transaction id (utf-8)            -> this shard's leg of a cross-shard transaction
@@ -14,6 +15,10 @@ Sub-databases:
                b"slots"                          -> msgpack [epoch, [[first, last], ...]]: the hash
                                                     slots this shard owns, as of that map epoch
                                                     (absent: no slots yet, every account accepted)
+               b"feed_floor"                     -> u64: the first outbox offset still held (absent:
+                                                    1, nothing compacted yet)
+  consumers    consumer name (utf-8)             -> u64 offset + u64 timestamp: a durable consumer of
+                                                    the feed has processed every event up to offset
 
 Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
 unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
@@ -34,9 +39,10 @@ from .records import Account, Leg, OpenDecision, Transaction
 from .slots import owned_table
 
 DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta",
-                   "legs", "open_legs", "decisions")
+                   "legs", "open_legs", "decisions", "consumers")
 STATE_KEY: Final = b"state"
 SLOTS_KEY: Final = b"slots"
+FEED_FLOOR_KEY: Final = b"feed_floor"
 
 Raw = bytes | memoryview  # what LMDB hands back
 
@@ -54,6 +60,10 @@ M64: Final = 2**64 - 1
 # totals (4 x 16 bytes) and the transaction id (utf-8).
 ENTRY: Final = struct.Struct(">QQQBBB16s32s")
 TOTALS: Final = struct.Struct(">16s16s16s16s")
+# A feed event's balances of one account right after it: seq, then the four 128-bit totals as halves.
+BALANCES: Final = struct.Struct(">QQQQQQQQQ")
+U32: Final = struct.Struct(">I")
+CONSUMER: Final = struct.Struct(">QQ")  # offset, timestamp of the last change
 
 ENTRY_STATUSES: Final = ("pending", "posted", "voided", "expired")
 ENTRY_STATUS_BYTE: Final = {s: i for i, s in enumerate(ENTRY_STATUSES)}
@@ -168,6 +178,19 @@ class AccountRow:
         if self.normal is Direction.credit:
             return self.credits_posted - self.debits_posted
         return self.debits_posted - self.credits_posted
+
+
+def pack_balances(row: AccountRow) -> bytes:
+    """What a feed event records of an account it moved: its seq and totals right after it."""
+    dp, cp, dpe, cpe = row.debits_posted, row.credits_posted, row.debits_pending, row.credits_pending
+    return BALANCES.pack(row.seq, dp >> 64, dp & M64, cp >> 64, cp & M64, dpe >> 64, dpe & M64,
+                         cpe >> 64, cpe & M64)
+
+
+def unpack_balances(data: Raw, pos: int = 0) -> tuple[int, int, int, int, int]:
+    """(seq, debits_posted, credits_posted, debits_pending, credits_pending) of the record at ``pos``."""
+    seq, dp1, dp0, cp1, cp0, dpe1, dpe0, cpe1, cpe0 = BALANCES.unpack_from(data, pos)
+    return seq, dp1 << 64 | dp0, cp1 << 64 | cp0, dpe1 << 64 | dpe0, cpe1 << 64 | cpe0
 
 
 def unpack_account(account_id: str, data: Raw) -> AccountRow:

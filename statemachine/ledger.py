@@ -36,6 +36,7 @@ from .commands import (
     Batch,
     ClaimId,
     Command,
+    CompactFeed,
     Complete,
     CreateAccount,
     CreateTransaction,
@@ -47,13 +48,17 @@ from .commands import (
     PrepareLeg,
     ProtocolCommand,
     ReverseTransaction,
+    SetFeedOffset,
     SetSlots,
     TxEntry,
     VoidPending,
 )
 from .layout import (
+    CONSUMER,
     ENTRY_STATUS_BYTE,
+    FEED_FLOOR_KEY,
     SLOTS_KEY,
+    U32,
     U64,
     AccountRow,
     InvariantViolation,
@@ -62,6 +67,7 @@ from .layout import (
     ensure,
     entry_key,
     expiry_key,
+    pack_balances,
     pack_entry_fields,
     pack_leg,
     pack_open_decision,
@@ -89,7 +95,16 @@ from .records import (
     Transaction,
 )
 from .slots import ranges_problem, slot_of
-from .validate import RULES_VERSION, Problem, claim_problem, command_problem, decide_problem, leg_problem
+from .validate import (
+    RULES_FEED,
+    RULES_VERSION,
+    Problem,
+    claim_problem,
+    command_problem,
+    decide_problem,
+    feed_offset_problem,
+    leg_problem,
+)
 
 balance_limit = total_limit  # a move past it is refused as overflow (not Final: tests lower it)
 NO_DEADLINE: Final = 2**64
@@ -101,6 +116,11 @@ FLAG_CLOSED: Final = int(AccountFlag.closed)
 FLAG_HISTORY: Final = int(AccountFlag.history)
 EVENT_ACCOUNT: Final = 0
 EVENT_TRANSACTION: Final = 1
+# A transaction and, after it, the balances of its accounts right after the event (from RULES_FEED):
+# u32 length of the packed transaction, the transaction, then one BALANCES record per account, in the
+# order the accounts first appear in the transaction's entries.
+EVENT_TRANSACTION_BALANCES: Final = 2
+feed_compaction_events_max: Final = 10_000  # events one CompactFeed drops (the leader proposes more)
 EVENT_TYPES: Final = ("account.created", "transaction.posted", "transaction.pending",
                       "transaction.voided", "transaction.expired", "transaction.reversed")
 EVENT_TYPE_CODE: Final = {name: i for i, name in enumerate(EVENT_TYPES)}
@@ -138,6 +158,7 @@ class Dbs(NamedTuple):
     legs: Any
     open_legs: Any
     decisions: Any
+    consumers: Any
 
 
 class Cursors:
@@ -413,6 +434,12 @@ class Applier:
             return Result(ResultCode.ok, "")  # the expiry above is all it asks for
         if isinstance(command, SetSlots):
             return self._set_slots(command)
+        if isinstance(command, SetFeedOffset | CompactFeed):
+            if self.rules < RULES_FEED:  # not a command before then: its tag decoded as nothing
+                return Result(ResultCode.invalid_command, "", details={"reason": "unknown command tag"})
+            if isinstance(command, SetFeedOffset):
+                return self._set_feed_offset(command, ts)
+            return self._compact_feed(command, ts)
         return self._apply_command(command, ts)
 
     def _apply_command(self, command: Command | ProtocolCommand, ts: int) -> Result:
@@ -699,6 +726,51 @@ class Applier:
         return Transaction(cmd.id, STATUS_POSTED, tuple(entries), orig.code, orig.metadata, ts,
                            reverses=orig.id)
 
+    # ---- the change feed: consumers and retention ----------------------------------------------
+
+    def feed_floor(self) -> int:
+        """The first outbox offset still held (offsets before it were compacted)."""
+        raw = self.txn.get(FEED_FLOOR_KEY, db=self.dbs.meta)
+        return 1 if raw is None else int(U64.unpack(raw)[0])
+
+    def _set_feed_offset(self, cmd: SetFeedOffset, ts: int) -> Result:
+        """Store (or forget) a consumer's offset: at least the floor minus one, at most the last event."""
+        problem = feed_offset_problem(cmd)
+        if problem:
+            return Result(problem[0], cmd.consumer, details=problem[1])
+        key = cmd.consumer.encode()
+        if cmd.remove:
+            found = self.txn.delete(key, db=self.dbs.consumers)
+            return Result(ResultCode.ok, cmd.consumer, details={"removed": bool(found)})
+        floor, last = self.feed_floor(), self.state.next_offset - 1
+        if not floor - 1 <= cmd.offset <= last:
+            return Result(ResultCode.feed_offset_out_of_range, cmd.consumer,
+                          details={"offset": cmd.offset, "first": floor, "last": last})
+        self.txn.put(key, CONSUMER.pack(cmd.offset, ts), db=self.dbs.consumers)
+        return Result(ResultCode.ok, cmd.consumer, details={"offset": cmd.offset, "last": last})
+
+    def _compact_feed(self, cmd: CompactFeed, ts: int) -> Result:
+        """Drop events from the floor on, in offset order, while each is at most ``through``, behind
+        every consumer and old enough; at most ``feed_compaction_events_max`` of them."""
+        if cmd.through < 0 or cmd.age_min_ns < 0:
+            return Result(ResultCode.invalid_command, "", details={"field": "compaction"})
+        bound = min(cmd.through, self.state.next_offset - 1)
+        for _, value in self.txn.cursor(db=self.dbs.consumers):
+            bound = min(bound, int(CONSUMER.unpack(value)[0]))
+        cutoff = ts - cmd.age_min_ns
+        floor = self.feed_floor()
+        cursor = self.cursors.outbox
+        removed = 0
+        while removed < feed_compaction_events_max and floor <= bound and cursor.set_key(U64.pack(floor)):
+            if EVENT_HEAD.unpack_from(cursor.value())[2] > cutoff:
+                break
+            cursor.delete()
+            floor += 1
+            removed += 1
+        if removed:
+            self.txn.put(FEED_FLOOR_KEY, U64.pack(floor), db=self.dbs.meta)
+        return Result(ResultCode.ok, "", details={"first": floor, "removed": removed})
+
     # ---- cross-shard transactions: the steps of two-phase commit (docs/design.md) -------------
 
     def _prepare_leg(self, cmd: PrepareLeg, ts: int) -> Result:
@@ -799,7 +871,7 @@ class Applier:
                          pending_id=leg.id if cmd.by != leg.id else None)
         event = {STATUS_POSTED: "transaction.posted", STATUS_VOIDED: "transaction.voided",
                  STATUS_EXPIRED: "transaction.expired"}[status]
-        self._emit(event, ts, EVENT_TRANSACTION, pack_transaction(tx, self.packb))
+        self._emit_transaction(event, ts, tx, pack_transaction(tx, self.packb))
         return Result(ResultCode.ok, cmd.id)
 
     def _close_open_leg(self, leg: Leg) -> None:
@@ -978,7 +1050,8 @@ class Applier:
             moves = [Move(e.account_id, e.direction, e.amount, e.currency, STATUS_EXPIRED)
                      for e in hold.entries]
             self._move(moves, hold.id, ts, new_entries=False)
-            self._emit("transaction.expired", ts, EVENT_TRANSACTION, pack_transaction(expired, self.packb))
+            self._emit_transaction("transaction.expired", ts, expired,
+                                   pack_transaction(expired, self.packb))
 
     def _drop_expiry(self, hold: Transaction) -> None:
         if hold.expires_at is not None:
@@ -1000,7 +1073,7 @@ class Applier:
         key = tx.id.encode()
         self.cursors.transactions.put(key, packed)
         self.cursors.idempotency.put(key, digest)
-        self._emit(event, tx.timestamp, EVENT_TRANSACTION, packed)
+        self._emit_transaction(event, tx.timestamp, tx, packed)
 
     def _reject(self, txid: str, digest: bytes, exc: Rejected, ts: int) -> Result:
         """Store the rejection so that a retry of the same payload gets it again, forever."""
@@ -1023,6 +1096,21 @@ class Applier:
         assert tx is not None
         as_created = tx.with_status(tx.initial_status)
         return Result(ResultCode.ok, txid, record=as_created, replayed=True)
+
+    def _emit_transaction(self, event_type: str, ts: int, tx: Transaction, packed: bytes) -> None:
+        """A transaction's event; from RULES_FEED with each of its accounts' balances right after it
+        (the rows this entry wrote last are those, as the event is emitted when its moves are done),
+        in the order the accounts first appear in its entries."""
+        if self.rules < RULES_FEED:
+            self._emit(event_type, ts, EVENT_TRANSACTION, packed)
+            return
+        written = self.written
+        try:
+            balances = b"".join([pack_balances(written[account_id])
+                                 for account_id in dict.fromkeys([e.account_id for e in tx.entries])])
+        except KeyError as exc:
+            raise InvariantViolation(f"an event's account was not moved by it: {exc}") from exc
+        self._emit(event_type, ts, EVENT_TRANSACTION_BALANCES, U32.pack(len(packed)) + packed + balances)
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:
         offset = self.state.next_offset

@@ -21,9 +21,13 @@ from .codec import CodecError, Invalid, decode_requests, entry_version
 from .codes import ResultCode
 from .commands import AnyCommand
 from .layout import (
+    BALANCES,
+    CONSUMER,
     DB_NAMES,
+    FEED_FLOOR_KEY,
     SLOTS_KEY,
     STATE_KEY,
+    U32,
     U64,
     AccountRow,
     InvariantViolation,
@@ -35,6 +39,7 @@ from .layout import (
     entry_timestamp_of,
     split_timed_key,
     unpack_account,
+    unpack_balances,
     unpack_entry,
     unpack_leg,
     unpack_open_decision,
@@ -44,6 +49,7 @@ from .ledger import (
     CLAIMED_AT,
     EVENT_ACCOUNT,
     EVENT_HEAD,
+    EVENT_TRANSACTION_BALANCES,
     EVENT_TYPES,
     Applier,
     Dbs,
@@ -352,8 +358,14 @@ class Reader:
                 out.append(decision)
         return sorted(out, key=lambda d: d.timestamp)[:limit]
 
+    def feed_bounds(self) -> tuple[int, int]:
+        """(first offset still held, last offset written); first > last when none is held."""
+        raw = self.txn.get(FEED_FLOOR_KEY, db=self.dbs.meta)
+        first = 1 if raw is None else int(U64.unpack(raw)[0])
+        return first, self.state().next_offset - 1
+
     def events(self, after: int = 0, limit: int = 100) -> list[Event]:
-        """Outbox events with offset > ``after``, in offset order (offsets start at 1, dense)."""
+        """Outbox events with offset > ``after``, in offset order (dense from the first one held)."""
         limit = max(1, min(limit, events_page_limit_max))
         out: list[Event] = []
         cursor = self.txn.cursor(db=self.dbs.outbox)
@@ -372,7 +384,42 @@ class Reader:
             account_id, packed = msgpack.unpackb(record)
             acct = unpack_account(account_id, packed).to_account()
             return Event(offset, event_type, ts, acct.to_json(self.shard))
-        return Event(offset, event_type, ts, unpack_transaction(record).to_json(self.shard))
+        if kind != EVENT_TRANSACTION_BALANCES:
+            return Event(offset, event_type, ts, unpack_transaction(record).to_json(self.shard))
+        size = U32.unpack_from(record)[0]
+        tx = unpack_transaction(record[U32.size:U32.size + size])
+        data = tx.to_json(self.shard)
+        at = U32.size + size
+        accounts = dict.fromkeys(e.account_id for e in tx.entries)
+        data["balances"] = [self._balance_after(account_id, record, at + i * BALANCES.size, ts)
+                            for i, account_id in enumerate(accounts)]
+        return Event(offset, event_type, ts, data)
+
+    def _balance_after(self, account_id: str, record: bytes, pos: int, ts: int) -> dict[str, Any]:
+        """An account's balances as an event recorded them; currency and side never change."""
+        acct = self._need_account(account_id)
+        seq, dp, cp, dpe, cpe = unpack_balances(record, pos)
+        return Balance(account_id, acct.currency, acct.normal, dp, cp, dpe, cpe, seq, ts).to_json()
+
+    def consumers(self) -> dict[str, tuple[int, int]]:
+        """Every durable consumer of this shard's feed: name -> (offset, timestamp of its last commit)."""
+        out: dict[str, tuple[int, int]] = {}
+        for key, value in self.txn.cursor(db=self.dbs.consumers):
+            offset, ts = CONSUMER.unpack(value)
+            out[bytes(key).decode()] = (int(offset), int(ts))
+        return out
+
+    def consumer(self, name: str) -> tuple[int, int] | None:
+        raw = self.txn.get(name.encode(), db=self.dbs.consumers)
+        if raw is None:
+            return None
+        offset, ts = CONSUMER.unpack(raw)
+        return int(offset), int(ts)
+
+    def event_timestamp(self, offset: int) -> int | None:
+        """When the event at ``offset`` was written (None if it is not held)."""
+        raw = self.txn.get(U64.pack(offset), db=self.dbs.outbox)
+        return None if raw is None else int(EVENT_HEAD.unpack_from(raw)[2])
 
     def account_ids(self) -> Iterator[str]:
         cursor = self.txn.cursor(db=self.dbs.accounts)

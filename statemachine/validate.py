@@ -32,6 +32,7 @@ from .commands import (
     PostPending,
     PrepareLeg,
     ReverseTransaction,
+    SetFeedOffset,
     VoidPending,
     amount_max,
     entries_per_transaction_max,
@@ -39,11 +40,15 @@ from .commands import (
     timeout_seconds_max,
 )
 
-RULES_VERSION: Final = 3  # the rules this code applies to the entries it proposes
+RULES_VERSION: Final = 4  # the rules this code applies to the entries it proposes
 RULES_SELF_TRANSFER: Final = 2  # from this version, an account may not be on both sides
 # From this version a shard may hold slots (SetSlots) and refuse accounts of other slots. Older code
 # would apply SetSlots as an invalid command and keep accepting every account: it must stop instead.
 RULES_SLOTS: Final = 3
+# From this version the change feed has durable consumers (SetFeedOffset), compaction (CompactFeed),
+# and transaction events carry the balances their accounts had right after them. Older code would
+# apply the two commands as invalid and write events without balances: it must stop instead.
+RULES_FEED: Final = 4
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")
@@ -228,6 +233,15 @@ def claim_problem(cmd: ClaimId) -> Problem | None:
     if len(cmd.digest) != digest_bytes or cmd.at < 0:
         return ResultCode.invalid_command, {"field": "claim"}
     return _id_problem(cmd.id, "id")
+
+
+def feed_offset_problem(cmd: SetFeedOffset) -> Problem | None:
+    """A consumer's name is shaped like an id; an offset is never negative."""
+    if not valid_id(cmd.consumer):
+        return ResultCode.invalid_id, {"field": "consumer"}
+    if cmd.offset < 0:
+        return ResultCode.invalid_command, {"field": "offset"}
+    return None
 
 
 def command_problem(cmd: Command, rules: int = RULES_VERSION) -> Problem | None:

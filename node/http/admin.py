@@ -3,10 +3,14 @@
 The work runs where the data is: each node audits its own replicas and answers with a small report
 (``GET /v1/admin/verify``), answers its fingerprint at an index the caller names, so that replicas
 applying at different speeds are compared at one index (``.../fingerprint?index=N``), sums its
-currencies (``.../totals``), and streams a consistent copy of a replica's store (``.../backup``: one
-LMDB read transaction, copied through a pipe so the node holds one chunk in memory, not the shard).
-``GET /v1/admin/cluster/map`` is the whole map as the metadata group holds it (addresses and
-sections included), for a backup.
+currencies (``.../totals``), reads a replica's cross-shard state for a cut of the cluster
+(``.../cut``, ``raftledger.cluster.cut``), and streams a consistent copy of a replica's store
+(``.../backup``: one LMDB read transaction, copied through a pipe so the node holds one chunk in
+memory, not the shard). ``GET /v1/admin/cluster/map`` is the whole map as the metadata group holds
+it (addresses and sections included), for a backup.
+
+What reads a whole store runs on a worker thread, under a store lease (``ShardService.store_lease``):
+a snapshot installed meanwhile replaces the store, and the replaced one stays open until the read ends.
 """
 
 from __future__ import annotations
@@ -20,9 +24,10 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
+from raftledger.cluster.cut import summarize
 from raftledger.statemachine.audit import currency_totals, verify_store
 from raftledger.statemachine.layout import unpack_leg
-from raftledger.statemachine.store import Reader
+from raftledger.statemachine.store import LedgerStore, Reader
 
 from ..service import ShardService
 from . import parse
@@ -75,9 +80,10 @@ def _open_legs(reader: Reader, prepared_before_ns: int) -> list[dict[str, Any]]:
     return found
 
 
-def audit_replica(node_id: str, svc: ShardService, prepared_before_ns: int) -> dict[str, Any]:
+def audit_replica(node_id: str, svc: ShardService, store: LedgerStore, prepared_before_ns: int
+                  ) -> dict[str, Any]:
     """One replica checks itself (``statemachine.audit.verify_store``) in one read transaction."""
-    with svc.store.reader() as reader:
+    with store.reader() as reader:
         state = reader.state()
         problems = verify_store(reader)
         report = {
@@ -101,8 +107,8 @@ async def verify(request: web.Request) -> web.Response:
     cutoff_ns = time.time_ns() - grace_s * 1_000_000_000
     replicas = []
     for _shard, svc in sorted(ctx.shards.items()):
-        # Off the event loop: an audit reads the whole store.
-        replicas.append(await asyncio.to_thread(audit_replica, ctx.node_id, svc, cutoff_ns))
+        with svc.store_lease() as store:  # off the event loop: an audit reads the whole store
+            replicas.append(await asyncio.to_thread(audit_replica, ctx.node_id, svc, store, cutoff_ns))
     return respond(request, 200, {"node": ctx.node_id, "map_epoch": ctx.maps.epoch,
                                   "replicas": replicas})
 
@@ -141,6 +147,26 @@ async def totals(request: web.Request) -> web.Response:
     return respond(request, 200, body)
 
 
+async def cut(request: web.Request) -> web.Response:
+    """This replica's cross-shard state in one read transaction (``raftledger.cluster.cut``): its
+    per-currency totals, every open leg and open decision, and the legs, decisions and aborts since
+    ``since_ns``. ``raftledger verify`` reads every shard at once and checks the readings fit."""
+    ctx = context_of(request)
+    svc = _hosted(ctx, request)
+    parse.check_query(request.query, frozenset({"since_ns"}))
+    since_ns = parse.query_int(request.query, "since_ns", 0, 2**64 - 1, 0)
+    assert since_ns is not None
+
+    def read(store: LedgerStore) -> dict[str, Any]:
+        with store.reader() as reader:
+            return summarize(reader, since_ns, ctx.node_id).to_json()
+
+    with svc.store_lease() as store:
+        body = await asyncio.to_thread(read, store)
+    body["role"] = "leader" if svc.is_leader() else "follower"
+    return respond(request, 200, body)
+
+
 # -- backup ----------------------------------------------------------------------------------------
 
 async def cluster_map(request: web.Request) -> web.Response:
@@ -172,26 +198,27 @@ async def backup_shard(request: web.Request) -> web.StreamResponse:
 
     def copy() -> None:  # a worker thread: LMDB writes the copy into the pipe
         try:
-            svc.store.copy_to_fd(write_fd, before_copy=lambda fp: loop.call_soon_threadsafe(settle, fp))
+            store.copy_to_fd(write_fd, before_copy=lambda fp: loop.call_soon_threadsafe(settle, fp))
         except BaseException as exc:
             loop.call_soon_threadsafe(settle, exc)
             raise
         finally:
             os.close(write_fd)
 
-    copier = asyncio.ensure_future(asyncio.to_thread(copy))
-    try:
-        index, chain = await started
-        response = web.StreamResponse(headers={
-            APPLIED_INDEX_HEADER: str(index), FINGERPRINT_HEADER: chain, NODE_HEADER: ctx.node_id,
-            "Content-Type": OCTETS})
-        await response.prepare(request)
-        while chunk := await asyncio.to_thread(os.read, read_fd, backup_chunk_bytes):
-            await response.write(chunk)
-    finally:
-        os.close(read_fd)  # a copy still writing (the client went away) fails at once
-        with contextlib.suppress(Exception):
-            await copier
+    with svc.store_lease() as store:  # kept open until the copy's thread is done with it
+        copier = asyncio.ensure_future(asyncio.to_thread(copy))
+        try:
+            index, chain = await started
+            response = web.StreamResponse(headers={
+                APPLIED_INDEX_HEADER: str(index), FINGERPRINT_HEADER: chain, NODE_HEADER: ctx.node_id,
+                "Content-Type": OCTETS})
+            await response.prepare(request)
+            while chunk := await asyncio.to_thread(os.read, read_fd, backup_chunk_bytes):
+                await response.write(chunk)
+        finally:
+            os.close(read_fd)  # a copy still writing (the client went away) fails at once
+            with contextlib.suppress(Exception):
+                await copier
     if copier.exception() is not None:
         # Never end a broken copy as if it were whole: cut the connection instead.
         log.error("shard %d: backup copy failed: %s", svc.shard, copier.exception())

@@ -10,7 +10,8 @@ from functools import partial
 import uvloop
 from aiohttp import web
 
-from . import admin, cross_shard, internal, membership, ops, reads, writes
+from ..feed import exporter
+from . import admin, cross_shard, feed, internal, membership, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -33,6 +34,13 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("POST", "/transacoes", writes.create_transaction),
     ("GET", f"/contas/{ID}/saldo", reads.get_balance),
     ("GET", f"/contas/{ID}/extrato", reads.get_entries),
+    ("GET", "/v1/feed", feed.get_feed),
+    ("GET", "/v1/feed/stream", feed.stream_feed),
+    ("PUT", "/v1/feed/consumers/{name}/offsets", feed.put_offsets),
+    ("GET", "/v1/feed/consumers/{name}", feed.get_consumer),
+    ("DELETE", "/v1/feed/consumers/{name}", feed.delete_consumer),
+    ("GET", "/v1/feed/dlq", feed.list_dead_letters),
+    ("POST", "/v1/feed/dlq/redrive", feed.redrive_dead_letters),
     ("GET", "/v1/cluster", membership.cluster_status),
     ("GET", "/v1/cluster/map", ops.cluster_map),
     ("POST", "/v1/cluster/nodes", membership.register_node),
@@ -46,6 +54,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/verify", admin.verify),
     ("GET", "/v1/admin/shards/{shard}/fingerprint", admin.fingerprint),
     ("GET", "/v1/admin/shards/{shard}/totals", admin.totals),
+    ("GET", "/v1/admin/shards/{shard}/cut", admin.cut),
     ("GET", "/v1/admin/shards/{shard}/backup", admin.backup_shard),
     ("GET", "/v1/admin/cluster/map", admin.cluster_map),
 )
@@ -73,6 +82,8 @@ def install(app: web.Application, ctx: NodeContext) -> None:
         await ctx.close()
 
     app.cleanup_ctx.append(partial(_resolvers, ctx))
+    feed.install(app, ctx)
+    app.cleanup_ctx.append(partial(exporter.background, ctx))
     app.on_cleanup.append(close_client)
 
 

@@ -59,6 +59,7 @@ from raftledger.statemachine.commands import (
     PrepareLeg,
     ProtocolCommand,
     ReverseTransaction,
+    SetFeedOffset,
     VoidPending,
     batch_commands_max,
 )
@@ -178,6 +179,8 @@ def admit(ctx: NodeContext, shard: int, command: AnyCommand | codec.Invalid) -> 
         return command
     if isinstance(command, ExpireHolds):
         raise LedgerError("malformed_body", "ExpireHolds is not a command peers send")
+    if isinstance(command, SetFeedOffset):  # a feed consumer's offset: the state machine checks it
+        return command
     _admit_one(ctx, shard, command, "")
     return command
 

@@ -21,8 +21,12 @@ log = logging.getLogger("raftledger.http")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 UNBOUNDED_ROUTES = frozenset({"/healthz", "/metrics", "/readyz"})
-# Routes whose work grows with the ledger (a whole shard streamed or audited): no request timeout.
-UNTIMED_ROUTES = frozenset({"/v1/admin/verify", "/v1/admin/shards/{shard}/backup"})
+# Long-lived answers (Server-Sent Events): no request timeout, and a bound of their own
+# ([feed] streams_max) instead of a share of the in-flight requests.
+STREAM_ROUTES = frozenset({"/v1/feed/stream"})
+# Routes whose work grows with the ledger (a whole shard streamed or audited), and streams: no
+# request timeout.
+UNTIMED_ROUTES = frozenset({"/v1/admin/verify", "/v1/admin/shards/{shard}/backup"}) | STREAM_ROUTES
 slow_request_s = 1.0
 KNOWN_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"})
 SHARD_RE = re.compile(r"[0-9]{1,9}")
@@ -99,7 +103,7 @@ async def edge(request: web.Request, handler: Handler) -> web.StreamResponse:
     token = request_id_var.set(request_id)
     started = time.perf_counter()
     route = route_name(request)
-    bounded = int(route not in UNBOUNDED_ROUTES)
+    bounded = int(route not in UNBOUNDED_ROUTES and route not in STREAM_ROUTES)
     response: web.StreamResponse
     try:
         if bounded and state.in_flight >= ctx.settings.http.requests_in_flight_max:

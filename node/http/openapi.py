@@ -51,6 +51,23 @@ BALANCE_QUERY = [_param("at_seq", schema={"type": "integer", "minimum": 0}),
                         description="nanoseconds since the epoch")]
 
 
+FEED_SHARD = _param("shard", schema={"type": "integer", "minimum": 0},
+                    description="the shard whose feed to read (optional in a cluster of one shard)")
+FEED_AFTER = _param("after", schema={"type": "integer", "minimum": 0, "default": 0},
+                    description="the events after this offset (a consumer's offset, or next_after)")
+FEED_QUERY = [FEED_SHARD, FEED_AFTER,
+              _param("limit", schema={"type": "integer", "minimum": 1, "default": 100},
+                     description="at most [feed] page_events_max"),
+              _param("wait_ms", schema={"type": "integer", "minimum": 0, "default": 0},
+                     description="when no event is there yet, wait this long for one (a long-poll; at "
+                                 "most [feed] wait_ms_max)")]
+LAST_EVENT_ID = _param("Last-Event-ID", "header", {"type": "string", "pattern": "^([0-9]+:)?[0-9]+$"},
+                       "resume after this event id (<shard>:<offset>); it takes precedence over after")
+DLQ_QUERY = [_param("shard", schema={"type": "integer", "minimum": 0}),
+             _param("sink", schema={"enum": ["webhook", "nats"]})]
+CONSUMER_NAME = _param("name", "path", {"type": "string", "pattern": "^[A-Za-z0-9._:-]{1,128}$"})
+
+
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
     return {"application/json": {"schema": schema}, "application/msgpack": {"schema": schema}}
 
@@ -127,6 +144,39 @@ PATHS: dict[str, dict[str, Any]] = {
     "/transacoes": {"post": dict(TX_CREATE, summary="Alias of POST /v1/transactions")},
     "/contas/{id}/saldo": {"get": dict(BALANCE, summary="Alias of the balance route")},
     "/contas/{id}/extrato": {"get": dict(ENTRIES, summary="Alias of the entries route")},
+    "/v1/feed": {"get": _op("One page of a shard's change feed, in offset order (long-poll with wait_ms)",
+                            "feed", 200, _ref("FeedPage"), (400, 410, 503), [*FEED_QUERY, *CONSISTENCY])},
+    "/v1/feed/stream": {"get": {
+        **_op("A shard's change feed as Server-Sent Events (id, event type, JSON data; a comment while "
+              "idle)", "feed", 200, None, (400, 410, 503), [FEED_SHARD, FEED_AFTER, LAST_EVENT_ID,
+                                                            *CONSISTENCY]),
+        "responses": {"200": {"description": "text/event-stream: one event per Event, in offset order",
+                              "content": {"text/event-stream": {}}},
+                      "307": {"description": "the shard is read on a node that hosts it"},
+                      **{str(s): {"description": "error (see the code)", "content": _json(_ref("Error"))}
+                         for s in (400, 410, 503)}}}},
+    "/v1/feed/consumers/{name}/offsets": {"put": _op(
+        "Commit a durable consumer's offsets, per shard (replicated); they hold back retention",
+        "feed", 200, _ref("ConsumerCommit"), (400, 422, 503), [CONSUMER_NAME],
+        {"type": "object", "required": ["offsets"], "additionalProperties": False, "properties": {
+            "offsets": {"type": "object", "minProperties": 1,
+                        "additionalProperties": {"type": "integer", "minimum": 0},
+                        "description": "shard (as a string) -> the last offset processed"}},
+         "example": {"offsets": {"0": 17, "1": 4}}})},
+    "/v1/feed/consumers/{name}": {
+        "get": _op("A durable consumer's offset and lag on each shard", "feed", 200, _ref("Consumer"),
+                   READ_ERRORS, [CONSUMER_NAME, _param("shard", schema={"type": "integer", "minimum": 0}),
+                                 *CONSISTENCY]),
+        "delete": _op("Forget a durable consumer on every shard (it no longer holds back retention)",
+                      "feed", 200, _ref("ConsumerCommit"), (400, 503), [CONSUMER_NAME])},
+    "/v1/feed/dlq": {"get": _op(
+        "The exporters' dead-lettered batches (events kept until re-driven)", "feed", 200,
+        _ref("DeadLetters"), (400, 503), DLQ_QUERY)},
+    "/v1/feed/dlq/redrive": {"post": _op(
+        "Send every dead-lettered batch again, once each; the delivered ones leave the store", "feed",
+        200, {"type": "object", "properties": {"redriven": {"type": "array", "items": _ref("DeadLetter")},
+                                               "failed": {"type": "array", "items": _ref("DeadLetter")}}},
+        (400, 503), DLQ_QUERY)},
     "/v1/cluster": {"get": _op("The map's epoch, nodes and slot ranges; every shard's replicas: role, "
                                "term, commit and applied index, lag, last contact; changes in "
                                "progress", "operations", 200, _ref("ClusterStatus"), errors=(503,))},
@@ -167,6 +217,11 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/admin/shards/{shard}/totals": {"get": _op(
         "Per-currency sums over every account of this node's replica", "admin", 200,
         {"type": "object"}, (404,), [SHARD])},
+    "/v1/admin/shards/{shard}/cut": {"get": _op(
+        "This replica's cross-shard state in one read, for a cut of the cluster: per-currency totals, "
+        "every open leg and open decision, and the legs, cross-shard decisions and aborts since "
+        "since_ns", "admin", 200, {"type": "object"}, (400, 404),
+        [SHARD, _param("since_ns", schema={"type": "integer", "minimum": 0, "default": 0})])},
     "/v1/admin/shards/{shard}/backup": {"get": {
         "summary": "A consistent copy of this replica's LMDB store, streamed; X-Ledger-Applied-Index "
                    "and X-Ledger-Fingerprint name the point it was taken at", "tags": ["admin"],
@@ -255,6 +310,34 @@ SCHEMAS: dict[str, Any] = {
     "Fingerprint": {"type": "object", "properties": {
         "shard": INT, "node": {"type": "string"}, "asked": INT, "index": INT,
         "fingerprint": {"type": "string"}}},
+    "Event": {"type": "object", "required": ["id", "shard", "offset", "type", "timestamp", "data"],
+              "properties": {
+                  "id": {"type": "string", "description": "<shard>:<offset>, unique: de-duplicate by it"},
+                  "shard": INT, "offset": INT, "timestamp": INT,
+                  "type": {"enum": ["account.created", "transaction.posted", "transaction.pending",
+                                    "transaction.voided", "transaction.expired", "transaction.reversed"]},
+                  "data": {"type": "object", "description": "the account, or the transaction (this "
+                           "shard's entries; cross_shard and shards say whether other shards hold the "
+                           "rest) with balances: each of its accounts' Balance right after the event"}}},
+    "FeedPage": {"type": "object", "required": ["shard", "events", "next_after"], "properties": {
+        "shard": INT, "events": {"type": "array", "items": _ref("Event")},
+        "next_after": {"type": "integer", "description": "the after of the next request"},
+        "first_offset": {"type": "integer", "description": "the first offset still held"},
+        "last_offset": {"type": "integer", "description": "the last offset written (as applied here)"}}},
+    "Consumer": {"type": "object", "properties": {
+        "name": {"type": "string"}, "lag": INT,
+        "shards": {"type": "object", "additionalProperties": {"type": "object", "properties": {
+            "shard": INT, "offset": {"type": ["integer", "null"]},
+            "updated_at": {"type": ["integer", "null"]}, "first_offset": INT, "last_offset": INT,
+            "lag": {"type": ["integer", "null"]}}}}}},
+    "DeadLetter": {"type": "object", "properties": {
+        "sink": {"type": "string"}, "shard": INT, "first": INT, "last": INT, "events": INT,
+        "since": INT, "error": {"type": "string", "description": "why a re-drive failed"}}},
+    "DeadLetters": {"type": "object", "properties": {"dead_letters": {"type": "array",
+                                                                      "items": _ref("DeadLetter")}}},
+    "ConsumerCommit": {"type": "object", "properties": {
+        "name": {"type": "string"}, "offsets": {"type": "object"},
+        "shards": {"type": "object", "description": "shard -> {applied, ...} as each shard answered"}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),
