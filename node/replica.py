@@ -113,6 +113,8 @@ class ReplicaService:
         self._last_ts = 0
         self._ts_term = -1
         self._accepting = True
+        self._held_until = 0.0  # monotonic: no new entry is proposed before (``hold_proposals``)
+        self._released = asyncio.Event()
         self.entries_proposed = 0
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
         self._store_leases = 0  # worker-thread readers of the store (``store_lease``)
@@ -283,6 +285,7 @@ class ReplicaService:
                 await self._inflight.acquire()
                 self._inflight_count += 1
                 await self._linger()
+                await self._unless_held()
                 batch = self._take_batch()
                 self._report_queue_depth()
                 self._propose(batch)
@@ -298,6 +301,23 @@ class ReplicaService:
             self._wake.clear()
             if not await self.clock.wait(self._wake.wait(), remaining):
                 return
+
+    def hold_proposals(self, seconds: float) -> None:
+        """Propose no new entry for ``seconds`` or until ``release_proposals``: a leadership transfer
+        needs the target's log to match the leader's when it stands, which never happens while a leader
+        under load keeps appending (the target would then lose the election it was asked to hold).
+        Requests queue meanwhile; a deposed leader answers them ``not_leader``, so they go on."""
+        self._held_until = self.clock.monotonic() + seconds
+        self._released.clear()
+
+    def release_proposals(self) -> None:
+        self._held_until = 0.0
+        self._released.set()
+
+    async def _unless_held(self) -> None:
+        remaining = self._held_until - self.clock.monotonic()
+        if remaining > 0 and self.is_leader():
+            await self.clock.wait(self._released.wait(), remaining)
 
     def _report_queue_depth(self) -> None:
         """Requests still waiting once a batch is taken (0 when the batcher keeps up)."""

@@ -72,6 +72,7 @@ membership_attempts_max = 20  # Raft refuses a change while the previous one (or
 membership_retry_s = 0.25     # is uncommitted: that many tries, that far apart
 catch_up_poll_s = 0.2
 transfer_wait_s = 10.0
+transfer_retry_s = 0.05  # between asks while a transfer's target catches up
 request_margin_s = 3.0  # an add answers 202 this long before the request's own timeout
 
 
@@ -232,9 +233,30 @@ def _settle(done: asyncio.Future[bool], ok: bool) -> None:
 
 
 async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None) -> bool:
+    """Hand the shard's leadership to ``address`` (or the most caught-up follower). PySyncObj sends
+    the target its cue only once its log matches the leader's, so the leader stops proposing for the
+    while (``hold_proposals``), asks again until the target caught up, and lets go once it is deposed.
+    True when the cue was sent; whether the target won is seen in the view."""
+    raft = _raft(svc)
+    replica: Any = svc  # a ReplicaService: it has a Raft member
+    replica.hold_proposals(transfer_wait_s)
+    try:
+        end = ctx.clock.monotonic() + transfer_wait_s
+        while not await _ask_transfer(ctx, raft, address):
+            if ctx.clock.monotonic() >= end:
+                return False
+            await ctx.clock.sleep(transfer_retry_s)  # the target is catching up: nothing is appended
+        while svc.is_leader() and ctx.clock.monotonic() < end:  # the target's election, on its way
+            await ctx.clock.sleep(transfer_retry_s)
+        return True
+    finally:
+        replica.release_proposals()
+
+
+async def _ask_transfer(ctx: NodeContext, raft: Any, address: str | None) -> bool:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
-    _raft(svc).transfer_leadership(address, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
+    raft.transfer_leadership(address, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
     return bool(await ctx.clock.wait(done, transfer_wait_s) and done.result())
 
 
