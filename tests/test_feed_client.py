@@ -216,7 +216,8 @@ def test_a_restarted_subscriber_resumes_after_the_committed_offsets(
 
 def test_an_event_whose_processing_failed_comes_again(cluster: LocalCluster) -> None:
     with Client(endpoints(cluster), policy=POLICY) as ledger:
-        with pytest.raises(RuntimeError), ledger.subscribe("fails", commit=CommitPolicy(every_events=1)) as events:
+        each = CommitPolicy(every_events=1)
+        with pytest.raises(RuntimeError), ledger.subscribe("fails", commit=each) as events:
             seen = [next(events), next(events)]
             raise RuntimeError("processing the second event failed")
         with ledger.subscribe("fails") as events:
