@@ -1,9 +1,9 @@
 """``raftledger feed``: follow the change feed, replay it, and tend the exporters' dead letters
 (docs/feed.md).
 
-- ``tail`` follows every shard's new events (from now, from ``--from OFFSET``, or after a durable
-  consumer's committed offsets) and prints one line per event, or one JSON event per line with
-  ``--json``; it stops on Ctrl-C or after ``--count N`` events.
+- ``tail`` follows every shard's new events (from now, from ``--from OFFSET``, or after the
+  committed offsets of ``--consumer``, when it has committed some) and prints one line per event,
+  or one JSON event per line with ``--json``; it stops on Ctrl-C or after ``--count N`` events.
 - ``replay`` prints every event from ``--from`` (0: the beginning) up to each shard's last event as
   of the start, in per-shard order, then exits: what a downstream projection is rebuilt from.
   With ``--consumer NAME`` both commit what they printed as that consumer's offsets.
@@ -22,8 +22,10 @@ import json
 import sys
 import time
 from typing import Any
+from urllib.parse import quote
 
-from raftledger.client import Client, Event, FeedCompacted, LedgerError, RetryPolicy
+from raftledger.client import Client, Event, FeedCompacted, LedgerError, NotFound, RetryPolicy
+from raftledger.client.feed import Start
 from rich.console import Console
 from rich.table import Table
 
@@ -72,10 +74,9 @@ def _follow(args: argparse.Namespace) -> int:
     if args.from_offset is not None and args.from_offset < 0:
         raise ValueError("--from is an offset >= 0")
     replay = args.feed_command == "replay"
-    start: Any = args.from_offset if args.from_offset is not None else (
-        "committed" if args.consumer else "latest")
     printed = 0
     with _client(args, follow_deadline_s) as ledger:
+        start = args.from_offset if args.from_offset is not None else _tail_start(ledger, args.consumer)
         subscriber = ledger.subscribe(args.consumer, start=start, until_caught_up=replay)
         try:
             for event in subscriber:
@@ -98,6 +99,19 @@ def _follow(args: argparse.Namespace) -> int:
             with contextlib.suppress(LedgerError, KeyboardInterrupt):
                 subscriber.close()
     return cli_common.EXIT_OK
+
+
+def _tail_start(ledger: Client, consumer: str | None) -> Start:
+    """After the consumer's committed offsets when it has some; else from now."""
+    if consumer is None:
+        return "latest"
+    try:
+        ledger.request("GET", f"/v1/feed/consumers/{quote(consumer, safe='')}")
+    except NotFound:
+        return "latest"
+    except LedgerError as exc:
+        raise CommandFailed(f"{exc.code}: {exc.message}") from None
+    return "committed"
 
 
 def event_json(event: Event) -> dict[str, Any]:
