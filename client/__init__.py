@@ -15,11 +15,12 @@ alike::
             print(e.code)  # "exceeds_credits", ...
 """
 
-from .aio import LedgerClient
+from .aio import AsyncSubscriber, LedgerClient
 from .core import Consistency, RetryPolicy
 from .discovery import DiscoveryError, Target, discover
 from .errors import (
     Conflict,
+    FeedCompacted,
     Forbidden,
     InvalidRequest,
     LedgerError,
@@ -35,14 +36,15 @@ from .errors import (
     Unavailable,
     WrongShard,
 )
+from .feed import CommitPolicy
 from .operations import tagged_id
-from .sync import Client
-from .types import Account, Balance, BatchItem, Entry, Transaction, TransactionEntry
+from .sync import Client, Subscriber
+from .types import Account, Balance, BatchItem, Entry, Event, Transaction, TransactionEntry
 
 __all__ = [
-    "Account", "Balance", "BatchItem", "Client", "Conflict", "Consistency", "DiscoveryError", "Entry",
-    "Forbidden", "InvalidRequest", "LedgerClient", "LedgerError", "NotFound", "NotLeader",
-    "OutcomeUnknown", "Overloaded", "RateLimited", "Rejected", "RetryPolicy", "RuleViolation",
-    "StaleReplica", "Target", "Transaction", "TransactionEntry", "Unauthorized", "Unavailable",
-    "WrongShard", "discover", "tagged_id",
+    "Account", "AsyncSubscriber", "Balance", "BatchItem", "Client", "CommitPolicy", "Conflict",
+    "Consistency", "DiscoveryError", "Entry", "Event", "FeedCompacted", "Forbidden", "InvalidRequest",
+    "LedgerClient", "LedgerError", "NotFound", "NotLeader", "OutcomeUnknown", "Overloaded", "RateLimited",
+    "Rejected", "RetryPolicy", "RuleViolation", "StaleReplica", "Subscriber", "Target", "Transaction",
+    "TransactionEntry", "Unauthorized", "Unavailable", "WrongShard", "discover", "tagged_id",
 ]

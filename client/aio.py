@@ -9,8 +9,9 @@ from typing import Any, TypeVar
 from . import operations as ops
 from .core import Consistency, Operation, RetryPolicy, Session, run
 from .discovery import discover
+from .feed import CommitPolicy, Start, Subscription
 from .transport import AsyncTransport
-from .types import Account, Balance, BatchItem, Entry, Transaction
+from .types import Account, Balance, BatchItem, Entry, Event, Transaction
 
 T = TypeVar("T")
 
@@ -106,6 +107,15 @@ class LedgerClient:
                         max_staleness_ms: int | None = None) -> Transaction:
         return await self.run(ops.get_transaction(id, consistency, max_staleness_ms))
 
+    # -- change feed --------------------------------------------------------------------------------
+    def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
+                  until_caught_up: bool = False, commit: CommitPolicy | None = None,
+                  page_events: int = 500, wait_ms: int = 2000) -> AsyncSubscriber:
+        """``async for event in ledger.subscribe("billing")``: as ``Client.subscribe``."""
+        return AsyncSubscriber(self, Subscription(self.session, consumer, start=start,
+                                                  until_caught_up=until_caught_up, commit=commit,
+                                                  page_events=page_events, wait_ms=wait_ms))
+
     # -- cluster ------------------------------------------------------------------------------------
     async def cluster_status(self) -> dict[str, Any]:
         """``GET /v1/cluster``: every shard's replicas with role, term, indexes and lag."""
@@ -114,3 +124,42 @@ class LedgerClient:
     async def cluster_map(self) -> dict[str, Any]:
         """``GET /v1/cluster/map``: the map the nodes route by (epoch, nodes, slot ranges)."""
         return dict(await self.run(ops.cluster_map()))
+
+
+class AsyncSubscriber:
+    """An async iterator of ``Event`` over a ``Subscription``; as an async context manager it
+    closes on exit (an exception leaves the last event unprocessed), committing what was processed."""
+
+    def __init__(self, client: LedgerClient, subscription: Subscription) -> None:
+        self.client = client
+        self.subscription = subscription
+
+    def __aiter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.subscription.finished:
+            raise StopAsyncIteration
+        event = await self.client.transport.drive(self.subscription.next_event())
+        if event is None:
+            await self.close()
+            raise StopAsyncIteration
+        return event
+
+    def stop(self) -> None:
+        """End the iteration from another thread, a signal handler or a task: what was read is
+        still handed out, then it ends (within one long-poll) and closes."""
+        self.subscription.stopping = True
+
+    async def commit(self) -> None:
+        """Commit what was processed now (the event handed out last is not, until the next)."""
+        await self.client.transport.drive(self.subscription.commit())
+
+    async def close(self, processed: bool = True) -> None:
+        await self.client.transport.drive(self.subscription.close(processed))
+
+    async def __aenter__(self) -> AsyncSubscriber:
+        return self
+
+    async def __aexit__(self, exc_type: object, *exc: object) -> None:
+        await self.close(processed=exc_type is None)

@@ -147,8 +147,9 @@ class RetryPolicy:
 class Operation(Generic[T]):
     """One logical request, built once and sent as often as the retry policy allows.
 
-    ``route_key`` is the id that names the shard (an account id, or a transaction id for its home);
-    ``write_id`` the idempotency key of a ledger write (its retries reuse it)."""
+    ``route_key`` is the id that names the shard (an account id, or a transaction id for its home),
+    ``shard`` a shard named directly (a feed read); ``write_id`` the idempotency key of a ledger
+    write (its retries reuse it)."""
 
     method: str
     path: str
@@ -161,6 +162,10 @@ class Operation(Generic[T]):
     consistency: Consistency | None = None  # reads; None: the session's default
     max_staleness_ms: int | None = None
     stream: bool = False  # the answer's body is the caller's to read (``Reply.stream``)
+    shard: int | None = None
+
+    def shard_of(self, session: Session) -> int | None:
+        return self.shard if self.shard is not None else session.shard_of(self.route_key)
 
 
 def decode_json(reply: Reply) -> Any:
@@ -282,7 +287,7 @@ class Session:
     def candidates(self, op: Operation[Any]) -> list[str]:
         """URLs to try for ``op``, best first: the leader of its shard for a write (or a
         linearizable read), the shard's replicas in turn for other reads, then every other node."""
-        shard = self.shard_of(op.route_key)
+        shard = op.shard_of(self)
         preferred: list[str] = []
         if shard is not None:
             replicas = list(self.replicas.get(shard, ()))
@@ -359,7 +364,7 @@ def run(op: Operation[T], session: Session) -> Program[T]:
     may_have_applied = False
     last: LedgerError | None = None
     for attempt in range(policy.attempts_max):
-        if op.route_key is not None and session.needs_refresh():
+        if (op.route_key is not None or op.shard is not None) and session.needs_refresh():
             yield from refresh(session, deadline)
         remaining = deadline - clock()
         if remaining <= 0:
@@ -402,7 +407,7 @@ def _retryable(op: Operation[Any], error: LedgerError) -> bool:
 
 
 def _learn_from_error(session: Session, op: Operation[Any], error: LedgerError) -> None:
-    shard = session.shard_of(op.route_key)
+    shard = op.shard_of(session)
     if isinstance(error, NotLeader) and shard is not None:
         session.learn_leader(shard, error.leader)
     if isinstance(error, NotLeader | WrongShard) or error.code == "unavailable":

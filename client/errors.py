@@ -19,7 +19,8 @@ again" from "the cluster could not do it now"::
     │   ├── RequestTimeout       408  the body did not arrive in time
     │   ├── Conflict             409  idempotency_key_reused, exists_with_different_fields,
     │   │                             quorum_at_risk, change_in_progress (membership)...
-    │   ├── Gone                 410  feed_compacted: the feed no longer holds the events asked for
+    │   ├── Gone                 410  the feed no longer holds the events asked for
+    │   │   └── FeedCompacted         feed_compacted (``shard``, ``earliest_offset``)
     │   ├── PayloadTooLarge      413
     │   ├── UnsupportedMediaType 415
     │   ├── WrongShard           421  a command reached a shard that does not own its accounts' slots
@@ -266,6 +267,21 @@ class Gone(Rejected):
     status = 410
 
 
+class FeedCompacted(Gone):
+    """410 ``feed_compacted``: events a reader asked for were dropped by retention. The shard's
+    feed now starts at ``earliest_offset``; what came before it cannot be read again."""
+
+    @property
+    def shard(self) -> int | None:
+        shard = self.details.get("shard")
+        return shard if isinstance(shard, int) else None
+
+    @property
+    def earliest_offset(self) -> int | None:
+        earliest = self.details.get("earliest_offset")
+        return earliest if isinstance(earliest, int) else None
+
+
 class PayloadTooLarge(Rejected):
     status = 413
 
@@ -343,7 +359,7 @@ _BY_STATUS: dict[int, type[LedgerError]] = {
 }
 _BY_CODE: dict[str, type[LedgerError]] = {
     "not_leader": NotLeader, "overloaded": Overloaded, "stale_replica": StaleReplica,
-    "outcome_unknown": OutcomeUnknown, "timeout": OutcomeUnknown,
+    "outcome_unknown": OutcomeUnknown, "timeout": OutcomeUnknown, "feed_compacted": FeedCompacted,
 }
 
 

@@ -11,8 +11,9 @@ from typing import Any, TypeVar
 from . import operations as ops
 from .core import Consistency, Operation, Reply, RetryPolicy, Session, run
 from .discovery import discover
+from .feed import CommitPolicy, Start, Subscription
 from .transport import SyncTransport
-from .types import Account, Balance, BatchItem, Entry, Transaction
+from .types import Account, Balance, BatchItem, Entry, Event, Transaction
 
 T = TypeVar("T")
 
@@ -117,6 +118,20 @@ class Client:
                         max_staleness_ms: int | None = None) -> Transaction:
         return self.run(ops.get_transaction(id, consistency, max_staleness_ms))
 
+    # -- change feed --------------------------------------------------------------------------------
+    def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
+                  until_caught_up: bool = False, commit: CommitPolicy | None = None,
+                  page_events: int = 500, wait_ms: int = 2000) -> Subscriber:
+        """Every new event of every shard, in per-shard order, each once (``client.feed``).
+
+        ``consumer`` names a durable consumer: it starts after its committed offsets and commits
+        what was processed (``commit``; always on close). ``start``: ``"committed"``, ``"latest"``
+        (from now), an offset for every shard, or ``{shard: offset}``; ``until_caught_up`` ends the
+        iteration at each shard's last event as of the start (a replay)."""
+        return Subscriber(self, Subscription(self.session, consumer, start=start,
+                                             until_caught_up=until_caught_up, commit=commit,
+                                             page_events=page_events, wait_ms=wait_ms))
+
     # -- cluster ------------------------------------------------------------------------------------
     def cluster_status(self) -> dict[str, Any]:
         """``GET /v1/cluster``: every shard's replicas with role, term, indexes and lag."""
@@ -125,3 +140,42 @@ class Client:
     def cluster_map(self) -> dict[str, Any]:
         """``GET /v1/cluster/map``: the map the nodes route by (epoch, nodes, slot ranges)."""
         return dict(self.run(ops.cluster_map()))
+
+
+class Subscriber:
+    """An iterator of ``Event`` over a ``Subscription``; as a context manager it closes on exit (an
+    exception leaves the last event unprocessed), committing what was processed."""
+
+    def __init__(self, client: Client, subscription: Subscription) -> None:
+        self.client = client
+        self.subscription = subscription
+
+    def __iter__(self) -> Subscriber:
+        return self
+
+    def __next__(self) -> Event:
+        if self.subscription.finished:
+            raise StopIteration
+        event = self.client.transport.drive(self.subscription.next_event())
+        if event is None:
+            self.close()
+            raise StopIteration
+        return event
+
+    def stop(self) -> None:
+        """End the iteration from another thread, a signal handler or a task: what was read is
+        still handed out, then it ends (within one long-poll) and closes."""
+        self.subscription.stopping = True
+
+    def commit(self) -> None:
+        """Commit what was processed now (the event handed out last is not, until the next)."""
+        self.client.transport.drive(self.subscription.commit())
+
+    def close(self, processed: bool = True) -> None:
+        self.client.transport.drive(self.subscription.close(processed))
+
+    def __enter__(self) -> Subscriber:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self.close(processed=exc_type is None)

@@ -153,6 +153,40 @@ class Transaction:
 
 
 @dataclass(frozen=True, slots=True)
+class Event:
+    """One event of a shard's change feed (docs/feed.md): ``id`` is ``<shard>:<offset>``, the same
+    on every replica; ``data`` the account (``account.created``) or the transaction with this
+    shard's entries and, under ``balances``, each moved account as it was right after the event."""
+
+    id: str
+    shard: int
+    offset: int
+    type: str
+    timestamp: int
+    data: Mapping[str, Any]
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Event:
+        return cls(str(raw["id"]), int(raw["shard"]), int(raw["offset"]), str(raw["type"]),
+                   _int(raw, "timestamp"), dict(raw.get("data") or {}))
+
+    @property
+    def transaction(self) -> Transaction | None:
+        """The transaction of a ``transaction.*`` event."""
+        return Transaction.from_json(self.data) if self.type.startswith("transaction.") else None
+
+    @property
+    def account(self) -> Account | None:
+        """The new account of an ``account.created`` event."""
+        return Account.from_json(self.data) if self.type == "account.created" else None
+
+    @property
+    def balances(self) -> tuple[Balance, ...]:
+        """Each account a transaction moved, as it was right after this event."""
+        return tuple(Balance.from_json(b) for b in self.data.get("balances") or ())
+
+
+@dataclass(frozen=True, slots=True)
 class BatchItem(Generic[T]):
     """One item of a batch answer: its ``value`` when it succeeded, else its ``error`` (the same
     error the single request would have raised)."""

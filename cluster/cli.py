@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                     "(e.g. nats://127.0.0.1:4222)")
     up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
     up.add_argument("--feed-webhook-secret", metavar="S", help="the key of the webhook's signatures")
-    feed_cli.add_commands(sub.add_parser("feed", help="the change feed: raftledger feed dlq list|redrive"))
+    feed_cli.add_commands(sub.add_parser("feed", help="the change feed: raftledger feed tail|replay|dlq"))
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     verify.add_parser(sub)
