@@ -10,6 +10,7 @@ definitions (``python -m raftledger.node.settings``), and a test keeps it in ste
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -205,6 +206,10 @@ class FeedSettings:
                                        minimum=None)
     nats_stream: str = setting("RAFTLEDGER", "the JetStream stream, created over <prefix>.> if missing",
                                minimum=None)
+    kafka_bootstrap: str = setting("", "Kafka bootstrap servers of the Kafka exporter (host:port[,...]); "
+                                   "empty: off. Needs the raftledger[kafka] extra", minimum=None)
+    kafka_topic_prefix: str = setting("raftledger", "events of shard S go to topic <prefix>.<S>, partition 0",
+                                      minimum=None)
     webhook_url: str = setting("", "endpoint the webhook exporter POSTs batches of events to; empty: off",
                                minimum=None)
     webhook_secret: str = setting("", "key of the batches' HMAC-SHA256 signature (required with a URL)",
@@ -289,6 +294,8 @@ def load_sections(raw: dict[str, Any], problems: list[str]) -> NodeSettings:
         problems.append("raft: each election_timeout_min_s must be below its max_s")
     if settings.feed.webhook_url and not settings.feed.webhook_secret:
         problems.append("feed: webhook_url needs a webhook_secret (batches are signed with it)")
+    if settings.feed.kafka_bootstrap and importlib.util.find_spec("aiokafka") is None:
+        problems.append("feed: kafka_bootstrap needs aiokafka: pip install 'raftledger[kafka]'")
     return settings
 
 

@@ -12,6 +12,12 @@ A sink's ``send`` delivers one batch of a shard's events, in offset order, or ra
   ``X-Raftledger-Timestamp``, the signature as ``v1=<hex>`` in ``X-Raftledger-Signature``. A receiver
   recomputes it and refuses an old timestamp (replays); ``verify_signature`` does both. Any 2xx answer
   is a delivery.
+- **Kafka** (the ``raftledger[kafka]`` extra, aiokafka): each event is produced to topic
+  ``<prefix>.<shard>``, partition 0 (so a shard's events keep their order whatever the topic's
+  partition count), with its id as the message key and in the ``raftledger-event-id`` header, by an
+  idempotent producer (``acks=all``) that awaits each acknowledgement in turn. A consumer de-duplicates
+  by that id. No Kafka broker runs on the machines the tests run on: this sink is exercised against a
+  stand-in producer only (docs/feed.md).
 """
 
 from __future__ import annotations
@@ -19,6 +25,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import importlib
+import logging
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import aiohttp
@@ -39,6 +48,11 @@ signature_tolerance_s_default = 300
 jetstream_duplicate_window_s = 600.0  # a redelivery within it is dropped by the stream
 nats_connect_timeout_s = 5
 nats_publish_timeout_s = 10.0
+KAFKA_ID_HEADER = "raftledger-event-id"
+kafka_partition = 0  # one partition per shard's topic: its events in order
+kafka_request_timeout_ms = 10_000
+
+log = logging.getLogger(__name__)
 
 
 class DeliveryFailed(Exception):
@@ -141,6 +155,60 @@ class NatsSink:
             await self.connection.close()
 
 
+def aiokafka_producer(**config: Any) -> Any:
+    """aiokafka is an extra; a node file that sets kafka_bootstrap without it is refused at start."""
+    return importlib.import_module("aiokafka").AIOKafkaProducer(**config)
+
+
+class KafkaSink:
+    name = "kafka"
+    dead_letters = False  # the broker is the durable store: the exporter waits for it, however long
+
+    def __init__(self, ctx: NodeContext, producer: Callable[..., Any] = aiokafka_producer) -> None:
+        self.settings = ctx.settings.feed
+        self.make_producer = producer
+        self.producer: Any = None
+        self.lock = asyncio.Lock()
+
+    async def _ready(self) -> Any:
+        """One idempotent producer per node, shared by its shards' exporters."""
+        async with self.lock:
+            if self.producer is None:
+                producer = self.make_producer(bootstrap_servers=self.settings.kafka_bootstrap, acks="all",
+                                              enable_idempotence=True,
+                                              request_timeout_ms=kafka_request_timeout_ms)
+                await producer.start()
+                self.producer = producer
+            return self.producer
+
+    async def send(self, shard: int, events: list[dict[str, Any]], redrive: bool = False) -> None:
+        topic = f"{self.settings.kafka_topic_prefix}.{shard}"
+        try:
+            producer = await self._ready()
+            for event in events:
+                event_id = event["id"].encode()
+                await producer.send_and_wait(topic, json_bytes(event), key=event_id,
+                                             partition=kafka_partition,
+                                             headers=[(KAFKA_ID_HEADER, event_id)])
+        except Exception as exc:  # aiokafka's errors share no base class with the network's
+            await self._drop_producer()
+            raise DeliveryFailed(f"kafka {self.settings.kafka_bootstrap}: {type(exc).__name__}: {exc}"
+                                 ) from exc
+
+    async def _drop_producer(self) -> None:
+        """A failed producer is started afresh on the next attempt."""
+        async with self.lock:
+            producer, self.producer = self.producer, None
+        if producer is not None:
+            try:
+                await producer.stop()
+            except Exception as exc:  # already broken: nothing more to release
+                log.info("feed: a failed Kafka producer did not stop cleanly: %s", exc)
+
+    async def close(self) -> None:
+        await self._drop_producer()
+
+
 def configured_sinks(ctx: NodeContext) -> list[Sink]:
     settings = ctx.settings.feed
     sinks: list[Sink] = []
@@ -148,4 +216,6 @@ def configured_sinks(ctx: NodeContext) -> list[Sink]:
         sinks.append(NatsSink(ctx))
     if settings.webhook_url:
         sinks.append(WebhookSink(ctx))
+    if settings.kafka_bootstrap:
+        sinks.append(KafkaSink(ctx))
     return sinks
