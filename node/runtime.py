@@ -348,8 +348,8 @@ async def serve(config: NodeConfig, join: str | None = None) -> None:
     internal_http, public_http = listener_settings(config.settings)
     listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port,
                                internal_http),
-                 await _listen(create_app(runtime.context), public_http.host, public_http.port,
-                               public_http)]
+                 await _listen(create_app(runtime.context, config.settings.auth.required),
+                               public_http.host, public_http.port, public_http)]
     log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
              config.settings.http.host, config.settings.http.port, internal_host, internal_port,
              sorted(runtime.services))
