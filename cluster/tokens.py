@@ -22,6 +22,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import translate
+from fractions import Fraction
 from typing import Any
 
 SECTION = "tokens"
@@ -170,10 +171,19 @@ def validate_request(raw: Any) -> list[str]:
                                 or not 0 < expires < 2**63):
         problems.append("expires_at: nanoseconds since the epoch (an integer), or null")
     rate = raw.get("rate_per_s")
-    if rate is not None and (isinstance(rate, bool) or not isinstance(rate, int | float)
-                             or not 0 < rate <= 1e9):
+    if rate is not None and not 0 < _rate(rate) <= 10**9:
         problems.append("rate_per_s: a number above 0, or null (the node's default)")
     return problems
+
+
+def _rate(value: Any) -> float:
+    """A rate from JSON (the API decodes a fraction as its decimal text); -1 when it is none."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        return -1.0
+    try:
+        return float(Fraction(value))
+    except (ValueError, ZeroDivisionError):
+        return -1.0
 
 
 def new_record(raw: Mapping[str, Any], now_ns: int) -> tuple[TokenRecord, str]:
@@ -182,5 +192,5 @@ def new_record(raw: Mapping[str, Any], now_ns: int) -> tuple[TokenRecord, str]:
     rate = raw.get("rate_per_s")
     record = TokenRecord(new_id(), hash_secret(secret), str(raw["name"]), str(raw["role"]),
                          tuple(raw.get("account_patterns") or ()), raw.get("expires_at"),
-                         None if rate is None else float(rate), now_ns)
+                         None if rate is None else _rate(rate), now_ns)
     return record, secret
