@@ -72,7 +72,7 @@ def local(tmp_path) -> Iterator[LocalCluster]:
     snapshot); nodes that ``add-node`` started are stopped by their recorded pid."""
     settings = NodeSettings(snapshots=SnapshotSettings(log_compaction_entries_min=compaction_entries))
     with LocalCluster(tmp_path / "data", nodes=3, shards=2, durability="none",
-                      settings=settings) as cluster:
+                      settings=settings, credentials=True) as cluster:
         try:
             yield cluster
         finally:

@@ -36,7 +36,8 @@ wait_s = 60.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path_factory.mktemp("client"), nodes=3, shards=2, durability="none") as c:
+    with LocalCluster(tmp_path_factory.mktemp("client"), nodes=3, shards=2, durability="none",
+                      credentials=True) as c:
         yield c
 
 
