@@ -37,7 +37,7 @@ from typing import Any
 
 from multidict import CIMultiDict
 from raftledger.client.core import Send, TransportFailure
-from raftledger.client.discovery import CLUSTER_FILE
+from raftledger.client.discovery import CLUSTER_FILE, TOKEN_ENV
 from raftledger.client.transport import SyncTransport
 from raftledger.cluster import tokens
 from raftledger.cluster.map import PutValue
@@ -319,12 +319,15 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
     set resource limits); ``join``: the URL of a node of the cluster it registers with."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
+    env = dict(os.environ)
+    if join and plan.admin_token:  # it registers through the public API, as an admin
+        env[TOKEN_ENV] = plan.admin_token
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path,
              *(["--join", join] if join else [])],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=preexec_fn)
+            preexec_fn=preexec_fn, env=env)
     plan.pids[node_id] = proc.pid
     return proc
 

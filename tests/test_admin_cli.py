@@ -52,7 +52,8 @@ def cli_text(cluster: LocalCluster, *args: str) -> str:
 
 def api(cluster: LocalCluster, method: str, path: str, body: Any = None, node: str = "n0") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    status, _, answer = launcher.http_request(method, cluster.urls[node] + path, data, timeout_s=30.0)
+    status, _, answer = launcher.http_request(method, cluster.urls[node] + path, data, timeout_s=30.0,
+                                               token=cluster.admin_token)
     return status, answer
 
 
