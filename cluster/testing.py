@@ -69,9 +69,8 @@ class LocalCluster:
             raise launcher.LaunchError(f"no {launcher.CLUSTER_FILE} in {root}")
         self.plan = plan or launcher.new_plan(str(root), nodes=nodes, shards=shards,
                                               durability=durability, port_base=None, settings=settings)
-        if not resume:
-            auth = dataclasses.replace(self.plan.settings.auth, required=credentials)
-            self.plan.settings = dataclasses.replace(self.plan.settings, auth=auth)
+        auth = dataclasses.replace(self.plan.settings.auth, required=credentials)
+        self.plan.settings = dataclasses.replace(self.plan.settings, auth=auth)
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
 
