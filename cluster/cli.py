@@ -14,7 +14,7 @@ from typing import Any
 
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import admin as cluster_admin
-from raftledger.cluster import backup, feed_cli, launcher, verify
+from raftledger.cluster import backup, feed_cli, launcher, token_cli, verify
 from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     up.add_argument("--durability", choices=DURABILITY_MODES, default="fsync")
     up.add_argument("--port-base", type=int, default=8080)
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
+    up.add_argument("--dev", action="store_true", help="no credentials: every route answers anyone "
+                    "(without it, the first admin token is written to <data-dir>/cluster.json)")
     up.add_argument("--feed-nats", metavar="URL", help="export the change feed to NATS JetStream at URL "
                     "(e.g. nats://127.0.0.1:4222)")
     up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     verify.add_parser(sub)
     backup.add_parsers(sub)
     cluster_admin.add_parser(sub)
+    token_cli.add_parser(sub)
     args = parser.parse_args(argv)
     admin = {"verify": verify.run, "backup": backup.run_backup, "restore": backup.run_restore}
     try:
@@ -66,6 +69,8 @@ def main(argv: list[str] | None = None) -> None:
             write_secret(args.path)
         elif args.command == "feed":
             sys.exit(feed_cli.run(args))
+        elif args.command == "token":
+            sys.exit(token_cli.run(args))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:
@@ -105,6 +110,7 @@ def run_up(args: argparse.Namespace) -> int:
         _print_endpoints(plan)
         found = launcher.wait_for_leaders(plan, cancel=stop)
         print("leaders: " + ", ".join(f"shard {s} -> {n}" for s, n in sorted(found.items())))
+        _credentials(plan)
         if not args.no_demo:
             demo(plan)
         print("cluster is up; Ctrl-C to stop", flush=True)
@@ -122,8 +128,18 @@ def run_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credentials(plan: launcher.Plan) -> None:
+    if launcher.ensure_admin_token(plan) is None:
+        print("credentials: off (--dev): every route answers anyone who reaches the port", flush=True)
+        return
+    print(f"admin token: \"admin_token\" in {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)} "
+          "(mode 0600); the CLI and the client read it from there", flush=True)
+
+
 def _plan(args: argparse.Namespace) -> launcher.Plan:
     plan = _planned(args)
+    auth = dataclasses.replace(plan.settings.auth, required=not args.dev)
+    plan.settings = dataclasses.replace(plan.settings, auth=auth)
     feed = _feed_options(args)
     if feed:  # on a resumed cluster too: the options replace what its plan had
         feed_settings = dataclasses.replace(plan.settings.feed, **feed)
@@ -181,7 +197,7 @@ def demo(plan: launcher.Plan) -> None:
     """Through the public HTTP API, with the client library (it retries with the same ids while
     the cluster settles, so a demo run again on a resumed cluster replays instead of repeating)."""
     policy = RetryPolicy(deadline_s=demo_deadline_s)
-    with Client([n.http for n in plan.cluster.nodes], policy=policy) as ledger:
+    with Client([n.http for n in plan.cluster.nodes], plan.admin_token, policy=policy) as ledger:
         try:
             for account_id in DEMO_ACCOUNTS:
                 account = ledger.create_account(id=account_id, currency=DEMO_CURRENCY, normal="credit")

@@ -19,6 +19,7 @@ protocol, sealed with the cluster secret (``call_internal``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -36,8 +37,11 @@ from typing import Any
 
 from multidict import CIMultiDict
 from raftledger.client.core import Send, TransportFailure
-from raftledger.client.discovery import CLUSTER_FILE
+from raftledger.client.discovery import CLUSTER_FILE, TOKEN_ENV
 from raftledger.client.transport import SyncTransport
+from raftledger.cluster import tokens
+from raftledger.cluster.map import PutValue
+from raftledger.cluster.map import encode_command as encode_map_command
 from raftledger.node import secret, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
@@ -102,6 +106,7 @@ class Plan:
     cluster: ClusterSpec
     settings: NodeSettings = field(default_factory=NodeSettings)  # every node's, but its own http
     pids: dict[str, int] = field(default_factory=dict)
+    admin_token: str | None = None  # the first admin token's secret (credentials on: ensure_admin_token)
     _sealer: wire.Sealer | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -134,6 +139,7 @@ class Plan:
             "nodes": [{"id": n.id, "http": n.http, "internal": n.internal,
                        "raft": {str(s): a for s, a in n.raft.items()}, "meta": n.meta,
                        "pid": self.pids.get(n.id)} for n in self.cluster.nodes],
+            **({"admin_token": self.admin_token} if self.admin_token else {}),
         }
 
     @classmethod
@@ -159,7 +165,8 @@ class Plan:
         if problems:
             raise LaunchError(f"{data_dir}/{CLUSTER_FILE}: " + "; ".join(problems))
         pids = {n["id"]: int(n["pid"]) for n in raw["nodes"] if isinstance(n.get("pid"), int)}
-        return cls(data_dir, raw["durability"], cluster, settings, pids)
+        admin_token = raw.get("admin_token") if isinstance(raw.get("admin_token"), str) else None
+        return cls(data_dir, raw["durability"], cluster, settings, pids, admin_token)
 
 
 def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
@@ -241,11 +248,49 @@ def load_plan(data_dir: str) -> Plan | None:
 
 
 def save_plan(plan: Plan) -> None:
+    """Write cluster.json, readable by its owner only (mode 0600: it holds the admin token)."""
     os.makedirs(plan.data_dir, exist_ok=True)
     path = os.path.join(plan.data_dir, CLUSTER_FILE)
-    with open(path + ".tmp", "w") as f:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path + ".tmp")
+    with open(os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
         json.dump(plan.to_json(), f, indent=2)
     os.replace(path + ".tmp", path)
+
+
+def ensure_admin_token(plan: Plan, timeout_s: float = ready_timeout_s) -> str | None:
+    """With credentials on, the first admin token: created once through the metadata group (over the
+    internal protocol: whoever holds the cluster secret may), its secret kept in cluster.json. Returns
+    it once every node's map holds it (None when credentials are off)."""
+    if not plan.settings.auth.required:
+        return None
+    if plan.admin_token is None:
+        record, secret_text = tokens.new_record({"name": "admin", "role": tokens.ROLE_ADMIN},
+                                                time.time_ns())
+        command = encode_map_command(PutValue(tokens.SECTION, record.id, record.to_wire()))
+        epoch = wait_until(lambda: _propose(plan, command), timeout_s, "the admin token in the map")
+        plan.admin_token = secret_text
+        save_plan(plan)
+        wait_until(lambda: all((node_status(plan, n.id) or {}).get("map_epoch", 0) >= epoch
+                               for n in plan.cluster.nodes if n.id in plan.pids),
+                   timeout_s, "every node to hold the admin token")
+    return plan.admin_token
+
+
+def _propose(plan: Plan, command: bytes) -> int | None:
+    """The map's epoch after ``command``, proposed through any meta host (None: not now)."""
+    for node in plan.cluster.nodes:
+        if not node.meta:
+            continue
+        try:
+            status, answer = call_internal(plan, node.id, "/meta/propose", command)
+        except (OSError, LaunchError):
+            continue
+        if status == 200 and answer.get("ok"):
+            return int(answer["epoch"])
+        if status == 200:
+            raise LaunchError(f"the map refused the admin token: {answer.get('reason')}")
+    return None
 
 
 def write_node_config(plan: Plan, node_id: str) -> str:
@@ -274,12 +319,15 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
     set resource limits); ``join``: the URL of a node of the cluster it registers with."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
+    env = dict(os.environ)
+    if join and plan.admin_token:  # it registers through the public API, as an admin
+        env[TOKEN_ENV] = plan.admin_token
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path,
              *(["--join", join] if join else [])],
             stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=preexec_fn)
+            preexec_fn=preexec_fn, env=env)
     plan.pids[node_id] = proc.pid
     return proc
 
@@ -370,11 +418,15 @@ _raw = SyncTransport()  # kept-alive connections, shared by the helpers below
 
 def http_request(method: str, url: str, body: bytes | None = None,
                  content_type: str = "application/json",
-                 timeout_s: float = http_timeout_s) -> tuple[int, Mapping[str, str], Any]:
+                 timeout_s: float = http_timeout_s,
+                 token: str | None = None) -> tuple[int, Mapping[str, str], Any]:
     """(status, headers (case-insensitive), decoded JSON body or text) of one request sent as it is
-    (tests send malformed bodies through it; API calls go through ``raftledger.client``); HTTP
-    errors are answers too. Raises OSError when no answer came."""
+    (tests send malformed bodies through it; API calls go through ``raftledger.client``), with
+    ``token`` as its bearer credential; HTTP errors are answers too. Raises OSError when no answer
+    came."""
     headers = {"Content-Type": content_type} if body else {}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     answer = _raw.send(Send(method, url, headers, body, timeout_s))
     if isinstance(answer, TransportFailure):
         raise OSError(f"{method} {url}: {answer.reason}")
@@ -390,8 +442,8 @@ def _decode(raw: bytes) -> Any:
 
 def http_json(method: str, url: str, body: bytes | None = None,
               content_type: str = "application/json",
-              timeout_s: float = http_timeout_s) -> tuple[int, Any]:
-    status, _, decoded = http_request(method, url, body, content_type, timeout_s)
+              timeout_s: float = http_timeout_s, token: str | None = None) -> tuple[int, Any]:
+    status, _, decoded = http_request(method, url, body, content_type, timeout_s, token)
     return status, decoded
 
 

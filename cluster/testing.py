@@ -19,6 +19,7 @@ processes this object started are signalled, by pid.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import subprocess
@@ -56,15 +57,20 @@ class SubmitFailed(RuntimeError):
 class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
                  durability: str = "fsync", settings: NodeSettings | None = None,
-                 preexec_fn: Callable[[], None] | None = None, resume: bool = False) -> None:
+                 preexec_fn: Callable[[], None] | None = None, resume: bool = False,
+                 credentials: bool = False) -> None:
         """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits);
         ``resume`` starts the cluster planned in ``root/cluster.json`` (upgrading it as ``raftledger
-        up`` does) instead of planning a new one."""
+        up`` does) instead of planning a new one. ``credentials``: the nodes take bearer tokens, and
+        the first admin token (``admin_token``, also in cluster.json) is what ``client()`` and
+        ``get()`` present; without it the nodes run as ``raftledger up --dev`` does."""
         plan = launcher.load_plan(str(root)) if resume else None
         if resume and plan is None:
             raise launcher.LaunchError(f"no {launcher.CLUSTER_FILE} in {root}")
         self.plan = plan or launcher.new_plan(str(root), nodes=nodes, shards=shards,
                                               durability=durability, port_base=None, settings=settings)
+        auth = dataclasses.replace(self.plan.settings.auth, required=credentials)
+        self.plan.settings = dataclasses.replace(self.plan.settings, auth=auth)
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
 
@@ -79,6 +85,7 @@ class LocalCluster:
         for node_id in self.node_ids:
             self.start_node(node_id, wait=False)
         self.wait_ready(timeout_s)
+        launcher.ensure_admin_token(self.plan, timeout_s)
         return self
 
     def start_node(self, node_id: str, wait: bool = True) -> None:
@@ -214,12 +221,21 @@ class LocalCluster:
         assert status == 200, (status, body)
         return dict(body)
 
+    @property
+    def admin_token(self) -> str | None:
+        return self.plan.admin_token
+
     def get(self, node_id: str, path: str) -> tuple[int, Any]:
-        """One GET to that node alone (what it answers, unlike a client that picks a node)."""
-        return launcher.http_json("GET", self.urls[node_id] + path)
+        """One GET to that node alone (what it answers, unlike a client that picks a node), with
+        the admin token when the cluster takes credentials."""
+        status, _, body = launcher.http_request("GET", self.urls[node_id] + path,
+                                                token=self.admin_token)
+        return status, body
 
     def client(self, **options: Any) -> Client:
-        """A ``raftledger.client.Client`` of this cluster (every node as an endpoint)."""
+        """A ``raftledger.client.Client`` of this cluster (every node as an endpoint; the admin token
+        unless ``token=`` names another)."""
+        options.setdefault("token", self.admin_token)
         return Client(list(self.urls.values()), **options)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from raftledger.client.discovery import TOKEN_ENV
 from raftledger.client.errors import LedgerError, from_wire
 from raftledger.cluster import meta as cluster_meta
 from raftledger.cluster.follower import MapFollower, long_poll
@@ -273,8 +274,11 @@ async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
 async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
     """Register this node (its addresses from its node file) through any node's public API
     (``POST /v1/cluster/nodes``), retrying while the cluster cannot answer; raises LedgerError when
-    it refuses (a removed id, an id or an address another node holds)."""
+    it refuses (a removed id, an id or an address another node holds). On a cluster that takes
+    credentials, the admin token comes from ``RAFTLEDGER_TOKEN``."""
     own = config.cluster.node(config.node_id)
+    token = os.environ.get(TOKEN_ENV)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"id": own.id, "url": own.http, "internal": own.internal,
             "raft": {str(s): a for s, a in sorted(own.raft.items())}}
     loop = asyncio.get_running_loop()
@@ -283,7 +287,7 @@ async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
     async with aiohttp.ClientSession() as session:
         while loop.time() < deadline:
             try:
-                async with session.post(url.rstrip("/") + "/v1/cluster/nodes", json=body,
+                async with session.post(url.rstrip("/") + "/v1/cluster/nodes", json=body, headers=headers,
                                         timeout=aiohttp.ClientTimeout(total=30)) as resp:
                     answer = await resp.json(content_type=None)
                     if resp.status in (200, 201):
@@ -348,8 +352,8 @@ async def serve(config: NodeConfig, join: str | None = None) -> None:
     internal_http, public_http = listener_settings(config.settings)
     listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port,
                                internal_http),
-                 await _listen(create_app(runtime.context), public_http.host, public_http.port,
-                               public_http)]
+                 await _listen(create_app(runtime.context, config.settings.auth.required),
+                               public_http.host, public_http.port, public_http)]
     log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
              config.settings.http.host, config.settings.http.port, internal_host, internal_port,
              sorted(runtime.services))

@@ -225,6 +225,20 @@ class FeedSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuthSettings:
+    """Credentials on the public API (docs/operations.md, "Security"): bearer tokens from the cluster
+    map, and each token's rate limit, counted per node."""
+
+    SECTION: ClassVar[str] = "auth"
+    required: bool = setting(True, "every route but /healthz, /readyz, /metrics and /openapi.json takes "
+                             "a bearer token (false: no credentials, for dev clusters)", minimum=None)
+    rate_per_s_default: float = setting(0.0, "requests per second per token on this node when the token "
+                                        "names no rate_per_s; 0: unlimited", minimum=0)
+    rate_burst_s: float = setting(1.0, "a token's bucket holds this many seconds of its rate (at least "
+                                  "one request)", minimum=0.001)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Every section, each with its defaults unless the node file sets it."""
 
@@ -237,18 +251,23 @@ class NodeSettings:
     cross_shard: CrossShardSettings = field(default_factory=CrossShardSettings)
     meta: MetaSettings = field(default_factory=MetaSettings)
     feed: FeedSettings = field(default_factory=FeedSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
 
 
 # Each section is the NodeSettings attribute of its own name.
 SECTIONS: tuple[type, ...] = (BatchingSettings, RaftSettings, SnapshotSettings, HttpSettings,
                               ForwardingSettings, InternalSettings, CrossShardSettings,
-                              MetaSettings, FeedSettings)
+                              MetaSettings, FeedSettings, AuthSettings)
 
 
 def _value_problem(cls: type, name: str, value: Any) -> str | None:
     f = cls.__dataclass_fields__[name]  # type: ignore[attr-defined]
     where = f"{cls.SECTION}.{name}"  # type: ignore[attr-defined]
     kind = f.type
+    if kind == "bool" and not isinstance(value, bool):
+        return f"{where} must be true or false, not {value!r}"
+    if kind == "bool":
+        return None
     if kind == "int" and (type(value) is not int):
         return f"{where} must be an integer, not {value!r}"
     if kind == "float" and (isinstance(value, bool) or not isinstance(value, int | float)):
@@ -311,6 +330,8 @@ def section_toml(settings: Any, defaults_too: bool = False) -> list[str]:
 
 
 def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, str):
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     return repr(value)

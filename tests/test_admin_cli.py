@@ -52,7 +52,8 @@ def cli_text(cluster: LocalCluster, *args: str) -> str:
 
 def api(cluster: LocalCluster, method: str, path: str, body: Any = None, node: str = "n0") -> tuple[int, Any]:
     data = None if body is None else json.dumps(body).encode()
-    status, _, answer = launcher.http_request(method, cluster.urls[node] + path, data, timeout_s=30.0)
+    status, _, answer = launcher.http_request(method, cluster.urls[node] + path, data, timeout_s=30.0,
+                                               token=cluster.admin_token)
     return status, answer
 
 
@@ -72,7 +73,7 @@ def local(tmp_path) -> Iterator[LocalCluster]:
     snapshot); nodes that ``add-node`` started are stopped by their recorded pid."""
     settings = NodeSettings(snapshots=SnapshotSettings(log_compaction_entries_min=compaction_entries))
     with LocalCluster(tmp_path / "data", nodes=3, shards=2, durability="none",
-                      settings=settings) as cluster:
+                      settings=settings, credentials=True) as cluster:
         try:
             yield cluster
         finally:

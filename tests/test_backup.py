@@ -115,7 +115,7 @@ class Up:
     def __init__(self, data_dir: str, port_base: int) -> None:
         self.lines: list[str] = []
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "raftledger.cluster.cli", "up", "--data-dir", data_dir,
+            [sys.executable, "-m", "raftledger.cluster.cli", "up", "--dev", "--data-dir", data_dir,
              "--port-base", str(port_base), "--durability", "none", "--no-demo"],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         self.reader = threading.Thread(target=self._read, daemon=True)

@@ -36,13 +36,14 @@ wait_s = 60.0
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    with LocalCluster(tmp_path_factory.mktemp("client"), nodes=3, shards=2, durability="none") as c:
+    with LocalCluster(tmp_path_factory.mktemp("client"), nodes=3, shards=2, durability="none",
+                      credentials=True) as c:
         yield c
 
 
 @pytest.fixture
 def ledger(cluster: LocalCluster) -> Iterator[Client]:
-    with Client(list(cluster.urls.values())) as client:
+    with Client(list(cluster.urls.values()), cluster.admin_token) as client:
         yield client
 
 
@@ -85,7 +86,7 @@ def test_a_client_finds_the_cluster_from_its_data_dir(cluster: LocalCluster,
 
 def test_a_dead_endpoint_is_passed_over(cluster: LocalCluster) -> None:
     dead = f"http://127.0.0.1:{free_port()}"
-    with Client([dead, *cluster.urls.values()]) as ledger:
+    with Client([dead, *cluster.urls.values()], cluster.admin_token) as ledger:
         recorder = Recorder(ledger)
         assert ledger.request("GET", "/healthz")["status"] == "ok"
         ledger.create_account(id="x:{m0}", currency=USD)
@@ -254,7 +255,7 @@ def test_reads_see_this_sessions_writes_on_followers(ledger: Client, cluster: Lo
 
 
 async def test_the_async_client_has_the_same_methods(cluster: LocalCluster) -> None:
-    async with LedgerClient(list(cluster.urls.values())) as ledger:
+    async with LedgerClient(list(cluster.urls.values()), cluster.admin_token) as ledger:
         await ledger.create_account(id="cash:{a1}", currency=USD)
         await ledger.create_account(id="alice:{a1}", currency=USD, normal="credit")
         hold = await ledger.transfer("cash:{a1}", "alice:{a1}", 40, USD, pending=True)

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from raftledger.cluster import launcher
 from raftledger.node.testing import consecutive_free_ports
 
 pytestmark = pytest.mark.slow
@@ -84,6 +85,15 @@ def test_up_runs_a_cluster_shows_a_transfer_and_resumes_it(tmp_path):
         assert os.stat(secret_file).st_mode & 0o777 == 0o600
         with open(secret_file) as f:
             assert f.read().strip() not in json.dumps(plan)  # the plan names the file, never the secret
+        # credentials on by default: the first admin token, in a file only its owner reads
+        assert plan["admin_token"].startswith("rlt_")
+        assert os.stat(os.path.join(data_dir, "cluster.json")).st_mode & 0o777 == 0o600
+        assert any('"admin_token" in ' in line for line in first.lines)
+        assert not any(plan["admin_token"] in line for line in first.lines)
+        no_token, _, body = launcher.http_request("GET", f"http://127.0.0.1:{base}/v1/cluster/map")
+        assert (no_token, body["error"]["code"]) == (401, "unauthorized")
+        assert launcher.http_request("GET", f"http://127.0.0.1:{base}/v1/cluster/map",
+                                     token=plan["admin_token"])[0] == 200
     assert not any(pid_alive(p) for p in pids)
     with running_up(data_dir, base) as second:
         assert any("resuming the cluster" in line for line in second.lines)

@@ -11,7 +11,7 @@ import uvloop
 from aiohttp import web
 
 from ..feed import exporter
-from . import admin, cross_shard, feed, internal, membership, ops, reads, writes
+from . import admin, auth, cross_shard, feed, internal, membership, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -57,21 +57,23 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/shards/{shard}/cut", admin.cut),
     ("GET", "/v1/admin/shards/{shard}/backup", admin.backup_shard),
     ("GET", "/v1/admin/cluster/map", admin.cluster_map),
+    *auth.TOKEN_ROUTES,
 )
 
 
-def create_app(ctx: NodeContext) -> web.Application:
-    """The HTTP API of the node described by ``ctx`` (its shard services, peers and limits)."""
+def create_app(ctx: NodeContext, credentials: bool = False) -> web.Application:
+    """The HTTP API of the node described by ``ctx`` (its shard services, peers and limits);
+    ``credentials``: every route but the open ones takes a bearer token (``auth``)."""
     app = web.Application()
-    install(app, ctx)
+    install(app, ctx, credentials)
     return app
 
 
-
-
-def install(app: web.Application, ctx: NodeContext) -> None:
-    """Add the edge middleware, the routes and the shard metrics to a not yet started ``app``."""
+def install(app: web.Application, ctx: NodeContext, credentials: bool = False) -> None:
+    """Add the edge and credential middlewares, the routes and the shard metrics to a not yet
+    started ``app``."""
     app.middlewares.append(edge)
+    auth.install(app, ctx, credentials)
     app[CONTEXT] = ctx
     app[EDGE] = EdgeState()
     for method, path, handler in ROUTES:

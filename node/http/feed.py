@@ -31,7 +31,7 @@ from ..feed import exporter
 from ..feed.sinks import DeliveryFailed, configured_sinks
 from ..metrics import FeedPosition
 from ..service import ShardService
-from . import forward, parse
+from . import auth, forward, parse
 from .body import read_json
 from .context import NodeContext, context_of
 from .reads import ensure_consistency, freshness_headers, proxy_read
@@ -138,7 +138,9 @@ async def get_feed(request: web.Request) -> web.Response:
             break
         await svc.wait_applied(page.applied + 1, remaining)  # woken by the shard's next apply
         page = read_page(svc, after, limit)
-    return respond(request, 200, page.body(), freshness_headers(ctx, svc, page.applied))
+    body = page.body()
+    body["events"] = [e for e in page.events if auth.visible(request, auth.event_accounts(e))]
+    return respond(request, 200, body, freshness_headers(ctx, svc, page.applied))
 
 
 def _stream_after(request: web.Request, shard: int) -> int:
@@ -193,7 +195,8 @@ async def _pump(ctx: NodeContext, svc: ShardService, request: web.Request, respo
     last_write = ctx.clock.monotonic()
     while not state.closing.is_set() and not _gone(request):
         for event in page.events:
-            await response.write(sse_event(event))  # waits while the client's buffer is full
+            if auth.visible(request, auth.event_accounts(event)):
+                await response.write(sse_event(event))  # waits while the client's buffer is full
         if page.events:
             last_write = ctx.clock.monotonic()
         else:
@@ -385,7 +388,8 @@ async def peer_request(ctx: NodeContext, shard: int, method: str, path: str,
         try:
             async with ctx.client().request(method, f"{ctx.peer_url(node)}{path}", params=dict(query),
                                             timeout=timeout,
-                                            headers={forward.FORWARDED_HEADER: ctx.node_id}) as resp:
+                                            headers={forward.FORWARDED_HEADER: ctx.node_id,
+                                                     **auth.forwarded_credentials()}) as resp:
                 body = await resp.json(content_type=None)
                 if resp.status in (200, 404):
                     return resp.status, body

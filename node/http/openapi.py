@@ -123,6 +123,20 @@ def _on_tx(summary: str, body: dict[str, Any]) -> dict[str, Any]:
                [PATH_ID, IDEMPOTENCY], body, body_required=False)
 
 
+_TOKEN_FIELDS: dict[str, Any] = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 64},
+    "role": {"enum": ["admin", "writer", "reader", "auditor"]},
+    "account_patterns": {"type": "array", "maxItems": 32, "items": {
+        "type": "string", "minLength": 1, "maxLength": 128},
+        "description": "shell-style globs; empty: every account"},
+    "expires_at": {"type": ["integer", "null"], "minimum": 1, "description": "ns since the epoch"},
+    "rate_per_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
+                   "description": "requests per second on each node; null: the node's default"},
+}
+# Checked by cluster/tokens.py validate_request (not a ledger body of bodies.py).
+TOKEN_REQUEST = {"type": "object", "required": ["name", "role"], "additionalProperties": False,
+                 "properties": _TOKEN_FIELDS}
+
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/accounts": {"post": _create_accounts()},
     "/v1/accounts/{id}": {"get": _op("An account", "accounts", 200, _ref("Account"), READ_ERRORS,
@@ -180,6 +194,14 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/cluster": {"get": _op("The map's epoch, nodes and slot ranges; every shard's replicas: role, "
                                "term, commit and applied index, lag, last contact; changes in "
                                "progress", "operations", 200, _ref("ClusterStatus"), errors=(503,))},
+    "/v1/tokens": {
+        "post": _op("Create an API token (admin); its secret is in this answer only", "security", 201,
+                    _ref("NewToken"), (400, 503), body=TOKEN_REQUEST),
+        "get": _op("Every API token, without secrets (admin)", "security", 200, {
+            "type": "object", "properties": {"tokens": {"type": "array", "items": _ref("Token")}}})},
+    "/v1/tokens/{token}": {"delete": _op(
+        "Revoke a token (admin): refused on every node within about 2 s", "security", 200, _ref("Token"),
+        (404, 503), [_param("token", "path", {"type": "string", "maxLength": 64})])},
     "/v1/cluster/nodes": {"post": _op(
         "Register a node (201; 200 when registered with the same addresses)", "membership", 201,
         _ref("Node"), (400, 409, 503), body=_ref("NewNode"))},
@@ -345,6 +367,30 @@ SCHEMAS: dict[str, Any] = {
                                          "error": {"type": "object"}}}}}},
 }
 
+SCHEMAS.update({
+    "Token": {"type": "object", "properties": {"id": {"type": "string"}, **_TOKEN_FIELDS,
+                                               "created_at": INT}},
+    "NewToken": {"type": "object", "properties": {"id": {"type": "string"}, **_TOKEN_FIELDS,
+                                                  "created_at": INT, "token": {"type": "string"}}},
+})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics", "/openapi.json"})
+
+
+def _secured(paths: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Every operation but the open ones takes the bearer token and may answer 401, 403 and 429."""
+    out: dict[str, dict[str, Any]] = {}
+    for path, operations in paths.items():
+        out[path] = {}
+        for method, op in operations.items():
+            if path in OPEN_PATHS:
+                out[path][method] = {**op, "security": []}
+                continue
+            extra = {str(s): {"description": "error (see the code)", "content": _json(_ref("Error"))}
+                     for s in (401, 403, 429)}
+            out[path][method] = {**op, "responses": {**op["responses"], **extra}}
+    return out
+
+
 HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...], and as routing hints "
                "X-Ledger-Map-Epoch (the map the node routed by) and X-Ledger-Leader: "
                "<shard>=<node>[,...] (the leaders it knows). Every read answers "
@@ -357,6 +403,10 @@ def spec() -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": "raftledger HTTP API", "version": API_VERSION,
                  "description": HEADERS_DOC},
-        "paths": PATHS,
-        "components": {"schemas": SCHEMAS},
+        "paths": _secured(PATHS),
+        "components": {"schemas": SCHEMAS, "securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "an API token (POST /v1/tokens); not needed on clusters "
+                                      "run without credentials"}}},
+        "security": [{"bearer": []}],
     }

@@ -20,6 +20,7 @@ from raftledger.statemachine.store import QueryError, Reader
 
 from ..service import ShardService
 from . import parse
+from .auth import forwarded_credentials, record_accounts, require_accounts
 from .context import NodeContext, context_of
 from .forward import FORWARDED_HEADER, call_peer, read_barrier, via_hosts
 from .render import respond
@@ -70,6 +71,7 @@ async def _read(request: web.Request, account_id: str,
     The handler has checked the query string's parameter names already."""
     ctx = context_of(request)
     parse.parse_id(account_id, "", "id")
+    require_accounts(request, [account_id])
     params = parse.parse_read_params(request.query, ctx.shard_count)
     svc = ctx.shards.get(ctx.shard_of(account_id))
     if svc is None:
@@ -148,10 +150,13 @@ async def get_transaction(request: web.Request) -> web.Response:
             elsewhere = reader.recorded_at(txid)
             headers = freshness_headers(ctx, svc, reader.state().applied_index)
         if record is not None:
-            return respond(request, 200, record.to_json(svc.shard), headers)
+            body = record.to_json(svc.shard)
+            require_accounts(request, record_accounts(body))
+            return respond(request, 200, body, headers)
         if elsewhere is not None:
             _, found = await transaction_at(ctx, elsewhere, txid)
             if found is not None:
+                require_accounts(request, record_accounts(found))
                 return respond(request, 200, found, headers)
     raise LedgerError("transaction_not_found", details={"id": txid}, headers=headers)
 
@@ -205,7 +210,8 @@ async def proxy_read(request: web.Request, shard: int) -> web.Response:
         raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
     url = f"{ctx.peer_url(nodes[0])}{request.rel_url}"
     timeout = aiohttp.ClientTimeout(total=ctx.settings.forwarding.timeout_s)
-    headers = {FORWARDED_HEADER: ctx.node_id, "Accept": request.headers.get("Accept", "*/*")}
+    headers = {FORWARDED_HEADER: ctx.node_id, "Accept": request.headers.get("Accept", "*/*"),
+               **forwarded_credentials()}
     started = time.monotonic()
     try:
         async with ctx.client().get(url, headers=headers, timeout=timeout) as resp:

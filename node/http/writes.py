@@ -28,6 +28,7 @@ from raftledger.statemachine.commands import (
 )
 
 from . import bodies, cross_shard, parse
+from .auth import command_accounts, record_accounts, require_accounts
 from .body import read_json
 from .context import NodeContext, context_of
 from .forward import Route, ShardReply, submit
@@ -131,6 +132,7 @@ async def _many(request: web.Request, routed: list[tuple[int, Command]], atomic:
 async def create_accounts(request: web.Request) -> web.Response:
     ctx = context_of(request)
     commands, is_list = bodies.parse_accounts(await read_json(request))
+    require_accounts(request, [c.id for c in commands])
     routed: list[tuple[int, Command]] = [(ctx.shard_of(c.id), c) for c in commands]
     if not is_list:
         return await _single(request, routed[0][0], routed[0][1], "account")
@@ -143,6 +145,7 @@ async def create_transaction(request: web.Request) -> web.Response:
     ctx = context_of(request)
     command = bodies.parse_transaction(await read_json(request),
                                       request.headers.get(IDEMPOTENCY_HEADER))
+    require_accounts(request, command_accounts([command]))
     if cross_shard.is_single_shard(ctx, command):
         return await _single(request, ctx.shard_of(command.id), command, "transaction")
     return await _cross_shard(request, cross_shard.create(ctx, command))
@@ -153,6 +156,7 @@ async def create_batch(request: web.Request) -> web.Response:
     an atomic batch not wholly at one home is one two-phase commit (``cross_shard.create_atomic``)."""
     ctx = context_of(request)
     commands, atomic = bodies.parse_batch(await read_json(request))
+    require_accounts(request, command_accounts(commands))  # a batch is refused whole
     single = [cross_shard.is_single_shard(ctx, c) for c in commands]
     routed: list[tuple[int, Command]] = [(ctx.shard_of(c.id), c) for c in commands]
     if atomic and not (all(single) and len({shard for shard, _ in routed}) == 1):
@@ -185,6 +189,8 @@ async def _on_transaction(request: web.Request,
     command = build(await read_json(request, empty={}), target,
                     request.headers.get(IDEMPOTENCY_HEADER))
     shard, record = await locate_transaction(ctx, target)
+    if record is not None:
+        require_accounts(request, record_accounts(record))
     taken = await cross_shard.claim(ctx, command.id, payload_hash(command), shard)
     if taken is not None:
         return _answer(request, taken, {})
