@@ -105,3 +105,24 @@ def test_entries_of_older_rules_add_no_leaf_and_store_reopens(tmp_path: Path) ->
         assert r.tree_head()[0] == 1
         assert r.tree_head()[1] == merkle.leaf_hash(r.leaf(0))
     reopened.close()
+
+
+def test_store_audit_finds_a_tampered_tree_or_transaction(ledger: Harness) -> None:
+    from raftledger.statemachine.audit import verify_store
+    from raftledger.statemachine.layout import pack_transaction, unpack_transaction
+
+    funded(ledger)
+    assert ledger.one(transfer("t1", "alice", "bob", 40)).ok
+    store = ledger.store
+    with store.reader() as r:
+        assert verify_store(r) == []
+    with store.env.begin(write=True) as txn:  # the same amount moved on both sides: still balanced
+        tx = unpack_transaction(txn.get(b"t1", db=store.dbs.transactions))
+        entries = tuple(type(e)(e.account_id, e.direction, 41, e.currency, e.seq, e.hash) for e in tx.entries)
+        txn.put(b"t1", pack_transaction(type(tx)(tx.id, tx.status, entries, tx.code, tx.metadata,
+                                                 tx.timestamp)), db=store.dbs.transactions)
+        txn.put(merkle.node_key(0, 0), b"\0" * 32, db=store.dbs.merkle)
+    with store.reader() as r:
+        problems = verify_store(r)
+    assert any("t1: record differs from its leaf" in p for p in problems)
+    assert any("node 0/0" in p for p in problems)
