@@ -170,6 +170,34 @@ def test_untrusted_keys_fail_the_signature_check(cluster: LocalCluster, ledger: 
     assert code == 1 and any("trusted signatures" in f for f in report["failures"]), report
 
 
+def test_rotated_key_signs_new_heads_and_the_old_one_stays_published(cluster: LocalCluster,
+                                                                     ledger: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    before = {k["key_id"] for k in get(cluster, "n0", "/v1/keys")["keys"] if k["node"] == "n1"}
+    done = subprocess.run([sys.executable, "-m", "raftledger.cluster.cli", "keys", "rotate", "--node", "n1",
+                           "--data-dir", cluster.data_dir], capture_output=True, text=True,
+                          timeout=audit_timeout_s)
+    assert done.returncode == 0, done.stderr
+
+    def rotated() -> list[dict[str, Any]] | None:
+        mine = [k for k in get(cluster, "n2", "/v1/keys")["keys"] if k["node"] == "n1"]
+        return mine if len(mine) == len(before) + 1 else None
+    keys = launcher.wait_until(rotated, keys_timeout_s, "n1's new key in every node's /v1/keys")
+    old, new = keys[-2], keys[-1]
+    assert old["key_id"] in before and old["retired_at"] is not None and new["retired_at"] is None
+    assert new["valid_from"] >= old["retired_at"]
+    with cluster.client() as client:
+        client.transfer(ledger["a0"], ledger["b0"], 2, "BRL", id=f"rot{tag(0, 'i')}")
+    head = launcher.wait_until(
+        lambda: (lambda h: h if any(s["key_id"] == new["key_id"] for s in h["signatures"]) else None)(
+            get(cluster, "n1", "/v1/shards/0/tree-head")), keys_timeout_s, "a head signed by the new key")
+    assert all(s["key_id"] != old["key_id"] for s in head["signatures"])
+    trusted = keys_file(cluster, tmp_path / "keys.json")
+    code, report = cli("audit", "--endpoint", cluster.urls["n1"], "--keys", str(trusted),
+                       "--min-signatures", "3", "--sample", "2")
+    assert code == 0, report["failures"]
+
+
 def _store_path(cluster: LocalCluster, node: str, shard: int) -> str:
     directory = os.path.join(cluster.data_dir, node, f"shard-{shard}")
     current = os.path.join(directory, "CURRENT")  # absent: generation 0 (node/store_slot.py)
