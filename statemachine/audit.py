@@ -483,36 +483,45 @@ def _leaf_fields(leaf: bytes) -> tuple[int, str, list[tuple[str, int, int, str, 
 
 def _tree_problems(reader: Reader) -> Iterator[str]:
     """Leaves dense and as many as the state says; every stored subtree root equals the one recomputed
-    from the leaves; each transaction record names the entries of its first leaf."""
+    from the leaves (streamed: a stack of complete subtrees); each transaction record names the entries
+    of its first leaf."""
     raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
     size = 0 if raw is None or len(raw) <= _STATE.size else _OFFSET.unpack_from(raw, _STATE.size)[0]
-    leaves = [(_OFFSET.unpack(bytes(k))[0], bytes(v)) for k, v in reader.txn.cursor(db=reader.dbs.leaves)]
-    if [i for i, _ in leaves] != list(range(size)):
-        yield f"transaction tree: {len(leaves)} leaves stored, not 0..{size - 1}"
-        return
-    level = [hashlib.sha256(b"\x00" + leaf).digest() for _, leaf in leaves]
-    expected: dict[bytes, bytes] = {}
-    height = 0
-    while level:
-        for i, digest in enumerate(level):
-            expected[bytes([height]) + i.to_bytes(8, "big")] = digest
-        level = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest()
-                 for i in range(0, len(level) - 1, 2)]
-        height += 1
-    stored = {bytes(k): bytes(v) for k, v in reader.txn.cursor(db=reader.dbs.merkle)}
-    for key in sorted(set(stored) | set(expected)):
-        if stored.get(key) != expected.get(key):
-            yield f"transaction tree: node {key[0]}/{int.from_bytes(key[1:], 'big')} is not its leaves' hash"
+    nodes = reader.txn.cursor(db=reader.dbs.merkle)
+    stack: list[tuple[int, bytes]] = []  # (level, root) of the complete subtrees so far, largest first
     seen: set[str] = set()
-    for _, leaf in leaves:
-        kind, txid, entries = _leaf_fields(leaf)
-        if kind == _LEAF_LEG or txid in seen:
-            continue
-        seen.add(txid)
-        record = reader.txn.get(txid.encode(), db=reader.dbs.transactions)
-        if record is None:
-            continue  # a cross-shard transaction's leg finished here: its record is at its home
-        named = [(a, d, amt, cur, seq, bytes(h))
-                 for a, d, amt, cur, seq, h in msgpack.unpackb(record)[_TX_ENTRIES]]
-        if named != entries:
-            yield f"transaction {txid}: record differs from its leaf in the transaction tree"
+    count = 0
+    for key, value in reader.txn.cursor(db=reader.dbs.leaves):
+        index, leaf = _OFFSET.unpack(bytes(key))[0], bytes(value)
+        if index != count:
+            yield f"transaction tree: leaf {count} is missing"
+            return
+        count += 1
+        level, digest = 0, hashlib.sha256(b"\x00" + leaf).digest()
+        while True:
+            node = nodes.get(bytes([level]) + (index >> level).to_bytes(8, "big"))
+            if node is None or bytes(node) != digest:
+                yield f"transaction tree: node {level}/{index >> level} is not its leaves' hash"
+            if not stack or stack[-1][0] != level:
+                break
+            digest = hashlib.sha256(b"\x01" + stack.pop()[1] + digest).digest()
+            level += 1
+        stack.append((level, digest))
+        yield from _leaf_against_record(reader, leaf, seen)
+    stored = reader.txn.stat(reader.dbs.merkle)["entries"]
+    if count != size or stored != 2 * count - bin(count).count("1"):
+        yield f"transaction tree: {count} leaves and {stored} nodes stored for a tree of {size}"
+
+
+def _leaf_against_record(reader: Reader, leaf: bytes, seen: set[str]) -> Iterator[str]:
+    kind, txid, entries = _leaf_fields(leaf)
+    if kind == _LEAF_LEG or txid in seen:
+        return
+    seen.add(txid)
+    record = reader.txn.get(txid.encode(), db=reader.dbs.transactions)
+    if record is None:
+        return  # a cross-shard transaction's leg finished here: its record is at its home
+    named = [(a, d, amt, cur, seq, bytes(h))
+             for a, d, amt, cur, seq, h in msgpack.unpackb(record)[_TX_ENTRIES]]
+    if named != entries:
+        yield f"transaction {txid}: record differs from its leaf in the transaction tree"

@@ -129,7 +129,7 @@ async def signed_head(ctx: NodeContext, svc: ShardService, size: int | None) -> 
     tree_size, root, ts, applied = _local_head(svc, size)
     key = (svc.shard, tree_size)
     cached = ctx.heads.get(key)
-    if cached is None or (cached.done() and cached.exception() is not None):
+    if cached is None or (cached.done() and (cached.cancelled() or cached.exception() is not None)):
         cached = asyncio.get_running_loop().create_task(_collect(ctx, svc, tree_size, root, ts, applied))
         ctx.heads[key] = cached
         while len(ctx.heads) > signed_heads_cached_max:
