@@ -499,7 +499,7 @@ def _tree_problems(reader: Reader) -> Iterator[str]:
         count += 1
         level, digest = 0, hashlib.sha256(b"\x00" + leaf).digest()
         while True:
-            node = nodes.get(bytes([level]) + (index >> level).to_bytes(8, "big"))
+            node = nodes.get(index.to_bytes(8, "big") + bytes([level]))  # keyed by its last leaf
             if node is None or bytes(node) != digest:
                 yield f"transaction tree: node {level}/{index >> level} is not its leaves' hash"
             if not stack or stack[-1][0] != level:

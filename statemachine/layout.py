@@ -19,8 +19,9 @@ Sub-databases:
                                                     1, nothing compacted yet)
   consumers    consumer name (utf-8)             -> u64 offset + u64 timestamp: a durable consumer of
                                                     the feed has processed every event up to offset
-  merkle       u8 level + u64 index              -> 32-byte root of a complete subtree of the shard's
-                                                    transaction tree (merkle.py; from RULES_MERKLE)
+  merkle       u64 last leaf + u8 level          -> 32-byte root of the complete subtree of that level
+                                                    ending at that leaf, in the shard's transaction
+                                                    tree (merkle.py; from RULES_MERKLE)
   leaves       leaf index (u64)                  -> the leaf bytes (merkle.transaction_leaf)
   leaf_ids     transaction id + 0x00 + u64 index -> b"": the leaves recorded under an id
 

@@ -1143,7 +1143,8 @@ class Applier:
         return bytes(raw)
 
     def _put_tree_node(self, level: int, index: int, digest: bytes) -> None:
-        ensure(self.cursors.merkle.put(merkle.node_key(level, index), digest, True, False),
+        # Keys only grow (merkle.node_key): an append, which also refuses to overwrite a node.
+        ensure(self.cursors.merkle.put(merkle.node_key(level, index), digest, True, False, True),
                "a node of the transaction tree would be overwritten")
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:

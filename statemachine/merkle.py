@@ -6,7 +6,9 @@
 
 Storage: node (level, index) is the root of the complete subtree over leaves
 [index * 2^level, (index + 1) * 2^level). Appending leaf n stores its hash at (0, n) and, for each
-trailing one bit of n, the parent that it completes: O(log n) hashes, two writes on average. Every
+trailing one bit of n, the parent that it completes: O(log n) hashes, two writes on average. A node
+is keyed by the leaf that completed it, then its level (``node_key``), so every write of an append
+lands after every stored key: LMDB appends instead of searching the tree for the place. Every
 subtree that RFC 9162's algorithms need for a tree of any size m <= n is either complete (one stored
 node) or ends at m, and those are nested, so a root or a proof at any earlier size reads O(log n)
 stored nodes (``SubtreeHashes`` computes each right-edge subtree once).
@@ -24,7 +26,7 @@ import msgpack
 from .codec import DIRECTION_BYTE, canonical
 from .records import Transaction
 
-NODE_KEY: Final = struct.Struct(">BQ")  # level, index
+NODE_KEY: Final = struct.Struct(">QB")  # the last leaf of the subtree, its level
 EMPTY_ROOT: Final = hashlib.sha256(b"").digest()
 
 NodeReader = Callable[[int, int], bytes]  # (level, index) -> the stored hash of that complete subtree
@@ -40,7 +42,9 @@ def node_hash(left: bytes, right: bytes) -> bytes:
 
 
 def node_key(level: int, index: int) -> bytes:
-    return NODE_KEY.pack(level, index)
+    """The key of node (level, index): the index of its last leaf, then its level (both ascending
+    over an append's writes)."""
+    return NODE_KEY.pack(((index + 1) << level) - 1, level)
 
 
 def largest_power_below(n: int) -> int:
@@ -144,23 +148,41 @@ U16: Final = struct.Struct(">H")
 U32: Final = struct.Struct(">I")
 
 
-def _text(value: str) -> bytes:
+EMPTY_METADATA: Final = U32.pack(1) + b"\x80"  # msgpack of {}
+
+
+def _text(out: bytearray, value: str) -> None:
     data = value.encode()
-    return U16.pack(len(data)) + data
+    out += U16.pack(len(data))
+    out += data
 
 
 def transaction_leaf(kind: int, tx: Transaction, packb: Callable[[Any], bytes] = msgpack.packb) -> bytes:
     """The leaf bytes of ``tx`` (byte for byte in docs/integrity.md); the same on every replica."""
-    parts = [LEAF_HEAD.pack(LEAF_VERSION, kind, tx.timestamp), _text(tx.id),
-             bytes((LEAF_STATUS[tx.status],)), _text(tx.pending_id or ""), _text(tx.reverses or ""),
-             _text(tx.code), U32.pack(tx.timeout_seconds), bytes((len(tx.shards),)),
-             b"".join(U16.pack(s) for s in tx.shards), U16.pack(len(tx.entries))]
+    out = bytearray(LEAF_HEAD.pack(LEAF_VERSION, kind, tx.timestamp))
+    _text(out, tx.id)
+    out.append(LEAF_STATUS[tx.status])
+    _text(out, tx.pending_id or "")
+    _text(out, tx.reverses or "")
+    _text(out, tx.code)
+    out += U32.pack(tx.timeout_seconds)
+    out.append(len(tx.shards))
+    for shard in tx.shards:
+        out += U16.pack(shard)
+    out += U16.pack(len(tx.entries))
     for e in tx.entries:
-        parts.append(_text(e.account_id) + LEAF_ENTRY.pack(DIRECTION_BYTE[e.direction], e.amount)
-                     + _text(e.currency) + LEAF_SEQ.pack(e.seq) + e.hash)
-    metadata = packb(canonical(tx.metadata))
-    parts.append(U32.pack(len(metadata)) + metadata)
-    return b"".join(parts)
+        _text(out, e.account_id)
+        out += LEAF_ENTRY.pack(DIRECTION_BYTE[e.direction], e.amount)
+        _text(out, e.currency)
+        out += LEAF_SEQ.pack(e.seq)
+        out += e.hash
+    if tx.metadata:
+        metadata = packb(canonical(tx.metadata))
+        out += U32.pack(len(metadata))
+        out += metadata
+    else:
+        out += EMPTY_METADATA
+    return bytes(out)
 
 
 def leaf_timestamp(leaf: bytes) -> int:
