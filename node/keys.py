@@ -1,9 +1,11 @@
 """A node's Ed25519 signing keys: the current one signs tree heads, retired ones stay published.
 
 Kept in ``<data_dir>/signing-keys.json`` (mode 0600, replaced atomically): every key the node ever had,
-with its public half, ``valid_from`` and ``retired_at`` (ns), and the private seed of the current one
-only (a retired key never signs again). A key's id is the hex of the first 8 bytes of SHA-256 of its
-raw public key. The public records are published in the cluster map's ``keys`` section under the node's
+with its public half, ``valid_from`` and ``retired_at`` (ns), the private seed of the current one
+only (a retired key never signs again), and whether the cluster map was seen holding these records
+(``published``: a restarted node does not propose them again; a member of the metadata group replays
+older maps first, and would otherwise see them missing and change the map for nothing). A key's id
+is the hex of the first 8 bytes of SHA-256 of its raw public key. The public records are published in the cluster map's ``keys`` section under the node's
 id, so every node serves ``GET /v1/keys`` for all of them (docs/integrity.md).
 """
 
@@ -49,6 +51,7 @@ class KeyRing:
     node_id: str
     current: Ed25519PrivateKey
     records: list[dict[str, Any]]  # public records, oldest first; the last is the current key's
+    published: bool = False  # the cluster map was seen holding exactly these records
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -71,9 +74,16 @@ class KeyRing:
             records = [dict(r) for r in self.records]
             records[-1]["retired_at"] = now_ns
             records.append(_record(fresh, now_ns))
-            _write(self.path, fresh, records)
-            self.current, self.records = fresh, records
+            _write(self.path, fresh, records, False)
+            self.current, self.records, self.published = fresh, records, False
             return self.current_id
+
+    def mark_published(self, records: list[dict[str, Any]]) -> None:
+        """The map holds ``records``: remember it, unless the ring changed since they were read."""
+        with self.lock:
+            if records == self.records and not self.published:
+                _write(self.path, self.current, self.records, True)
+                self.published = True
 
 
 def _record(private: Ed25519PrivateKey, valid_from: int) -> dict[str, Any]:
@@ -82,9 +92,10 @@ def _record(private: Ed25519PrivateKey, valid_from: int) -> dict[str, Any]:
             "valid_from": valid_from, "retired_at": None}
 
 
-def _write(path: str, current: Ed25519PrivateKey, records: list[dict[str, Any]]) -> None:
+def _write(path: str, current: Ed25519PrivateKey, records: list[dict[str, Any]], published: bool) -> None:
     """Like ``files.write_file_durably``, but the file is created with mode 0600: it holds a secret."""
-    data = json.dumps({"current_seed": _raw_seed(current).hex(), "keys": records}, indent=1).encode()
+    data = json.dumps({"current_seed": _raw_seed(current).hex(), "keys": records, "published": published},
+                      indent=1).encode()
     tmp = f"{path}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -103,7 +114,7 @@ def load_or_create(data_dir: str, node_id: str, now_ns: int) -> KeyRing:
         os.makedirs(data_dir, exist_ok=True)
         private = Ed25519PrivateKey.generate()
         records = [_record(private, now_ns)]
-        _write(path, private, records)
+        _write(path, private, records, False)
         return KeyRing(path, node_id, private, records)
     os.chmod(path, 0o600)
     try:
@@ -111,11 +122,12 @@ def load_or_create(data_dir: str, node_id: str, now_ns: int) -> KeyRing:
             raw = json.load(f)
         private = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(raw["current_seed"]))
         records = list(raw["keys"])
+        published = raw.get("published") is True
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise KeyFileError(f"{path}: {exc}") from exc
     if not records or records[-1].get("key_id") != key_id(_raw_public(private)):
         raise KeyFileError(f"{path}: the current key is not the last one listed")
-    return KeyRing(path, node_id, private, records)
+    return KeyRing(path, node_id, private, records, published)
 
 
 def published(sections: Any) -> list[dict[str, Any]]:

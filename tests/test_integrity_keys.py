@@ -53,3 +53,14 @@ def test_published_lists_every_node_key_from_the_map_section() -> None:
     assert [(k["node"], k["key_id"]) for k in keys.published(sections)] == [("n0", "a"), ("n0", "c"),
                                                                           ("n1", "b")]
     assert keys.published({}) == []
+
+
+def test_publication_is_remembered_until_the_next_rotation(tmp_path: Path) -> None:
+    ring = keys.load_or_create(str(tmp_path), "n0", 10)
+    records = ring.public_records()
+    ring.mark_published(records)
+    assert keys.load_or_create(str(tmp_path), "n0", 11).published
+    ring.rotate(20)
+    ring.mark_published(records)  # read before the rotation: not what the ring holds now
+    reloaded = keys.load_or_create(str(tmp_path), "n0", 21)
+    assert not reloaded.published and len(reloaded.public_records()) == 2

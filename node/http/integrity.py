@@ -70,16 +70,20 @@ async def get_keys(request: web.Request) -> web.Response:
 
 
 async def publish_keys(ctx: NodeContext) -> None:
-    """Put this node's public key records into the cluster map until the map holds them."""
+    """Put this node's public key records into the cluster map until the map holds them (once per
+    set of records: the key file remembers it, see ``node.keys``)."""
     ring = ctx.keys
     if ring is None:
         return
     for _ in range(publish_attempts_max):
         records = ring.public_records()
+        if ring.published:
+            return
         current = ctx.maps.current
         if current is not None and list(current.sections.get(node_keys.MAP_SECTION, {})
                                         .get(ctx.node_id, ())) == records:
-            return
+            ring.mark_published(records)
+            continue
         changed = ctx.maps.changed()
         if current is not None:
             try:
