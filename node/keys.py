@@ -5,8 +5,9 @@ with its public half, ``valid_from`` and ``retired_at`` (ns), the private seed o
 only (a retired key never signs again), and whether the cluster map was seen holding these records
 (``published``: a restarted node does not propose them again; a member of the metadata group replays
 older maps first, and would otherwise see them missing and change the map for nothing). A key's id
-is the hex of the first 8 bytes of SHA-256 of its raw public key. The public records are published in the cluster map's ``keys`` section under the node's
-id, so every node serves ``GET /v1/keys`` for all of them (docs/integrity.md).
+is the hex of the first 8 bytes of SHA-256 of its raw public key. The public records are published
+in the cluster map's ``keys`` section under the node's id, so every node serves ``GET /v1/keys`` for
+all of them (docs/integrity.md).
 """
 
 from __future__ import annotations
