@@ -17,7 +17,8 @@ from setuptools import setup
 
 # The modules on the apply path, compiled together so calls between them are native C calls.
 # store.py (queries, one call per Raft entry), audit.py and testing.py stay interpreted.
-COMPILED = ("codes", "commands", "records", "codec", "validate", "hashing", "slots", "layout", "ledger")
+COMPILED = ("codes", "commands", "records", "codec", "validate", "hashing", "slots", "layout", "merkle",
+            "ledger")
 
 
 def compiled_extensions() -> list:

@@ -76,6 +76,7 @@ STATUS: dict[str, int] = {
     "not_found": 404,
     "transaction_not_found": 404,
     "node_not_found": 404,
+    "tree_size_unavailable": 404,
     "not_a_replica": 404,
     "method_not_allowed": 405,
     "request_timeout": 408,
@@ -128,6 +129,7 @@ STATUS: dict[str, int] = {
     "outcome_unknown": 503,
     "timeout": 503,
     "stale_replica": 503,
+    "root_mismatch": 409,
 }
 
 
@@ -154,6 +156,8 @@ MESSAGES: dict[str, str] = {
     "unsupported_media_type": "send application/json or application/msgpack",
     "wrong_shard": "the command names an account that lives on another shard",
     "node_not_found": "no such node in the cluster map",
+    "tree_size_unavailable": "this replica's transaction tree does not (yet) have that size",
+    "root_mismatch": "this replica's transaction tree has another root at that size",
     "not_a_replica": "the node hosts no replica of the shard",
     "quorum_at_risk": "the shard's remaining healthy replicas could not form a majority",
     "change_in_progress": "another membership change of the shard is in progress",

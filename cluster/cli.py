@@ -14,7 +14,7 @@ from typing import Any
 
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import admin as cluster_admin
-from raftledger.cluster import backup, feed_cli, launcher, token_cli, verify
+from raftledger.cluster import audit, backup, feed_cli, launcher, token_cli, verify
 from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -54,6 +54,13 @@ def parser() -> argparse.ArgumentParser:
     new_secret = sub.add_parser("secret", help="write a new cluster secret file (mode 0600)")
     new_secret.add_argument("path", help="where to write it; an existing file is never replaced")
     verify.add_parser(sub)
+    audit.add_parser(sub)
+    keys = sub.add_parser("keys", help="a node's tree-head signing keys").add_subparsers(dest="keys_command",
+                                                                                         required=True)
+    rotate = keys.add_parser("rotate", help="give a node of a local cluster a new signing key (the old "
+                             "one is retired and stays published)")
+    rotate.add_argument("--node", required=True, help="the node's id")
+    rotate.add_argument("--data-dir", default="./data", help="the directory `raftledger up` used")
     backup.add_parsers(sub)
     cluster_admin.add_parser(sub)
     token_cli.add_parser(sub)
@@ -76,6 +83,10 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(feed_cli.run(args))
         elif args.command == "token":
             sys.exit(token_cli.run(args))
+        elif args.command == "audit":
+            sys.exit(audit.run(args))
+        elif args.command == "keys":
+            sys.exit(rotate_key(args.data_dir, args.node))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:
@@ -89,6 +100,22 @@ def write_secret(path: str) -> None:
     except FileExistsError:
         raise launcher.LaunchError(f"{path} exists; a cluster keeps its secret") from None
     print(f"wrote a new cluster secret to {path}; name it as secret_file in every node's config")
+
+
+def rotate_key(data_dir: str, node_id: str) -> int:
+    """Ask a running node of the local cluster in ``data_dir`` for a new signing key."""
+    plan = launcher.load_plan(data_dir)
+    if plan is None or node_id not in {n.id for n in plan.cluster.nodes}:
+        raise launcher.LaunchError(f"no node {node_id!r} in {data_dir}/{launcher.CLUSTER_FILE}")
+    try:
+        status, answer = launcher.call_internal(plan, node_id, "/keys/rotate")
+    except OSError as exc:
+        raise launcher.LaunchError(f"node {node_id} cannot be reached: {exc}") from None
+    if status != 200:
+        print(f"raftledger keys rotate: {answer}", file=sys.stderr)
+        return 1
+    print(f"node {node_id}: new signing key {answer['key_id']}; earlier keys stay published, retired")
+    return 0
 
 
 def run_node(path: str, join: str | None = None) -> None:

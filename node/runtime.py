@@ -28,6 +28,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +41,7 @@ from raftledger.cluster.follower import MapFollower, long_poll
 from raftledger.cluster.map import NODE_REMOVED, ClusterMap, MapError, initial_map
 from raftledger.cluster.shard_slots import keep_slots
 
-from . import frames, secret, wire
+from . import frames, keys, secret, wire
 from .config import NodeConfig
 from .files import write_file_durably
 from .http import NodeContext, create_app, guard
@@ -258,7 +259,8 @@ async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
     context = NodeContext(config.node_id, services, cluster.shards, peers=cluster.http_urls(),
                           placement=dict(cluster.placement), internal_urls=cluster.internal_urls(),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
-                          metrics=metrics, settings=config.settings, maps=follower, meta=meta)
+                          metrics=metrics, settings=config.settings, maps=follower, meta=meta,
+                          keys=keys.load_or_create(config.data_dir, config.node_id, time.time_ns()))
     runtime = NodeRuntime(config, services, context, meta, replicas=replicas)
     loop = asyncio.get_running_loop()
     if saved is not None:

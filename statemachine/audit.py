@@ -39,7 +39,8 @@ _ENTRY = struct.Struct(">QQQBBB16s32s")
 _ENTRY_KEY = struct.Struct(">QQ")
 _STATE = struct.Struct(">QQQQ32s")  # applied index, last timestamp, next account num, next offset, chain
 _STATE_KEY = b"state"  # in the meta table
-_OFFSET = struct.Struct(">Q")  # an outbox key
+_OFFSET = struct.Struct(">Q")  # an outbox key; a leaf index; the tree size after the state
+_LEAF_LEG = 3
 _FEED_FLOOR_KEY = b"feed_floor"  # in meta: the first outbox offset compaction kept
 # An outbox value: type code, kind, timestamp (">BBQ"), then the record. Kind 2 (from rules 4): u32
 # length of the packed transaction, the transaction, then per account of its entries (in the order
@@ -361,7 +362,7 @@ def _state_problems(reader: Reader, nums: set[int]) -> Iterator[str]:
     """The shard's counters: account nums below the next one, outbox offsets dense from the first one
     still held (1 until compaction moved it) to the last one written."""
     raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
-    next_num, next_offset = (1, 1) if raw is None else _STATE.unpack(raw)[2:4]
+    next_num, next_offset = (1, 1) if raw is None else _STATE.unpack_from(raw)[2:4]
     if nums and max(nums) >= next_num:
         yield f"shard state: next account num {next_num}, yet {max(nums)} is taken"
     cursor = reader.txn.cursor(db=reader.dbs.outbox)
@@ -446,4 +447,81 @@ def verify_store(reader: Reader) -> list[str]:
     problems.extend(_leg_problems(reader, open_legs, by_id))
     problems.extend(_state_problems(reader, nums))
     problems.extend(_event_problems(reader, by_id))
+    problems.extend(_tree_problems(reader))
     return problems
+
+
+# ---- the transaction tree: recomputed from its leaves (docs/integrity.md) ----------------------------
+
+def _leaf_fields(leaf: bytes) -> tuple[int, str, list[tuple[str, int, int, str, int, bytes]]]:
+    """(kind, transaction id, entries) of a leaf, decoded with these few lines."""
+    kind, pos = leaf[1], 10
+
+    def text() -> str:
+        nonlocal pos
+        n = int.from_bytes(leaf[pos:pos + 2], "big")
+        pos += 2 + n
+        return leaf[pos - n:pos].decode()
+    txid = text()
+    pos += 1
+    text(), text(), text()  # pending_id, reverses, code
+    pos += 4
+    pos += 1 + 2 * leaf[pos]  # shards
+    count = int.from_bytes(leaf[pos:pos + 2], "big")
+    pos += 2
+    entries = []
+    for _ in range(count):
+        account = text()
+        direction, amount = leaf[pos], int.from_bytes(leaf[pos + 1:pos + 9], "big")
+        pos += 9
+        currency = text()
+        seq, digest = int.from_bytes(leaf[pos:pos + 8], "big"), leaf[pos + 8:pos + 40]
+        pos += 40
+        entries.append((account, direction, amount, currency, seq, digest))
+    return kind, txid, entries
+
+
+def _tree_problems(reader: Reader) -> Iterator[str]:
+    """Leaves dense and as many as the state says; every stored subtree root equals the one recomputed
+    from the leaves (streamed: a stack of complete subtrees); each transaction record names the entries
+    of its first leaf."""
+    raw = reader.txn.get(_STATE_KEY, db=reader.dbs.meta)
+    size = 0 if raw is None or len(raw) <= _STATE.size else _OFFSET.unpack_from(raw, _STATE.size)[0]
+    nodes = reader.txn.cursor(db=reader.dbs.merkle)
+    stack: list[tuple[int, bytes]] = []  # (level, root) of the complete subtrees so far, largest first
+    seen: set[str] = set()
+    count = 0
+    for key, value in reader.txn.cursor(db=reader.dbs.leaves):
+        index, leaf = _OFFSET.unpack(bytes(key))[0], bytes(value)
+        if index != count:
+            yield f"transaction tree: leaf {count} is missing"
+            return
+        count += 1
+        level, digest = 0, hashlib.sha256(b"\x00" + leaf).digest()
+        while True:
+            node = nodes.get(index.to_bytes(8, "big") + bytes([level]))  # keyed by its last leaf
+            if node is None or bytes(node) != digest:
+                yield f"transaction tree: node {level}/{index >> level} is not its leaves' hash"
+            if not stack or stack[-1][0] != level:
+                break
+            digest = hashlib.sha256(b"\x01" + stack.pop()[1] + digest).digest()
+            level += 1
+        stack.append((level, digest))
+        yield from _leaf_against_record(reader, leaf, seen)
+    stored = reader.txn.stat(reader.dbs.merkle)["entries"]
+    if count != size or stored != 2 * count - bin(count).count("1"):
+        yield f"transaction tree: {count} leaves and {stored} nodes stored for a tree of {size}"
+
+
+def _leaf_against_record(reader: Reader, leaf: bytes, seen: set[str]) -> Iterator[str]:
+    kind, txid, entries = _leaf_fields(leaf)
+    if kind == _LEAF_LEG or txid in seen:
+        return
+    seen.add(txid)
+    record = reader.txn.get(txid.encode(), db=reader.dbs.transactions)
+    if record is None:
+        return  # a cross-shard transaction's leg finished here: its record is at its home
+    named = [(a, d, amt, cur, seq, bytes(h))
+             for a, d, amt, cur, seq, h in msgpack.unpackb(record)[_TX_ENTRIES]]
+    if named != entries:
+        yield f"transaction {txid}: record differs from its leaf in the transaction tree"

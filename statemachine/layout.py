@@ -19,6 +19,11 @@ Sub-databases:
                                                     1, nothing compacted yet)
   consumers    consumer name (utf-8)             -> u64 offset + u64 timestamp: a durable consumer of
                                                     the feed has processed every event up to offset
+  merkle       u64 last leaf + u8 level          -> 32-byte root of the complete subtree of that level
+                                                    ending at that leaf, in the shard's transaction
+                                                    tree (merkle.py; from RULES_MERKLE)
+  leaves       leaf index (u64)                  -> the leaf bytes (merkle.transaction_leaf)
+  leaf_ids     transaction id + 0x00 + u64 index -> b"": the leaves recorded under an id
 
 Account and entry records are fixed-layout structs with a variable tail, so the apply path packs and
 unpacks them without building dictionaries. Totals are unsigned 128-bit; ``balance_after`` is signed.
@@ -39,7 +44,7 @@ from .records import Account, Leg, OpenDecision, Transaction
 from .slots import owned_table
 
 DB_NAMES: Final = ("accounts", "entries", "transactions", "idempotency", "outbox", "expiries", "meta",
-                   "legs", "open_legs", "decisions", "consumers")
+                   "legs", "open_legs", "decisions", "consumers", "merkle", "leaves", "leaf_ids")
 STATE_KEY: Final = b"state"
 SLOTS_KEY: Final = b"slots"
 FEED_FLOOR_KEY: Final = b"feed_floor"
@@ -48,8 +53,10 @@ Raw = bytes | memoryview  # what LMDB hands back
 
 U64: Final = struct.Struct(">Q")
 ENTRY_KEY: Final = struct.Struct(">QQ")
-# applied index, last timestamp, next account num, next offset, chain
+# applied index, last timestamp, next account num, next offset, chain; then (from RULES_MERKLE,
+# absent in stores written before) the number of leaves of the transaction tree
 STATE: Final = struct.Struct(">QQQQ32s")
+STATE_TREE: Final = struct.Struct(">QQQQ32sQ")
 
 # num, seq, timestamp, flags, normal, currency, debits_posted, credits_posted, debits_pending,
 # credits_pending, head; the tail is msgpack(metadata).
@@ -258,20 +265,23 @@ class ShardState:
     next_account_num: int = 1
     next_offset: int = 1
     chain: bytes = b"\0" * 32
+    tree_size: int = 0
 
     def pack(self) -> bytes:
-        return STATE.pack(self.applied_index, self.last_timestamp, self.next_account_num,
-                          self.next_offset, self.chain)
+        return STATE_TREE.pack(self.applied_index, self.last_timestamp, self.next_account_num,
+                               self.next_offset, self.chain, self.tree_size)
 
     @classmethod
     def unpack(cls, data: Raw | None) -> ShardState:
         if data is None:
             return cls()
-        return cls(*STATE.unpack(data))
+        if len(data) == STATE.size:  # written before the transaction tree
+            return cls(*STATE.unpack(data))
+        return cls(*STATE_TREE.unpack(data))
 
     def copy(self) -> ShardState:
         return ShardState(self.applied_index, self.last_timestamp, self.next_account_num,
-                          self.next_offset, self.chain)
+                          self.next_offset, self.chain, self.tree_size)
 
 
 class OwnedSlots:

@@ -19,7 +19,7 @@ from typing import Any, Final, NamedTuple
 import lmdb
 import msgpack
 
-from . import hashing
+from . import hashing, merkle
 from .codec import DIRECTION_BYTE, Invalid, canonical, payload_hash
 from .codes import ResultCode
 from .commands import (
@@ -97,6 +97,7 @@ from .records import (
 from .slots import ranges_problem, slot_of
 from .validate import (
     RULES_FEED,
+    RULES_MERKLE,
     RULES_VERSION,
     Problem,
     claim_problem,
@@ -159,6 +160,9 @@ class Dbs(NamedTuple):
     open_legs: Any
     decisions: Any
     consumers: Any
+    merkle: Any
+    leaves: Any
+    leaf_ids: Any
 
 
 class Cursors:
@@ -169,7 +173,8 @@ class Cursors:
     """
 
     def __init__(self, accounts: Any, entries: Any, transactions: Any, idempotency: Any,
-                 outbox: Any, expiries: Any, legs: Any, open_legs: Any, decisions: Any) -> None:
+                 outbox: Any, expiries: Any, legs: Any, open_legs: Any, decisions: Any,
+                 merkle: Any, leaves: Any, leaf_ids: Any) -> None:
         self.accounts = accounts
         self.entries = entries
         self.transactions = transactions
@@ -179,6 +184,9 @@ class Cursors:
         self.legs = legs
         self.open_legs = open_legs
         self.decisions = decisions
+        self.merkle = merkle
+        self.leaves = leaves
+        self.leaf_ids = leaf_ids
 
     @staticmethod
     def open(txn: lmdb.Transaction, dbs: Dbs) -> Cursors:
@@ -186,7 +194,8 @@ class Cursors:
                        txn.cursor(db=dbs.transactions), txn.cursor(db=dbs.idempotency),
                        txn.cursor(db=dbs.outbox), txn.cursor(db=dbs.expiries),
                        txn.cursor(db=dbs.legs), txn.cursor(db=dbs.open_legs),
-                       txn.cursor(db=dbs.decisions))
+                       txn.cursor(db=dbs.decisions), txn.cursor(db=dbs.merkle),
+                       txn.cursor(db=dbs.leaves), txn.cursor(db=dbs.leaf_ids))
 
     def recording(self, undo: list[tuple[Any, bytes, bytes | None]]) -> Cursors:
         """The same cursors, remembering in ``undo`` every value they overwrite or delete."""
@@ -194,7 +203,8 @@ class Cursors:
                        Recording(self.transactions, undo), Recording(self.idempotency, undo),
                        Recording(self.outbox, undo), Recording(self.expiries, undo),
                        Recording(self.legs, undo), Recording(self.open_legs, undo),
-                       Recording(self.decisions, undo))
+                       Recording(self.decisions, undo), Recording(self.merkle, undo),
+                       Recording(self.leaves, undo), Recording(self.leaf_ids, undo))
 
 
 class Recording:
@@ -801,7 +811,9 @@ class Applier:
                   cmd.code, cmd.metadata, cmd.shards, ts)
         self.cursors.legs.put(key, pack_leg(leg, self.packb))
         self.cursors.open_legs.put(timed_key(ts, cmd.id), b"")
-        return Result(ResultCode.ok, cmd.id, record=leg.as_transaction())
+        held = leg.as_transaction()
+        self._add_leaf(merkle.LEAF_LEG, held)
+        return Result(ResultCode.ok, cmd.id, record=held)
 
     @staticmethod
     def _replay_leg(leg: Leg, digest: bytes) -> Result:
@@ -983,6 +995,7 @@ class Applier:
         key = tx.id.encode()
         self.cursors.transactions.put(key, pack_transaction(tx, self.packb))
         self.cursors.idempotency.put(key, digest)
+        self._add_leaf(merkle.LEAF_DECISION, tx)
 
     def _digest_of(self, txid: str) -> bytes:
         raw = self.cursors.idempotency.get(txid.encode())
@@ -1101,6 +1114,7 @@ class Applier:
         """A transaction's event; from RULES_FEED with each of its accounts' balances right after it
         (the rows this entry wrote last are those, as the event is emitted when its moves are done),
         in the order the accounts first appear in its entries."""
+        self._add_leaf(merkle.LEAF_RECORD, tx)
         if self.rules < RULES_FEED:
             self._emit(event_type, ts, EVENT_TRANSACTION, packed)
             return
@@ -1111,6 +1125,27 @@ class Applier:
         except KeyError as exc:
             raise InvariantViolation(f"an event's account was not moved by it: {exc}") from exc
         self._emit(event_type, ts, EVENT_TRANSACTION_BALANCES, U32.pack(len(packed)) + packed + balances)
+
+    def _add_leaf(self, kind: int, tx: Transaction) -> None:
+        """Append ``tx``'s record to the shard's transaction tree (entries of RULES_MERKLE on)."""
+        if self.rules < RULES_MERKLE:
+            return
+        leaf = merkle.transaction_leaf(kind, tx, self.packb)
+        index = self.state.tree_size
+        self.state.tree_size = index + 1
+        self.cursors.leaves.put(U64.pack(index), leaf, True, True, True)  # append
+        self.cursors.leaf_ids.put(merkle.leaf_id_key(tx.id, index), b"")
+        merkle.append(index, leaf, self._tree_node, self._put_tree_node)
+
+    def _tree_node(self, level: int, index: int) -> bytes:
+        raw = self.cursors.merkle.get(merkle.node_key(level, index))
+        ensure(raw is not None, "a complete subtree of the transaction tree is missing")
+        return bytes(raw)
+
+    def _put_tree_node(self, level: int, index: int, digest: bytes) -> None:
+        # Keys only grow (merkle.node_key): an append, which also refuses to overwrite a node.
+        ensure(self.cursors.merkle.put(merkle.node_key(level, index), digest, True, False, True),
+               "a node of the transaction tree would be overwritten")
 
     def _emit(self, event_type: str, ts: int, kind: int, record: bytes) -> None:
         offset = self.state.next_offset

@@ -16,7 +16,7 @@ from typing import Any
 import lmdb
 import msgpack
 
-from . import hashing
+from . import hashing, merkle
 from .codec import CodecError, Invalid, decode_requests, entry_version
 from .codes import ResultCode
 from .commands import AnyCommand
@@ -74,6 +74,7 @@ readers_max = 1024
 statement_page_limit_default = 100
 statement_page_limit_max = 1000
 events_page_limit_max = 10_000
+leaves_per_id_max = 16  # an id has one leaf per record this shard kept of it (a few at most)
 
 
 class QueryError(Exception):
@@ -420,6 +421,48 @@ class Reader:
         """When the event at ``offset`` was written (None if it is not held)."""
         raw = self.txn.get(U64.pack(offset), db=self.dbs.outbox)
         return None if raw is None else int(EVENT_HEAD.unpack_from(raw)[2])
+
+    # ---- the transaction tree (merkle.py) -----------------------------------------------------
+
+    def _tree(self, size: int) -> merkle.SubtreeHashes:
+        have = self.state().tree_size
+        if not 0 <= size <= have:
+            raise QueryError("tree_size_unavailable", f"tree size {size} is not in 0..{have}")
+        return merkle.SubtreeHashes(size, self._tree_node)
+
+    def _tree_node(self, level: int, index: int) -> bytes:
+        return bytes(self._get(merkle.node_key(level, index), self.dbs.merkle))
+
+    def tree_head(self, size: int | None = None) -> tuple[int, bytes, int]:
+        """(tree size, root, timestamp of its last leaf or 0) at ``size`` (default: as applied)."""
+        size = self.state().tree_size if size is None else size
+        root = self._tree(size).root()
+        return size, root, merkle.leaf_timestamp(self.leaf(size - 1)) if size else 0
+
+    def leaf(self, index: int) -> bytes:
+        return bytes(self._get(U64.pack(index), self.dbs.leaves))
+
+    def leaf_indexes(self, txid: str) -> list[int]:
+        """The leaves recorded under ``txid`` on this shard, in order (a hold and its expiry share one)."""
+        prefix = txid.encode() + b"\x00"
+        found: list[int] = []
+        cursor = self.txn.cursor(db=self.dbs.leaf_ids)
+        ok = cursor.set_range(prefix)
+        while ok and len(found) < leaves_per_id_max:
+            key = bytes(cursor.key())
+            if not key.startswith(prefix) or len(key) != len(prefix) + 8:
+                break
+            found.append(U64.unpack_from(key, len(prefix))[0])
+            ok = cursor.next()
+        return found
+
+    def inclusion_proof(self, index: int, size: int) -> list[bytes]:
+        return self._tree(size).inclusion_path(index)
+
+    def consistency_proof(self, first: int, second: int) -> list[bytes]:
+        if not 0 <= first <= second:
+            raise QueryError("invalid_tree_size", f"first {first} must be in 0..second {second}")
+        return self._tree(second).consistency_proof(first)
 
     def account_ids(self) -> Iterator[str]:
         cursor = self.txn.cursor(db=self.dbs.accounts)

@@ -40,7 +40,7 @@ from .commands import (
     timeout_seconds_max,
 )
 
-RULES_VERSION: Final = 4  # the rules this code applies to the entries it proposes
+RULES_VERSION: Final = 5  # the rules this code applies to the entries it proposes
 RULES_SELF_TRANSFER: Final = 2  # from this version, an account may not be on both sides
 # From this version a shard may hold slots (SetSlots) and refuse accounts of other slots. Older code
 # would apply SetSlots as an invalid command and keep accepting every account: it must stop instead.
@@ -49,6 +49,9 @@ RULES_SLOTS: Final = 3
 # and transaction events carry the balances their accounts had right after them. Older code would
 # apply the two commands as invalid and write events without balances: it must stop instead.
 RULES_FEED: Final = 4
+# From this version each shard appends every transaction record it applies to a Merkle tree (merkle.py).
+# Older code would apply the entry without the leaves: replicas would then disagree on the tree.
+RULES_MERKLE: Final = 5
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")

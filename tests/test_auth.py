@@ -33,6 +33,16 @@ def call(cluster: LocalCluster, method: str, path: str, body: Any = None, token:
     return status, headers, decoded
 
 
+def applied(cluster: LocalCluster, path: str, token: str | None) -> tuple[int, Any, Any]:
+    """A read of something just written, from n0, which may host only a follower of its shard: the
+    first answer that is not 404 (not applied there yet), polled with a deadline."""
+    def answered() -> tuple[int, Any, Any] | None:
+        got = call(cluster, "GET", path, token=token)
+        return got if got[0] != 404 else None
+
+    return wait_until(answered, 15.0, f"GET {path} to find what was written")
+
+
 def make_token(cluster: LocalCluster, **fields: Any) -> dict[str, Any]:
     status, _, body = call(cluster, "POST", "/v1/tokens", {"name": "t", **fields},
                            token=cluster.admin_token)
@@ -72,13 +82,41 @@ def test_roles_allow_what_they_name(cluster: LocalCluster) -> None:
     assert (status, code(body)) == (403, "forbidden")
     assert call(cluster, "POST", "/v1/accounts", {"id": "roles:a", "currency": "USD"}, token=writer)[0] == 201
     for token in (reader, writer, auditor):
-        assert call(cluster, "GET", "/v1/accounts/roles:a", token=token)[0] == 200
+        assert applied(cluster, "/v1/accounts/roles:a", token)[0] == 200
         for path in ("/v1/tokens", "/v1/admin/verify", "/v1/feed/dlq", "/v1/admin/cluster/map"):
             status, _, body = call(cluster, "GET", path, token=token)
             assert (status, code(body)) == (403, "forbidden"), path
         status, _, body = call(cluster, "POST", "/v1/tokens", {"name": "x", "role": "admin"}, token=token)
         assert status == 403
     assert call(cluster, "GET", "/v1/tokens", token=cluster.admin_token)[0] == 200
+
+
+def test_integrity_routes_belong_to_auditors_and_admins_and_keep_to_scopes(cluster: LocalCluster) -> None:
+    admin = cluster.admin_token
+    for account in ("cash:{i1}", "alice:{i1}", "bob:{i2}"):
+        created = call(cluster, "POST", "/v1/accounts", {"id": account, "currency": "USD"}, token=admin)
+        assert created[0] == 201
+    pay = {"id": "i-1:{i1}", "debit_account_id": "cash:{i1}", "credit_account_id": "alice:{i1}",
+           "amount": 7, "currency": "USD"}
+    assert call(cluster, "POST", "/v1/transactions", pay, token=admin)[0] == 201
+    shard = applied(cluster, "/v1/transactions/i-1:%7Bi1%7D", admin)[2]["shards"][0]
+    routes = ["/v1/keys", f"/v1/shards/{shard}/tree-head", "/v1/transactions/i-1:%7Bi1%7D/proof",
+              "/v1/accounts/alice:%7Bi1%7D/chain"]
+    auditor = make_token(cluster, role="auditor")["token"]
+    for role in ("reader", "writer"):
+        token = make_token(cluster, role=role)["token"]
+        for path in routes:
+            status, _, body = call(cluster, "GET", path, token=token)
+            assert (status, code(body)) == (403, "forbidden"), (role, path)
+    for token in (auditor, admin):
+        for path in routes:
+            assert applied(cluster, path, token)[0] == 200, path
+    scoped = make_token(cluster, role="auditor", account_patterns=["*{i2}"])["token"]
+    for path in ("/v1/transactions/i-1:%7Bi1%7D/proof", "/v1/accounts/alice:%7Bi1%7D/chain",
+                 f"/v1/shards/{shard}/leaves/0/proof"):
+        status, _, body = applied(cluster, path, scoped)
+        assert (status, code(body)) == (403, "forbidden"), path
+    assert applied(cluster, "/v1/accounts/bob:%7Bi2%7D/chain", scoped)[0] == 200
 
 
 def test_scoped_token_is_confined_to_its_accounts_on_every_route(cluster: LocalCluster) -> None:

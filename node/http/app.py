@@ -11,7 +11,7 @@ import uvloop
 from aiohttp import web
 
 from ..feed import exporter
-from . import admin, auth, cross_shard, feed, internal, membership, ops, reads, writes
+from . import admin, auth, cross_shard, feed, integrity, internal, membership, ops, reads, writes
 from .context import CONTEXT, NodeContext
 from .guard import GuardedSite
 from .middleware import EDGE, EdgeState, edge
@@ -58,6 +58,12 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("GET", "/v1/admin/shards/{shard}/backup", admin.backup_shard),
     ("GET", "/v1/admin/cluster/map", admin.cluster_map),
     *auth.TOKEN_ROUTES,
+    ("GET", "/v1/keys", integrity.get_keys),
+    ("GET", "/v1/shards/{shard}/tree-head", integrity.get_tree_head),
+    ("GET", "/v1/shards/{shard}/consistency", integrity.get_consistency),
+    ("GET", "/v1/shards/{shard}/leaves/{index}/proof", integrity.get_leaf_proof),
+    ("GET", f"/v1/transactions/{ID}/proof", integrity.get_transaction_proof),
+    ("GET", f"/v1/accounts/{ID}/chain", integrity.get_chain),
 )
 
 
@@ -84,9 +90,18 @@ def install(app: web.Application, ctx: NodeContext, credentials: bool = False) -
         await ctx.close()
 
     app.cleanup_ctx.append(partial(_resolvers, ctx))
+    app.cleanup_ctx.append(partial(_key_publisher, ctx))
     feed.install(app, ctx)
     app.cleanup_ctx.append(partial(exporter.background, ctx))
     app.on_cleanup.append(close_client)
+
+
+async def _key_publisher(ctx: NodeContext, _: web.Application) -> AsyncIterator[None]:
+    """Publish this node's public signing keys in the cluster map (``integrity.publish_keys``)."""
+    task = asyncio.get_running_loop().create_task(integrity.publish_keys(ctx), name="publish-keys")
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 async def _resolvers(ctx: NodeContext, _: web.Application) -> AsyncIterator[None]:

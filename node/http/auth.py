@@ -58,6 +58,10 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str] = {
     ("GET", "/v1/admin/shards/{shard}/totals"): ADMIN, ("GET", "/v1/admin/shards/{shard}/cut"): ADMIN,
     ("GET", "/v1/admin/shards/{shard}/backup"): ADMIN, ("GET", "/v1/admin/cluster/map"): ADMIN,
     ("POST", "/v1/tokens"): ADMIN, ("GET", "/v1/tokens"): ADMIN, ("DELETE", "/v1/tokens/{token}"): ADMIN,
+    ("GET", "/v1/keys"): AUDIT, ("GET", "/v1/shards/{shard}/tree-head"): AUDIT,
+    ("GET", "/v1/shards/{shard}/consistency"): AUDIT,
+    ("GET", "/v1/shards/{shard}/leaves/{index}/proof"): AUDIT,
+    ("GET", f"/v1/transactions/{ID}/proof"): AUDIT, ("GET", f"/v1/accounts/{ID}/chain"): AUDIT,
 }
 PERMISSIONS = (READ, WRITE, AUDIT, ADMIN)
 CALLER = "raftledger_caller"  # request key: the Caller, on a node that checks credentials
@@ -167,6 +171,14 @@ def require_accounts(request: web.Request, account_ids: Iterable[str]) -> None:
     if outside:
         raise LedgerError("forbidden", "an account is outside this token's account_patterns",
                           details={"accounts": outside[:10]})
+
+
+def require_unscoped(request: web.Request, what: str) -> None:
+    """403 for a token confined to accounts: ``what`` may be about any account."""
+    caller = caller_of(request)
+    if caller is not None and caller.scope is not None:
+        raise LedgerError("forbidden", f"{what} may show any account: a token with account_patterns "
+                          "cannot read it")
 
 
 def visible(request: web.Request, account_ids: Iterable[str]) -> bool:

@@ -3,6 +3,7 @@ the cluster map it routes by."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,6 +53,8 @@ class NodeContext:
     background: set[Any] = field(default_factory=set)  # asyncio tasks off the request path
     completions: dict[int, list[str]] = field(default_factory=dict)  # coordinator -> decisions to Complete
     maps: MapFollower = None  # type: ignore[assignment]  # None: a fixed even map, made in __post_init__
+    keys: Any = None  # node.keys.KeyRing: signs tree heads (None: this node signs nothing)
+    heads: OrderedDict[tuple[int, int], Any] = field(default_factory=OrderedDict)  # signed heads (tasks)
     meta: Any = None  # cluster.meta.MetaService on a node hosting a member of the metadata group
 
     def __post_init__(self) -> None:

@@ -19,6 +19,9 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
   ``E``, else after ``meta.long_poll_s`` (``{"map": null}`` while it has none).
 - ``/internal/v1/meta/propose`` — a map command (``cluster.map.encode_command``), applied through
   this node's member of the metadata group if it leads it (``not_leader`` with a hint otherwise).
+- ``/internal/v1/shards/{shard}/sign-head`` — this replica's signature of a tree head, if its own
+  tree has that root at that size (``integrity.sign_head``); ``/internal/v1/keys/rotate`` — a new
+  signing key for this node (``raftledger keys rotate``).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
 - ``/internal/v1/shards/{shard}/membership`` — on the shard's leader: its view of the group
   (members, last contact, match index), or one Raft membership step (``membership.leader_op``).
@@ -66,7 +69,7 @@ from raftledger.statemachine.commands import (
 
 from .. import faults, wire
 from ..service import ShardService
-from . import membership, parse
+from . import integrity, membership, parse
 from .body import read_raw
 from .context import NodeContext
 from .forward import FORWARDED_HEADER, propose_map
@@ -348,6 +351,7 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/status", status),
     ("/map", cluster_map),
     ("/meta/propose", meta_propose),
+    *integrity.INTERNAL_ROUTES,
 )
 BENCH_ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/shards/{shard}/bench", bench_start),

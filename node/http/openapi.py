@@ -258,6 +258,7 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 INT = {"type": "integer"}
+HEX = {"type": "string", "pattern": "^[0-9a-f]*$"}
 
 SCHEMAS: dict[str, Any] = {
     **{name: body.schema() for name, body in BODIES.items()},
@@ -360,6 +361,26 @@ SCHEMAS: dict[str, Any] = {
     "ConsumerCommit": {"type": "object", "properties": {
         "name": {"type": "string"}, "offsets": {"type": "object"},
         "shards": {"type": "object", "description": "shard -> {applied, ...} as each shard answered"}}},
+    "PublicKeys": {"type": "object", "properties": {"keys": {"type": "array", "items": {
+        "type": "object", "properties": {
+            "node": {"type": "string"}, "key_id": HEX, "algorithm": {"const": "ed25519"},
+            "public_key": HEX, "valid_from": INT, "retired_at": {"type": ["integer", "null"]}}}}}},
+    "TreeHead": {"type": "object", "properties": {
+        "shard": INT, "tree_size": INT, "root": HEX, "timestamp": INT,
+        "signatures": {"type": "array", "items": {"type": "object", "properties": {
+            "node": {"type": "string"}, "key_id": HEX, "signature": HEX}}}},
+        "description": "each signature is Ed25519 over the ASCII of "
+                       "raftledger.tree-head.v1\\n{shard}\\n{tree_size}\\n{root}\\n{timestamp}"},
+    "InclusionProof": {"type": "object", "properties": {
+        "shard": INT, "leaf_index": INT, "tree_size": INT, "leaf": HEX,
+        "audit_path": {"type": "array", "items": HEX}, "root": HEX}},
+    "ConsistencyProof": {"type": "object", "properties": {
+        "shard": INT, "first": INT, "second": INT, "proof": {"type": "array", "items": HEX}}},
+    "Chain": {"type": "object", "properties": {
+        "account_id": {"type": "string"}, "genesis": HEX, "next": {"type": ["integer", "null"]},
+        "entries": {"type": "array", "items": {
+            "type": "object",
+            "description": "a statement entry plus bytes: what SHA-256(prev_hash || bytes) = hash covers"}}}},
     "BatchResults": {"type": "object", "properties": {"results": {"type": "array", "items": {
         "type": "object", "properties": {"index": INT, "id": {"type": "string"}, "status": INT,
                                          "transaction": _ref("Transaction"),
@@ -396,6 +417,35 @@ HEADERS_DOC = ("Every write answers X-Ledger-Token: <shard>:<index>[,...], and a
                "<shard>=<node>[,...] (the leaders it knows). Every read answers "
                "X-Ledger-Node, X-Ledger-Applied-Index and X-Ledger-Staleness-Ms (-1: no leader "
                "heard from). Errors: {error: {code, message, details}}; 503s carry Retry-After.")
+
+
+TREE_SIZE = _param("tree_size", schema={"type": "integer", "minimum": 0},
+                   description="a size the tree had (default: the latest signed head)")
+INTEGRITY_PATHS: dict[str, Any] = {
+    "/v1/keys": {"get": _op("Every node's Ed25519 public keys, retired ones included", "integrity", 200,
+                            _ref("PublicKeys"), (400,))},
+    "/v1/shards/{shard}/tree-head": {"get": _op(
+        "The shard's Merkle tree head, signed by a majority of its replicas", "integrity", 200,
+        _ref("TreeHead"), (400, 404, 503), [SHARD_PARAM, TREE_SIZE])},
+    "/v1/transactions/{id}/proof": {"get": _op(
+        "RFC 9162 inclusion proof of the transaction's record in its shard's tree", "integrity", 200,
+        _ref("InclusionProof"), (400, 404, 503), [PATH_ID, TREE_SIZE])},
+    "/v1/shards/{shard}/leaves/{index}/proof": {"get": _op(
+        "RFC 9162 inclusion proof of a leaf by its index (for sampling)", "integrity", 200,
+        _ref("InclusionProof"), (400, 404, 503),
+        [SHARD_PARAM, _param("index", "path", {"type": "integer", "minimum": 0}), TREE_SIZE])},
+    "/v1/shards/{shard}/consistency": {"get": _op(
+        "RFC 9162 consistency proof between two sizes of the shard's tree", "integrity", 200,
+        _ref("ConsistencyProof"), (400, 404, 503),
+        [SHARD_PARAM, *[_param(n, schema={"type": "integer", "minimum": 0}) for n in ("first", "second")]])},
+    "/v1/accounts/{id}/chain": {"get": _op(
+        "The account's hash chain: entries with hash, prev_hash and the bytes each hash covers",
+        "integrity", 200, _ref("Chain"), (400, 404, 503),
+        [PATH_ID, _param("after_seq", schema={"type": "integer", "minimum": 0}),
+         _param("limit", schema={"type": "integer", "minimum": 1, "maximum": 1000, "default": 100}),
+         *CONSISTENCY])},
+}
+PATHS.update(INTEGRITY_PATHS)
 
 
 def spec() -> dict[str, Any]:
