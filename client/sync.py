@@ -12,7 +12,7 @@ from . import operations as ops
 from .core import Consistency, Operation, Reply, RetryPolicy, Session, run
 from .discovery import discover
 from .feed import CommitPolicy, Start, Subscription
-from .transport import SyncTransport
+from .transport import SyncTransport, trust
 from .types import Account, Balance, BatchItem, Entry, Event, Transaction
 
 T = TypeVar("T")
@@ -21,7 +21,9 @@ T = TypeVar("T")
 class Client:
     """A ledger client for one cluster: ``Client(["http://127.0.0.1:8080", ...])``, or with no URL
     from ``RAFTLEDGER_ENDPOINTS`` or ``<data_dir or ./data>/cluster.json``; the token from the
-    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header).
+    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header); ``https://``
+    nodes are verified against ``ca_file``, ``RAFTLEDGER_CA_FILE`` or the file's ``ca_file`` (else the
+    system's CAs).
 
     Thread-safe; close it (or use it as a context manager) to drop its kept-alive connections.
     Reads default to session consistency (``consistency="session"``): they see this client's own
@@ -29,10 +31,10 @@ class Client:
 
     def __init__(self, endpoints: Sequence[str] | None = None, token: str | None = None, *,
                  data_dir: str | None = None, policy: RetryPolicy | None = None,
-                 consistency: Consistency = "session") -> None:
-        found = discover(endpoints, token, data_dir)
+                 consistency: Consistency = "session", ca_file: str | None = None) -> None:
+        found = discover(endpoints, token, data_dir, ca_file)
         self.session = Session(found.endpoints, found.token, policy=policy, consistency=consistency)
-        self.transport = SyncTransport()
+        self.transport = SyncTransport(trust(found.ca_file))
 
     def __enter__(self) -> Client:
         return self

@@ -145,7 +145,8 @@ def describe(event: Event) -> str:
 def _client(args: argparse.Namespace, deadline_s: float) -> Client:
     target = cli_common.target(args)
     policy = RetryPolicy(deadline_s=deadline_s, attempt_timeout_s=min(deadline_s, request_timeout_s))
-    return Client(list(target.endpoints), target.token, policy=policy, consistency="local")
+    return Client(list(target.endpoints), target.token, policy=policy, consistency="local",
+                  ca_file=target.ca_file)
 
 
 # -- dead letters ------------------------------------------------------------------------------------
