@@ -112,11 +112,12 @@ class LedgerClient:
     # -- change feed --------------------------------------------------------------------------------
     def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
                   until_caught_up: bool = False, commit: CommitPolicy | None = None,
-                  page_events: int = 500, wait_ms: int = 2000) -> AsyncSubscriber:
+                  page_events: int = 500, wait_ms: int = 2000, audit: bool = False) -> AsyncSubscriber:
         """``async for event in ledger.subscribe("billing")``: as ``Client.subscribe``."""
         return AsyncSubscriber(self, Subscription(self.session, consumer, start=start,
                                                   until_caught_up=until_caught_up, commit=commit,
-                                                  page_events=page_events, wait_ms=wait_ms))
+                                                  page_events=page_events, wait_ms=wait_ms,
+                                             audit=audit))
 
     # -- cluster ------------------------------------------------------------------------------------
     async def cluster_status(self) -> dict[str, Any]:

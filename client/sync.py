@@ -123,16 +123,18 @@ class Client:
     # -- change feed --------------------------------------------------------------------------------
     def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
                   until_caught_up: bool = False, commit: CommitPolicy | None = None,
-                  page_events: int = 500, wait_ms: int = 2000) -> Subscriber:
+                  page_events: int = 500, wait_ms: int = 2000, audit: bool = False) -> Subscriber:
         """Every new event of every shard, in per-shard order, each once (``client.feed``).
 
         ``consumer`` names a durable consumer: it starts after its committed offsets and commits
         what was processed (``commit``; always on close). ``start``: ``"committed"``, ``"latest"``
         (from now), an offset for every shard, or ``{shard: offset}``; ``until_caught_up`` ends the
-        iteration at each shard's last event as of the start (a replay)."""
+        iteration at each shard's last event as of the start (a replay). ``audit``: the audit trail
+        of administrative changes instead of the shards (admin and auditor tokens; no consumer)."""
         return Subscriber(self, Subscription(self.session, consumer, start=start,
                                              until_caught_up=until_caught_up, commit=commit,
-                                             page_events=page_events, wait_ms=wait_ms))
+                                             page_events=page_events, wait_ms=wait_ms,
+                                             audit=audit))
 
     # -- cluster ------------------------------------------------------------------------------------
     def cluster_status(self) -> dict[str, Any]:

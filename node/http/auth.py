@@ -64,6 +64,8 @@ CALLER = "raftledger_caller"  # request key: the Caller, on a node that checks c
 BEARER = "bearer "
 # The caller's Authorization header, for requests this node makes on its behalf to other nodes.
 credentials_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("credentials", default=None)
+# The caller's token id, for the audit trail of the changes it asks for (cluster.map.Attributed).
+actor_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("actor", default=None)
 
 
 @dataclass
@@ -146,9 +148,11 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         raise LedgerError("rate_limited", "this token is over its rate", retry_after_s=wait_s)
     request[CALLER] = caller
     reset = credentials_var.set(request.headers["Authorization"])
+    reset_actor = actor_var.set(caller.token.id)
     try:
         return await handler(request)
     finally:
+        actor_var.reset(reset_actor)
         credentials_var.reset(reset)
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from raftledger.client.errors import LedgerError
+from raftledger.cluster.meta import AUDIT_FEED
 from raftledger.statemachine.commands import SetFeedOffset
 from raftledger.statemachine.validate import valid_id
 
@@ -105,12 +106,15 @@ def read_page(svc: ShardService, after: int, limit: int) -> Page:
     return Page(svc.shard, events, after, first, last, applied)
 
 
-def _shard_param(query: Mapping[str, str], ctx: NodeContext) -> int:
+def _shard_param(query: Mapping[str, str], ctx: NodeContext, audit: bool = False) -> int:
+    """The ``shard`` asked for; with ``audit``, the audit trail's ``AUDIT_FEED`` (-1) too."""
     if "shard" not in query and ctx.shard_count == 1:
         return 0
     if "shard" not in query:
         raise LedgerError("invalid_query", "shard is required: the feed is ordered per shard",
                           details={"param": "shard"})
+    if audit and query["shard"] == str(AUDIT_FEED):
+        return AUDIT_FEED
     shard = parse.query_int(query, "shard", 0, ctx.shard_count - 1)
     assert shard is not None
     return shard
@@ -121,11 +125,13 @@ async def get_feed(request: web.Request) -> web.Response:
     query = request.query
     parse.check_query(query, FEED_PARAMS)
     settings = ctx.settings.feed
-    shard = _shard_param(query, ctx)
+    shard = _shard_param(query, ctx, audit=True)
     after = parse.query_int(query, "after", default=0) or 0
     limit = parse.query_int(query, "limit", 1, settings.page_events_max, page_limit_default) or 1
     wait_ms = parse.query_int(query, "wait_ms", 0, settings.wait_ms_max, 0) or 0
     params = parse.parse_read_params(query, ctx.shard_count)
+    if shard == AUDIT_FEED:
+        return await _audit_page(request, ctx, after, limit, wait_ms)
     svc = ctx.shards.get(shard)
     if svc is None:
         return await proxy_read(request, shard)
@@ -157,6 +163,31 @@ def _stream_after(request: web.Request, shard: int) -> int:
 
 def sse_event(event: dict[str, Any]) -> bytes:
     return (f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + json_bytes(event) + b"\n\n")
+
+
+async def _audit_page(request: web.Request, ctx: NodeContext, after: int, limit: int,
+                      wait_ms: int) -> web.Response:
+    """A page of the audit trail (admin and auditor tokens), from this node's member of the
+    metadata group, else from a node hosting one."""
+    caller = auth.caller_of(request)
+    if caller is not None and not caller.may(auth.AUDIT):
+        raise LedgerError("forbidden", f"role {caller.token.role} may not read the audit trail",
+                          details={"role": caller.token.role, "needs": auth.AUDIT})
+    meta = ctx.meta
+    if meta is None:
+        hosts = [n.id for n in ctx.cluster_map.meta_hosts() if n.id != ctx.node_id]
+        return await proxy_read(request, AUDIT_FEED, hosts)
+    deadline = ctx.clock.monotonic() + wait_ms / 1000.0
+    events, first, last = meta.audit_page(after, limit)
+    for _ in range(long_poll_wakeups_max):
+        remaining = deadline - ctx.clock.monotonic()
+        if events or remaining <= 0:
+            break
+        await meta.wait_audit(last, remaining)
+        events, first, last = meta.audit_page(after, limit)
+    body = Page(AUDIT_FEED, events, after, first, last, last).body()
+    body["events"] = [e for e in events if auth.visible(request, auth.event_accounts(e))]
+    return respond(request, 200, body)
 
 
 async def stream_feed(request: web.Request) -> web.StreamResponse:
