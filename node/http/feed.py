@@ -35,7 +35,7 @@ from ..service import ShardService
 from . import auth, forward, parse
 from .body import read_json
 from .context import NodeContext, context_of
-from .reads import ensure_consistency, freshness_headers, proxy_read
+from .reads import PROXIED_HEADERS, ensure_consistency, freshness_headers, proxy_read
 from .render import json_bytes, respond
 
 FEED_PARAMS = parse.READ_PARAMS | {"shard", "after", "limit", "wait_ms"}
@@ -197,13 +197,13 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
     after = _stream_after(request, shard)
     params = parse.parse_read_params(request.query, ctx.shard_count)
     svc = ctx.shards.get(shard)
-    if svc is None:
-        return _redirect_to_host(request, ctx, shard, after)
     state = request.app[STREAMS]
     if state.open >= ctx.settings.feed.streams_max:
         ctx.metrics.overloaded("feed_stream")
         raise LedgerError("overloaded", f"this node serves {state.open} event streams already",
                           retry_after_s=ctx.settings.batching.overloaded_retry_after_s)
+    if svc is None:
+        return await _proxy_stream(request, ctx, shard, after, state)
     await ensure_consistency(ctx, svc, params)
     page = read_page(svc, after, stream_page_events)  # a 410 is still an answer with a status
     state.open += 1
@@ -261,13 +261,59 @@ def _gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _redirect_to_host(request: web.Request, ctx: NodeContext, shard: int, after: int) -> web.Response:
-    """A stream of a shard not hosted here: from a node that hosts it, resuming where asked."""
+async def _proxy_stream(request: web.Request, ctx: NodeContext, shard: int, after: int,
+                        state: StreamState) -> web.StreamResponse:
+    """A stream of a shard not hosted here, relayed from a node that hosts it (resuming where asked,
+    with the caller's credential): a redirect would lose the ``Authorization`` header, which HTTP
+    clients drop when they follow one to another origin. A refusal there is answered as it is."""
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
-    if not hosts:
+    if forward.FORWARDED_HEADER in request.headers or not hosts:
         raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
-    url = request.rel_url.update_query({"shard": str(shard), "after": str(after)})
-    return web.Response(status=307, headers={"Location": f"{ctx.peer_url(hosts[0])}{url}"})
+    url = request.rel_url.with_query({**request.query, "shard": str(shard), "after": str(after)})
+    headers = {forward.FORWARDED_HEADER: ctx.node_id, "Accept": "text/event-stream",
+               **auth.forwarded_credentials()}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=ctx.settings.forwarding.timeout_s)
+    state.open += 1
+    try:
+        async with ctx.client().get(f"{ctx.peer_url(hosts[0])}{url}", headers=headers,
+                                    timeout=timeout) as upstream:
+            if upstream.status != 200:
+                kept = {k: v for k, v in upstream.headers.items() if k in PROXIED_HEADERS}
+                return web.Response(status=upstream.status, body=await upstream.read(), headers=kept)
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            await _relay(upstream, request, response, state)
+            return response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise LedgerError("unavailable", f"the stream of shard {shard} via {hosts[0]} failed",
+                          details={"shard": shard}) from exc
+    finally:
+        state.open -= 1
+
+
+async def _relay(upstream: aiohttp.ClientResponse, request: web.Request, response: web.StreamResponse,
+                 state: StreamState) -> None:
+    """Copy the host's stream until it ends (or its host goes away), the client leaves or this node
+    shuts down."""
+    closing = asyncio.ensure_future(state.closing.wait())
+    try:
+        while not _gone(request):
+            chunk = asyncio.ensure_future(upstream.content.readany())
+            await asyncio.wait((chunk, closing), return_when=asyncio.FIRST_COMPLETED)
+            if not chunk.done():
+                chunk.cancel()
+                return
+            try:
+                data = chunk.result()
+            except (TimeoutError, aiohttp.ClientError):
+                return
+            if not data:
+                return
+            await response.write(data)
+    finally:
+        closing.cancel()
 
 
 # -- durable consumers ---------------------------------------------------------------------------------

@@ -166,7 +166,6 @@ PATHS: dict[str, dict[str, Any]] = {
                                                             *CONSISTENCY]),
         "responses": {"200": {"description": "text/event-stream: one event per Event, in offset order",
                               "content": {"text/event-stream": {}}},
-                      "307": {"description": "the shard is read on a node that hosts it"},
                       **{str(s): {"description": "error (see the code)", "content": _json(_ref("Error"))}
                          for s in (400, 410, 503)}}}},
     "/v1/feed/consumers/{name}/offsets": {"put": _op(
