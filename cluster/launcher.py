@@ -294,7 +294,7 @@ def ensure_admin_token(plan: Plan, timeout_s: float = ready_timeout_s) -> str | 
     if not plan.settings.auth.required:
         return None
     if plan.admin_token is None:
-        record, secret_text = tokens.new_record({"name": "admin", "role": tokens.ROLE_ADMIN},
+        record, secret_text = tokens.new_record(tokens.TokenRequest("admin", tokens.ROLE_ADMIN),
                                                 time.time_ns())
         command = encode_map_command(PutValue(tokens.SECTION, record.id, record.to_wire()))
         epoch = wait_until(lambda: _propose(plan, command), timeout_s, "the admin token in the map")

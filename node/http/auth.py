@@ -33,6 +33,7 @@ from raftledger.cluster.map import ClusterMap, PutValue
 from raftledger.cluster.tokens import ADMIN, AUDIT, READ, WRITE, Caller, TokenIndex
 
 from ..settings import AuthSettings
+from .bodies import parse_token_request
 from .body import read_json
 from .context import NodeContext, context_of
 from .middleware import route_name
@@ -239,11 +240,8 @@ async def _propose(ctx: NodeContext, command: PutValue) -> None:
 
 async def create_token(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    raw = await read_json(request)
-    problems = tokens.validate_request(raw)
-    if problems:
-        raise LedgerError("invalid_field", "; ".join(problems), details={"problems": problems})
-    record, secret = tokens.new_record(raw, ctx.clock.time_ns())
+    asked = parse_token_request(await read_json(request))
+    record, secret = tokens.new_record(asked, ctx.clock.time_ns())
     await _propose(ctx, PutValue(tokens.SECTION, record.id, record.to_wire()))
     return respond(request, 201, {**record.public(), "token": secret})
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from raftledger.client.errors import STATUS
 
-from .bodies import BODIES, ID_PATTERN, NODE_ID
+from .bodies import BODIES, ID_PATTERN, NODE_ID, TOKEN_REQUEST
 
 API_VERSION = "1.0.0"
 
@@ -123,19 +123,7 @@ def _on_tx(summary: str, body: dict[str, Any]) -> dict[str, Any]:
                [PATH_ID, IDEMPOTENCY], body, body_required=False)
 
 
-_TOKEN_FIELDS: dict[str, Any] = {
-    "name": {"type": "string", "minLength": 1, "maxLength": 64},
-    "role": {"enum": ["admin", "writer", "reader", "auditor"]},
-    "account_patterns": {"type": "array", "maxItems": 32, "items": {
-        "type": "string", "minLength": 1, "maxLength": 128},
-        "description": "shell-style globs; empty: every account"},
-    "expires_at": {"type": ["integer", "null"], "minimum": 1, "description": "ns since the epoch"},
-    "rate_per_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
-                   "description": "requests per second on each node; null: the node's default"},
-}
-# Checked by cluster/tokens.py validate_request (not a ledger body of bodies.py).
-TOKEN_REQUEST = {"type": "object", "required": ["name", "role"], "additionalProperties": False,
-                 "properties": _TOKEN_FIELDS}
+_TOKEN_FIELDS: dict[str, Any] = TOKEN_REQUEST.schema()["properties"]  # as answered: null where unset
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/accounts": {"post": _create_accounts()},
@@ -195,7 +183,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                "progress", "operations", 200, _ref("ClusterStatus"), errors=(503,))},
     "/v1/tokens": {
         "post": _op("Create an API token (admin); its secret is in this answer only", "security", 201,
-                    _ref("NewToken"), (400, 503), body=TOKEN_REQUEST),
+                    _ref("NewToken"), (400, 503), body=_ref("TokenRequest")),
         "get": _op("Every API token, without secrets (admin)", "security", 200, {
             "type": "object", "properties": {"tokens": {"type": "array", "items": _ref("Token")}}})},
     "/v1/tokens/{token}": {"delete": _op(
