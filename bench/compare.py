@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -286,12 +287,11 @@ class PgLedgerServers:
                                  f"{self.root}")
         seen = set()
         for _ in range(8 * self.workers):
-            try:
-                status, body = launcher.http_json("GET", self.url + "/healthz")
-            except OSError:
+            try:  # a new connection each time (urllib keeps none alive): one may land on any worker
+                with urllib.request.urlopen(self.url + "/healthz", timeout=launcher.http_timeout_s) as answer:
+                    seen.add(json.load(answer)["pid"])
+            except (OSError, ValueError, KeyError):
                 return False
-            if status == 200:
-                seen.add(body["pid"])
         return seen == {p.pid for p in self.procs}
 
     def stop(self) -> None:

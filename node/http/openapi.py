@@ -55,7 +55,10 @@ FEED_SHARD = _param("shard", schema={"type": "integer", "minimum": 0},
                     description="the shard whose feed to read (optional in a cluster of one shard)")
 FEED_AFTER = _param("after", schema={"type": "integer", "minimum": 0, "default": 0},
                     description="the events after this offset (a consumer's offset, or next_after)")
-FEED_QUERY = [FEED_SHARD, FEED_AFTER,
+FEED_QUERY = [_param("shard", schema={"type": "integer", "minimum": -1},
+                     description="the shard whose feed to read (optional in a cluster of one shard); "
+                                 "-1: the audit trail of administrative changes (admin, auditor)"),
+              FEED_AFTER,
               _param("limit", schema={"type": "integer", "minimum": 1, "default": 100},
                      description="at most [feed] page_events_max"),
               _param("wait_ms", schema={"type": "integer", "minimum": 0, "default": 0},
