@@ -90,3 +90,49 @@ def test_token_and_replica_changes_appear_in_order_with_who_and_when(tmp_path):
         assert out.returncode == 0, out.stderr
         printed = [json.loads(line) for line in out.stdout.splitlines()]
         assert [e["id"] for e in printed][:len(trail)] == [e["id"] for e in trail]
+
+
+def test_attributed_commands_round_trip_and_apply_as_the_command_they_wrap():
+    from raftledger.cluster.map import (
+        EMPTY,
+        Attributed,
+        MapError,
+        PutValue,
+        apply,
+        command_to_wire,
+        decode_command,
+        encode_command,
+    )
+
+    put = PutValue("tokens", "tok_1", {"hash": "h", "name": "n", "role": "reader"})
+    wrapped = Attributed(put, "tok_admin", 1_700_000_000_000_000_000)
+    assert decode_command(encode_command(wrapped)) == wrapped
+    assert apply(EMPTY, wrapped) == apply(EMPTY, put)
+    with pytest.raises(MapError):  # one level only
+        decode_command(__import__("msgpack").packb([9, command_to_wire(wrapped), "x", 1]))
+
+
+def test_the_trail_survives_a_snapshot_and_old_snapshots_still_load(tmp_path):
+    from raftledger.cluster import meta
+    from raftledger.cluster.map import EMPTY, Attributed, PutValue, SetNodeState
+
+    trail = meta.AuditTrail(kept_max=3)
+    for i in range(5):
+        trail.record(Attributed(SetNodeState(f"n{i}", "up"), "tok_a", 100 + i), epoch=10 + i)
+    trail.record(PutValue("feed", "webhook", {"secret": "s3cret"}), epoch=20)  # no actor: an old entry
+    assert [e["offset"] for e in trail.events] == [4, 5, 6] and trail.first == 4
+    assert trail.after(3, 10)[0]["offset"] == 4 and trail.after(5, 10)[0]["offset"] == 6
+    last = trail.events[-1]
+    assert last["type"] == "config.set" and last["data"] == {"section": "feed", "key": "webhook",
+                                                            "actor": None, "epoch": 20}
+    path = str(tmp_path / "dump")
+    meta.write_dump(path, 42, {"pysyncobj": 1}, EMPTY, sync=False, trail=trail)
+    index, state, loaded_map, loaded = meta.read_dump(path)
+    assert (index, state, loaded_map) == (42, {"pysyncobj": 1}, EMPTY)
+    assert list(loaded.events) == list(trail.events) and loaded.last == 6
+    old = str(tmp_path / "old")
+    pickled = __import__("pickle").dumps({"pysyncobj": 1})
+    with open(old, "wb") as f:
+        f.write(meta.HEADER_V1.pack(meta.MAGIC_V1, 7, len(pickled)) + pickled + EMPTY.pack())
+    index, state, loaded_map, loaded = meta.read_dump(old)
+    assert (index, loaded_map, loaded.last, list(loaded.events)) == (7, EMPTY, 0, [])
