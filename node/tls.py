@@ -13,12 +13,15 @@ are written mode 0600, as the cluster secret is.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import ipaddress
 import os
 import ssl
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .config import ConfigError
 from .settings import TlsSettings
 
 CA_CERT = "ca.pem"
@@ -28,15 +31,17 @@ LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 def server_context(settings: TlsSettings, *, internal: bool) -> ssl.SSLContext | None:
-    """The context of the public listener (``internal=False``) or of the internal one; None: plain."""
+    """The context of the public listener (``internal=False``) or of the internal one; None: plain.
+    Raises ConfigError when a file cannot be read or is not what it should be."""
     if not settings.cert_file or (internal and not settings.ca_file):
         return None
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(settings.cert_file, settings.key_file)
-    if not internal and settings.client_ca_file:
-        context.load_verify_locations(settings.client_ca_file)
-        context.verify_mode = ssl.CERT_REQUIRED
+    with _readable(settings):
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(settings.cert_file, settings.key_file)
+        if not internal and settings.client_ca_file:
+            context.load_verify_locations(settings.client_ca_file)
+            context.verify_mode = ssl.CERT_REQUIRED
     return context
 
 
@@ -45,10 +50,21 @@ def client_context(settings: TlsSettings) -> ssl.SSLContext | None:
     certificate for listeners that ask for one (None: the defaults, no cluster CA)."""
     if not settings.ca_file:
         return None
-    context = ssl.create_default_context()
-    context.load_verify_locations(settings.ca_file)
-    context.load_cert_chain(settings.cert_file, settings.key_file)
+    with _readable(settings):
+        context = ssl.create_default_context()
+        context.load_verify_locations(settings.ca_file)
+        context.load_cert_chain(settings.cert_file, settings.key_file)
     return context
+
+
+@contextlib.contextmanager
+def _readable(settings: TlsSettings) -> Iterator[None]:
+    try:
+        yield
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"[tls]: cannot use cert_file {settings.cert_file!r}, key_file "
+                          f"{settings.key_file!r}, ca_file {settings.ca_file!r} or client_ca_file "
+                          f"{settings.client_ca_file!r}: {exc}") from None
 
 
 def internal_scheme(settings: TlsSettings) -> str:

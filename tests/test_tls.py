@@ -21,6 +21,7 @@ from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
 from raftledger.node import tls
+from raftledger.node.config import ConfigError
 from raftledger.node.settings import NodeSettings, TlsSettings
 from raftledger.node.testing import consecutive_free_ports
 
@@ -140,3 +141,13 @@ def test_public_api_can_require_client_certificates_of_its_ca(tmp_path):
             healthz(with_cert=False)
         # the nodes' own calls over the internal listener still work (the status polls)
         assert cluster.status("n0")["map_epoch"] > 0
+
+
+def test_a_node_whose_tls_files_are_unusable_says_so_instead_of_a_traceback(tmp_path):
+    bad = tmp_path / "not-a-cert.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match=r"\[tls\]"):
+        tls.server_context(TlsSettings(cert_file=str(bad), key_file=str(bad)), internal=False)
+    with pytest.raises(ConfigError, match="missing.pem"):
+        tls.client_context(TlsSettings(cert_file=str(bad), key_file=str(bad),
+                                       ca_file=str(tmp_path / "missing.pem")))
