@@ -29,7 +29,8 @@ demo_deadline_s = 30.0
 watch_period_s = 0.5
 
 
-def main(argv: list[str] | None = None) -> None:
+def parser() -> argparse.ArgumentParser:
+    """Every command and its options (tests parse their arguments with it too)."""
     parser = argparse.ArgumentParser(prog="raftledger", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     node = sub.add_parser("node", help="run one node")
@@ -59,7 +60,11 @@ def main(argv: list[str] | None = None) -> None:
     backup.add_parsers(sub)
     cluster_admin.add_parser(sub)
     token_cli.add_parser(sub)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parser().parse_args(argv)
     admin = {"verify": verify.run, "backup": backup.run_backup, "restore": backup.run_restore}
     try:
         if args.command in admin:

@@ -51,10 +51,12 @@ def test_dead_letter_names_round_trip() -> None:
     assert match is not None and match.groups() == ("webhook", "17", "20")
 
 
-def up_args(data_dir: Path, **feed: str | None) -> argparse.Namespace:
-    return argparse.Namespace(data_dir=str(data_dir), nodes=3, shards=2, durability="none", port_base=None,
-                              feed_nats=feed.get("nats"), feed_webhook=feed.get("webhook"),
-                              feed_webhook_secret=feed.get("secret"))
+def up_args(data_dir: Path, **feed: str) -> argparse.Namespace:
+    options = {"nats": "--feed-nats", "webhook": "--feed-webhook", "secret": "--feed-webhook-secret"}
+    argv = ["up", "--data-dir", str(data_dir), "--durability", "none"]
+    for name, value in feed.items():
+        argv += [options[name], value]
+    return cli.parser().parse_args(argv)
 
 
 def test_up_feed_options_reach_every_node_file(tmp_path: Path) -> None:
