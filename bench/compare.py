@@ -45,6 +45,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +88,7 @@ class Target:
     name: str
     urls: list[str]
     cpu_roots: Callable[[], list[int]]
+    token: str | None = None  # the bearer token every request carries (--credentials)
 
 
 @dataclass
@@ -285,12 +287,11 @@ class PgLedgerServers:
                                  f"{self.root}")
         seen = set()
         for _ in range(8 * self.workers):
-            try:
-                status, body = launcher.http_json("GET", self.url + "/healthz")
-            except OSError:
+            try:  # a new connection each time (urllib keeps none alive): one may land on any worker
+                with urllib.request.urlopen(self.url + "/healthz", timeout=launcher.http_timeout_s) as answer:
+                    seen.add(json.load(answer)["pid"])
+            except (OSError, ValueError, KeyError):
                 return False
-            if status == 200:
-                seen.add(body["pid"])
         return seen == {p.pid for p in self.procs}
 
     def stop(self) -> None:
@@ -317,10 +318,10 @@ def setup_requests(groups: int) -> Iterator[tuple[str, dict[str, Any]]]:
             yield path, {key: items[start:start + setup_chunk_items]}
 
 
-def set_up_ledger(url: str, groups: int) -> None:
+def set_up_ledger(url: str, groups: int, token: str | None = None) -> None:
     for path, body in setup_requests(groups):
         status, answer = launcher.http_json("POST", url + path, json.dumps(body).encode(),
-                                            timeout_s=setup_timeout_s)
+                                            timeout_s=setup_timeout_s, token=token)
         bad = [r for r in answer.get("results", [])
                if r["status"] != 201] if isinstance(answer, dict) else answer
         if status != 200 or bad:
@@ -369,6 +370,8 @@ def wrk_env(target: Target, workload: Workload, prefix: str, args: argparse.Name
     env = {"BENCH_HOSTS": hosts, "BENCH_BATCH": str(workload.batch), "BENCH_PREFIX": prefix,
            "BENCH_GROUPS": str(args.groups), "BENCH_PER_GROUP": str(per_group),
            "BENCH_AMOUNT_MAX": str(amount_max), "BENCH_CURRENCY": currency, "BENCH_MODE": workload.mode}
+    if target.token:
+        env["BENCH_TOKEN"] = target.token
     if workload.mode == "cross":
         env["BENCH_PARTNERS"] = ",".join(map(str, partner_groups(args.groups, args.shards)))
     return env
@@ -472,6 +475,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workloads", default="single,batch",
                         help="comma-separated: single, batch, cross (single transfers between accounts "
                              "of two shards), untagged (single transfers whose ids have no hash tag)")
+    parser.add_argument("--credentials", action="store_true",
+                        help="raftledger takes bearer tokens, as `raftledger up` without --dev: every "
+                             "request carries an admin token (the default runs as --dev does)")
     parser.add_argument("--shards", type=int, default=SHARDS, help="raftledger shards (3 nodes host each)")
     parser.add_argument("--groups", type=int, default=512,
                         help=f"hash-tag groups of {per_group} accounts")
@@ -513,7 +519,7 @@ def start_systems(args: argparse.Namespace) -> Iterator[Systems]:
     with contextlib.ExitStack() as stack:
         root = stack.enter_context(tempfile.TemporaryDirectory(prefix="raftledger-compare-"))
         cluster = LocalCluster(os.path.join(root, "raftledger"), nodes=NODES, shards=args.shards,
-                               durability="fsync")
+                               durability="fsync", credentials=args.credentials)
         stack.callback(cluster.close)
         cluster.start()
         pg = Postgres(os.path.join(root, "postgres"), args.pg_user)
@@ -526,14 +532,15 @@ def start_systems(args: argparse.Namespace) -> Iterator[Systems]:
         postmaster = pg.proc.pid
         targets = {
             "raftledger": Target("raftledger", list(cluster.urls.values()),
-                                 lambda: list(cluster.pids.values())),
+                                 lambda: list(cluster.pids.values()), cluster.admin_token),
             "PostgreSQL": Target("PostgreSQL", [servers.url],
                                  lambda: [p.pid for p in servers.procs] + [postmaster]),
         }
         facts = [f"PostgreSQL: {tool_version([os.path.join(pg.bindir, 'postgres'), '--version'])}, "
                  f"data in {root} (as user {args.pg_user if pg.as_user else 'self'}), "
                  f"{args.pg_workers} pg_ledger processes x {args.pg_pool} connections",
-                 f"raftledger: {NODES} nodes x {args.shards} shards, fsync, shard leaders "
+                 f"raftledger: {NODES} nodes x {args.shards} shards, fsync, credentials "
+                 f"{'on (bearer tokens)' if args.credentials else 'off (as --dev)'}, shard leaders "
                  f"{launcher.wait_for_leaders(cluster.plan)}"]
         yield Systems(targets, pg, cluster, facts)
 
@@ -594,7 +601,7 @@ def main(argv: list[str] | None = None,
                 say(line)
             say()
             for target in systems.targets.values():
-                set_up_ledger(target.urls[0], args.groups)
+                set_up_ledger(target.urls[0], args.groups, target.token)
             if inspect is not None:
                 inspect("funded", systems)
             runs = run_all(args, systems)

@@ -15,6 +15,7 @@
 --                    account is from group BENCH_PARTNERS[k] (comma-separated, one per group), which
 --                    the caller chose on another shard: every transfer is cross-shard
 --   BENCH_AMOUNT_MAX amounts are 1..this; BENCH_CURRENCY the currency
+--   BENCH_TOKEN      a bearer token every request carries (a cluster with credentials on)
 --
 -- Every response is checked: non-2xx answers, replays (Idempotent-Replayed / "replayed":true) and
 -- batch items that did not answer 201 are counted, and done() prints one line for the caller:
@@ -42,6 +43,10 @@ end
 local id_shape = mode == "untagged" and '"%s.%d.%d"' or '"%s.%d.%d{g%d}"'
 local path = batch > 0 and "/v1/transactions/batch" or "/v1/transactions"
 local headers = {["Content-Type"] = "application/json"}
+local token = os.getenv("BENCH_TOKEN")
+if token and token ~= "" then
+  headers["Authorization"] = "Bearer " .. token
+end
 local shape = '{"id":%s,"debit_account_id":"a%d:{g%d}","credit_account_id":"a%d:{g%d}",'
   .. '"amount":%d,"currency":"' .. currency .. '"}'
 

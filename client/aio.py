@@ -10,7 +10,7 @@ from . import operations as ops
 from .core import Consistency, Operation, RetryPolicy, Session, run
 from .discovery import discover
 from .feed import CommitPolicy, Start, Subscription
-from .transport import AsyncTransport
+from .transport import AsyncTransport, trust
 from .types import Account, Balance, BatchItem, Entry, Event, Transaction
 
 T = TypeVar("T")
@@ -19,7 +19,9 @@ T = TypeVar("T")
 class LedgerClient:
     """An asyncio ledger client for one cluster: ``Client(["http://127.0.0.1:8080", ...])``, or with no URL
     from ``RAFTLEDGER_ENDPOINTS`` or ``<data_dir or ./data>/cluster.json``; the token from the
-    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header).
+    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header); ``https://``
+    nodes are verified against ``ca_file``, ``RAFTLEDGER_CA_FILE`` or the file's ``ca_file`` (else the
+    system's CAs).
 
     Use it as ``async with LedgerClient(...) as ledger:`` (or ``await ledger.close()``), from one
     event loop.
@@ -28,10 +30,10 @@ class LedgerClient:
 
     def __init__(self, endpoints: Sequence[str] | None = None, token: str | None = None, *,
                  data_dir: str | None = None, policy: RetryPolicy | None = None,
-                 consistency: Consistency = "session") -> None:
-        found = discover(endpoints, token, data_dir)
+                 consistency: Consistency = "session", ca_file: str | None = None) -> None:
+        found = discover(endpoints, token, data_dir, ca_file)
         self.session = Session(found.endpoints, found.token, policy=policy, consistency=consistency)
-        self.transport = AsyncTransport()
+        self.transport = AsyncTransport(trust(found.ca_file))
 
     async def __aenter__(self) -> LedgerClient:
         return self
@@ -110,11 +112,12 @@ class LedgerClient:
     # -- change feed --------------------------------------------------------------------------------
     def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
                   until_caught_up: bool = False, commit: CommitPolicy | None = None,
-                  page_events: int = 500, wait_ms: int = 2000) -> AsyncSubscriber:
+                  page_events: int = 500, wait_ms: int = 2000, audit: bool = False) -> AsyncSubscriber:
         """``async for event in ledger.subscribe("billing")``: as ``Client.subscribe``."""
         return AsyncSubscriber(self, Subscription(self.session, consumer, start=start,
                                                   until_caught_up=until_caught_up, commit=commit,
-                                                  page_events=page_events, wait_ms=wait_ms))
+                                                  page_events=page_events, wait_ms=wait_ms,
+                                             audit=audit))
 
     # -- cluster ------------------------------------------------------------------------------------
     async def cluster_status(self) -> dict[str, Any]:

@@ -22,6 +22,9 @@ the synchronous and the asyncio ``Subscriber`` drive like any other call, so bot
   ``PUT /v1/feed/consumers/{name}/offsets`` every ``CommitPolicy.every_events`` events or
   ``interval_s`` seconds, and on close. A restarted subscriber resumes after the committed offsets:
   events processed after the last commit come again (at least once), never out of order.
+- **The audit trail** (``audit=True``): the administrative changes of the cluster (tokens,
+  membership, configuration), served as the reserved shard ``AUDIT_FEED`` (-1) to admin and auditor
+  tokens; followed alone, with no durable consumer (its offsets are not stored in the cluster).
 - A read before the first event still held raises ``FeedCompacted`` (410, with the shard and the
   earliest offset held). Nodes that stay unreachable for ``unavailable_s_max`` raise the last error.
 """
@@ -46,6 +49,7 @@ wait_ms_min = 100  # an idle shard's share of the long-poll, at least
 map_check_s = 30.0
 unavailable_s_max = 300.0
 latest_probe_after = 2**62  # past any offset: a page that only tells the bounds
+AUDIT_FEED = -1  # the audit trail's shard id (cluster.meta.AUDIT_FEED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,9 +81,13 @@ class Subscription:
 
     def __init__(self, session: Session, consumer: str | None = None, *, start: Start = "committed",
                  until_caught_up: bool = False, commit: CommitPolicy | None = None,
-                 page_events: int = page_events_default, wait_ms: int = wait_ms_default) -> None:
+                 page_events: int = page_events_default, wait_ms: int = wait_ms_default,
+                 audit: bool = False) -> None:
+        if audit and consumer is not None:
+            raise ValueError("the audit trail is followed without a durable consumer")
         if consumer is None and start == "committed":
             start = 0
+        self.audit = audit
         self.session = session
         self.consumer = consumer
         self.start = start
@@ -159,7 +167,7 @@ class Subscription:
     def _begin(self) -> Program[None]:
         self.started = True
         yield from self._check_map()
-        shards = sorted(self.session.replicas)
+        shards = [AUDIT_FEED] if self.audit else sorted(self.session.replicas)
         positions = yield from self._start_positions(shards)
         for shard in shards:
             self._follow(shard, positions.get(shard, 0))
@@ -222,7 +230,7 @@ class Subscription:
                 raise
             return
         self.session.learn_map(raw)
-        if self.started and not self.until_caught_up:
+        if self.started and not self.until_caught_up and not self.audit:
             for shard in sorted(self.session.replicas):
                 if shard not in self.after:
                     self._follow(shard, 0)

@@ -12,7 +12,7 @@ from . import operations as ops
 from .core import Consistency, Operation, Reply, RetryPolicy, Session, run
 from .discovery import discover
 from .feed import CommitPolicy, Start, Subscription
-from .transport import SyncTransport
+from .transport import SyncTransport, trust
 from .types import Account, Balance, BatchItem, Entry, Event, Transaction
 
 T = TypeVar("T")
@@ -21,7 +21,9 @@ T = TypeVar("T")
 class Client:
     """A ledger client for one cluster: ``Client(["http://127.0.0.1:8080", ...])``, or with no URL
     from ``RAFTLEDGER_ENDPOINTS`` or ``<data_dir or ./data>/cluster.json``; the token from the
-    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header).
+    argument, ``RAFTLEDGER_TOKEN`` or that file (none: no ``Authorization`` header); ``https://``
+    nodes are verified against ``ca_file``, ``RAFTLEDGER_CA_FILE`` or the file's ``ca_file`` (else the
+    system's CAs).
 
     Thread-safe; close it (or use it as a context manager) to drop its kept-alive connections.
     Reads default to session consistency (``consistency="session"``): they see this client's own
@@ -29,10 +31,10 @@ class Client:
 
     def __init__(self, endpoints: Sequence[str] | None = None, token: str | None = None, *,
                  data_dir: str | None = None, policy: RetryPolicy | None = None,
-                 consistency: Consistency = "session") -> None:
-        found = discover(endpoints, token, data_dir)
+                 consistency: Consistency = "session", ca_file: str | None = None) -> None:
+        found = discover(endpoints, token, data_dir, ca_file)
         self.session = Session(found.endpoints, found.token, policy=policy, consistency=consistency)
-        self.transport = SyncTransport()
+        self.transport = SyncTransport(trust(found.ca_file))
 
     def __enter__(self) -> Client:
         return self
@@ -121,16 +123,18 @@ class Client:
     # -- change feed --------------------------------------------------------------------------------
     def subscribe(self, consumer: str | None = None, *, start: Start = "committed",
                   until_caught_up: bool = False, commit: CommitPolicy | None = None,
-                  page_events: int = 500, wait_ms: int = 2000) -> Subscriber:
+                  page_events: int = 500, wait_ms: int = 2000, audit: bool = False) -> Subscriber:
         """Every new event of every shard, in per-shard order, each once (``client.feed``).
 
         ``consumer`` names a durable consumer: it starts after its committed offsets and commits
         what was processed (``commit``; always on close). ``start``: ``"committed"``, ``"latest"``
         (from now), an offset for every shard, or ``{shard: offset}``; ``until_caught_up`` ends the
-        iteration at each shard's last event as of the start (a replay)."""
+        iteration at each shard's last event as of the start (a replay). ``audit``: the audit trail
+        of administrative changes instead of the shards (admin and auditor tokens; no consumer)."""
         return Subscriber(self, Subscription(self.session, consumer, start=start,
                                              until_caught_up=until_caught_up, commit=commit,
-                                             page_events=page_events, wait_ms=wait_ms))
+                                             page_events=page_events, wait_ms=wait_ms,
+                                             audit=audit))
 
     # -- cluster ------------------------------------------------------------------------------------
     def cluster_status(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import asyncio
 import http.client
 import io
 import socket
+import ssl
 import threading
 import time
 from typing import TypeVar
@@ -23,6 +24,16 @@ idle_connections_max = 16  # kept-alive connections per node, per client
 # A node closes a connection idle for its header timeout (10 s by default); one idle longer than
 # this is not reused, so a request rarely meets a connection the node has just closed.
 idle_s_max = 5.0
+
+
+def trust(ca_file: str | None) -> ssl.SSLContext | None:
+    """The context ``https://`` nodes are verified with: the system's CAs, and ``ca_file`` (a
+    cluster's own CA, e.g. the one ``raftledger up --tls`` made) when given."""
+    if not ca_file:
+        return None
+    context = ssl.create_default_context()
+    context.load_verify_locations(ca_file)
+    return context
 
 
 class _Stale:
@@ -51,9 +62,10 @@ class _Stream:
 class SyncTransport:
     """Blocking HTTP/1.1 with a small pool of kept-alive connections per node; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._idle: dict[str, list[tuple[http.client.HTTPConnection, float]]] = {}
         self._lock = threading.Lock()
+        self._ssl = ssl_context  # None: the system's CAs
 
     def drive(self, program: Program[T]) -> T:
         """Run a core program to its end: send what it asks, sleep when it asks."""
@@ -126,10 +138,10 @@ class SyncTransport:
                 conn.close()
         return None
 
-    @staticmethod
-    def _new_connection(scheme: str, netloc: str) -> http.client.HTTPConnection:
-        cls = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
-        return cls(netloc)
+    def _new_connection(self, scheme: str, netloc: str) -> http.client.HTTPConnection:
+        if scheme == "https":
+            return http.client.HTTPSConnection(netloc, context=self._ssl)
+        return http.client.HTTPConnection(netloc)
 
     def _release(self, origin: str, conn: http.client.HTTPConnection) -> None:
         with self._lock:
@@ -150,8 +162,9 @@ class SyncTransport:
 class AsyncTransport:
     """aiohttp, one session (its connection pool) per client."""
 
-    def __init__(self) -> None:
+    def __init__(self, ssl_context: ssl.SSLContext | None = None) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._ssl = ssl_context  # None: the system's CAs
 
     async def drive(self, program: Program[T]) -> T:
         outcome: Outcome = None
@@ -184,7 +197,7 @@ class AsyncTransport:
 
     def _open(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(keepalive_timeout=idle_s_max)
+            connector = aiohttp.TCPConnector(keepalive_timeout=idle_s_max, ssl=self._ssl or True)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 

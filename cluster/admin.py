@@ -63,7 +63,8 @@ def request(where: Target, method: str, path: str, json_body: Any = None,
     client = _clients.get((where, timeout_s))
     if client is None:
         policy = RetryPolicy(deadline_s=timeout_s, attempt_timeout_s=http_timeout_s)
-        client = _clients[(where, timeout_s)] = Client(_by_liveness(where), where.token, policy=policy)
+        client = _clients[(where, timeout_s)] = Client(_by_liveness(where), where.token, policy=policy,
+                                                       ca_file=where.ca_file)
     try:
         return client.request(method, path, json=json_body, params=params, idempotent=True)
     except LedgerError as exc:
@@ -76,7 +77,8 @@ def _by_liveness(where: Target) -> list[str]:
     policy = RetryPolicy(deadline_s=health_timeout_s, attempt_timeout_s=health_timeout_s, attempts_max=1)
     answering = []
     for endpoint in where.endpoints:
-        with Client([endpoint], where.token, policy=policy) as probe, contextlib.suppress(LedgerError):
+        with Client([endpoint], where.token, policy=policy, ca_file=where.ca_file) as probe, \
+                contextlib.suppress(LedgerError):
             probe.request("GET", "/healthz")
             answering.append(endpoint)
     return answering + [e for e in where.endpoints if e not in answering]

@@ -46,6 +46,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--no-demo", action="store_true", help="skip the demo transfer")
     up.add_argument("--dev", action="store_true", help="no credentials: every route answers anyone "
                     "(without it, the first admin token is written to <data-dir>/cluster.json)")
+    up.add_argument("--tls", action="store_true", help="a new cluster speaks TLS on every listener but "
+                    "Raft's: a local CA and per-node certificates in <data-dir>/tls, the CA recorded in "
+                    "cluster.json for the CLI and the client")
     up.add_argument("--feed-nats", metavar="URL", help="export the change feed to NATS JetStream at URL "
                     "(e.g. nats://127.0.0.1:4222)")
     up.add_argument("--feed-webhook", metavar="URL", help="POST the change feed, in signed batches, to URL")
@@ -202,7 +205,7 @@ def _planned(args: argparse.Namespace) -> launcher.Plan:
     if args.nodes < 1 or args.shards < 1:
         raise launcher.LaunchError("--nodes and --shards must be at least 1")
     return launcher.new_plan(args.data_dir, nodes=args.nodes, shards=args.shards,
-                             durability=args.durability, port_base=args.port_base)
+                             durability=args.durability, port_base=args.port_base, use_tls=args.tls)
 
 
 def _print_endpoints(plan: launcher.Plan) -> None:
@@ -213,6 +216,9 @@ def _print_endpoints(plan: launcher.Plan) -> None:
               f"pid {plan.pids.get(node.id)})")
     print(f"cluster file: {os.path.join(plan.data_dir, launcher.CLUSTER_FILE)}")
     print(f"cluster secret: {plan.secret_file} (node-to-node traffic is sealed with it)", flush=True)
+    if plan.ca_file:
+        print(f"TLS: every listener but Raft's; the cluster CA is {plan.ca_file} (\"ca_file\" in "
+              "cluster.json: the CLI and the client trust it from there)", flush=True)
 
 
 def _watch(procs: dict[str, Any], stop: threading.Event) -> None:
@@ -229,7 +235,8 @@ def demo(plan: launcher.Plan) -> None:
     """Through the public HTTP API, with the client library (it retries with the same ids while
     the cluster settles, so a demo run again on a resumed cluster replays instead of repeating)."""
     policy = RetryPolicy(deadline_s=demo_deadline_s)
-    with Client([n.http for n in plan.cluster.nodes], plan.admin_token, policy=policy) as ledger:
+    with Client([n.http for n in plan.cluster.nodes], plan.admin_token, policy=policy,
+                ca_file=plan.ca_file) as ledger:
         try:
             for account_id in DEMO_ACCOUNTS:
                 account = ledger.create_account(id=account_id, currency=DEMO_CURRENCY, normal="credit")

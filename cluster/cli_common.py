@@ -35,11 +35,14 @@ def add_target_options(parser: argparse.ArgumentParser) -> None:
                         help=f"the directory `raftledger up` used (default {DEFAULT_DATA_DIR})")
     parser.add_argument("--token", default=None, help="bearer token (default: $RAFTLEDGER_TOKEN, "
                                                       "else the data dir's admin_token)")
+    parser.add_argument("--ca-file", default=None, help="the CA https:// nodes are verified against "
+                                                        "(default: $RAFTLEDGER_CA_FILE, else the data "
+                                                        "dir's ca_file, else the system's)")
     parser.add_argument("--json", action="store_true", help="print one JSON document, for scripts")
 
 
 def target(args: argparse.Namespace) -> Target:
-    return discover(args.endpoint, args.token, args.data_dir)
+    return discover(args.endpoint, args.token, args.data_dir, getattr(args, "ca_file", None))
 
 
 def console() -> Console:

@@ -48,6 +48,8 @@ def add_commands(parser: argparse.ArgumentParser) -> None:
                         help="start after this offset on every shard (default 0: the beginning)")
     replay.add_argument("--count", type=int, metavar="N", help="stop after N events")
     for command in (tail, replay):
+        command.add_argument("--audit", action="store_true",
+                             help="the audit trail of administrative changes instead of the shards")
         command.add_argument("--consumer", metavar="NAME",
                              help="commit what is printed as this durable consumer's offsets")
         cli_common.add_target_options(command)
@@ -74,10 +76,13 @@ def _follow(args: argparse.Namespace) -> int:
     if args.from_offset is not None and args.from_offset < 0:
         raise ValueError("--from is an offset >= 0")
     replay = args.feed_command == "replay"
+    if args.audit and args.consumer:
+        raise ValueError("--audit is followed without --consumer")
     printed = 0
     with _client(args, follow_deadline_s) as ledger:
         start = args.from_offset if args.from_offset is not None else _tail_start(ledger, args.consumer)
-        subscriber = ledger.subscribe(args.consumer, start=start, until_caught_up=replay)
+        subscriber = ledger.subscribe(args.consumer, start=start, until_caught_up=replay,
+                                      audit=args.audit)
         try:
             for event in subscriber:
                 _print_event(event, args.json)
@@ -145,7 +150,8 @@ def describe(event: Event) -> str:
 def _client(args: argparse.Namespace, deadline_s: float) -> Client:
     target = cli_common.target(args)
     policy = RetryPolicy(deadline_s=deadline_s, attempt_timeout_s=min(deadline_s, request_timeout_s))
-    return Client(list(target.endpoints), target.token, policy=policy, consistency="local")
+    return Client(list(target.endpoints), target.token, policy=policy, consistency="local",
+                  ca_file=target.ca_file)
 
 
 # -- dead letters ------------------------------------------------------------------------------------

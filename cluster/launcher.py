@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import signal
@@ -34,20 +35,22 @@ import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from multidict import CIMultiDict
 from raftledger.client.core import Send, TransportFailure
 from raftledger.client.discovery import CLUSTER_FILE, TOKEN_ENV
-from raftledger.client.transport import SyncTransport
+from raftledger.client.transport import SyncTransport, trust
 from raftledger.cluster import tokens
 from raftledger.cluster.map import PutValue
 from raftledger.cluster.map import encode_command as encode_map_command
-from raftledger.node import secret, wire
+from raftledger.node import secret, tls, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
 from raftledger.statemachine.slots import SLOTS
 
 SECRET_FILE = "cluster.secret"
+TLS_DIR = "tls"  # raftledger up --tls: the local CA and each node's certificate and key
 PLAN_VERSION = 3
 META_HOSTS = 3  # nodes of a new plan that host the metadata group (the first ones)
 CALLER_ID = "raftledger-cli"  # the sender named in internal requests made from here
@@ -113,13 +116,32 @@ class Plan:
     def secret_file(self) -> str:
         return os.path.join(self.data_dir, SECRET_FILE)
 
+    @property
+    def ca_file(self) -> str | None:
+        """The cluster CA every node and client verifies the nodes against (None: no TLS)."""
+        return self.settings.tls.ca_file or None
+
+    def local_ca(self) -> tls.LocalCA:
+        return tls.LocalCA(os.path.join(self.data_dir, TLS_DIR))
+
     def node_config(self, node_id: str) -> NodeConfig:
-        url = self.cluster.node(node_id).http
-        host, port = url.removeprefix("http://").rsplit(":", 1)
-        http = dataclasses.replace(self.settings.http, host=host, port=int(port))
+        url = urlsplit(self.cluster.node(node_id).http)
+        http = dataclasses.replace(self.settings.http, host=url.hostname or HOST, port=int(url.port or 0))
+        settings = dataclasses.replace(self.settings, http=http)
+        if self.ca_file:
+            cert_file, key_file = self.local_ca().node_files(node_id)
+            settings = dataclasses.replace(settings, tls=dataclasses.replace(
+                self.settings.tls, cert_file=cert_file, key_file=key_file))
         return NodeConfig(node_id=node_id, data_dir=os.path.join(self.data_dir, node_id),
                           secret_file=self.secret_file, durability=self.durability,
-                          cluster=self.cluster, settings=dataclasses.replace(self.settings, http=http))
+                          cluster=self.cluster, settings=settings)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.ca_file else "http"
+
+    def internal_url(self, node_id: str) -> str:
+        return f"{self.scheme}://{self.cluster.node(node_id).internal}"
 
     def sealer(self) -> wire.Sealer:
         """Seals internal requests with this cluster's secret (generated on first use)."""
@@ -140,6 +162,7 @@ class Plan:
                        "raft": {str(s): a for s, a in n.raft.items()}, "meta": n.meta,
                        "pid": self.pids.get(n.id)} for n in self.cluster.nodes],
             **({"admin_token": self.admin_token} if self.admin_token else {}),
+            **({"ca_file": self.ca_file} if self.ca_file else {}),
         }
 
     @classmethod
@@ -170,9 +193,15 @@ class Plan:
 
 
 def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
-             port_base: int | None, settings: NodeSettings | None = None) -> Plan:
+             port_base: int | None, settings: NodeSettings | None = None, use_tls: bool = False) -> Plan:
     """Node i serves HTTP on port_base + i (free ports when port_base is None); internal and Raft
-    ports are free ones."""
+    ports are free ones. ``use_tls``: every listener but Raft's speaks TLS, with certificates of a
+    CA made in ``<data_dir>/tls`` (``node.tls.LocalCA``)."""
+    settings = settings or NodeSettings()
+    if use_tls:
+        ca_file = tls.LocalCA(os.path.join(os.path.abspath(data_dir), TLS_DIR)).cert_file
+        settings = dataclasses.replace(settings, tls=dataclasses.replace(settings.tls, ca_file=ca_file))
+    scheme = "https" if use_tls else "http"
     taken = {port_base + i for i in range(nodes)} if port_base is not None else set()
     ports = iter(free_ports(nodes * (shards + 3), avoid=taken))
     specs = []
@@ -180,11 +209,11 @@ def new_plan(data_dir: str, *, nodes: int, shards: int, durability: str,
         http_port = next(ports) if port_base is None else port_base + i
         raft_ports = {s: f"{HOST}:{next(ports)}" for s in range(shards)}
         meta = f"{HOST}:{next(ports)}" if i < META_HOSTS else None
-        specs.append(NodeSpec(f"n{i}", f"http://{HOST}:{http_port}", f"{HOST}:{next(ports)}",
+        specs.append(NodeSpec(f"n{i}", f"{scheme}://{HOST}:{http_port}", f"{HOST}:{next(ports)}",
                               raft_ports, meta))
     ids = tuple(n.id for n in specs)
     cluster = ClusterSpec(shards, tuple(specs), {s: ids for s in range(shards)}, "even")
-    plan = Plan(os.path.abspath(data_dir), durability, cluster, settings or NodeSettings())
+    plan = Plan(os.path.abspath(data_dir), durability, cluster, settings)
     problems = validate(plan.node_config(ids[0])) if ids else ["no nodes"]
     if problems:
         raise LaunchError("invalid cluster:\n  - " + "\n  - ".join(problems))
@@ -265,7 +294,7 @@ def ensure_admin_token(plan: Plan, timeout_s: float = ready_timeout_s) -> str | 
     if not plan.settings.auth.required:
         return None
     if plan.admin_token is None:
-        record, secret_text = tokens.new_record({"name": "admin", "role": tokens.ROLE_ADMIN},
+        record, secret_text = tokens.new_record(tokens.TokenRequest("admin", tokens.ROLE_ADMIN),
                                                 time.time_ns())
         command = encode_map_command(PutValue(tokens.SECTION, record.id, record.to_wire()))
         epoch = wait_until(lambda: _propose(plan, command), timeout_s, "the admin token in the map")
@@ -295,6 +324,8 @@ def _propose(plan: Plan, command: bytes) -> int | None:
 
 def write_node_config(plan: Plan, node_id: str) -> str:
     plan.sealer()  # the secret the config names exists before the node reads it
+    if plan.ca_file:  # ... and so do the CA and the node's certificate
+        plan.local_ca().issue(node_id)
     config = plan.node_config(node_id)
     os.makedirs(config.data_dir, exist_ok=True)
     path = node_config_path(plan, node_id)
@@ -307,7 +338,7 @@ def busy_ports(plan: Plan) -> list[str]:
     """Ports of the plan that something else holds (a resumed plan reuses its ports)."""
     busy = []
     for node in plan.cluster.nodes:
-        addresses = [node.http.removeprefix("http://"), node.internal, *node.raft.values(),
+        addresses = [urlsplit(node.http).netloc, node.internal, *node.raft.values(),
                      *([node.meta] if node.meta else [])]
         busy += [a for a in addresses if not port_is_free(int(a.rsplit(":", 1)[1]))]
     return busy
@@ -338,7 +369,7 @@ def plan_node(plan: Plan, node_id: str) -> NodeSpec:
     used = {int(a.rsplit(":", 1)[1]) for n in plan.cluster.nodes
             for a in (n.http, n.internal, *n.raft.values(), *([n.meta] if n.meta else []))}
     ports = iter(free_ports(plan.cluster.shards + 2, avoid=used))
-    return NodeSpec(node_id, f"http://{HOST}:{next(ports)}", f"{HOST}:{next(ports)}",
+    return NodeSpec(node_id, f"{plan.scheme}://{HOST}:{next(ports)}", f"{HOST}:{next(ports)}",
                     {s: f"{HOST}:{next(ports)}" for s in range(plan.cluster.shards)})
 
 
@@ -413,21 +444,24 @@ def _zombie(pid: int) -> bool:
 
 
 # -- raw HTTP (the client library's transport, so the launcher needs no event loop) --------------------
-_raw = SyncTransport()  # kept-alive connections, shared by the helpers below
+_raw: dict[str | None, SyncTransport] = {}  # by the CA trusted: kept-alive connections, shared below
 
 
 def http_request(method: str, url: str, body: bytes | None = None,
                  content_type: str = "application/json",
                  timeout_s: float = http_timeout_s,
-                 token: str | None = None) -> tuple[int, Mapping[str, str], Any]:
+                 token: str | None = None, ca_file: str | None = None) -> tuple[int, Mapping[str, str], Any]:
     """(status, headers (case-insensitive), decoded JSON body or text) of one request sent as it is
     (tests send malformed bodies through it; API calls go through ``raftledger.client``), with
-    ``token`` as its bearer credential; HTTP errors are answers too. Raises OSError when no answer
-    came."""
+    ``token`` as its bearer credential and ``https://`` nodes verified against ``ca_file``; HTTP
+    errors are answers too. Raises OSError when no answer came."""
     headers = {"Content-Type": content_type} if body else {}
     if token:
         headers["Authorization"] = f"Bearer {token}"
-    answer = _raw.send(Send(method, url, headers, body, timeout_s))
+    transport = _raw.get(ca_file)
+    if transport is None:
+        transport = _raw[ca_file] = SyncTransport(trust(ca_file))
+    answer = transport.send(Send(method, url, headers, body, timeout_s))
     if isinstance(answer, TransportFailure):
         raise OSError(f"{method} {url}: {answer.reason}")
     return answer.status, CIMultiDict(answer.headers), _decode(answer.body)
@@ -442,9 +476,13 @@ def _decode(raw: bytes) -> Any:
 
 def http_json(method: str, url: str, body: bytes | None = None,
               content_type: str = "application/json",
-              timeout_s: float = http_timeout_s, token: str | None = None) -> tuple[int, Any]:
-    status, _, decoded = http_request(method, url, body, content_type, timeout_s, token)
+              timeout_s: float = http_timeout_s, token: str | None = None,
+              ca_file: str | None = None) -> tuple[int, Any]:
+    status, _, decoded = http_request(method, url, body, content_type, timeout_s, token, ca_file)
     return status, decoded
+
+
+_trusting = functools.lru_cache(maxsize=8)(trust)  # one context per CA file
 
 
 def call_internal(plan: Plan, node_id: str, path: str, payload: Any = None,
@@ -454,10 +492,10 @@ def call_internal(plan: Plan, node_id: str, path: str, payload: Any = None,
     take the cluster's secret."""
     sealer = plan.sealer()
     sealed = sealer.seal_request("POST", wire.PREFIX + path, payload)
-    url = f"http://{plan.cluster.node(node_id).internal}{wire.PREFIX}{path}"
+    url = f"{plan.internal_url(node_id)}{wire.PREFIX}{path}"
     request = urllib.request.Request(url, data=sealed.body, method="POST", headers=sealed.headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=_trusting(plan.ca_file)) as response:
             status, headers, body = response.status, response.headers, response.read()
     except urllib.error.HTTPError as exc:
         status, headers, body = exc.code, exc.headers, exc.read()

@@ -29,6 +29,11 @@ Nodes: ``PutNode`` refuses a node that was removed (its id is never reused) and 
 node uses; ``SetNodeState(node, "removed")`` is refused while the node hosts a replica or a member of
 the metadata group.
 
+``Attributed(command, actor, at)`` wraps any of them with who asked for it (``tok_<id>`` for a
+bearer token, ``node:<id>`` for a node acting on its own, ``secret:<sender>`` for a tool holding the
+cluster secret) and when (ns, the proposer's clock, so every member records the same): the
+metadata group's audit trail (``audit_record``; docs/feed.md, "The audit trail") is built from it.
+
 A command that cannot apply (an unknown node, a range outside the slots...) is refused with a reason,
 changes nothing and keeps the epoch. A shard whose replicas or slots change takes the new epoch as
 its own, which is what its leader compares with the slots its store holds (``SetSlots``).
@@ -261,8 +266,50 @@ class FinishReplicaChange:
     node: str
 
 
-MapCommand: TypeAlias = (Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
-                         | StartReplicaChange | FinishReplicaChange)
+@dataclass(frozen=True, slots=True)
+class Attributed:
+    """A command with who asked for it and when (ns): what the audit trail records."""
+
+    command: PlainCommand
+    actor: str
+    at: int
+
+
+PlainCommand: TypeAlias = (Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
+                           | StartReplicaChange | FinishReplicaChange)
+MapCommand: TypeAlias = PlainCommand | Attributed
+TOKENS_SECTION = "tokens"  # cluster.tokens.SECTION (which imports nothing of the map)
+
+
+def audit_record(command: MapCommand) -> tuple[str, dict[str, Any]] | None:
+    """The audit event (type, data) of an applied command: never a secret nor a token's hash, and
+    of a section other than the tokens' only its name and key (its values may be secrets)."""
+    plain = command.command if isinstance(command, Attributed) else command
+    if isinstance(plain, Bootstrap):
+        return "cluster.bootstrapped", {"nodes": [n.id for n in plain.map.nodes],
+                                        "shards": [s.id for s in plain.map.shards]}
+    if isinstance(plain, PutNode):
+        return "node.registered", {"node": plain.node.id, "url": plain.node.url,
+                                   "internal": plain.node.internal}
+    if isinstance(plain, SetNodeState):
+        return "node.state_changed", {"node": plain.node, "state": plain.state}
+    if isinstance(plain, SetReplicas):
+        return "shard.replicas_set", {"shard": plain.shard, "replicas": list(plain.replicas)}
+    if isinstance(plain, AssignSlots):
+        return "shard.slots_assigned", {"shard": plain.shard, "first": plain.first, "last": plain.last}
+    if isinstance(plain, StartReplicaChange):
+        kind = "replica.adding" if plain.adding else "replica.removing"
+        return kind, {"shard": plain.shard, "node": plain.node}
+    if isinstance(plain, FinishReplicaChange):
+        return "replica.change_finished", {"shard": plain.shard, "node": plain.node}
+    if plain.section == TOKENS_SECTION:
+        if plain.value is None:
+            return "token.revoked", {"token": plain.key}
+        shown = {k: plain.value.get(k) for k in ("name", "role", "account_patterns", "expires_at",
+                                                  "rate_per_s")} if isinstance(plain.value, dict) else {}
+        return "token.created", {"token": plain.key, **shown}
+    return ("config.removed" if plain.value is None else "config.set"), {"section": plain.section,
+                                                                          "key": plain.key}
 
 
 @dataclass(frozen=True, slots=True)
@@ -284,6 +331,8 @@ class _Refused(Exception):
 def apply(current: ClusterMap, command: MapCommand) -> tuple[ClusterMap, Outcome]:
     """The map after ``command`` (pure); a refused command returns ``current`` unchanged."""
     epoch = current.epoch + 1
+    if isinstance(command, Attributed):
+        command = command.command
     try:
         if isinstance(command, Bootstrap):
             if not current.empty:
@@ -461,6 +510,7 @@ TAG_ASSIGN_SLOTS = 5
 TAG_PUT_VALUE = 6
 TAG_START_REPLICA_CHANGE = 7
 TAG_FINISH_REPLICA_CHANGE = 8
+TAG_ATTRIBUTED = 9
 
 
 def _node_wire(node: NodeEntry) -> list[Any]:
@@ -468,6 +518,8 @@ def _node_wire(node: NodeEntry) -> list[Any]:
 
 
 def command_to_wire(command: MapCommand) -> list[Any]:
+    if isinstance(command, Attributed):
+        return [TAG_ATTRIBUTED, command_to_wire(command.command), command.actor, command.at]
     if isinstance(command, Bootstrap):
         return [TAG_BOOTSTRAP, command.map.to_wire()]
     if isinstance(command, PutNode):
@@ -489,6 +541,11 @@ def command_from_wire(raw: Any) -> MapCommand:
     """A map command; raises MapError for anything else."""
     try:
         tag, *fields = raw
+        if tag == TAG_ATTRIBUTED:
+            inner = command_from_wire(fields[0])
+            if isinstance(inner, Attributed):
+                raise TypeError("an attributed command wraps a plain one")
+            return Attributed(inner, _text(fields[1]), _whole(fields[2]))
         if tag == TAG_BOOTSTRAP:
             return Bootstrap(ClusterMap.from_wire(fields[0]))
         if tag == TAG_PUT_NODE:

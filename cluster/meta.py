@@ -13,9 +13,15 @@ to the map it holds, and hands each new map to the node's ``MapFollower``.
 - **Changes** are proposed on the leader (``propose``); other nodes reach it over the internal
   protocol (``/internal/v1/meta/propose``). A proposal answers once its entry is applied here, with
   the command's outcome and the map's epoch.
-- **Snapshots** hold the whole map: PySyncObj's dump file is ``MAGIC | applied index | length of
-  PySyncObj's own meta | that meta (pickle) | the map (msgpack)``, written on the tick thread (the
-  state is a few kilobytes) and installed the same way on a member that catches up.
+- **The audit trail**: every applied change is also an event (``map.audit_record``: who, when,
+  what; never a secret) with a dense offset, the same on every member. Members keep the last
+  ``audit_events_kept_max`` of them (``AuditTrail``); the feed serves them as its reserved shard
+  ``AUDIT_FEED`` (docs/feed.md, "The audit trail").
+- **Snapshots** hold the whole map and the audit events kept: PySyncObj's dump file is ``MAGIC |
+  applied index | length of PySyncObj's own meta | length of the map | that meta (pickle) | the map
+  (msgpack) | the audit trail (msgpack)``, written on the tick thread (the state is small) and
+  installed the same way on a member that catches up. Dumps of the first format (``RLMETA01``,
+  without the length of the map nor a trail) are still read.
 """
 
 from __future__ import annotations
@@ -27,9 +33,11 @@ import os
 import pickle
 import struct
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import msgpack
 from raftledger.client.errors import LedgerError, NotLeader, OutcomeUnknown, Unavailable
 from raftledger.node import frames
 from raftledger.node.clock import SYSTEM_CLOCK, Clock
@@ -38,15 +46,72 @@ from raftledger.node.files import fsync_dir
 from raftledger.node.raft import SERIALIZER_STATE, MemberHooks, MemberSettings, RaftMember
 from raftledger.node.settings import MetaSettings
 
-from .map import EMPTY, Bootstrap, ClusterMap, MapCommand, MapError, Outcome, apply, decode_command
+from .map import (
+    EMPTY,
+    Attributed,
+    Bootstrap,
+    ClusterMap,
+    MapCommand,
+    MapError,
+    Outcome,
+    apply,
+    audit_record,
+    decode_command,
+)
 from .map import encode_command as encode_map_command
 
 log = logging.getLogger(__name__)
 
 META_GROUP = -1  # the group's id wherever a shard id is expected (its Raft key, its logs)
-MAGIC = b"RLMETA01"
-HEADER = struct.Struct("<8sQI")  # magic, applied index, length of PySyncObj's meta
+AUDIT_FEED = META_GROUP  # the audit trail's shard id in the feed
+MAGIC_V1 = b"RLMETA01"
+HEADER_V1 = struct.Struct("<8sQI")  # magic, applied index, length of PySyncObj's meta
+MAGIC = b"RLMETA02"
+HEADER = struct.Struct("<8sQII")  # magic, applied index, lengths of PySyncObj's meta and of the map
 outcomes_kept_max = 1024  # outcomes of applied entries kept for the proposals waiting on them
+audit_events_kept_max = 10_000  # the audit trail's last events, held by every member
+
+
+class AuditTrail:
+    """The audit events of the applied log, offsets dense from 1; the last ``kept_max`` are held.
+    Appended on the tick thread, read on the event loop: the caller holds the member's lock."""
+
+    def __init__(self, kept_max: int = audit_events_kept_max) -> None:
+        self.events: deque[dict[str, Any]] = deque(maxlen=kept_max)
+        self.last = 0
+
+    @property
+    def first(self) -> int:
+        """The first offset held (``last + 1`` when none is)."""
+        return self.events[0]["offset"] if self.events else self.last + 1
+
+    def record(self, command: MapCommand, epoch: int) -> None:
+        found = audit_record(command)
+        if found is None:
+            return
+        kind, data = found
+        attributed = isinstance(command, Attributed)
+        self.last += 1
+        self.events.append({
+            "id": f"{AUDIT_FEED}:{self.last}", "shard": AUDIT_FEED, "offset": self.last, "type": kind,
+            "timestamp": command.at if attributed else 0,  # type: ignore[union-attr]
+            "data": {**data, "actor": command.actor if attributed else None,  # type: ignore[union-attr]
+                     "epoch": epoch}})
+
+    def after(self, offset: int, limit: int) -> list[dict[str, Any]]:
+        start = max(0, offset + 1 - self.first)
+        return [self.events[i] for i in range(start, min(len(self.events), start + limit))]
+
+    def to_wire(self) -> list[Any]:
+        return [self.last, list(self.events)]
+
+    @classmethod
+    def from_wire(cls, raw: Any) -> AuditTrail:
+        trail = cls()
+        last, events = raw
+        trail.last = int(last)
+        trail.events.extend(events)
+        return trail
 
 
 def member_settings(config: NodeConfig, cluster_secret: bytes) -> MemberSettings:
@@ -65,24 +130,36 @@ def member_settings(config: NodeConfig, cluster_secret: bytes) -> MemberSettings
         snapshots=settings.snapshots)
 
 
-def write_dump(path: str, applied_index: int, meta: Any, cluster_map: ClusterMap, sync: bool) -> None:
+def write_dump(path: str, applied_index: int, meta: Any, cluster_map: ClusterMap, sync: bool,
+               trail: AuditTrail | None = None) -> None:
     meta_bytes = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
+    map_bytes = cluster_map.pack()
+    trail_bytes: bytes = msgpack.packb((trail or AuditTrail()).to_wire())
     with open(path, "wb") as f:
-        f.write(HEADER.pack(MAGIC, applied_index, len(meta_bytes)) + meta_bytes + cluster_map.pack())
+        f.write(HEADER.pack(MAGIC, applied_index, len(meta_bytes), len(map_bytes)) + meta_bytes
+                + map_bytes + trail_bytes)
         f.flush()
         if sync:
             os.fsync(f.fileno())
 
 
-def read_dump(path: str) -> tuple[int, Any, ClusterMap]:
-    """(applied index, PySyncObj's meta, the map) of a dump."""
+def read_dump(path: str) -> tuple[int, Any, ClusterMap, AuditTrail]:
+    """(applied index, PySyncObj's meta, the map, the audit trail) of a dump."""
     with open(path, "rb") as f:
         data = f.read()
-    magic, applied_index, meta_len = HEADER.unpack_from(data)
+    magic = data[:len(MAGIC)]
+    if magic == MAGIC_V1:
+        _, applied_index, meta_len = HEADER_V1.unpack_from(data)
+        meta = pickle.loads(data[HEADER_V1.size:HEADER_V1.size + meta_len])
+        return applied_index, meta, ClusterMap.unpack(data[HEADER_V1.size + meta_len:]), AuditTrail()
     if magic != MAGIC:
         raise MapError(f"{path}: not a metadata group snapshot")
-    meta = pickle.loads(data[HEADER.size:HEADER.size + meta_len])
-    return applied_index, meta, ClusterMap.unpack(data[HEADER.size + meta_len:])
+    _, applied_index, meta_len, map_len = HEADER.unpack_from(data)
+    at = HEADER.size
+    meta = pickle.loads(data[at:at + meta_len])
+    cluster_map = ClusterMap.unpack(data[at + meta_len:at + meta_len + map_len])
+    trail = AuditTrail.from_wire(msgpack.unpackb(data[at + meta_len + map_len:], strict_map_key=False))
+    return applied_index, meta, cluster_map, trail
 
 
 class MetaService:
@@ -103,6 +180,8 @@ class MetaService:
         self._on_map = on_map
         self.map = EMPTY  # as applied here; replaced on the tick thread only
         self.applied_index = 0
+        self.trail = AuditTrail()  # under _lock
+        self._trail_changed: asyncio.Future[None] = self.loop.create_future()
         self._outcomes: dict[int, Outcome] = {}
         self._lock = threading.Lock()
         self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
@@ -129,17 +208,43 @@ class MetaService:
             self._outcomes[index] = outcome
             if len(self._outcomes) > outcomes_kept_max:
                 del self._outcomes[next(iter(self._outcomes))]
+            if outcome.ok:
+                self.trail.record(command, new.epoch)
         if outcome.ok:
             self._publish(new)
 
     def _publish(self, new: ClusterMap) -> None:
         with contextlib.suppress(RuntimeError):  # loop closed: nobody follows any more
             self.loop.call_soon_threadsafe(self._on_map, new)
+            self.loop.call_soon_threadsafe(self._trail_grew)
+
+    def _trail_grew(self) -> None:
+        grew, self._trail_changed = self._trail_changed, self.loop.create_future()
+        grew.set_result(None)
+
+    # -- the audit trail (event loop) -----------------------------------------------------------------
+    def audit_page(self, after: int, limit: int) -> tuple[list[dict[str, Any]], int, int]:
+        """(events after ``after``, the first offset held, the last one) as applied here; raises
+        ``feed_compacted`` when events after ``after`` are no longer held."""
+        with self._lock:
+            first, last = self.trail.first, self.trail.last
+            if after + 1 < first:
+                raise LedgerError("feed_compacted", f"the audit trail holds events from offset {first} on",
+                                  details={"shard": AUDIT_FEED, "after": after, "earliest_offset": first})
+            return self.trail.after(after, limit), first, last
+
+    async def wait_audit(self, last: int, timeout_s: float) -> None:
+        """Until the trail passes ``last`` (or ``timeout_s``)."""
+        if self.trail.last > last:
+            return
+        await self.clock.wait(self._trail_changed, timeout_s)
 
     # -- snapshots (tick thread; the state is small, so they are written inline) --------------------
     def _serialize(self, tmp_file: str, meta: Any) -> None:
         try:
-            write_dump(tmp_file, self.applied_index, meta, self.map, self.settings.sync)
+            with self._lock:
+                trail = AuditTrail.from_wire(self.trail.to_wire())
+            write_dump(tmp_file, self.applied_index, meta, self.map, self.settings.sync, trail)
             state = SERIALIZER_STATE.SUCCESS
         except OSError:
             log.exception("metadata group: snapshot failed")
@@ -158,11 +263,13 @@ class MetaService:
     def _deserialize(self, dump_file: str) -> Any:
         """Load a dump (ours at start, or the leader's): the map it holds replaces ours."""
         try:
-            applied_index, meta, loaded = read_dump(dump_file)
+            applied_index, meta, loaded, trail = read_dump(dump_file)
         except Exception:
             log.critical("metadata group: loading the snapshot %s failed", dump_file, exc_info=True)
             raise
         self.map, self.applied_index = loaded, applied_index
+        with self._lock:
+            self.trail = trail
         if not loaded.empty:
             self._publish(loaded)
         return meta
@@ -208,6 +315,9 @@ class MetaService:
         applied here. Raises NotLeader, Overloaded or OutcomeUnknown."""
         if not self.is_leader():
             raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
+        if not isinstance(command, Attributed):  # a change this node makes on its own
+            own = self.address_to_node.get(self.settings.self_address, self.settings.self_address)
+            command = Attributed(command, f"node:{own}", self.clock.time_ns())
         future: asyncio.Future[Outcome] = self.loop.create_future()
 
         def committed(index: int | None, error: Unavailable | None) -> None:  # tick thread

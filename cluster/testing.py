@@ -58,17 +58,19 @@ class LocalCluster:
     def __init__(self, root: str | Path, *, nodes: int = 3, shards: int = 2,
                  durability: str = "fsync", settings: NodeSettings | None = None,
                  preexec_fn: Callable[[], None] | None = None, resume: bool = False,
-                 credentials: bool = False) -> None:
+                 credentials: bool = False, use_tls: bool = False) -> None:
         """``preexec_fn`` runs in each node process before it execs (e.g. to lower its rlimits);
         ``resume`` starts the cluster planned in ``root/cluster.json`` (upgrading it as ``raftledger
         up`` does) instead of planning a new one. ``credentials``: the nodes take bearer tokens, and
         the first admin token (``admin_token``, also in cluster.json) is what ``client()`` and
-        ``get()`` present; without it the nodes run as ``raftledger up --dev`` does."""
+        ``get()`` present; without it the nodes run as ``raftledger up --dev`` does. ``use_tls``: as
+        ``raftledger up --tls`` (a local CA; ``client()`` and ``get()`` trust it)."""
         plan = launcher.load_plan(str(root)) if resume else None
         if resume and plan is None:
             raise launcher.LaunchError(f"no {launcher.CLUSTER_FILE} in {root}")
         self.plan = plan or launcher.new_plan(str(root), nodes=nodes, shards=shards,
-                                              durability=durability, port_base=None, settings=settings)
+                                              durability=durability, port_base=None, settings=settings,
+                                              use_tls=use_tls)
         auth = dataclasses.replace(self.plan.settings.auth, required=credentials)
         self.plan.settings = dataclasses.replace(self.plan.settings, auth=auth)
         self.procs: dict[str, subprocess.Popen] = {}
@@ -229,13 +231,14 @@ class LocalCluster:
         """One GET to that node alone (what it answers, unlike a client that picks a node), with
         the admin token when the cluster takes credentials."""
         status, _, body = launcher.http_request("GET", self.urls[node_id] + path,
-                                                token=self.admin_token)
+                                                token=self.admin_token, ca_file=self.plan.ca_file)
         return status, body
 
     def client(self, **options: Any) -> Client:
         """A ``raftledger.client.Client`` of this cluster (every node as an endpoint; the admin token
         unless ``token=`` names another)."""
         options.setdefault("token", self.admin_token)
+        options.setdefault("ca_file", self.plan.ca_file)
         return Client(list(self.urls.values()), **options)
 
 

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 def _call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     found = cli_common.target(args)
     try:
-        with Client(list(found.endpoints), found.token) as client:
+        with Client(list(found.endpoints), found.token, ca_file=found.ca_file) as client:
             return client.request(method, path, json=body)
     except LedgerError as exc:
         raise CommandFailed(f"{exc.code}: {exc.message}") from None

@@ -22,7 +22,6 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import translate
-from fractions import Fraction
 from typing import Any
 
 SECTION = "tokens"
@@ -145,52 +144,20 @@ class TokenIndex:
         return self.by_hash.get(hash_secret(secret))
 
 
-def validate_request(raw: Any) -> list[str]:
-    """Problems of a ``POST /v1/tokens`` body (empty when it is fine)."""
-    if not isinstance(raw, dict):
-        return ["the body must be an object"]
-    problems = []
-    known = {"name", "role", "account_patterns", "expires_at", "rate_per_s"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        problems.append(f"unknown fields {unknown}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not 1 <= len(name) <= name_chars_max:
-        problems.append(f"name: a string of 1 to {name_chars_max} characters")
-    if raw.get("role") not in ROLES:
-        problems.append(f"role: one of {list(ROLES)}")
-    patterns = raw.get("account_patterns", [])
-    if patterns is None:
-        patterns = []
-    if not isinstance(patterns, list) or len(patterns) > patterns_max or not all(
-            isinstance(p, str) and 1 <= len(p) <= pattern_chars_max for p in patterns):
-        problems.append(f"account_patterns: at most {patterns_max} strings of 1 to "
-                        f"{pattern_chars_max} characters")
-    expires = raw.get("expires_at")
-    if expires is not None and (isinstance(expires, bool) or not isinstance(expires, int)
-                                or not 0 < expires < 2**63):
-        problems.append("expires_at: nanoseconds since the epoch (an integer), or null")
-    rate = raw.get("rate_per_s")
-    if rate is not None and not 0 < _rate(rate) <= 10**9:
-        problems.append("rate_per_s: a number above 0, or null (the node's default)")
-    return problems
+@dataclass(frozen=True, slots=True)
+class TokenRequest:
+    """What ``POST /v1/tokens`` asks for (its body is read by ``node/http/bodies.py``)."""
+
+    name: str
+    role: str
+    account_patterns: tuple[str, ...] = ()
+    expires_at: int | None = None
+    rate_per_s: float | None = None
 
 
-def _rate(value: Any) -> float:
-    """A rate from JSON (the API decodes a fraction as its decimal text); -1 when it is none."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return -1.0
-    try:
-        return float(Fraction(value))
-    except (ValueError, ZeroDivisionError):
-        return -1.0
-
-
-def new_record(raw: Mapping[str, Any], now_ns: int) -> tuple[TokenRecord, str]:
-    """A new token from a valid ``POST /v1/tokens`` body: its record and its secret (shown once)."""
+def new_record(request: TokenRequest, now_ns: int) -> tuple[TokenRecord, str]:
+    """A new token: its record and its secret (shown once)."""
     secret = new_secret()
-    rate = raw.get("rate_per_s")
-    record = TokenRecord(new_id(), hash_secret(secret), str(raw["name"]), str(raw["role"]),
-                         tuple(raw.get("account_patterns") or ()), raw.get("expires_at"),
-                         None if rate is None else _rate(rate), now_ns)
+    record = TokenRecord(new_id(), hash_secret(secret), request.name, request.role,
+                         request.account_patterns, request.expires_at, request.rate_per_s, now_ns)
     return record, secret

@@ -76,13 +76,15 @@ class Nodes:
 
     token: str | None
     timeout_s: float = http_timeout_s
+    ca_file: str | None = None  # the CA https:// nodes are verified against
     _clients: dict[str, Client] = field(default_factory=dict)
 
     def client(self, url: str) -> Client:
         if url not in self._clients:
             policy = RetryPolicy(deadline_s=self.timeout_s, attempt_timeout_s=self.timeout_s,
                                  attempts_max=node_attempts_max)
-            self._clients[url] = Client([url], self.token, policy=policy, consistency="local")
+            self._clients[url] = Client([url], self.token, policy=policy, consistency="local",
+                                         ca_file=self.ca_file)
         return self._clients[url]
 
     def get(self, url: str, path: str, params: dict[str, Any] | None = None) -> Any:
@@ -100,7 +102,7 @@ class Nodes:
 def nodes_for(args: argparse.Namespace) -> Iterator[tuple[Nodes, tuple[str, ...]]]:
     """The clients of one admin command and the endpoints it was pointed at."""
     found = target(args)
-    nodes = Nodes(found.token)
+    nodes = Nodes(found.token, ca_file=found.ca_file)
     try:
         yield nodes, found.endpoints
     finally:

@@ -44,7 +44,7 @@ import tomllib
 from dataclasses import dataclass, field
 from typing import Any
 
-from .settings import DURABILITY_MODES, SECTIONS, NodeSettings, load_sections, section_toml
+from .settings import DURABILITY_MODES, SECTIONS, NodeSettings, load_sections, section_toml, tls_problems
 
 TOP_LEVEL_KEYS = frozenset({"node_id", "data_dir", "secret_file", "durability", "cluster",
                             *(cls.SECTION for cls in SECTIONS)})
@@ -99,8 +99,8 @@ class ClusterSpec:
     def http_urls(self) -> dict[str, str]:
         return {n.id: n.http for n in self.nodes}
 
-    def internal_urls(self) -> dict[str, str]:
-        return {n.id: f"http://{n.internal}" for n in self.nodes}
+    def internal_urls(self, scheme: str = "http") -> dict[str, str]:
+        return {n.id: f"{scheme}://{n.internal}" for n in self.nodes}
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +167,7 @@ def validate(config: NodeConfig) -> list[str]:
                         f"not {config.durability!r}")
     if config.node_id not in {n.id for n in config.cluster.nodes}:
         problems.append(f"node_id {config.node_id!r} is not one of cluster.nodes")
-    return problems
+    return problems + tls_problems(config.settings.tls)
 
 
 def validate_cluster(cluster: ClusterSpec) -> list[str]:

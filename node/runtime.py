@@ -27,6 +27,7 @@ import gc
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 from dataclasses import dataclass, field
@@ -41,7 +42,7 @@ from raftledger.cluster.follower import MapFollower, long_poll
 from raftledger.cluster.map import NODE_REMOVED, ClusterMap, MapError, initial_map
 from raftledger.cluster.shard_slots import keep_slots
 
-from . import frames, keys, secret, wire
+from . import frames, keys, secret, tls, wire
 from .config import NodeConfig
 from .files import write_file_durably
 from .http import NodeContext, create_app, guard
@@ -256,8 +257,10 @@ async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
             cluster_meta.member_settings(config, cluster_secret), initial_map(cluster),
             {n.meta: n.id for n in cluster.meta_hosts() if n.meta}, follower.update,
             config.settings.meta)
+    scheme = tls.internal_scheme(config.settings.tls)
     context = NodeContext(config.node_id, services, cluster.shards, peers=cluster.http_urls(),
-                          placement=dict(cluster.placement), internal_urls=cluster.internal_urls(),
+                          placement=dict(cluster.placement), internal_urls=cluster.internal_urls(scheme),
+                          internal_scheme=scheme, tls_client=tls.client_context(config.settings.tls),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
                           metrics=metrics, settings=config.settings, maps=follower, meta=meta,
                           keys=keys.load_or_create(config.data_dir, config.node_id, time.time_ns()))
@@ -286,7 +289,8 @@ async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + join_timeout_s
     last: Exception | None = None
-    async with aiohttp.ClientSession() as session:
+    connector = aiohttp.TCPConnector(ssl=tls.client_context(config.settings.tls) or True)
+    async with aiohttp.ClientSession(connector=connector) as session:
         while loop.time() < deadline:
             try:
                 async with session.post(url.rstrip("/") + "/v1/cluster/nodes", json=body, headers=headers,
@@ -331,12 +335,14 @@ def listener_settings(settings: NodeSettings) -> tuple[HttpSettings, HttpSetting
                                 + internal.connections_max))
 
 
-async def _listen(app: web.Application, host: str, port: int,
-                  http: HttpSettings) -> tuple[web.AppRunner, guard.GuardedSite]:
-    """Serve ``app`` behind the listener guard (bounded connections, a header deadline)."""
+async def _listen(app: web.Application, host: str, port: int, http: HttpSettings,
+                  ssl_context: ssl.SSLContext | None) -> tuple[web.AppRunner, guard.GuardedSite]:
+    """Serve ``app`` behind the listener guard (bounded connections, a header deadline), over TLS
+    with ``ssl_context``."""
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=http_shutdown_s)
     await runner.setup()
-    site = guard.GuardedSite(runner, host, port, http=http, reuse_address=True, backlog=http_backlog)
+    site = guard.GuardedSite(runner, host, port, http=http, reuse_address=True, backlog=http_backlog,
+                             ssl_context=ssl_context)
     await site.start()
     return runner, site
 
@@ -352,13 +358,14 @@ async def serve(config: NodeConfig, join: str | None = None) -> None:
     guard.raise_descriptor_limit()
     internal_host, internal_port = config.internal_address
     internal_http, public_http = listener_settings(config.settings)
+    tls_settings = config.settings.tls
     listeners = [await _listen(internal_api.create_app(runtime.context), internal_host, internal_port,
-                               internal_http),
+                               internal_http, tls.server_context(tls_settings, internal=True)),
                  await _listen(create_app(runtime.context, config.settings.auth.required),
-                               public_http.host, public_http.port, public_http)]
-    log.info("node %s serving http://%s:%d (internal %s:%d) shards %s", config.node_id,
-             config.settings.http.host, config.settings.http.port, internal_host, internal_port,
-             sorted(runtime.services))
+                               public_http.host, public_http.port, public_http,
+                               tls.server_context(tls_settings, internal=False))]
+    log.info("node %s serving %s (internal %s) shards %s", config.node_id, listeners[1][1].name,
+             listeners[0][1].name, sorted(runtime.services))
     failed: LedgerError | None = None
     try:
         if join is not None:

@@ -239,6 +239,24 @@ class AuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class TlsSettings:
+    """TLS (docs/operations.md, "TLS"). With ``cert_file`` the public API speaks HTTPS; with
+    ``ca_file`` too, so does the internal listener, and this node verifies every other node it calls
+    against that CA (the cluster's). Paths are PEM files; relative ones are taken from the node's
+    working directory. Every node of a cluster should name the same CA."""
+
+    SECTION: ClassVar[str] = "tls"
+    cert_file: str = setting("", "this node's certificate chain, served on both listeners; empty: "
+                             "plain HTTP", minimum=None)
+    key_file: str = setting("", "its private key (keep it mode 0600)", minimum=None)
+    ca_file: str = setting("", "the cluster CA: the internal listener speaks TLS and other nodes are "
+                           "verified against it; empty: plain internal listener", minimum=None)
+    client_ca_file: str = setting("", "the public API asks every client for a certificate signed by "
+                                  "this CA and refuses the handshake without one; empty: none asked",
+                                  minimum=None)
+
+
+@dataclass(frozen=True, slots=True)
 class NodeSettings:
     """Every section, each with its defaults unless the node file sets it."""
 
@@ -252,12 +270,13 @@ class NodeSettings:
     meta: MetaSettings = field(default_factory=MetaSettings)
     feed: FeedSettings = field(default_factory=FeedSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
 
 # Each section is the NodeSettings attribute of its own name.
 SECTIONS: tuple[type, ...] = (BatchingSettings, RaftSettings, SnapshotSettings, HttpSettings,
                               ForwardingSettings, InternalSettings, CrossShardSettings,
-                              MetaSettings, FeedSettings, AuthSettings)
+                              MetaSettings, FeedSettings, AuthSettings, TlsSettings)
 
 
 def _value_problem(cls: type, name: str, value: Any) -> str | None:
@@ -316,6 +335,16 @@ def load_sections(raw: dict[str, Any], problems: list[str]) -> NodeSettings:
     if settings.feed.kafka_bootstrap and importlib.util.find_spec("aiokafka") is None:
         problems.append("feed: kafka_bootstrap needs aiokafka: pip install 'raftledger[kafka]'")
     return settings
+
+
+def tls_problems(tls: TlsSettings) -> list[str]:
+    """What a node's ``[tls]`` lacks (a cluster-wide plan names only the CA; each node adds its own)."""
+    problems = []
+    if bool(tls.cert_file) != bool(tls.key_file):
+        problems.append("tls: cert_file and key_file go together")
+    if (tls.ca_file or tls.client_ca_file) and not tls.cert_file:
+        problems.append("tls: ca_file and client_ca_file need this node's cert_file and key_file")
+    return problems
 
 
 def section_toml(settings: Any, defaults_too: bool = False) -> list[str]:

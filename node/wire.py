@@ -22,6 +22,7 @@ Integers beyond 64 bits (balances reach 2**127) travel as msgpack ext type ``BIG
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import os
 import time
@@ -77,6 +78,11 @@ def _request_aad(method: str, path: str, peer: str, time_ns: int) -> bytes:
     return f"raftledger/v1/internal request\n{method}\n{path}\n{peer}\n{time_ns}".encode()
 
 
+def _vouch_aad(peer: str, time_ns: int, credential: str) -> bytes:
+    digest = hashlib.sha256(credential.encode()).hexdigest()
+    return f"raftledger/v1/proxied request\n{peer}\n{time_ns}\n{digest}".encode()
+
+
 def _answer_aad(request_nonce: bytes, status: int) -> bytes:
     return b"raftledger/v1/internal answer\n" + request_nonce + f"\n{status}".encode()
 
@@ -94,6 +100,28 @@ class Sealer:
     def __init__(self, key: bytes, node_id: str) -> None:
         self._aead = AESGCM(key)
         self.node_id = node_id
+
+    # -- a public request one node makes for its caller to another ----------------------------------
+    def vouch(self, credential: str) -> str:
+        """The ``X-Ledger-Proxied`` value of a request this node proxies for the holder of
+        ``credential``: the receiving node has counted it already, so it does not count it again."""
+        nonce = os.urandom(NONCE_BYTES)
+        now = time.time_ns()
+        tag = self._aead.encrypt(nonce, b"", _vouch_aad(self.node_id, now, credential))
+        return f"{self.node_id}:{now}:{nonce.hex()}:{tag.hex()}"
+
+    def vouched(self, value: str, credential: str, window_s: float) -> bool:
+        """Whether ``value`` came from a node of this cluster for this credential within the window."""
+        try:
+            peer, when, nonce, tag = value.rsplit(":", 3)
+            time_ns = int(when)
+            if abs(time.time_ns() - time_ns) > window_s * 1e9:
+                return False
+            self._aead.decrypt(bytes.fromhex(nonce), bytes.fromhex(tag),
+                               _vouch_aad(peer, time_ns, credential))
+        except (ValueError, InvalidTag):
+            return False
+        return True
 
     # -- the caller's side --------------------------------------------------------------------------
     def seal_request(self, method: str, path: str, payload: Any) -> SealedRequest:

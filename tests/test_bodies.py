@@ -25,6 +25,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "FollowUp": lambda body: bodies.parse_void(body, "hold-1", None),
     "NewNode": lambda body: bodies.parse_new_node(body, 2),
     "NewReplica": bodies.parse_new_replica,
+    "TokenRequest": bodies.parse_token_request,
 }
 
 
@@ -113,6 +114,18 @@ MALFORMED: list[tuple[str, str]] = [
     ("PostPending", '{"amount": 5, "currency": "BRL"}'),
     ("FollowUp", '{"id": 5}'),
     ("FollowUp", '{"reason": "dup"}'),
+    ("TokenRequest", '{"role": "reader"}'),
+    ("TokenRequest", '{"name": "x", "role": "king"}'),
+    ("TokenRequest", '{"name": "", "role": "reader"}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "account_patterns": "a*"}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "account_patterns": [""]}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "expires_at": 1.5}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "expires_at": 0}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "rate_per_s": -1}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "rate_per_s": 0}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "rate_per_s": "fast"}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "rate_per_s": true}'),
+    ("TokenRequest", '{"name": "x", "role": "reader", "z": 1}'),
 ]
 # And bodies both accept that the examples do not show.
 WELL_FORMED: list[tuple[str, str]] = [

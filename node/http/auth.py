@@ -12,7 +12,8 @@ needs; a route it does not list needs ``read``.
 Handlers that name or touch accounts check them with ``require_accounts`` (403 when one is outside
 the token's ``account_patterns``; a batch is refused whole) and filter what they show with
 ``visible``. A node that proxies a request to another node passes the caller's credential along
-(``forwarded_credentials``), and that node checks it again.
+(``forwarded_credentials``), and that node checks it again; the proxying node also vouches, with
+the cluster secret, that it counted the request against the token's rate, so it is counted once.
 
 The secret never leaves this module: it is neither logged nor echoed, and refusals never quote it.
 """
@@ -32,6 +33,7 @@ from raftledger.cluster.map import ClusterMap, PutValue
 from raftledger.cluster.tokens import ADMIN, AUDIT, READ, WRITE, Caller, TokenIndex
 
 from ..settings import AuthSettings
+from .bodies import parse_token_request
 from .body import read_json
 from .context import NodeContext, context_of
 from .middleware import route_name
@@ -68,6 +70,11 @@ CALLER = "raftledger_caller"  # request key: the Caller, on a node that checks c
 BEARER = "bearer "
 # The caller's Authorization header, for requests this node makes on its behalf to other nodes.
 credentials_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("credentials", default=None)
+# What vouches for the requests this node proxies for its caller (the node's Sealer).
+voucher_var: contextvars.ContextVar[Any] = contextvars.ContextVar("voucher", default=None)
+PROXIED_HEADER = "X-Ledger-Proxied"  # a node counted this request against the token's rate already
+# The caller's token id, for the audit trail of the changes it asks for (cluster.map.Attributed).
+actor_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("actor", default=None)
 
 
 @dataclass
@@ -144,16 +151,31 @@ async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
     if not caller.may(permission):
         raise LedgerError("forbidden", f"role {caller.token.role} may not do this",
                           details={"role": caller.token.role, "needs": permission})
-    wait_s = gate.take(caller, time.monotonic())
+    ctx = context_of(request)
+    wait_s = 0.0 if _counted_by_peer(request, ctx) else gate.take(caller, time.monotonic())
     if wait_s > 0:
         context_of(request).metrics.overloaded("rate_limited")
         raise LedgerError("rate_limited", "this token is over its rate", retry_after_s=wait_s)
     request[CALLER] = caller
     reset = credentials_var.set(request.headers["Authorization"])
+    reset_actor = actor_var.set(caller.token.id)
+    reset_voucher = voucher_var.set(ctx.sealer)
     try:
         return await handler(request)
     finally:
+        voucher_var.reset(reset_voucher)
+        actor_var.reset(reset_actor)
         credentials_var.reset(reset)
+
+
+def _counted_by_peer(request: web.Request, ctx: NodeContext) -> bool:
+    """A request another node of the cluster proxied, vouching with the cluster secret that it
+    counted it against the token's rate (``forwarded_credentials``): counted once, there."""
+    value = request.headers.get(PROXIED_HEADER)
+    if value is None or ctx.sealer is None or len(value) > 256:
+        return False
+    return bool(ctx.sealer.vouched(value, request.headers["Authorization"],
+                                   ctx.settings.internal.window_s))
 
 
 def caller_of(request: web.Request) -> Caller | None:
@@ -209,9 +231,13 @@ def event_accounts(event: dict[str, Any]) -> list[str]:
 
 
 def forwarded_credentials() -> dict[str, str]:
-    """Headers that carry the caller's credential on a request made for it to another node."""
+    """Headers that carry the caller's credential on a request made for it to another node, and
+    this node's word (sealed with the cluster secret) that it counted the request already."""
     found = credentials_var.get()
-    return {"Authorization": found} if found else {}
+    if not found:
+        return {}
+    voucher = voucher_var.get()
+    return {"Authorization": found, **({PROXIED_HEADER: voucher.vouch(found)} if voucher else {})}
 
 
 # -- /v1/tokens ------------------------------------------------------------------------------------
@@ -226,11 +252,8 @@ async def _propose(ctx: NodeContext, command: PutValue) -> None:
 
 async def create_token(request: web.Request) -> web.Response:
     ctx = context_of(request)
-    raw = await read_json(request)
-    problems = tokens.validate_request(raw)
-    if problems:
-        raise LedgerError("invalid_field", "; ".join(problems), details={"problems": problems})
-    record, secret = tokens.new_record(raw, ctx.clock.time_ns())
+    asked = parse_token_request(await read_json(request))
+    record, secret = tokens.new_record(asked, ctx.clock.time_ns())
     await _propose(ctx, PutValue(tokens.SECTION, record.id, record.to_wire()))
     return respond(request, 201, {**record.public(), "token": secret})
 

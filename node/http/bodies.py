@@ -15,9 +15,11 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 from raftledger.client.errors import LedgerError
+from raftledger.cluster import tokens
 from raftledger.cluster.map import NodeEntry
 from raftledger.node.config import ADDRESS_PATTERN, NODE_ID_PATTERN, shards_max
 from raftledger.statemachine.commands import (
@@ -402,5 +404,77 @@ def _raft_of(raft: tuple[tuple[int, str], ...] | None, raft_host: str | None,
     return tuple((s, f"{host}:{int(port) + s}") for s in range(shards))
 
 
+# -- API tokens (node/http/auth.py; what a token is: cluster/tokens.py) --------------------------------
+token_rate_per_s_max = 10**9
+
+
+def _invalid(where: str, name: str, message: str) -> LedgerError:
+    path = join(where, name)
+    return LedgerError("invalid_field", f"{path} {message}", details={"field": path})
+
+
+def parse_token_name(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str) or not 1 <= len(value) <= tokens.name_chars_max:
+        raise _invalid(where, name, f"is a string of 1 to {tokens.name_chars_max} characters")
+    return value
+
+
+def parse_role(value: Any, where: str, name: str) -> str:
+    if value not in tokens.ROLES:
+        raise _invalid(where, name, f"is one of {list(tokens.ROLES)}")
+    return str(value)
+
+
+def parse_patterns(value: Any, where: str, name: str) -> tuple[str, ...]:
+    if not isinstance(value, list) or len(value) > tokens.patterns_max or not all(
+            isinstance(p, str) and 1 <= len(p) <= tokens.pattern_chars_max for p in value):
+        raise _invalid(where, name, f"is a list of at most {tokens.patterns_max} strings of 1 to "
+                                    f"{tokens.pattern_chars_max} characters")
+    return tuple(value)
+
+
+def parse_expiry(value: Any, where: str, name: str) -> int:
+    return parse.parse_int_field(value, where, name, 1, 2**63 - 1)
+
+
+RATE_TEXT_RE = re.compile(r"^[0-9]{1,10}(\.[0-9]{1,9})?$")
+
+
+def parse_rate(value: Any, where: str, name: str) -> float:
+    """A rate: a number, or its decimal text (how the API's JSON decoder hands a decimal on)."""
+    if isinstance(value, str) and RATE_TEXT_RE.fullmatch(value):
+        value = Fraction(value)
+    if isinstance(value, bool) or not isinstance(value, int | Fraction | float) or \
+            not 0 < value <= token_rate_per_s_max:
+        raise _invalid(where, name, f"is a number above 0 and at most {token_rate_per_s_max}, or null "
+                                    "(the node's default)")
+    return float(value)
+
+
+TOKEN_REQUEST = Body("TokenRequest", "An API token to create: its secret is in the answer only.", (
+    Field("name", parse_token_name, {"type": "string", "minLength": 1,
+                                     "maxLength": tokens.name_chars_max}, required=True),
+    Field("role", parse_role, {"enum": list(tokens.ROLES)}, required=True),
+    Field("account_patterns", parse_patterns, {
+        "type": "array", "maxItems": tokens.patterns_max,
+        "items": {"type": "string", "minLength": 1, "maxLength": tokens.pattern_chars_max},
+        "description": "shell-style globs on account ids; empty: every account"}, default=()),
+    Field("expires_at", parse_expiry, {"type": "integer", "minimum": 1, "maximum": 2**63 - 1,
+                                       "description": "ns since the epoch"}),
+    Field("rate_per_s", parse_rate, {
+        "oneOf": [{"type": "number", "exclusiveMinimum": 0, "maximum": token_rate_per_s_max},
+                  {"type": "string", "pattern": RATE_TEXT_RE.pattern}],
+        "description": "requests per second on each node (a number, or its decimal text); absent: "
+                       "the node's default"}),
+), examples=({"name": "billing", "role": "writer"},
+             {"name": "tenant42-reports", "role": "reader", "account_patterns": ["*{tenant42}*"],
+              "expires_at": 1893456000000000000, "rate_per_s": 50}))
+
+
+def parse_token_request(value: Any) -> tokens.TokenRequest:
+    name, role, patterns, expires_at, rate = TOKEN_REQUEST.read(value)
+    return tokens.TokenRequest(name, role, patterns, expires_at, rate)
+
+
 BODIES: Mapping[str, Body] = {b.name: b for b in (ACCOUNT, ACCOUNTS, ENTRY, TRANSACTION, TRANSFER, BATCH,
-                                                  POST, FOLLOW_UP, NEW_NODE, NEW_REPLICA)}
+                                                  POST, FOLLOW_UP, NEW_NODE, NEW_REPLICA, TOKEN_REQUEST)}

@@ -3,6 +3,7 @@ the cluster map it routes by."""
 
 from __future__ import annotations
 
+import ssl
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -56,6 +57,8 @@ class NodeContext:
     keys: Any = None  # node.keys.KeyRing: signs tree heads (None: this node signs nothing)
     heads: OrderedDict[tuple[int, int], Any] = field(default_factory=OrderedDict)  # signed heads (tasks)
     meta: Any = None  # cluster.meta.MetaService on a node hosting a member of the metadata group
+    internal_scheme: str = "http"  # "https": the cluster's internal listeners speak TLS (node.tls)
+    tls_client: ssl.SSLContext | None = None  # what calls to other nodes verify them with
 
     def __post_init__(self) -> None:
         if self.metrics is None:
@@ -91,7 +94,7 @@ class NodeContext:
 
     def internal_url(self, node_id: str) -> str | None:
         node = self._mapped(node_id)
-        return f"http://{node.internal}" if node is not None and node.internal \
+        return f"{self.internal_scheme}://{node.internal}" if node is not None and node.internal \
             else self.internal_urls.get(node_id)
 
     def node_ids(self) -> list[str]:
@@ -107,7 +110,8 @@ class NodeContext:
 
     def client(self) -> aiohttp.ClientSession:
         if self.session is None or self.session.closed:
-            connector = aiohttp.TCPConnector(limit=self.settings.forwarding.connections_max)
+            connector = aiohttp.TCPConnector(limit=self.settings.forwarding.connections_max,
+                                             ssl=self.tls_client or True)
             self.session = aiohttp.ClientSession(connector=connector)
         return self.session
 

@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from raftledger.client.errors import LedgerError
+from raftledger.cluster.meta import AUDIT_FEED
 from raftledger.statemachine.commands import SetFeedOffset
 from raftledger.statemachine.validate import valid_id
 
@@ -34,7 +35,7 @@ from ..service import ShardService
 from . import auth, forward, parse
 from .body import read_json
 from .context import NodeContext, context_of
-from .reads import ensure_consistency, freshness_headers, proxy_read
+from .reads import PROXIED_HEADERS, ensure_consistency, freshness_headers, proxy_read
 from .render import json_bytes, respond
 
 FEED_PARAMS = parse.READ_PARAMS | {"shard", "after", "limit", "wait_ms"}
@@ -105,12 +106,15 @@ def read_page(svc: ShardService, after: int, limit: int) -> Page:
     return Page(svc.shard, events, after, first, last, applied)
 
 
-def _shard_param(query: Mapping[str, str], ctx: NodeContext) -> int:
+def _shard_param(query: Mapping[str, str], ctx: NodeContext, audit: bool = False) -> int:
+    """The ``shard`` asked for; with ``audit``, the audit trail's ``AUDIT_FEED`` (-1) too."""
     if "shard" not in query and ctx.shard_count == 1:
         return 0
     if "shard" not in query:
         raise LedgerError("invalid_query", "shard is required: the feed is ordered per shard",
                           details={"param": "shard"})
+    if audit and query["shard"] == str(AUDIT_FEED):
+        return AUDIT_FEED
     shard = parse.query_int(query, "shard", 0, ctx.shard_count - 1)
     assert shard is not None
     return shard
@@ -121,11 +125,13 @@ async def get_feed(request: web.Request) -> web.Response:
     query = request.query
     parse.check_query(query, FEED_PARAMS)
     settings = ctx.settings.feed
-    shard = _shard_param(query, ctx)
+    shard = _shard_param(query, ctx, audit=True)
     after = parse.query_int(query, "after", default=0) or 0
     limit = parse.query_int(query, "limit", 1, settings.page_events_max, page_limit_default) or 1
     wait_ms = parse.query_int(query, "wait_ms", 0, settings.wait_ms_max, 0) or 0
     params = parse.parse_read_params(query, ctx.shard_count)
+    if shard == AUDIT_FEED:
+        return await _audit_page(request, ctx, after, limit, wait_ms)
     svc = ctx.shards.get(shard)
     if svc is None:
         return await proxy_read(request, shard)
@@ -159,6 +165,31 @@ def sse_event(event: dict[str, Any]) -> bytes:
     return (f"id: {event['id']}\nevent: {event['type']}\ndata: ".encode() + json_bytes(event) + b"\n\n")
 
 
+async def _audit_page(request: web.Request, ctx: NodeContext, after: int, limit: int,
+                      wait_ms: int) -> web.Response:
+    """A page of the audit trail (admin and auditor tokens), from this node's member of the
+    metadata group, else from a node hosting one."""
+    caller = auth.caller_of(request)
+    if caller is not None and not caller.may(auth.AUDIT):
+        raise LedgerError("forbidden", f"role {caller.token.role} may not read the audit trail",
+                          details={"role": caller.token.role, "needs": auth.AUDIT})
+    meta = ctx.meta
+    if meta is None:
+        hosts = [n.id for n in ctx.cluster_map.meta_hosts() if n.id != ctx.node_id]
+        return await proxy_read(request, AUDIT_FEED, hosts)
+    deadline = ctx.clock.monotonic() + wait_ms / 1000.0
+    events, first, last = meta.audit_page(after, limit)
+    for _ in range(long_poll_wakeups_max):
+        remaining = deadline - ctx.clock.monotonic()
+        if events or remaining <= 0:
+            break
+        await meta.wait_audit(last, remaining)
+        events, first, last = meta.audit_page(after, limit)
+    body = Page(AUDIT_FEED, events, after, first, last, last).body()
+    body["events"] = [e for e in events if auth.visible(request, auth.event_accounts(e))]
+    return respond(request, 200, body)
+
+
 async def stream_feed(request: web.Request) -> web.StreamResponse:
     ctx = context_of(request)
     parse.check_query(request.query, STREAM_PARAMS)
@@ -166,13 +197,13 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
     after = _stream_after(request, shard)
     params = parse.parse_read_params(request.query, ctx.shard_count)
     svc = ctx.shards.get(shard)
-    if svc is None:
-        return _redirect_to_host(request, ctx, shard, after)
     state = request.app[STREAMS]
     if state.open >= ctx.settings.feed.streams_max:
         ctx.metrics.overloaded("feed_stream")
         raise LedgerError("overloaded", f"this node serves {state.open} event streams already",
                           retry_after_s=ctx.settings.batching.overloaded_retry_after_s)
+    if svc is None:
+        return await _proxy_stream(request, ctx, shard, after, state)
     await ensure_consistency(ctx, svc, params)
     page = read_page(svc, after, stream_page_events)  # a 410 is still an answer with a status
     state.open += 1
@@ -230,13 +261,59 @@ def _gone(request: web.Request) -> bool:
     return transport is None or transport.is_closing()
 
 
-def _redirect_to_host(request: web.Request, ctx: NodeContext, shard: int, after: int) -> web.Response:
-    """A stream of a shard not hosted here: from a node that hosts it, resuming where asked."""
+async def _proxy_stream(request: web.Request, ctx: NodeContext, shard: int, after: int,
+                        state: StreamState) -> web.StreamResponse:
+    """A stream of a shard not hosted here, relayed from a node that hosts it (resuming where asked,
+    with the caller's credential): a redirect would lose the ``Authorization`` header, which HTTP
+    clients drop when they follow one to another origin. A refusal there is answered as it is."""
     hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
-    if not hosts:
+    if forward.FORWARDED_HEADER in request.headers or not hosts:
         raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
-    url = request.rel_url.update_query({"shard": str(shard), "after": str(after)})
-    return web.Response(status=307, headers={"Location": f"{ctx.peer_url(hosts[0])}{url}"})
+    url = request.rel_url.with_query({**request.query, "shard": str(shard), "after": str(after)})
+    headers = {forward.FORWARDED_HEADER: ctx.node_id, "Accept": "text/event-stream",
+               **auth.forwarded_credentials()}
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=ctx.settings.forwarding.timeout_s)
+    state.open += 1
+    try:
+        async with ctx.client().get(f"{ctx.peer_url(hosts[0])}{url}", headers=headers,
+                                    timeout=timeout) as upstream:
+            if upstream.status != 200:
+                kept = {k: v for k, v in upstream.headers.items() if k in PROXIED_HEADERS}
+                return web.Response(status=upstream.status, body=await upstream.read(), headers=kept)
+            response = web.StreamResponse(headers={
+                "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no"})
+            await response.prepare(request)
+            await _relay(upstream, request, response, state)
+            return response
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        raise LedgerError("unavailable", f"the stream of shard {shard} via {hosts[0]} failed",
+                          details={"shard": shard}) from exc
+    finally:
+        state.open -= 1
+
+
+async def _relay(upstream: aiohttp.ClientResponse, request: web.Request, response: web.StreamResponse,
+                 state: StreamState) -> None:
+    """Copy the host's stream until it ends (or its host goes away), the client leaves or this node
+    shuts down."""
+    closing = asyncio.ensure_future(state.closing.wait())
+    try:
+        while not _gone(request):
+            chunk = asyncio.ensure_future(upstream.content.readany())
+            await asyncio.wait((chunk, closing), return_when=asyncio.FIRST_COMPLETED)
+            if not chunk.done():
+                chunk.cancel()
+                return
+            try:
+                data = chunk.result()
+            except (TimeoutError, aiohttp.ClientError):
+                return
+            if not data:
+                return
+            await response.write(data)
+    finally:
+        closing.cancel()
 
 
 # -- durable consumers ---------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 from raftledger.client.errors import LedgerError, NotLeader, Unavailable, WrongShard, from_wire
-from raftledger.cluster.map import MapCommand, Outcome
+from raftledger.cluster.map import Attributed, MapCommand, Outcome
 from raftledger.cluster.map import encode_command as encode_map_command
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import AnyCommand, Batch, Command
@@ -396,7 +396,12 @@ async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
 
 async def propose_map(ctx: NodeContext, command: MapCommand) -> Outcome:
     """Apply a change of the cluster map through the metadata group's leader, wherever it runs:
-    here, or on the host this node's member names, or on the first host that answers."""
+    here, or on the host this node's member names, or on the first host that answers. The command
+    is attributed (the audit trail) to the caller's token, else to this node."""
+    if not isinstance(command, Attributed):
+        from .auth import actor_var  # auth imports this module's users: kept out of import time
+
+        command = Attributed(command, actor_var.get() or f"node:{ctx.node_id}", ctx.clock.time_ns())
     meta = ctx.meta
     if meta is not None and meta.is_leader():
         return await meta.propose(command)  # type: ignore[no-any-return]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import ssl
 from collections.abc import Callable
 from typing import Any
 
@@ -152,7 +153,7 @@ class GuardedSite(web.BaseSite):
 
     def __init__(self, runner: web.BaseRunner, host: str, port: int, *,
                  http: HttpSettings | None = None, backlog: int = 128,
-                 reuse_address: bool | None = None) -> None:
+                 reuse_address: bool | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
         super().__init__(runner, backlog=backlog)
         check_aiohttp()
         context = _context(runner)
@@ -161,6 +162,7 @@ class GuardedSite(web.BaseSite):
         self.host = host
         self.requested_port = port
         self.reuse_address = reuse_address
+        self.ssl_context = ssl_context  # None: plain HTTP
         self.backlog = backlog
         self.connections_max = self.limits.connections_max  # effective value: set by start()
         self.evicted = 0  # idle connections closed to admit a new one
@@ -176,7 +178,7 @@ class GuardedSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://{self.host}:{self.port}"
 
     @property
     def port(self) -> int:
@@ -197,7 +199,7 @@ class GuardedSite(web.BaseSite):
         watch_lost(self._aiohttp_server, self._forget)
         self._listener = await loop.create_server(
             self._accept, self.host, self.requested_port, backlog=self.backlog,
-            reuse_address=self.reuse_address)
+            reuse_address=self.reuse_address, ssl=self.ssl_context)
         self._server = self._listener  # BaseSite.stop() closes it
         self._sweeper = loop.create_task(self._sweep_forever())
         log.info("listener %s: connections_max %d (configured %d; soft descriptor limit %d, %d reserved), "

@@ -44,7 +44,7 @@ from typing import Any
 
 from aiohttp import web
 from raftledger.client.errors import LedgerError
-from raftledger.cluster.map import NODE_REMOVED, MapError, decode_command
+from raftledger.cluster.map import NODE_REMOVED, Attributed, MapError, decode_command
 from raftledger.statemachine import codec
 from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.commands import (
@@ -293,6 +293,9 @@ async def meta_propose(ctx: NodeContext, request: web.Request, encoded: Any) -> 
     except MapError as exc:
         raise LedgerError("malformed_body", str(exc)) from None
     if FORWARDED_HEADER not in request.headers:
+        if not isinstance(command, Attributed):  # a tool holding the cluster secret (raftledger up)
+            sender = request.headers.get(wire.PEER_HEADER, "?")[:64]
+            command = Attributed(command, f"secret:{sender}", ctx.clock.time_ns())
         return dict((await propose_map(ctx, command)).to_wire())
     if ctx.meta is None:
         raise LedgerError("not_leader", f"node {ctx.node_id} hosts no member of the metadata group")

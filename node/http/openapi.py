@@ -11,7 +11,7 @@ from typing import Any
 
 from raftledger.client.errors import STATUS
 
-from .bodies import BODIES, ID_PATTERN, NODE_ID
+from .bodies import BODIES, ID_PATTERN, NODE_ID, TOKEN_REQUEST
 
 API_VERSION = "1.0.0"
 
@@ -55,7 +55,10 @@ FEED_SHARD = _param("shard", schema={"type": "integer", "minimum": 0},
                     description="the shard whose feed to read (optional in a cluster of one shard)")
 FEED_AFTER = _param("after", schema={"type": "integer", "minimum": 0, "default": 0},
                     description="the events after this offset (a consumer's offset, or next_after)")
-FEED_QUERY = [FEED_SHARD, FEED_AFTER,
+FEED_QUERY = [_param("shard", schema={"type": "integer", "minimum": -1},
+                     description="the shard whose feed to read (optional in a cluster of one shard); "
+                                 "-1: the audit trail of administrative changes (admin, auditor)"),
+              FEED_AFTER,
               _param("limit", schema={"type": "integer", "minimum": 1, "default": 100},
                      description="at most [feed] page_events_max"),
               _param("wait_ms", schema={"type": "integer", "minimum": 0, "default": 0},
@@ -123,19 +126,7 @@ def _on_tx(summary: str, body: dict[str, Any]) -> dict[str, Any]:
                [PATH_ID, IDEMPOTENCY], body, body_required=False)
 
 
-_TOKEN_FIELDS: dict[str, Any] = {
-    "name": {"type": "string", "minLength": 1, "maxLength": 64},
-    "role": {"enum": ["admin", "writer", "reader", "auditor"]},
-    "account_patterns": {"type": "array", "maxItems": 32, "items": {
-        "type": "string", "minLength": 1, "maxLength": 128},
-        "description": "shell-style globs; empty: every account"},
-    "expires_at": {"type": ["integer", "null"], "minimum": 1, "description": "ns since the epoch"},
-    "rate_per_s": {"type": ["number", "null"], "exclusiveMinimum": 0,
-                   "description": "requests per second on each node; null: the node's default"},
-}
-# Checked by cluster/tokens.py validate_request (not a ledger body of bodies.py).
-TOKEN_REQUEST = {"type": "object", "required": ["name", "role"], "additionalProperties": False,
-                 "properties": _TOKEN_FIELDS}
+_TOKEN_FIELDS: dict[str, Any] = TOKEN_REQUEST.schema()["properties"]  # as answered: null where unset
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/accounts": {"post": _create_accounts()},
@@ -166,7 +157,6 @@ PATHS: dict[str, dict[str, Any]] = {
                                                             *CONSISTENCY]),
         "responses": {"200": {"description": "text/event-stream: one event per Event, in offset order",
                               "content": {"text/event-stream": {}}},
-                      "307": {"description": "the shard is read on a node that hosts it"},
                       **{str(s): {"description": "error (see the code)", "content": _json(_ref("Error"))}
                          for s in (400, 410, 503)}}}},
     "/v1/feed/consumers/{name}/offsets": {"put": _op(
@@ -196,7 +186,7 @@ PATHS: dict[str, dict[str, Any]] = {
                                "progress", "operations", 200, _ref("ClusterStatus"), errors=(503,))},
     "/v1/tokens": {
         "post": _op("Create an API token (admin); its secret is in this answer only", "security", 201,
-                    _ref("NewToken"), (400, 503), body=TOKEN_REQUEST),
+                    _ref("NewToken"), (400, 503), body=_ref("TokenRequest")),
         "get": _op("Every API token, without secrets (admin)", "security", 200, {
             "type": "object", "properties": {"tokens": {"type": "array", "items": _ref("Token")}}})},
     "/v1/tokens/{token}": {"delete": _op(

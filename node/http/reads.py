@@ -202,10 +202,12 @@ async def locate_transaction(ctx: NodeContext, txid: str) -> Found:
     return home, None
 
 
-async def proxy_read(request: web.Request, shard: int) -> web.Response:
-    """Serve a read of a shard this node does not host from a node that does."""
+async def proxy_read(request: web.Request, shard: int, hosts: list[str] | None = None) -> web.Response:
+    """Serve a read of a shard this node does not host from a node that does (of ``hosts`` when
+    given)."""
     ctx = context_of(request)
-    nodes = [n for n in ctx.nodes_of(shard) if n != ctx.node_id and ctx.peer_url(n)]
+    nodes = [n for n in (ctx.nodes_of(shard) if hosts is None else hosts)
+             if n != ctx.node_id and ctx.peer_url(n)]
     if FORWARDED_HEADER in request.headers or not nodes:
         raise LedgerError("unavailable", f"shard {shard} is not hosted here", details={"shard": shard})
     url = f"{ctx.peer_url(nodes[0])}{request.rel_url}"
