@@ -1,5 +1,6 @@
 """Integrity on a real cluster: published keys, majority-signed tree heads identical on every replica,
-and ``raftledger audit`` / ``raftledger verify`` against honest, forged and tampered histories."""
+and ``raftledger audit`` / ``raftledger verify`` against honest, forged and tampered histories. The
+cluster takes credentials, as a node does by default: the auditor reads with an ``auditor`` token."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from raftledger.statemachine.layout import (
 
 SHARDS = 2
 audit_timeout_s = 300.0
+TOKENS: dict[str, str] = {}  # role -> a token of the module's cluster
 keys_timeout_s = 120.0
 
 
@@ -33,14 +35,17 @@ def tag(shard: int, salt: str) -> str:
 
 
 def get(cluster: LocalCluster, node: str, path: str) -> Any:
-    status, _, body = launcher.http_request("GET", cluster.urls[node] + path)
+    status, _, body = launcher.http_request("GET", cluster.urls[node] + path, token=TOKENS["auditor"])
     assert status == 200, (path, status, body)
     return body
 
 
 def cli(*args: str) -> tuple[int, dict[str, Any]]:
+    """``raftledger audit`` with the auditor's token, ``raftledger verify`` with the admin's."""
+    token = TOKENS["admin" if args[0] == "verify" else "auditor"]
     done = subprocess.run([sys.executable, "-m", "raftledger.cluster.cli", *args, "--json"],
-                          capture_output=True, text=True, timeout=audit_timeout_s)
+                          capture_output=True, text=True, timeout=audit_timeout_s,
+                          env=os.environ | {"RAFTLEDGER_TOKEN": token})
     try:
         return done.returncode, json.loads(done.stdout)
     except json.JSONDecodeError:
@@ -51,10 +56,16 @@ def cli(*args: str) -> tuple[int, dict[str, Any]]:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory):
     cluster = LocalCluster(Path(tmp_path_factory.mktemp("integrity")), nodes=3, shards=SHARDS,
-                           durability="none")
+                           durability="none", credentials=True)
     try:
-        yield cluster.start()
+        cluster.start()
+        TOKENS["admin"] = cluster.admin_token
+        with cluster.client() as client:
+            TOKENS["auditor"] = client.request("POST", "/v1/tokens", json={"name": "auditor",
+                                                                          "role": "auditor"})["token"]
+        yield cluster
     finally:
+        TOKENS.clear()
         cluster.close()
 
 
@@ -110,12 +121,13 @@ def test_replicas_agree_on_every_leaf_and_root(cluster: LocalCluster, ledger: di
 
 def test_proof_of_unknown_transaction_and_bad_sizes_are_4xx(cluster: LocalCluster,
                                                             ledger: dict[str, str]) -> None:
-    url = cluster.urls["n1"]
-    assert launcher.http_request("GET", url + "/v1/transactions/nope/proof")[0] == 404
-    assert launcher.http_request("GET", url + "/v1/shards/0/tree-head?tree_size=99999999")[0] == 404
-    assert launcher.http_request("GET", url + "/v1/shards/0/consistency?first=5&second=2")[0] == 400
-    assert launcher.http_request("GET", url + "/v1/shards/0/consistency?first=x&second=2")[0] == 400
-    assert launcher.http_request("GET", url + "/v1/shards/9/tree-head")[0] == 404
+    url, token = cluster.urls["n1"], TOKENS["auditor"]
+    for path, status in (("/v1/transactions/nope/proof", 404),
+                         ("/v1/shards/0/tree-head?tree_size=99999999", 404),
+                         ("/v1/shards/0/consistency?first=5&second=2", 400),
+                         ("/v1/shards/0/consistency?first=x&second=2", 400), ("/v1/shards/9/tree-head", 404)):
+        assert launcher.http_request("GET", url + path, token=token)[0] == status, path
+    assert launcher.http_request("GET", url + "/v1/shards/0/tree-head")[0] == 401
 
 
 def test_audit_passes_then_checks_consistency_with_the_saved_head(cluster: LocalCluster,
