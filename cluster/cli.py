@@ -15,6 +15,7 @@ from typing import Any
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import admin as cluster_admin
 from raftledger.cluster import backup, feed_cli, launcher, token_cli, verify
+from raftledger.cluster.chaos import cli as chaos_cli
 from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     backup.add_parsers(sub)
     cluster_admin.add_parser(sub)
     token_cli.add_parser(sub)
+    chaos_cli.add_parser(sub)
     args = parser.parse_args(argv)
     admin = {"verify": verify.run, "backup": backup.run_backup, "restore": backup.run_restore}
     try:
@@ -71,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(feed_cli.run(args))
         elif args.command == "token":
             sys.exit(token_cli.run(args))
+        elif args.command == "chaos":
+            sys.exit(chaos_cli.run_command(args))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:
