@@ -47,7 +47,7 @@ def valid_history() -> list[dict[str, Any]]:
 
 
 def entries_of(*present: str) -> dict[str, list[dict[str, Any]]]:
-    rows = [{"transaction_id": "fund"}] + [{"transaction_id": t} for t in present]
+    rows = [{"transaction_id": t, "status": "posted"} for t in ("fund", *present)]
     return {A: list(rows), B: list(rows)}
 
 
@@ -84,9 +84,16 @@ def test_refused_transfer_present_is_caught() -> None:
 
 def test_half_applied_indeterminate_transfer_is_caught() -> None:
     entries = entries_of("t1")
-    entries[A].append({"transaction_id": "t2"})
+    entries[A].append({"transaction_id": "t2", "status": "posted"})
     verdict = checkers.check_transactions(valid_history(), entries, ["fund"])
     assert verdict.verdict == "anomaly" and "half" in verdict.problems[0]
+
+
+def test_hold_then_void_of_a_refused_cross_shard_leg_is_no_effect() -> None:
+    entries = entries_of("t1")
+    entries[B] += [{"transaction_id": "t3", "status": "pending"},
+                   {"transaction_id": "t3", "status": "voided"}]
+    assert checkers.check_transactions(valid_history(), entries, ["fund"]).verdict == "ok"
 
 
 def test_transaction_nobody_sent_is_caught() -> None:

@@ -70,10 +70,13 @@ def _fate(attempts: Sequence[Mapping[str, Any]]) -> str:
 def check_transactions(ops: Sequence[Mapping[str, Any]],
                        entries: Mapping[str, Sequence[Mapping[str, Any]]],
                        setup_ids: Iterable[str] = ()) -> Verdict:
-    """``entries``: account -> its final statement (each entry's ``transaction_id``)."""
+    """``entries``: account -> its final statement (each entry's ``transaction_id`` and ``status``).
+    A cross-shard leg writes a hold (``pending``) and then its end (``posted`` or ``voided``): only
+    ``posted`` entries move the balance, so those are what is counted."""
     sent = transfers(ops)
     counts: dict[tuple[str, str], int] = Counter(
-        (account, e["transaction_id"]) for account, rows in entries.items() for e in rows)
+        (account, e["transaction_id"]) for account, rows in entries.items() for e in rows
+        if e["status"] == "posted")
     problems: list[str] = []
     known = set(sent) | set(setup_ids)
     for (account, txid), _n in sorted(counts.items()):

@@ -124,7 +124,7 @@ class Nemesis(threading.Thread):
 
     def inject(self, planned: Planned) -> None:
         nodes = sorted(self.cluster.procs)
-        target = self._target(planned, nodes)
+        target = self._pick_target(planned, nodes)
         fault = self.history.fault_started(planned.kind, target)
         heal = getattr(self, f"_{planned.kind}")(target, planned)
         try:
@@ -133,7 +133,7 @@ class Nemesis(threading.Thread):
             note = heal()
             self.history.fault_ended(fault, note or "")
 
-    def _target(self, planned: Planned, nodes: list[str]) -> str:
+    def _pick_target(self, planned: Planned, nodes: list[str]) -> str:
         if planned.leader and planned.kind in ("kill", "pause"):
             leaders = sorted({n for n in launcher.leaders(self.cluster.plan).values() if n in nodes})
             if leaders:

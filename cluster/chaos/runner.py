@@ -82,10 +82,10 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any)
     rng = random.Random(options.seed)
     storm: deque[dict[str, Any]] = deque(maxlen=200)
     urls = list(cluster.urls.values())
-    workers: list[Any] = [BankWorker(f"bank{i}", history, urls, cluster.admin_token, stop,
+    workers: list[Any] = [BankWorker(f"{run_id}-bank{i}", history, urls, cluster.admin_token, stop,
                                      random.Random(rng.random()), bank=bank, storm=storm)
                           for i in range(bank_workers)]
-    workers.append(RetryStorm("storm", history, urls, cluster.admin_token, stop,
+    workers.append(RetryStorm(f"{run_id}-storm", history, urls, cluster.admin_token, stop,
                               random.Random(rng.random()), storm=storm))
     nemesis = Nemesis(cluster, network, history, schedule, stop)
     for thread in (follower, *workers, nemesis):
@@ -123,7 +123,7 @@ def settle_and_read(cluster: LocalCluster, bank: Bank, follower: FeedFollower) -
     with cluster.client(consistency="linearizable") as client:
         final["pending"] = _wait_no_pending(client, bank)
         final["converged"] = {s: _converged(cluster, s) for s in range(cluster.plan.cluster.shards)}
-        final["entries"] = {a: [{"seq": e.seq, "transaction_id": e.transaction_id}
+        final["entries"] = {a: [{"seq": e.seq, "transaction_id": e.transaction_id, "status": e.status}
                                 for e in client.entries(a, consistency="linearizable")]
                             for a in bank.accounts}
         final["balances"] = {a: client.balance(a, consistency="linearizable").balance
