@@ -18,7 +18,7 @@ def transfer(index: int, txid: str, invoke: float, complete: float | None, outco
     return {"index": index, "process": "p", "type": "transfer", "invoke": invoke, "complete": complete,
             "outcome": outcome, "code": code,
             "fields": {"txid": txid, "debit": debit, "credit": credit, "amount": amount,
-                       "seqs": seqs or {}}}
+                       "seqs": seqs or {}, "status": 422 if code else None}}
 
 
 def read(index: int, account: str, invoke: float, complete: float, balance: int, seq: int,
@@ -80,6 +80,7 @@ def test_duplicated_transfer_is_caught() -> None:
 def test_refused_transfer_present_is_caught() -> None:
     verdict = checkers.check_transactions(valid_history(), entries_of("t1", "t3"), ["fund"])
     assert verdict.verdict == "anomaly" and "t3: refused" in verdict.problems[0]
+    assert verdict.problems[0].startswith("t3: refused or never carried out (['exceeds_credits'])")
 
 
 def test_half_applied_indeterminate_transfer_is_caught() -> None:
@@ -99,6 +100,12 @@ def test_hold_then_void_of_a_refused_cross_shard_leg_is_no_effect() -> None:
 def test_transaction_nobody_sent_is_caught() -> None:
     verdict = checkers.check_transactions(valid_history(), entries_of("t1", "ghost"), ["fund"])
     assert any("ghost" in p and "nobody sent it" in p for p in verdict.problems)
+
+
+def test_attempt_refused_for_credentials_says_nothing_of_the_transaction() -> None:
+    ops = [*valid_history(), transfer(7, "t1", 5.0, 5.1, "fail", code="unauthorized")]
+    ops[-1]["fields"]["status"] = 401
+    assert checkers.check_transactions(ops, entries_of("t1"), ["fund"]).verdict == "ok"
 
 
 def test_one_id_acknowledged_and_refused_is_caught() -> None:
@@ -176,3 +183,40 @@ def test_final_state_reports_divergence_verify_and_pending() -> None:
                                          {A: {"debits_pending": 5}})
     assert verdict.verdict == "anomaly" and len(verdict.problems) == 3
     assert checkers.check_final_state({0: None}, [], {}).verdict == "ok"
+
+
+def statement(*rows: tuple[int, str, str, int, int, str]) -> list[dict[str, Any]]:
+    return [{"seq": seq, "transaction_id": txid, "direction": direction, "amount": amount,
+             "balance_after": after, "status": status} for seq, txid, direction, amount, after, status
+            in rows]
+
+
+def statements_of_valid_history() -> dict[str, list[dict[str, Any]]]:
+    return {A: statement((1, "fund", "credit", 100, 100, "posted"), (2, "t1", "debit", 10, 90, "posted")),
+            B: statement((1, "fund", "credit", 100, 100, "posted"), (2, "t1", "credit", 10, 110, "posted"))}
+
+
+def test_witness_accepts_the_ledgers_order_when_it_fits_real_time() -> None:
+    verdict = checkers.check_linearizable(valid_history(), INITIAL,
+                                          statements=statements_of_valid_history())
+    assert verdict.verdict == "ok" and verdict.stats["method"] == "witness"
+
+
+def test_witness_catches_a_read_of_a_value_the_statement_never_had() -> None:
+    ops = [*valid_history(), read(7, A, 5.0, 5.1, 95, 2)]
+    verdict = checkers.check_linearizable(ops, INITIAL, statements=statements_of_valid_history())
+    assert verdict.verdict == "anomaly" and "read balance 95 at seq 2" in verdict.problems[0]
+
+
+def test_witness_catches_an_order_against_real_time() -> None:
+    """t1 completed before the read began, yet the read claims the state before t1's entry."""
+    ops = [*valid_history(), read(7, A, 5.0, 5.1, 100, 1)]
+    verdict = checkers.check_linearizable(ops, INITIAL, statements=statements_of_valid_history())
+    assert verdict.verdict == "anomaly" and "yet comes after it" in verdict.problems[0]
+
+
+def test_witness_catches_an_entry_that_does_not_fold() -> None:
+    statements = statements_of_valid_history()
+    statements[A][1]["balance_after"] = 91
+    verdict = checkers.check_linearizable(valid_history(), INITIAL, statements=statements)
+    assert "fold to 90" in verdict.problems[0]

@@ -123,7 +123,9 @@ def settle_and_read(cluster: LocalCluster, bank: Bank, follower: FeedFollower) -
     with cluster.client(consistency="linearizable") as client:
         final["pending"] = _wait_no_pending(client, bank)
         final["converged"] = {s: _converged(cluster, s) for s in range(cluster.plan.cluster.shards)}
-        final["entries"] = {a: [{"seq": e.seq, "transaction_id": e.transaction_id, "status": e.status}
+        final["entries"] = {a: [{"seq": e.seq, "transaction_id": e.transaction_id, "status": e.status,
+                                 "direction": e.direction, "amount": e.amount,
+                                 "balance_after": e.balance_after}
                                 for e in client.entries(a, consistency="linearizable")]
                             for a in bank.accounts}
         final["balances"] = {a: client.balance(a, consistency="linearizable").balance
@@ -186,7 +188,7 @@ def judge(ops: list[dict[str, Any]], bank: Bank, final: dict[str, Any]) -> list[
     return [
         checkers.check_transactions(ops, final["entries"], bank.setup_ids),
         checkers.check_reads(ops, bank.total, final["balances"]),
-        checkers.check_linearizable(ops, bank.initial()),
+        checkers.check_linearizable(ops, bank.initial(), statements=final["entries"]),
         checkers.check_final_state(final["converged"], final["verify"], final["pending"]),
         checkers.check_feed(final["received"], final["feed"], ops),
     ]
