@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import tempfile
 import threading
 from collections import Counter, deque
@@ -66,7 +67,20 @@ def run(options: Options, say: Any = print) -> Result:
         network = Network(hub, cluster, root)
         stack.callback(cluster.close)
         cluster.start()
-        return _run_on(cluster, network, options, say)
+        try:
+            return _run_on(cluster, network, options, say)
+        finally:
+            if options.out:
+                keep_node_logs(cluster, options.out)
+
+
+def keep_node_logs(cluster: LocalCluster, out: str) -> None:
+    """Each node's log next to the report: a temp data dir goes away with the run."""
+    os.makedirs(os.path.join(out, "logs"), exist_ok=True)
+    for node in cluster.node_ids:
+        source = os.path.join(cluster.data_dir, node, "node.log")
+        if os.path.exists(source):
+            shutil.copyfile(source, os.path.join(out, "logs", f"{node}.log"))
 
 
 def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any) -> Result:
