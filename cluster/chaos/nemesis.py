@@ -158,8 +158,10 @@ class Nemesis(threading.Thread):
         return self.network.heal
 
     def _split(self, node: str, planned: Planned) -> Any:
+        """A minority, starting at ``node``, cut from the rest (with 3 nodes: ``node`` alone)."""
         nodes = self.network.nodes
-        minority = [n for n in nodes[nodes.index(node):] + nodes[:nodes.index(node)]][:(len(nodes) - 1) // 2]
+        start = nodes.index(node)
+        minority = (nodes[start:] + nodes[:start])[:(len(nodes) - 1) // 2]
         self.network.separate(minority, "cut")
         return self.network.heal
 

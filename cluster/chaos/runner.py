@@ -23,7 +23,7 @@ from .history import History
 from .nemesis import Nemesis, Network, heal_everything, plan_schedule
 from .proxy import ProxyHub
 from .report import write_report
-from .workload import Bank, BankWorker, FeedFollower, RetryStorm, open_bank
+from .workload import Bank, BankWorker, FeedFollower, RetryStorm, open_bank, recent_ids_max
 
 bank_workers = 4
 join_timeout_s = 30.0
@@ -92,9 +92,9 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any)
     schedule = plan_schedule(options.seed, options.duration_s) if options.faults else []
     say(f"chaos: {len(bank.accounts)} accounts over {options.shards} shards, {len(schedule)} faults planned")
     feed_client = cluster.client()
-    follower = FeedFollower(feed_client, threading.Event())
+    follower = FeedFollower(feed_client)
     rng = random.Random(options.seed)
-    storm: deque[dict[str, Any]] = deque(maxlen=200)
+    storm: deque[dict[str, Any]] = deque(maxlen=recent_ids_max)
     urls = list(cluster.urls.values())
     workers: list[Any] = [BankWorker(f"{run_id}-bank{i}", history, urls, cluster.admin_token, stop,
                                      random.Random(rng.random()), bank=bank, storm=storm)
