@@ -15,6 +15,7 @@ from typing import Any
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import admin as cluster_admin
 from raftledger.cluster import audit, backup, feed_cli, launcher, token_cli, verify
+from raftledger.cluster.chaos import cli as chaos_cli
 from raftledger.cluster.cli_common import run_command
 from raftledger.node.config import ConfigError
 from raftledger.node.secret import SecretError
@@ -67,6 +68,7 @@ def parser() -> argparse.ArgumentParser:
     backup.add_parsers(sub)
     cluster_admin.add_parser(sub)
     token_cli.add_parser(sub)
+    chaos_cli.add_parser(sub)
     return parser
 
 
@@ -90,6 +92,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(audit.run(args))
         elif args.command == "keys":
             sys.exit(rotate_key(args.data_dir, args.node))
+        elif args.command == "chaos":
+            sys.exit(chaos_cli.run_command(args))
         else:
             sys.exit(run_up(args))
     except (ConfigError, SecretError, launcher.LaunchError) as exc:

@@ -46,6 +46,7 @@ from raftledger.cluster.map import PutValue
 from raftledger.cluster.map import encode_command as encode_map_command
 from raftledger.node import secret, tls, wire
 from raftledger.node.config import ClusterSpec, NodeConfig, NodeSpec, dump_toml, validate
+from raftledger.node.dial import DIAL_FILE_ENV
 from raftledger.node.settings import SECTIONS, NodeSettings, load_sections
 from raftledger.statemachine.slots import SLOTS
 
@@ -345,14 +346,19 @@ def busy_ports(plan: Plan) -> list[str]:
 
 
 def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
-               preexec_fn: Callable[[], None] | None = None, join: str | None = None) -> subprocess.Popen:
+               preexec_fn: Callable[[], None] | None = None, join: str | None = None,
+               dial_file: str | None = None) -> subprocess.Popen:
     """Start one node process; ``preexec_fn`` runs in the child before it execs (tests use it to
-    set resource limits); ``join``: the URL of a node of the cluster it registers with."""
+    set resource limits); ``join``: the URL of a node of the cluster it registers with;
+    ``dial_file``: where it connects to reach each peer (``raftledger.node.dial``: the chaos
+    harness's proxies)."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
     env = dict(os.environ)
     if join and plan.admin_token:  # it registers through the public API, as an admin
         env[TOKEN_ENV] = plan.admin_token
+    if dial_file:
+        env[DIAL_FILE_ENV] = dial_file
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path,

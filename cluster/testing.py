@@ -75,6 +75,7 @@ class LocalCluster:
         self.plan.settings = dataclasses.replace(self.plan.settings, auth=auth)
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
+        self.dial_files: dict[str, str] = {}  # node -> its dial table (``raftledger.node.dial``)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -93,7 +94,8 @@ class LocalCluster:
     def start_node(self, node_id: str, wait: bool = True) -> None:
         if node_id in self.procs and self.procs[node_id].poll() is None:
             raise RuntimeError(f"{node_id} is already running")
-        self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn)
+        self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn,
+                                                   dial_file=self.dial_files.get(node_id))
         launcher.save_plan(self.plan)
         if wait:  # answering, and routing: it has the cluster map
             launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),

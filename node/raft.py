@@ -54,6 +54,7 @@ from pysyncobj.version import VERSION as _INSTALLED
 from raftledger.client.errors import NotLeader, OutcomeUnknown, Overloaded, Unavailable
 
 from . import frames
+from .dial import dial_address
 from .files import fsync_dir, write_file_durably
 from .settings import DURABILITY_FSYNC, RaftSettings, SnapshotSettings
 
@@ -548,7 +549,8 @@ class SecureConnection(TcpConnection):
     def connect(self, host: str, port: int) -> bool:  # PySyncObj's signature
         self._reset_session()
         self.opened_at = raft_clock()
-        connected = super().connect(host, port)
+        host, dialed_port = dial_address(f"{host}:{port}").rsplit(":", 1)
+        connected = super().connect(host, int(dialed_port))
         if connected:
             self._say_hello()  # written once the socket is connected
         return bool(connected)

@@ -134,7 +134,15 @@ def _secret(request: web.Request) -> str | None:
 def authenticate(request: web.Request, gate: Gate) -> Caller:
     ctx = context_of(request)
     secret = _secret(request)
-    caller = None if secret is None else gate.index(ctx.maps.current).caller(secret)
+    current = ctx.maps.current
+    caller = None if secret is None else gate.index(current).caller(secret)
+    if caller is None and secret is not None and (current is None
+                                                  or not current.sections.get(tokens.SECTION)):
+        # A node that (re)starts holds no map, or one from before the first token, until it has
+        # caught up: it cannot judge the credential yet, and a 401 would tell a client with a
+        # valid token to give up. (Found by raftledger chaos: writes refused after a restart.)
+        raise LedgerError("unavailable", "this node has not caught up with the cluster map yet",
+                          retry_after_s=1.0)
     if caller is None or caller.token.expired(ctx.clock.time_ns()):
         raise LedgerError("unauthorized", "a valid bearer token is required",
                           headers={"WWW-Authenticate": 'Bearer realm="raftledger"'})

@@ -204,7 +204,10 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
     for i, s in unfinished:
         log.warning("leg %s on shard %d not finished now (%s); the resolver at shard %d will",
                     items[i].id, s, finished[(i, s)], coordinator)
-    if decisions and not unfinished:
+    if unfinished:  # decided, but a read of that leg would not show it yet: no answer until it does
+        i, s = unfinished[0]
+        raise _unknown(finished[(i, s)], items[i].id)  # (found by raftledger chaos, seed 7)
+    if decisions:
         _complete_later(ctx, coordinator, [items[i].id for i in decisions])
     outcome.results = [decided.get(i) or settled[i] for i in range(len(items))]
     return outcome
@@ -436,14 +439,16 @@ async def follow_up(ctx: NodeContext, command: PostPending | VoidPending, target
     decided = await submit(ctx, home, decision)
     result = decided.results[0]
     outcome = Outcome([result], home, {home: decided.index})
-    finish = result.details.get("finish") if result.ok and not result.replayed else None
+    finish = result.details.get("finish") if result.ok else None  # a replay finishes too: idempotent
     if finish is not None:
         leg = FinishLeg(finish["leg"], bytes.fromhex(finish["digest"]), finish["outcome"], finish["by"],
                         finish["amount"])
         finished, indexes = await _send(ctx, {(0, s): leg for s in finish["participants"]})
         outcome.touched(indexes)
-        if not any(isinstance(r, Exception) for r in finished.values()):
-            _complete_later(ctx, home, [finish["decision"]])
+        failure = next((r for r in finished.values() if isinstance(r, Exception)), None)
+        if failure is not None:  # as in ``_run``: no answer before every leg shows the decision
+            raise _unknown(failure, command.id)
+        _complete_later(ctx, home, [finish["decision"]])
     return outcome
 
 

@@ -38,6 +38,7 @@ from raftledger.statemachine.commands import AnyCommand, Batch, Command
 
 from .. import wire
 from ..clock import Clock
+from ..dial import dial_url
 from ..logs import request_id_var
 from ..service import ShardService
 from .context import NodeContext
@@ -339,6 +340,7 @@ async def call_peer(ctx: NodeContext, node: str, path: str, payload: Any,
     NotLeader when the peer could not be reached (nothing was sent: safe to look again) or
     answered not_leader; LedgerError otherwise."""
     url = ctx.internal_url(node)
+    url = None if url is None else dial_url(url)
     if url is None or ctx.sealer is None:
         raise LedgerError("unavailable", f"no internal address for node {node!r}")
     sealed = ctx.sealer.seal_request("POST", wire.PREFIX + path, payload)

@@ -1,0 +1,29 @@
+"""``raftledger chaos``: its options and exit status (0 when every checker passed)."""
+
+from __future__ import annotations
+
+import argparse
+import random
+from typing import Any
+
+
+def add_parser(sub: Any) -> None:
+    parser = sub.add_parser("chaos", help="a real cluster under random faults, checked end to end "
+                                          "(docs/reliability.md)")
+    parser.add_argument("--duration", type=float, default=60.0, help="seconds of workload and faults")
+    parser.add_argument("--seed", type=int, default=None, help="plans the faults (printed; default: random)")
+    parser.add_argument("--nodes", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--out", default=None, help="folder for history.json, report.json, timeline.png")
+    parser.add_argument("--data-dir", default=None,
+                        help="run on the cluster planned in this folder (stopped; the harness starts "
+                             "it with its proxies) instead of a new one in a temp dir")
+    parser.add_argument("--no-faults", action="store_true", help="the workloads and checkers only")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from .runner import Options, run  # here: the node processes never need it
+    seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
+    result = run(Options(duration_s=args.duration, seed=seed, nodes=args.nodes, shards=args.shards,
+                         out=args.out, data_dir=args.data_dir, faults=not args.no_faults))
+    return 0 if result.ok else 1
