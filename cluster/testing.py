@@ -23,6 +23,7 @@ import dataclasses
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,7 +43,7 @@ from .launcher import wait_until
 from .map import ClusterMap
 from .meta import META_GROUP, MetaService
 
-__all__ = ["LocalCluster", "MetaGroup", "SubmitFailed", "wait_until"]
+__all__ = ["LocalCluster", "MetaGroup", "SubmitFailed", "UpProcess", "wait_until"]
 
 submit_attempts_max = 200
 RETRYABLE = frozenset({"not_leader", "unavailable", "overloaded", "outcome_unknown"})
@@ -293,3 +294,40 @@ class MetaGroup:
     def epochs(self) -> dict[int, int]:
         """Member -> the epoch of the map its follower holds."""
         return {i: self.followers[i].epoch for i in self.members}
+
+
+class UpProcess:
+    """A ``raftledger up`` process as a user runs it (``UpProcess("--data-dir", d, ...)``), its
+    output collected line by line; ``stop`` sends SIGTERM, as Ctrl-C would."""
+
+    def __init__(self, *args: str, timeout_s: float = 120.0) -> None:
+        self.timeout_s = timeout_s
+        self.lines: list[str] = []
+        self.proc = subprocess.Popen([sys.executable, "-m", "raftledger.cluster.cli", "up", *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+
+    def wait_for(self, text: str) -> None:
+        """Until a line containing ``text`` is printed; AssertionError (with the output) when the
+        process ends first or the deadline passes."""
+        def printed() -> bool:
+            if any(text in line for line in self.lines):
+                return True
+            if self.proc.poll() is not None and not self.reader.is_alive():
+                raise AssertionError(f"raftledger up exited before printing {text!r}:\n"
+                                     + "\n".join(self.lines))
+            return False
+        try:
+            wait_until(printed, self.timeout_s, f"raftledger up to print {text!r}")
+        except launcher.LaunchError:
+            raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.lines)) from None
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(self.timeout_s)

@@ -10,9 +10,8 @@ import sys
 
 import pytest
 from raftledger.cluster import launcher
-from raftledger.cluster.testing import LocalCluster
+from raftledger.cluster.testing import LocalCluster, UpProcess
 from raftledger.node.testing import consecutive_free_ports
-from test_tls import UpProcess
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -23,7 +22,7 @@ import pytest
 from raftledger.cluster import launcher
 from raftledger.cluster.backup import read_copy
 from raftledger.cluster.cut import cut_problems, imbalances, settled_totals, summarize
-from raftledger.cluster.testing import LocalCluster
+from raftledger.cluster.testing import LocalCluster, UpProcess
 from raftledger.node.testing import consecutive_free_ports
 from raftledger.statemachine.codec import payload_hash
 from raftledger.statemachine.commands import (
@@ -107,35 +106,6 @@ class Writer:
                 continue
             if status == 201:
                 self.acked.append((body["id"], headers.get("X-Ledger-Token", ""), time.monotonic()))
-
-
-class Up:
-    """``raftledger up`` on a restored data dir, until it says the cluster is up; SIGTERM stops it."""
-
-    def __init__(self, data_dir: str, port_base: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "raftledger.cluster.cli", "up", "--dev", "--data-dir", data_dir,
-             "--port-base", str(port_base), "--durability", "none", "--no-demo"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_up(self) -> None:
-        def up() -> bool:
-            if self.proc.poll() is not None and not self.reader.is_alive():
-                raise AssertionError("raftledger up exited:\n" + "\n".join(self.lines))
-            return any("cluster is up" in line for line in self.lines)
-        launcher.wait_until(up, up_timeout_s, "the restored cluster to be up")
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(up_timeout_s)
 
 
 # -- the cut check, on copies of real stores taken at chosen steps of two-phase commit -----------------
@@ -317,9 +287,10 @@ def test_backup_while_writing_restores_to_a_cluster_with_every_acknowledged_writ
     done = cli("restore", directory, "--data-dir", new, "--json")
     assert done.returncode == 0, done.stdout + done.stderr
     port_base = consecutive_free_ports(3, first=23000)
-    up = Up(new, port_base)
+    up = UpProcess("--dev", "--data-dir", new, "--port-base", str(port_base), "--durability", "none",
+                   "--no-demo", timeout_s=up_timeout_s)
     try:
-        up.wait_up()
+        up.wait_for("cluster is up")
         restored = f"http://127.0.0.1:{port_base + 1}"
         source_url = source.urls[source.node_ids[0]]
         single, cross = _check_transactions(restored, source_url, writer, began, points)

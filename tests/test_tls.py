@@ -7,19 +7,16 @@ from __future__ import annotations
 import http.client
 import json
 import os
-import signal
 import ssl
 import stat
 import subprocess
 import sys
-import threading
-import time
 from urllib.parse import urlsplit
 
 import pytest
 from raftledger.client import Client, LedgerError, RetryPolicy
 from raftledger.cluster import launcher
-from raftledger.cluster.testing import LocalCluster
+from raftledger.cluster.testing import LocalCluster, UpProcess
 from raftledger.node import tls
 from raftledger.node.config import ConfigError
 from raftledger.node.settings import NodeSettings, TlsSettings
@@ -28,36 +25,6 @@ from raftledger.node.testing import consecutive_free_ports
 pytestmark = pytest.mark.slow
 
 up_timeout_s = 120.0
-
-
-class UpProcess:
-    """``raftledger up`` with the given options, its output collected line by line."""
-
-    def __init__(self, *args: str) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen([sys.executable, "-m", "raftledger.cluster.cli", "up", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, text: str) -> None:
-        deadline = time.monotonic() + up_timeout_s
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return
-            if self.proc.poll() is not None and not self.reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(up_timeout_s)
 
 
 def cli(data_dir: str, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

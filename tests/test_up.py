@@ -5,51 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 from raftledger.cluster import launcher
+from raftledger.cluster.testing import UpProcess
 from raftledger.node.testing import consecutive_free_ports
 
 pytestmark = pytest.mark.slow
 
 up_timeout_s = 90.0
-
-
-class Up:
-    """One ``raftledger up`` process whose output is collected line by line."""
-
-    def __init__(self, data_dir: str, port_base: int) -> None:
-        self.lines: list[str] = []
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "raftledger.cluster.cli", "up", "--nodes", "3", "--shards", "2",
-             "--data-dir", data_dir, "--port-base", str(port_base), "--durability", "none"],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.append(line.rstrip())
-
-    def wait_for(self, text: str) -> None:
-        deadline = time.monotonic() + up_timeout_s
-        while time.monotonic() < deadline:
-            if any(text in line for line in self.lines):
-                return
-            if self.proc.poll() is not None and not self.reader.is_alive():
-                break
-            time.sleep(0.05)
-        raise AssertionError(f"{text!r} not printed; output:\n" + "\n".join(self.lines))
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(up_timeout_s)
 
 
 def pid_alive(pid: int) -> bool:
@@ -61,9 +28,10 @@ def pid_alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
-def running_up(data_dir: str, port_base: int) -> Iterator[Up]:
+def running_up(data_dir: str, port_base: int) -> Iterator[UpProcess]:
     """``raftledger up`` until its cluster is up, then (on leaving) SIGTERM and a clean exit."""
-    up = Up(data_dir, port_base)
+    up = UpProcess("--nodes", "3", "--shards", "2", "--data-dir", data_dir, "--port-base", str(port_base),
+                   "--durability", "none", timeout_s=up_timeout_s)
     try:
         up.wait_for("cluster is up")
         yield up
