@@ -10,6 +10,7 @@ from raftledger.cluster.chaos import checkers
 A, B = "a:{g0}", "b:{g1}"
 INITIAL = {A: 100, B: 100}
 TOTAL = 200
+FUNDED = {"USD": TOTAL}
 
 
 def transfer(index: int, txid: str, invoke: float, complete: float | None, outcome: str,
@@ -27,7 +28,7 @@ def read(index: int, account: str, invoke: float, complete: float, balance: int,
     fields: dict[str, Any] = {"account": account, "consistency": consistency,
                               "value": {"balance": balance, "seq": seq,
                                         "available": balance if available is None else available,
-                                        "debits_pending": 0, "credits_pending": 0}}
+                                        "debits_pending": 0, "credits_pending": 0, "currency": "USD"}}
     if min_seq is not None:
         fields["min_seq"] = min_seq
     return {"index": index, "process": "r", "type": "read", "invoke": invoke, "complete": complete,
@@ -54,7 +55,7 @@ def entries_of(*present: str) -> dict[str, list[dict[str, Any]]]:
 def test_valid_history_passes_every_checker() -> None:
     ops = valid_history()
     assert checkers.check_transactions(ops, entries_of("t1"), ["fund"]).verdict == "ok"
-    assert checkers.check_reads(ops, TOTAL, {A: 90, B: 110}).verdict == "ok"
+    assert checkers.check_reads(ops, FUNDED, {A: 90, B: 110}).verdict == "ok"
     assert checkers.check_linearizable(ops, INITIAL).verdict == "ok"
     held = {0: [{"offset": 1, "txid": "fund"}, {"offset": 2, "txid": "t1"}]}
     received = [{"shard": 0, "offset": 1}, {"shard": 0, "offset": 2}, {"shard": 0, "offset": 2}]
@@ -116,24 +117,75 @@ def test_one_id_acknowledged_and_refused_is_caught() -> None:
 
 def test_stale_linearizable_read_is_caught() -> None:
     ops = [*valid_history(), read(7, A, 5.0, 5.1, 100, 1)]  # t1 (seq 2) was acknowledged at 1.0
-    verdict = checkers.check_reads(ops, TOTAL)
+    verdict = checkers.check_reads(ops, FUNDED)
     assert verdict.verdict == "anomaly" and "stale linearizable read" in verdict.problems[0]
     assert checkers.check_linearizable(ops, INITIAL).verdict == "anomaly"
 
 
 def test_overdraft_and_money_from_nowhere_are_caught() -> None:
     ops = [read(0, A, 0.0, 0.1, 100, 1, available=-5), read(1, B, 0.0, 0.1, 300, 1)]
-    problems = checkers.check_reads(ops, TOTAL).problems
+    problems = checkers.check_reads(ops, FUNDED).problems
     assert any("overdraft" in p for p in problems) and any("more than" in p for p in problems)
+
+
+def read_at_cut(index: int, invoke: float, complete: float, balances: dict[str, tuple[int, int]],
+                in_flight: list[dict[str, Any]] = ()) -> dict[str, Any]:
+    """A read of every account at one consistent cut: account -> (balance, seq)."""
+    values = {a: {"balance": b, "available": b, "seq": seq, "debits_pending": 0, "credits_pending": 0,
+                  "currency": "USD"} for a, (b, seq) in balances.items()}
+    return {"index": index, "process": "r", "type": "read", "invoke": invoke, "complete": complete,
+            "outcome": "ok", "code": None,
+            "fields": {"consistency": "linearizable", "accounts": sorted(balances), "values": values,
+                       "in_flight": list(in_flight), "cut": {"0": 7, "1": 9}}}
+
+
+def leg(side: str, amount: int, outcome: str) -> dict[str, Any]:
+    return {"txid": "t1", "shard": 0 if side == "debit" else 1, "status": "prepared", "currency": "USD",
+            "side": side, "amount": amount, "outcome": outcome}
+
+
+def test_reads_at_a_cut_with_money_in_flight_settled_as_decided_pass() -> None:
+    ops = [transfer(0, "t1", 0.0, 1.0, "ok", seqs={A: 2, B: 2}),
+           read_at_cut(1, 0.2, 0.3, {A: (100, 1), B: (100, 1)}),  # before t1 anywhere
+           read_at_cut(2, 0.4, 0.5, {A: (90, 2), B: (100, 1)},
+                       [leg("credit", 10, "post")]),  # the debit leg posted
+           read_at_cut(3, 0.3, 0.5, {A: (100, 1), B: (100, 1)}, [leg("debit", 10, "void"),  # undecided
+                                                       leg("credit", 10, "void")]),
+           read_at_cut(4, 1.5, 1.6, {A: (90, 2), B: (110, 2)})]
+    verdict = checkers.check_reads(ops, FUNDED)
+    assert verdict.verdict == "ok", verdict.problems
+    assert verdict.stats["reads"]["conservation"] == 4
+    assert checkers.check_linearizable(ops, INITIAL).verdict == "ok"
+
+
+def test_a_read_at_a_cut_whose_total_is_off_is_caught() -> None:
+    ops = [transfer(0, "t1", 0.0, 1.0, "ok", seqs={A: 2, B: 2}),
+           read_at_cut(1, 0.4, 0.5, {A: (90, 2), B: (100, 1)}),  # the credit leg in flight, not counted
+           read_at_cut(2, 1.5, 1.6, {A: (90, 2), B: (110, 2)})]
+    problems = checkers.check_reads(ops, FUNDED).problems
+    assert len(problems) == 1 and "op 1: totals not conserved" in problems[0], problems
+
+
+def test_a_leg_settled_the_wrong_way_is_caught() -> None:
+    ops = [read_at_cut(0, 0.4, 0.5, {A: (90, 2), B: (100, 1)}, [leg("credit", 10, "void")])]
+    assert "totals not conserved" in checkers.check_reads(ops, FUNDED).problems[0]
+
+
+def test_a_stale_account_in_a_read_at_a_cut_is_caught() -> None:
+    ops = [transfer(0, "t1", 0.0, 1.0, "ok", seqs={A: 2, B: 2}),
+           read_at_cut(1, 1.5, 1.6, {A: (100, 1), B: (100, 1)})]  # conserved, but older than the ack of t1
+    problems = checkers.check_reads(ops, FUNDED).problems
+    assert any("stale linearizable read of a:{g0}" in p for p in problems), problems
+    assert checkers.check_linearizable(ops, INITIAL).verdict == "anomaly"
 
 
 def test_min_token_read_missing_its_write_is_caught() -> None:
     ops = [read(0, A, 0.0, 0.1, 100, 1, consistency="min_token", min_seq=2)]
-    assert "misses its write" in checkers.check_reads(ops, TOTAL).problems[0]
+    assert "misses its write" in checkers.check_reads(ops, FUNDED).problems[0]
 
 
 def test_totals_not_conserved_are_caught() -> None:
-    assert "not conserved" in checkers.check_reads([], TOTAL, {A: 90, B: 100}).problems[0]
+    assert "not conserved" in checkers.check_reads([], FUNDED, {A: 90, B: 100}).problems[0]
 
 
 def test_non_linearizable_account_history_is_caught() -> None:

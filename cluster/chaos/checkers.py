@@ -8,8 +8,10 @@ they judge: balances and entry counts are re-derived here in a few lines.
    accounts, nothing that surely failed is present, an indeterminate one is present on both accounts
    or on neither, no transaction appears that nobody sent, and no id got two different outcomes.
 2. ``check_reads``: every successful linearizable read shows no overdraft and no more money than
-   exists, and is not older than a write acknowledged before it was sent; every min_token read sees
-   the entry of the write whose token it carried; at the end the totals are conserved.
+   exists, and is not older than a write acknowledged before it was sent; a read of every account
+   at one consistent cut sees the per-currency totals conserved (the legs in flight settled as
+   their home decided); every min_token read sees the entry of the write whose token it carried;
+   at the end the totals are conserved.
 3. ``check_linearizable``: per account, the transfers and linearizable balance reads admit a
    sequential order, consistent with real time, of a balance register (Wing & Gong's search with
    memoisation, as Porcupine does), within a search-time bound.
@@ -112,10 +114,19 @@ def check_transactions(ops: Sequence[Mapping[str, Any]],
 
 
 # -- 2 ----------------------------------------------------------------------------------------------
-def check_reads(ops: Sequence[Mapping[str, Any]], total: int,
+def readings(op: Mapping[str, Any]) -> list[tuple[str, Mapping[str, Any]]]:
+    """(account, value) of each account a successful read saw: one, or every bank account (a read
+    at one consistent cut of the shards records ``values``)."""
+    f = op["fields"]
+    if "values" in f:
+        return sorted(f["values"].items())
+    return [(f["account"], f["value"])]
+
+
+def check_reads(ops: Sequence[Mapping[str, Any]], funded: Mapping[str, int],
                 final_balances: Mapping[str, int] | None = None) -> Verdict:
-    """``total``: the money among the bank's accounts (what was funded); ``final_balances``: each
-    account's balance at the end (their sum must be ``total``)."""
+    """``funded``: currency -> the money among the bank's accounts (credit-normal, so the sum of
+    their balances); ``final_balances``: each account's balance at the end (their sum must be it)."""
     problems: list[str] = []
     acked_seq = _acknowledged_seqs(ops)
     checked = Counter()
@@ -123,19 +134,47 @@ def check_reads(ops: Sequence[Mapping[str, Any]], total: int,
         if op["type"] != "read" or op["outcome"] != "ok":
             continue
         f = op["fields"]
-        value, account = f["value"], f["account"]
         if f["consistency"] == "linearizable":
             checked["linearizable"] += 1
-            problems += _linearizable_read_problems(op, value, total, acked_seq.get(account, []))
+            for account, value in readings(op):
+                problems += _linearizable_read_problems(op, account, value, funded,
+                                                        acked_seq.get(account, []))
+            if "values" in f:
+                checked["conservation"] += 1
+                problems += _conservation_problems(op, funded)
         elif f["consistency"] == "min_token":
             checked["min_token"] += 1
+            value, account = f["value"], f["account"]
             if value["seq"] < f["min_seq"]:
                 problems.append(f"op {op['index']}: min_token read of {account} at seq {value['seq']}"
                                 f" misses its write at seq {f['min_seq']}")
+    total = sum(funded.values())
     if final_balances is not None and sum(final_balances.values()) != total:
         problems.append(f"totals not conserved: the accounts hold {sum(final_balances.values())}, "
                         f"{total} was funded")
     return _verdict("reads", problems, reads=dict(checked))
+
+
+def _conservation_problems(op: Mapping[str, Any], funded: Mapping[str, int]) -> list[str]:
+    """Per currency, the balances of a read of every account at one consistent cut, with each leg
+    in flight moved where its home decided (posted: its amount on its side; voided: nothing), add
+    up to what was funded."""
+    f = op["fields"]
+    held: Counter[str] = Counter()
+    for _account, value in readings(op):
+        held[value["currency"]] += value["balance"]
+    moving: Counter[str] = Counter()
+    for leg in f.get("in_flight", []):
+        if leg["outcome"] == "post":
+            moving[leg["currency"]] += leg["amount"] if leg["side"] == "credit" else -leg["amount"]
+    problems = []
+    for currency in sorted(set(funded) | set(held)):
+        settled = held[currency] + moving[currency]
+        if settled != funded.get(currency, 0):
+            problems.append(f"op {op['index']}: totals not conserved at the cut {f.get('cut')}: the "
+                            f"accounts hold {held[currency]} {currency}, {moving[currency]:+} in flight, "
+                            f"{funded.get(currency, 0)} was funded")
+    return problems
 
 
 def _acknowledged_seqs(ops: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[float, int, str]]]:
@@ -148,10 +187,11 @@ def _acknowledged_seqs(ops: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple
     return out
 
 
-def _linearizable_read_problems(op: Mapping[str, Any], value: Mapping[str, Any], total: int,
+def _linearizable_read_problems(op: Mapping[str, Any], account: str, value: Mapping[str, Any],
+                                funded: Mapping[str, int],
                                 acked: Sequence[tuple[float, int, str]]) -> list[str]:
-    account = op["fields"]["account"]
     problems = []
+    total = funded.get(value["currency"], 0)
     if value["available"] < 0 or value["balance"] < 0:
         problems.append(f"op {op['index']}: overdraft on {account}: {value}")
     if value["balance"] > total:
@@ -196,8 +236,9 @@ def account_histories(ops: Sequence[Mapping[str, Any]]) -> dict[str, list[Regist
                                                optional=optional))
         elif (op["type"] == "read" and op["outcome"] == "ok"
               and f["consistency"] == "linearizable"):
-            out[f["account"]].append(RegisterOp(op["index"], op["invoke"], op["complete"],
-                                                value=f["value"]["balance"]))
+            for account, value in readings(op):
+                out[account].append(RegisterOp(op["index"], op["invoke"], op["complete"],
+                                               value=value["balance"]))
     return out
 
 
@@ -288,9 +329,11 @@ def witness_problems(account: str, statement: Sequence[Mapping[str, Any]],
                                 f"{entry['direction']} {entry['amount']}")
             complete = op["complete"] if op["outcome"] == "ok" else math.inf
             points.append((op["invoke"], complete, float(entry["seq"]), op["index"]))
-        elif (op["type"] == "read" and op["outcome"] == "ok" and f["account"] == account
-              and f["consistency"] == "linearizable"):
-            seq, seen = f["value"]["seq"], f["value"]["balance"]
+        elif op["type"] == "read" and op["outcome"] == "ok" and f["consistency"] == "linearizable":
+            value = dict(readings(op)).get(account)
+            if value is None:
+                continue
+            seq, seen = value["seq"], value["balance"]
             if value_at.get(seq) != seen:
                 problems.append(f"{account}: op {op['index']} read balance {seen} at seq {seq}; "
                                 f"the statement says {value_at.get(seq)}")

@@ -201,7 +201,7 @@ def _feed_held(client: Client, shard: int) -> list[dict[str, Any]]:
 def judge(ops: list[dict[str, Any]], bank: Bank, final: dict[str, Any]) -> list[checkers.Verdict]:
     return [
         checkers.check_transactions(ops, final["entries"], bank.setup_ids),
-        checkers.check_reads(ops, bank.total, final["balances"]),
+        checkers.check_reads(ops, bank.funded, final["balances"]),
         checkers.check_linearizable(ops, bank.initial(), statements=final["entries"]),
         checkers.check_final_state(final["converged"], final["verify"], final["pending"]),
         checkers.check_feed(final["received"], final["feed"], ops),

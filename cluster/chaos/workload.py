@@ -4,7 +4,9 @@
   accounts share a hash tag, cross-shard otherwise), all ``debits_must_not_exceed_credits``, and
   concurrent balance reads at consistency ``local``, ``min_token`` (the token and entry of the
   worker's own last write) and ``linearizable``. Each request goes, as it is and once, to a node
-  picked at random, which forwards it: the history records what that one attempt answered.
+  picked at random, which forwards it: the history records what that one attempt answered. A
+  linearizable read reads every bank account at one consistent cut of the shards (``read_cut``),
+  with the transfers in flight between shards, so that a checker can sum the money.
 - **Retry storm**: the same transaction ids (payload unchanged) sent again through other nodes.
 - **Feed**: ``Client.subscribe`` from the first event of every shard, recording what it hands out.
 """
@@ -14,7 +16,9 @@ from __future__ import annotations
 import json
 import random
 import threading
+import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -22,6 +26,7 @@ from urllib.parse import quote, urlencode
 from raftledger.client import Client
 from raftledger.client.core import Send, TransportFailure
 from raftledger.client.transport import SyncTransport
+from raftledger.cluster.cut import OPEN, OUTCOME_NAMES, ShardCut, cut_problems, settling
 from raftledger.cluster.router import route, table_of
 
 from .history import FAIL, INFO, OK, History
@@ -34,6 +39,10 @@ amount_max = 400  # large enough against balances of ~1000 that refusals (exceed
 request_timeout_s = 5.0
 tag_search_max = 10_000
 recent_ids_max = 200  # transfers the retry storm picks from
+cut_readings_max = 5  # readings of every shard for one linearizable read, until one is a consistent cut
+cut_recent_s = 300  # a reading keeps the cross-shard steps of the last 5 minutes ...
+cut_judged_s = 150  # ... and the cut judges those of the last 2.5 (each step's cause is in the window)
+READ_FIELDS = ("balance", "available", "seq", "debits_pending", "credits_pending", "currency")
 NOT_APPLIED = frozenset({"overloaded", "rate_limited"})  # the node says it did not carry it out
 
 
@@ -43,11 +52,18 @@ class Bank:
 
     accounts: list[str]
     funding: str
+    run_id: str = ""
     setup_ids: list[str] = field(default_factory=list)
+    by_shard: dict[int, list[str]] = field(default_factory=dict)
 
     @property
     def total(self) -> int:
         return initial_balance * len(self.accounts)
+
+    @property
+    def funded(self) -> dict[str, int]:
+        """Currency -> the money among the bank's accounts."""
+        return {CURRENCY: self.total}
 
     def initial(self) -> dict[str, int]:
         return {a: initial_balance for a in self.accounts}
@@ -71,12 +87,14 @@ def tags_per_shard(cmap: dict[str, Any]) -> dict[int, str]:
 def open_bank(client: Client, run_id: str) -> Bank:
     """Create the accounts and fund each with ``initial_balance`` (before any fault)."""
     tags = tags_per_shard(client.cluster_map())
-    accounts = [f"{run_id}-a{i}:{tag}" for tag in tags.values() for i in range(accounts_per_shard)]
+    by_shard = {shard: [f"{run_id}-a{i}:{tag}" for i in range(accounts_per_shard)]
+                for shard, tag in sorted(tags.items())}
+    accounts = [a for group in by_shard.values() for a in group]
     funding = f"{run_id}-bank:{tags[min(tags)]}"
     client.create_account(id=funding, currency=CURRENCY, normal="debit")
     for account in accounts:
         client.create_account(id=account, currency=CURRENCY, normal="credit", flags=FLAGS)
-    bank = Bank(accounts, funding)
+    bank = Bank(accounts, funding, run_id, by_shard=by_shard)
     for i, account in enumerate(accounts):
         txid = f"{run_id}-fund{i}:{bank.tag(account)}"
         client.transfer(funding, account, initial_balance, CURRENCY, id=txid)
@@ -106,9 +124,11 @@ class Worker(threading.Thread):
     def step(self) -> None:
         raise NotImplementedError
 
-    def send(self, method: str, path: str, body: Any = None) -> tuple[int | None, dict[str, str], Any]:
-        """One attempt at one node; (None, {}, reason) when no answer came."""
-        url = self.rng.choice(self.urls)
+    def send(self, method: str, path: str, body: Any = None,
+             url: str | None = None) -> tuple[int | None, dict[str, str], Any]:
+        """One attempt at one node (``url``, else one at random); (None, {}, reason) when no answer
+        came."""
+        url = url or self.rng.choice(self.urls)
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         raw = None
         if body is not None:
@@ -150,6 +170,7 @@ class BankWorker(Worker):
         self.bank, self.storm = bank, storm
         self.sent = 0
         self.last_write: tuple[str, int, str] | None = None  # account, seq, token
+        self.replicas: dict[int, list[str]] | None = None  # shard -> urls of its replicas' nodes
 
     def step(self) -> None:
         if self.rng.random() < 0.55:
@@ -173,6 +194,9 @@ class BankWorker(Worker):
 
     def step_read(self) -> None:
         consistency = self.rng.choice(["local", "min_token", "linearizable"])
+        if consistency == "linearizable":
+            self.read_cut()
+            return
         if consistency == "min_token" and self.last_write is None:
             consistency = "local"
         params: dict[str, str] = {}
@@ -183,18 +207,87 @@ class BankWorker(Worker):
             fields["min_seq"] = seq
         else:
             account = self.rng.choice(self.bank.accounts)
-            if consistency == "linearizable":
-                params["consistency"] = "linearizable"
         op = self.history.invoke(self.name, "read", account=account, **fields)
         path = f"/v1/accounts/{quote(account, safe='')}/balance"
         status, headers, answer = self.send("GET", path + ("?" + urlencode(params) if params else ""))
         if status == 200:
-            value = {k: answer[k] for k in ("balance", "available", "seq", "debits_pending",
-                                            "credits_pending")}
+            value = {k: answer[k] for k in READ_FIELDS}
             self.history.complete(op, OK, value=value, node=headers.get("x-ledger-node"))
         else:
             code = _code(answer) if status is not None else "no_answer"
             self.history.complete(op, FAIL if status is not None else INFO, code, status=status)
+
+
+    def read_cut(self) -> None:
+        """Every bank account, linearizably, at one consistent cut of the shards: each shard's
+        accounts and cross-shard state from one read transaction of one replica (the admin cut
+        route, after a read barrier), every shard at once, read again (bounded) until the readings
+        fit together (``cluster.cut.cut_problems``). Recorded: each account's balance, the cut, and
+        each open leg of the run's transfers with the outcome its home decided for it."""
+        op = self.history.invoke(self.name, "read", consistency="linearizable", accounts=self.bank.accounts)
+        code, status = "no_consistent_cut", None
+        for attempt in range(1, cut_readings_max + 1):
+            started_ns = time.time_ns()
+            readings = self.read_every_shard(started_ns - cut_recent_s * 10**9)
+            failed = [r for r in readings.values() if isinstance(r, tuple)]
+            if failed:
+                status, code = failed[0]
+                break
+            cuts = {s: ShardCut.from_json(body) for s, body in readings.items()}  # type: ignore[arg-type]
+            if not cut_problems(cuts, started_ns - cut_judged_s * 10**9):
+                values = {a: {k: b[k] for k in READ_FIELDS}
+                          for body in readings.values() for a, b in body["balances"].items()}  # type: ignore[union-attr]
+                self.history.complete(op, OK, values=values, in_flight=self.in_flight(cuts),
+                                      cut={str(s): c.applied_index for s, c in cuts.items()},
+                                      readings=attempt)
+                return
+        self.history.complete(op, FAIL if status is not None or code == "no_consistent_cut" else INFO,
+                              code, status=status)
+
+    def read_every_shard(self, since_ns: int) -> dict[int, dict[str, Any] | tuple[int | None, str]]:
+        """Shard -> its reading, or (status, code) when none came; one thread per shard."""
+        urls = {shard: self.replica_url(shard) for shard in self.bank.by_shard}
+
+        def one(shard: int) -> dict[str, Any] | tuple[int | None, str]:
+            params = {"since_ns": since_ns, "accounts": ",".join(self.bank.by_shard[shard]),
+                      "consistency": "linearizable"}
+            status, _headers, answer = self.send("GET", f"/v1/admin/shards/{shard}/cut?{urlencode(params)}",
+                                                 url=urls[shard])
+            if status == 200:
+                return dict(answer)
+            if status == 404:
+                self.replicas = None  # that node holds no replica of the shard now: ask the map again
+            return status, _code(answer) if status is not None else "no_answer"
+
+        with ThreadPoolExecutor(max_workers=len(urls)) as pool:
+            return dict(zip(urls, pool.map(one, urls), strict=True))
+
+    def replica_url(self, shard: int) -> str | None:
+        """A node holding a replica of ``shard`` (from the cluster map, read again after a 404);
+        None (a node at random) while no map could be read."""
+        if self.replicas is None:
+            status, _headers, cmap = self.send("GET", "/v1/cluster/map")
+            if status != 200:
+                return None
+            urls = {n["id"]: n["url"] for n in cmap["nodes"]}
+            self.replicas = {s["id"]: [urls[n] for n in s["replicas"] if n in urls] for s in cmap["shards"]}
+        return self.rng.choice(self.replicas.get(shard) or [None])
+
+    def in_flight(self, cuts: dict[int, ShardCut]) -> list[dict[str, Any]]:
+        """Each open leg of a transfer of the bank's workers with what its home decided for it
+        (``cluster.cut.settling``: an undecided one is voided). Funding transfers are left out:
+        each was finished before the first read."""
+        out = []
+        for shard, cut in sorted(cuts.items()):
+            for leg in cut.legs.values():
+                if leg.status not in OPEN or not leg.id.startswith(self.bank.run_id) \
+                        or leg.id in self.bank.setup_ids:
+                    continue
+                outcome, amount = settling(shard, leg, cuts.get(leg.coordinator))
+                out += [{"txid": leg.id, "shard": shard, "status": leg.status, "currency": currency,
+                         "side": "credit" if side else "debit", "amount": amount or placed,
+                         "outcome": OUTCOME_NAMES[outcome]} for currency, side, placed in leg.entries]
+        return out
 
 
 class RetryStorm(Worker):

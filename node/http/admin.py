@@ -30,7 +30,8 @@ from raftledger.statemachine.layout import unpack_leg
 from raftledger.statemachine.store import LedgerStore, Reader
 
 from ..service import ShardService
-from . import parse
+from . import parse, reads
+from .auth import require_accounts
 from .context import NodeContext, context_of
 from .render import respond
 
@@ -150,16 +151,23 @@ async def totals(request: web.Request) -> web.Response:
 async def cut(request: web.Request) -> web.Response:
     """This replica's cross-shard state in one read transaction (``raftledger.cluster.cut``): its
     per-currency totals, every open leg and open decision, and the legs, decisions and aborts since
-    ``since_ns``. ``raftledger verify`` reads every shard at once and checks the readings fit."""
+    ``since_ns``. ``raftledger verify`` reads every shard at once and checks the readings fit.
+    ``accounts`` adds their balances, read in the same transaction (after the consistency asked
+    for): with the legs in flight, a set of accounts over several shards can be reconciled at one
+    consistent cut (the chaos harness checks money conservation so)."""
     ctx = context_of(request)
     svc = _hosted(ctx, request)
-    parse.check_query(request.query, frozenset({"since_ns"}))
+    parse.check_query(request.query, frozenset({"since_ns", "accounts"}) | parse.READ_PARAMS)
     since_ns = parse.query_int(request.query, "since_ns", 0, 2**64 - 1, 0)
     assert since_ns is not None
+    accounts = reads.accounts_of_shard(ctx, svc.shard, request.query.get("accounts"))
+    require_accounts(request, accounts)
+    await reads.ensure_consistency(ctx, svc, parse.parse_read_params(request.query, ctx.shard_count))
 
     def read(store: LedgerStore) -> dict[str, Any]:
         with store.reader() as reader:
-            return summarize(reader, since_ns, ctx.node_id).to_json()
+            return {**summarize(reader, since_ns, ctx.node_id).to_json(),
+                    "balances": reads.balances(reader, accounts)}
 
     with svc.store_lease() as store:
         body = await asyncio.to_thread(read, store)

@@ -232,8 +232,10 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/admin/shards/{shard}/cut": {"get": _op(
         "This replica's cross-shard state in one read, for a cut of the cluster: per-currency totals, "
         "every open leg and open decision, and the legs, cross-shard decisions and aborts since "
-        "since_ns", "admin", 200, {"type": "object"}, (400, 404),
-        [SHARD, _param("since_ns", schema={"type": "integer", "minimum": 0, "default": 0})])},
+        "since_ns; with accounts (comma-separated ids of this shard), their balances read in the same "
+        "transaction, after the consistency asked for", "admin", 200, {"type": "object"}, (400, 404, 503),
+        [SHARD, _param("since_ns", schema={"type": "integer", "minimum": 0, "default": 0}),
+         _param("accounts", schema={"type": "string"}), *CONSISTENCY])},
     "/v1/admin/shards/{shard}/backup": {"get": {
         "summary": "A consistent copy of this replica's LMDB store, streamed; X-Ledger-Applied-Index "
                    "and X-Ledger-Fingerprint name the point it was taken at", "tags": ["admin"],

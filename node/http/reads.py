@@ -30,6 +30,7 @@ APPLIED_HEADER = "X-Ledger-Applied-Index"
 STALENESS_HEADER = "X-Ledger-Staleness-Ms"
 PROXIED_HEADERS = ("Content-Type", "Retry-After", NODE_HEADER, APPLIED_HEADER, STALENESS_HEADER)
 stale_retry_after_s = 0.5
+accounts_per_read_max = 1000
 
 
 async def ensure_consistency(ctx: NodeContext, svc: ShardService, params: parse.ReadParams) -> None:
@@ -98,6 +99,29 @@ def _run_query(query: Callable[[Reader], Any], reader: Reader, account_id: str) 
     if body is None:
         raise LedgerError("not_found", f"no account {account_id!r}", details={"account_id": account_id})
     return body
+
+
+def accounts_of_shard(ctx: NodeContext, shard: int, raw: str | None) -> list[str]:
+    """A comma-separated list of account ids (``accounts_per_read_max`` at most), each routed to
+    ``shard``: one read transaction of one replica can only answer for its own shard."""
+    if not raw:
+        return []
+    accounts = list(dict.fromkeys(raw.split(",")))
+    if len(accounts) > accounts_per_read_max:
+        raise LedgerError("invalid_query", f"at most {accounts_per_read_max} accounts per read",
+                          details={"param": "accounts", "count": len(accounts)})
+    for account in accounts:
+        parse.parse_id(account, "accounts", "id")
+    elsewhere = [a for a in accounts if ctx.shard_of(a) != shard]
+    if elsewhere:
+        raise LedgerError("invalid_query", f"accounts routed to another shard than {shard}",
+                          details={"param": "accounts", "shard": shard, "accounts": elsewhere[:10]})
+    return accounts
+
+
+def balances(reader: Reader, accounts: list[str]) -> dict[str, Any]:
+    """Each account's balance in one read transaction (404 ``not_found`` naming the first missing)."""
+    return {a: _run_query(lambda r, a=a: r.balance(a).to_json(), reader, a) for a in accounts}
 
 
 async def get_account(request: web.Request) -> web.Response:
