@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from raftledger.cluster import launcher
@@ -36,3 +38,31 @@ def test_restarted_node_never_refuses_a_valid_token_while_it_catches_up(tmp_path
         assert seen and seen[-1] == 200, seen[-20:]
         assert 401 not in seen, f"401 among {sorted(set(seen))}"
         wait_until(lambda: cluster.status("n2"), restart_deadline_s, "n2 to answer")
+
+
+def test_a_feed_long_poll_on_a_replica_removed_meanwhile_is_answered_not_500(tmp_path: Path) -> None:
+    """Seed 4: the feed subscriber got 500 ``internal_error``. A long-poll (``wait_ms``) holds the
+    shard's replica across its wait; when membership churn removed that replica meanwhile, the page
+    was read from its closed store (``lmdb.Error``). The node must answer from a replica that is
+    still there instead."""
+    with LocalCluster(tmp_path, nodes=3, shards=1, credentials=True) as cluster:
+        follower = next(n for n in cluster.node_ids if n != cluster.leader(0))
+        with cluster.client() as client:
+            after = client.request("GET", "/v1/feed", params={"shard": 0, "wait_ms": 0})["last_offset"]
+        answers: list[tuple[int, Any]] = []
+
+        def long_poll() -> None:
+            status, _, body = launcher.http_request(
+                "GET", cluster.urls[follower] + f"/v1/feed?shard=0&after={after}&wait_ms=8000",
+                token=cluster.admin_token, timeout_s=60.0)
+            answers.append((status, body))
+
+        poller = threading.Thread(target=long_poll, daemon=True)
+        poller.start()
+        with cluster.client() as client:
+            client.request("DELETE", f"/v1/shards/0/replicas/{follower}")
+        poller.join(restart_deadline_s)
+        assert answers, "the long-poll did not end"
+        status, body = answers[0]
+        assert status == 200, (status, body)
+        assert all(e["offset"] > after for e in body["events"])

@@ -163,6 +163,7 @@ async def cut(request: web.Request) -> web.Response:
     accounts = reads.accounts_of_shard(ctx, svc.shard, request.query.get("accounts"))
     require_accounts(request, accounts)
     await reads.ensure_consistency(ctx, svc, parse.parse_read_params(request.query, ctx.shard_count))
+    svc = _hosted(ctx, request)  # still here after the barrier: its store is open
 
     def read(store: LedgerStore) -> dict[str, Any]:
         with store.reader() as reader:

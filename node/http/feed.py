@@ -35,7 +35,7 @@ from ..service import ShardService
 from . import auth, forward, parse
 from .body import read_json
 from .context import NodeContext, context_of
-from .reads import PROXIED_HEADERS, ensure_consistency, freshness_headers, proxy_read
+from .reads import PROXIED_HEADERS, ensure_consistency, freshness_headers, proxy_read, still_hosted
 from .render import json_bytes, respond
 
 FEED_PARAMS = parse.READ_PARAMS | {"shard", "after", "limit", "wait_ms"}
@@ -137,12 +137,16 @@ async def get_feed(request: web.Request) -> web.Response:
         return await proxy_read(request, shard)
     await ensure_consistency(ctx, svc, params)
     deadline = ctx.clock.monotonic() + wait_ms / 1000.0
+    if not still_hosted(ctx, svc):
+        return await proxy_read(request, shard)
     page = read_page(svc, after, limit)
     for _ in range(long_poll_wakeups_max):
         remaining = deadline - ctx.clock.monotonic()
         if page.events or remaining <= 0:
             break
         await svc.wait_applied(page.applied + 1, remaining)  # woken by the shard's next apply
+        if not still_hosted(ctx, svc):  # moved away during the wait (its store closed): the page
+            break  # read before it is the answer, and the next poll is served where the shard is
         page = read_page(svc, after, limit)
     body = page.body()
     body["events"] = [e for e in page.events if auth.visible(request, auth.event_accounts(e))]
@@ -205,6 +209,8 @@ async def stream_feed(request: web.Request) -> web.StreamResponse:
     if svc is None:
         return await _proxy_stream(request, ctx, shard, after, state)
     await ensure_consistency(ctx, svc, params)
+    if not still_hosted(ctx, svc):
+        return await _proxy_stream(request, ctx, shard, after, state)
     page = read_page(svc, after, stream_page_events)  # a 410 is still an answer with a status
     state.open += 1
     try:
@@ -238,6 +244,8 @@ async def _pump(ctx: NodeContext, svc: ShardService, request: web.Request, respo
             else:
                 await _wait_applied_or_closing(svc, page.applied + 1, heartbeat_s - idle, state)
         after = page.events[-1]["offset"] if page.events else page.after
+        if not still_hosted(ctx, svc):  # moved away: the client resumes elsewhere (Last-Event-ID)
+            return
         try:
             page = read_page(svc, after, stream_page_events)
         except LedgerError as exc:  # compacted under a reader too slow for the retention
@@ -438,7 +446,8 @@ async def _position(request: web.Request, ctx: NodeContext, shard: int, name: st
     svc = ctx.shards.get(shard)
     if svc is not None:
         await ensure_consistency(ctx, svc, params)
-        return consumer_position(svc, name)
+        if still_hosted(ctx, svc):
+            return consumer_position(svc, name)
     query = {k: v for k, v in request.query.items() if k != "shard"}
     answer = await peer_get(ctx, shard, f"/v1/feed/consumers/{name}", {**query, "shard": str(shard)})
     position: dict[str, Any] = answer["shards"][str(shard)]

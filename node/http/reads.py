@@ -46,6 +46,14 @@ async def ensure_consistency(ctx: NodeContext, svc: ShardService, params: parse.
                               "max_staleness_ms": params.max_staleness_ms})
 
 
+def still_hosted(ctx: NodeContext, svc: ShardService) -> bool:
+    """Whether ``svc`` still serves here. The map can move a replica away while a handler awaits
+    (a read barrier, a long-poll): the node takes it out of ``ctx.shards``, then closes its store,
+    so a handler that awaited since it looked the replica up checks this before reading it, and
+    reads elsewhere when it is gone (reading a closed store raises ``lmdb.Error``: a 500)."""
+    return ctx.shards.get(svc.shard) is svc
+
+
 async def _wait_applied(ctx: NodeContext, svc: ShardService, index: int, wait_s: float) -> None:
     if svc.applied_index() >= index or await svc.wait_applied(index, wait_s):
         return
@@ -78,6 +86,8 @@ async def _read(request: web.Request, account_id: str,
     if svc is None:
         return await proxy_read(request, ctx.shard_of(account_id))
     await ensure_consistency(ctx, svc, params)
+    if not still_hosted(ctx, svc):
+        return await proxy_read(request, svc.shard)
     with svc.store.reader() as reader:
         headers = freshness_headers(ctx, svc, reader.state().applied_index)
         try:
@@ -169,6 +179,8 @@ async def get_transaction(request: web.Request) -> web.Response:
     headers: dict[str, str] = {}
     for svc in sorted(ctx.shards.values(), key=lambda svc: svc.shard != home):
         await ensure_consistency(ctx, svc, params)
+        if not still_hosted(ctx, svc):
+            continue
         with svc.store.reader() as reader:
             record = reader.transaction(txid)
             elsewhere = reader.recorded_at(txid)
@@ -204,6 +216,9 @@ async def transaction_at(ctx: NodeContext, shard: int, txid: str) -> Found:
         if linearizable:
             index = await read_barrier(ctx, shard)
             await _wait_applied(ctx, svc, index, ctx.settings.http.consistency_wait_s)
+            if not still_hosted(ctx, svc):
+                raise LedgerError("unavailable", f"the replica of shard {shard} left this node",
+                                  details={"shard": shard}, retry_after_s=stale_retry_after_s)
         with svc.store.reader() as reader:
             found = reader.transaction(txid)
             elsewhere = reader.recorded_at(txid)
