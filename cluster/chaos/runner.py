@@ -19,6 +19,7 @@ from raftledger.cluster import launcher, verify
 from raftledger.cluster.testing import LocalCluster
 
 from . import checkers
+from .attach import ATTACHED_KINDS, AttachedCluster, find_pid, schedule_for_attached
 from .history import History
 from .nemesis import Nemesis, Network, heal_everything, plan_schedule
 from .proxy import ProxyHub
@@ -38,7 +39,7 @@ class Options:
     nodes: int = 3
     shards: int = 2
     out: str | None = None
-    data_dir: str | None = None  # a cluster planned there (not running) instead of a new one
+    data_dir: str | None = None  # a cluster planned there instead of a new one (running: attach)
     faults: bool = True
 
 
@@ -61,10 +62,11 @@ def run(options: Options, say: Any = print) -> Result:
         root = options.data_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="chaos-"))
         hub = ProxyHub()
         stack.callback(hub.close)
-        cluster = LocalCluster(root, nodes=options.nodes, shards=options.shards, durability="fsync",
-                               credentials=True, resume=bool(options.data_dir)
-                               and os.path.exists(os.path.join(root, launcher.CLUSTER_FILE)))
-        network = Network(hub, cluster, root)
+        cluster = attached_to(options.data_dir, say) or LocalCluster(
+            root, nodes=options.nodes, shards=options.shards, durability="fsync", credentials=True,
+            resume=bool(options.data_dir) and os.path.exists(os.path.join(root, launcher.CLUSTER_FILE)))
+        network = Network(hub, cluster, stack.enter_context(tempfile.TemporaryDirectory(prefix="dial-"))
+                          if isinstance(cluster, AttachedCluster) else root)
         stack.callback(cluster.close)
         cluster.start()
         try:
@@ -72,6 +74,21 @@ def run(options: Options, say: Any = print) -> Result:
         finally:
             if options.out:
                 keep_node_logs(cluster, options.out)
+
+
+def attached_to(data_dir: str | None, say: Any) -> AttachedCluster | None:
+    """The cluster running in ``data_dir``, when one is (``attach``); None when none of its nodes
+    runs (the harness starts it behind its proxies)."""
+    if data_dir is None or launcher.load_plan(data_dir) is None:
+        return None
+    plan = launcher.load_plan(data_dir)
+    assert plan is not None
+    if not any(find_pid(plan, n.id) for n in plan.cluster.nodes):
+        return None
+    cluster = AttachedCluster(data_dir)
+    say(f"chaos: attached to the running cluster in {data_dir} (pids "
+        f"{', '.join(f'{n} {p.pid}' for n, p in sorted(cluster.procs.items()))})")
+    return cluster
 
 
 def keep_node_logs(cluster: LocalCluster, out: str) -> None:
@@ -90,6 +107,10 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any)
     history = History()  # times count from here: the bank is open
     stop = threading.Event()
     schedule = plan_schedule(options.seed, options.duration_s) if options.faults else []
+    if isinstance(cluster, AttachedCluster):
+        schedule, skipped = schedule_for_attached(schedule)
+        say(f"chaos: attached: faults {sorted(ATTACHED_KINDS)} only; skipped (they need the "
+            f"harness's proxies, i.e. a cluster it starts): {', '.join(skipped) or 'none planned'}")
     say(f"chaos: {len(bank.accounts)} accounts over {options.shards} shards, {len(schedule)} faults planned")
     feed_client = cluster.client()
     follower = FeedFollower(feed_client)
