@@ -33,5 +33,6 @@ def test_short_run_under_faults_passes_every_checker(tmp_path: Path) -> None:
     assert summary["faults"] >= 5, report
     assert summary["operations_by_outcome"].get("transfer:ok", 0) > 100, report
     assert summary["operations_by_outcome"].get("read:ok", 0) > 100, report
+    assert summary["verdicts"]["reads"]["stats"]["reads"]["conservation"] > 20, report
     history = json.loads((tmp_path / "out" / "history.json").read_text())
     assert {f["kind"] for f in history["faults"]} and all(f["end"] for f in history["faults"])
