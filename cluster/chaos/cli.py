@@ -16,8 +16,9 @@ def add_parser(sub: Any) -> None:
     parser.add_argument("--shards", type=int, default=2)
     parser.add_argument("--out", default=None, help="folder for history.json, report.json, timeline.png")
     parser.add_argument("--data-dir", default=None,
-                        help="run on the cluster planned in this folder (stopped; the harness starts "
-                             "it with its proxies) instead of a new one in a temp dir")
+                        help="run on the cluster planned in this folder instead of a new one in a temp "
+                             "dir: stopped, the harness starts it with its proxies; running, it "
+                             "attaches (kill, pause and churn only; docs/reliability.md)")
     parser.add_argument("--no-faults", action="store_true", help="the workloads and checkers only")
 
 
