@@ -159,8 +159,8 @@ def run_up(args: argparse.Namespace) -> int:
         for proc in procs.values():
             launcher.stop_process(proc)
         plan = launcher.load_plan(plan.data_dir) or plan  # with the nodes `cluster add-node` added
-        for node_id, pid in plan.pids.items():
-            if node_id not in procs:
+        for node_id, pid in plan.pids.items():  # added since, or restarted by `raftledger chaos`
+            if node_id not in procs or procs[node_id].pid != pid:
                 launcher.stop_pid(pid, launcher.node_config_path(plan, node_id))
         plan.pids.clear()
         launcher.save_plan(plan)
