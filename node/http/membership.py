@@ -483,12 +483,25 @@ async def move_meta(request: web.Request) -> web.Response:
                 return respond(request, 202, {"from": leaving, "to": to, "state": "catching_up",
                                               **progress, "members": list(ctx.cluster_map.meta_members)})
         await _start_meta_removal(ctx, leaving, to, force)
+    await _member_stopped(ctx, leaving)
     view = await _remove_member(ctx, META_GROUP, leaving, _meta_address(ctx.cluster_map, leaving))
     if change_of(ctx.cluster_map.meta_change, leaving) == "remove":
         await _propose(ctx, FinishMetaChange(leaving))
     return respond(request, 200, {"from": leaving, "to": to, "state": "done",
                                   "members": list(ctx.cluster_map.meta_members), "leader": view["leader"],
                                   "epoch": ctx.maps.epoch})
+
+
+async def _member_stopped(ctx: NodeContext, leaving: str) -> None:
+    """Wait (bounded: a dead node never answers) until the leaving member applied the map that
+    drops it and stopped: it learns that entry's commit only from the leader, which stops
+    contacting it once its address is removed, and it would otherwise stay a member that nobody
+    contacts, holding a map that no longer advances."""
+    end = ctx.clock.monotonic() + transfer_wait_s
+    while ctx.clock.monotonic() < end:
+        if await _replica_status(ctx, leaving, META_GROUP) is None:
+            return
+        await ctx.clock.sleep(catch_up_poll_s)  # another process: polled, with a deadline
 
 
 def _resumed_add(change: str, leaving: str, to: str | None) -> str:
