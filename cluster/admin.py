@@ -7,9 +7,13 @@
 - ``add-replica SHARD NODE`` — returns once the new replica caught up and votes, showing its progress.
 - ``remove-replica SHARD NODE [--force]`` — refused (``quorum_at_risk``) when the healthy replicas left
   would not be a majority, unless forced.
-- ``remove-node NODE [--force]`` — moves each of its replicas to a node that hosts none of that shard
-  (else removes it, with the same safety), marks it removed, then stops it when this machine runs it
-  (cluster.json has its pid), or says it may be stopped.
+- ``remove-node NODE [--force] [--shrink-meta]`` — moves its member of the metadata group, if it
+  hosts one, to a node that hosts none (refused with ``no_free_meta_host`` when there is none: add a
+  node first, or shrink the group with ``--shrink-meta``), moves each of its replicas to a node that
+  hosts none of that shard (else removes it, with the same safety), marks it removed, then stops it
+  when this machine runs it (cluster.json has its pid), or says it may be stopped.
+- ``move-meta --from A [--to B] [--shrink] [--force]`` — the metadata group's member on A moves to B
+  (or to a free node), as ``remove-node`` does it.
 
 Each change is a request the nodes make safe to repeat (docs/operations.md): a command that failed
 half-way is finished by running it again. Commands retry while the cluster answers "not now" (503),
@@ -247,23 +251,49 @@ def next_node_id(known: set[str]) -> str:
 
 def remove_node(args: argparse.Namespace) -> int:
     where = target(args)
+    meta = _move_meta_off(where, args.node, args.shrink_meta, args.force, args.timeout)
     steps = _empty_node(where, args.node, args.force, args.timeout)
     until_done(where, "DELETE", f"/v1/cluster/nodes/{args.node}", timeout_s=args.timeout)
     stopped = _stop_if_local(args, where, args.node)
-    body = {"node": args.node, "state": "removed", "steps": steps, "stopped": stopped}
+    body = {"node": args.node, "state": "removed", "steps": steps, "stopped": stopped, "meta": meta}
     emit(args, body, lambda console: _print_removed(console, body))
+    return EXIT_OK
+
+
+def _move_meta_off(where: Target, node: str, shrink: bool, force: bool,
+                   timeout_s: float) -> dict[str, Any] | None:
+    """Move the node's member of the metadata group, when it hosts one (or its removal is under
+    way); the move's answer, or None."""
+    status = get(where, "/v1/cluster")
+    entry = next((n for n in status["nodes"] if n["id"] == node), None)
+    if entry is None:
+        raise CommandFailed(f"node_not_found: no node {node!r} in the cluster map")
+    change = (status.get("meta") or {}).get("change")
+    if not entry.get("meta") and change != {"op": "remove", "node": node}:
+        return None
+    moved = _move_meta(where, node, None, shrink, force, timeout_s)
+    return {"moved_to": moved["to"], "members": moved["members"]}
+
+
+def _move_meta(where: Target, node: str, to: str | None, shrink: bool, force: bool,
+               timeout_s: float) -> Any:
+    payload = {"from": node, **({"to": to} if to else {}), **({"shrink": True} if shrink else {})}
+    return until_done(where, "POST", "/v1/cluster/meta/move", payload,
+                      {"force": "true"} if force else None, timeout_s)
+
+
+def move_meta(args: argparse.Namespace) -> int:
+    body = _move_meta(target(args), args.source, args.to, args.shrink, args.force, args.timeout)
+    emit(args, body, lambda console: console.print(
+        f"metadata group: the member on {body['from']} "
+        + (f"moved to {body['to']}" if body["to"] else "left (the group shrank)")
+        + f"; members now {', '.join(body['members'])} (leader {body['leader']})"))
     return EXIT_OK
 
 
 def _empty_node(where: Target, node: str, force: bool, timeout_s: float) -> list[dict[str, Any]]:
     """Move each replica the node holds to an up node without one of that shard, else remove it."""
     cluster_map = get(where, "/v1/cluster/map")
-    entry = next((n for n in get(where, "/v1/cluster")["nodes"] if n["id"] == node), None)
-    if entry is None:
-        raise CommandFailed(f"node_not_found: no node {node!r} in the cluster map")
-    if entry.get("meta"):
-        raise CommandFailed(f"node_hosts_meta: node {node} hosts a member of the metadata group, "
-                            "which cannot be moved yet")
     steps = []
     for shard in cluster_map["shards"]:
         if node not in shard["replicas"]:
@@ -299,6 +329,10 @@ def _stop_if_local(args: argparse.Namespace, where: Target, node: str) -> bool:
 
 
 def _print_removed(console: Console, body: dict[str, Any]) -> None:
+    if body["meta"] is not None:
+        moved_to = body["meta"]["moved_to"]
+        console.print(f"metadata group: its member on {body['node']} "
+                      + (f"moved to {moved_to}" if moved_to else "left (the group shrank)"))
     for step in body["steps"]:
         where = f"moved to {step['moved_to']}" if step["moved_to"] else "removed"
         console.print(f"shard {step['shard']}: its replica on {body['node']} {where}")
@@ -327,10 +361,21 @@ def add_parser(sub: Any) -> None:
         parser.add_argument("node")
         _change_options(parser)
         parser.set_defaults(handler=handler)
-    gone = commands.add_parser("remove-node", help="move or remove its replicas, then remove NODE")
+    gone = commands.add_parser("remove-node", help="move its metadata group member and replicas, "
+                               "then remove NODE")
     gone.add_argument("node")
     _change_options(gone)
+    gone.add_argument("--shrink-meta", action="store_true",
+                      help="when no node can take its metadata group member, let the group shrink "
+                           "(only while a healthy majority remains)")
     gone.set_defaults(handler=remove_node)
+    move = commands.add_parser("move-meta", help="move the metadata group's member off a node")
+    move.add_argument("--from", dest="source", required=True, help="the node whose member moves")
+    move.add_argument("--to", help="the node that takes it (default: an up node hosting none)")
+    move.add_argument("--shrink", action="store_true",
+                      help="when no node can take it, let the group shrink (keeps a healthy majority)")
+    _change_options(move)
+    move.set_defaults(handler=move_meta)
 
 
 def _change_options(parser: argparse.ArgumentParser) -> None:

@@ -363,11 +363,11 @@ def _restored_plan(data_dir: str, old_map: ClusterMap, port_base: int | None,
                                    "expected shards 0..n-1 and at least one node")
     taken = {port_base + i for i in range(len(nodes))} if port_base is not None else set()
     ports = iter(launcher.free_ports(len(nodes) * (len(shard_ids) + 3), avoid=taken))
-    had_meta = any(n.meta for n in nodes)
+    had_meta = bool(old_map.meta_hosts())
     specs = []
     for i, node in enumerate(nodes):
         http_port = next(ports) if port_base is None else port_base + i
-        hosts_meta = bool(node.meta) if had_meta else i < launcher.META_HOSTS
+        hosts_meta = node.id in old_map.meta_members if had_meta else i < launcher.META_HOSTS
         specs.append(NodeSpec(node.id, f"http://{launcher.HOST}:{http_port}",
                               f"{launcher.HOST}:{next(ports)}",
                               {s: f"{launcher.HOST}:{next(ports)}" for s in shard_ids},
@@ -412,8 +412,9 @@ def _write_meta_dumps(plan: launcher.Plan, old_map: ClusterMap, sync: bool) -> N
         spec = plan.cluster.node(old.id)
         new_nodes.append(NodeEntry(spec.id, spec.http, spec.internal, tuple(sorted(spec.raft.items())),
                                    spec.meta, old.state))
-    new_map = ClusterMap(old_map.epoch, tuple(new_nodes), old_map.shards, old_map.sections)
     hosts = plan.cluster.meta_hosts()
+    new_map = ClusterMap(old_map.epoch, tuple(new_nodes), old_map.shards, old_map.sections,
+                         tuple(h.id for h in hosts))
     meta = restored_dump_meta(restored_log_index_min, [h.meta for h in hosts if h.meta])
     for host in hosts:
         directory = os.path.join(plan.node_config(host.id).data_dir, "meta")

@@ -370,13 +370,15 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
 
 
 def plan_node(plan: Plan, node_id: str) -> NodeSpec:
-    """A new node for ``plan`` (``raftledger cluster add-node``): an HTTP, an internal and a Raft
-    port per shard, all free and none the plan already uses; it hosts nothing until the map says."""
+    """A new node for ``plan`` (``raftledger cluster add-node``): an HTTP, an internal, a Raft port
+    per shard and one for a member of the metadata group, all free and none the plan already uses;
+    it hosts nothing until the map says."""
     used = {int(a.rsplit(":", 1)[1]) for n in plan.cluster.nodes
             for a in (n.http, n.internal, *n.raft.values(), *([n.meta] if n.meta else []))}
-    ports = iter(free_ports(plan.cluster.shards + 2, avoid=used))
+    ports = iter(free_ports(plan.cluster.shards + 3, avoid=used))
     return NodeSpec(node_id, f"{plan.scheme}://{HOST}:{next(ports)}", f"{HOST}:{next(ports)}",
-                    {s: f"{HOST}:{next(ports)}" for s in range(plan.cluster.shards)})
+                    {s: f"{HOST}:{next(ports)}" for s in range(plan.cluster.shards)},
+                    f"{HOST}:{next(ports)}")
 
 
 def with_node(plan: Plan, node: NodeSpec) -> None:

@@ -24,10 +24,19 @@ decides. Commands:
   is in progress, a change naming another node is refused: one membership change at a time per
   shard, as Raft itself requires. A change naming the same node replaces it (an add undone by a
   remove, or the reverse).
+- ``StartMetaChange(node, adding)`` / ``FinishMetaChange(node, then_remove)``: the same two steps for
+  the metadata group itself (``meta_members``, ``meta_change``). Finishing an add may start the
+  removal of another member in the same command (``then_remove``): a move of a member (add the new
+  one, then remove the old) is recorded in the map at every moment, so sending it again finishes it.
 
 Nodes: ``PutNode`` refuses a node that was removed (its id is never reused) and addresses another
 node uses; ``SetNodeState(node, "removed")`` is refused while the node hosts a replica or a member of
 the metadata group.
+
+**The metadata group's members** are ``meta_members`` (node ids), not every node with a ``meta``
+address: a node's ``meta`` is the Raft address it hosts a member on *when* it is one, and a node that
+joined with one may take a member later. Maps written before members were recorded name none; they
+read as "every node with a ``meta`` address that is not removed", which is what they meant.
 
 ``Attributed(command, actor, at)`` wraps any of them with who asked for it (``tok_<id>`` for a
 bearer token, ``node:<id>`` for a node acting on its own, ``secret:<sender>`` for a tool holding the
@@ -96,8 +105,13 @@ class ShardEntry:
 
     def change_of(self, node_id: str) -> str | None:
         """``add`` or ``remove`` when the change in progress names ``node_id``."""
-        op, _, node = self.change.partition(":")
-        return op if self.change and node == node_id else None
+        return change_of(self.change, node_id)
+
+
+def change_of(change: str, node_id: str) -> str | None:
+    """``add`` or ``remove`` when ``change`` (``"<op>:<node>"``, or empty) names ``node_id``."""
+    op, _, node = change.partition(":")
+    return op if change and node == node_id else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +120,8 @@ class ClusterMap:
     nodes: tuple[NodeEntry, ...] = ()
     shards: tuple[ShardEntry, ...] = ()
     sections: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    meta_members: tuple[str, ...] = ()  # the metadata group's members (node ids)
+    meta_change: str = ""  # its membership change in progress: "add:<node>" or "remove:<node>"
     table: tuple[int, ...] = field(init=False, repr=False, compare=False)  # slot -> shard (-1: none)
 
     def __post_init__(self) -> None:
@@ -126,7 +142,13 @@ class ClusterMap:
         return next((n for n in self.nodes if n.id == node_id), None)
 
     def meta_hosts(self) -> list[NodeEntry]:
-        return [n for n in self.nodes if n.meta and n.state != NODE_REMOVED]
+        """The nodes hosting a member of the metadata group, in ``meta_members`` order."""
+        nodes = [self.node(i) for i in self.meta_members]
+        return [n for n in nodes if n is not None and n.meta and n.state != NODE_REMOVED]
+
+    def meta_addresses(self) -> dict[str, str]:
+        """Metadata group Raft address -> node id, of every node that names one."""
+        return {n.meta: n.id for n in self.nodes if n.meta}
 
     def problems(self) -> list[str]:
         """What makes this map unusable for routing (empty when every slot has exactly one owner)."""
@@ -156,7 +178,8 @@ class ClusterMap:
                           for n in self.nodes],
                 "shards": [[s.id, list(s.replicas), s.epoch, [list(r) for r in s.slot_ranges],
                             s.change] for s in self.shards],
-                "sections": {k: dict(v) for k, v in self.sections.items()}}
+                "sections": {k: dict(v) for k, v in self.sections.items()},
+                "meta_group": [list(self.meta_members), self.meta_change]}
 
     @classmethod
     def from_wire(cls, raw: Any) -> ClusterMap:
@@ -169,7 +192,13 @@ class ClusterMap:
                                       str(change[0]) if change else "")
                            for i, reps, e, ranges, *change in raw["shards"])
             sections = {str(k): dict(v) for k, v in raw.get("sections", {}).items()}
-            return cls(int(raw["epoch"]), nodes, shards, sections)
+            group = raw.get("meta_group")
+            if group is None:  # written before members were recorded (module docstring)
+                members = tuple(n.id for n in nodes if n.meta and n.state != NODE_REMOVED)
+                meta_change = ""
+            else:
+                members, meta_change = tuple(str(m) for m in group[0]), str(group[1])
+            return cls(int(raw["epoch"]), nodes, shards, sections, members, meta_change)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise MapError(f"malformed map: {exc!r}") from None
 
@@ -211,7 +240,7 @@ def initial_map(spec: ClusterSpec) -> ClusterMap:
                   for n in spec.nodes)
     ranges = layout_ranges(spec.shards, spec.slot_layout)
     shards = tuple(ShardEntry(s, tuple(spec.replicas(s)), 0, ranges[s]) for s in range(spec.shards))
-    return ClusterMap(0, nodes, shards)
+    return ClusterMap(0, nodes, shards, meta_members=tuple(n.id for n in spec.meta_hosts()))
 
 
 # -- commands --------------------------------------------------------------------------------------
@@ -267,6 +296,18 @@ class FinishReplicaChange:
 
 
 @dataclass(frozen=True, slots=True)
+class StartMetaChange:
+    node: str
+    adding: bool
+
+
+@dataclass(frozen=True, slots=True)
+class FinishMetaChange:
+    node: str
+    then_remove: str = ""  # a member whose removal starts in the same step (a move's second half)
+
+
+@dataclass(frozen=True, slots=True)
 class Attributed:
     """A command with who asked for it and when (ns): what the audit trail records."""
 
@@ -276,7 +317,8 @@ class Attributed:
 
 
 PlainCommand: TypeAlias = (Bootstrap | PutNode | SetNodeState | SetReplicas | AssignSlots | PutValue
-                           | StartReplicaChange | FinishReplicaChange)
+                           | StartReplicaChange | FinishReplicaChange | StartMetaChange
+                           | FinishMetaChange)
 MapCommand: TypeAlias = PlainCommand | Attributed
 TOKENS_SECTION = "tokens"  # cluster.tokens.SECTION (which imports nothing of the map)
 
@@ -302,6 +344,10 @@ def audit_record(command: MapCommand) -> tuple[str, dict[str, Any]] | None:
         return kind, {"shard": plain.shard, "node": plain.node}
     if isinstance(plain, FinishReplicaChange):
         return "replica.change_finished", {"shard": plain.shard, "node": plain.node}
+    if isinstance(plain, StartMetaChange):
+        return ("meta.adding" if plain.adding else "meta.removing"), {"node": plain.node}
+    if isinstance(plain, FinishMetaChange):
+        return "meta.change_finished", {"node": plain.node, "then_remove": plain.then_remove or None}
     if plain.section == TOKENS_SECTION:
         if plain.value is None:
             return "token.revoked", {"token": plain.key}
@@ -350,6 +396,10 @@ def apply(current: ClusterMap, command: MapCommand) -> tuple[ClusterMap, Outcome
             changed = _start_replica_change(current, command, epoch)
         elif isinstance(command, FinishReplicaChange):
             changed = _finish_replica_change(current, command)
+        elif isinstance(command, StartMetaChange):
+            changed = _start_meta_change(current, command.node, command.adding)
+        elif isinstance(command, FinishMetaChange):
+            changed = _finish_meta_change(current, command)
         else:
             changed = _put_value(current, command)
     except _Refused as refused:
@@ -395,7 +445,7 @@ def _set_node_state(current: ClusterMap, node_id: str, state: str) -> ClusterMap
         hosted = [s.id for s in current.shards if node_id in s.replicas]
         if hosted:
             raise _Refused(f"node {node_id!r} still hosts replicas of shards {hosted}")
-        if node.meta:
+        if node_id in current.meta_members or change_of(current.meta_change, node_id):
             raise _Refused(f"node {node_id!r} hosts a member of the metadata group")
     return _put_node(current, dataclasses.replace(node, state=state))
 
@@ -440,6 +490,36 @@ def _finish_replica_change(current: ClusterMap, command: FinishReplicaChange) ->
     if shard is None or shard.change_of(command.node) is None:
         raise _Refused(f"shard {command.shard}: no change of node {command.node!r} in progress")
     return _with_shards(current, [dataclasses.replace(shard, change="")])
+
+
+def _start_meta_change(current: ClusterMap, node_id: str, adding: bool) -> ClusterMap:
+    if current.meta_change and change_of(current.meta_change, node_id) is None:
+        raise _Refused(f"the metadata group's change {current.meta_change} is in progress")
+    members = current.meta_members
+    if adding:
+        node = current.node(node_id)
+        if node is None or node.state != NODE_UP:
+            raise _Refused(f"node {node_id!r} is not an up node of the map")
+        if not node.meta:
+            raise _Refused(f"node {node_id!r} has no metadata group Raft address")
+        members = members if node_id in members else (*members, node_id)
+    else:
+        if node_id not in members and change_of(current.meta_change, node_id) is None:
+            raise _Refused(f"node {node_id!r} is not a member of the metadata group")
+        members = tuple(m for m in members if m != node_id)
+        if not members:
+            raise _Refused(f"node {node_id!r} holds the metadata group's last member")
+    change = f"{'add' if adding else 'remove'}:{node_id}"
+    return dataclasses.replace(current, meta_members=members, meta_change=change)
+
+
+def _finish_meta_change(current: ClusterMap, command: FinishMetaChange) -> ClusterMap:
+    if change_of(current.meta_change, command.node) is None:
+        raise _Refused(f"no change of node {command.node!r} in the metadata group is in progress")
+    finished = dataclasses.replace(current, meta_change="")
+    if not command.then_remove:
+        return finished
+    return _start_meta_change(finished, command.then_remove, adding=False)
 
 
 def _assign_slots(current: ClusterMap, command: AssignSlots, epoch: int) -> ClusterMap:
@@ -511,6 +591,8 @@ TAG_PUT_VALUE = 6
 TAG_START_REPLICA_CHANGE = 7
 TAG_FINISH_REPLICA_CHANGE = 8
 TAG_ATTRIBUTED = 9
+TAG_START_META_CHANGE = 10
+TAG_FINISH_META_CHANGE = 11
 
 
 def _node_wire(node: NodeEntry) -> list[Any]:
@@ -534,6 +616,10 @@ def command_to_wire(command: MapCommand) -> list[Any]:
         return [TAG_START_REPLICA_CHANGE, command.shard, command.node, command.adding]
     if isinstance(command, FinishReplicaChange):
         return [TAG_FINISH_REPLICA_CHANGE, command.shard, command.node]
+    if isinstance(command, StartMetaChange):
+        return [TAG_START_META_CHANGE, command.node, command.adding]
+    if isinstance(command, FinishMetaChange):
+        return [TAG_FINISH_META_CHANGE, command.node, command.then_remove]
     return [TAG_PUT_VALUE, command.section, command.key, command.value]
 
 
@@ -565,6 +651,12 @@ def command_from_wire(raw: Any) -> MapCommand:
             return StartReplicaChange(_whole(fields[0]), _text(fields[1]), fields[2])
         if tag == TAG_FINISH_REPLICA_CHANGE:
             return FinishReplicaChange(_whole(fields[0]), _text(fields[1]))
+        if tag == TAG_START_META_CHANGE:
+            if not isinstance(fields[1], bool):
+                raise TypeError("adding must be a boolean")
+            return StartMetaChange(_text(fields[0]), fields[1])
+        if tag == TAG_FINISH_META_CHANGE:
+            return FinishMetaChange(_text(fields[0]), _text(fields[1]))
     except (TypeError, ValueError, IndexError) as exc:
         raise MapError(f"malformed map command: {exc!r}") from None
     raise MapError(f"unknown map command {raw!r:.80}")

@@ -1,6 +1,7 @@
 """The metadata Raft group: the cluster map, replicated like a shard, hosted by a few nodes.
 
-The nodes whose ``[[cluster.nodes]]`` entry names a ``meta`` Raft address each run one member
+The nodes the map names as its members (``ClusterMap.meta_members``; on a new cluster, the nodes
+whose ``[[cluster.nodes]]`` entry names a ``meta`` Raft address) each run one member
 (``MetaService``) through the same PySyncObj boundary as the data shards (``node/raft.py``): the same
 durable journal, and the same sealed transport under a key of its own (``frames.shard_key`` of the
 secret for ``META_GROUP``, which is no data shard's id). Its log carries map commands
@@ -10,6 +11,12 @@ to the map it holds, and hands each new map to the node's ``MapFollower``.
 - **Bootstrap.** While the map is empty, the group's leader proposes the map derived from the node
   files (``initial_map`` of ``[cluster]``); the command applies only to an empty map, so a second
   proposal (a new leader that had not applied the first yet) changes nothing.
+- **Members change** the way a shard's replicas do (``node/http/membership.py``, ``move_meta``): the
+  map first names the new member, whose node starts an empty member that waits to be contacted
+  (``member_settings`` from the map); the leader adds its address; a member leaving is handed the
+  leadership away from first, dropped by the map (its node stops it and follows the map by long
+  polls from then on), then removed by the leader. A node finds its partners after a restart from
+  the map it saved, not from its node file.
 - **Changes** are proposed on the leader (``propose``); other nodes reach it over the internal
   protocol (``/internal/v1/meta/propose``). A proposal answers once its entry is applied here, with
   the command's outcome and the map's epoch.
@@ -63,11 +70,13 @@ from .map import encode_command as encode_map_command
 log = logging.getLogger(__name__)
 
 META_GROUP = -1  # the group's id wherever a shard id is expected (its Raft key, its logs)
+META_DIR = "meta"  # the member's journal and dumps, under the node's data dir
 AUDIT_FEED = META_GROUP  # the audit trail's shard id in the feed
 MAGIC_V1 = b"RLMETA01"
 HEADER_V1 = struct.Struct("<8sQI")  # magic, applied index, length of PySyncObj's meta
 MAGIC = b"RLMETA02"
 HEADER = struct.Struct("<8sQII")  # magic, applied index, lengths of PySyncObj's meta and of the map
+BARRIER = b""  # an entry that applies as nothing (``read_barrier``)
 outcomes_kept_max = 1024  # outcomes of applied entries kept for the proposals waiting on them
 audit_events_kept_max = 10_000  # the audit trail's last events, held by every member
 
@@ -114,20 +123,30 @@ class AuditTrail:
         return trail
 
 
-def member_settings(config: NodeConfig, cluster_secret: bytes) -> MemberSettings:
-    """This node's member of the metadata group (its config must name a ``meta`` address)."""
-    own = config.meta_address
-    if own is None:
+def member_settings(config: NodeConfig, cluster_secret: bytes,
+                    cluster_map: ClusterMap | None = None) -> MemberSettings:
+    """This node's member of the metadata group, its partners as ``cluster_map`` names them (the
+    map it saved, or the one that made it a member), else as the node files do (a new cluster). A
+    member with no journal yet, started by a map, waits to be contacted by the group's leader."""
+    directory = os.path.join(config.data_dir, META_DIR)
+    if cluster_map is None:
+        own = config.meta_address
+        hosts = [(n.id, n.meta) for n in config.cluster.meta_hosts() if n.meta]
+        fresh = False
+    else:
+        node = cluster_map.node(config.node_id)
+        own = None if node is None else node.meta
+        hosts = [(n.id, n.meta) for n in cluster_map.meta_hosts() if n.meta]
+        fresh = not os.path.exists(os.path.join(directory, "raft.journal"))
+    if own is None or config.node_id not in {i for i, _ in hosts}:
         raise ValueError(f"node {config.node_id} hosts no member of the metadata group")
-    hosts = config.cluster.meta_hosts()
     settings = config.settings
     return MemberSettings(
         shard=META_GROUP, self_address=own,
-        partner_addresses=tuple(n.meta for n in hosts if n.id != config.node_id and n.meta),
-        directory=os.path.join(config.data_dir, "meta"),
-        raft_key=frames.shard_key(cluster_secret, META_GROUP), durability=config.durability,
-        preferred_leader=hosts[0].id == config.node_id, raft=settings.raft,
-        snapshots=settings.snapshots)
+        partner_addresses=tuple(a for i, a in hosts if i != config.node_id),
+        directory=directory, raft_key=frames.shard_key(cluster_secret, META_GROUP),
+        durability=config.durability, preferred_leader=hosts[0][0] == config.node_id,
+        raft=settings.raft, snapshots=settings.snapshots, await_leader=fresh)
 
 
 def write_dump(path: str, applied_index: int, meta: Any, cluster_map: ClusterMap, sync: bool,
@@ -184,6 +203,8 @@ class MetaService:
         self._trail_changed: asyncio.Future[None] = self.loop.create_future()
         self._outcomes: dict[int, Outcome] = {}
         self._lock = threading.Lock()
+        self._held_until = 0.0  # a leadership hand-over holds new proposals (hold_proposals)
+        self._released = asyncio.Event()
         self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
         self.raft = RaftMember(settings, MemberHooks(
@@ -196,6 +217,9 @@ class MetaService:
     # -- applying (tick thread) -------------------------------------------------------------------
     def _apply(self, index: int, payload: bytes) -> None:
         if index <= self.applied_index:
+            return
+        if payload == BARRIER:  # changes nothing: committed is all a barrier needs
+            self.applied_index = index
             return
         try:
             command = decode_command(payload)
@@ -214,6 +238,7 @@ class MetaService:
             self._publish(new)
 
     def _publish(self, new: ClusterMap) -> None:
+        self.address_to_node.update(new.meta_addresses())  # members that joined get names
         with contextlib.suppress(RuntimeError):  # loop closed: nobody follows any more
             self.loop.call_soon_threadsafe(self._on_map, new)
             self.loop.call_soon_threadsafe(self._trail_grew)
@@ -310,9 +335,43 @@ class MetaService:
             await self.clock.wait(changed, self.timeouts.retry_s)
 
     # -- proposals (event loop) --------------------------------------------------------------------
+    @property
+    def shard(self) -> int:
+        """The group's id where a shard's is expected (membership steps name it)."""
+        return META_GROUP
+
+    def hold_proposals(self, seconds: float) -> None:
+        """Propose nothing new for ``seconds`` or until ``release_proposals`` (a leadership transfer
+        needs the target's log to match the leader's; ``ReplicaService.hold_proposals``)."""
+        self._held_until = self.clock.monotonic() + seconds
+        self._released.clear()
+
+    def release_proposals(self) -> None:
+        self._held_until = 0.0
+        self._released.set()
+
+    async def read_barrier(self, timeout_s: float) -> int:
+        """Commit an entry that changes nothing: everything appended before it is committed once it
+        is (the log index of the barrier). Raises NotLeader or Unavailable."""
+        if not self.is_leader():
+            raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
+        future: asyncio.Future[int] = self.loop.create_future()
+
+        def committed(index: int | None, error: Unavailable | None) -> None:  # tick thread
+            with contextlib.suppress(RuntimeError):
+                self.loop.call_soon_threadsafe(_settle, future, index, error)
+
+        self.raft.propose(BARRIER, committed)
+        if not await self.clock.wait(future, timeout_s):
+            raise Unavailable(message="metadata group: read barrier timed out")
+        return future.result()
+
     async def propose(self, command: MapCommand) -> Outcome:
         """Apply ``command`` through this member, which must lead the group; its outcome once it is
         applied here. Raises NotLeader, Overloaded or OutcomeUnknown."""
+        remaining = self._held_until - self.clock.monotonic()
+        if remaining > 0 and self.is_leader():
+            await self.clock.wait(self._released.wait(), remaining)
         if not self.is_leader():
             raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
         if not isinstance(command, Attributed):  # a change this node makes on its own
@@ -335,10 +394,13 @@ class MetaService:
 
     # -- views and shutdown ------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
+        """``raft_applied_index`` counts PySyncObj's own entries (a leader's no-op, membership
+        changes), which never reach ``_apply``: what a new member's catch-up is measured by."""
         raft = self.raft
         return {"role": "leader" if self.is_leader() else "follower", "term": raft.term,
                 "commit_index": raft.commit_index, "applied_index": self.applied_index,
-                "leader": self.leader_node_id(), "epoch": self.map.epoch}
+                "raft_applied_index": raft.last_applied, "leader": self.leader_node_id(),
+                "epoch": self.map.epoch}
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -346,10 +408,10 @@ class MetaService:
         await asyncio.to_thread(self.raft.close)
 
 
-def _settle(future: asyncio.Future[Outcome], outcome: Outcome | None, error: Exception | None) -> None:
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
     if future.done():
         return
     if error is not None:
         future.set_exception(error)
     else:
-        future.set_result(outcome)  # type: ignore[arg-type]
+        future.set_result(result)

@@ -3,7 +3,8 @@
 ``start_runtime`` reads the cluster secret and opens a ``ReplicaService`` per hosted shard (each on its
 own Raft port, its traffic sealed with the secret) on the running loop. The node follows the cluster
 map (``cluster.follower.MapFollower``): as a member of the metadata group when its config names a
-``meta`` address (``cluster.meta.MetaService``), else by long-polling the group's hosts; each hosted
+``meta`` address (``cluster.meta.MetaService``; later, when the map names it a member:
+``MetaHosting``), else by long-polling the group's hosts; each hosted
 shard keeps its slots in step with the map (``cluster.shard_slots.keep_slots``). ``serve`` runs a node until
 SIGTERM/SIGINT: the public API (``raftledger.node.http``) on the node's HTTP address and the internal
 listener (``raftledger.node.http.internal``) on its internal address; then stop accepting, drain the
@@ -70,9 +71,14 @@ class NodeRuntime:
     config: NodeConfig
     services: dict[int, ReplicaService]
     context: NodeContext
-    meta: cluster_meta.MetaService | None = None
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # following the map
     replicas: Replicas | None = None
+    hosting: MetaHosting | None = None
+
+    @property
+    def meta(self) -> cluster_meta.MetaService | None:
+        """This node's member of the metadata group, while it hosts one."""
+        return self.context.meta  # type: ignore[no-any-return]
 
     @property
     def node_id(self) -> str:
@@ -90,8 +96,8 @@ class NodeRuntime:
             await service.drain()
         for service in self.services.values():
             await service.close()
-        if self.meta is not None:
-            await self.meta.close()
+        if self.hosting is not None:
+            await self.hosting.close()
 
 
 def replica_settings(config: NodeConfig, shard: int, cluster_secret: bytes,
@@ -169,6 +175,7 @@ class Replicas:
         self.slot_keepers: dict[int, asyncio.Task[None]] = {}
         self.retiring: set[asyncio.Future[None]] = set()
         self.acted_epoch = 0  # the epoch of the last map reconciled with: older ones are ignored
+        self.hosting: MetaHosting | None = None  # reconciled with each map too
         self._lock = asyncio.Lock()
 
     def start(self, shard: int, cluster_map: ClusterMap | None) -> None:
@@ -216,6 +223,8 @@ class Replicas:
                 await self.stop(shard, cluster_map.epoch)
             for shard, service in self.services.items():  # new partners get names, not addresses
                 service.settings.address_to_node.update(replica_addresses(cluster_map, shard))
+            if self.hosting is not None:
+                await self.hosting.reconcile(cluster_map)
 
     async def follow(self) -> None:
         """Forever (cancel to stop): reconcile with every newer map."""
@@ -232,6 +241,77 @@ class Replicas:
     def close(self) -> None:
         for keeper in self.slot_keepers.values():
             keeper.cancel()
+
+
+class MetaHosting:
+    """Starts and stops this node's member of the metadata group as the map says
+    (``ClusterMap.meta_members``), and follows the map by long polls while the node has no member
+    that holds a map: before it is a member, and while its new member waits to be added. A member
+    the map drops is stopped and its directory set aside (``meta.removed-E``), so a later add starts
+    empty, as a replica's does."""
+
+    def __init__(self, config: NodeConfig, cluster_secret: bytes, context: NodeContext,
+                 follower: MapFollower) -> None:
+        self.config = config
+        self.cluster_secret = cluster_secret
+        self.context = context
+        self.follower = follower
+        self.polling: asyncio.Task[None] | None = None
+
+    def start(self, cluster_map: ClusterMap | None) -> None:
+        """A member with partners as ``cluster_map`` names them (None: as the node files do)."""
+        config = self.config
+        settings = cluster_meta.member_settings(config, self.cluster_secret, cluster_map)
+        names = cluster_map.meta_addresses() if cluster_map is not None else \
+            {n.meta: n.id for n in config.cluster.meta_hosts() if n.meta}
+        self.context.meta = cluster_meta.MetaService(settings, initial_map(config.cluster), names,
+                                                     self.follower.update, config.settings.meta)
+        log.info("metadata group: member started (partners %s)", list(settings.partner_addresses))
+
+    async def stop(self, epoch: int) -> None:
+        meta, self.context.meta = self.context.meta, None
+        if meta is None:
+            return
+        await meta.close()
+        directory = meta.settings.directory
+        if os.path.isdir(directory):
+            os.replace(directory, f"{directory}.removed-{epoch}")
+        log.info("metadata group: member stopped; the map (epoch %d) no longer names this node", epoch)
+
+    async def reconcile(self, cluster_map: ClusterMap) -> None:
+        member = self.config.node_id in cluster_map.meta_members
+        if member and self.context.meta is None:
+            self.start(cluster_map)
+        elif not member and self.context.meta is not None:
+            await self.stop(cluster_map.epoch)
+        self.follow()
+
+    def follow(self) -> None:
+        """Long-poll for the map unless this node's member holds one."""
+        meta = self.context.meta
+        wanted = meta is None or meta.map.empty
+        if wanted and self.polling is None:
+            self.polling = asyncio.get_running_loop().create_task(
+                follow_map(self.context, self.config), name="map-follower")
+        elif not wanted and self.polling is not None:
+            self.polling.cancel()
+            self.polling = None
+
+    async def close(self) -> None:
+        if self.polling is not None:
+            self.polling.cancel()
+            await asyncio.gather(self.polling, return_exceptions=True)
+        meta, self.context.meta = self.context.meta, None
+        if meta is not None:
+            await meta.close()
+
+
+def hosts_meta_at_start(config: NodeConfig, saved: ClusterMap | None, join: bool) -> bool:
+    """A member by the map this node saved; on a first start, by its node file (a new cluster),
+    never when it joins one (the map makes it a member later, if ever)."""
+    if saved is not None:
+        return config.node_id in saved.meta_members
+    return not join and config.meta_address is not None
 
 
 async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
@@ -251,28 +331,24 @@ async def start_runtime(config: NodeConfig, join: bool = False) -> NodeRuntime:
     for shard in first:
         replicas.start(shard, saved)
     cluster = config.cluster
-    meta = None
-    if config.meta_address is not None:
-        meta = cluster_meta.MetaService(
-            cluster_meta.member_settings(config, cluster_secret), initial_map(cluster),
-            {n.meta: n.id for n in cluster.meta_hosts() if n.meta}, follower.update,
-            config.settings.meta)
     scheme = tls.internal_scheme(config.settings.tls)
     context = NodeContext(config.node_id, services, cluster.shards, peers=cluster.http_urls(),
                           placement=dict(cluster.placement), internal_urls=cluster.internal_urls(scheme),
                           internal_scheme=scheme, tls_client=tls.client_context(config.settings.tls),
                           sealer=wire.Sealer(wire.internal_key(cluster_secret), config.node_id),
-                          metrics=metrics, settings=config.settings, maps=follower, meta=meta,
+                          metrics=metrics, settings=config.settings, maps=follower,
                           keys=keys.load_or_create(config.data_dir, config.node_id, time.time_ns()))
-    runtime = NodeRuntime(config, services, context, meta, replicas=replicas)
+    hosting = replicas.hosting = MetaHosting(config, cluster_secret, context, follower)
+    if hosts_meta_at_start(config, saved, join):
+        hosting.start(saved)
+    runtime = NodeRuntime(config, services, context, replicas=replicas, hosting=hosting)
     loop = asyncio.get_running_loop()
     if saved is not None:
         replicas.acted_epoch = saved.epoch  # a member replaying its log must not undo it
-        if meta is None:
+        if context.meta is None:
             follower.update(saved)  # route by it until the metadata group's hosts answer
     runtime.tasks.append(loop.create_task(replicas.follow(), name="replicas"))
-    if meta is None:
-        runtime.tasks.append(loop.create_task(follow_map(context, config), name="map-follower"))
+    hosting.follow()
     return runtime
 
 
@@ -285,7 +361,8 @@ async def join_cluster(config: NodeConfig, url: str) -> dict[str, Any]:
     token = os.environ.get(TOKEN_ENV)
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     body = {"id": own.id, "url": own.http, "internal": own.internal,
-            "raft": {str(s): a for s, a in sorted(own.raft.items())}}
+            "raft": {str(s): a for s, a in sorted(own.raft.items())},
+            **({"meta": own.meta} if own.meta else {})}
     loop = asyncio.get_running_loop()
     deadline = loop.time() + join_timeout_s
     last: Exception | None = None

@@ -205,7 +205,7 @@ def test_refusals_answer_stable_codes_and_change_nothing(local):
                        (("remove-replica", "0", "n9"), "node_not_found"),
                        (("add-replica", "7", "n1"), "not_found"),
                        (("add-replica", "0", "n1"), None),  # already a replica: nothing to do
-                       (("remove-node", "n0"), "node_hosts_meta")):
+                       (("remove-node", "n0"), "no_free_meta_host")):
         if code is None:
             assert cli(local, *args)["state"] == "done"
             continue

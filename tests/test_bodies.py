@@ -25,6 +25,7 @@ READERS: dict[str, Callable[[Any], Any]] = {
     "FollowUp": lambda body: bodies.parse_void(body, "hold-1", None),
     "NewNode": lambda body: bodies.parse_new_node(body, 2),
     "NewReplica": bodies.parse_new_replica,
+    "MetaMove": bodies.parse_meta_move,
     "TokenRequest": bodies.parse_token_request,
 }
 

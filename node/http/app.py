@@ -47,6 +47,7 @@ ROUTES: tuple[tuple[str, str, Handler], ...] = (
     ("DELETE", "/v1/cluster/nodes/{node}", membership.remove_node),
     ("POST", "/v1/shards/{shard}/replicas", membership.add_replica),
     ("DELETE", "/v1/shards/{shard}/replicas/{node}", membership.remove_replica),
+    ("POST", "/v1/cluster/meta/move", membership.move_meta),
     ("GET", "/healthz", ops.healthz),
     ("GET", "/readyz", ops.readyz),
     ("GET", "/metrics", ops.metrics),

@@ -56,6 +56,7 @@ ROUTE_PERMISSIONS: dict[tuple[str, str], str] = {
     ("POST", "/v1/cluster/nodes"): ADMIN, ("DELETE", "/v1/cluster/nodes/{node}"): ADMIN,
     ("POST", "/v1/shards/{shard}/replicas"): ADMIN,
     ("DELETE", "/v1/shards/{shard}/replicas/{node}"): ADMIN,
+    ("POST", "/v1/cluster/meta/move"): ADMIN,
     ("GET", "/v1/admin/verify"): ADMIN, ("GET", "/v1/admin/shards/{shard}/fingerprint"): ADMIN,
     ("GET", "/v1/admin/shards/{shard}/totals"): ADMIN, ("GET", "/v1/admin/shards/{shard}/cut"): ADMIN,
     ("GET", "/v1/admin/shards/{shard}/backup"): ADMIN, ("GET", "/v1/admin/cluster/map"): ADMIN,

@@ -371,6 +371,9 @@ NEW_NODE = Body("NewNode", "A node to register: where its API, its internal list
                     Field("raft_host", parse_address, {
                         **ADDRESS, "description": "instead of raft: shard s listens on this host "
                                                   "at this port + s, for every shard"}),
+                    Field("meta", parse_address, {
+                        **ADDRESS, "description": "where it may host a member of the metadata group "
+                                                  "(the cluster map) when one is moved to it"}),
                 ), examples=({"id": "n3", "url": "http://127.0.0.1:8083", "internal": "127.0.0.1:7083",
                               "raft": {"0": "127.0.0.1:9030", "1": "127.0.0.1:9031"}},))
 
@@ -379,10 +382,25 @@ NEW_REPLICA = Body("NewReplica", "The node that is to host a new replica of the 
 ), examples=({"node": "n3"},))
 
 
+META_MOVE = Body("MetaMove", "Move a member of the metadata group (the cluster map) off a node: to "
+                 "the node named, else to an up node that names a metadata address and hosts no "
+                 "member; with shrink, a node with no such node to take it just leaves the group.", (
+                     Field("from", parse_node_id, NODE_ID, required=True),
+                     Field("to", parse_node_id, NODE_ID),
+                     Field("shrink", parse.parse_bool, {"type": "boolean", "default": False},
+                           default=False),
+                 ), examples=({"from": "n1", "to": "n3"}, {"from": "n1"}))
+
+
+def parse_meta_move(value: Any) -> tuple[str, str | None, bool]:
+    leaving, to, shrink = META_MOVE.read(value)
+    return str(leaving), None if to is None else str(to), bool(shrink)
+
+
 def parse_new_node(value: Any, shards: int) -> NodeEntry:
     """A node to register, its Raft addresses spelled out for each of the ``shards``."""
-    node_id, url, internal, raft, raft_host = NEW_NODE.read(value)
-    return NodeEntry(node_id, url, internal, _raft_of(raft, raft_host, shards))
+    node_id, url, internal, raft, raft_host, meta = NEW_NODE.read(value)
+    return NodeEntry(node_id, url, internal, _raft_of(raft, raft_host, shards), meta)
 
 
 def parse_new_replica(value: Any) -> str:
@@ -477,4 +495,5 @@ def parse_token_request(value: Any) -> tokens.TokenRequest:
 
 
 BODIES: Mapping[str, Body] = {b.name: b for b in (ACCOUNT, ACCOUNTS, ENTRY, TRANSACTION, TRANSFER, BATCH,
-                                                  POST, FOLLOW_UP, NEW_NODE, NEW_REPLICA, TOKEN_REQUEST)}
+                                                  POST, FOLLOW_UP, NEW_NODE, NEW_REPLICA, META_MOVE,
+                                                  TOKEN_REQUEST)}

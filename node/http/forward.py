@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -233,9 +233,11 @@ async def _unless_leader_moves(svc: ShardService, leader: str, changed: asyncio.
             task.cancel()
 
 
-async def via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Awaitable[T]]) -> T:
-    """A shard this node does not host: ask its hosts; one that does not lead names the leader."""
-    hosts = [n for n in ctx.nodes_of(shard) if n != ctx.node_id]
+async def via_hosts(ctx: NodeContext, shard: int, remote: Callable[[str], Awaitable[T]],
+                    group: Sequence[str] | None = None) -> T:
+    """A shard this node does not host: ask its hosts (``group``'s, when given: the metadata
+    group's members); one that does not lead names the leader."""
+    hosts = [n for n in (ctx.nodes_of(shard) if group is None else group) if n != ctx.node_id]
     if not hosts:
         raise LedgerError("unavailable", f"no node hosts shard {shard}", details={"shard": shard})
     deadline = ctx.clock.monotonic() + ctx.settings.forwarding.leader_wait_s

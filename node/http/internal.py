@@ -23,6 +23,7 @@ Routes (all POST, bodies sealed as ``raftledger.node.wire`` describes):
   tree has that root at that size (``integrity.sign_head``); ``/internal/v1/keys/rotate`` — a new
   signing key for this node (``raftledger keys rotate``).
 - ``/internal/v1/shards/{shard}/totals`` — per-currency sums of a shard, for invariant checks.
+- ``/internal/v1/meta/membership`` — the same for the metadata group, on its leader.
 - ``/internal/v1/shards/{shard}/membership`` — on the shard's leader: its view of the group
   (members, last contact, match index), or one Raft membership step (``membership.leader_op``).
 - ``/internal/v1/shards/{shard}/bench`` and ``/internal/v1/bench/{run}`` — the in-process load
@@ -302,6 +303,13 @@ async def meta_propose(ctx: NodeContext, request: web.Request, encoded: Any) -> 
     return dict((await ctx.meta.propose(command)).to_wire())
 
 
+async def meta_membership(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
+    """The metadata group as its leader sees it, or one membership step run by the leader."""
+    if ctx.meta is None:
+        raise LedgerError("not_leader", f"node {ctx.node_id} hosts no member of the metadata group")
+    return await membership.leader_op(ctx, ctx.meta, payload)
+
+
 async def shard_membership(ctx: NodeContext, request: web.Request, payload: Any) -> dict[str, Any]:
     """The shard's group as its leader sees it, or one membership step run by the leader
     (``membership.leader_op``)."""
@@ -354,6 +362,7 @@ ROUTES: tuple[tuple[str, Handler], ...] = (
     ("/status", status),
     ("/map", cluster_map),
     ("/meta/propose", meta_propose),
+    ("/meta/membership", meta_membership),
     *integrity.INTERNAL_ROUTES,
 )
 BENCH_ROUTES: tuple[tuple[str, Handler], ...] = (

@@ -11,6 +11,13 @@ Public routes (API.md, "Cluster, placement and membership"):
   the internal listener refuses its requests.
 - ``POST /v1/shards/{s}/replicas {"node"}`` — add a replica; ``DELETE /v1/shards/{s}/replicas/{node}``
   remove one (409 ``quorum_at_risk`` unless ``?force=true``).
+- ``POST /v1/cluster/meta/move {"from", "to"?, "shrink"?}`` — move a member of the metadata group
+  (the cluster map) to another node: an add, then a remove, each ordered as below, the remove
+  started by the same map command that finishes the add (``FinishMetaChange.then_remove``), so the
+  map records the move at every step and the same request finishes it. Without ``to``, the node
+  taking it is an up node with a ``meta`` address hosting no member; with none, 409
+  ``no_free_meta_host`` (add a node first) unless ``shrink`` (the member just leaves, with the
+  remove's quorum check).
 
 **Order of a change, and why a retry finishes it.** Each change is two steps, the map's and Raft's:
 
@@ -50,19 +57,23 @@ from raftledger.cluster.map import (
     NODE_REMOVED,
     NODE_UP,
     ClusterMap,
+    FinishMetaChange,
     FinishReplicaChange,
     MapCommand,
     NodeEntry,
     PutNode,
     SetNodeState,
     ShardEntry,
+    StartMetaChange,
     StartReplicaChange,
+    change_of,
     node_addresses,
 )
+from raftledger.cluster.meta import META_GROUP, MetaService
 from raftledger.statemachine.slots import SLOTS
 
 from ..service import ShardService
-from .bodies import parse_new_node, parse_new_replica, parse_node_id
+from .bodies import parse_meta_move, parse_new_node, parse_new_replica, parse_node_id
 from .body import read_json
 from .context import NodeContext, context_of
 from .forward import call_peer, peer_statuses, propose_map, via_hosts
@@ -104,11 +115,17 @@ def _known_node(current: ClusterMap, node_id: str) -> NodeEntry:
 
 def _other_change(entry: ShardEntry, node_id: str) -> None:
     """409 while a change naming another node is in progress on the shard."""
-    if entry.change and entry.change_of(node_id) is None:
-        op, _, node = entry.change.partition(":")
+    _no_other_change(entry.id, entry.change, node_id)
+
+
+def _no_other_change(group: int, change: str, node_id: str) -> None:
+    """409 while ``change`` (of a shard, or of the metadata group) names another node."""
+    if change and change_of(change, node_id) is None:
+        op, _, node = change.partition(":")
+        name = "the metadata group" if group == META_GROUP else f"shard {group}"
         raise LedgerError("change_in_progress",
-                          f"shard {entry.id}: {op} of {node} is in progress; finish it (send it "
-                          "again) or undo it first", details={"shard": entry.id, "op": op, "node": node})
+                          f"{name}: {op} of {node} is in progress; finish it (send it "
+                          "again) or undo it first", details={"shard": group, "op": op, "node": node})
 
 
 async def _propose(ctx: NodeContext, command: MapCommand) -> int:
@@ -121,17 +138,21 @@ async def _propose(ctx: NodeContext, command: MapCommand) -> int:
             entry = ctx.cluster_map.shard(command.shard)
             if entry is not None:
                 _other_change(entry, command.node)
+        if isinstance(command, StartMetaChange):
+            _no_other_change(META_GROUP, ctx.cluster_map.meta_change, command.node)
         raise LedgerError("map_change_refused", outcome.reason, details={"epoch": outcome.epoch})
     await ctx.maps.wait_epoch(outcome.epoch, ctx.settings.forwarding.map_wait_s)
     return outcome.epoch
 
 
 async def _membership(ctx: NodeContext, shard: int, payload: dict[str, Any]) -> dict[str, Any]:
-    """``payload`` run by the shard's leader (``leader_op``), wherever it runs."""
-    svc = ctx.shards.get(shard)
+    """``payload`` run by the group's leader (``leader_op``), wherever it runs: a shard's, or the
+    metadata group's (``META_GROUP``)."""
+    meta = shard == META_GROUP
+    svc: Any = ctx.meta if meta else ctx.shards.get(shard)
     if svc is not None and svc.is_leader():
         return await leader_op(ctx, svc, payload)
-    path = f"/shards/{shard}/membership"
+    path = "/meta/membership" if meta else f"/shards/{shard}/membership"
 
     async def remote(node: str) -> dict[str, Any]:
         return dict(await call_peer(ctx, node, path, payload))
@@ -140,7 +161,8 @@ async def _membership(ctx: NodeContext, shard: int, payload: dict[str, Any]) -> 
     if hint is not None and hint != ctx.node_id:
         with contextlib.suppress(NotLeader):
             return await remote(hint)
-    return await via_hosts(ctx, shard, remote)
+    group = [n.id for n in ctx.cluster_map.meta_hosts()] if meta else None
+    return await via_hosts(ctx, shard, remote, group)
 
 
 def _healthy(ctx: NodeContext, view: dict[str, Any]) -> set[str]:
@@ -186,7 +208,8 @@ def _raft(svc: ShardService) -> Any:
 def view_of(ctx: NodeContext, svc: ShardService) -> dict[str, Any]:
     """The group as its leader sees it: members, how recently each answered, how far each matches."""
     raft = _raft(svc)
-    names = dict(svc.settings.address_to_node)  # type: ignore[attr-defined]
+    names = dict(svc.address_to_node if isinstance(svc, MetaService)
+                 else svc.settings.address_to_node)  # type: ignore[attr-defined]
     contacts = raft.follower_contacts()
     members = [{"address": raft.settings.self_address, "node": ctx.node_id, "contact_age_ms": 0.0,
                 "match_index": raft.commit_index}]
@@ -321,14 +344,19 @@ def _replicas(ctx: NodeContext, shard: int) -> list[str]:
 
 
 async def _replica_status(ctx: NodeContext, node_id: str, shard: int) -> dict[str, Any] | None:
+    """The replica's own report (the member's, for ``META_GROUP``); None when it cannot tell."""
     if node_id == ctx.node_id:
+        if shard == META_GROUP:
+            return None if ctx.meta is None else dict(ctx.meta.status())
         svc = ctx.shards.get(shard)
         return None if svc is None else _with_fingerprint(svc)
     try:
         answer = await call_peer(ctx, node_id, "/status", None, ctx.settings.internal.peer_status_timeout_s)
     except LedgerError:
         return None
-    found = answer.get("shards", {}).get(str(shard)) if isinstance(answer, dict) else None
+    if not isinstance(answer, dict):
+        return None
+    found = answer.get("meta") if shard == META_GROUP else answer.get("shards", {}).get(str(shard))
     return dict(found) if isinstance(found, dict) else None
 
 
@@ -426,6 +454,123 @@ async def _remove_member(ctx: NodeContext, shard: int, node_id: str, address: st
         await ctx.clock.sleep(catch_up_poll_s)
 
 
+# -- moving a member of the metadata group -----------------------------------------------------------
+
+
+async def move_meta(request: web.Request) -> web.Response:
+    """``POST /v1/cluster/meta/move``: the map's recorded change decides where a resent move goes on
+    (module docstring): ``add:<to>`` finishes the add, then removes; ``remove:<from>`` finishes the
+    remove."""
+    ctx = context_of(request)
+    deadline = ctx.clock.monotonic() + ctx.settings.http.request_timeout_s - request_margin_s
+    force = _force(request)
+    leaving, to, shrink = parse_meta_move(await read_json(request))
+    current = ctx.cluster_map
+    _known_node(current, leaving)
+    change = current.meta_change
+    if change_of(change, leaving) != "remove":
+        if change.startswith("add:"):
+            to = _resumed_add(change, leaving, to)
+        elif leaving not in current.meta_members:
+            raise LedgerError("not_a_meta_member", f"node {leaving} hosts no member of the metadata "
+                              "group", details={"node": leaving})
+        else:
+            _no_other_change(META_GROUP, change, leaving)
+            to = to or _free_meta_host(current, leaving, shrink)
+        if to is not None:
+            progress = await _add_meta_member(ctx, to, force, deadline)
+            if not progress["caught_up"]:
+                return respond(request, 202, {"from": leaving, "to": to, "state": "catching_up",
+                                              **progress, "members": list(ctx.cluster_map.meta_members)})
+        await _start_meta_removal(ctx, leaving, to, force)
+    await _member_stopped(ctx, leaving)
+    view = await _remove_member(ctx, META_GROUP, leaving, _meta_address(ctx.cluster_map, leaving))
+    if change_of(ctx.cluster_map.meta_change, leaving) == "remove":
+        await _propose(ctx, FinishMetaChange(leaving))
+    return respond(request, 200, {"from": leaving, "to": to, "state": "done",
+                                  "members": list(ctx.cluster_map.meta_members), "leader": view["leader"],
+                                  "epoch": ctx.maps.epoch})
+
+
+async def _member_stopped(ctx: NodeContext, leaving: str) -> None:
+    """Wait (bounded: a dead node never answers) until the leaving member applied the map that
+    drops it and stopped: it learns that entry's commit only from the leader, which stops
+    contacting it once its address is removed, and it would otherwise stay a member that nobody
+    contacts, holding a map that no longer advances."""
+    end = ctx.clock.monotonic() + transfer_wait_s
+    while ctx.clock.monotonic() < end:
+        if await _replica_status(ctx, leaving, META_GROUP) is None:
+            return
+        await ctx.clock.sleep(catch_up_poll_s)  # another process: polled, with a deadline
+
+
+def _resumed_add(change: str, leaving: str, to: str | None) -> str:
+    """The node of the add in progress, which a move of ``leaving`` goes on with."""
+    adding = change.partition(":")[2]
+    if to not in (None, adding) or adding == leaving:
+        _no_other_change(META_GROUP, change, to or leaving)
+    return adding
+
+
+def _free_meta_host(current: ClusterMap, leaving: str, shrink: bool) -> str | None:
+    """An up node that names a metadata address and hosts no member; None (a shrink) only when
+    asked for, else 409 ``no_free_meta_host``."""
+    free = [n.id for n in current.nodes if n.state == NODE_UP and n.meta and n.id != leaving
+            and n.id not in current.meta_members]
+    if free:
+        return free[0]
+    if shrink:
+        return None
+    raise LedgerError("no_free_meta_host", f"no up node outside the metadata group can take node "
+                      f"{leaving}'s member: add a node first (raftledger cluster add-node, or "
+                      "raftledger node --join with a meta address), or shrink the group on purpose "
+                      "(shrink: true, raftledger cluster move-meta --shrink)",
+                      details={"node": leaving, "members": list(current.meta_members)})
+
+
+def _meta_address(current: ClusterMap, node_id: str) -> str:
+    address = _known_node(current, node_id).meta
+    if address is None:
+        raise LedgerError("node_cannot_host", f"node {node_id} names no metadata group Raft address",
+                          details={"node": node_id, "shard": META_GROUP})
+    return address
+
+
+async def _add_meta_member(ctx: NodeContext, node_id: str, force: bool,
+                           deadline: float) -> dict[str, Any]:
+    """The add half of a move, as ``add_replica`` does it: the map names the member (its node
+    starts one that waits), the leader adds its address, then wait until it caught up."""
+    current = ctx.cluster_map
+    node = _known_node(current, node_id)
+    address = _meta_address(current, node_id)
+    if change_of(current.meta_change, node_id) != "add":
+        if node_id in current.meta_members:
+            raise LedgerError("already_a_meta_member", f"node {node_id} hosts a member already",
+                              details={"node": node_id})
+        if node.state != NODE_UP:
+            raise LedgerError("node_not_up", f"node {node_id} is {node.state}", details={"node": node_id})
+        view = await _membership(ctx, META_GROUP, {"op": "view"})
+        if not force:
+            _quorum_check(ctx, view, None)
+        await _propose(ctx, StartMetaChange(node_id, adding=True))
+    view = await _membership(ctx, META_GROUP, {"op": "add", "address": address})
+    return await _caught_up(ctx, META_GROUP, node_id, view, deadline)
+
+
+async def _start_meta_removal(ctx: NodeContext, leaving: str, added: str | None, force: bool) -> None:
+    """The map drops ``leaving`` (finishing the add of ``added`` in the same command), once the
+    group's leadership is off it and, unless forced, the healthy members left are a majority."""
+    view = await _membership(ctx, META_GROUP, {"op": "view"})
+    if not force:
+        _quorum_check(ctx, view, _meta_address(ctx.cluster_map, leaving))
+    if view["leader"] == leaving:
+        await _hand_over(ctx, META_GROUP, leaving, view, force)
+    if added is None:
+        await _propose(ctx, StartMetaChange(leaving, adding=False))
+    else:
+        await _propose(ctx, FinishMetaChange(added, then_remove=leaving))
+
+
 # -- nodes -------------------------------------------------------------------------------------------
 
 
@@ -439,7 +584,8 @@ async def register_node(request: web.Request) -> web.Response:
         raise LedgerError("node_removed", f"node {node_id} was removed; register it under a new id",
                           details={"node": node_id})
     if known is not None:
-        if (known.url, known.internal, known.raft) != (node.url, node.internal, node.raft):
+        if (known.url, known.internal, known.raft, known.meta) != \
+                (node.url, node.internal, node.raft, node.meta):
             raise LedgerError("node_exists", f"node {node_id} is registered with other addresses",
                               details={"node": node_id})
         return respond(request, 200, _node_json(known, current.epoch), {"Idempotent-Replayed": "true"})
@@ -454,7 +600,7 @@ async def register_node(request: web.Request) -> web.Response:
 
 def _node_json(node: NodeEntry, epoch: int) -> dict[str, Any]:
     return {"id": node.id, "url": node.url, "internal": node.internal, "state": node.state,
-            "raft": {str(s): a for s, a in node.raft}, "epoch": epoch}
+            "raft": {str(s): a for s, a in node.raft}, "meta": node.meta, "epoch": epoch}
 
 
 async def remove_node(request: web.Request) -> web.Response:
@@ -468,8 +614,9 @@ async def remove_node(request: web.Request) -> web.Response:
     if hosted:
         raise LedgerError("node_hosts_replicas", f"node {node_id} hosts replicas of shards {hosted}; "
                           "remove them first", details={"node": node_id, "shards": hosted})
-    if node.meta:
-        raise LedgerError("node_hosts_meta", f"node {node_id} hosts a member of the metadata group",
+    if node_id in current.meta_members or change_of(current.meta_change, node_id):
+        raise LedgerError("node_hosts_meta", f"node {node_id} hosts a member of the metadata group; "
+                          "move it first (POST /v1/cluster/meta/move, raftledger cluster move-meta)",
                           details={"node": node_id})
     epoch = await _propose(ctx, SetNodeState(node_id, NODE_REMOVED))
     return respond(request, 200, _node_json(ctx.cluster_map.node(node_id) or node, epoch))
@@ -507,8 +654,11 @@ async def cluster_status(request: web.Request) -> web.Response:
     ctx = context_of(request)
     current = ctx.cluster_map
     statuses = await peer_statuses(ctx)
-    nodes = [{"id": n.id, "url": n.url, "state": n.state, "meta": n.meta is not None,
+    nodes = [{"id": n.id, "url": n.url, "state": n.state, "meta": n.id in current.meta_members,
               "reachable": statuses.get(n.id) is not None} for n in current.nodes]
+    op, _, changing = current.meta_change.partition(":")
+    meta = {"members": list(current.meta_members),
+            "change": {"op": op, "node": changing} if current.meta_change else None}
     return respond(request, 200, {"node": ctx.node_id, "epoch": current.epoch, "slots": SLOTS,
-                                  "nodes": nodes,
+                                  "nodes": nodes, "meta": meta,
                                   "shards": [_shard_view(e, statuses) for e in current.shards]})

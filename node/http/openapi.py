@@ -198,6 +198,12 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/cluster/nodes/{node}": {"delete": _op(
         "Mark a node removed (refused while it hosts replicas or a metadata group member)",
         "membership", 200, _ref("Node"), (400, 404, 409, 503), [NODE_PARAM])},
+    "/v1/cluster/meta/move": {"post": _op(
+        "Move a member of the metadata group (the cluster map) off a node: to the node named, else to "
+        "an up node with a metadata address that hosts none (409 no_free_meta_host when there is "
+        "none, unless shrink: true); 200 once done, 202 with progress while the new member catches "
+        "up (send it again); 409 quorum_at_risk unless force=true", "membership", 200,
+        _ref("MetaMoveResult"), (400, 404, 409, 503), [FORCE], body=_ref("MetaMove"))},
     "/v1/shards/{shard}/replicas": {"post": _op(
         "Add a replica: 200 once it caught up and votes, 202 with progress when the request's time "
         "ran out first (send it again); refused with 409 quorum_at_risk unless force=true",
@@ -295,7 +301,12 @@ SCHEMAS: dict[str, Any] = {
     "Node": {"type": "object", "properties": {
         "id": {"type": "string"}, "url": {"type": "string"}, "internal": {"type": "string"},
         "state": {"enum": ["up", "draining", "removed"]}, "epoch": INT,
-        "raft": {"type": "object", "additionalProperties": {"type": "string"}}}},
+        "raft": {"type": "object", "additionalProperties": {"type": "string"}},
+        "meta": {"type": ["string", "null"]}}},
+    "MetaMoveResult": {"type": "object", "properties": {
+        "from": {"type": "string"}, "to": {"type": ["string", "null"]},
+        "state": {"enum": ["done", "catching_up"]}, "members": {"type": "array", "items": {"type": "string"}},
+        "epoch": INT, "applied_index": INT, "target_index": INT, "leader": {"type": ["string", "null"]}}},
     "ReplicaChange": {"type": "object", "properties": {
         "shard": INT, "node": {"type": "string"}, "state": {"enum": ["done", "catching_up"]},
         "replicas": {"type": "array", "items": {"type": "string"}}, "epoch": INT,
@@ -304,6 +315,10 @@ SCHEMAS: dict[str, Any] = {
     "ClusterStatus": {"type": "object", "properties": {
         "node": {"type": "string"}, "epoch": INT, "slots": INT,
         "nodes": {"type": "array", "items": {"type": "object"}},
+        "meta": {"type": "object", "description": "the metadata group: its members and the "
+                 "membership change in progress", "properties": {
+                     "members": {"type": "array", "items": {"type": "string"}},
+                     "change": {"type": ["object", "null"]}}},
         "shards": {"type": "array", "items": {"type": "object", "properties": {
             "id": INT, "leader": {"type": ["string", "null"]}, "epoch": INT,
             "commit_index": {"type": ["integer", "null"]},
