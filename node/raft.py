@@ -350,6 +350,11 @@ class _Member(SyncObj):
             maxSizeBytes = self.settings.raft.apply_bytes_per_tick_max
         return SyncObj._SyncObj__getEntries(self, fromIDx, count, maxSizeBytes)
 
+    def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:  # noqa: N802 (PySyncObj's)
+        if message.get("type") == "append_entries":
+            message = without_known_tail(message, self.journal, self.raftCurrentTerm)
+        SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
+
     def before_send(self, node: Any, message: dict) -> None:
         """Every message leaves after the journal entries it may vouch for are on disk."""
         self.journal.flush_if_dirty()
@@ -402,6 +407,31 @@ class _Member(SyncObj):
         if len(responses) < needed:
             return None
         return max(0.0, raft_clock() - responses[needed - 1])
+
+
+def without_known_tail(message: dict, journal: Any, current_term: int) -> dict:
+    """An append_entries as PySyncObj should take it: without truncating entries this follower holds
+    from the same leader.
+
+    PySyncObj deletes every entry after ``prevLogIdx`` before appending the message's, even when they
+    are the very same entries (a resend after a lost or late reply, a heartbeat from behind). When the
+    message ends before this follower's log does, that drops entries it already acknowledged, which
+    the leader keeps counting towards commits (its match index never goes down): a majority it
+    believes holds an entry may not, and the entry can be lost with the leader (the chaos harness's
+    logs showed "truncating already-applied log entries" many times a minute). Raft deletes only on
+    a conflict. When this follower's last entry carries the message's term, it came from that leader
+    through its consistency check, so the whole log up to it is the leader's (Log Matching): the
+    message is taken from the end of that log, with only the entries beyond it (none for a resend,
+    whose reply then names the whole log). Transmissions of one large entry in parts, and any other
+    case, go through unchanged."""
+    if "prevLogIdx" not in message or "transmission" in message or message["term"] < current_term:
+        return message
+    last = journal[-1] if len(journal) else None
+    if last is None or last[1] <= message["prevLogIdx"] or last[2] != message["term"]:
+        return message
+    known = last[1] - message["prevLogIdx"]
+    return {**message, "prevLogIdx": last[1], "prevLogTerm": last[2],
+            "entries": list(message.get("entries", ()))[known:]}
 
 
 # -- the journal ---------------------------------------------------------------------------------------

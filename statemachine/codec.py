@@ -47,7 +47,7 @@ from .commands import (
 from .validate import RULES_VERSION
 
 VERSION: Final = RULES_VERSION  # written
-VERSIONS: Final = (1, 2, 3, 4, 5)  # read
+VERSIONS: Final = (1, 2, 3, 4, 5, 6)  # read
 
 TAG_CREATE_ACCOUNT: Final = 1
 TAG_CREATE_TRANSACTION: Final = 2

@@ -229,6 +229,9 @@ LEG_HOLD: Final = 2  # keep them as a hold (a committed pending transaction)
 LEG_VOID: Final = 3  # void them (an abort, or a void follow-up)
 LEG_EXPIRE: Final = 4  # expire them (the cross-shard hold expired at its home)
 LEG_OUTCOMES: Final = (LEG_POST, LEG_HOLD, LEG_VOID, LEG_EXPIRE)
+# As the open decision ``by`` on this shard says (validate.RULES_LOCAL_FINISH): the coordinator's own leg,
+# finished in the entry that decides, just after the decision.
+LEG_AS_DECIDED: Final = 5
 
 DECIDE_NEW: Final = 0  # a new cross-shard transaction
 DECIDE_POST: Final = 1  # a post of a cross-shard hold (``target``)

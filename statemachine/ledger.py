@@ -26,6 +26,7 @@ from .commands import (
     DECIDE_NEW,
     DECIDE_POST,
     DECIDE_REVERSE,
+    LEG_AS_DECIDED,
     LEG_EXPIRE,
     LEG_HOLD,
     LEG_OUTCOMES,
@@ -76,6 +77,7 @@ from .layout import (
     total_limit,
     unpack_account,
     unpack_leg,
+    unpack_open_decision,
     unpack_transaction,
 )
 from .records import (
@@ -97,6 +99,7 @@ from .records import (
 from .slots import ranges_problem, slot_of
 from .validate import (
     RULES_FEED,
+    RULES_LOCAL_FINISH,
     RULES_MERKLE,
     RULES_VERSION,
     Problem,
@@ -839,6 +842,11 @@ class Applier:
     def _finish_leg(self, cmd: FinishLeg, ts: int) -> Result:
         """Post, keep, void or expire this shard's leg, as its coordinator decided. Its result has no
         record: the coordinator's decision is the transaction's record."""
+        if cmd.outcome == LEG_AS_DECIDED:
+            decided = self._as_decided(cmd)
+            if isinstance(decided, Result):
+                return decided
+            cmd = decided
         ensure(cmd.outcome in LEG_OUTCOMES, "unknown leg outcome", cmd.id)
         key = cmd.id.encode()
         raw = self.cursors.legs.get(key)
@@ -867,6 +875,19 @@ class Applier:
             self.cursors.legs.put(key, pack_leg(held, self.packb))
             return Result(ResultCode.ok, cmd.id)
         return self._end_leg(leg, cmd, ts)
+
+    def _as_decided(self, cmd: FinishLeg) -> FinishLeg | Result:
+        """The finish that the open decision ``cmd.by`` names for this leg: the coordinator's own leg,
+        finished in the entry that decided (one command and one round fewer). Without that decision
+        open here nothing is finished (``transaction_not_found``): the driver finishes it as usual."""
+        ensure(self.rules >= RULES_LOCAL_FINISH, "a leg finished as decided before its rules", cmd.id)
+        raw = self.cursors.decisions.get(cmd.by.encode())
+        if raw is None:
+            return Result(ResultCode.transaction_not_found, cmd.id)
+        decision = unpack_open_decision(cmd.by.encode(), raw)
+        if decision.leg != cmd.id or decision.digest != cmd.digest:
+            return Result(ResultCode.idempotency_key_reused, cmd.id)
+        return FinishLeg(cmd.id, cmd.digest, decision.outcome, decision.by, decision.amount)
 
     def _end_leg(self, leg: Leg, cmd: FinishLeg, ts: int) -> Result:
         """The entries that post, void or expire an open leg's holds, under transaction ``cmd.by``."""

@@ -40,7 +40,7 @@ from .commands import (
     timeout_seconds_max,
 )
 
-RULES_VERSION: Final = 5  # the rules this code applies to the entries it proposes
+RULES_VERSION: Final = 6  # the rules this code applies to the entries it proposes
 RULES_SELF_TRANSFER: Final = 2  # from this version, an account may not be on both sides
 # From this version a shard may hold slots (SetSlots) and refuse accounts of other slots. Older code
 # would apply SetSlots as an invalid command and keep accepting every account: it must stop instead.
@@ -52,6 +52,9 @@ RULES_FEED: Final = 4
 # From this version each shard appends every transaction record it applies to a Merkle tree (merkle.py).
 # Older code would apply the entry without the leaves: replicas would then disagree on the tree.
 RULES_MERKLE: Final = 5
+# From this version a coordinator finishes its own leg in the entry of its decision (FinishLeg with
+# LEG_AS_DECIDED). Older code would stop on the unknown outcome: it must, rather than skip the leg.
+RULES_LOCAL_FINISH: Final = 6
 ID_RE: Final = re.compile(r"[A-Za-z0-9._:{}\-]{1,128}")
 ACCOUNT_ID_RE: Final = re.compile(r"[A-Za-z0-9._:\-]*(\{[A-Za-z0-9._:\-]+\}[A-Za-z0-9._:\-]*)?")
 CURRENCY_RE: Final = re.compile(r"[A-Z0-9]{3,12}")

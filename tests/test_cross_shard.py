@@ -520,9 +520,13 @@ async def test_a_lost_answer_of_the_decision_with_its_local_leg_is_finished_by_t
     txid = tx_id("l3", A)
     ledger.fail(on(Decide, A, "lost"))
     assert (await ledger.post("/v1/transactions", pay(txid, 12)))[0] == 503
-    assert (await ledger.balance(ALICE))["debits_pending"] == 12  # prepared and decided, not finished
-    await ledger.resolve()
+    # Prepared, decided and finished in one entry at the coordinator; the other leg is still held.
     assert (await ledger.balance(ALICE))["balance"] == 12
+    assert (await ledger.balance(ALICE))["debits_pending"] == 0
+    assert (await ledger.balance(BOB))["credits_pending"] == 12
+    await ledger.resolve()
+    assert (await ledger.balance(BOB))["credits_pending"] == 0
+    assert (await ledger.balance(BOB))["balance"] == -12  # debit-normal: credited
     again = await ledger.post("/v1/transactions", pay(txid, 12))
     assert again[0] == 201 and again[2]["Idempotent-Replayed"] == "true"
     ledger.audit()

@@ -11,13 +11,20 @@ from pathlib import Path
 
 import pytest
 from raftledger.statemachine.audit import currency_totals, verify_store
-from raftledger.statemachine.codec import decode_command, encode_command, payload_hash
+from raftledger.statemachine.codec import (
+    Request,
+    decode_command,
+    encode_command,
+    encode_requests,
+    payload_hash,
+)
 from raftledger.statemachine.codes import ResultCode as C
 from raftledger.statemachine.commands import (
     DECIDE_NEW,
     DECIDE_POST,
     DECIDE_REVERSE,
     DECIDE_VOID,
+    LEG_AS_DECIDED,
     LEG_EXPIRE,
     LEG_HOLD,
     LEG_POST,
@@ -42,6 +49,7 @@ from raftledger.statemachine.layout import InvariantViolation
 from raftledger.statemachine.records import Result, Transaction
 from raftledger.statemachine.store import LedgerStore
 from raftledger.statemachine.testing import Harness, account, transfer
+from raftledger.statemachine.validate import RULES_MERKLE
 
 D, CR = Direction.debit, Direction.credit
 HOME, A, B = 0, 1, 2
@@ -377,3 +385,71 @@ def test_a_decision_with_its_local_leg_takes_that_legs_entries_or_its_refusal(cl
     prepared, decided = c.shard[HOME].batch(Batch((leg, abort)))
     assert prepared.code is C.exceeds_credits and decided.code is C.exceeds_credits
     assert c.one(HOME, FinishLeg("loc2", digest, LEG_VOID, "loc2")).ok
+
+
+def local_decision(c: Cluster, txid: str, debit: str, amount: int) -> tuple[bytes, Batch]:
+    """The coordinator's batch for a transfer from its own ``debit`` to bob (on B, prepared first):
+    its leg, the decision with it, and that leg's finish as decided."""
+    cmd = transfer(txid, debit, "bob", amount)
+    digest = payload_hash(cmd)
+    remote = c.one(B, PrepareLeg(txid, HOME, digest, cmd.entries[1:], shards=(HOME, B)))
+    placed = [TxEntry(debit, D, amount, "BRL", 0, b"")]
+    if remote.ok:
+        bob = remote.record.entries[0]  # type: ignore[union-attr]
+        placed.append(TxEntry(bob.account_id, bob.direction, bob.amount, bob.currency, bob.seq, bob.hash))
+    decision = Decide(txid, digest, DECIDE_NEW, 0, {}, tuple(placed), shards=(HOME, B), local=True)
+    leg = PrepareLeg(txid, HOME, digest, cmd.entries[:1], shards=(HOME, B))
+    return digest, Batch((leg, decision, FinishLeg(txid, digest, LEG_AS_DECIDED, txid)))
+
+
+def test_the_coordinators_own_leg_is_finished_in_the_entry_that_decides(cluster):
+    c = cluster
+    assert c.one(HOME, account("h-alice")).ok
+    digest, steps = local_decision(c, "fin1", "h-alice", 40)
+    prepared, decided, finished = c.shard[HOME].batch(steps)
+    assert prepared.ok and decided.ok and finished.ok
+    assert c.balance(HOME, "h-alice") == (40, 0, 0, 0)  # posted at once: no hold left
+    assert c.balance(B, "bob")[3] == 40  # the other leg is still held, for its driver or resolver
+    assert c.one(HOME, FinishLeg("fin1", digest, LEG_POST, "fin1")).replayed  # a resolver's: no-op
+    assert c.one(B, FinishLeg("fin1", digest, LEG_POST, "fin1")).ok
+    assert c.balance(B, "bob") == (0, 40, 0, 0)
+    assert c.one(HOME, Complete("fin1")).ok
+    again = c.shard[HOME].batch(steps)  # a retry after Complete: replays, finishes nothing twice
+    assert [r.code for r in again] == [C.ok, C.ok, C.transaction_not_found] and again[1].replayed
+    assert c.balance(HOME, "h-alice") == (40, 0, 0, 0)
+
+
+def test_a_refused_own_leg_is_aborted_and_the_other_leg_voided(cluster):
+    c = cluster
+    assert c.one(HOME, account("h-poor", flags=AccountFlag.debits_must_not_exceed_credits, normal=CR)).ok
+    digest, steps = local_decision(c, "fin2", "h-poor", 5)
+    prepared, decided, finished = c.shard[HOME].batch(steps)
+    assert prepared.code is C.exceeds_credits and decided.code is C.exceeds_credits and finished.ok
+    assert c.balance(HOME, "h-poor") == (0, 0, 0, 0)
+    assert c.one(B, FinishLeg("fin2", digest, LEG_VOID, "fin2")).ok
+    assert c.balance(B, "bob") == (0, 0, 0, 0)
+    assert c.one(HOME, Complete("fin2")).ok
+
+
+def test_a_finish_as_decided_without_a_decision_finishes_nothing(cluster):
+    c = cluster
+    assert c.one(HOME, account("h-alice")).ok
+    digest, steps = local_decision(c, "fin3", "h-alice", 7)
+    leg, _, finish = steps.commands
+    prepared, unfinished = c.shard[HOME].batch(Batch((leg, finish)))
+    assert prepared.ok and unfinished.code is C.transaction_not_found
+    assert c.balance(HOME, "h-alice") == (0, 0, 7, 0)  # still held: the usual finish will come
+    assert c.one(HOME, FinishLeg("fin3", digest, LEG_VOID, "fin3")).ok
+    assert c.one(B, FinishLeg("fin3", digest, LEG_VOID, "fin3")).ok
+
+
+def test_a_finish_as_decided_in_an_entry_of_older_rules_stops_the_replica(cluster):
+    c = cluster
+    assert c.one(HOME, account("h-alice")).ok
+    digest, steps = local_decision(c, "fin4", "h-alice", 9)
+    harness = c.shard[HOME]
+    old = bytes([RULES_MERKLE]) + encode_requests([Request(harness.now_ns + 1, steps)])[1:]
+    with pytest.raises(InvariantViolation):
+        c.stores[HOME].apply_entry(harness.index + 1, old)
+    assert c.balance(HOME, "h-alice") == (0, 0, 0, 0)  # nothing of that entry was applied
+    assert c.one(B, FinishLeg("fin4", digest, LEG_VOID, "fin4")).ok

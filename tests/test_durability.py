@@ -7,7 +7,7 @@ import os
 import threading
 
 from raftledger.node.files import write_file_durably
-from raftledger.node.raft import DurableJournal, JournalOptions, Observers
+from raftledger.node.raft import DurableJournal, JournalOptions, Observers, without_known_tail
 from raftledger.node.settings import DURABILITY_FSYNC, DURABILITY_NONE
 from raftledger.node.testing import ReplicaGroup
 from raftledger.statemachine.testing import account, transfer
@@ -143,3 +143,39 @@ def test_durable_write_leaves_no_temp_file(tmp_path):
     with open(path, "rb") as f:
         assert f.read() == b"y"
     assert os.listdir(tmp_path) == ["m"]
+
+
+def journal_of(tmp_path, terms: list[int]) -> DurableJournal:
+    journal = DurableJournal(str(tmp_path / "j"), JournalOptions(durability=DURABILITY_NONE))
+    for idx, term in enumerate(terms, start=1):
+        journal.add(b"c%d" % idx, idx, term)
+    return journal
+
+
+def append_entries(prev: int, prev_term: int, term: int, entries: list[tuple[bytes, int, int]]) -> dict:
+    return {"type": "append_entries", "term": term, "commit_index": 1, "prevLogIdx": prev,
+            "prevLogTerm": prev_term, "entries": entries}
+
+
+def test_a_resend_of_entries_held_from_the_same_leader_truncates_nothing(tmp_path):
+    journal = journal_of(tmp_path, [1, 2, 2, 2, 2, 2])  # entries 1..6; 2..6 from the leader of term 2
+    resend = append_entries(2, 2, 2, [(b"c3", 3, 2), (b"c4", 4, 2)])  # ends at 4, before the log does
+    taken = without_known_tail(resend, journal, 2)
+    assert (taken["prevLogIdx"], taken["prevLogTerm"], taken["entries"]) == (6, 2, [])
+    heartbeat = without_known_tail(append_entries(3, 2, 2, []), journal, 2)
+    assert (heartbeat["prevLogIdx"], heartbeat["entries"]) == (6, [])
+    longer = append_entries(4, 2, 2, [(b"c5", 5, 2), (b"c6", 6, 2), (b"c7", 7, 2)])
+    taken = without_known_tail(longer, journal, 2)
+    assert (taken["prevLogIdx"], taken["entries"]) == (6, [(b"c7", 7, 2)])  # only what is new
+
+
+def test_entries_that_may_conflict_go_to_pysyncobj_unchanged(tmp_path):
+    journal = journal_of(tmp_path, [1, 1, 1, 1])  # the last entry is from an older leader
+    message = append_entries(2, 1, 3, [(b"x3", 3, 3)])
+    assert without_known_tail(message, journal, 3) is message  # a conflict: PySyncObj truncates
+    at_end = append_entries(4, 1, 1, [(b"c5", 5, 1)])
+    assert without_known_tail(at_end, journal, 1) is at_end  # nothing held past prevLogIdx
+    stale = append_entries(2, 1, 1, [])
+    assert without_known_tail(stale, journal, 2) is stale  # an older term: PySyncObj ignores it
+    part = {**append_entries(2, 1, 1, []), "transmission": "start", "data": b""}
+    assert without_known_tail(part, journal, 1) is part

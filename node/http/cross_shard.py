@@ -38,6 +38,7 @@ from raftledger.statemachine.commands import (
     DECIDE_POST,
     DECIDE_REVERSE,
     DECIDE_VOID,
+    LEG_AS_DECIDED,
     LEG_HOLD,
     LEG_POST,
     LEG_VOID,
@@ -69,6 +70,7 @@ log = logging.getLogger(__name__)
 
 FLIP = {Direction.debit: Direction.credit, Direction.credit: Direction.debit}
 REUSED = "idempotency_key_reused"
+FINISHED_HERE = -1  # in the results of a decision taken with its local leg: that leg's finish
 
 Key = tuple[int, int]  # (the item's index in its run, a shard)
 
@@ -189,15 +191,19 @@ async def _run(ctx: NodeContext, items: list[Item], coordinator: int, atomic: bo
         decisions = {i: _aborted(items[i].decision, linked, {}) for i in live}
     else:
         decisions = {i: _decision_from(i, items[i], prepared, refusals[i]) for i in live if i not in settled}
+    finished_here: set[Key] = set()  # the coordinator's own leg, finished in the deciding entry
     if local is not None and decisions and decisions[0].local:
         decided = await _decide_with_local_leg(ctx, items[0].prepares[local], decisions[0], prepared, outcome)
+        if decided.pop(FINISHED_HERE).ok:
+            finished_here.add((0, local))
     else:
         decided = await _decide(ctx, coordinator, decisions, settled, atomic, outcome)
     faults.crash_point("cross_shard.decided")
     ends = decided | {i: settled[i] for i in live if i in settled}  # another payload's id: ours go
     finishes: dict[Key, ProtocolCommand] = {
         (i, s): FinishLeg(items[i].id, items[i].digest, _leg_outcome(result), items[i].id)
-        for i, result in ends.items() for s in items[i].prepares if (i, s) in prepared}
+        for i, result in ends.items() for s in items[i].prepares
+        if (i, s) in prepared and (i, s) not in finished_here}
     finished, indexes = await _send(ctx, finishes)
     outcome.touched(indexes)
     unfinished = [key for key, r in finished.items() if isinstance(r, Exception)]
@@ -275,14 +281,16 @@ def _placeholder(e: EntrySpec) -> TxEntry:
 async def _decide_with_local_leg(ctx: NodeContext, leg: PrepareLeg, decision: Decide,
                                  prepared: dict[Key, Rendered | Exception], outcome: Outcome
                                  ) -> dict[int, Rendered]:
-    """The coordinator's own leg and the decision, in one entry (``Decide.local``)."""
+    """The coordinator's own leg prepared, decided and finished in one entry (``Decide.local``, then
+    ``LEG_AS_DECIDED``): the decision's result at 0, the finish's at ``FINISHED_HERE``."""
+    finish = FinishLeg(leg.id, leg.digest, LEG_AS_DECIDED, decision.id)
     try:
-        reply = await submit(ctx, outcome.coordinator, Batch((leg, decision)))
+        reply = await submit(ctx, outcome.coordinator, Batch((leg, decision, finish)))
     except LedgerError as exc:
         raise _unknown(exc, decision.id) from exc
     outcome.touched({outcome.coordinator: reply.index})
     prepared[(0, outcome.coordinator)] = reply.results[0]
-    return {0: reply.results[1]}
+    return {0: reply.results[1], FINISHED_HERE: reply.results[2]}
 
 
 def _aborted(t: Decide, code: int, details: dict[str, Any]) -> Decide:
