@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client.parser import text_string_to_metric_families
 from raftledger.bench.host import machine, process_cpu_s
 from raftledger.cluster import launcher
 from raftledger.cluster.router import shard_for_account
@@ -89,6 +90,7 @@ class Target:
     urls: list[str]
     cpu_roots: Callable[[], list[int]]
     token: str | None = None  # the bearer token every request carries (--credentials)
+    counters: Callable[[], dict[str, float]] | None = None  # the work done so far (raftledger's metrics)
 
 
 @dataclass
@@ -112,6 +114,11 @@ class Run:
     command: str
     cpu_s: float | None
     load_avg: float
+    work: dict[str, float] | None = None  # WORK's counters over the run
+
+    def work_per_transfer(self, name: str) -> float | None:
+        ok = self.result["transfers_ok"]
+        return self.work[name] / ok if self.work is not None and ok else None
 
     @property
     def duration_s(self) -> float:
@@ -416,9 +423,38 @@ def measure(target: Target, workload: Workload, args: argparse.Namespace, round_
     load_avg = os.getloadavg()[0]
     roots = target.cpu_roots()
     cpu_before = tree_cpu_s(roots) if roots else None
+    work_before = target.counters() if target.counters else None
     result, _ = run_wrk(argv, env, args.duration)
     cpu = tree_cpu_s(roots) - cpu_before if cpu_before is not None else None
-    return Run(round_no, workload, target.name, result, command_line(argv, env), cpu, load_avg)
+    work = None
+    if target.counters and work_before is not None:
+        after = target.counters()
+        work = {name: after.get(name, 0.0) - work_before.get(name, 0.0) for name in WORK}
+    return Run(round_no, workload, target.name, result, command_line(argv, env), cpu, load_avg, work)
+
+
+# What each transfer cost the cluster, counted by its own metrics (summed over the nodes): steadier
+# than throughput on a shared machine, and what a change to the protocol moves.
+WORK = {
+    "raft commands": ("raftledger_raft_batch_commands", "sum"),
+    "raft entries": ("raftledger_raft_batch_commands", "count"),
+    "forwarded commands": ("raftledger_forwarded", "total"),
+    "fsyncs": ("raftledger_fsync_seconds", "count"),
+}
+
+
+def cluster_counters(urls: list[str]) -> dict[str, float]:
+    """WORK's counters, summed over every node's /metrics."""
+    totals = dict.fromkeys(WORK, 0.0)
+    wanted = {f"{family}_{suffix}": name for name, (family, suffix) in WORK.items()}
+    for url in urls:
+        with urllib.request.urlopen(url + "/metrics", timeout=setup_timeout_s) as answer:
+            text = answer.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted:
+                    totals[wanted[sample.name]] += sample.value
+    return totals
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -444,6 +480,17 @@ def ratio_rows(runs: list[Run], workloads: list[Workload]) -> list[str]:
                 ratios.append(pair["raftledger"].transfers_per_s / pair["PostgreSQL"].transfers_per_s)
         median = f"{statistics.median(ratios):.2f}" if ratios else "-"
         rows.append(f"| {w.name} | {' / '.join(f'{x:.2f}' for x in ratios) or '-'} | {median} |")
+    return rows
+
+
+def work_rows(runs: list[Run]) -> list[str]:
+    """raftledger's work per transfer, each run (WORK)."""
+    rows = ["| round | workload | " + " | ".join(WORK) + " |", "|---:|---|" + "---:|" * len(WORK)]
+    for run in runs:
+        if run.work is not None:
+            cells = (run.work_per_transfer(name) for name in WORK)
+            rows.append(f"| {run.round} | {run.workload.name} | "
+                        + " | ".join("-" if c is None else f"{c:.2f}" for c in cells) + " |")
     return rows
 
 
@@ -532,7 +579,8 @@ def start_systems(args: argparse.Namespace) -> Iterator[Systems]:
         postmaster = pg.proc.pid
         targets = {
             "raftledger": Target("raftledger", list(cluster.urls.values()),
-                                 lambda: list(cluster.pids.values()), cluster.admin_token),
+                                 lambda: list(cluster.pids.values()), cluster.admin_token,
+                                 lambda: cluster_counters(list(cluster.urls.values()))),
             "PostgreSQL": Target("PostgreSQL", [servers.url],
                                  lambda: [p.pid for p in servers.procs] + [postmaster]),
         }
@@ -573,6 +621,10 @@ def run_all(args: argparse.Namespace, systems: Systems) -> list[Run]:
 def report(runs: list[Run], args: argparse.Namespace) -> int:
     say()
     for line in ratio_rows(runs, workloads_of(args)):
+        say(line)
+    say()
+    say("raftledger's work per transfer (its own metrics, summed over the nodes):")
+    for line in work_rows(runs):
         say(line)
     say()
     say("wrk commands (the last round's):")

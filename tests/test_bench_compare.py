@@ -102,6 +102,11 @@ def test_compare_drives_both_systems_without_errors_and_postgres_conserves_money
     assert [r[0] for r in ratios] == WORKLOADS
     assert all(float(r[2]) > 0 for r in ratios), out
     assert "wrk --threads=3 --connections=6" in out and "machine:" in out
+    work = {r[1]: [float(c) for c in r[2:]] for r in table_rows(out.split("work per transfer")[1], "round")}
+    assert set(work) == set(WORKLOADS), out
+    commands, entries, _, fsyncs = work["single"]
+    assert 1.0 <= commands < 1.1 and 0 < entries <= commands and fsyncs > 0, out  # one command each
+    assert work["cross-shard"][0] > 2 * commands, out  # prepare, decide with the local leg, finish
 
     funded, finished = facts["funded"], facts["finished"]
     balances = {phase: {c: sums[0] for c, sums in facts[phase]["sums"].items()}
