@@ -78,6 +78,7 @@ class LocalCluster:
         self.preexec_fn = preexec_fn
         self.dial_files: dict[str, str] = {}  # node -> its dial table (``raftledger.node.dial``)
         self.log_dir: str | None = None  # node logs in <log_dir>/<node>/, not in each data dir
+        self.node_env: dict[str, dict[str, str]] = {}  # node -> more environment for its process
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -100,7 +101,8 @@ class LocalCluster:
             os.makedirs(os.path.dirname(self.log_path(node_id)), exist_ok=True)
         self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn,
                                                    dial_file=self.dial_files.get(node_id),
-                                                   log_dir=os.path.dirname(self.log_path(node_id)))
+                                                   log_dir=os.path.dirname(self.log_path(node_id)),
+                                                   env_extra=self.node_env.get(node_id))
         launcher.save_plan(self.plan)
         if wait:  # answering, and routing: it has the cluster map
             launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),
