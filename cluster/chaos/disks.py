@@ -126,7 +126,7 @@ def _run(*command: str) -> None:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise DiskUnavailable(f"{' '.join(command)}: {exc}") from None
     if done.returncode != 0:
-        raise DiskUnavailable(f"{' '.join(command)}: {done.stderr.strip() or done.returncode}")
+        raise DiskUnavailable(f"{' '.join(command)}: {' '.join(done.stderr.split()) or done.returncode}")
 
 
 __all__ = ["FILLER", "DiskUnavailable", "Disks", "disk_size_bytes", "unavailable_reason"]
