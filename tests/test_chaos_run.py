@@ -54,10 +54,10 @@ def test_kinds_restrict_the_plan_and_the_same_seed_still_plans_the_same() -> Non
 @pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not found")
 def test_without_the_right_to_mount_the_disk_fault_is_said_unavailable_and_left_out(tmp_path: Path) -> None:
     """A harness that cannot mount (here: no capabilities at all) says so once and plans the rest."""
-    script = ("from raftledger.cluster.chaos.runner import Faults, Options\n"
+    script = ("from raftledger.cluster.chaos.faults import Faults\n"
               "from raftledger.cluster.testing import LocalCluster\n"
               "said = []\n"
-              "faults = Faults(Options(nemeses=frozenset({'disk', 'kill'})), said.append)\n"
+              "faults = Faults(frozenset({'disk', 'kill'}), False, said.append)\n"
               f"faults.prepare(LocalCluster({str(tmp_path / 'data')!r}), {str(tmp_path / 'chaos')!r})\n"
               "print(sorted(faults.kinds))\n"
               "print(said)\n")

@@ -18,11 +18,10 @@ from raftledger.client import Client, LedgerError
 from raftledger.cluster import launcher, verify
 from raftledger.cluster.testing import LocalCluster
 
-from . import checkers, clocks, disks
-from .clocks import Clocks
-from .disks import Disks
+from . import checkers
+from .faults import Faults
 from .history import History
-from .nemesis import KINDS, Nemesis, Network, heal_everything, plan_schedule
+from .nemesis import Nemesis, Network, heal_everything, plan_schedule
 from .proxy import ProxyHub
 from .report import write_report
 from .workload import Bank, BankWorker, FeedFollower, RetryStorm, open_bank, recent_ids_max
@@ -67,7 +66,7 @@ def run(options: Options, say: Any = print) -> Result:
         cluster = LocalCluster(root, nodes=options.nodes, shards=options.shards, durability="fsync",
                                credentials=True, resume=bool(options.data_dir)
                                and os.path.exists(os.path.join(root, launcher.CLUSTER_FILE)))
-        faults = Faults(options, say)
+        faults = Faults(options.nemeses if options.faults else frozenset(), bool(options.data_dir), say)
         stack.callback(faults.close)  # after the nodes stopped (callbacks run last first)
         faults.prepare(cluster, os.path.join(root, "chaos"))
         network = Network(hub, cluster, root)
@@ -87,59 +86,6 @@ def keep_node_logs(cluster: LocalCluster, out: str) -> None:
         source = cluster.log_path(node)
         if os.path.exists(source):
             shutil.copyfile(source, os.path.join(out, "logs", f"{node}.log"))
-
-
-class Faults:
-    """What the ``disk`` and ``skew`` faults need before the nodes start: each node's data directory
-    on a filesystem of its own (``disks``), each node under libfaketime (``clocks``). A kind this
-    machine cannot inject is said once and left out of the plan."""
-
-    def __init__(self, options: Options, say: Any) -> None:
-        self.say = say
-        self.kinds = set(KINDS if options.nemeses is None else options.nemeses) if options.faults else set()
-        self.disks: Disks | None = None
-        self.clocks: Clocks | None = None
-        if options.data_dir and "disk" in self.kinds:
-            self._leave_out("disk", "--data-dir names data directories the harness did not make")
-
-    def prepare(self, cluster: LocalCluster, folder: str) -> None:
-        if "disk" in self.kinds:
-            self._mount(cluster, folder)
-        if "skew" in self.kinds:
-            reason = clocks.unavailable_reason()
-            try:
-                self.clocks = None if reason else Clocks(os.path.join(folder, "clocks"))
-            except clocks.ClockUnavailable as exc:
-                reason = str(exc)
-            if self.clocks is None:
-                self._leave_out("skew", reason or "")
-            for node in cluster.node_ids if self.clocks is not None else []:
-                cluster.node_env[node] = self.clocks.env(node)
-
-    def _mount(self, cluster: LocalCluster, folder: str) -> None:
-        reason = disks.unavailable_reason()
-        if reason is None:
-            self.disks = Disks(os.path.join(folder, "disks"))
-            try:
-                for node in cluster.node_ids:
-                    self.disks.mount(node, os.path.join(cluster.data_dir, node))
-            except disks.DiskUnavailable as exc:
-                reason = str(exc)
-        if reason is not None:
-            self.close()
-            self._leave_out("disk", reason)
-            return
-        cluster.log_dir = os.path.join(folder, "logs")  # a full data disk must not swallow the log
-
-    def _leave_out(self, kind: str, reason: str) -> None:
-        self.kinds.discard(kind)
-        self.say(f"chaos: the {kind} fault is unavailable: {reason}; planning without it")
-
-    def close(self) -> None:
-        if self.disks is not None:
-            for problem in self.disks.close():
-                self.say(f"chaos: could not unmount: {problem}")
-            self.disks = None
 
 
 def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any, faults: Faults) -> Result:
