@@ -17,11 +17,13 @@ run's folder. Without libfaketime or a C compiler the harness plans no ``skew`` 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 
 LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+SHARED_MEMORY = "/dev/shm"  # libfaketime's faketime_shm_<pid> and sem.faketime_sem_<pid>
 cache_duration_s = 1  # how soon a node sees its new offset
 compile_timeout_s = 60.0
 
@@ -92,6 +94,13 @@ class Clocks:
             f.write(f"{round(seconds):+d}\n")
         os.replace(path + ".tmp", path)  # never a half-written offset
         self.offsets[node] = seconds
+
+    def forget(self, pid: int) -> None:
+        """Remove what libfaketime kept in /dev/shm for a node process that ended without its exit
+        handlers (SIGKILL, a fail-stop): left there, it breaks a later process given the same pid."""
+        for name in (f"faketime_shm_{pid}", f"sem.faketime_sem_{pid}"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(SHARED_MEMORY, name))
 
     def reset_all(self) -> None:
         for node in list(self.offsets):

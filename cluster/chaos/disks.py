@@ -21,7 +21,7 @@ import subprocess
 log = logging.getLogger(__name__)
 
 FILLER = "chaos-filler"
-disk_size_bytes = 768 * 1024 * 1024  # a 1-hour run at 5 nodes, 4 shards stays far below (docs/reliability.md)
+disk_size_bytes = 1 << 30  # a 1-hour run at 5 nodes, 4 shards stays far below (docs/reliability.md)
 command_timeout_s = 60.0
 fill_step_max_bytes = 64 << 20
 block_bytes = 4096

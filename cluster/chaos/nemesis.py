@@ -160,7 +160,10 @@ class Nemesis(threading.Thread):
 
     # each returns what heals it (run once the fault has lasted its time)
     def _kill(self, node: str, planned: Planned) -> Any:
+        pid = self.cluster.procs[node].pid
         self.cluster.kill(node)
+        if self.clocks is not None:
+            self.clocks.forget(pid)
         return lambda: self.cluster.start_node(node)
 
     def _pause(self, node: str, planned: Planned) -> Any:
@@ -217,11 +220,13 @@ class Nemesis(threading.Thread):
 
         def drain() -> str:
             self.disks.drain(node)  # type: ignore[union-attr]
-            status = self.cluster.procs[node].poll()
-            if status is None:
+            stopped = self.cluster.procs[node]
+            if stopped.poll() is None:
                 return f"filled {filled} bytes; {node} went on"
+            if self.clocks is not None:
+                self.clocks.forget(stopped.pid)
             self.cluster.start_node(node)
-            return f"filled {filled} bytes; {node} stopped (exit status {status}), restarted"
+            return f"filled {filled} bytes; {node} stopped (exit status {stopped.returncode}), restarted"
         return drain
 
     def _skew(self, node: str, planned: Planned) -> Any:
@@ -263,6 +268,8 @@ def heal_everything(cluster: LocalCluster, network: Network, disks: Disks | None
     for node in list(cluster.procs):
         cluster.resume(node)
     for node in cluster.node_ids:
+        if node in cluster.procs and cluster.procs[node].poll() is not None and clocks is not None:
+            clocks.forget(cluster.procs[node].pid)
         if node not in cluster.procs or cluster.procs[node].poll() is not None:
             cluster.start_node(node)
 
