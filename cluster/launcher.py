@@ -347,11 +347,11 @@ def busy_ports(plan: Plan) -> list[str]:
 
 def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
                preexec_fn: Callable[[], None] | None = None, join: str | None = None,
-               dial_file: str | None = None) -> subprocess.Popen:
+               dial_file: str | None = None, env_extra: dict[str, str] | None = None) -> subprocess.Popen:
     """Start one node process; ``preexec_fn`` runs in the child before it execs (tests use it to
     set resource limits); ``join``: the URL of a node of the cluster it registers with;
     ``dial_file``: where it connects to reach each peer (``raftledger.node.dial``: the chaos
-    harness's proxies)."""
+    harness's proxies); ``env_extra``: more environment for it (the chaos harness's libfaketime)."""
     path = write_node_config(plan, node_id)
     log_path = os.path.join(log_dir or plan.node_config(node_id).data_dir, "node.log")
     env = dict(os.environ)
@@ -359,6 +359,7 @@ def start_node(plan: Plan, node_id: str, log_dir: str | None = None,
         env[TOKEN_ENV] = plan.admin_token
     if dial_file:
         env[DIAL_FILE_ENV] = dial_file
+    env.update(env_extra or {})
     with open(log_path, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "raftledger.cluster.cli", "node", "--config", path,

@@ -77,6 +77,8 @@ class LocalCluster:
         self.procs: dict[str, subprocess.Popen] = {}
         self.preexec_fn = preexec_fn
         self.dial_files: dict[str, str] = {}  # node -> its dial table (``raftledger.node.dial``)
+        self.log_dir: str | None = None  # node logs in <log_dir>/<node>/, not in each data dir
+        self.node_env: dict[str, dict[str, str]] = {}  # node -> more environment for its process
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def __enter__(self) -> LocalCluster:
@@ -95,8 +97,12 @@ class LocalCluster:
     def start_node(self, node_id: str, wait: bool = True) -> None:
         if node_id in self.procs and self.procs[node_id].poll() is None:
             raise RuntimeError(f"{node_id} is already running")
+        if self.log_dir:
+            os.makedirs(os.path.dirname(self.log_path(node_id)), exist_ok=True)
         self.procs[node_id] = launcher.start_node(self.plan, node_id, preexec_fn=self.preexec_fn,
-                                                   dial_file=self.dial_files.get(node_id))
+                                                   dial_file=self.dial_files.get(node_id),
+                                                   log_dir=os.path.dirname(self.log_path(node_id)),
+                                                   env_extra=self.node_env.get(node_id))
         launcher.save_plan(self.plan)
         if wait:  # answering, and routing: it has the cluster map
             launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),
@@ -145,9 +151,12 @@ class LocalCluster:
     def data_dir(self) -> str:
         return self.plan.data_dir
 
+    def log_path(self, node_id: str) -> str:
+        folder = os.path.join(self.log_dir, node_id) if self.log_dir else os.path.join(self.data_dir, node_id)
+        return os.path.join(folder, "node.log")
+
     def log(self, node_id: str) -> str:
-        path = os.path.join(self.plan.data_dir, node_id, "node.log")
-        with open(path, errors="replace") as f:
+        with open(self.log_path(node_id), errors="replace") as f:
             return f.read()
 
     def status(self, node_id: str) -> dict[str, Any] | None:

@@ -6,7 +6,9 @@ far longer on a busy machine; done inline, one such entry can make followers sta
 thread therefore only hands ``(index, payload)`` here, and stops handing more while ``backlog_max``
 entries wait (PySyncObj then simply applies later). Results reach their callers through ``notify``
 markers queued right behind their entry. The store's exactly-once rule (skip ``index <= applied``) is
-unchanged, so journal replays after a restart remain harmless.
+unchanged, so journal replays after a restart remain harmless. An apply that fails on the disk (full,
+or an I/O error) stops the whole node (``files.fail_stop``); any other failure stops this shard's
+applying, never skipping an entry.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 from raftledger.statemachine.records import Outcome
 
+from .files import fail_stop, is_disk_error
 from .store_slot import StoreSlot
 
 log = logging.getLogger(__name__)
@@ -84,6 +87,8 @@ class Applier:
             self.slot.reserve_disk()
             outcomes = self.slot.current.apply_entry(index, payload)
         except BaseException as exc:  # the store cannot go on: stop applying, never skip an entry
+            if is_disk_error(exc):  # every shard of the node shares the disk: the node stops
+                fail_stop(f"shard {self.slot.shard}: applying entry {index}", exc)
             log.critical("shard %d: applying entry %d failed; replica stops applying",
                          self.slot.shard, index, exc_info=True)
             with self._cond:

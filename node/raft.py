@@ -15,7 +15,11 @@ What is overridden, and why:
   before it answers ``append_entries``, the leader's before it counts itself, term and vote before a
   vote leaves. The journal marks itself dirty on append; ``flush_if_dirty`` (one ``fdatasync`` for
   everything appended since) runs before every message sent and at the top of every tick; the meta is
-  written with write, fsync, rename, fsync(dir).
+  written with write, fsync, rename, fsync(dir). Its file is an mmap that PySyncObj grows with
+  ``ftruncate``: sparse, so a page the disk cannot back would kill the node with SIGBUS. The journal
+  allocates the file (``posix_fallocate``) before the map grows over it, so a full disk fails the
+  allocation instead; any failed write or flush of the journal or its meta fail-stops the node
+  (``files.fail_stop``): going on could count an entry that is not on disk.
 - **The transport** (``SecureTransport``, ``SecureConnection``, ``GuardedServer``): PySyncObj unpickles
   every frame it receives; ours authenticates and decrypts every frame first (``node/frames.py``),
   bounds connections that have not authenticated, binds the replica's own address only, and survives a
@@ -55,7 +59,7 @@ from raftledger.client.errors import NotLeader, OutcomeUnknown, Overloaded, Unav
 
 from . import frames
 from .dial import dial_address
-from .files import fsync_dir, write_file_durably
+from .files import fail_stop, fsync_dir, write_file_durably
 from .settings import DURABILITY_FSYNC, RaftSettings, SnapshotSettings
 
 PYSYNCOBJ_VERSION = "0.3.17"
@@ -445,6 +449,9 @@ class JournalOptions:
     on_fsync: FsyncObserver | None = None
 
 
+journal_record_overhead = 4 + 16 + 4  # FileJournal's record: size, (index, term), command, size
+
+
 class DurableMetaStorer(MetaStorer):
     """Term, vote and commit index written with write + fsync + rename + fsync(dir)."""
 
@@ -465,6 +472,12 @@ class DurableJournal(FileJournal):
         self.bytes_held = sum(len(entry[0]) for entry in self[:])  # entries kept in memory
         self._lock = threading.Lock()
         self.flush_count = 0
+        self._name = os.path.basename(os.path.dirname(os.path.abspath(journal_file)))
+        self._allocated = 0  # bytes of the file known to be allocated on disk
+        try:
+            self._allocate(len(self._mapped()._ResizableFile__mm))  # an older journal may be sparse
+        except OSError as exc:
+            fail_stop(f"{self._name}: allocating the Raft journal", exc)
         if self._sync:
             # Replace the name-mangled storer FileJournal made: same file, durable writes.
             self._FileJournal__metaStorer = DurableMetaStorer(journal_file + ".meta")
@@ -473,7 +486,11 @@ class DurableJournal(FileJournal):
                 fsync_dir(os.path.dirname(os.path.abspath(journal_file)))
 
     def add(self, command, idx, term):  # noqa: ANN001 (PySyncObj's signature)
-        super().add(command, idx, term)
+        try:
+            self._allocate_for(len(command))
+            super().add(command, idx, term)
+        except Exception as exc:  # PySyncObj would log it and go on with the entry in memory only
+            fail_stop(f"{self._name}: appending entry {idx} to the Raft journal", exc)
         self._last_index = idx
         self.bytes_held += len(command)
         self._dirty = True
@@ -492,9 +509,18 @@ class DurableJournal(FileJournal):
         self._dirty = True
 
     def setCurrentTerm(self, term, votedForNodeId):  # noqa: N802, N803, ANN001 (PySyncObj's name)
-        super().setCurrentTerm(term, votedForNodeId)  # stores the meta synchronously
+        try:
+            super().setCurrentTerm(term, votedForNodeId)  # stores the meta synchronously
+        except OSError as exc:
+            fail_stop(f"{self._name}: storing term {term} and vote in the Raft meta", exc)
         if self._options.on_meta is not None:
             self._options.on_meta(term, votedForNodeId)
+
+    def onOneSecondTimer(self) -> None:  # noqa: N802 (PySyncObj's name)
+        try:
+            super().onOneSecondTimer()  # stores the commit index when it moved
+        except OSError as exc:
+            fail_stop(f"{self._name}: storing the commit index in the Raft meta", exc)
 
     def flush_if_dirty(self) -> bool:
         """One fdatasync for everything appended since the last flush; True if it flushed."""
@@ -505,7 +531,10 @@ class DurableJournal(FileJournal):
             self._dirty = False
             if self._sync:
                 started = time.perf_counter()
-                self._flush_file()
+                try:
+                    self._flush_file()
+                except OSError as exc:  # never retried: the kernel may have dropped the pages (fsyncgate)
+                    fail_stop(f"{self._name}: fdatasync of the Raft journal", exc)
                 took = time.perf_counter() - started
             self.flush_count += 1
         if took >= 0 and self._options.on_fsync is not None:
@@ -518,14 +547,37 @@ class DurableJournal(FileJournal):
     def last_index(self) -> int:
         return self._last_index
 
+    def _mapped(self) -> Any:
+        """PySyncObj's ``ResizableFile`` (the file object and the map it holds are looked up each
+        time: it reopens them when it grows the file)."""
+        return self._FileJournal__journalFile
+
+    def _allocate_for(self, command_bytes: int) -> None:
+        """Allocate what the next record needs (size, index and term, the command, size again) and
+        grow the map over it as ``ResizableFile.write`` would, before PySyncObj writes through the
+        map. (PySyncObj sizes by ``mmap.size()``, the file's size: the file and the map grow together.)"""
+        end = self._FileJournal__currentOffset + command_bytes + journal_record_overhead
+        if end <= self._allocated:
+            return
+        mapped = self._mapped()
+        size = len(mapped._ResizableFile__mm)
+        if end > size:
+            size = max(int(size * mapped._ResizableFile__resizeFactor), end)
+        self._allocate(size)
+
+    def _allocate(self, size: int) -> None:
+        mapped = self._mapped()
+        os.posix_fallocate(mapped._ResizableFile__f.fileno(), 0, size)
+        if size > len(mapped._ResizableFile__mm):
+            mapped._ResizableFile__mm.resize(size)
+        self._allocated = size
+
     def _flush_file(self) -> None:
         """fdatasync of the journal's file. PySyncObj's ``flush`` is ``mmap.flush``, whose msync holds
         the GIL on CPython 3.11 and so froze every thread of the node for each flush (0.3 ms to
         several ms); on Linux msync(MS_SYNC) of a shared mapping is an fdatasync of the file, and
-        ``os.fdatasync`` lets the other threads run meanwhile. The file object is looked up each
-        time: PySyncObj reopens it when it grows the file."""
-        resizable = self._FileJournal__journalFile
-        os.fdatasync(resizable._ResizableFile__f.fileno())
+        ``os.fdatasync`` lets the other threads run meanwhile."""
+        os.fdatasync(self._mapped()._ResizableFile__f.fileno())
 
 
 _journal_options: dict[str, JournalOptions] = {}

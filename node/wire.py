@@ -157,7 +157,7 @@ class Sealer:
             plain = self._aead.decrypt(nonce, body, _request_aad(method, path, peer, sent_ns))
         except InvalidTag:
             raise Unauthenticated("not sealed with this cluster's key") from None
-        guard.admit(nonce, sent_ns)  # only authenticated requests may fill the replay cache
+        guard.admit(nonce, sent_ns, peer=peer)  # only authenticated requests may fill the replay cache
         try:
             return peer, nonce, unpack(plain)
         except (ValueError, msgpack.UnpackException) as exc:
@@ -175,14 +175,17 @@ class ReplayGuard:
     A nonce is remembered until its request's own time leaves the window: after that the time check
     refuses a replay anyway, whatever the skew between the two clocks."""
 
-    def __init__(self, window_s: float, nonces_max: int) -> None:
+    def __init__(self, window_s: float, nonces_max: int, peer_clocks: PeerClocks | None = None) -> None:
         self.window_ns = int(window_s * 1e9)
         self.nonces_max = nonces_max
+        self.peer_clocks = peer_clocks
         self._seen: set[bytes] = set()
         self._expiry: list[tuple[int, bytes]] = []  # heap of (sent time + window, nonce)
 
-    def admit(self, nonce: bytes, sent_ns: int, now_ns: int | None = None) -> None:
+    def admit(self, nonce: bytes, sent_ns: int, now_ns: int | None = None, peer: str = "") -> None:
         now = time.time_ns() if now_ns is None else now_ns
+        if peer and self.peer_clocks is not None:  # authenticated: its time is the peer's word
+            self.peer_clocks.observe(peer, now - sent_ns)
         if abs(now - sent_ns) > self.window_ns:
             raise Unauthenticated(f"request time is {(now - sent_ns) / 1e9:+.1f}s off this node's clock "
                                   f"(window ±{self.window_ns / 1e9:.0f}s)")
@@ -194,3 +197,32 @@ class ReplayGuard:
             raise Busy(f"{self.nonces_max} requests within the replay window")
         self._seen.add(nonce)
         heapq.heappush(self._expiry, (sent_ns + self.window_ns, nonce))
+
+
+class PeerClocks:
+    """How far this node's wall clock is from its peers', as the times of their authenticated
+    internal requests show it (the last offset of each peer, for ``memory_s``).
+
+    Clocks are expected within ``window_s`` of each other (the internal protocol refuses requests
+    beyond it). When a majority of the peers heard from recently are further off than that, the
+    clock that is wrong is this node's: ``own_offset_ns`` says by how much (their median), so that
+    what the cluster decides by time (a token's expiry) is not decided by this node's clock alone."""
+
+    def __init__(self, window_s: float, memory_s: float, monotonic: Any = time.monotonic) -> None:
+        self.window_ns = int(window_s * 1e9)
+        self.memory_s = memory_s
+        self._monotonic = monotonic
+        self._last: dict[str, tuple[int, float]] = {}  # peer -> (own clock - its clock, when seen)
+
+    def observe(self, peer: str, offset_ns: int) -> None:
+        self._last[peer] = (offset_ns, self._monotonic())
+
+    def own_offset_ns(self) -> int | None:
+        """This node's clock minus the cluster's, when it is off by more than the window for a
+        majority of the peers heard from recently; None when it agrees with them (or heard none)."""
+        since = self._monotonic() - self.memory_s
+        recent = [offset for offset, seen in self._last.values() if seen >= since]
+        off = sorted(offset for offset in recent if abs(offset) > self.window_ns)
+        if not recent or 2 * len(off) <= len(recent):
+            return None
+        return off[len(off) // 2]

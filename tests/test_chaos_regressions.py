@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import threading
 import time
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 from raftledger.cluster import launcher
+from raftledger.cluster.chaos import clocks
+from raftledger.cluster.chaos.clocks import Clocks
 from raftledger.cluster.testing import LocalCluster, wait_until
 
 pytestmark = pytest.mark.slow
@@ -66,3 +71,42 @@ def test_a_feed_long_poll_on_a_replica_removed_meanwhile_is_answered_not_500(tmp
         status, body = answers[0]
         assert status == 200, (status, body)
         assert all(e["offset"] > after for e in body["events"])
+
+
+@pytest.mark.skipif(clocks.unavailable_reason() is not None, reason=str(clocks.unavailable_reason()))
+def test_a_node_whose_clock_runs_ahead_honours_a_token_the_cluster_holds_valid(tmp_path: Path) -> None:
+    """Found with the chaos skew fault: a node whose wall clock ran 5 minutes ahead answered 401 to
+    a token valid for 2 more minutes, which tells a client to give up. Its peers' sealed requests
+    carry their times: once the majority of them say its clock is off, it judges expiry by theirs."""
+    skewed_clocks = Clocks(str(tmp_path / "clocks"))
+    cluster = LocalCluster(tmp_path / "data", nodes=3, shards=1, credentials=True)
+    for node in cluster.node_ids:
+        cluster.node_env[node] = skewed_clocks.env(node)
+    with cluster:
+        leader = cluster.leader(0)
+        others = [u for n, u in cluster.urls.items() if n != leader]
+        status, _, made = launcher.http_request(
+            "POST", others[0] + "/v1/tokens", json.dumps(
+                {"name": "soon", "role": "writer", "expires_at": time.time_ns() + 120 * 10**9}).encode(),
+            token=cluster.admin_token)
+        assert status == 201, made
+        skewed_clocks.set_offset(leader, 300)
+
+        def ahead() -> bool:  # its answers' Date header says its clock moved
+            _, headers, _ = launcher.http_request("GET", cluster.urls[leader] + "/v1/health", timeout_s=5.0)
+            return parsedate_to_datetime(headers["Date"]).timestamp() > time.time() + 200
+        wait_until(ahead, restart_deadline_s, f"{leader}'s clock to move")
+        seen: list[int] = []
+
+        def honoured() -> bool:
+            for n, url in enumerate(others):  # writes the others forward to the skewed leader
+                with contextlib.suppress(OSError):
+                    launcher.http_request("POST", url + "/v1/accounts", json.dumps(
+                        {"id": f"traffic-{len(seen)}-{n}", "currency": "USD"}).encode(),
+                        token=cluster.admin_token, timeout_s=5.0)
+            status = launcher.http_request("GET", cluster.urls[leader] + "/v1/cluster/map",
+                                           token=made["token"], timeout_s=5.0)[0]
+            seen.append(status)
+            return status == 200
+        wait_until(honoured, restart_deadline_s, f"{leader} to honour the token (401: by its own clock)")
+        skewed_clocks.set_offset(leader, 0)

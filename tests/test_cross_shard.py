@@ -459,6 +459,33 @@ async def test_a_single_shard_follow_up_with_an_id_homed_elsewhere_is_claimed_to
     ledger.audit()
 
 
+@pytest.mark.parametrize("skewed", ["the leader that stamped it ran ahead", "the resolver's runs behind"])
+async def test_a_leg_is_resolved_once_open_that_long_whatever_the_wall_clocks_say(ledger, skewed):
+    """Found by raftledger chaos (a clock moved +175 s): a leader whose wall clock ran ahead stamps
+    the shard's timestamps ahead, and they stay ahead once its clock is right again; a leader whose
+    clock runs behind sees every timestamp as young. The resolver judged a leg's age by its
+    timestamp alone, so such a leg waited until real time caught up (minutes of holds left
+    pending). It is now resolved once this leader has seen it open ``prepare_timeout_s`` on its
+    monotonic clock."""
+    backoff = cross_shard.Backoff(ledger.ctx)
+    if skewed.startswith("the leader"):
+        ledger.shards[B]._clock += 600 * 10**9
+    ledger.fail(on(PrepareLeg, B, "lost"))  # bob's leg prepared, its answer lost: the driver gives up
+    assert (await ledger.post("/v1/transactions", pay(tx_id("sk"))))[0] == 503
+    ledger.fail(None)
+    if skewed.startswith("the resolver"):
+        ledger.clock._wall_offset -= 600 * 10**9
+    await cross_shard.resolve_shard(ledger.ctx, B, backoff)
+    with ledger.shards[B].store.reader() as reader:
+        assert len(reader.open_legs(2**63, 100)) == 1  # seen open, not for long yet
+    await ledger.clock.advance(ledger.ctx.settings.cross_shard.prepare_timeout_s)
+    await cross_shard.resolve_shard(ledger.ctx, B, backoff)
+    with ledger.shards[B].store.reader() as reader:
+        assert reader.open_legs(2**63, 100) == []
+    await ledger.resolve()
+    ledger.audit()
+
+
 async def test_the_resolver_backs_off_a_shard_it_cannot_reach_and_finishes_once_it_can(ledger):
     txid = tx_id("bo")
     attempts = []

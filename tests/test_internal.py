@@ -129,6 +129,23 @@ def test_a_request_outside_the_time_window_or_seen_before_is_refused():
         guard.admit(b"b" * 12, now + 9 * 10**9, now + 15 * 10**9)  # still inside its own window
 
 
+def test_peer_clocks_say_this_node_is_off_only_when_most_peers_heard_from_say_so():
+    now = [0.0]
+    clocks = wire.PeerClocks(window_s=10, memory_s=30, monotonic=lambda: now[0])
+    assert clocks.own_offset_ns() is None  # heard from nobody
+    clocks.observe("n2", 300 * 10**9)
+    clocks.observe("n3", 2 * 10**9)
+    assert clocks.own_offset_ns() is None  # one of two: n2 may be the one that is off
+    clocks.observe("n3", 299 * 10**9)
+    assert clocks.own_offset_ns() == 300 * 10**9 or clocks.own_offset_ns() == 299 * 10**9
+    now[0] = 31.0  # forgotten: heard nothing since
+    assert clocks.own_offset_ns() is None
+    guard = wire.ReplayGuard(window_s=10, nonces_max=1000, peer_clocks=clocks)
+    with pytest.raises(wire.Unauthenticated):
+        guard.admit(b"c" * 12, 1_000 * 10**9, 1_120 * 10**9, peer="n2")  # refused, but heard
+    assert clocks.own_offset_ns() == 120 * 10**9
+
+
 def test_an_answer_is_bound_to_its_request_and_status():
     caller, server = wire.Sealer(KEY, "n1"), wire.Sealer(KEY, "n2")
     first = caller.seal_request("POST", "/p", None)

@@ -20,11 +20,23 @@ def add_parser(sub: Any) -> None:
                              "dir: stopped, the harness starts it with its proxies; running, it "
                              "attaches (kill, pause and churn only; docs/reliability.md)")
     parser.add_argument("--no-faults", action="store_true", help="the workloads and checkers only")
+    parser.add_argument("--nemeses", type=_kinds, default=None, metavar="KIND,...",
+                        help="plan faults of these kinds only, e.g. disk,skew,kill (docs/reliability.md)")
+
+
+def _kinds(value: str) -> frozenset[str]:
+    from .nemesis import KINDS  # here: the node processes never need it
+    kinds = frozenset(k.strip() for k in value.split(",") if k.strip())
+    unknown = sorted(kinds - set(KINDS))
+    if unknown or not kinds:
+        raise argparse.ArgumentTypeError(f"unknown fault kinds {unknown}; choose from {','.join(KINDS)}")
+    return kinds
 
 
 def run_command(args: argparse.Namespace) -> int:
     from .runner import Options, run  # here: the node processes never need it
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2 ** 31)
     result = run(Options(duration_s=args.duration, seed=seed, nodes=args.nodes, shards=args.shards,
-                         out=args.out, data_dir=args.data_dir, faults=not args.no_faults))
+                         out=args.out, data_dir=args.data_dir, faults=not args.no_faults,
+                         nemeses=args.nemeses))
     return 0 if result.ok else 1

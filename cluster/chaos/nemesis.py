@@ -4,7 +4,9 @@ Kinds: ``kill`` (SIGKILL, then restart on the same data; biased to shard leaders
 (SIGSTOP/SIGCONT), ``isolate`` (every link of one node cut: Raft, metadata Raft and internal),
 ``blackhole`` (the same, but bytes vanish instead of connections closing), ``split`` (a minority
 cut from the majority), ``bridge`` (two halves that only one node still joins), ``slow`` (every link
-of one node delayed) and ``churn`` (a replica removed through the admin API, then added back).
+of one node delayed), ``churn`` (a replica removed through the admin API, then added back), ``disk``
+(one node's filesystem filled to ENOSPC, then emptied; a node that stopped on it is restarted) and
+``skew`` (one node's wall clock moved 30 s to 10 min ahead or behind, then back; libfaketime).
 A target is chosen when the fault starts, from the plan's draw and the cluster as it is then (which
 node leads is the one thing a seed cannot fix).
 """
@@ -21,14 +23,18 @@ from typing import Any
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
 
+from .clocks import Clocks
+from .disks import Disks
 from .history import History
 from .proxy import ProxyHub
 
 KINDS = {"kill": 3, "pause": 2, "isolate": 2, "blackhole": 1, "split": 1, "bridge": 1, "slow": 1,
-         "churn": 1}
+         "churn": 1, "disk": 1, "skew": 1}
+LEADER_BIASED = frozenset({"kill", "pause", "disk", "skew"})
 fault_s_min, fault_s_max = 2.0, 6.0
 gap_s_min, gap_s_max = 1.0, 4.0
-leader_bias = 0.7  # share of kills and pauses aimed at a shard leader
+leader_bias = 0.7  # share of the LEADER_BIASED faults aimed at a shard leader
+skew_s = (30.0, 600.0)  # how far a skewed clock is moved, ahead or behind
 slow_link_ms = (50, 300)
 membership_timeout_s = 90.0
 faults_max = 10_000
@@ -40,25 +46,35 @@ class Planned:
     kind: str
     duration_s: float
     draw: float  # picks the target
-    leader: bool  # aim at a shard leader (kill, pause)
+    leader: bool  # aim at a shard leader (LEADER_BIASED kinds)
+    amount: float = 0.0  # in [-1, 1): how far and which way a clock is moved (skew)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan_schedule(seed: int, duration_s: float, warmup_s: float = 2.0) -> list[Planned]:
-    """Faults with gaps between them, filling ``duration_s`` (the last one healed before it ends)."""
+def plan_schedule(seed: int, duration_s: float, warmup_s: float = 2.0,
+                  kinds: frozenset[str] | set[str] | None = None) -> list[Planned]:
+    """Faults with gaps between them, filling ``duration_s`` (the last one healed before it ends),
+    of the given ``kinds`` only (default: all)."""
     rng = random.Random(seed)
-    kinds, weights = list(KINDS), list(KINDS.values())
+    chosen = [k for k in KINDS if kinds is None or k in kinds]
+    weights = [KINDS[k] for k in chosen]
     at, planned = warmup_s, []
-    while len(planned) < faults_max:
+    while chosen and len(planned) < faults_max:
         hold = rng.uniform(fault_s_min, fault_s_max)
         if at + hold > duration_s:
             break
-        planned.append(Planned(round(at, 3), rng.choices(kinds, weights)[0], round(hold, 3),
-                               rng.random(), rng.random() < leader_bias))
+        planned.append(Planned(round(at, 3), rng.choices(chosen, weights)[0], round(hold, 3),
+                               rng.random(), rng.random() < leader_bias, round(rng.uniform(-1, 1), 6)))
         at += hold + rng.uniform(gap_s_min, gap_s_max)
     return planned
+
+
+def skew_seconds(planned: Planned) -> float:
+    """The clock offset of a ``skew`` fault: ``skew_s`` in magnitude, its sign from ``amount``."""
+    low, high = skew_s
+    return (1 if planned.amount >= 0 else -1) * (low + abs(planned.amount) * (high - low))
 
 
 class Network:
@@ -107,10 +123,12 @@ class Network:
 
 class Nemesis(threading.Thread):
     def __init__(self, cluster: LocalCluster, network: Network, history: History,
-                 schedule: list[Planned], stop: threading.Event) -> None:
+                 schedule: list[Planned], stop: threading.Event, disks: Disks | None = None,
+                 clocks: Clocks | None = None) -> None:
         super().__init__(name="nemesis", daemon=True)
         self.cluster, self.network, self.history = cluster, network, history
         self.schedule, self.stop_event = schedule, stop
+        self.disks, self.clocks = disks, clocks
         self.error: BaseException | None = None
 
     def run(self) -> None:
@@ -134,7 +152,7 @@ class Nemesis(threading.Thread):
             self.history.fault_ended(fault, note or "")
 
     def _pick_target(self, planned: Planned, nodes: list[str]) -> str:
-        if planned.leader and planned.kind in ("kill", "pause"):
+        if planned.leader and planned.kind in LEADER_BIASED:
             leaders = sorted({n for n in launcher.leaders(self.cluster.plan).values() if n in nodes})
             if leaders:
                 return leaders[int(planned.draw * len(leaders))]
@@ -142,7 +160,10 @@ class Nemesis(threading.Thread):
 
     # each returns what heals it (run once the fault has lasted its time)
     def _kill(self, node: str, planned: Planned) -> Any:
+        pid = self.cluster.procs[node].pid
         self.cluster.kill(node)
+        if self.clocks is not None:
+            self.clocks.forget(pid)
         return lambda: self.cluster.start_node(node)
 
     def _pause(self, node: str, planned: Planned) -> Any:
@@ -192,6 +213,32 @@ class Nemesis(threading.Thread):
             return f"shard {shard}: removed and added back"
         return add_back
 
+    def _disk(self, node: str, planned: Planned) -> Any:
+        """The node's filesystem full; once emptied, a node that stopped on it is started again."""
+        assert self.disks is not None, "a disk fault planned without filesystems of the nodes' own"
+        filled = self.disks.fill(node)
+
+        def drain() -> str:
+            self.disks.drain(node)  # type: ignore[union-attr]
+            stopped = self.cluster.procs[node]
+            if stopped.poll() is None:
+                return f"filled {filled} bytes; {node} went on"
+            if self.clocks is not None:
+                self.clocks.forget(stopped.pid)
+            self.cluster.start_node(node)
+            return f"filled {filled} bytes; {node} stopped (exit status {stopped.returncode}), restarted"
+        return drain
+
+    def _skew(self, node: str, planned: Planned) -> Any:
+        assert self.clocks is not None, "a skew fault planned without libfaketime under the nodes"
+        seconds = skew_seconds(planned)
+        self.clocks.set_offset(node, seconds)
+
+        def back() -> str:
+            self.clocks.set_offset(node, 0.0)  # type: ignore[union-attr]
+            return f"{node}'s clock {seconds:+.0f}s"
+        return back
+
     def _admin(self, method: str, path: str, body: Any = None, avoid: str = "") -> tuple[int | None, Any]:
         """One admin request through a running node other than ``avoid``."""
         urls = [u for n, u in self.cluster.urls.items() if n != avoid and n in self.cluster.procs]
@@ -209,14 +256,23 @@ def _error_code(answer: Any) -> str:
     return str(answer.get("error", {}).get("code")) if isinstance(answer, dict) else str(answer)
 
 
-def heal_everything(cluster: LocalCluster, network: Network) -> None:
-    """After the run (or a harness error): links healed, paused nodes resumed, killed ones restarted."""
+def heal_everything(cluster: LocalCluster, network: Network, disks: Disks | None = None,
+                    clocks: Clocks | None = None) -> None:
+    """After the run (or a harness error): links healed, disks emptied, clocks set right, paused
+    nodes resumed, killed or stopped ones restarted."""
     network.heal()
+    for node in list(disks.mounts) if disks is not None else []:
+        disks.drain(node)
+    if clocks is not None:
+        clocks.reset_all()
     for node in list(cluster.procs):
         cluster.resume(node)
     for node in cluster.node_ids:
-        if node not in cluster.procs:
+        if node in cluster.procs and cluster.procs[node].poll() is not None and clocks is not None:
+            clocks.forget(cluster.procs[node].pid)
+        if node not in cluster.procs or cluster.procs[node].poll() is not None:
             cluster.start_node(node)
 
 
-__all__ = ["KINDS", "Nemesis", "Network", "Planned", "heal_everything", "plan_schedule"]
+__all__ = ["KINDS", "LEADER_BIASED", "Nemesis", "Network", "Planned", "heal_everything", "plan_schedule",
+           "skew_seconds"]

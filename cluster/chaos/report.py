@@ -14,7 +14,7 @@ from .history import History
 bucket_s = 1.0
 FAULT_COLOURS = {"kill": "tab:red", "pause": "tab:orange", "isolate": "tab:purple",
                  "blackhole": "tab:brown", "split": "tab:pink", "bridge": "tab:olive",
-                 "slow": "tab:cyan", "churn": "tab:green"}
+                 "slow": "tab:cyan", "churn": "tab:green", "disk": "tab:gray", "skew": "tab:blue"}
 
 
 def write_report(out: str, history: History, summary: dict[str, Any], say: Any) -> None:

@@ -20,6 +20,7 @@ from raftledger.cluster.testing import LocalCluster
 
 from . import checkers
 from .attach import ATTACHED_KINDS, AttachedCluster, find_pid, schedule_for_attached
+from .faults import Faults
 from .history import History
 from .nemesis import Nemesis, Network, heal_everything, plan_schedule
 from .proxy import ProxyHub
@@ -41,6 +42,7 @@ class Options:
     out: str | None = None
     data_dir: str | None = None  # a cluster planned there instead of a new one (running: attach)
     faults: bool = True
+    nemeses: frozenset[str] | None = None  # the fault kinds to plan from (default: every kind)
 
 
 @dataclass
@@ -65,12 +67,16 @@ def run(options: Options, say: Any = print) -> Result:
         cluster = attached_to(options.data_dir, say) or LocalCluster(
             root, nodes=options.nodes, shards=options.shards, durability="fsync", credentials=True,
             resume=bool(options.data_dir) and os.path.exists(os.path.join(root, launcher.CLUSTER_FILE)))
+        faults = Faults(options.nemeses if options.faults else frozenset(), bool(options.data_dir), say)
+        stack.callback(faults.close)  # after the nodes stopped (callbacks run last first)
+        if not isinstance(cluster, AttachedCluster):  # running already: no disks to give, no clocks
+            faults.prepare(cluster, os.path.join(root, "chaos"))
         network = Network(hub, cluster, stack.enter_context(tempfile.TemporaryDirectory(prefix="dial-"))
                           if isinstance(cluster, AttachedCluster) else root)
         stack.callback(cluster.close)
         cluster.start()
         try:
-            return _run_on(cluster, network, options, say)
+            return _run_on(cluster, network, options, say, faults)
         finally:
             if options.out:
                 keep_node_logs(cluster, options.out)
@@ -95,22 +101,22 @@ def keep_node_logs(cluster: LocalCluster, out: str) -> None:
     """Each node's log next to the report: a temp data dir goes away with the run."""
     os.makedirs(os.path.join(out, "logs"), exist_ok=True)
     for node in cluster.node_ids:
-        source = os.path.join(cluster.data_dir, node, "node.log")
+        source = cluster.log_path(node)
         if os.path.exists(source):
             shutil.copyfile(source, os.path.join(out, "logs", f"{node}.log"))
 
 
-def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any) -> Result:
+def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any, faults: Faults) -> Result:
     run_id = f"c{options.seed}x{random.Random().randrange(16 ** 6):06x}"
     with cluster.client() as client:
         bank = open_bank(client, run_id)
     history = History()  # times count from here: the bank is open
     stop = threading.Event()
-    schedule = plan_schedule(options.seed, options.duration_s) if options.faults else []
+    schedule = plan_schedule(options.seed, options.duration_s, kinds=faults.kinds) if faults.kinds else []
     if isinstance(cluster, AttachedCluster):
         schedule, skipped = schedule_for_attached(schedule)
         say(f"chaos: attached: faults {sorted(ATTACHED_KINDS)} only; skipped (they need the "
-            f"harness's proxies, i.e. a cluster it starts): {', '.join(skipped) or 'none planned'}")
+            f"harness's proxies or a start by the harness): {', '.join(skipped) or 'none planned'}")
     say(f"chaos: {len(bank.accounts)} accounts over {options.shards} shards, {len(schedule)} faults planned")
     feed_client = cluster.client()
     follower = FeedFollower(feed_client)
@@ -122,14 +128,14 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any)
                           for i in range(bank_workers)]
     workers.append(RetryStorm(f"{run_id}-storm", history, urls, cluster.admin_token, stop,
                               random.Random(rng.random()), storm=storm))
-    nemesis = Nemesis(cluster, network, history, schedule, stop)
+    nemesis = Nemesis(cluster, network, history, schedule, stop, faults.disks, faults.clocks)
     for thread in (follower, *workers, nemesis):
         thread.start()
     stop.wait(options.duration_s)
     stop.set()
     for thread in (*workers, nemesis):
         thread.join(join_timeout_s + options.duration_s)
-    heal_everything(cluster, network)
+    heal_everything(cluster, network, faults.disks, faults.clocks)
     errors = [f"{t.name}: {t.error!r}" for t in (*workers, nemesis) if t.error is not None]
     try:
         final = settle_and_read(cluster, bank, follower)

@@ -144,10 +144,23 @@ def authenticate(request: web.Request, gate: Gate) -> Caller:
         # valid token to give up. (Found by raftledger chaos: writes refused after a restart.)
         raise LedgerError("unavailable", "this node has not caught up with the cluster map yet",
                           retry_after_s=1.0)
-    if caller is None or caller.token.expired(ctx.clock.time_ns()):
+    if caller is None or caller.token.expired(cluster_time_ns(ctx) - tolerance_ns(ctx)):
         raise LedgerError("unauthorized", "a valid bearer token is required",
                           headers={"WWW-Authenticate": 'Bearer realm="raftledger"'})
     return caller
+
+
+def cluster_time_ns(ctx: NodeContext) -> int:
+    """The wall clock as the cluster has it: this node's, unless the majority of the peers it hears
+    from say it is off by more than the replay window (``wire.PeerClocks``)."""
+    return ctx.clock.time_ns() - (ctx.peer_clocks.own_offset_ns() or 0)
+
+
+def tolerance_ns(ctx: NodeContext) -> int:
+    """A token is honoured this long past its expiry: the clock difference tolerated between nodes
+    (``internal.window_s``), so that no node whose clock runs a little ahead answers 401 (which
+    tells a client to give up) to a token the cluster still holds valid."""
+    return int(ctx.settings.internal.window_s * 1e9)
 
 
 @web.middleware

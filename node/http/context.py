@@ -19,7 +19,9 @@ from ..clock import SYSTEM_CLOCK, Clock
 from ..metrics import Metrics
 from ..service import ShardService
 from ..settings import NodeSettings
-from ..wire import Sealer
+from ..wire import PeerClocks, Sealer
+
+peer_clocks_memory_windows = 3  # a peer's clock offset is remembered this many replay windows
 
 
 @dataclass
@@ -59,10 +61,15 @@ class NodeContext:
     meta: Any = None  # cluster.meta.MetaService on a node hosting a member of the metadata group
     internal_scheme: str = "http"  # "https": the cluster's internal listeners speak TLS (node.tls)
     tls_client: ssl.SSLContext | None = None  # what calls to other nodes verify them with
+    peer_clocks: PeerClocks = None  # type: ignore[assignment]  # None: made in __post_init__
 
     def __post_init__(self) -> None:
         if self.metrics is None:
             self.metrics = Metrics(self.node_id)
+        if self.peer_clocks is None:
+            window_s = self.settings.internal.window_s
+            self.peer_clocks = PeerClocks(window_s, peer_clocks_memory_windows * window_s,
+                                          self.clock.monotonic)
         if self.maps is None:
             self.maps = MapFollower(fixed_map(self.shard_count, self.placement, self.peers),
                                     clock=self.clock)

@@ -71,6 +71,7 @@ log = logging.getLogger(__name__)
 FLIP = {Direction.debit: Direction.credit, Direction.credit: Direction.debit}
 REUSED = "idempotency_key_reused"
 FINISHED_HERE = -1  # in the results of a decision taken with its local leg: that leg's finish
+ANY_TIME_NS = 1 << 64  # after every timestamp: the resolver reads every open decision and leg
 
 Key = tuple[int, int]  # (the item's index in its run, a shard)
 
@@ -472,6 +473,17 @@ class Backoff:
         self.first_s = ctx.settings.cross_shard.resolver_interval_s
         self.max_s = ctx.settings.cross_shard.retry_max_s
         self.waits: dict[str, tuple[float, float]] = {}  # id -> (not before, last wait)
+        self.first_seen: dict[int, dict[str, float]] = {}  # shard -> id -> when first seen open
+
+    def open_for_s(self, shard: int, ids: list[str]) -> dict[str, float]:
+        """How long this resolver has seen each of ``ids`` open on ``shard`` (monotonic; the rest of
+        the shard's are forgotten). Age by timestamp alone trusts the wall clock of whoever stamped
+        it: after a leader whose clock ran ahead, a shard's timestamps stay ahead of every clock
+        until time catches up, and a leader whose clock runs behind sees nothing as old."""
+        now = self.clock.monotonic()
+        before = self.first_seen.get(shard, {})
+        seen = self.first_seen[shard] = {i: before.get(i, now) for i in ids}
+        return {i: now - since for i, since in seen.items()}
 
     def due(self, key: str) -> bool:
         return self.waits.get(key, (0.0, 0.0))[0] <= self.clock.monotonic()
@@ -503,11 +515,19 @@ async def resolve_shard(ctx: NodeContext, shard: int, backoff: Backoff | None = 
     settings = ctx.settings.cross_shard
     now, most = ctx.clock.time_ns(), settings.resolved_per_pass_max
     finished_by = now - int(settings.finish_timeout_s * 1e9)
+    prepared_by = now - int(settings.prepare_timeout_s * 1e9)
     with ctx.shards[shard].store.reader() as reader:
-        # An expired cross-shard hold has no driver: its legs are released at once.
-        decisions = [d for d in reader.open_decisions(now, most)
-                     if d.timestamp < finished_by or d.id.endswith(EXPIRY_SUFFIX)]
-        legs = reader.open_legs(now - int(settings.prepare_timeout_s * 1e9), most)
+        open_decisions = reader.open_decisions(ANY_TIME_NS, most)
+        open_legs = reader.open_legs(ANY_TIME_NS, most)
+    # Old by its timestamp, or open for that long as this leader saw it (a skewed clock cannot hold
+    # a hold forever); an expired cross-shard hold has no driver: its legs are released at once.
+    ages = backoff.open_for_s(shard, [f"decision {d.id}" for d in open_decisions]
+                              + [f"leg {leg.id}" for leg in open_legs])
+    decisions = [d for d in open_decisions
+                 if d.timestamp < finished_by or d.id.endswith(EXPIRY_SUFFIX)
+                 or ages[f"decision {d.id}"] >= settings.finish_timeout_s]
+    legs = [leg for leg in open_legs
+            if leg.timestamp < prepared_by or ages[f"leg {leg.id}"] >= settings.prepare_timeout_s]
     work = [(f"decision {d.id}", _finish_decision(ctx, shard, d)) for d in decisions if backoff.due(d.id)]
     work += [(f"leg {leg.id}", _resolve_leg(ctx, shard, leg.id, leg.digest, leg.coordinator))
              for leg in legs if backoff.due(leg.id)]

@@ -376,7 +376,8 @@ def create_app(ctx: NodeContext) -> web.Application:
     if ctx.sealer is None:
         raise ValueError("the internal listener needs the cluster secret (NodeContext.sealer)")
     app = web.Application(middlewares=[not_found], client_max_size=ctx.settings.internal.body_bytes_max)
-    guard = wire.ReplayGuard(ctx.settings.internal.window_s, ctx.settings.internal.replay_nonces_max)
+    guard = wire.ReplayGuard(ctx.settings.internal.window_s, ctx.settings.internal.replay_nonces_max,
+                             ctx.peer_clocks)
     routes = ROUTES + (BENCH_ROUTES if os.environ.get(BENCH_ENV) == "1" else ())
     routes += (("/faults", arm_faults),) if faults.enabled() else ()
     for path, handler in routes:
