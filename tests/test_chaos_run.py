@@ -52,9 +52,9 @@ def test_kinds_restrict_the_plan_and_the_same_seed_still_plans_the_same() -> Non
     assert all(low <= abs(s) <= high for s in offsets) and min(offsets) < 0 < max(offsets)
 
 
-@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) not found")
 def test_without_the_right_to_mount_the_disk_fault_is_said_unavailable_and_left_out(tmp_path: Path) -> None:
     """A harness that cannot mount (here: no capabilities at all) says so once and plans the rest."""
+    assert shutil.which("setpriv"), "setpriv (util-linux) is needed"
     script = ("from raftledger.cluster.chaos.faults import Faults\n"
               "from raftledger.cluster.testing import LocalCluster\n"
               "said = []\n"
@@ -71,10 +71,10 @@ def test_without_the_right_to_mount_the_disk_fault_is_said_unavailable_and_left_
     assert not os.path.ismount(tmp_path / "data" / "n0")
 
 
-@pytest.mark.skipif(disks.unavailable_reason() is not None, reason=str(disks.unavailable_reason()))
 def test_short_run_with_full_disks_and_skewed_clocks_passes_every_checker(tmp_path: Path) -> None:
     """The same seed, restricted to the kinds that need root and libfaketime (CI has both): at
     least one full disk and one skewed clock, every checker ok, and the filesystems unmounted."""
+    assert disks.unavailable_reason() is None, disks.unavailable_reason()
     lines: list[str] = []
     result = run(Options(duration_s=run_duration_s, seed=run_seed, out=str(tmp_path / "out"),
                          nemeses=frozenset({"disk", "skew", "kill"})), say=lines.append)

@@ -407,7 +407,7 @@ def more_descriptors():
     wanted = IDLE_SOCKETS + 256
     if soft < wanted:
         if hard != resource.RLIM_INFINITY and hard < wanted:
-            pytest.skip(f"needs {wanted} descriptors, the hard limit is {hard}")
+            pytest.fail(f"needs {wanted} descriptors, the hard limit is {hard}")
         resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
     yield
     resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
