@@ -7,6 +7,7 @@ shard that owns every account it names). The public port serves none of the inte
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from raftledger.client.errors import LedgerError
 from raftledger.node import wire
-from raftledger.node.http import NodeContext, create_app
+from raftledger.node.http import NodeContext, create_app, forward
 from raftledger.node.http import internal as internal_api
 from raftledger.node.testing import DirectShard, ids_on_shard
 from raftledger.statemachine import codec
@@ -117,6 +119,29 @@ async def test_a_sealed_body_cannot_be_moved_to_another_path_or_replayed(node):
                                  headers=sealed.headers) as resp:
             assert resp.status == expected
     assert applied(stores) == [1, 0]
+
+
+async def test_a_sender_whose_clock_is_off_logs_the_reason_its_peer_gave(node, monkeypatch, caplog):
+    """Under a skewed clock the sender used to log "is it configured with this cluster's secret?";
+    the peer's unsealed reason names the clock instead (found in the chaos skew fault's logs)."""
+    internal, _, stores = node
+    sealer = wire.Sealer(KEY, "n2")
+    now = time.time_ns()
+    monkeypatch.setattr(wire.time, "time_ns", lambda: now + 3600 * 10**9)  # an hour ahead
+    sealed = sealer.seal_request("POST", wire.PREFIX + "/status", None)
+    monkeypatch.undo()
+    async with internal.post(wire.PREFIX + "/status", data=sealed.body, headers=sealed.headers) as resp:
+        status, headers, body = resp.status, resp.headers, await resp.read()
+    assert status == 401
+    ctx = NodeContext("n2", {}, SHARDS, sealer=sealer)
+    with caplog.at_level(logging.ERROR, logger="raftledger.node.http.forward"), \
+            pytest.raises(LedgerError) as refused:
+        forward._answer(ctx, "n1", sealed, status, headers, body)
+    assert refused.value.code == "unavailable"
+    assert "refused this node's request: request time is -3600.0s off this node's clock" in caplog.text
+    assert "secret" not in caplog.text
+    assert forward._refusal_reason(401, b"not json") == "" and forward._refusal_reason(500, body) == ""
+    assert applied(stores) == [0, 0]
 
 
 def test_a_request_outside_the_time_window_or_seen_before_is_refused():

@@ -24,6 +24,7 @@ receiver with an older map catches up first, so two nodes never bounce a command
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -368,8 +369,12 @@ def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int
     try:
         answer = ctx.sealer.open_answer(sealed, status, headers, body)  # type: ignore[union-attr]
     except wire.Unauthenticated as exc:
-        log.error("node %s: %s (status %d); is it configured with this cluster's secret?", node, exc,
-                  status)
+        refused = _refusal_reason(status, body)
+        if refused:  # it could not open ours: its reason, unsealed (for the log only), says why
+            log.error("node %s refused this node's request: %s", node, refused)
+        else:
+            log.error("node %s: %s (status %d); is it configured with this cluster's secret?", node, exc,
+                      status)
         raise LedgerError("unavailable", f"node {node} did not authenticate") from exc
     if status == 200:
         return answer
@@ -379,6 +384,18 @@ def _answer(ctx: NodeContext, node: str, sealed: wire.SealedRequest, status: int
     # Anything else means the hop failed (a peer refused what this node checked already), not the
     # client's request.
     raise LedgerError("unavailable", f"node {node} answered {status} {error.code}: {error.message}")
+
+
+def _refusal_reason(status: int, body: bytes) -> str:
+    """The reason a peer gave, unsealed, for a 401 to a request it could not open (a clock off by
+    more than the replay window, another cluster's secret): shown in the log, trusted for nothing."""
+    if status != 401:
+        return ""
+    try:
+        reason = json.loads(body)["error"]["details"]["reason"]
+    except (ValueError, KeyError, TypeError):
+        return ""
+    return reason[:200] if isinstance(reason, str) else ""
 
 
 async def peer_statuses(ctx: NodeContext) -> dict[str, dict[str, Any] | None]:
