@@ -30,9 +30,13 @@ Notify = Callable[[list[Outcome] | None], None]
 
 
 class Applier:
-    def __init__(self, slot: StoreSlot, on_applied: Callable[[int], None] | None = None) -> None:
+    def __init__(self, slot: StoreSlot, on_applied: Callable[[int], None] | None = None,
+                 stop_node: Callable[[str, BaseException], None] = fail_stop) -> None:
+        """``stop_node``: what a failure on the disk does (the process exits; a test of the applier
+        alone records it instead, and this shard then stops applying)."""
         self.slot = slot
         self._on_applied = on_applied
+        self._stop_node = stop_node
         self._queue: queue.SimpleQueue[tuple[Any, ...] | None] = queue.SimpleQueue()
         self._cond = threading.Condition()
         self._backlog = 0
@@ -88,7 +92,7 @@ class Applier:
             outcomes = self.slot.current.apply_entry(index, payload)
         except BaseException as exc:  # the store cannot go on: stop applying, never skip an entry
             if is_disk_error(exc):  # every shard of the node shares the disk: the node stops
-                fail_stop(f"shard {self.slot.shard}: applying entry {index}", exc)
+                self._stop_node(f"shard {self.slot.shard}: applying entry {index}", exc)
             log.critical("shard %d: applying entry %d failed; replica stops applying",
                          self.slot.shard, index, exc_info=True)
             with self._cond:

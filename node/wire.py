@@ -199,14 +199,18 @@ class ReplayGuard:
         heapq.heappush(self._expiry, (sent_ns + self.window_ns, nonce))
 
 
+peers_off_min = 2  # peers that must find this node's clock off before it believes them
+
+
 class PeerClocks:
     """How far this node's wall clock is from its peers', as the times of their authenticated
     internal requests show it (the last offset of each peer, for ``memory_s``).
 
     Clocks are expected within ``window_s`` of each other (the internal protocol refuses requests
-    beyond it). When a majority of the peers heard from recently are further off than that, the
-    clock that is wrong is this node's: ``own_offset_ns`` says by how much (their median), so that
-    what the cluster decides by time (a token's expiry) is not decided by this node's clock alone."""
+    beyond it). When at least two peers, and a majority of those heard from recently, are further
+    off than that, the clock that is wrong is this node's: ``own_offset_ns`` says by how much (their
+    median), so that what the cluster decides by time (a token's expiry) is not decided by this
+    node's clock alone. One peer alone proves nothing: it may be the one that is off."""
 
     def __init__(self, window_s: float, memory_s: float, monotonic: Any = time.monotonic) -> None:
         self.window_ns = int(window_s * 1e9)
@@ -223,6 +227,6 @@ class PeerClocks:
         since = self._monotonic() - self.memory_s
         recent = [offset for offset, seen in self._last.values() if seen >= since]
         off = sorted(offset for offset in recent if abs(offset) > self.window_ns)
-        if not recent or 2 * len(off) <= len(recent):
+        if len(off) < peers_off_min or 2 * len(off) <= len(recent):
             return None
         return off[len(off) // 2]

@@ -159,15 +159,17 @@ def test_peer_clocks_say_this_node_is_off_only_when_most_peers_heard_from_say_so
     clocks = wire.PeerClocks(window_s=10, memory_s=30, monotonic=lambda: now[0])
     assert clocks.own_offset_ns() is None  # heard from nobody
     clocks.observe("n2", 300 * 10**9)
+    assert clocks.own_offset_ns() is None  # one peer alone: n2 may be the one that is off
     clocks.observe("n3", 2 * 10**9)
-    assert clocks.own_offset_ns() is None  # one of two: n2 may be the one that is off
+    assert clocks.own_offset_ns() is None  # one of two
     clocks.observe("n3", 299 * 10**9)
     assert clocks.own_offset_ns() == 300 * 10**9 or clocks.own_offset_ns() == 299 * 10**9
     now[0] = 31.0  # forgotten: heard nothing since
     assert clocks.own_offset_ns() is None
     guard = wire.ReplayGuard(window_s=10, nonces_max=1000, peer_clocks=clocks)
-    with pytest.raises(wire.Unauthenticated):
-        guard.admit(b"c" * 12, 1_000 * 10**9, 1_120 * 10**9, peer="n2")  # refused, but heard
+    for peer, nonce in (("n2", b"c" * 12), ("n3", b"d" * 12)):
+        with pytest.raises(wire.Unauthenticated):
+            guard.admit(nonce, 1_000 * 10**9, 1_120 * 10**9, peer=peer)  # refused, but heard
     assert clocks.own_offset_ns() == 120 * 10**9
 
 

@@ -322,14 +322,17 @@ def test_disk_is_allocated_ahead_of_the_pages_in_use(tmp_path) -> None:
     slot.close()
 
 
-def test_a_full_disk_stops_the_apply_and_changes_nothing(tmp_path, monkeypatch) -> None:
+def test_a_full_disk_stops_the_node_and_changes_nothing(tmp_path, monkeypatch) -> None:
+    """The node process exits on it (``files.fail_stop``: a real node on a full disk in
+    tests/test_chaos_disk.py); here the stop is recorded instead, and the shard applies no more."""
     import errno
 
     from raftledger.node.applier import Applier
     from raftledger.node.store_slot import StoreSlot
 
     slot = StoreSlot(str(tmp_path), 0, sync=False)
-    applier = Applier(slot)
+    stops: list[tuple[str, BaseException]] = []
+    applier = Applier(slot, stop_node=lambda what, exc: stops.append((what, exc)))
     before = slot.current.fingerprint()
 
     def full(fd: int, offset: int, length: int) -> None:
@@ -339,6 +342,7 @@ def test_a_full_disk_stops_the_apply_and_changes_nothing(tmp_path, monkeypatch) 
     slot._reserve.reserved = 0  # the next apply must top up
     _fill(applier, 1)
     assert isinstance(applier.failed, OSError) and applier.failed.errno == errno.ENOSPC
+    assert [what for what, _ in stops] == ["shard 0: applying entry 1"]
     assert slot.current.fingerprint() == before
     monkeypatch.undo()
     applier.close()
