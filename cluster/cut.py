@@ -30,7 +30,7 @@ from raftledger.statemachine.audit import currency_totals
 from raftledger.statemachine.codes import ResultCode
 from raftledger.statemachine.commands import LEG_EXPIRE, LEG_HOLD, LEG_POST, LEG_VOID
 from raftledger.statemachine.layout import unpack_leg, unpack_open_decision, unpack_transaction
-from raftledger.statemachine.ledger import EVENT_HEAD, EVENT_TRANSACTION, EXPIRY_SUFFIX, decode_rejection
+from raftledger.statemachine.ledger import EVENT_HEAD, EXPIRY_SUFFIX, decode_rejection, event_transaction
 from raftledger.statemachine.store import Reader
 
 LEG_PREPARED, LEG_HELD = "prepared", "held"
@@ -167,9 +167,10 @@ def _recent_finishes(reader: Reader, since_ns: int) -> dict[str, int]:
         _type, kind, ts = EVENT_HEAD.unpack_from(raw)
         if ts < since_ns:
             break
-        if kind != EVENT_TRANSACTION:
+        packed = event_transaction(kind, bytes(raw[EVENT_HEAD.size:]))
+        if packed is None:
             continue
-        tx = unpack_transaction(bytes(raw[EVENT_HEAD.size:]))
+        tx = unpack_transaction(packed)
         if tx.shards:  # a leg's finish: its own id, or the follow-up's naming the hold
             found.setdefault(tx.pending_id or tx.id, ts)
     return found

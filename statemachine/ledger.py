@@ -131,6 +131,16 @@ EVENT_TYPE_CODE: Final = {name: i for i, name in enumerate(EVENT_TYPES)}
 EVENT_HEAD: Final = struct.Struct(">BBQ")  # type code, record kind, timestamp; the record bytes follow
 
 
+def event_transaction(kind: int, record: bytes) -> bytes | None:
+    """The packed transaction of an outbox record of ``kind`` (None: an account's event)."""
+    if kind == EVENT_TRANSACTION:
+        return record
+    if kind == EVENT_TRANSACTION_BALANCES:
+        size: int = U32.unpack_from(record)[0]
+        return record[U32.size:U32.size + size]
+    return None
+
+
 def decode_rejection(raw: bytes | memoryview) -> tuple[bytes, ResultCode, int, dict[str, Any]] | None:
     """An idempotency record is the payload digest alone for a success, msgpack for a rejection."""
     if len(raw) == 32:

@@ -54,6 +54,7 @@ from .ledger import (
     Applier,
     Dbs,
     decode_rejection,
+    event_transaction,
     result_codes,
 )
 from .records import (
@@ -385,12 +386,13 @@ class Reader:
             account_id, packed = msgpack.unpackb(record)
             acct = unpack_account(account_id, packed).to_account()
             return Event(offset, event_type, ts, acct.to_json(self.shard))
-        if kind != EVENT_TRANSACTION_BALANCES:
-            return Event(offset, event_type, ts, unpack_transaction(record).to_json(self.shard))
-        size = U32.unpack_from(record)[0]
-        tx = unpack_transaction(record[U32.size:U32.size + size])
+        packed = event_transaction(kind, record)
+        assert packed is not None
+        tx = unpack_transaction(packed)
         data = tx.to_json(self.shard)
-        at = U32.size + size
+        if kind != EVENT_TRANSACTION_BALANCES:
+            return Event(offset, event_type, ts, data)
+        at = U32.size + len(packed)
         accounts = dict.fromkeys(e.account_id for e in tx.entries)
         data["balances"] = [self._balance_after(account_id, record, at + i * BALANCES.size, ts)
                             for i, account_id in enumerate(accounts)]

@@ -10,6 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from raftledger.cluster import verify
+from raftledger.cluster.cut import cut_problems, summarize
 from raftledger.statemachine.audit import currency_totals, verify_store
 from raftledger.statemachine.codec import (
     Request,
@@ -453,3 +455,33 @@ def test_a_finish_as_decided_in_an_entry_of_older_rules_stops_the_replica(cluste
         c.stores[HOME].apply_entry(harness.index + 1, old)
     assert c.balance(HOME, "h-alice") == (0, 0, 0, 0)  # nothing of that entry was applied
     assert c.one(B, FinishLeg("fin4", digest, LEG_VOID, "fin4")).ok
+
+
+@pytest.mark.parametrize("prepared_ahead", [True, False])
+def test_a_cut_judges_a_leg_stamped_by_a_leader_minutes_ahead_against_its_homes_decision(cluster,
+                                                                                        prepared_ahead):
+    """Found with the chaos skew fault: the home decided at its leader's time, the legs were prepared
+    (or only finished) by leaders 8 minutes ahead; a cut that kept only 5 minutes of steps left the
+    decision out of the home's reading and judged the reading inconsistent (``raftledger verify``: no
+    consistent cut). A leg only finished lately is in the cut by the outbox's transaction events,
+    which carry balances since rules version 4 (the cut used to skip those, and with them the leg)."""
+    c, cmd = cluster, cross("skew1", 30)
+    ahead = [c.shard[A], c.shard[B]]  # the participants' leaders run 8 minutes ahead of the home's
+    for harness in ahead if prepared_ahead else []:
+        harness.advance(8 * 60)
+    decide(c, cmd, prepare(c, cmd))
+    for harness in [] if prepared_ahead else ahead:
+        harness.advance(8 * 60)
+    finish(c, "skew1", payload_hash(cmd), LEG_POST)
+    assert c.one(HOME, Complete("skew1")).ok  # the decision closed: only its record says it
+    now_ns = c.shard[A].now_ns + 10**9
+
+    def problems(kept_s: int) -> list[str]:
+        cuts = {}
+        for shard, store in enumerate(c.stores):
+            with store.reader() as reader:
+                cuts[shard] = summarize(reader, now_ns - kept_s * 10**9)
+        return cut_problems(cuts, now_ns - verify.judged_window_s * 10**9)
+
+    assert any("had not decided when read" in p for p in problems(300))  # the window it had
+    assert problems(verify.recent_window_s) == []
