@@ -103,6 +103,8 @@ class AttachedCluster(LocalCluster):
             raise AttachError(f"no {launcher.CLUSTER_FILE} in {data_dir}")
         self.plan = plan
         self.preexec_fn = None
+        self.log_dir: str | None = None  # its nodes log where they were started to
+        self.node_env: dict[str, dict[str, str]] = {}
         self.dial_files: dict[str, str] = {}
         self.procs: dict[str, Any] = {}
         missing = []
