@@ -126,8 +126,7 @@ class AttachedCluster(LocalCluster):
     def start_node(self, node_id: str, wait: bool = True) -> None:
         if node_id in self.procs and self.procs[node_id].poll() is None:
             raise RuntimeError(f"{node_id} is already running")
-        log_path = os.path.join(self.plan.node_config(node_id).data_dir, "node.log")
-        self.procs[node_id] = self.commands[node_id].again(log_path)
+        self.procs[node_id] = self.commands[node_id].again(self.log_path(node_id))
         self.plan.pids[node_id] = self.procs[node_id].pid
         launcher.save_plan(self.plan)
         if wait:
