@@ -54,7 +54,6 @@ SECRET_FILE = "cluster.secret"
 TLS_DIR = "tls"  # raftledger up --tls: the local CA and each node's certificate and key
 PLAN_VERSION = 3
 META_HOSTS = 3  # nodes of a new plan that host the metadata group (the first ones)
-CALLER_ID = "raftledger-cli"  # the sender named in internal requests made from here
 HOST = "127.0.0.1"
 ready_timeout_s = 60.0
 stop_timeout_s = 15.0
@@ -150,7 +149,7 @@ class Plan:
             if not os.path.exists(self.secret_file):
                 os.makedirs(self.data_dir, exist_ok=True)
                 secret.generate(self.secret_file)
-            self._sealer = wire.Sealer(wire.internal_key(secret.load(self.secret_file)), CALLER_ID)
+            self._sealer = wire.Sealer(wire.internal_key(secret.load(self.secret_file)), wire.TOOL_SENDER)
         return self._sealer
 
     def to_json(self) -> dict[str, Any]:

@@ -127,6 +127,13 @@ class Metrics:
         time from ``positions()`` (shard -> its bounds and consumers, as this replica applied them)."""
         self.registry.register(_FeedCollector(positions))
 
+    def watch_clocks(self, offsets_ns: Callable[[], Mapping[str, int]],
+                     own_offset_ns: Callable[[], int | None]) -> None:
+        """Export how far this node's clock is from each peer's, read at scrape time: the alarm an
+        operator needs before the difference reaches ``internal.window_s``, where peers refuse the
+        node's forwarded requests (docs/operations.md, "Clocks")."""
+        self.registry.register(_ClockCollector(offsets_ns, own_offset_ns))
+
     def feed_sink(self, sink: str, shard: int) -> FeedSinkSeries:
         """The counters and lag gauge of one exporter on one shard (made on first use)."""
         key = (sink, shard)
@@ -188,6 +195,28 @@ class _FeedCollector(Collector):
             for name, offset in sorted(position.consumers.items()):
                 lag.add_metric([str(shard), name], float(position.last - offset))
         yield from (first, last, lag)
+
+
+class _ClockCollector(Collector):
+    def __init__(self, offsets_ns: Callable[[], Mapping[str, int]],
+                 own_offset_ns: Callable[[], int | None]) -> None:
+        self.offsets_ns = offsets_ns
+        self.own_offset_ns = own_offset_ns
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        offsets = GaugeMetricFamily("raftledger_peer_clock_offset_seconds", "this node's wall clock minus "
+                                    "the peer's, from the peer's last sealed request (transit included)",
+                                    labels=["peer"])
+        for peer, offset_ns in sorted(self.offsets_ns().items()):
+            offsets.add_metric([peer], offset_ns / 1e9)
+        own = self.own_offset_ns()
+        off = GaugeMetricFamily("raftledger_clock_off", "1 when a majority of the peers heard from find "
+                                "this node's clock off by more than internal.window_s")
+        off.add_metric([], float(own is not None))
+        yield from (offsets, off)
 
 
 SHARD_GAUGES = (

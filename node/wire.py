@@ -200,6 +200,7 @@ class ReplayGuard:
 
 
 peers_off_min = 2  # peers that must find this node's clock off before it believes them
+TOOL_SENDER = "raftledger-cli"  # the sender named by the operator's tools (raftledger.cluster.launcher)
 
 
 class PeerClocks:
@@ -212,20 +213,29 @@ class PeerClocks:
     median), so that what the cluster decides by time (a token's expiry) is not decided by this
     node's clock alone. One peer alone proves nothing: it may be the one that is off."""
 
-    def __init__(self, window_s: float, memory_s: float, monotonic: Any = time.monotonic) -> None:
+    def __init__(self, window_s: float, memory_s: float, monotonic: Any = time.monotonic,
+                 own_id: str = "") -> None:
+        self.own_id = own_id
         self.window_ns = int(window_s * 1e9)
         self.memory_s = memory_s
         self._monotonic = monotonic
         self._last: dict[str, tuple[int, float]] = {}  # peer -> (own clock - its clock, when seen)
 
     def observe(self, peer: str, offset_ns: int) -> None:
+        if peer in (TOOL_SENDER, self.own_id):  # an operator's tool, or this node calling itself:
+            return                                # neither tells anything of the cluster's clocks
         self._last[peer] = (offset_ns, self._monotonic())
+
+    def offsets_ns(self) -> dict[str, int]:
+        """Per peer heard from recently: this node's clock minus the peer's, as its last sealed
+        request showed it (the request's transit included, milliseconds on a LAN)."""
+        since = self._monotonic() - self.memory_s
+        return {peer: offset for peer, (offset, seen) in self._last.items() if seen >= since}
 
     def own_offset_ns(self) -> int | None:
         """This node's clock minus the cluster's, when it is off by more than the window for a
         majority of the peers heard from recently; None when it agrees with them (or heard none)."""
-        since = self._monotonic() - self.memory_s
-        recent = [offset for offset, seen in self._last.values() if seen >= since]
+        recent = list(self.offsets_ns().values())
         off = sorted(offset for offset in recent if abs(offset) > self.window_ns)
         if len(off) < peers_off_min or 2 * len(off) <= len(recent):
             return None

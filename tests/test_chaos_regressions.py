@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from raftledger.cluster import launcher
 from raftledger.cluster.chaos import clocks
 from raftledger.cluster.chaos.clocks import Clocks
@@ -109,4 +110,28 @@ def test_a_node_whose_clock_runs_ahead_honours_a_token_the_cluster_holds_valid(t
             seen.append(status)
             return status == 200
         wait_until(honoured, restart_deadline_s, f"{leader} to honour the token (401: by its own clock)")
+        peers = {n for n in cluster.node_ids if n != leader}
+        offsets, off = clock_metrics(cluster.urls[leader])
+        assert off == 1.0 and set(offsets) == peers, (off, offsets)  # the operator's alarm
+        assert all(250 < offset < 350 for offset in offsets.values()), offsets
         skewed_clocks.set_offset(leader, 0)
+
+        def agrees() -> bool:
+            honoured()  # traffic from both peers, stamped by their clocks
+            offsets, off = clock_metrics(cluster.urls[leader])
+            return off == 0.0 and all(abs(offset) < 5 for offset in offsets.values())
+        wait_until(agrees, restart_deadline_s, f"{leader}'s clock metrics to clear once its clock is back")
+
+
+def clock_metrics(url: str) -> tuple[dict[str, float], float]:
+    """(peer -> raftledger_peer_clock_offset_seconds, raftledger_clock_off) from a node's /metrics."""
+    _, _, body = launcher.http_request("GET", url + "/metrics", timeout_s=5.0)
+    offsets: dict[str, float] = {}
+    off = -1.0
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == "raftledger_peer_clock_offset_seconds":
+                offsets[sample.labels["peer"]] = sample.value
+            elif sample.name == "raftledger_clock_off":
+                off = sample.value
+    return offsets, off

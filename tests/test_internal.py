@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from raftledger.client.errors import LedgerError
 from raftledger.node import wire
 from raftledger.node.http import NodeContext, create_app, forward
 from raftledger.node.http import internal as internal_api
+from raftledger.node.metrics import Metrics
 from raftledger.node.testing import DirectShard, ids_on_shard
 from raftledger.statemachine import codec
 from raftledger.statemachine.commands import (
@@ -171,6 +174,31 @@ def test_peer_clocks_say_this_node_is_off_only_when_most_peers_heard_from_say_so
         with pytest.raises(wire.Unauthenticated):
             guard.admit(nonce, 1_000 * 10**9, 1_120 * 10**9, peer=peer)  # refused, but heard
     assert clocks.own_offset_ns() == 120 * 10**9
+
+
+def test_metrics_show_each_peers_clock_offset_and_whether_this_node_is_the_one_off():
+    now = [0.0]
+    clocks = wire.PeerClocks(window_s=10, memory_s=30, monotonic=lambda: now[0], own_id="n1")
+    metrics = Metrics("n1")
+    metrics.watch_clocks(clocks.offsets_ns, clocks.own_offset_ns)
+
+    def scraped() -> tuple[dict[str, float], float]:
+        text = generate_latest(metrics.registry).decode()
+        families = {f.name: f.samples for f in text_string_to_metric_families(text)}
+        offsets = {s.labels["peer"]: s.value for s in families["raftledger_peer_clock_offset_seconds"]}
+        return offsets, families["raftledger_clock_off"][0].value
+
+    assert scraped() == ({}, 0.0)
+    clocks.observe("n2", -1_500_000_000)
+    clocks.observe("n3", 250_000)
+    assert scraped() == ({"n2": -1.5, "n3": 0.00025}, 0.0)  # within the window: worth a look, not off
+    clocks.observe("n2", 40 * 10**9)
+    clocks.observe("n3", 41 * 10**9)
+    clocks.observe(wire.TOOL_SENDER, 0)  # the CLI seals its requests too, but has no say on the clock
+    clocks.observe("n1", 0)  # nor has this node, calling itself
+    assert scraped() == ({"n2": 40.0, "n3": 41.0}, 1.0)
+    now[0] = 31.0  # not heard from since: neither is shown
+    assert scraped() == ({}, 0.0)
 
 
 def test_an_answer_is_bound_to_its_request_and_status():

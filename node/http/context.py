@@ -69,7 +69,8 @@ class NodeContext:
         if self.peer_clocks is None:
             window_s = self.settings.internal.window_s
             self.peer_clocks = PeerClocks(window_s, peer_clocks_memory_windows * window_s,
-                                          self.clock.monotonic)
+                                          self.clock.monotonic, own_id=self.node_id)
+            self.metrics.watch_clocks(self.peer_clocks.offsets_ns, self.peer_clocks.own_offset_ns)
         if self.maps is None:
             self.maps = MapFollower(fixed_map(self.shard_count, self.placement, self.peers),
                                     clock=self.clock)
