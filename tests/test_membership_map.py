@@ -3,7 +3,9 @@ removed node ids never reused, and the quorum rule the routes apply before a cha
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
 from raftledger.client.errors import LedgerError
@@ -20,8 +22,10 @@ from raftledger.cluster.map import (
     initial_map,
 )
 from raftledger.node.config import ClusterSpec, NodeSpec
+from raftledger.node.http import membership
 from raftledger.node.http.context import NodeContext
 from raftledger.node.http.membership import _quorum_check
+from raftledger.node.testing import FakeClock
 
 
 def cluster(nodes: int = 4, shards: int = 2) -> ClusterMap:
@@ -159,3 +163,68 @@ def test_quorum_is_at_risk_when_the_healthy_replicas_left_are_no_majority(contac
         assert len(refusal.value.details["healthy"]) < refusal.value.details["needed"]
     else:
         _quorum_check(ctx, view(*contacts), removing)
+
+
+class Group:
+    """A shard's leadership as ``_hand_over`` sees it through ``_membership``: the transfers it asks
+    for, and the leader each view names (``winners``: the addresses whose elections succeed)."""
+
+    def __init__(self, winners: set[str]) -> None:
+        self.leader = "n0"
+        self.winners = winners
+        self.asked: list[tuple[str, float]] = []
+
+    async def membership(self, _ctx: NodeContext, _shard: int, payload: dict) -> dict:
+        if payload["op"] == "transfer":
+            self.asked.append((payload["address"], payload.get("wait_s", 0.0)))
+            if payload["address"] in self.winners:
+                self.leader = "n" + payload["address"][1:]
+            return {"sent": True}
+        return {**view(10.0, 10.0, 10.0), "leader": self.leader}
+
+
+async def hand_over(monkeypatch: pytest.MonkeyPatch, group: Group, force: bool = False) -> tuple[float, Any]:
+    """Run ``_hand_over`` of n0 on a fake clock: (fake seconds it took, its error or None)."""
+    monkeypatch.setattr(membership, "_membership", group.membership)
+    clock = FakeClock()
+    ctx = NodeContext("n0", {}, 1, clock=clock)
+    leader_view = view(10.0, 10.0, 10.0)
+    leader_view["members"][3]["match_index"] = 10  # a3 has the most: the first asked
+    task = asyncio.ensure_future(membership._hand_over(ctx, 0, "n0", leader_view, force))
+    start = clock.monotonic()
+    while not task.done():
+        await clock.advance(0.1)
+    return clock.monotonic() - start, task.exception()
+
+
+async def test_a_hand_over_whose_target_cannot_win_asks_the_next_one(monkeypatch):
+    """Found by the test suite under load: a replica added a moment before was asked again and again
+    and lost every election (240 s), so the removal of the leader's replica never started."""
+    group = Group(winners={"a1"})
+    took, error = await hand_over(monkeypatch, group)
+    assert error is None and group.leader == "n1"
+    assert [address for address, _ in group.asked] == ["a3", "a1"]  # the most caught-up first
+    assert all(wait_s >= membership.hand_over_try_min_s for _, wait_s in group.asked)
+    assert took <= membership.transfer_wait_s
+
+
+async def test_a_hand_over_no_target_wins_is_a_503_within_the_transfer_wait(monkeypatch):
+    group = Group(winners=set())
+    took, error = await hand_over(monkeypatch, group)
+    assert isinstance(error, LedgerError) and error.code == "unavailable" and error.status == 503
+    assert [address for address, _ in group.asked] == ["a3", "a1", "a2"]
+    assert took <= membership.transfer_wait_s + 2 * membership.catch_up_poll_s
+    took, error = await hand_over(monkeypatch, Group(winners=set()), force=True)
+    assert error is None  # forced: the election after the replica stops moves it
+
+
+@pytest.mark.parametrize("wait_s", ["3", True, 0, -1, membership.transfer_wait_s + 1])
+async def test_a_transfer_with_a_malformed_wait_is_refused(wait_s):
+    class Leader:
+        def is_leader(self) -> bool:
+            return True
+
+    with pytest.raises(LedgerError) as refusal:
+        await membership.leader_op(NodeContext("n0", {}, 1), Leader(),  # type: ignore[arg-type]
+                                   {"op": "transfer", "address": None, "wait_s": wait_s})
+    assert refusal.value.code == "malformed_body"

@@ -83,6 +83,7 @@ membership_attempts_max = 20  # Raft refuses a change while the previous one (or
 membership_retry_s = 0.25     # is uncommitted: that many tries, that far apart
 catch_up_poll_s = 0.2
 transfer_wait_s = 10.0
+hand_over_try_min_s = 2.0  # a hand-over gives each target at least this long to win its election
 transfer_retry_s = 0.05  # between asks while a transfer's target catches up
 request_margin_s = 3.0  # an add answers 202 this long before the request's own timeout
 
@@ -255,17 +256,18 @@ def _settle(done: asyncio.Future[bool], ok: bool) -> None:
         done.set_result(ok)
 
 
-async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None) -> bool:
+async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None,
+                    wait_s: float = transfer_wait_s) -> bool:
     """Hand the shard's leadership to ``address`` (or the most caught-up follower). PySyncObj sends
     the target its cue only once its log matches the leader's, so the leader stops proposing for the
     while (``hold_proposals``), asks again until the target caught up, and lets go once it is deposed.
     True when the cue was sent; whether the target won is seen in the view."""
     raft = _raft(svc)
     replica: Any = svc  # a ReplicaService: it has a Raft member
-    replica.hold_proposals(transfer_wait_s)
+    replica.hold_proposals(wait_s)
     try:
-        end = ctx.clock.monotonic() + transfer_wait_s
-        while not await _ask_transfer(ctx, raft, address):
+        end = ctx.clock.monotonic() + wait_s
+        while not await _ask_transfer(ctx, raft, address, wait_s):
             if ctx.clock.monotonic() >= end:
                 return False
             await ctx.clock.sleep(transfer_retry_s)  # the target is catching up: nothing is appended
@@ -276,16 +278,16 @@ async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None) ->
         replica.release_proposals()
 
 
-async def _ask_transfer(ctx: NodeContext, raft: Any, address: str | None) -> bool:
+async def _ask_transfer(ctx: NodeContext, raft: Any, address: str | None, wait_s: float) -> bool:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
     raft.transfer_leadership(address, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
-    return bool(await ctx.clock.wait(done, transfer_wait_s) and done.result())
+    return bool(await ctx.clock.wait(done, wait_s) and done.result())
 
 
 async def leader_op(ctx: NodeContext, svc: ShardService, payload: Any) -> dict[str, Any]:
-    """``{"op": "view"}``, ``{"op": "add"|"remove", "address"}`` or ``{"op": "transfer", "address"}``
-    on the shard's leader (NotLeader elsewhere, naming the leader when known)."""
+    """``{"op": "view"}``, ``{"op": "add"|"remove", "address"}`` or ``{"op": "transfer", "address",
+    "wait_s"?}`` on the shard's leader (NotLeader elsewhere, naming the leader when known)."""
     if not svc.is_leader():
         raise NotLeader(message=f"shard {svc.shard}: not the leader", leader=svc.leader_node_id())
     op = payload.get("op") if isinstance(payload, dict) else None
@@ -296,7 +298,11 @@ async def leader_op(ctx: NodeContext, svc: ShardService, payload: Any) -> dict[s
             (op != "transfer" and address is None):
         raise LedgerError("malformed_body", "expected {op: view|add|remove|transfer, address}")
     if op == "transfer":
-        return {"sent": await _transfer(ctx, svc, address)}
+        wait_s = payload.get("wait_s", transfer_wait_s)
+        if isinstance(wait_s, bool) or not isinstance(wait_s, int | float) or \
+                not 0 < wait_s <= transfer_wait_s:
+            raise LedgerError("malformed_body", f"wait_s is a number of seconds in (0, {transfer_wait_s}]")
+        return {"sent": await _transfer(ctx, svc, address, float(wait_s))}
     changed = await _raft_change(ctx, svc, op, str(address))
     return {"changed": changed, **view_of(ctx, svc)}
 
@@ -417,15 +423,22 @@ async def remove_replica(request: web.Request) -> web.Response:
 
 async def _hand_over(ctx: NodeContext, shard: int, leaving: str, view: dict[str, Any],
                      force: bool) -> None:
-    """Move the shard's leadership off the replica being removed, to the healthy member that
-    matches most; a failed hand-over is a 503 (forced: the election after it stops does it)."""
+    """Move the shard's leadership off the replica being removed: to the healthy member that
+    matches most, else the next one. A target that cannot win (its votes go unanswered, or it fell
+    behind by the time they arrived) lets the leaving replica win again; asking it over and over
+    would keep the removal from ever starting (seen once under load: 240 s of lost elections of a
+    replica added a moment before). A failed hand-over is a 503 (forced: the election after the
+    leaving replica stops does it)."""
     healthy = _healthy(ctx, view)
-    others = [m for m in view["members"] if m["node"] != leaving and m["address"] in healthy]
-    target = max(others, key=lambda m: m["match_index"], default=None)
-    if target is not None:
-        await _membership(ctx, shard, {"op": "transfer", "address": target["address"]})
-        end = ctx.clock.monotonic() + transfer_wait_s
-        while ctx.clock.monotonic() < end:
+    others = sorted((m for m in view["members"] if m["node"] != leaving and m["address"] in healthy),
+                    key=lambda m: -m["match_index"])
+    end = ctx.clock.monotonic() + transfer_wait_s
+    for left, target in zip(range(len(others), 0, -1), others, strict=True):
+        wait_s = max(hand_over_try_min_s, (end - ctx.clock.monotonic()) / left)
+        try_end = ctx.clock.monotonic() + wait_s
+        with contextlib.suppress(LedgerError):
+            await _membership(ctx, shard, {"op": "transfer", "address": target["address"], "wait_s": wait_s})
+        while ctx.clock.monotonic() < try_end:
             with contextlib.suppress(LedgerError):
                 if (await _membership(ctx, shard, {"op": "view"}))["leader"] != leaving:
                     return
