@@ -116,6 +116,7 @@ class ReplicaService:
         self._held_until = 0.0  # monotonic: no new entry is proposed before (``hold_proposals``)
         self._released = asyncio.Event()
         self.entries_proposed = 0
+        self.barriers_proposed = 0  # read barriers (empty entries), not counted in entries_proposed
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
         self._store_leases = 0  # worker-thread readers of the store (``store_lease``)
         self._closes_deferred: list[Callable[[], None]] = []
@@ -244,8 +245,13 @@ class ReplicaService:
         return self.applied_index() >= index
 
     async def read_barrier(self, timeout_s: float) -> int:
+        """The index a linearizable read waits for: an empty entry, committed. While a leadership
+        transfer holds proposals it waits too: an entry appended after the target's cue leaves the
+        target behind, and it loses the election (``hold_proposals``)."""
+        await self._unless_held()
         if not self.is_leader():
             raise NotLeader(message=f"shard {self.shard}: not the leader", leader=self.leader_node_id())
+        self.barriers_proposed += 1
         future: asyncio.Future[int] = self.loop.create_future()
 
         def committed(index: int | None, error: Unavailable | None) -> None:  # tick thread

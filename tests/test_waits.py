@@ -124,3 +124,20 @@ def accepted(listener: socket.socket) -> socket.socket | None:
         return listener.accept()[0]
     except BlockingIOError:
         return None
+
+
+async def test_a_read_barrier_waits_while_a_leadership_transfer_holds_proposals(lone):
+    """A barrier is an entry: appended after a transfer's cue, it would leave the target behind the
+    leader and lose it the election it was asked to hold."""
+    service, clock = lone
+    service.hold_proposals(5.0)
+    barrier = asyncio.create_task(service.read_barrier(10.0))
+    await clock.advance(4.9)
+    assert service.barriers_proposed == 0 and not barrier.done()
+    service.release_proposals()
+    index = await asyncio.wait_for(barrier, 5)
+    assert service.barriers_proposed == 1 and index >= 1
+    service.hold_proposals(1.0)
+    barrier = asyncio.create_task(service.read_barrier(10.0))
+    await clock.advance(1.1)  # the hold lapses by itself
+    assert await asyncio.wait_for(barrier, 5) >= index
