@@ -47,7 +47,7 @@ from typing import Any
 import msgpack
 from raftledger.client.errors import LedgerError, NotLeader, OutcomeUnknown, Unavailable
 from raftledger.node import frames
-from raftledger.node.clock import SYSTEM_CLOCK, Clock
+from raftledger.node.clock import SYSTEM_CLOCK, Clock, ProposalHold
 from raftledger.node.config import NodeConfig
 from raftledger.node.files import fsync_dir
 from raftledger.node.raft import SERIALIZER_STATE, MemberHooks, MemberSettings, RaftMember
@@ -203,8 +203,7 @@ class MetaService:
         self._trail_changed: asyncio.Future[None] = self.loop.create_future()
         self._outcomes: dict[int, Outcome] = {}
         self._lock = threading.Lock()
-        self._held_until = 0.0  # a leadership hand-over holds new proposals (hold_proposals)
-        self._released = asyncio.Event()
+        self._hold = ProposalHold(self.clock, self.is_leader)  # a leadership hand-over (hold_proposals)
         self._dump_state = SERIALIZER_STATE.NOT_SERIALIZING
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
         self.raft = RaftMember(settings, MemberHooks(
@@ -341,18 +340,17 @@ class MetaService:
         return META_GROUP
 
     def hold_proposals(self, seconds: float) -> None:
-        """Propose nothing new for ``seconds`` or until ``release_proposals`` (a leadership transfer
-        needs the target's log to match the leader's; ``ReplicaService.hold_proposals``)."""
-        self._held_until = self.clock.monotonic() + seconds
-        self._released.clear()
+        """Propose nothing new for ``seconds`` or until ``release_proposals`` (``ProposalHold``)."""
+        self._hold.hold(seconds)
 
     def release_proposals(self) -> None:
-        self._held_until = 0.0
-        self._released.set()
+        self._hold.release()
 
     async def read_barrier(self, timeout_s: float) -> int:
         """Commit an entry that changes nothing: everything appended before it is committed once it
-        is (the log index of the barrier). Raises NotLeader or Unavailable."""
+        is (the log index of the barrier); an entry too, so it waits while a hand-over holds
+        proposals. Raises NotLeader or Unavailable."""
+        await self._hold.wait()
         if not self.is_leader():
             raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
         future: asyncio.Future[int] = self.loop.create_future()
@@ -369,9 +367,7 @@ class MetaService:
     async def propose(self, command: MapCommand) -> Outcome:
         """Apply ``command`` through this member, which must lead the group; its outcome once it is
         applied here. Raises NotLeader, Overloaded or OutcomeUnknown."""
-        remaining = self._held_until - self.clock.monotonic()
-        if remaining > 0 and self.is_leader():
-            await self.clock.wait(self._released.wait(), remaining)
+        await self._hold.wait()
         if not self.is_leader():
             raise NotLeader(message="not the metadata group's leader", leader=self.leader_node_id())
         if not isinstance(command, Attributed):  # a change this node makes on its own

@@ -65,3 +65,31 @@ async def wait_with(awaitable: Awaitable[Any], timer: Awaitable[None]) -> bool:
 
 
 SYSTEM_CLOCK = SystemClock()
+
+
+class ProposalHold:
+    """New entries wait while a leadership transfer stands: the transfer needs the target's log to
+    match the leader's when it gets its cue, which never happens while a leader under load keeps
+    appending, and an entry appended after the cue leaves the target behind, so it loses the election
+    it was asked to hold. Proposals queue meanwhile; a deposed leader answers them ``not_leader``."""
+
+    def __init__(self, clock: Clock, is_leader: Callable[[], bool]) -> None:
+        self.clock = clock
+        self.is_leader = is_leader
+        self._until = 0.0  # monotonic
+        self._released = asyncio.Event()
+
+    def hold(self, seconds: float) -> None:
+        """For ``seconds`` or until ``release``."""
+        self._until = self.clock.monotonic() + seconds
+        self._released.clear()
+
+    def release(self) -> None:
+        self._until = 0.0
+        self._released.set()
+
+    async def wait(self) -> None:
+        """Until the hold ends, if this member leads (a follower proposes nothing to hold)."""
+        remaining = self._until - self.clock.monotonic()
+        if remaining > 0 and self.is_leader():
+            await self.clock.wait(self._released.wait(), remaining)

@@ -36,7 +36,7 @@ from raftledger.statemachine.records import Outcome
 from raftledger.statemachine.store import LedgerStore
 
 from .applier import Applier
-from .clock import SYSTEM_CLOCK, Clock
+from .clock import SYSTEM_CLOCK, Clock, ProposalHold
 from .fingerprints import FingerprintHistory
 from .raft import MemberHooks, MemberSettings, RaftMember
 from .service import Committed
@@ -113,8 +113,7 @@ class ReplicaService:
         self._last_ts = 0
         self._ts_term = -1
         self._accepting = True
-        self._held_until = 0.0  # monotonic: no new entry is proposed before (``hold_proposals``)
-        self._released = asyncio.Event()
+        self._hold = ProposalHold(clock, self.is_leader)  # a leadership transfer (hold_proposals)
         self.entries_proposed = 0
         self.barriers_proposed = 0  # read barriers (empty entries), not counted in entries_proposed
         self._next_leader: asyncio.Future[None] = self.loop.create_future()
@@ -245,10 +244,9 @@ class ReplicaService:
         return self.applied_index() >= index
 
     async def read_barrier(self, timeout_s: float) -> int:
-        """The index a linearizable read waits for: an empty entry, committed. While a leadership
-        transfer holds proposals it waits too: an entry appended after the target's cue leaves the
-        target behind, and it loses the election (``hold_proposals``)."""
-        await self._unless_held()
+        """The index a linearizable read waits for: an empty entry, committed; an entry too, so it
+        waits while a leadership transfer holds proposals (``ProposalHold``)."""
+        await self._hold.wait()
         if not self.is_leader():
             raise NotLeader(message=f"shard {self.shard}: not the leader", leader=self.leader_node_id())
         self.barriers_proposed += 1
@@ -291,7 +289,7 @@ class ReplicaService:
                 await self._inflight.acquire()
                 self._inflight_count += 1
                 await self._linger()
-                await self._unless_held()
+                await self._hold.wait()
                 batch = self._take_batch()
                 self._report_queue_depth()
                 self._propose(batch)
@@ -309,21 +307,11 @@ class ReplicaService:
                 return
 
     def hold_proposals(self, seconds: float) -> None:
-        """Propose no new entry for ``seconds`` or until ``release_proposals``: a leadership transfer
-        needs the target's log to match the leader's when it stands, which never happens while a leader
-        under load keeps appending (the target would then lose the election it was asked to hold).
-        Requests queue meanwhile; a deposed leader answers them ``not_leader``, so they go on."""
-        self._held_until = self.clock.monotonic() + seconds
-        self._released.clear()
+        """Propose no new entry for ``seconds`` or until ``release_proposals`` (``ProposalHold``)."""
+        self._hold.hold(seconds)
 
     def release_proposals(self) -> None:
-        self._held_until = 0.0
-        self._released.set()
-
-    async def _unless_held(self) -> None:
-        remaining = self._held_until - self.clock.monotonic()
-        if remaining > 0 and self.is_leader():
-            await self.clock.wait(self._released.wait(), remaining)
+        self._hold.release()
 
     def _report_queue_depth(self) -> None:
         """Requests still waiting once a batch is taken (0 when the batcher keeps up)."""
