@@ -88,9 +88,14 @@ class LocalCluster:
         self.close()
 
     def start(self, timeout_s: float = launcher.ready_timeout_s) -> LocalCluster:
+        """Every node answering with a cluster map and every shard with a leader (a majority elects
+        one, so the leaders alone do not say that the last node to start is listening yet)."""
         for node_id in self.node_ids:
             self.start_node(node_id, wait=False)
         self.wait_ready(timeout_s)
+        for node_id in self.node_ids:
+            launcher.wait_until(lambda node_id=node_id: (self.status(node_id) or {}).get("map_epoch"),
+                                timeout_s, f"{node_id} to answer with a cluster map")
         launcher.ensure_admin_token(self.plan, timeout_s)
         return self
 
