@@ -10,8 +10,10 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from raftledger.cluster.chaos import nemesis, proxy
 from raftledger.cluster.chaos.proxy import ProxyHub
-from raftledger.cluster.launcher import wait_until
+from raftledger.cluster.launcher import free_ports, wait_until
+from raftledger.cluster.testing import LocalCluster
 
 io_timeout_s = 5.0
 
@@ -103,3 +105,29 @@ def test_delay_slows_each_chunk(hub: ProxyHub, echo: str) -> None:
         started = time.monotonic()
         assert round_trip(sock) == b"ping"
         assert time.monotonic() - started >= 0.6  # one delay each way, a lower bound only
+
+
+def test_no_proxy_listens_on_a_port_a_node_of_the_cluster_will_listen_on(tmp_path, monkeypatch, echo):
+    """Found by the hour-long run: the proxies are made before the nodes start, and a free port then
+    was one a node had been planned on. The proxy held it, so that node's replica of a shard could
+    never bind its Raft port, and stayed at term 0 for the whole hour. Here the kernel is made to
+    offer the planned ports first."""
+    cluster = LocalCluster(tmp_path / "c", nodes=3, shards=2)  # planned, not started
+    planned = nemesis.listening_ports(cluster.plan.cluster)
+    assert len(planned) == 3 * (1 + 1 + 2 + 1)  # http, internal, 2 shards' Raft, metadata group
+    spare = [p for p in free_ports(64) if p not in planned]
+
+    def offering_planned_first(count: int, avoid: set[int] | None = None, host: str = "") -> list[int]:
+        offered = [*sorted(planned), *spare]  # the same list each time: avoid does the rest
+        return [p for p in offered if p not in (avoid or set())][:count]
+    monkeypatch.setattr(proxy, "free_ports", offering_planned_first)
+    h = ProxyHub()
+    try:
+        network = nemesis.Network(h, cluster, str(tmp_path))
+        taken = {p.port for p in h.proxies.values()}
+        assert len(taken) == len(h.proxies) == 3 * 2 * 4  # per ordered pair: 2 Raft, internal, meta
+        assert not taken & planned, sorted(taken & planned)
+        nodes = cluster.node_ids
+        assert set(network.links) == {(a, b) for a in nodes for b in nodes if a != b}
+    finally:
+        h.close()

@@ -19,9 +19,11 @@ import random
 import threading
 from dataclasses import asdict, dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from raftledger.cluster import launcher
 from raftledger.cluster.testing import LocalCluster
+from raftledger.node.config import ClusterSpec
 
 from .clocks import Clocks
 from .disks import Disks
@@ -77,6 +79,14 @@ def skew_seconds(planned: Planned) -> float:
     return (1 if planned.amount >= 0 else -1) * (low + abs(planned.amount) * (high - low))
 
 
+def listening_ports(spec: ClusterSpec) -> set[int]:
+    """Every port the cluster's nodes listen on: HTTP, internal, each shard's Raft, the metadata group."""
+    addresses = [urlsplit(n.http).netloc for n in spec.nodes]
+    for n in spec.nodes:
+        addresses += [n.internal, *n.raft.values(), *([n.meta] if n.meta else [])]
+    return {int(address.rsplit(":", 1)[1]) for address in addresses}
+
+
 class Network:
     """A proxy for every link a node dials (per peer: each shard's Raft, the metadata Raft, the
     internal listener), and each node's dial table pointing at its proxies."""
@@ -84,6 +94,9 @@ class Network:
     def __init__(self, hub: ProxyHub, cluster: LocalCluster, directory: str) -> None:
         self.hub = hub
         spec = cluster.plan.cluster
+        # The nodes have not started yet: a free port may be one a node will listen on. A proxy
+        # there once left a replica unable to bind its Raft port for a whole run (docs/reliability.md).
+        hub.reserved |= listening_ports(spec)
         self.nodes = [n.id for n in spec.nodes]
         self.links: dict[tuple[str, str], list[str]] = {}  # (dialer, peer) -> proxy names
         for a in spec.nodes:

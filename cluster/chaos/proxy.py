@@ -100,8 +100,9 @@ class LinkProxy:
 class ProxyHub:
     """Every link proxy of a run, on one loop in one daemon thread; safe to call from any thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, reserved: set[int] | None = None) -> None:
         self.proxies: dict[str, LinkProxy] = {}
+        self.reserved = reserved or set()  # ports the cluster's nodes will listen on: never a proxy's
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="chaos-proxies", daemon=True)
         self._thread.start()
@@ -113,7 +114,7 @@ class ProxyHub:
         """A new proxy named ``name`` (unique) forwarding to ``target``; listening on return."""
         if name in self.proxies:
             raise ValueError(f"a proxy named {name!r} exists")
-        (port,) = free_ports(1, avoid={p.port for p in self.proxies.values()})
+        (port,) = free_ports(1, avoid=self.reserved | {p.port for p in self.proxies.values()})
         proxy = LinkProxy(name, port, target)
         self._run(proxy.start())
         self.proxies[name] = proxy
