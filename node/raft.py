@@ -710,10 +710,21 @@ class GuardedServer(TcpServer):
                  *args: Any, **kwargs: Any) -> None:
         self._make_connection = make_connection
         self._paused_until = 0.0
+        self._bind_failure_logged_at = -refusal_log_interval_s
         super().__init__(*args, **kwargs)
 
     def bind(self) -> None:
-        super().bind()
+        """As PySyncObj's, which retries a failed bind every second without a word: a replica whose
+        port another process holds takes no part in its group, so say so (once a minute)."""
+        try:
+            super().bind()
+        except OSError as exc:
+            now = raft_clock()
+            if now - self._bind_failure_logged_at >= refusal_log_interval_s:
+                self._bind_failure_logged_at = now
+                log.error("raft %s:%s: cannot listen (%s); this replica takes no part in its group until "
+                          "it can", self._TcpServer__host, self._TcpServer__port, exc)
+            raise
         self._TcpServer__socket.listen(listen_backlog)
 
     def _TcpServer__onNewConnection(self, descr: int, event: int) -> None:  # noqa: N802

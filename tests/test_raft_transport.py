@@ -190,3 +190,29 @@ def test_authenticated_frames_are_unpickled_as_plain_data_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         frames.loads(pickle.dumps(Plant(tmp_path / "planted")))
     assert not (tmp_path / "planted").exists()
+
+
+async def test_a_replica_whose_raft_port_is_taken_says_so_and_joins_once_it_is_free(tmp_path, caplog):
+    """PySyncObj retries a failed bind silently: a replica whose port another process holds (the chaos
+    harness's proxy once did, for a whole hour) took no part in its group without a word."""
+    group = ReplicaGroup(str(tmp_path))
+    squatter = socket.socket()
+    squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    squatter.bind(host_port(group.addresses[2]))
+    squatter.listen()
+    try:
+        group.start(0)
+        group.start(1)
+        leader = await group.leader()
+        committed = await leader.submit(account("while-squatted"))
+        with caplog.at_level("ERROR", logger="raftledger.node.raft"):
+            group.start(2)
+            await wait_until(lambda: any("cannot listen" in r.getMessage() for r in caplog.records), 10,
+                             "the replica to say it cannot listen")
+        assert group.services[2].applied_index() < committed.index
+        squatter.close()
+        await wait_until(lambda: group.services[2].applied_index() >= committed.index, 20,
+                         "the replica to join once its port is free")
+    finally:
+        squatter.close()
+        await group.stop_all()
