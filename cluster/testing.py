@@ -94,8 +94,7 @@ class LocalCluster:
             self.start_node(node_id, wait=False)
         self.wait_ready(timeout_s)
         for node_id in self.node_ids:
-            launcher.wait_until(lambda node_id=node_id: (self.status(node_id) or {}).get("map_epoch"),
-                                timeout_s, f"{node_id} to answer with a cluster map")
+            self._wait_answering(node_id, timeout_s)
         launcher.ensure_admin_token(self.plan, timeout_s)
         return self
 
@@ -109,9 +108,13 @@ class LocalCluster:
                                                    log_dir=os.path.dirname(self.log_path(node_id)),
                                                    env_extra=self.node_env.get(node_id))
         launcher.save_plan(self.plan)
-        if wait:  # answering, and routing: it has the cluster map
-            launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),
-                                launcher.ready_timeout_s, f"{node_id} to answer with a cluster map")
+        if wait:
+            self._wait_answering(node_id, launcher.ready_timeout_s)
+
+    def _wait_answering(self, node_id: str, timeout_s: float) -> None:
+        """Until the node answers, and routes: it has the cluster map."""
+        launcher.wait_until(lambda: (self.status(node_id) or {}).get("map_epoch"),
+                            timeout_s, f"{node_id} to answer with a cluster map")
 
     def kill(self, node_id: str) -> None:
         """SIGKILL: no drain, no flush beyond what already reached the disk."""

@@ -100,9 +100,9 @@ class LinkProxy:
 class ProxyHub:
     """Every link proxy of a run, on one loop in one daemon thread; safe to call from any thread."""
 
-    def __init__(self, reserved: set[int] | None = None) -> None:
+    def __init__(self) -> None:
         self.proxies: dict[str, LinkProxy] = {}
-        self.reserved = reserved or set()  # ports the cluster's nodes will listen on: never a proxy's
+        self.reserved: set[int] = set()  # ports the cluster's nodes will listen on: never a proxy's
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="chaos-proxies", daemon=True)
         self._thread.start()

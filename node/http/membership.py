@@ -256,8 +256,7 @@ def _settle(done: asyncio.Future[bool], ok: bool) -> None:
         done.set_result(ok)
 
 
-async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None,
-                    wait_s: float = transfer_wait_s) -> bool:
+async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None, wait_s: float) -> bool:
     """Hand the shard's leadership to ``address`` (or the most caught-up follower). PySyncObj sends
     the target its cue only once its log matches the leader's, so the leader stops proposing for the
     while (``hold_proposals``), asks again until the target caught up, and lets go once it is deposed.
@@ -433,8 +432,8 @@ async def _hand_over(ctx: NodeContext, shard: int, leaving: str, view: dict[str,
     others = sorted((m for m in view["members"] if m["node"] != leaving and m["address"] in healthy),
                     key=lambda m: -m["match_index"])
     end = ctx.clock.monotonic() + transfer_wait_s
-    for left, target in zip(range(len(others), 0, -1), others, strict=True):
-        wait_s = max(hand_over_try_min_s, (end - ctx.clock.monotonic()) / left)
+    for i, target in enumerate(others):  # what time is left, shared among the targets left
+        wait_s = max(hand_over_try_min_s, (end - ctx.clock.monotonic()) / (len(others) - i))
         try_end = ctx.clock.monotonic() + wait_s
         with contextlib.suppress(LedgerError):
             await _membership(ctx, shard, {"op": "transfer", "address": target["address"], "wait_s": wait_s})
