@@ -31,6 +31,7 @@ replica. A read can ask for ``local`` or ``linearizable`` instead.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import threading
 import time
@@ -45,6 +46,7 @@ from raftledger.cluster.router import route, table_of
 from .errors import LedgerError, NotLeader, OutcomeUnknown, Unavailable, WrongShard, from_wire
 
 T = TypeVar("T")
+log = logging.getLogger("raftledger.client")  # each retry, at INFO: the admin CLI shows them
 
 Consistency = Literal["session", "local", "linearizable"]
 Kind = Literal["read", "write", "admin"]
@@ -396,6 +398,7 @@ def run(op: Operation[T], session: Session) -> Program[T]:
             delay = max(delay, error.retry_after_s)  # the node asked us to slow down
         if clock() + delay >= deadline:
             break
+        log.info("%s %s: %s: %s; again in %.1fs", op.method, op.path, error.code, error.message, delay)
         yield Sleep(delay)
     raise _final(op, last, may_have_applied, policy)
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -386,7 +388,18 @@ def _change_options(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds to keep trying (default {command_timeout_s:.0f})")
 
 
+def _say_retries() -> None:
+    """A change can take minutes (a replica catching up, a leadership that will not move): each
+    answer "not now" and the wait before the next try go to stderr, so an operator sees why."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("raftledger: %(message)s"))
+    client_log = logging.getLogger("raftledger.client")
+    client_log.addHandler(handler)
+    client_log.setLevel(logging.INFO)
+
+
 def run(args: argparse.Namespace) -> int:
+    _say_retries()
     try:
         return run_command(args, args.handler)
     finally:

@@ -8,6 +8,11 @@ holds only the bytes:
   so keys are fresh per connection and a recorded connection cannot be replayed into another.
 - Every message is then a frame: a 4-byte big-endian length and AES-256-GCM ciphertext whose nonce is
   the frame's number in its direction, so frames cannot be reordered, repeated or dropped unseen.
+- A connection that has sent nothing for a while sends ``KEEPALIVE``, a message the receiving
+  connection drops: PySyncObj closes a connection it has read nothing from for
+  ``connection_timeout_s``, and checks only when it writes, so between two followers, which talk only
+  in an election, the first vote request of an election closed the connection instead of leaving.
+  (PySyncObj ignores a message of unknown type, so a replica without this drops it too.)
 - Nothing is unpickled before its frame authenticates (``Session.open``), and what is unpickled may
   hold only plain data: the unpickler resolves no class or function at all.
 - Messages are not compressed: on the networks a ledger runs on, compressing every entry cost more CPU
@@ -33,6 +38,7 @@ NONCE_BYTES = 32
 HELLO = struct.Struct(f">{len(HELLO_MAGIC)}s{NONCE_BYTES}s")
 LENGTH = struct.Struct(">I")
 TAG_BYTES = 16
+KEEPALIVE = {"type": "keepalive"}
 # A peer that has not authenticated yet sends its address or a utility command: a few bytes.
 unauthenticated_frame_bytes_max = 64 << 10
 

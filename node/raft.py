@@ -39,6 +39,7 @@ import os
 import socket
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,6 +78,7 @@ listen_backlog = 128  # PySyncObj listens with a backlog of 5
 accepts_per_event_max = 64  # a flood is accepted (and turned away) quickly, not one per tick
 accept_pause_s = 0.5  # after EMFILE/ENFILE, before accepting again
 refusal_log_interval_s = 60.0
+keepalives_per_timeout = 3  # a quiet connection sends a keepalive every connection_timeout_s / this
 socket_buffer_bytes = 1 << 20
 ACCEPT_EXHAUSTED = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
@@ -252,12 +254,12 @@ class RaftMember:
         self._member.removeNodeFromCluster(address, callback=lambda _, reason: done(
             reason == FAIL_REASON.SUCCESS))
 
-    def transfer_leadership(self, address: str | None, done: Callable[[bool], None]) -> None:
+    def transfer_leadership(self, address: str | None, wait_s: float, done: Callable[[bool], None]) -> None:
         """On the leader: ask ``address`` (None: the most caught-up connected follower) to start an
-        election now (Raft's TimeoutNow). ``done(True)`` means only that the request was sent;
-        refused when the target is not fully caught up."""
-        self._member.transferLeadership(address, callback=lambda _, reason: done(
-            reason == FAIL_REASON.SUCCESS))
+        election now (Raft's TimeoutNow), on the tick thread once every entry proposed before is in
+        the log (``_Member.cue_transfer``). ``done(True)`` means only that the cue was sent; refused
+        when the target is not fully caught up, or not asked within ``wait_s``."""
+        self._member.cue_transfer(address, raft_clock() + wait_s, done)
 
     def members(self) -> list[str]:
         """This replica and the partners it currently knows."""
@@ -279,6 +281,7 @@ class _Member(SyncObj):
         self.hooks = hooks
         self._seen_leader: tuple[Any, int] | None = None  # (leader node, term) last reported
         self._awaiting_leader = settings.await_leader
+        self._transfers: deque[tuple[str | None, float, Callable[[bool], None]]] = deque()
         self.raft_key = settings.raft_key  # read by SecureTransport
         super().__init__(settings.self_address, list(settings.partner_addresses), self._conf(),
                          transportClass=SecureTransport)
@@ -365,8 +368,30 @@ class _Member(SyncObj):
         if self.settings.observers.on_send is not None:
             self.settings.observers.on_send(node, message)
 
+    def cue_transfer(self, address: str | None, deadline: float, done: Callable[[bool], None]) -> None:
+        """Queue a leadership transfer for the tick thread (PySyncObj's ``transferLeadership`` reads
+        the tick thread's state and writes to its connections)."""
+        self._transfers.append((address, deadline, done))
+        self._SyncObj__pipeNotifier.notify()  # type: ignore[attr-defined]
+
+    def _send_transfer_cues(self) -> None:
+        """On the tick thread, once every proposal queued before the transfer is in the log: the cue
+        checks that the target matches the leader's log, and an entry appended after it would leave
+        the target behind, to lose the election it was cued to win (the leader holds new proposals
+        meanwhile, ``ProposalHold``)."""
+        while self._transfers:
+            if self._SyncObj__commandsQueue._FastQueue__queue:  # type: ignore[attr-defined]
+                return  # appended on the next tick
+            address, deadline, done = self._transfers.popleft()
+            if raft_clock() >= deadline:
+                done(False)
+                continue
+            self.transferLeadership(address, callback=lambda _, reason, done=done: done(
+                reason == FAIL_REASON.SUCCESS))
+
     def _checkCommandsToApply(self) -> None:  # noqa: N802 (PySyncObj's name)
         super()._checkCommandsToApply()
+        self._send_transfer_cues()
         if not self.otherNodes and self.journal.last_index > self.raftCommitIndex:
             # A one-member group commits at the top of the next tick; no peer reply will wake the
             # poller, so wake it instead of idling for a whole autoTickPeriod.
@@ -613,7 +638,7 @@ class SecureConnection(TcpConnection):
         self._on_refused = on_refused
         self._outgoing = kwargs.get("socket") is None
         self._reset_session()
-        self.opened_at = raft_clock()
+        self.opened_at = self.sent_at = raft_clock()
         super().__init__(**kwargs)
         if not self._outgoing:
             self._say_hello()
@@ -651,7 +676,15 @@ class SecureConnection(TcpConnection):
                 self.disconnect()
             return
         self._TcpConnection__writeBuffer += session.seal(data)
+        self.sent_at = raft_clock()
         self._TcpConnection__trySendBuffer()
+
+    def keep_alive(self, now: float, quiet_s: float) -> None:
+        """Send ``frames.KEEPALIVE`` when nothing was sent for ``quiet_s``, so the peer reads
+        something and this side checks, in the write, that the peer still sends too."""
+        if self._session is not None and self.state == CONNECTION_STATE.CONNECTED and \
+                now - self.sent_at >= quiet_s:
+            self.send(frames.KEEPALIVE)
 
     def _refuse(self, reason: str) -> None:
         self._on_refused(reason)
@@ -667,10 +700,17 @@ class SecureConnection(TcpConnection):
         held, self._held, self._held_bytes = self._held, [], 0
         if held:
             self._TcpConnection__writeBuffer += b"".join(session.seal(data) for data in held)
+            self.sent_at = raft_clock()
             self._TcpConnection__trySendBuffer()
 
     def _TcpConnection__processParseMessage(self) -> Any:  # noqa: N802 (overrides PySyncObj's parser)
-        """The next authenticated message, or None (not enough bytes yet, or the connection closed)."""
+        """The next authenticated message but keepalives, or None (not enough bytes yet, or the
+        connection closed)."""
+        while (message := self._next_message()) == frames.KEEPALIVE:
+            pass
+        return message
+
+    def _next_message(self) -> Any:
         if self._session is None:
             buffer = self._TcpConnection__readBuffer
             if len(buffer) < frames.HELLO.size:
@@ -826,6 +866,9 @@ class SecureTransport(TCPTransport):
 
     def _onTick(self) -> None:  # noqa: N802 (PySyncObj's name)
         super()._onTick()
+        now, quiet_s = raft_clock(), self._raft.connection_timeout_s / keepalives_per_timeout
+        for conn in list(self._connections.values()):
+            conn.keep_alive(now, quiet_s)
         if isinstance(self._server, GuardedServer):
             self._server.resume_if_due()
         if self._unknownConnections:

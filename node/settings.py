@@ -58,8 +58,9 @@ class RaftSettings:
     preferred_election_timeout_max_s: float = setting(0.7, "... and at most this long", minimum=0.01)
     leader_fallback_timeout_s: float = setting(
         3.0, "a leader that hears from no majority for this long steps down", minimum=0.1)
-    connection_timeout_s: float = setting(3.0, "a Raft connection silent for this long is closed",
-                                          minimum=0.1)
+    connection_timeout_s: float = setting(
+        3.0, "a Raft connection silent for this long is closed (a quiet one sends a keepalive every "
+        "third of it); at least election_timeout_max_s", minimum=0.1)
     connection_retry_s: float = setting(0.3, "between attempts to reconnect to a peer", minimum=0.01)
     commands_queued_max: int = setting(1000, "entries PySyncObj queues before QUEUE_FULL", minimum=1)
     append_entries_bytes_max: int = setting(8 << 20, "entries sent to a follower in one message",
@@ -330,6 +331,8 @@ def load_sections(raw: dict[str, Any], problems: list[str]) -> NodeSettings:
     if raft.election_timeout_min_s >= raft.election_timeout_max_s or \
             raft.preferred_election_timeout_min_s >= raft.preferred_election_timeout_max_s:
         problems.append("raft: each election_timeout_min_s must be below its max_s")
+    if raft.connection_timeout_s < raft.election_timeout_max_s:
+        problems.append("raft: connection_timeout_s must be at least election_timeout_max_s")
     if settings.feed.webhook_url and not settings.feed.webhook_secret:
         problems.append("feed: webhook_url needs a webhook_secret (batches are signed with it)")
     if settings.feed.kafka_bootstrap and importlib.util.find_spec("aiokafka") is None:

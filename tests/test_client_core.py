@@ -7,6 +7,7 @@ drive it, with a clock that moves only when the program sleeps or an attempt tim
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Callable
 from typing import Any
@@ -203,6 +204,18 @@ def test_a_read_is_retried_on_another_replica_when_one_is_stale() -> None:
         return error(503, "stale_replica") if len(seen) == 1 else answer(200, {"id": "x"})
     result, _, _ = drive(run(ops.request("GET", "/v1/accounts/x"), session(clock)), script, clock)
     assert result == {"id": "x"} and seen[0] != seen[1]
+
+
+def test_each_retry_is_logged_with_the_answer_that_caused_it(caplog: pytest.LogCaptureFixture) -> None:
+    """The admin CLI shows these on stderr: a change that waits minutes says why."""
+    clock = FakeClock()
+    answers = iter([error(503, "unavailable"), answer(200, {"id": "x"})])
+    with caplog.at_level(logging.INFO, logger="raftledger.client"):
+        result, _, sleeps = drive(run(ops.request("GET", "/v1/accounts/x"), session(clock)),
+                                  lambda _: next(answers), clock)
+    assert result == {"id": "x"} and len(sleeps) == 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"GET /v1/accounts/x: unavailable: unavailable; again in {sleeps[0]:.1f}s"]  # code: message
 
 
 def test_deadline_bounds_every_sleep_and_attempt() -> None:

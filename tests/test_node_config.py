@@ -146,6 +146,7 @@ def test_settings_the_loader_does_not_know_or_cannot_take_are_refused_all_at_onc
     text = dump_toml(three_nodes()) + "\n".join([
         "", "[batching]", "requests_max = 0", 'linger_ms = "2"', "batch_requests_max = 10",
         "", "[raft]", "commands_queued_max = 1.5", "election_timeout_min_s = 2.0",
+        "connection_timeout_s = 1.0",
         "", "[caching]", "size = 1"])
     text = text.replace("[batching]\nlinger_ms = 3.5\n", "").replace("[raft]\nheartbeat_period_s = 0.1\n", "")
     path = tmp_path / "bad.toml"
@@ -158,6 +159,7 @@ def test_settings_the_loader_does_not_know_or_cannot_take_are_refused_all_at_onc
     assert "[batching] has unknown settings ['batch_requests_max']" in message
     assert "raft.commands_queued_max must be an integer, not 1.5" in message
     assert "raft: each election_timeout_min_s must be below its max_s" in message
+    assert "raft: connection_timeout_s must be at least election_timeout_max_s" in message
     assert "unknown settings ['caching']" in message
 
 

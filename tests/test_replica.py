@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from pysyncobj import pickle as raft_pickle
 from raftledger.client.errors import NotLeader, OutcomeUnknown, Overloaded
-from raftledger.node.settings import BatchingSettings
+from raftledger.node.settings import BatchingSettings, RaftSettings
 from raftledger.node.testing import ReplicaGroup, wait_until
 from raftledger.statemachine import codec
 from raftledger.statemachine.codes import ResultCode
@@ -225,3 +225,48 @@ async def test_membership_changes_go_through_the_boundary(group):
     assert committed.outcome.ok
     for service in group.services.values():
         await wait_until(lambda s=service: s.applied_index() >= committed.index, 10, "the rest to apply")
+
+
+async def test_a_leadership_transfer_in_a_quiet_group_of_four_goes_to_its_target(tmp_path):
+    """The target needs two followers' votes besides the leader's, over connections between
+    followers, which carry nothing between elections. PySyncObj closes a connection it has read
+    nothing from for ``connection_timeout_s`` on its next write, so without keepalives the vote
+    requests closed those connections instead of leaving, and the (preferred) leader won back every
+    election it was asked to lose: a node's removal waited for a hand-over that never happened."""
+    raft = RaftSettings(connection_timeout_s=2.0)  # PySyncObj: at least election_timeout_max_s
+    group = ReplicaGroup(str(tmp_path), size=4, preferred=0, raft=raft)
+    group.start_all()
+    try:
+        leader = await group.leader()
+        assert leader is group.services[0]
+        assert (await leader.submit(account("before"))).outcome.ok
+        await group.converged()
+        loop = asyncio.get_running_loop()
+        for target in (group.services[1], group.services[2]):
+            await asyncio.sleep(raft.connection_timeout_s + 1.0)  # the group is quiet on purpose
+            leader.hold_proposals(10.0)
+            try:
+                cued: asyncio.Future[bool] = loop.create_future()
+                leader.raft.transfer_leadership(
+                    target.settings.self_address, 5.0,
+                    lambda ok, f=cued: loop.call_soon_threadsafe(f.set_result, ok))
+                assert await asyncio.wait_for(cued, 10)
+                await wait_until(target.is_leader, 10, "the target to lead")
+            finally:
+                leader.release_proposals()
+            leader = target
+            assert (await leader.submit(account(f"after-{target.node_id}"))).outcome.ok
+    finally:
+        await group.stop_all()
+
+
+async def test_a_transfer_cue_is_refused_once_its_wait_is_over(group):
+    """A cue the tick thread could not send in time is refused, never sent late."""
+    leader = await group.leader()
+    target = next(s for s in group if s is not leader)
+    loop = asyncio.get_running_loop()
+    cued: asyncio.Future[bool] = loop.create_future()
+    leader.raft.transfer_leadership(target.settings.self_address, 0.0,
+                                    lambda ok: loop.call_soon_threadsafe(cued.set_result, ok))
+    assert await asyncio.wait_for(cued, 10) is False
+    assert leader.is_leader()

@@ -266,7 +266,7 @@ async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None, wa
     replica.hold_proposals(wait_s)
     try:
         end = ctx.clock.monotonic() + wait_s
-        while not await _ask_transfer(ctx, raft, address, wait_s):
+        while not await _ask_transfer(ctx, raft, address, end - ctx.clock.monotonic()):
             if ctx.clock.monotonic() >= end:
                 return False
             await ctx.clock.sleep(transfer_retry_s)  # the target is catching up: nothing is appended
@@ -280,7 +280,7 @@ async def _transfer(ctx: NodeContext, svc: ShardService, address: str | None, wa
 async def _ask_transfer(ctx: NodeContext, raft: Any, address: str | None, wait_s: float) -> bool:
     loop = asyncio.get_running_loop()
     done: asyncio.Future[bool] = loop.create_future()
-    raft.transfer_leadership(address, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
+    raft.transfer_leadership(address, wait_s, lambda ok: loop.call_soon_threadsafe(_settle, done, ok))
     return bool(await ctx.clock.wait(done, wait_s) and done.result())
 
 
@@ -423,11 +423,10 @@ async def remove_replica(request: web.Request) -> web.Response:
 async def _hand_over(ctx: NodeContext, shard: int, leaving: str, view: dict[str, Any],
                      force: bool) -> None:
     """Move the shard's leadership off the replica being removed: to the healthy member that
-    matches most, else the next one. A target that cannot win (its votes go unanswered, or it fell
-    behind by the time they arrived) lets the leaving replica win again; asking it over and over
-    would keep the removal from ever starting (seen once under load: 240 s of lost elections of a
-    replica added a moment before). A failed hand-over is a 503 (forced: the election after the
-    leaving replica stops does it)."""
+    matches most, else the next one. A target that cannot win (its vote requests do not reach a
+    majority, or it fell behind by the time they arrived) lets the leaving replica win again; asking
+    it over and over would keep the removal from ever starting. A failed hand-over is a 503 (forced:
+    the election after the leaving replica stops does it)."""
     healthy = _healthy(ctx, view)
     others = sorted((m for m in view["members"] if m["node"] != leaving and m["address"] in healthy),
                     key=lambda m: -m["match_index"])
