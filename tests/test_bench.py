@@ -1,11 +1,13 @@
-"""The in-process load generator behind bench_replication, against a one-member Raft group."""
+"""The benchmarks' own parts: the in-process load generator (against a one-member Raft group), the HTTP
+load's draw, the floor server, one replication case and one failover round on real clusters."""
 
 from __future__ import annotations
 
 import json
 
-from raftledger.bench import bench_replication
+from raftledger.bench import bench_replication, failover
 from raftledger.bench.load import run_load
+from raftledger.cluster.testing import LocalCluster
 from raftledger.node.http.internal import BENCH_ENV
 from raftledger.node.testing import ReplicaGroup, consecutive_free_ports
 
@@ -73,3 +75,11 @@ def test_bench_replication_runs_a_small_case_on_a_real_cluster(tmp_path, monkeyp
     result = bench_replication.run_case(10, 40, 4, "none", str(tmp_path / "case"))
     assert (result["transfers"], result["failures"]) == (40 * bench_replication.SHARDS, 0)
     assert result["entries"] >= 40 * bench_replication.SHARDS // 10
+
+
+def test_bench_failover_measures_one_round_and_starts_the_killed_node_again(tmp_path):
+    with LocalCluster(tmp_path / "data", nodes=3, shards=1, durability="none") as cluster:
+        old = cluster.leader(failover.SHARD)
+        elapsed, elections = failover.one_round(cluster, quiet_s=0.0)
+        assert 0 < elapsed < failover.new_leader_timeout_s and elections >= 1
+        assert old in cluster.procs and cluster.status(old) is not None  # started again, answering
