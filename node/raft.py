@@ -22,13 +22,14 @@ What is overridden, and why:
   (``files.fail_stop``): going on could count an entry that is not on disk.
 - **The transport** (``SecureTransport``, ``SecureConnection``, ``GuardedServer``): PySyncObj unpickles
   every frame it receives; ours authenticates and decrypts every frame first (``node/frames.py``),
-  bounds connections that have not authenticated, binds the replica's own address only, and survives a
-  full descriptor table.
+  bounds connections that have not authenticated, binds the replica's own address only, survives a
+  full descriptor table, and keeps quiet connections alive (PySyncObj closes one it has read nothing
+  from for ``connection_timeout_s`` on its next write: the first vote request between two followers).
 - **The member** (``_Member``, a ``SyncObj``): the replicated method hands entries to the apply thread;
   the private entry reader slices the apply loop's reads by bytes and stops while the apply thread is
   behind; a one-member group wakes its poller after appending; each tick flushes first, compacts the
   log by bytes held, and reports a newly known (leader, term); installing a snapshot restarts the
-  election timer.
+  election timer; a leadership transfer's cue leaves from the tick thread.
 """
 
 from __future__ import annotations
