@@ -12,7 +12,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from raftledger.cluster.chaos import disks, nemesis
+from raftledger.client import Unavailable
+from raftledger.cluster.chaos import disks, nemesis, runner
 from raftledger.cluster.chaos.runner import Options, run
 
 pytestmark = pytest.mark.slow
@@ -90,3 +91,22 @@ def test_short_run_with_full_disks_and_skewed_clocks_passes_every_checker(
     assert all("clock" in f["note"] for f in faults if f["kind"] == "skew"), faults
     with open("/proc/mounts") as mounts:
         assert str(tmp_path) not in mounts.read()  # every filesystem of the run unmounted
+
+
+def test_a_cluster_that_cannot_be_read_at_the_end_is_reported_not_a_crash(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seen in an hour-long run: a shard that answered 503 once healed made the harness raise, and
+    the history and report of the hour were lost."""
+    def unreadable(*_: object) -> None:
+        raise Unavailable("unavailable", "shard 2: read barrier timed out")
+    monkeypatch.setattr(runner, "settle_and_read", unreadable)
+    lines: list[str] = []
+    result = run(Options(duration_s=3.0, faults=False, out=str(tmp_path / "out")), say=lines.append)
+    assert not result.ok
+    verdicts = {v.name: v for v in result.verdicts}
+    assert verdicts["final_state"].verdict == "anomaly"
+    assert "read barrier timed out" in verdicts["final_state"].problems[0]
+    assert {verdicts[n].verdict for n in ("transactions", "reads", "linearizable", "feed")} == {"unknown"}
+    summary = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert summary["verdicts"]["final_state"]["verdict"] == "anomaly" and lines[-1].endswith("FAIL")
+    assert json.loads((tmp_path / "out" / "history.json").read_text())["ops"]

@@ -137,8 +137,11 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any,
         thread.join(join_timeout_s + options.duration_s)
     heal_everything(cluster, network, faults.disks, faults.clocks)
     errors = [f"{t.name}: {t.error!r}" for t in (*workers, nemesis) if t.error is not None]
+    final: dict[str, Any] | None = None
     try:
         final = settle_and_read(cluster, bank, follower)
+    except LedgerError as exc:  # a shard that cannot answer once healed: the report says so
+        unreadable = f"the final state could not be read: {exc}"
     finally:
         follower.finish()
         follower.join(join_timeout_s)
@@ -146,9 +149,9 @@ def _run_on(cluster: LocalCluster, network: Network, options: Options, say: Any,
     if follower.error is not None:
         errors.append(f"feed: {follower.error!r}")
     ops = [o.to_json() for o in history.ops]
-    verdicts = judge(ops, bank, final)
+    verdicts = judge(ops, bank, final) if final is not None else unjudged(unreadable)
     summary = summarize(history, verdicts, options, schedule)
-    result = Result(verdicts, summary, options.out, errors + final["errors"])
+    result = Result(verdicts, summary, options.out, errors + (final or {}).get("errors", []))
     summary["harness_errors"] = result.harness_errors
     if options.out:
         write_report(options.out, history, summary, say)
@@ -233,6 +236,14 @@ def judge(ops: list[dict[str, Any]], bank: Bank, final: dict[str, Any]) -> list[
         checkers.check_final_state(final["converged"], final["verify"], final["pending"]),
         checkers.check_feed(final["received"], final["feed"], ops),
     ]
+
+
+def unjudged(unreadable: str) -> list[checkers.Verdict]:
+    """The verdicts when the cluster could not be read at the end: final_state is an anomaly (a
+    healed cluster answers), and what needs the final state to judge is unknown."""
+    names = ("transactions", "reads", "linearizable", "final_state", "feed")
+    return [checkers.Verdict(n, checkers.ANOMALY, [unreadable], {"problems": 1}) if n == "final_state"
+            else checkers.Verdict(n, checkers.UNKNOWN, [], {"reason": unreadable}) for n in names]
 
 
 def summarize(history: History, verdicts: list[checkers.Verdict], options: Options,
