@@ -29,7 +29,8 @@ What is overridden, and why:
   the private entry reader slices the apply loop's reads by bytes and stops while the apply thread is
   behind; a one-member group wakes its poller after appending; each tick flushes first, compacts the
   log by bytes held, and reports a newly known (leader, term); installing a snapshot restarts the
-  election timer; a leadership transfer's cue leaves from the tick thread.
+  election timer; a leadership transfer's cue leaves from the tick thread; a part of a snapshot never
+  raises the commit index (``without_snapshot_commit``).
 """
 
 from __future__ import annotations
@@ -361,6 +362,7 @@ class _Member(SyncObj):
     def _SyncObj__onMessageReceived(self, node: Any, message: dict) -> None:  # noqa: N802 (PySyncObj's)
         if message.get("type") == "append_entries":
             message = without_known_tail(message, self.journal, self.raftCurrentTerm)
+            message = without_snapshot_commit(message, self.raftCommitIndex)
         SyncObj._SyncObj__onMessageReceived(self, node, message)  # type: ignore[attr-defined]
 
     def before_send(self, node: Any, message: dict) -> None:
@@ -462,6 +464,24 @@ def without_known_tail(message: dict, journal: Any, current_term: int) -> dict:
     known = last[1] - message["prevLogIdx"]
     return {**message, "prevLogIdx": last[1], "prevLogTerm": last[2],
             "entries": list(message.get("entries", ()))[known:]}
+
+
+def without_snapshot_commit(message: dict, commit_index: int) -> dict:
+    """A part of a snapshot (an append_entries without ``prevLogIdx``) as PySyncObj should take it:
+    without moving this follower's commit index.
+
+    PySyncObj sets the commit index to min(the leader's, the end of this follower's log) on every
+    message, and a snapshot part passes no consistency check of that log: a follower that led an
+    older term and still held entries of it that were never committed applied them as committed
+    while the snapshot arrived, and its callbacks told the clients that had proposed them so, before
+    the snapshot replaced the state they had changed. (Found by the chaos harness: a cross-shard
+    prepare "applied" that way on a deposed leader was answered ok, the coordinator decided commit,
+    and every replica of that shard then stopped at the commit of a leg it had never prepared.)
+    The commit index moves on with the first append_entries after the snapshot is loaded, through
+    its consistency check."""
+    if "prevLogIdx" in message or message["commit_index"] <= commit_index:
+        return message
+    return {**message, "commit_index": commit_index}
 
 
 # -- the journal ---------------------------------------------------------------------------------------

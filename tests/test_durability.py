@@ -7,7 +7,13 @@ import os
 import threading
 
 from raftledger.node.files import write_file_durably
-from raftledger.node.raft import DurableJournal, JournalOptions, Observers, without_known_tail
+from raftledger.node.raft import (
+    DurableJournal,
+    JournalOptions,
+    Observers,
+    without_known_tail,
+    without_snapshot_commit,
+)
 from raftledger.node.settings import DURABILITY_FSYNC, DURABILITY_NONE
 from raftledger.node.testing import ReplicaGroup
 from raftledger.statemachine.testing import account, transfer
@@ -179,3 +185,11 @@ def test_entries_that_may_conflict_go_to_pysyncobj_unchanged(tmp_path):
     assert without_known_tail(stale, journal, 2) is stale  # an older term: PySyncObj ignores it
     part = {**append_entries(2, 1, 1, []), "transmission": "start", "data": b""}
     assert without_known_tail(part, journal, 1) is part
+
+
+def test_a_snapshot_part_never_raises_the_commit_index():
+    part = {"type": "append_entries", "term": 3, "commit_index": 40, "serialized": b"part"}
+    assert without_snapshot_commit(part, 12) == {**part, "commit_index": 12}  # its own log is unchecked
+    assert without_snapshot_commit(part, 40) is part
+    checked = append_entries(20, 3, 3, [(b"x21", 21, 3)])  # the consistency check comes first
+    assert without_snapshot_commit({**checked, "commit_index": 40}, 12)["commit_index"] == 40
