@@ -388,13 +388,17 @@ def _change_options(parser: argparse.ArgumentParser) -> None:
                         help=f"seconds to keep trying (default {command_timeout_s:.0f})")
 
 
+_retries_to_stderr = logging.StreamHandler(sys.stderr)
+_retries_to_stderr.setFormatter(logging.Formatter("raftledger: %(message)s"))
+
+
 def _say_retries() -> None:
     """A change can take minutes (a replica catching up, a leadership that will not move): each
-    answer "not now" and the wait before the next try go to stderr, so an operator sees why."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("raftledger: %(message)s"))
+    answer "not now" and the wait before the next try go to stderr, so an operator sees why (once,
+    however often commands run in one process)."""
     client_log = logging.getLogger("raftledger.client")
-    client_log.addHandler(handler)
+    if _retries_to_stderr not in client_log.handlers:
+        client_log.addHandler(_retries_to_stderr)
     client_log.setLevel(logging.INFO)
 
 
